@@ -1,0 +1,296 @@
+"""The federated engine: one round = one compiled program over a client axis.
+
+`make_round(alg)` maps `alg.client_update` over the sampled cohort with a chosen
+client-execution strategy, reduces the clients' outputs in-graph and calls
+`alg.server_update`; the whole round is jitted once.
+
+Client outputs are split in two (`ClientOutput`): `sums`, which the engine adds up
+over the cohort inside the compiled round (every FedAvg-family aggregate,
+partial/count averaging, gradient votes and metrics are sums), and `per_client`,
+which comes back stacked along the client axis. Summing in-graph lets the
+sequential strategy keep a running total instead of C copies of the model, and
+lets the sharded round reduce with one `psum`. Padding clients (inactive) add
+exactly zero: the engine masks their sums with `where`, so NaNs cannot leak.
+
+Client execution strategies (all give the same result up to float summation order):
+  * `Vmap()`: `jax.vmap` over all clients (best on GPU/TPU; on CPU convolutions
+    with per-client kernels become grouped convolutions unless the model uses
+    im2col convolutions, `conv_impl='im2col'`).
+  * `Sequential()`: `lax.scan` over clients inside the program (no Python loop,
+    no per-client dispatch; inactive clients and padded steps are skipped).
+  * `Chunked(size)`: `lax.scan` over chunks of `size` clients, `vmap` inside.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from fedjax_prune.data import ClientData, client_slice
+from fedjax_prune.types import PRNGKey, PyTree
+
+CLIENT_AXIS = "clients"
+
+
+class ClientInfo(NamedTuple):
+  """Per-client scalars handed to `client_update` (vmapped with the client)."""
+  client_id: jax.Array     # [] int32, index into the federated dataset
+  num_examples: jax.Array  # [] int32, real examples of this client
+  active: jax.Array        # [] bool, False for padding clients
+  capacity: jax.Array      # [] float32 in (0, 1], relative model size (FIARSE/HeteroFL)
+
+
+class Cohort(NamedTuple):
+  """The clients of one round (built on the host, a few ints per round).
+
+  Attributes:
+    client_ids: [C] int32 indices into the dataset's client axis.
+    active: [C] bool, False for padding clients (weight 0).
+    capacity: [C] float32 relative model capacity per client (1.0 = full model).
+  """
+  client_ids: Any
+  active: Any
+  capacity: Any
+
+
+def make_cohort(client_ids, *, capacity=None, multiple: int = 1) -> Cohort:
+  """Builds a host-side Cohort, padded with inactive clients to a multiple.
+
+  Args:
+    client_ids: [C] sampled client indices.
+    capacity: optional [C] capacities (default all 1.0).
+    multiple: pad C up to a multiple of this (e.g. the device count).
+  """
+  ids = np.asarray(client_ids, np.int32).reshape(-1)
+  if ids.size == 0:
+    raise ValueError("empty cohort: a round needs at least one client")
+  if multiple < 1:
+    raise ValueError(f"multiple must be >= 1, got {multiple}")
+  cap = np.ones(ids.shape, np.float32) if capacity is None else np.asarray(capacity, np.float32)
+  if cap.shape != ids.shape:
+    raise ValueError(f"capacity has shape {cap.shape}, expected {ids.shape} (one per client)")
+  pad = (-ids.size) % multiple
+  active = np.concatenate([np.ones(ids.size, bool), np.zeros(pad, bool)])
+  ids = np.concatenate([ids, np.full(pad, ids[0], np.int32)])
+  cap = np.concatenate([cap, np.ones(pad, np.float32)])
+  return Cohort(ids, active, cap)
+
+
+class ClientOutput(NamedTuple):
+  """What one client returns.
+
+  Attributes:
+    sums: pytree summed over the cohort in-graph (pre-weight it yourself, e.g.
+      `n_k * delta_k` and `n_k`); padding clients contribute exactly zero.
+    per_client: pytree returned stacked along the client axis [C, ...].
+  """
+  sums: PyTree
+  per_client: PyTree = ()
+
+
+class FedAlgorithm(NamedTuple):
+  """A federated algorithm as three pure functions (the optax pattern).
+
+  Attributes:
+    init: `init(params, key, batch_stats=None) -> ServerState`.
+    client_update: `client_update(server_state, data, info, key) -> ClientOutput`
+      for ONE client: `data` is its `ClientData` slice (x [E, ...], y [E],
+      num_examples []), `info` its `ClientInfo`, `key` = fold_in(client_root, client_id).
+    server_update: `server_update(server_state, outputs, key) -> (ServerState, Metrics)`
+      where `outputs.sums` are summed over the cohort and `outputs.per_client`
+      leaves are [C, ...].
+  """
+  init: Callable
+  client_update: Callable
+  server_update: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Vmap:
+  """All clients at once with `jax.vmap`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequential:
+  """Clients one after another with `lax.scan`, inside the compiled round."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunked:
+  """`lax.scan` over chunks of `size` clients, `jax.vmap` within a chunk."""
+  size: int
+
+  def __post_init__(self):
+    if not isinstance(self.size, int) or self.size < 1:
+      raise ValueError(f"Chunked.size must be an int >= 1, got {self.size!r}")
+
+
+Execution = Vmap | Sequential | Chunked
+
+
+def split_round_key(round_key: PRNGKey) -> tuple[PRNGKey, PRNGKey]:
+  """(client_root, server_key). Client k's key is fold_in(client_root, k)."""
+  client_root, server_key = jax.random.split(round_key)
+  return client_root, server_key
+
+
+def round_key(root_key: PRNGKey, round_idx) -> PRNGKey:
+  """The key of round `round_idx` from the run's root key."""
+  return jax.random.fold_in(root_key, round_idx)
+
+
+def _zeros_like_struct(struct):
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), struct)
+
+
+def _masked_sums(active, sums):
+  return jax.tree.map(lambda x: jnp.where(active, x, jnp.zeros((), x.dtype)), sums)
+
+
+def _run_local_cohort(client_update, server_state, dataset: ClientData, client_root: PRNGKey,
+                      ids_C, active_C, capacity_C, execution: Execution) -> ClientOutput:
+  """Runs the clients of one device's share of the cohort; sums are reduced locally."""
+
+  def one_client(client_id, active, capacity):
+    data = client_slice(dataset, client_id)
+    info = ClientInfo(client_id, data.num_examples.astype(jnp.int32), active, capacity)
+    out = client_update(server_state, data, info, jax.random.fold_in(client_root, client_id))
+    if not isinstance(out, ClientOutput):
+      raise TypeError(f"client_update must return a ClientOutput, got {type(out).__name__}")
+    return ClientOutput(_masked_sums(active, out.sums), out.per_client)
+
+  num_clients = ids_C.shape[0]
+  if isinstance(execution, Vmap):
+    outs = jax.vmap(one_client)(ids_C, active_C, capacity_C)
+    return ClientOutput(jax.tree.map(lambda x: jnp.sum(x, axis=0), outs.sums), outs.per_client)
+
+  if isinstance(execution, Sequential):
+    out_struct = jax.eval_shape(one_client, ids_C[0], active_C[0], capacity_C[0])
+    zero_out = _zeros_like_struct(out_struct)
+
+    def body(total, xs):
+      client_id, active, capacity = xs
+      # Padding clients are skipped entirely (a real branch when not vmapped).
+      out = jax.lax.cond(active, lambda _: one_client(client_id, active, capacity),
+                         lambda _: zero_out, None)
+      return jax.tree.map(jnp.add, total, out.sums), out.per_client
+
+    total, per_client = jax.lax.scan(body, zero_out.sums, (ids_C, active_C, capacity_C))
+    return ClientOutput(total, per_client)
+
+  if isinstance(execution, Chunked):
+    size = min(execution.size, num_clients)
+    if num_clients % size:
+      raise ValueError(f"cohort of {num_clients} is not a multiple of the chunk size {size}")
+    chunks = lambda a: a.reshape((num_clients // size, size) + a.shape[1:])
+    vmapped = jax.vmap(one_client)
+    out_struct = jax.eval_shape(vmapped, ids_C[:size], active_C[:size], capacity_C[:size])
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), out_struct.sums)
+
+    def body(total, xs):
+      out = vmapped(*xs)
+      chunk_sum = jax.tree.map(lambda x: jnp.sum(x, axis=0), out.sums)
+      return jax.tree.map(jnp.add, total, chunk_sum), out.per_client
+
+    total, per_client = jax.lax.scan(body, zero_sums,
+                                     (chunks(ids_C), chunks(active_C), chunks(capacity_C)))
+    per_client = jax.tree.map(lambda x: x.reshape((num_clients,) + x.shape[2:]), per_client)
+    return ClientOutput(total, per_client)
+
+  raise TypeError(f"unknown execution strategy {execution!r}; use Vmap(), Sequential() or Chunked(size)")
+
+
+def _pad_cohort(cohort: Cohort, multiple: int) -> Cohort:
+  """Pads the cohort arrays (traced) with inactive clients to a multiple."""
+  num = cohort.client_ids.shape[0]
+  pad = (-num) % multiple
+  if pad == 0:
+    return cohort
+  return Cohort(jnp.concatenate([cohort.client_ids, jnp.broadcast_to(cohort.client_ids[0], (pad,))]),
+                jnp.concatenate([cohort.active, jnp.zeros((pad,), bool)]),
+                jnp.concatenate([cohort.capacity, jnp.ones((pad,), cohort.capacity.dtype)]))
+
+
+def run_clients(client_update: Callable, server_state, dataset: ClientData, cohort: Cohort,
+                client_root: PRNGKey, *, execution: Execution = Sequential(),
+                mesh: Mesh | None = None) -> ClientOutput:
+  """Runs `client_update` for every cohort member and reduces their sums.
+
+  Args:
+    client_update: one-client update (see FedAlgorithm).
+    server_state: broadcast to every client.
+    dataset: the full federated dataset on device (clients gathered in-graph).
+    cohort: Cohort of [C] arrays.
+    client_root: client k gets fold_in(client_root, k).
+    execution: Vmap(), Sequential() or Chunked(size).
+    mesh: optional 1-D mesh with axis 'clients'; the cohort is split over its
+      devices (padded to a multiple of the device count with inactive clients)
+      and the sums are reduced with one psum.
+
+  Returns:
+    ClientOutput with summed `sums` and [C', ...] `per_client` (C' >= C when padded;
+    the first C rows belong to the cohort in order).
+  """
+  cohort = Cohort(jnp.asarray(cohort.client_ids, jnp.int32), jnp.asarray(cohort.active, bool),
+                  jnp.asarray(cohort.capacity, jnp.float32))
+  num_clients = cohort.client_ids.shape[0]
+  chunk = execution.size if isinstance(execution, Chunked) else 1
+  if mesh is None:
+    if isinstance(execution, Chunked):
+      cohort = _pad_cohort(cohort, min(chunk, num_clients))
+    out = _run_local_cohort(client_update, server_state, dataset, client_root, *cohort, execution)
+    return ClientOutput(out.sums, jax.tree.map(lambda x: x[:num_clients], out.per_client))
+
+  if CLIENT_AXIS not in mesh.axis_names:
+    raise ValueError(f"mesh must have an axis named {CLIENT_AXIS!r}, got {mesh.axis_names}")
+  num_devices = mesh.shape[CLIENT_AXIS]
+  per_device = -(-num_clients // num_devices)
+  if isinstance(execution, Chunked):
+    per_device = -(-per_device // min(chunk, per_device)) * min(chunk, per_device)
+  cohort = _pad_cohort(cohort, per_device * num_devices)  # per_device * D >= C: pads to exactly that
+
+  def local(state, data, root, ids, active, capacity):
+    out = _run_local_cohort(client_update, state, data, root, ids, active, capacity, execution)
+    return ClientOutput(jax.lax.psum(out.sums, CLIENT_AXIS), out.per_client)
+
+  sharded = jax.shard_map(local, mesh=mesh,
+                          in_specs=(P(), P(), P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS)),
+                          out_specs=ClientOutput(P(), P(CLIENT_AXIS)), check_vma=False)
+  out = sharded(server_state, dataset, client_root, *cohort)
+  return ClientOutput(out.sums, jax.tree.map(lambda x: x[:num_clients], out.per_client))
+
+
+def make_round(alg: FedAlgorithm, *, execution: Execution = Sequential(), mesh: Mesh | None = None,
+               donate: bool = False) -> Callable:
+  """Builds the jitted round of `alg`.
+
+  Args:
+    alg: the FedAlgorithm.
+    execution: client-execution strategy (see module docstring and `select_execution`).
+    mesh: optional 1-D device mesh with axis 'clients' to shard the cohort.
+    donate: donate the server state's buffers to the round (saves a model copy;
+      the state passed in is then deleted, so never reuse it).
+
+  Returns:
+    `round_fn(server_state, dataset, cohort, round_key) -> (server_state, metrics)`,
+    jitted; it compiles once per (state structure, dataset shape, cohort size).
+  """
+
+  def round_fn(server_state, dataset: ClientData, cohort: Cohort, round_key: PRNGKey):
+    client_root, server_key = split_round_key(round_key)
+    outputs = run_clients(alg.client_update, server_state, dataset, cohort, client_root,
+                          execution=execution, mesh=mesh)
+    return alg.server_update(server_state, outputs, server_key)
+
+  return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+
+
+def client_mesh(devices=None) -> Mesh:
+  """A 1-D mesh ('clients',) over `devices` (default: all devices, all hosts)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (CLIENT_AXIS,))

@@ -1,0 +1,168 @@
+"""The FedAvg family: FedAvg, FedAvgM, FedAdam, FedYogi and FedProx.
+
+One client trains locally from the server model; the server averages the
+client updates weighted by example count and feeds the averaged update
+(w_server - mean_k w_k, the "pseudo-gradient") to a server optax optimizer:
+SGD with lr 1 is FedAvg, SGD with momentum FedAvgM, Adam/Yogi FedAdam/FedYogi
+(Reddi et al., 2021). FedProx adds mu/2 ||w - w_server||^2 to the client loss.
+BatchNorm running statistics are averaged with the same weights.
+
+References:
+  McMahan et al., Communication-Efficient Learning of Deep Networks from
+  Decentralized Data, AISTATS 2017. Reddi et al., Adaptive Federated
+  Optimization, ICLR 2021. Li et al., Federated Optimization in Heterogeneous
+  Networks (FedProx), MLSys 2020.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_prune import tree as tree_lib
+from fedjax_prune.federated._engine import ClientInfo, ClientOutput, FedAlgorithm
+from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, make_local_train,
+                                           proximal_penalty, softmax_cross_entropy)
+from fedjax_prune.types import BatchStats, Masks, Params
+
+
+class ServerState(NamedTuple):
+  """Server state of the FedAvg family.
+
+  Attributes:
+    params: global model parameters.
+    batch_stats: global BatchNorm running statistics ({} without BN).
+    opt_state: server optimizer state.
+    masks: pruning masks (bool pytree broadcastable to params); all-True scalars
+      for dense training. Clients train under these masks.
+    round_idx: [] int32 number of completed rounds.
+  """
+  params: Params
+  batch_stats: BatchStats
+  opt_state: Any
+  masks: Masks
+  round_idx: jax.Array
+
+
+class FedAvgSums(NamedTuple):
+  """One client's contribution, pre-weighted (the engine sums these)."""
+  delta: Params           # weight * (w_server - w_client)
+  batch_stats: BatchStats  # weight * client running stats
+  weight: jax.Array       # aggregation weight (n_k, or 1 for uniform weighting)
+  num_clients: jax.Array  # 1 per real client
+  metrics: LocalMetrics
+
+
+def dense_masks(params: Params) -> Masks:
+  """All-True scalar masks (nothing pruned) with the structure of `params`."""
+  return jax.tree.map(lambda _: jnp.ones((), bool), params)
+
+
+def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
+           schedule: LocalSchedule, *, server_optimizer: optax.GradientTransformation | None = None,
+           prox_mu: float = 0.0, loss_fn: Callable = softmax_cross_entropy,
+           train_transform: Callable | None = None, uniform_weights: bool = False) -> FedAlgorithm:
+  """FedAvg with a configurable server optimizer (FedAvgM/FedAdam/FedYogi) and FedProx.
+
+  Args:
+    apply_fn: `apply_fn(params, batch_stats, x, *, train, example_mask) -> (logits, batch_stats)`.
+    client_optimizer: optax optimizer of the clients (fresh state each round).
+    schedule: LocalSchedule (batch size, epochs or steps).
+    server_optimizer: optax optimizer applied to the averaged pseudo-gradient;
+      default `optax.sgd(1.0)` = plain FedAvg.
+    prox_mu: FedProx proximal coefficient (0 = off).
+    loss_fn: per-example loss.
+    train_transform: per-batch augmentation `(x, key) -> x`.
+    uniform_weights: weight clients equally instead of by example count.
+
+  Returns:
+    FedAlgorithm whose state is `ServerState`.
+
+  Example:
+    >>> import jax, optax
+    >>> from fedjax_prune import federated, testing
+    >>> apply_fn, params, data = testing.tiny_problem(jax.random.key(0))
+    >>> alg = federated.fedavg(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=4))
+    >>> state = alg.init(params, jax.random.key(1))
+    >>> round_fn = federated.make_round(alg)
+    >>> cohort = federated.make_cohort([0, 1, 2])
+    >>> state, metrics = round_fn(state, data, cohort, jax.random.key(2))
+    >>> int(state.round_idx)
+    1
+  """
+  if prox_mu < 0:
+    raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
+  server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+  penalty = proximal_penalty(prox_mu) if prox_mu > 0 else None
+  local_train = make_local_train(apply_fn, client_optimizer, schedule, loss_fn=loss_fn,
+                                 train_transform=train_transform, penalty_fn=penalty)
+
+  def init(params: Params, key: jax.Array, batch_stats: BatchStats | None = None,
+           masks: Masks | None = None) -> ServerState:
+    del key  # deterministic: the model's own init consumed the randomness
+    masks = dense_masks(params) if masks is None else masks
+    return ServerState(params, {} if batch_stats is None else batch_stats,
+                       server_optimizer.init(params), masks, jnp.zeros((), jnp.int32))
+
+  def client_update(state: ServerState, data, info: ClientInfo, key: jax.Array) -> ClientOutput:
+    local, metrics = local_train(state.params, state.batch_stats, data, key, masks=state.masks,
+                                 penalty_state=state.params if penalty is not None else None)
+    weight = jnp.ones((), jnp.float32) if uniform_weights else info.num_examples.astype(jnp.float32)
+    delta = tree_lib.scale(tree_lib.sub(state.params, local.params), weight)
+    stats = tree_lib.scale(local.batch_stats, weight)
+    return ClientOutput(FedAvgSums(delta, stats, weight, jnp.ones((), jnp.float32), metrics))
+
+  def server_update(state: ServerState, outputs: ClientOutput, key: jax.Array):
+    del key
+    sums: FedAvgSums = outputs.sums
+    total = sums.weight
+    has_weight = total > 0
+    inv = jnp.where(has_weight, 1.0 / jnp.where(has_weight, total, 1.0), 0.0)
+    mean_delta = tree_lib.scale(sums.delta, inv)
+    updates, opt_state = server_optimizer.update(mean_delta, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, state.masks)
+    batch_stats = jax.tree.map(lambda s, old: jnp.where(has_weight, s * inv, old),
+                               sums.batch_stats, state.batch_stats)
+    m = sums.metrics
+    count = jnp.maximum(m.num_examples, 1.0)
+    metrics = {
+        "train_loss": m.loss_sum / count,
+        "train_accuracy": m.correct_sum / count,
+        "train_examples": m.num_examples,
+        "local_steps": m.num_steps,
+        "num_clients": sums.num_clients,
+        "update_norm": jnp.sqrt(tree_lib.squared_norm(mean_delta)),
+        "finite": tree_lib.all_finite(params) & jnp.isfinite(m.loss_sum),
+    }
+    return ServerState(params, batch_stats, opt_state, state.masks, state.round_idx + 1), metrics
+
+  return FedAlgorithm(init, client_update, server_update)
+
+
+def fedavgm(apply_fn, client_optimizer, schedule, *, server_learning_rate: float = 1.0,
+            server_momentum: float = 0.9, **kwargs) -> FedAlgorithm:
+  """FedAvg with server momentum (Hsu et al., 2019)."""
+  return fedavg(apply_fn, client_optimizer, schedule,
+                server_optimizer=optax.sgd(server_learning_rate, momentum=server_momentum), **kwargs)
+
+
+def fedadam(apply_fn, client_optimizer, schedule, *, server_learning_rate: float = 1e-2,
+            b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3, **kwargs) -> FedAlgorithm:
+  """FedAdam (Reddi et al., 2021); eps plays the paper's tau."""
+  return fedavg(apply_fn, client_optimizer, schedule,
+                server_optimizer=optax.adam(server_learning_rate, b1=b1, b2=b2, eps=eps), **kwargs)
+
+
+def fedyogi(apply_fn, client_optimizer, schedule, *, server_learning_rate: float = 1e-2,
+            b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3, **kwargs) -> FedAlgorithm:
+  """FedYogi (Reddi et al., 2021)."""
+  return fedavg(apply_fn, client_optimizer, schedule,
+                server_optimizer=optax.yogi(server_learning_rate, b1=b1, b2=b2, eps=eps), **kwargs)
+
+
+def fedprox(apply_fn, client_optimizer, schedule, *, mu: float = 0.01, **kwargs) -> FedAlgorithm:
+  """FedProx (Li et al., 2020): FedAvg with a proximal client term."""
+  return fedavg(apply_fn, client_optimizer, schedule, prox_mu=mu, **kwargs)

@@ -1,0 +1,227 @@
+"""Local client training as one `lax.scan` over padded steps.
+
+A client's data is the padded slice `ClientData(x [E, ...], y [E], num_examples [])`.
+Batches are built by index arithmetic from per-epoch permutations drawn with the
+client's key, so nothing leaves the device. Steps past the client's own number
+of steps (the scan length is the same for every client) are exact no-ops: they
+run under `lax.cond`, which skips them when clients run sequentially and becomes
+a `select` under `vmap`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_prune import tree as tree_lib
+from fedjax_prune.data import ClientData
+from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey, PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSchedule:
+  """How long and with what batch a client trains each round.
+
+  Attributes:
+    batch_size: examples per local step (B).
+    num_epochs: local epochs over the client's data (used when num_steps is None);
+      each epoch takes ceil(n_k / B) steps, the last one partial.
+    num_steps: if set, a fixed number of local steps per client, batches drawn
+      from successive reshuffled epochs (FedJAX/pfl-style "local updates").
+  """
+  batch_size: int
+  num_epochs: int = 1
+  num_steps: int | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.batch_size, int) or self.batch_size < 1:
+      raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+    if self.num_steps is None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
+      raise ValueError(f"num_epochs must be an int >= 1, got {self.num_epochs!r}")
+    if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
+      raise ValueError(f"num_steps must be None or an int >= 1, got {self.num_steps!r}")
+
+  def steps_per_epoch(self, max_examples: int) -> int:
+    return -(-max_examples // self.batch_size)
+
+  def total_steps(self, max_examples: int) -> int:
+    """The static scan length S for clients padded to `max_examples`."""
+    if self.num_steps is not None:
+      return self.num_steps
+    return self.num_epochs * self.steps_per_epoch(max_examples)
+
+
+class LocalState(NamedTuple):
+  params: Params
+  batch_stats: BatchStats
+  opt_state: Any
+
+
+class LocalMetrics(NamedTuple):
+  """Sums over the client's local steps (divide by num_examples for means)."""
+  loss_sum: jax.Array       # [] sum of per-example training loss
+  correct_sum: jax.Array    # [] number of correctly classified training examples
+  num_examples: jax.Array   # [] examples processed (with repeats over epochs)
+  num_steps: jax.Array      # [] real (non-padded) steps taken
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example cross-entropy. logits [B, K], integer labels [B] -> [B]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _epoch_permutation(key: PRNGKey, num_examples: jax.Array, max_examples: int) -> jax.Array:
+  """[E] permutation whose first n entries are the real examples in random order.
+
+  Example i's sort key depends only on (key, i), not on E, so padding the
+  example axis further never changes a client's batches.
+  """
+  noise = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(jnp.arange(max_examples))
+  valid = jnp.arange(max_examples) < num_examples
+  return jnp.argsort(jnp.where(valid, noise, 2.0))
+
+
+def batch_indices(key: PRNGKey, step: jax.Array, num_examples: jax.Array, max_examples: int,
+                  schedule: LocalSchedule) -> tuple[jax.Array, jax.Array]:
+  """Example indices [B] and validity mask [B] of local step `step`.
+
+  Epoch e uses the permutation drawn from fold_in(key, e), so the batches of a
+  client depend only on its key, never on which other clients share the round.
+  """
+  batch = schedule.batch_size
+  offsets = jnp.arange(batch)
+  if schedule.num_steps is None:
+    steps_per_epoch = schedule.steps_per_epoch(max_examples)
+    epoch, within = step // steps_per_epoch, step % steps_per_epoch
+    perm = _epoch_permutation(jax.random.fold_in(key, epoch), num_examples, max_examples)
+    positions = within * batch + offsets
+    mask = positions < num_examples
+    return perm[jnp.minimum(positions, max_examples - 1)], mask
+  # Fixed number of steps: an endless stream of reshuffled epochs.
+  n = jnp.maximum(num_examples, 1)
+  positions = step * batch + offsets
+  epochs, within = positions // n, positions % n
+  first = epochs[0]
+  # A batch spans at most ceil(B / n) + 1 epochs; B <= n in practice, so two
+  # permutations cover it, and a per-example permutation handles the rare rest.
+  perm0 = _epoch_permutation(jax.random.fold_in(key, first), num_examples, max_examples)
+  perm1 = _epoch_permutation(jax.random.fold_in(key, first + 1), num_examples, max_examples)
+
+  def general(_):
+    return jax.vmap(lambda e, i: _epoch_permutation(jax.random.fold_in(key, e), num_examples,
+                                                    max_examples)[i])(epochs, within)
+
+  idx = jax.lax.cond(jnp.all(epochs <= first + 1),
+                        lambda _: jnp.where(epochs == first, perm0[within], perm1[within]),
+                        general, None)
+  return idx, jnp.broadcast_to(num_examples > 0, (batch,))
+
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+PenaltyFn = Callable[[Params, Any], jax.Array]
+TransformFn = Callable[[jax.Array, PRNGKey], jax.Array]
+
+
+def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation,
+                     schedule: LocalSchedule, *, loss_fn: LossFn = softmax_cross_entropy,
+                     train_transform: TransformFn | None = None,
+                     penalty_fn: PenaltyFn | None = None) -> Callable:
+  """Builds `local_train` for one client (write one client; the engine maps it).
+
+  Args:
+    apply_fn: `apply_fn(params, batch_stats, x, *, train, example_mask) -> (logits, batch_stats)`.
+    optimizer: client optimizer (optax); its state is re-initialised each round
+      unless `opt_state` is passed.
+    schedule: batch size and number of local epochs/steps.
+    loss_fn: per-example loss `(logits [B, K], y [B]) -> [B]`.
+    train_transform: per-batch augmentation `(x [B, ...], key) -> x`, inside jit.
+    penalty_fn: optional regulariser `(params, penalty_state) -> []` added to the
+      mean batch loss (FedProx's proximal term, variational pruning costs...).
+
+  Returns:
+    `local_train(params, batch_stats, data, key, *, masks=None, penalty_state=None,
+    opt_state=None) -> (LocalState, LocalMetrics)` where `data` is one client's
+    `ClientData` (x [E, ...], y [E], num_examples []). With `masks`, gradients
+    and parameters are masked every step, so pruned weights stay exactly zero.
+  """
+
+  def local_train(params: Params, batch_stats: BatchStats, data: ClientData, key: PRNGKey, *,
+                  masks: Masks | None = None, penalty_state: Any = None,
+                  opt_state: Any = None) -> tuple[LocalState, LocalMetrics]:
+    max_examples = data.x.shape[0]
+    num_steps = schedule.total_steps(max_examples)
+    shuffle_key, augment_key = jax.random.split(key)
+    del key
+    if masks is not None:
+      params = _apply_masks(params, masks)
+    if opt_state is None:
+      opt_state = optimizer.init(params)
+
+    def batch_loss(p, stats, x, y, mask):
+      logits, new_stats = apply_fn(p, stats, x, train=True, example_mask=mask)
+      per_example = loss_fn(logits, y)
+      weights = mask.astype(per_example.dtype)
+      count = jnp.maximum(jnp.sum(weights), 1.0)
+      loss = jnp.sum(per_example * weights) / count
+      if penalty_fn is not None:
+        loss = loss + penalty_fn(p, penalty_state)
+      correct = count_correct(logits, y, weights)
+      return loss, (new_stats, jnp.sum(per_example * weights), correct)
+
+    grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
+
+    def train_step(carry, step):
+      state, metrics = carry
+      idx, mask = batch_indices(shuffle_key, step, data.num_examples, max_examples, schedule)
+      x, y = data.x[idx], data.y[idx]
+      if train_transform is not None:
+        x = train_transform(x, jax.random.fold_in(augment_key, step))
+
+      def real_step(operand):
+        state, metrics = operand
+        (_, (new_stats, loss_sum, correct)), grads = grad_fn(state.params, state.batch_stats, x, y, mask)
+        if masks is not None:
+          grads = _apply_masks(grads, masks)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        if masks is not None:
+          new_params = _apply_masks(new_params, masks)
+        n = jnp.sum(mask).astype(jnp.float32)
+        new_metrics = LocalMetrics(metrics.loss_sum + loss_sum, metrics.correct_sum + correct,
+                                   metrics.num_examples + n, metrics.num_steps + 1.0)
+        return LocalState(new_params, new_stats, new_opt), new_metrics
+
+      # A step whose batch holds no real example is skipped: an exact no-op.
+      return jax.lax.cond(jnp.any(mask), real_step, lambda o: o, (state, metrics)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (LocalState(params, batch_stats, opt_state), LocalMetrics(zero, zero, zero, zero))
+    (state, metrics), _ = jax.lax.scan(train_step, init, jnp.arange(num_steps))
+    return state, metrics
+
+  return local_train
+
+
+def count_correct(logits: jax.Array, y: jax.Array, weights: jax.Array) -> jax.Array:
+  """Weighted number of argmax hits; 0 when targets are not class labels [B]."""
+  if y.shape != logits.shape[:-1] or not jnp.issubdtype(y.dtype, jnp.integer):
+    return jnp.zeros((), jnp.float32)
+  return jnp.sum((jnp.argmax(logits, -1) == y) * weights)
+
+
+def _apply_masks(tree: PyTree, masks: Masks) -> PyTree:
+  return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), tree, masks)
+
+
+def proximal_penalty(mu: float) -> PenaltyFn:
+  """FedProx's term mu/2 * ||w - w_global||^2; `penalty_state` is w_global."""
+  if mu < 0:
+    raise ValueError(f"prox mu must be >= 0, got {mu}")
+
+  def penalty(params, anchor):
+    return 0.5 * mu * tree_lib.squared_norm(tree_lib.sub(params, anchor))
+
+  return penalty

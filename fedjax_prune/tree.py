@@ -1,0 +1,76 @@
+"""Pytree arithmetic used by the engine and the methods.
+
+All functions are pure and jit-friendly; none of them jits itself.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_prune.types import PyTree
+
+
+def add(a: PyTree, b: PyTree) -> PyTree:
+  """Leafwise a + b."""
+  return jax.tree.map(jnp.add, a, b)
+
+
+def sub(a: PyTree, b: PyTree) -> PyTree:
+  """Leafwise a - b."""
+  return jax.tree.map(jnp.subtract, a, b)
+
+
+def scale(tree: PyTree, factor) -> PyTree:
+  """Leafwise factor * tree (factor a scalar)."""
+  return jax.tree.map(lambda x: x * jnp.asarray(factor, x.dtype), tree)
+
+
+def zeros_like(tree: PyTree) -> PyTree:
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+def where(pred, on_true: PyTree, on_false: PyTree) -> PyTree:
+  """Leafwise jnp.where with a scalar predicate (used for exact no-op padded steps)."""
+  return jax.tree.map(lambda t, f: jnp.where(pred, t, f), on_true, on_false)
+
+
+def dot(a: PyTree, b: PyTree) -> jax.Array:
+  """Sum over leaves of <a, b>."""
+  leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
+  return sum(leaves, jnp.zeros((), jnp.float32))
+
+
+def squared_norm(tree: PyTree) -> jax.Array:
+  return dot(tree, tree)
+
+
+def weighted_mean(tree_C: PyTree, weights_C: jax.Array) -> PyTree:
+  """Weighted mean over a leading client axis C; zero total weight gives zeros.
+
+  Args:
+    tree_C: leaves shaped [C, ...].
+    weights_C: [C] non-negative weights (padding clients have weight 0).
+  """
+  total = jnp.sum(weights_C)
+  safe = jnp.where(total > 0, total, 1.0)
+
+  def mean(x):
+    w = weights_C.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+    return jnp.sum(w * x, axis=0) / safe.astype(x.dtype)
+
+  return jax.tree.map(mean, tree_C)
+
+
+def size(tree: PyTree) -> int:
+  """Total number of elements (static)."""
+  return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(tree)))
+
+
+def count_nonzero(tree: PyTree) -> jax.Array:
+  return sum((jnp.count_nonzero(x) for x in jax.tree.leaves(tree)), jnp.zeros((), jnp.int32))
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """True iff every leaf is finite everywhere."""
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [True]))

@@ -1,0 +1,242 @@
+"""Engine contract: strategies agree, equal a per-client loop, padding and order are irrelevant."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_prune import federated, testing
+from fedjax_prune.data import ClientData, client_slice, from_client_lists, to_device
+
+SCHEDULE = federated.LocalSchedule(batch_size=4, num_epochs=2)
+EXECUTIONS = [federated.Sequential(), federated.Vmap(), federated.Chunked(2), federated.Chunked(3)]
+
+
+def _problem():
+  apply_fn, params, data = testing.tiny_problem(jax.random.key(0))
+  return apply_fn, params, data
+
+
+def _run(alg, params, data, cohort_ids, execution, rounds=2, mesh=None, seed=7):
+  state = alg.init(params, jax.random.key(1))
+  round_fn = federated.make_round(alg, execution=execution, mesh=mesh)
+  cohort = federated.make_cohort(cohort_ids)
+  metrics = None
+  for r in range(rounds):
+    state, metrics = round_fn(state, data, cohort, federated.round_key(jax.random.key(seed), r))
+  return state, metrics
+
+
+def _loop_reference(apply_fn, params, data, cohort_ids, rounds=2, seed=7, lr=0.1):
+  """FedAvg as a plain Python loop over clients of the jitted local trainer."""
+  local_train = jax.jit(federated.make_local_train(apply_fn, optax.sgd(lr), SCHEDULE))
+  for r in range(rounds):
+    client_root, _ = federated.split_round_key(federated.round_key(jax.random.key(seed), r))
+    models, weights = [], []
+    for cid in cohort_ids:
+      local, _ = local_train(params, {}, client_slice(data, cid), jax.random.fold_in(client_root, cid))
+      models.append(local.params)
+      weights.append(float(data.num_examples[cid]))
+    w = np.asarray(weights) / np.sum(weights)
+    params = jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)), *models)
+  return params
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS, ids=str)
+def test_round_equals_python_loop_over_clients(execution):
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  state, _ = _run(alg, params, data, [0, 1, 2], execution)
+  expected = _loop_reference(apply_fn, params, data, [0, 1, 2])
+  testing.assert_trees_close(state.params, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_strategies_agree_on_metrics():
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  results = [_run(alg, params, data, [2, 0, 1], ex) for ex in EXECUTIONS]
+  for state, metrics in results[1:]:
+    testing.assert_trees_close(state.params, results[0][0].params)
+    for k in metrics:
+      np.testing.assert_allclose(metrics[k], results[0][1][k], rtol=1e-5)
+
+
+def test_sharded_round_equals_unsharded():
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  mesh = federated.client_mesh(jax.devices()[:4])
+  reference, ref_metrics = _run(alg, params, data, [0, 1, 2], federated.Sequential())
+  for execution in [federated.Sequential(), federated.Vmap(), federated.Chunked(2)]:
+    state, metrics = _run(alg, params, data, [0, 1, 2], execution, mesh=mesh)
+    testing.assert_trees_close(state.params, reference.params)
+    np.testing.assert_allclose(metrics["train_loss"], ref_metrics["train_loss"], rtol=1e-5)
+    assert float(metrics["num_clients"]) == 3.0
+
+
+def test_padding_clients_and_padding_examples_change_nothing():
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  reference, ref_metrics = _run(alg, params, data, [0, 1, 2], federated.Sequential())
+  # Pad the example axis from 9 to 23 (more padded steps per epoch) ...
+  xs = [np.asarray(data.x[k, :n]) for k, n in enumerate(np.asarray(data.num_examples))]
+  ys = [np.asarray(data.y[k, :n]) for k, n in enumerate(np.asarray(data.num_examples))]
+  padded = to_device(from_client_lists(xs, ys, pad_to=23))
+  # ... and the cohort with 3 inactive clients.
+  state = alg.init(params, jax.random.key(1))
+  round_fn = federated.make_round(alg, execution=federated.Vmap())
+  cohort = federated.make_cohort([0, 1, 2], multiple=6)
+  assert cohort.active.tolist() == [True] * 3 + [False] * 3
+  for r in range(2):
+    state, metrics = round_fn(state, padded, cohort, federated.round_key(jax.random.key(7), r))
+  testing.assert_trees_close(state.params, reference.params)
+  np.testing.assert_allclose(metrics["train_examples"], ref_metrics["train_examples"])
+  assert float(metrics["num_clients"]) == 3.0
+
+
+def test_same_key_identical_other_key_differs_order_irrelevant():
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  a, _ = _run(alg, params, data, [0, 1, 2], federated.Sequential())
+  b, _ = _run(alg, params, data, [0, 1, 2], federated.Sequential())
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+  c, _ = _run(alg, params, data, [2, 0, 1], federated.Sequential())
+  testing.assert_trees_close(c.params, a.params, rtol=1e-6, atol=1e-7)
+  d, _ = _run(alg, params, data, [0, 1, 2], federated.Sequential(), seed=8)
+  assert not np.allclose(d.params["dense_0"]["kernel"], a.params["dense_0"]["kernel"])
+
+
+def test_second_round_does_not_recompile():
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  round_fn = federated.make_round(alg, execution=federated.Vmap())
+  state = alg.init(params, jax.random.key(1))
+  cohort = federated.make_cohort([0, 1, 2])
+  state, _ = round_fn(state, data, cohort, jax.random.key(0))
+  assert round_fn._cache_size() == 1
+  for r in range(1, 4):
+    cohort = federated.make_cohort(np.random.default_rng(r).permutation(3))
+    state, _ = round_fn(state, data, cohort, jax.random.key(r))
+  assert round_fn._cache_size() == 1
+
+
+def test_fedavg_one_step_golden():
+  """Hand-computable: linear model, one full-batch SGD step per client, FedAvg."""
+  def apply_fn(params, batch_stats, x, *, train, example_mask=None):
+    return x @ params["w"], batch_stats
+
+  def sq_loss(pred, y):
+    return 0.5 * jnp.sum((pred - y) ** 2, axis=-1)
+
+  x0 = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32); y0 = np.array([[1.0], [1.0]], np.float32)
+  x1 = np.array([[1.0, 1.0]], np.float32); y1 = np.array([[3.0]], np.float32)
+  data = to_device(from_client_lists([x0, x1], [y0, y1]))
+  w = np.array([[0.5], [0.5]], np.float32)
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=2),
+                         loss_fn=sq_loss)
+  state = alg.init({"w": jnp.asarray(w)}, jax.random.key(0))
+  state, _ = federated.make_round(alg)(state, data, federated.make_cohort([0, 1]), jax.random.key(1))
+  # Client 0: grad = mean_i x_i (x_i.w - y_i) = [[-0.25], [0.0]]; client 1: [[-2.0], [-2.0]].
+  w0 = w - 0.1 * np.array([[-0.25], [0.0]]); w1 = w - 0.1 * np.array([[-2.0], [-2.0]])
+  expected = (2 * w0 + 1 * w1) / 3
+  np.testing.assert_allclose(state.params["w"], expected, rtol=1e-6)
+
+
+def test_server_optimizers_apply_optax_to_the_pseudo_gradient():
+  apply_fn, params, data = _problem()
+  base = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  adam = federated.fedadam(apply_fn, optax.sgd(0.1), SCHEDULE, server_learning_rate=0.05)
+  s_base, _ = _run(base, params, data, [0, 1, 2], federated.Sequential(), rounds=1)
+  s_adam, _ = _run(adam, params, data, [0, 1, 2], federated.Sequential(), rounds=1)
+  pseudo_grad = jax.tree.map(jnp.subtract, params, s_base.params)  # FedAvg lr 1: w - mean
+  opt = optax.adam(0.05, b1=0.9, b2=0.99, eps=1e-3)
+  updates, _ = opt.update(pseudo_grad, opt.init(params), params)
+  testing.assert_trees_close(s_adam.params, optax.apply_updates(params, updates), rtol=1e-4, atol=1e-6)
+  # FedAvgM's first round equals FedAvg with the server lr.
+  avgm = federated.fedavgm(apply_fn, optax.sgd(0.1), SCHEDULE, server_learning_rate=0.5)
+  s_m, _ = _run(avgm, params, data, [0, 1, 2], federated.Sequential(), rounds=1)
+  testing.assert_trees_close(s_m.params, jax.tree.map(lambda p, g: p - 0.5 * g, params, pseudo_grad))
+
+
+def test_fedprox_zero_mu_is_fedavg_and_positive_mu_pulls_towards_server():
+  apply_fn, params, data = _problem()
+  a, _ = _run(federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE), params, data, [0, 1, 2],
+              federated.Sequential(), rounds=1)
+  b, _ = _run(federated.fedprox(apply_fn, optax.sgd(0.1), SCHEDULE, mu=0.0), params, data, [0, 1, 2],
+              federated.Sequential(), rounds=1)
+  testing.assert_trees_close(a.params, b.params)
+  c, _ = _run(federated.fedprox(apply_fn, optax.sgd(0.1), SCHEDULE, mu=5.0), params, data, [0, 1, 2],
+              federated.Sequential(), rounds=1)
+  dist = lambda s: float(jnp.sqrt(sum(jnp.sum((x - y) ** 2) for x, y in
+                                      zip(jax.tree.leaves(s.params), jax.tree.leaves(params)))))
+  assert dist(c) < 0.8 * dist(a)
+
+
+def test_masked_training_keeps_pruned_weights_zero():
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.adam(0.05), SCHEDULE)
+  rng = np.random.default_rng(0)
+  masks = {"dense_0": {"kernel": jnp.asarray(rng.random((6, 8)) < 0.5), "bias": jnp.ones((), bool)},
+           "dense_1": {"kernel": jnp.asarray(rng.random((1, 3)) < 0.7), "bias": jnp.ones((), bool)}}
+  state = alg.init(params, jax.random.key(1), masks=masks)
+  round_fn = federated.make_round(alg, execution=federated.Vmap())
+  for r in range(3):
+    state, _ = round_fn(state, data, federated.make_cohort([0, 1, 2]), jax.random.key(r))
+  k0 = np.asarray(state.params["dense_0"]["kernel"])
+  assert np.all(k0[~np.asarray(masks["dense_0"]["kernel"])] == 0.0)
+  assert np.all(k0[np.asarray(masks["dense_0"]["kernel"])] != 0.0)
+  k1 = np.asarray(state.params["dense_1"]["kernel"])
+  assert np.all(k1[:, ~np.asarray(masks["dense_1"]["kernel"])[0]] == 0.0)
+
+
+@pytest.mark.parametrize("num_steps", [None, 5])
+def test_batches_visit_each_real_example_once_per_epoch(num_steps):
+  schedule = federated.LocalSchedule(batch_size=4, num_epochs=3, num_steps=num_steps)
+  n, max_e = 7, 12
+  key = jax.random.key(3)
+  total = schedule.total_steps(max_e)
+  seen = []
+  for s in range(total):
+    idx, mask = federated.batch_indices(key, jnp.asarray(s), jnp.asarray(n), max_e, schedule)
+    seen.extend(np.asarray(idx)[np.asarray(mask)].tolist())
+  assert all(i < n for i in seen)
+  if num_steps is None:
+    assert len(seen) == 3 * n
+    for e in range(3):
+      assert sorted(seen[e * n:(e + 1) * n]) == list(range(n))
+  else:
+    assert len(seen) == 5 * 4
+    assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:2 * n]) == list(range(n))
+
+
+def test_evaluate_matches_direct_computation():
+  apply_fn, params, data = _problem()
+  x = data.x.reshape((-1, data.x.shape[-1])); y = data.y.reshape(-1)
+  mask = np.asarray(data.mask).reshape(-1)
+  logits, _ = apply_fn(params, {}, x, train=False)
+  acc = np.mean((np.argmax(logits, -1) == np.asarray(y))[mask])
+  evaluate = jax.jit(federated.make_evaluate(apply_fn, batch_size=4))
+  sums = evaluate(params, {}, x[mask], y[mask])
+  np.testing.assert_allclose(sums.means()["accuracy"], acc, rtol=1e-6)
+  per_client = jax.jit(federated.make_evaluate_clients(apply_fn, batch_size=2, clients_per_chunk=2))(
+      params, {}, data)
+  np.testing.assert_array_equal(per_client.num_examples, np.asarray(data.num_examples))
+  np.testing.assert_allclose(per_client.correct_sum.sum() / per_client.num_examples.sum(), acc, rtol=1e-6)
+
+
+def test_bad_inputs_give_clear_errors():
+  with pytest.raises(ValueError, match="empty cohort"):
+    federated.make_cohort([])
+  with pytest.raises(ValueError, match="batch_size"):
+    federated.LocalSchedule(batch_size=0)
+  with pytest.raises(ValueError, match="num_epochs"):
+    federated.LocalSchedule(batch_size=2, num_epochs=0)
+  with pytest.raises(ValueError, match="Chunked.size"):
+    federated.Chunked(0)
+  apply_fn, params, _ = _problem()
+  with pytest.raises(ValueError, match="prox_mu"):
+    federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE, prox_mu=-1.0)
+  with pytest.raises(ValueError, match="zero examples"):
+    from_client_lists([np.zeros((0, 2))], [np.zeros((0,))])
