@@ -10,3 +10,4 @@ from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks
                                             fedavgm, fedprox, fedyogi)
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalState, batch_indices,
                                            make_local_train, proximal_penalty, softmax_cross_entropy)
+from fedjax_prune.federated._strategy import (Strategy, candidate_strategies, select_strategy)

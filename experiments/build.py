@@ -1,0 +1,213 @@
+"""Config -> objects. Strings from configs stop here; the library takes typed arguments.
+
+Every value is validated before anything is built or written, with an error
+that names the field and its allowed range.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_prune import data as data_lib
+from fedjax_prune import federated, models
+
+MODELS = ("mlp", "leaf_femnist_cnn", "asp_femnist_cnn", "asp_celeba_cnn", "vgg11", "resnet18")
+DATASETS = ("synthetic", "femnist_leaf", "cifar10_pfllib")
+ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox")
+OPTIMIZERS = ("sgd", "adam")
+NORMS = ("none", "batch_running", "batch_static")
+
+
+class ConfigError(ValueError):
+  """A config value is out of its allowed range (the message names the field)."""
+
+
+def _get(config, path: str):
+  node = config
+  for part in path.split("."):
+    if part not in node:
+      raise ConfigError(f"config field {path!r} is missing")
+    node = node[part]
+  return node
+
+
+def _require(ok: bool, path: str, value, allowed: str):
+  if not ok:
+    raise ConfigError(f"config.{path}={value!r} is invalid: allowed {allowed}")
+
+
+def _int_in(config, path, lo, hi=None):
+  v = _get(config, path)
+  ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+  _require(ok, path, v, f"an integer in [{lo}, {'inf' if hi is None else hi}]")
+  return int(v)
+
+
+def _float_in(config, path, lo, hi=None, *, lo_open=False):
+  v = _get(config, path)
+  ok = isinstance(v, (int, float, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+  ok = ok and (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
+  bracket = "(" if lo_open else "["
+  _require(ok, path, v, f"a finite number in {bracket}{lo}, {'inf' if hi is None else hi}]")
+  return float(v)
+
+
+def _choice(config, path, choices):
+  v = _get(config, path)
+  _require(v in choices, path, v, f"one of {choices}")
+  return v
+
+
+def validate(config) -> None:
+  """Checks every field used by `train_and_evaluate`; raises ConfigError naming the field."""
+  for stream in ("init", "sampling", "training", "data"):
+    _int_in(config, f"seeds.{stream}", 0)
+  name = _choice(config, "data.name", DATASETS)
+  if name == "synthetic":
+    n = _int_in(config, "data.num_clients", 1)
+    _int_in(config, "data.num_classes", 2)
+    epc = _get(config, "data.examples_per_client")
+    _require(isinstance(epc, (tuple, list)) and len(epc) == 2 and all(isinstance(e, int) for e in epc)
+             and 1 <= epc[0] <= epc[1], "data.examples_per_client", epc, "a pair (lo, hi) with 1 <= lo <= hi")
+    _int_in(config, "data.test_examples_per_client", 1)
+    _float_in(config, "data.label_skew_alpha", 0.0, lo_open=True)
+  else:
+    d = _get(config, "data.data_dir")
+    _require(isinstance(d, str) and d != "", "data.data_dir", d,
+             "a directory path, or comma-separated paths (non-empty string)")
+    for part in d.split(","):
+      if not os.path.isdir(part):
+        raise ConfigError(f"config.data.data_dir: {part!r} is not an existing directory")
+    n = None
+  _choice(config, "model.name", MODELS)
+  _choice(config, "model.norm", NORMS)
+  _float_in(config, "model.width_multiplier", 0.0, 1.0, lo_open=True)
+  alg = _choice(config, "algorithm.name", ALGORITHMS)
+  _float_in(config, "algorithm.server_learning_rate", 0.0, lo_open=True)
+  _float_in(config, "algorithm.server_momentum", 0.0, 1.0)
+  if alg == "fedprox":
+    _float_in(config, "algorithm.prox_mu", 0.0)
+  _choice(config, "client.optimizer", OPTIMIZERS)
+  _float_in(config, "client.learning_rate", 0.0, lo_open=True)
+  _float_in(config, "client.momentum", 0.0, 1.0)
+  _int_in(config, "client.batch_size", 1)
+  _int_in(config, "client.num_epochs", 1)
+  _int_in(config, "client.num_steps", 0)
+  _int_in(config, "rounds", 1)
+  cpr = _int_in(config, "clients_per_round", 1)
+  if n is not None and cpr > n:
+    raise ConfigError(f"config.clients_per_round={cpr} exceeds data.num_clients={n}: allowed [1, {n}]")
+  _int_in(config, "eval_every", 1)
+  _int_in(config, "eval_batch_size", 1)
+  strategy = _get(config, "strategy")
+  if strategy != "auto":
+    try:
+      federated.Strategy.from_name(strategy)
+    except ValueError as e:
+      raise ConfigError(f"config.strategy={strategy!r} is invalid: allowed 'auto' or a name like "
+                        "'sequential+lax', 'vmap+im2col', 'chunked4+im2col'") from e
+
+
+class Data(NamedTuple):
+  train: data_lib.ClientData          # device arrays
+  test_clients: data_lib.ClientData   # per-client local test sets (device)
+  test_x: Any                         # central test set (union of the local ones)
+  test_y: Any
+  num_classes: int
+  input_shape: tuple
+  normalize: Callable                 # raw stored x -> float model input, inside jit
+  description: str
+
+
+def _pool(d: data_lib.ClientData):
+  n = np.asarray(d.num_examples)
+  xs = np.concatenate([np.asarray(d.x[k, :n[k]]) for k in range(len(n))])
+  ys = np.concatenate([np.asarray(d.y[k, :n[k]]) for k in range(len(n))])
+  return xs, ys
+
+
+def build_data(config) -> Data:
+  name = config.data.name
+  if name == "synthetic":
+    train, test = data_lib.synthetic_images(
+        config.data.num_clients, seed=config.seeds.data, num_classes=config.data.num_classes,
+        examples_per_client=tuple(config.data.examples_per_client),
+        test_examples_per_client=config.data.test_examples_per_client,
+        label_skew_alpha=config.data.label_skew_alpha)
+    num_classes, input_shape = config.data.num_classes, tuple(train.x.shape[2:])
+    normalize = lambda x: x.astype(jnp.float32) / 255.0
+    desc = f"synthetic images: {train.num_clients} clients"
+  else:
+    dirs = [d for d in config.data.data_dir.split(",") if d]
+    if name == "femnist_leaf":
+      # Several LEAF source dirs are merged by writer (each writer from the first source listing it).
+      fd = data_lib.load_leaf(dirs if len(dirs) > 1 else dirs[0])
+    else:
+      fd = data_lib.load_pfllib_npz(dirs[0])
+    train, test = fd.train, fd.test
+    num_classes, input_shape = fd.num_classes, tuple(fd.input_shape)
+    normalize, desc = fd.normalize_fn, fd.description
+  test_x, test_y = _pool(test)
+  return Data(data_lib.to_device(train), data_lib.to_device(test), jnp.asarray(test_x),
+              jnp.asarray(test_y), num_classes, input_shape, normalize, desc)
+
+
+def build_spec(config, input_shape, num_classes):
+  m = config.model
+  if m.name == "mlp":
+    return models.mlp(input_shape=input_shape, hidden=tuple(m.hidden), num_classes=num_classes)
+  if m.name == "leaf_femnist_cnn":
+    return models.leaf_femnist_cnn(num_classes=num_classes)
+  if m.name == "asp_femnist_cnn":
+    return models.asp_femnist_cnn(num_classes=num_classes)
+  if m.name == "asp_celeba_cnn":
+    return models.asp_celeba_cnn(num_classes=num_classes)
+  if m.name == "vgg11":
+    return models.vgg11(num_classes=num_classes, norm=m.norm)
+  return models.resnet18(num_classes=num_classes, norm=m.norm, width_multiplier=m.width_multiplier)
+
+
+def build_apply(spec, normalize, conv_impl: str) -> Callable:
+  base = models.make_apply(spec, conv_impl=conv_impl)
+
+  def apply_fn(params, batch_stats, x, *, train, example_mask=None):
+    return base(params, batch_stats, normalize(x), train=train, example_mask=example_mask)
+
+  return apply_fn
+
+
+def build_algorithm(config, apply_fn, schedule=None) -> federated.FedAlgorithm:
+  c, a = config.client, config.algorithm
+  if c.optimizer == "sgd":
+    client_opt = optax.sgd(c.learning_rate, momentum=c.momentum or None)
+  else:
+    client_opt = optax.adam(c.learning_rate)
+  if schedule is None:
+    schedule = federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
+                                       num_steps=c.num_steps or None)
+  if a.name == "fedavg":
+    return federated.fedavg(apply_fn, client_opt, schedule,
+                            server_optimizer=optax.sgd(a.server_learning_rate))
+  if a.name == "fedavgm":
+    return federated.fedavgm(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate,
+                             server_momentum=a.server_momentum)
+  if a.name == "fedadam":
+    return federated.fedadam(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate)
+  if a.name == "fedyogi":
+    return federated.fedyogi(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate)
+  return federated.fedprox(apply_fn, client_opt, schedule, mu=a.prox_mu)
+
+
+def has_conv(spec) -> bool:
+  return not isinstance(spec, models.MLPSpec)
+
+
+def default_strategy_cache() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "fedjax_prune", "strategy.json")

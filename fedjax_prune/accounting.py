@@ -1,0 +1,620 @@
+"""Accounting: parameters, FLOPs, bytes on the wire and client memory.
+
+Pure host-side functions of a model spec (`fedjax_prune.models`), optional
+masks and a few configuration numbers. Nothing here is jitted or traced: masks
+must be concrete arrays (numpy or jax), and results are exact Python ints.
+
+Masks follow the library convention: a tree with the structure of the params,
+bool leaves broadcastable to the parameter (full shape = unstructured,
+`(1, ..., out)` = channel mask, `()` = unpruned when True). A missing subtree
+means "not pruned".
+
+FLOPs convention (TensorFlow profiler "float_ops" at batch 1, as used by the
+automatic-structured-pruning paper, METHODS.md §1.4):
+
+  * conv / dense: 2 FLOPs per multiply-accumulate (MAC);
+  * BiasAdd: 1 per output element (only for layers with a bias);
+  * max-pool: output elements x window size (window * window);
+  * global average pool (Mean): input elements;
+  * residual add: 1 per output element;
+  * softmax: 5 x classes (the models output logits, but the paper's Keras
+    models end in a softmax; switch off with `include_softmax=False`);
+  * ReLU, flatten: 0;
+  * BatchNorm: `bn_flops_per_element` per output element, default **0**:
+    TF's profiler registers no FLOPs for FusedBatchNorm, and with 0 the
+    paper's ResNet-style CelebA model gives exactly the 5,234,332 FLOPs its
+    notebook prints (with a residual add at 1 per element). Pass 2 to count an
+    inference-time scale-and-shift.
+
+These reproduce the paper's numbers exactly: FEMNIST CNN [32, 64] 7,529,588 and
+[17, 43] 2,860,280; CelebA CNN 4 x 32 152,485,804.
+
+Masked FLOPs. A layer costs MACs = output positions x number of kept kernel
+entries whose input channel is alive. An output channel (filter) is alive when
+at least one kept kernel entry reads an alive input channel (and, after a
+BatchNorm, its scale is kept); a removed filter's bias is a constant that could
+be folded into the next layer, so it costs nothing. Aliveness propagates
+through pools, flatten (each spatial copy of a channel), global pooling and
+residual adds (alive if alive in either branch). Hence: channel masks give the
+FLOPs of the smaller dense model with those filters removed (that layer's
+output and the next layer's input shrink), and unstructured masks scale a
+layer's MACs with its kernel density.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import numpy as np
+
+from fedjax_prune import models
+from fedjax_prune.types import Masks, PyTree
+
+ENCODINGS = ('dense', 'bitmap', 'index')
+
+
+class LayerCost(NamedTuple):
+  """One operation of the forward pass at batch 1.
+
+  Attributes:
+    name: parameter path of the layer ('conv_0', 'stage1_block0/conv1') or an
+      op name ('relu_0', 'pool_0', 'gap', 'stage1_block0/add', 'softmax').
+    op: 'conv', 'dense', 'bn', 'relu', 'pool', 'gap', 'flatten', 'add', 'softmax'.
+    output_shape: full (unmasked) output shape, without the batch axis.
+    params: kept trainable parameters of the layer (kernel + bias, or BN
+      scale + bias).
+    flops: all FLOPs of the op (MACs x 2 + bias adds, or elementwise work).
+    mac_flops: 2 x MACs (0 for non-matmul ops).
+    activations: output elements in alive channels (what a backward pass keeps).
+  """
+  name: str
+  op: str
+  output_shape: tuple[int, ...]
+  params: int
+  flops: int
+  mac_flops: int
+  activations: int
+
+
+class RoundBytes(NamedTuple):
+  """Bytes moved per client per round."""
+  upload: int
+  download: int
+
+
+class MemoryEstimate(NamedTuple):
+  """Per-client training memory in bytes, by component (see `training_memory`)."""
+  params: int
+  grads: int
+  optimizer: int
+  masks: int
+  activations: int
+  total: int
+
+
+# ----------------------------------------------------------------------------
+# Mask handling.
+
+
+def _is_spec(value: Any) -> bool:
+  return isinstance(value, (models.MLPSpec, models.ConvNetSpec, models.ResNetSpec))
+
+
+def _path_keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', k)) for k in path)
+
+
+def _lookup(masks: Optional[Masks], keys: Sequence[str]) -> Optional[Any]:
+  """The mask leaf at `keys`, or None when the path is absent (= unpruned)."""
+  node = masks
+  for k in keys:
+    if node is None or not hasattr(node, 'get'):
+      return None
+    node = node.get(k)
+  return node
+
+
+def _raw_mask(masks: Optional[Masks], keys: Sequence[str], shape: tuple[int, ...]
+              ) -> Optional[np.ndarray]:
+  """The mask leaf as a bool numpy array, checked broadcastable to `shape`; None if absent."""
+  leaf = _lookup(masks, keys)
+  if leaf is None:
+    return None
+  try:
+    mask = np.asarray(leaf).astype(bool)
+  except jax.errors.TracerArrayConversionError:
+    raise ValueError(f'mask {"/".join(keys)} is traced; accounting needs concrete masks '
+                     '(call it outside jit)') from None
+  try:
+    np.broadcast_to(mask, shape)
+  except ValueError:
+    raise ValueError(f'mask {"/".join(keys)} of shape {mask.shape} does not broadcast to the '
+                     f'parameter shape {shape}') from None
+  return mask
+
+
+def _full_mask(masks: Optional[Masks], keys: Sequence[str], shape: tuple[int, ...]) -> np.ndarray:
+  mask = _raw_mask(masks, keys, shape)
+  if mask is None:
+    return np.ones(shape, bool)
+  return np.broadcast_to(mask, shape)
+
+
+def _kept(masks: Optional[Masks], keys: Sequence[str], shape: tuple[int, ...]) -> int:
+  mask = _raw_mask(masks, keys, shape)
+  if mask is None:
+    return math.prod(shape)
+  return int(np.broadcast_to(mask, shape).sum())
+
+
+def _check_mask_paths(masks: Optional[Masks], shapes: PyTree) -> None:
+  """Every mask leaf must name a parameter (`shapes`: a `_shape_tree`)."""
+  if masks is None:
+    return
+  known = {keys for keys, _ in _leaves_with_keys(shapes)}
+  for path, _ in jax.tree_util.tree_flatten_with_path(masks)[0]:
+    keys = _path_keys(path)
+    if keys not in known:
+      raise ValueError(f'mask {"/".join(keys)} names no parameter of the model')
+
+
+def _shape_tree(params_or_spec: Any, include_batch_stats: bool) -> PyTree:
+  """Nested dict of shapes (tuples) from a spec or a pytree of arrays."""
+  if _is_spec(params_or_spec):
+    params, batch_stats = models.param_shapes(params_or_spec)
+    tree = {'params': params, 'batch_stats': batch_stats} if include_batch_stats else params
+  else:
+    if include_batch_stats:
+      raise ValueError('include_batch_stats needs a spec; pass the stats inside the tree instead')
+    tree = params_or_spec
+  return jax.tree.map(lambda leaf: tuple(np.shape(leaf)), tree,
+                      is_leaf=lambda leaf: hasattr(leaf, 'shape'))
+
+
+def _leaves_with_keys(shape_tree: PyTree) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+  is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+  flat = jax.tree_util.tree_flatten_with_path(shape_tree, is_leaf=is_shape)[0]
+  return [(_path_keys(p), shape) for p, shape in flat]
+
+
+# ----------------------------------------------------------------------------
+# Parameters.
+
+
+def param_count(spec: Optional[models.ModelSpec], masks: Optional[Masks] = None,
+                params: Optional[PyTree] = None, *, include_batch_stats: bool = False) -> int:
+  """Number of trainable parameters, or of kept ones under `masks`.
+
+  BatchNorm scale and bias are trainable and counted; running statistics are
+  not (Keras counts them as non-trainable parameters: pass
+  `include_batch_stats=True` to add them, e.g. to compare with `model.summary()`).
+
+  Args:
+    spec: model spec, or None when `params` is given.
+    masks: optional mask tree; each leaf contributes its number of kept entries
+      after broadcasting to the parameter.
+    params: optional params tree (arrays or ShapeDtypeStructs) whose shapes
+      are counted instead of the spec's.
+    include_batch_stats: also count BN running statistics (needs `spec`).
+
+  Returns:
+    The count, a Python int.
+  """
+  if params is None and spec is None:
+    raise ValueError('param_count needs a spec or params')
+  tree = _shape_tree(params if params is not None else spec, False)
+  _check_mask_paths(masks, tree)
+  total = sum(_kept(masks, keys, shape) for keys, shape in _leaves_with_keys(tree))
+  if include_batch_stats:
+    if spec is None:
+      raise ValueError('include_batch_stats needs a spec')
+    _, stats = models.param_shapes(spec)
+    total += sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(stats))
+  return total
+
+
+# ----------------------------------------------------------------------------
+# FLOPs: a walk over the layers that tracks which channels are alive.
+
+
+class _Feature(NamedTuple):
+  """A feature map (h, w set) or a vector (h = w = None) with its alive channels."""
+  hw: Optional[tuple[int, int]]
+  alive: np.ndarray
+
+
+class _Walk:
+  """Accumulates LayerCost rows; one instance per accounting call (not shared)."""
+
+  def __init__(self, masks: Optional[Masks], bn_flops_per_element: int):
+    self.masks = masks
+    self.bn_flops_per_element = bn_flops_per_element
+    self.rows: list[LayerCost] = []
+
+  def _row(self, name, op, shape, flops, activations, params=0, mac_flops=0):
+    self.rows.append(LayerCost(name, op, tuple(shape), int(params), int(flops), int(mac_flops),
+                               int(activations)))
+
+  def conv(self, keys, feat, kernel_hw, stride_hw, padding, out_ch, use_bias) -> _Feature:
+    in_ch = feat.alive.shape[0]
+    kernel_shape = (*kernel_hw, in_ch, out_ch)
+    ho, wo = models.conv_output_hw(feat.hw, kernel_hw, stride_hw, padding)
+    kernel_mask = _full_mask(self.masks, keys + ('kernel',), kernel_shape)
+    live = kernel_mask & feat.alive[None, None, :, None]
+    alive = live.any(axis=(0, 1, 2))
+    macs = ho * wo * int(live.sum())
+    params = _kept(self.masks, keys + ('kernel',), kernel_shape)
+    bias_adds = 0
+    if use_bias:
+      bias_kept = _full_mask(self.masks, keys + ('bias',), (out_ch,))
+      bias_adds = ho * wo * int((alive & bias_kept).sum())
+      params += _kept(self.masks, keys + ('bias',), (out_ch,))
+    self._row('/'.join(keys), 'conv', (ho, wo, out_ch), 2 * macs + bias_adds,
+              ho * wo * int(alive.sum()), params, 2 * macs)
+    return _Feature((ho, wo), alive)
+
+  def dense(self, keys, feat, out_features) -> _Feature:
+    in_features = feat.alive.shape[0]
+    shape = (in_features, out_features)
+    live = _full_mask(self.masks, keys + ('kernel',), shape) & feat.alive[:, None]
+    alive = live.any(axis=0)
+    macs = int(live.sum())
+    bias_kept = _full_mask(self.masks, keys + ('bias',), (out_features,))
+    bias_adds = int((alive & bias_kept).sum())
+    params = (_kept(self.masks, keys + ('kernel',), shape)
+              + _kept(self.masks, keys + ('bias',), (out_features,)))
+    self._row('/'.join(keys), 'dense', (out_features,), 2 * macs + bias_adds,
+              int(alive.sum()), params, 2 * macs)
+    return _Feature(None, alive)
+
+  def bn(self, keys, feat) -> _Feature:
+    channels = feat.alive.shape[0]
+    alive = feat.alive & _full_mask(self.masks, keys + ('scale',), (channels,))
+    positions = math.prod(feat.hw)
+    params = (_kept(self.masks, keys + ('scale',), (channels,))
+              + _kept(self.masks, keys + ('bias',), (channels,)))
+    self._row('/'.join(keys), 'bn', (*feat.hw, channels),
+              self.bn_flops_per_element * positions * int(alive.sum()),
+              positions * int(alive.sum()), params)
+    return _Feature(feat.hw, alive)
+
+  def relu(self, name, feat) -> _Feature:
+    positions = 1 if feat.hw is None else math.prod(feat.hw)
+    shape = (feat.alive.shape[0],) if feat.hw is None else (*feat.hw, feat.alive.shape[0])
+    self._row(name, 'relu', shape, 0, positions * int(feat.alive.sum()))
+    return feat
+
+  def pool(self, name, feat, window) -> _Feature:
+    hw = models.pool_output_hw(feat.hw, window)
+    out = math.prod(hw) * int(feat.alive.sum())
+    self._row(name, 'pool', (*hw, feat.alive.shape[0]), out * window * window, out)
+    return _Feature(hw, feat.alive)
+
+  def gap(self, feat) -> _Feature:
+    self._row('gap', 'gap', (feat.alive.shape[0],), math.prod(feat.hw) * int(feat.alive.sum()),
+              int(feat.alive.sum()))
+    return _Feature(None, feat.alive)
+
+  def flatten(self, feat) -> _Feature:
+    alive = np.tile(feat.alive, math.prod(feat.hw))  # NHWC row-major: index (h*W + w)*C + c
+    self._row('flatten', 'flatten', (alive.shape[0],), 0, 0)
+    return _Feature(None, alive)
+
+  def add(self, name, a: _Feature, b: _Feature) -> _Feature:
+    alive = a.alive | b.alive
+    out = math.prod(a.hw) * int(alive.sum())
+    self._row(name, 'add', (*a.hw, alive.shape[0]), out, out)
+    return _Feature(a.hw, alive)
+
+  def softmax(self, classes) -> None:
+    self._row('softmax', 'softmax', (classes,), 5 * classes, classes)
+
+
+def _walk_mlp(walk: _Walk, spec: models.MLPSpec) -> None:
+  feat = _Feature(None, np.ones(math.prod(spec.input_shape), bool))
+  widths = spec.hidden + (spec.num_classes,)
+  for i, width in enumerate(widths):
+    feat = walk.dense((f'dense_{i}',), feat, width)
+    if i < len(widths) - 1:
+      feat = walk.relu(f'relu_dense_{i}', feat)
+
+
+def _walk_convnet(walk: _Walk, spec: models.ConvNetSpec) -> None:
+  feat = _Feature(spec.input_shape[:2], np.ones(spec.input_shape[2], bool))
+  for i, conv in enumerate(spec.convs):
+    feat = walk.conv((f'conv_{i}',), feat, conv.kernel, conv.stride, conv.padding, conv.features,
+                     conv.bias)
+    if conv.norm:
+      feat = walk.bn((f'bn_{i}',), feat)
+    feat = walk.relu(f'relu_{i}', feat)
+    if conv.pool is not None:
+      feat = walk.pool(f'pool_{i}', feat, conv.pool)
+  feat = walk.gap(feat) if spec.head == 'gap' else walk.flatten(feat)
+  widths = spec.hidden + (spec.num_classes,)
+  for j, width in enumerate(widths):
+    feat = walk.dense((f'dense_{j}',), feat, width)
+    if j < len(widths) - 1:
+      feat = walk.relu(f'relu_dense_{j}', feat)
+
+
+def _walk_resnet(walk: _Walk, spec: models.ResNetSpec) -> None:
+  use_bn = spec.norm != 'none'
+  k, s = spec.stem_kernel, spec.stem_stride
+  feat = _Feature(spec.input_shape[:2], np.ones(spec.input_shape[2], bool))
+  feat = walk.conv(('stem', 'conv'), feat, (k, k), (s, s), spec.padding, spec.stem_width,
+                   spec.conv_bias)
+  if use_bn:
+    feat = walk.bn(('stem', 'bn'), feat)
+  feat = walk.relu('stem/relu', feat)
+  if spec.stem_pool is not None:
+    feat = walk.pool('stem/pool', feat, spec.stem_pool)
+  for name, in_width, inner_width, out_width, stride in spec.blocks():
+    x = feat
+    h = walk.conv((name, 'conv1'), x, (3, 3), (stride, stride), spec.padding, inner_width,
+                  spec.conv_bias)
+    if use_bn:
+      h = walk.bn((name, 'bn1'), h)
+    h = walk.relu(f'{name}/relu1', h)
+    h = walk.conv((name, 'conv2'), h, (3, 3), (1, 1), spec.padding, out_width, spec.conv_bias)
+    if use_bn:
+      h = walk.bn((name, 'bn2'), h)
+    shortcut = x
+    if models.block_has_shortcut_conv(in_width, out_width, stride):
+      shortcut = walk.conv((name, 'shortcut_conv'), x, (1, 1), (stride, stride), spec.padding,
+                           out_width, spec.conv_bias)
+      if use_bn:
+        shortcut = walk.bn((name, 'shortcut_bn'), shortcut)
+    feat = walk.relu(f'{name}/relu2', walk.add(f'{name}/add', h, shortcut))
+  feat = walk.gap(feat) if spec.head == 'gap' else walk.flatten(feat)
+  walk.dense(('head',), feat, spec.num_classes)
+
+
+def layer_costs(spec: models.ModelSpec, masks: Optional[Masks] = None, *,
+                bn_flops_per_element: int = 0, include_softmax: bool = True
+                ) -> tuple[LayerCost, ...]:
+  """Per-operation costs of one forward pass at batch 1 (module docstring).
+
+  Args:
+    spec: model spec.
+    masks: optional mask tree (concrete arrays).
+    bn_flops_per_element: FLOPs charged per BatchNorm output element (default
+      0, the TF-profiler convention).
+    include_softmax: append a softmax op (5 x classes FLOPs).
+
+  Returns:
+    The operations in forward order.
+  """
+  if not _is_spec(spec):
+    raise ValueError(f'spec must be an MLPSpec, ConvNetSpec or ResNetSpec, got {type(spec)}')
+  if isinstance(bn_flops_per_element, bool) or not isinstance(bn_flops_per_element, int) or (
+      bn_flops_per_element < 0):
+    raise ValueError(f'bn_flops_per_element must be an int >= 0, got {bn_flops_per_element!r}')
+  _check_mask_paths(masks, _shape_tree(spec, False))
+  walk = _Walk(masks, bn_flops_per_element)
+  if isinstance(spec, models.MLPSpec):
+    _walk_mlp(walk, spec)
+  elif isinstance(spec, models.ConvNetSpec):
+    _walk_convnet(walk, spec)
+  else:
+    _walk_resnet(walk, spec)
+  if include_softmax:
+    walk.softmax(spec.num_classes)
+  return tuple(walk.rows)
+
+
+def flops(spec: models.ModelSpec, masks: Optional[Masks] = None, *,
+          bn_flops_per_element: int = 0, include_softmax: bool = True) -> int:
+  """Inference FLOPs at batch 1, TF-profiler convention (module docstring).
+
+  Args:
+    spec: model spec.
+    masks: optional mask tree; removed filters and sparse kernels cost less
+      (module docstring, "Masked FLOPs").
+    bn_flops_per_element: FLOPs per BatchNorm output element (default 0).
+    include_softmax: count a final softmax (5 x classes).
+
+  Returns:
+    FLOPs, a Python int.
+  """
+  rows = layer_costs(spec, masks, bn_flops_per_element=bn_flops_per_element,
+                     include_softmax=include_softmax)
+  return sum(row.flops for row in rows)
+
+
+def training_flops(spec: models.ModelSpec, batch_size: int,
+                   masks: Optional[Masks] = None) -> int:
+  """FLOPs of one SGD step on a batch: 3 x forward MAC FLOPs x batch_size.
+
+  The forward pass costs one set of MACs; the backward pass costs two (the
+  gradient w.r.t. the layer inputs and w.r.t. the weights), each as many MACs
+  as the forward. Elementwise work (bias, BN, pooling, ReLU, softmax, the
+  optimizer update) is ignored. Masks shrink all three passes (sparse
+  training). E.g. the LEAF FEMNIST CNN at batch 32 costs 3.30 GFLOP.
+
+  Args:
+    spec: model spec.
+    batch_size: examples per step (positive int).
+    masks: optional mask tree.
+
+  Returns:
+    FLOPs, a Python int.
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+  mac_flops = sum(row.mac_flops for row in layer_costs(spec, masks))
+  return 3 * mac_flops * batch_size
+
+
+# ----------------------------------------------------------------------------
+# Communication.
+
+
+def _index_bytes(num_positions: int) -> int:
+  """Bytes of one index into `num_positions` slots: ceil(ceil(log2 n) / 8)."""
+  return -(-(max(num_positions, 1) - 1).bit_length() // 8)
+
+
+def communication_bytes(params_or_spec: Any, masks: Optional[Masks] = None, *,
+                        encoding: str = 'dense', dtype_bytes: int = 4,
+                        include_batch_stats: bool = False) -> int:
+  """Bytes of one model transfer (one direction, one client).
+
+  Per leaf with n entries, of which nnz are kept by its mask:
+    * 'dense': dtype_bytes * n (masked entries are sent as zeros);
+    * 'bitmap': dtype_bytes * nnz + ceil(m / 8), the mask sent as a bitmap in
+      its own (unbroadcast) shape of m elements: m = n for an unstructured
+      mask, m = out for a `(1, ..., out)` channel mask;
+    * 'index': dtype_bytes * nnz + k * ceil(log2(m) / 8), each of the k kept
+      mask positions sent as an index into the m mask positions; for an
+      unstructured mask that is nnz * (dtype_bytes + ceil(log2(n) / 8)).
+  Leaves without a mask, or with a single-element mask (`()`: unpruned, or
+  entirely removed), carry no mask bits: dtype_bytes * nnz.
+
+  Args:
+    params_or_spec: a model spec, or a pytree of arrays / ShapeDtypeStructs
+      (e.g. `{'params': p, 'batch_stats': s}`).
+    masks: optional mask tree aligned with the params (or with the pytree).
+    encoding: 'dense', 'bitmap' or 'index'.
+    dtype_bytes: bytes per value (4 for float32).
+    include_batch_stats: with a spec, also send the BN running statistics
+      (FedAvg averages them, unmasked).
+
+  Returns:
+    Bytes, a Python int.
+  """
+  if encoding not in ENCODINGS:
+    raise ValueError(f'encoding must be one of {ENCODINGS}, got {encoding!r}')
+  if isinstance(dtype_bytes, bool) or not isinstance(dtype_bytes, int) or dtype_bytes <= 0:
+    raise ValueError(f'dtype_bytes must be a positive int, got {dtype_bytes!r}')
+  tree = _shape_tree(params_or_spec, include_batch_stats)
+  if include_batch_stats and masks is not None:
+    masks = {'params': masks}
+  _check_mask_paths(masks, tree)
+  total = 0
+  for keys, shape in _leaves_with_keys(tree):
+    n = math.prod(shape)
+    mask = _raw_mask(masks, keys, shape)
+    if encoding == 'dense':
+      total += dtype_bytes * n
+      continue
+    if mask is None:
+      total += dtype_bytes * n
+      continue
+    nnz = int(np.broadcast_to(mask, shape).sum())
+    total += dtype_bytes * nnz
+    if mask.size == 1:
+      continue  # a scalar mask is structural, not sent
+    if encoding == 'bitmap':
+      total += -(-mask.size // 8)
+    else:
+      total += int(mask.sum()) * _index_bytes(mask.size)
+  return total
+
+
+def round_bytes(params_or_spec: Any, masks: Optional[Masks] = None, *,
+                upload_masks: Optional[Masks] = None, encoding: str = 'dense',
+                dtype_bytes: int = 4, include_batch_stats: bool = False) -> RoundBytes:
+  """Upload and download bytes of one client in one round.
+
+  The server sends the (masked) model, the client sends back a (masked) model
+  or update of the same structure.
+
+  Args:
+    params_or_spec: a model spec or a pytree (see `communication_bytes`).
+    masks: mask of the downloaded model (and of the upload unless
+      `upload_masks` is given).
+    upload_masks: mask of the uploaded update when it differs (e.g. a client
+      that trains a sub-model of the broadcast one).
+    encoding: 'dense', 'bitmap' or 'index' (both directions).
+    dtype_bytes: bytes per value.
+    include_batch_stats: with a spec, send BN running statistics both ways.
+
+  Returns:
+    RoundBytes(upload, download).
+  """
+  kwargs = dict(encoding=encoding, dtype_bytes=dtype_bytes,
+                include_batch_stats=include_batch_stats)
+  download = communication_bytes(params_or_spec, masks, **kwargs)
+  upload = communication_bytes(params_or_spec, masks if upload_masks is None else upload_masks,
+                               **kwargs)
+  return RoundBytes(upload=upload, download=download)
+
+
+# ----------------------------------------------------------------------------
+# Memory.
+
+
+def training_memory(spec: models.ModelSpec, batch_size: int, *, optimizer_slots: int = 0,
+                    masks: Optional[Masks] = None, dtype_bytes: int = 4) -> MemoryEstimate:
+  """Estimated memory of one client's training step, by component.
+
+  Device model (a client that trains a sparse/pruned model natively):
+    * params: kept trainable parameters plus BN running statistics;
+    * grads: one value per kept trainable parameter;
+    * optimizer: `optimizer_slots` values per kept trainable parameter
+      (0 for SGD, 1 for momentum, 2 for Adam);
+    * masks: one bit per mask element (masks in their own shape; scalar
+      masks free);
+    * activations: batch_size x (input elements + every intermediate output
+      in alive channels: conv/dense outputs, BN outputs, ReLU outputs, pool
+      outputs, residual sums, logits), all kept for the backward pass (no
+      rematerialisation, no in-place ReLU).
+  This is an accounting model for comparing methods, not a measurement: XLA
+  fuses elementwise ops and a dense simulation holds dense arrays.
+
+  Args:
+    spec: model spec.
+    batch_size: examples per step.
+    optimizer_slots: optimizer state values per parameter.
+    masks: optional mask tree.
+    dtype_bytes: bytes per value.
+
+  Returns:
+    MemoryEstimate with a `total`.
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+  if isinstance(optimizer_slots, bool) or not isinstance(optimizer_slots, int) or (
+      optimizer_slots < 0):
+    raise ValueError(f'optimizer_slots must be an int >= 0, got {optimizer_slots!r}')
+  kept = param_count(spec, masks)
+  _, stats = models.param_shapes(spec)
+  running = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(stats))
+  mask_bytes = 0
+  for keys, shape in _leaves_with_keys(_shape_tree(spec, False)):
+    mask = _raw_mask(masks, keys, shape)
+    if mask is not None and mask.size > 1:
+      mask_bytes += -(-mask.size // 8)
+  rows = layer_costs(spec, masks, include_softmax=False)
+  per_example = math.prod(spec.input_shape) + sum(row.activations for row in rows)
+  estimate = dict(params=dtype_bytes * (kept + running), grads=dtype_bytes * kept,
+                  optimizer=dtype_bytes * kept * optimizer_slots, masks=mask_bytes,
+                  activations=dtype_bytes * batch_size * per_example)
+  return MemoryEstimate(**estimate, total=sum(estimate.values()))
+
+
+def training_memory_bytes(spec: models.ModelSpec, batch_size: int, *, optimizer_slots: int = 0,
+                          masks: Optional[Masks] = None, dtype_bytes: int = 4) -> int:
+  """Total of `training_memory` (bytes, a Python int)."""
+  return training_memory(spec, batch_size, optimizer_slots=optimizer_slots, masks=masks,
+                         dtype_bytes=dtype_bytes).total
+
+
+# ----------------------------------------------------------------------------
+# Summary.
+
+
+def summary(spec: models.ModelSpec, masks: Optional[Masks] = None, *,
+            bn_flops_per_element: int = 0) -> str:
+  """A table of the layers: name, op, output shape, params, FLOPs (ReLUs omitted)."""
+  rows = layer_costs(spec, masks, bn_flops_per_element=bn_flops_per_element)
+  header = ('layer', 'op', 'output', 'params', 'FLOPs')
+  lines = [(r.name, r.op, 'x'.join(map(str, r.output_shape)), f'{r.params:,}', f'{r.flops:,}')
+           for r in rows if r.op != 'relu']
+  lines.append(('total', '', '', f'{param_count(spec, masks):,}',
+                f'{sum(r.flops for r in rows):,}'))
+  widths = [max(len(line[i]) for line in [header] + lines) for i in range(5)]
+  fmt = lambda line: '  '.join(
+      cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+  return '\n'.join([fmt(header), '  '.join('-' * w for w in widths)] + [fmt(l) for l in lines])

@@ -1,0 +1,163 @@
+"""Choosing the client-execution strategy by measurement.
+
+Which strategy is fastest depends on the model, the cohort size and the
+backend: on CPU, vmapped convolutions with per-client kernels lower to grouped
+convolutions (slow) unless written as im2col GEMMs, and one client already fills
+the cores, so the sequential in-graph map usually wins; on GPU/TPU the
+vectorised strategies fill the device. `select_strategy` times a short round of
+each candidate and caches the winner per (backend, device, workload) key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Callable, Sequence
+
+import jax
+
+from fedjax_prune.federated._engine import Chunked, Execution, Sequential, Vmap
+
+CONV_IMPLS = ("lax", "im2col", "tapgrad")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """A client-execution strategy: how clients are mapped, and how convs are lowered."""
+  execution: Execution
+  conv_impl: str = "lax"
+
+  def __post_init__(self):
+    if self.conv_impl not in CONV_IMPLS:
+      raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
+
+  @property
+  def name(self) -> str:
+    ex = self.execution
+    label = {Vmap: "vmap", Sequential: "sequential"}.get(type(ex), f"chunked{getattr(ex, 'size', '')}")
+    return f"{label}+{self.conv_impl}"
+
+  @classmethod
+  def from_name(cls, name: str) -> "Strategy":
+    """Inverse of `name`, e.g. 'sequential+lax', 'vmap+im2col', 'chunked8+im2col'."""
+    try:
+      label, conv_impl = name.split("+")
+    except ValueError:
+      raise ValueError(f"strategy name {name!r} must look like 'sequential+lax', 'vmap+im2col' "
+                       "or 'chunked8+im2col'") from None
+    if label == "vmap":
+      execution = Vmap()
+    elif label == "sequential":
+      execution = Sequential()
+    elif label.startswith("chunked") and label[7:].isdigit():
+      execution = Chunked(int(label[7:]))
+    else:
+      raise ValueError(f"unknown execution {label!r} in strategy name {name!r}")
+    return cls(execution, conv_impl)
+
+
+def candidate_strategies(*, cohort_size: int, has_conv: bool, backend: str | None = None,
+                         max_vmap_clients_cpu: int = 16) -> list[Strategy]:
+  """A short list of plausible strategies, pruned by what is known to be slow.
+
+  On CPU: vmap of lax convolutions (grouped convolutions, measured 4-9x slower
+  than a loop) is never tried, nor lax convolutions inside the in-graph loop
+  (their gradients are ~20-100x slower in XLA:CPU loop bodies; 'tapgrad' is
+  the same convolution with loop-safe gradients), and full vmap only for small cohorts (its memory
+  grows with the cohort); chunked im2col is tried at small chunk sizes.
+  On accelerators: full vmap and chunks of 32/128 with both conv lowerings.
+  """
+  backend = backend or jax.default_backend()
+  out: list[Strategy] = []
+  if backend == "cpu":
+    # 'lax' convolutions lose XLA:CPU's fast path inside loop bodies (their
+    # gradients), so in-graph loops use 'tapgrad' (same values) or 'im2col'.
+    out += [Strategy(Sequential(), impl) for impl in (("tapgrad", "im2col") if has_conv else ("lax",))]
+    if not has_conv:
+      out.append(Strategy(Vmap(), "lax"))
+      out += [Strategy(Chunked(c), "lax") for c in (8, 32) if c < cohort_size]
+    else:
+      if cohort_size <= max_vmap_clients_cpu:
+        out.append(Strategy(Vmap(), "im2col"))
+      out += [Strategy(Chunked(c), "im2col") for c in (2, 4) if c < cohort_size]
+  else:
+    impls = ("lax", "im2col") if has_conv else ("lax",)
+    out += [Strategy(Vmap(), impl) for impl in impls]
+    out += [Strategy(Chunked(c), impl) for c in (32, 128) if c < cohort_size for impl in impls]
+    out.append(Strategy(Sequential(), "lax"))
+  return out
+
+
+def _device_tag() -> str:
+  dev = jax.devices()[0]
+  return f"{jax.default_backend()}:{getattr(dev, 'device_kind', 'unknown')}:{jax.device_count()}:jax{jax.__version__}"
+
+
+def _read_cache(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return {}  # a missing or damaged cache only costs a re-calibration
+
+
+def _write_cache(path: str, cache: dict) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".strategy_cache")
+  with os.fdopen(fd, "w") as f:
+    json.dump(cache, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)  # atomic: readers see the old or the new file
+
+
+def select_strategy(run_round_for: Callable[[Strategy], Callable[[], None]],
+                    candidates: Sequence[Strategy], *, cache_path: str | None = None,
+                    cache_key: str = "", repeats: int = 2,
+                    log: Callable[[str], None] | None = None) -> tuple[Strategy, dict[str, float]]:
+  """Times each candidate on a short round and returns the fastest.
+
+  Args:
+    run_round_for: `strategy -> run` where `run()` executes one short round with
+      that strategy and blocks until it is done (compilation happens on the
+      first call and is not timed).
+    candidates: strategies to try (see `candidate_strategies`).
+    cache_path: optional JSON file; a hit for (device, cache_key) skips timing.
+    cache_key: describes the workload (model spec, cohort size, batch, steps).
+    repeats: timed runs per candidate (median taken).
+    log: optional callback for progress lines.
+
+  Returns:
+    (best strategy, {strategy name: median seconds per round}).
+  """
+  if not candidates:
+    raise ValueError("no candidate strategies to choose from")
+  full_key = f"{_device_tag()}|{cache_key}"
+  if cache_path:
+    hit = _read_cache(cache_path).get(full_key)
+    if hit is not None:
+      try:
+        return Strategy.from_name(hit["best"]), dict(hit["timings"])
+      except (KeyError, ValueError, TypeError):
+        pass  # stale format: re-calibrate
+  timings: dict[str, float] = {}
+  for strategy in candidates:
+    run = run_round_for(strategy)
+    run()  # compile + warm up
+    times = []
+    for _ in range(max(1, repeats)):
+      start = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - start)
+    timings[strategy.name] = statistics.median(times)
+    if log:
+      log(f"  strategy {strategy.name:22s} {timings[strategy.name] * 1e3:9.1f} ms/round")
+  best_name = min(timings, key=timings.get)
+  best = next(s for s in candidates if s.name == best_name)
+  if cache_path:
+    cache = _read_cache(cache_path)
+    cache[full_key] = {"best": best_name, "timings": timings}
+    _write_cache(cache_path, cache)
+  return best, timings

@@ -1,0 +1,92 @@
+"""Smoke test of the main job and the config validation (bad input -> clear errors)."""
+import json
+import os
+
+import pytest
+
+from experiments import build, train
+from experiments.configs import fedavg_synthetic
+
+
+def tiny_config():
+  c = fedavg_synthetic.get_config()
+  c.data.num_clients = 6
+  c.data.examples_per_client = (6, 10)
+  c.data.test_examples_per_client = 4
+  c.model.name = "mlp"
+  c.model.hidden = (16,)
+  c.client.batch_size = 4
+  c.rounds = 2
+  c.clients_per_round = 3
+  c.eval_every = 1
+  c.strategy = "vmap+lax"
+  c.progress = False
+  return c
+
+
+def test_main_job_smoke(tmp_path):
+  workdir = str(tmp_path / "run")
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(l) for l in f]
+  assert [l["round"] for l in lines] == [1, 2]
+  assert all("test_accuracy" in l and 0.0 <= l["test_accuracy"] <= 1.0 for l in lines)
+  assert summary["params"] == 28 * 28 * 16 + 16 + 16 * 10 + 10
+  assert os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def test_workdir_with_other_config_is_refused(tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(), workdir)
+  other = tiny_config()
+  other.client.learning_rate = 0.5
+  with pytest.raises(FileExistsError, match="different config"):
+    train.train_and_evaluate(other, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["client"]["learning_rate"] == 0.05
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rounds", 0, "config.rounds=0 is invalid: allowed an integer in \\[1, inf\\]"),
+    ("clients_per_round", 7, "clients_per_round=7 exceeds data.num_clients=6"),
+    ("client.learning_rate", -0.1, "config.client.learning_rate=-0.1 is invalid"),
+    ("client.learning_rate", float("nan"), "client.learning_rate=nan is invalid"),
+    ("client.batch_size", 0, "client.batch_size=0 is invalid"),
+    ("client.optimizer", "rmsprop", "client.optimizer='rmsprop' is invalid: allowed one of"),
+    ("client.momentum", 1.5, "client.momentum=1.5 is invalid"),
+    ("model.name", "resnet9000", "model.name='resnet9000' is invalid"),
+    ("model.norm", "layer", "model.norm='layer' is invalid"),
+    ("algorithm.name", "scaffold", "algorithm.name='scaffold' is invalid"),
+    ("data.name", "mnist", "data.name='mnist' is invalid"),
+    ("data.label_skew_alpha", 0.0, "data.label_skew_alpha=0.0 is invalid: allowed a finite number in \\(0"),
+    ("data.examples_per_client", (10, 5), "data.examples_per_client"),
+    ("seeds.init", -1, "seeds.init=-1 is invalid"),
+    ("eval_every", 0, "eval_every=0 is invalid"),
+    ("strategy", "turbo", "config.strategy='turbo' is invalid"),
+])
+def test_bad_config_values_name_the_field(tmp_path, field, value, message):
+  c = tiny_config()
+  node = c
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(build.ConfigError, match=message):
+    train.train_and_evaluate(c, str(workdir))
+  assert not workdir.exists()  # nothing written before validation
+
+
+def test_missing_data_dir_is_named(tmp_path):
+  c = tiny_config()
+  c.data.name = "femnist_leaf"
+  c.data.data_dir = str(tmp_path / "nope")
+  with pytest.raises(build.ConfigError, match="is not an existing directory"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_divergence_raises_a_clear_error(tmp_path):
+  c = tiny_config()
+  c.client.learning_rate = 1e30
+  with pytest.raises(FloatingPointError, match="diverged at round 1"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
