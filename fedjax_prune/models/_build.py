@@ -309,8 +309,9 @@ def make_apply(spec, *, conv_impl: str = 'lax') -> ApplyFn:
 
   Args:
     spec: an `MLPSpec`, `ConvNetSpec` or `ResNetSpec`.
-    conv_impl: 'lax' (`lax.conv_general_dilated`) or 'im2col' (shifted slices
-      + one matmul; batched GEMMs under vmap over clients).
+    conv_impl: 'lax' (`lax.conv_general_dilated`), 'im2col' (shifted slices
+      + one matmul; batched GEMMs under vmap over clients) or 'tapgrad' (lax
+      forward, gradients as canonical forward convs; fast in XLA:CPU loops).
 
   Returns:
     `apply_fn(params, batch_stats, x, *, train, example_mask=None) ->

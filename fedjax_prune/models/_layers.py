@@ -10,6 +10,9 @@ Conv implementations (`conv_impl`):
     `kernel.reshape(kh * kw * ci, co)` -- and one matmul. Under `jax.vmap`
     over per-client kernels this is a batched GEMM instead of a grouped
     convolution (faster on CPU, see PERFORMANCE.md; measure on other backends).
+  * `'tapgrad'`: `lax.conv_general_dilated` forward with a custom VJP whose
+    input and weight gradients are layout-canonical forward convolutions
+    (`_conv_grad`); same values, fast inside XLA:CPU loop bodies.
 
 Initialisation lives in `_build.init_params` (PyTorch-default kernels
 U(+-1/sqrt(fan_in)), zero biases, BN scale 1 / bias 0, running mean 0 / var 1);
@@ -53,7 +56,7 @@ def conv2d(x_BxHxWxC: jax.Array, kernel: jax.Array, stride: tuple[int, int],
     kernel: [kh, kw, ci, co].
     stride: (sh, sw).
     padding: 'SAME', 'VALID' or 'SYMMETRIC' (see `_specs`).
-    conv_impl: 'lax' or 'im2col'.
+    conv_impl: 'lax', 'im2col' or 'tapgrad' (module docstring).
 
   Returns:
     [B, Ho, Wo, co].

@@ -183,7 +183,7 @@ def test_celeba_pool_floor_and_feature_shapes():
     ((2, 8, 9, 2), (5, 5), (2, 2), 'VALID'),
     ((2, 8, 8, 3), (1, 1), (2, 2), 'SAME'),
 ])
-def test_im2col_matches_lax_forward_and_gradients(shape, kernel, stride, padding, key):
+def test_conv_impls_match_lax_forward_and_gradients(shape, kernel, stride, padding, key):
   x = _normal(0, shape)
   w = _normal(1, (*kernel, shape[-1], 4))
   hw = models.conv_output_hw(shape[1:3], kernel, stride, padding)
@@ -193,12 +193,12 @@ def test_im2col_matches_lax_forward_and_gradients(shape, kernel, stride, padding
     f = lambda x, w: models.conv2d(x, w, stride, padding, impl)
     return f(x, w), jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), argnums=(0, 1))(x, w)
 
-  (out_lax, grads_lax), (out_im2col, grads_im2col) = jax.jit(
-      lambda: (run('lax'), run('im2col')))()
+  (out_lax, grads_lax), *others = jax.jit(lambda: (run('lax'), run('im2col'), run('tapgrad')))()
   chex.assert_shape(out_lax, (shape[0], *hw, 4))
-  np.testing.assert_allclose(out_im2col, out_lax, rtol=1e-5, atol=1e-5)
-  for g_im2col, g_lax in zip(grads_im2col, grads_lax):
-    np.testing.assert_allclose(g_im2col, g_lax, rtol=1e-5, atol=1e-5)
+  for out, grads in others:
+    np.testing.assert_allclose(out, out_lax, rtol=1e-5, atol=1e-5)
+    for g, g_lax in zip(grads, grads_lax):
+      np.testing.assert_allclose(g, g_lax, rtol=1e-5, atol=1e-5)
 
 
 def test_symmetric_padding_is_torch_padding(key):
@@ -230,7 +230,7 @@ def _assert_close_relative_to_scale(actual, expected, rtol=1e-5):
 
 
 @pytest.mark.parametrize('name', ['vgg11', 'resnet18', 'asp_resnet'])
-def test_whole_model_im2col_matches_lax(name, key):
+def test_whole_model_conv_impls_match_lax(name, key):
   spec = TINY_SPECS[name]
   params, batch_stats = models.init_params(spec, key)
   x = _normal(1, (3, *spec.input_shape))
@@ -245,8 +245,10 @@ def test_whole_model_im2col_matches_lax(name, key):
 
     return jax.value_and_grad(loss, has_aux=True)(params)
 
-  out_lax, out_im2col = jax.jit(lambda: (loss_and_grad('lax'), loss_and_grad('im2col')))()
+  out_lax, out_im2col, out_tapgrad = jax.jit(
+      lambda: (loss_and_grad('lax'), loss_and_grad('im2col'), loss_and_grad('tapgrad')))()
   _assert_close_relative_to_scale(out_im2col, out_lax)
+  _assert_close_relative_to_scale(out_tapgrad, out_lax)
 
 
 # ----------------------------------------------------------------------------
