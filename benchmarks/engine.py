@@ -186,7 +186,7 @@ def main(argv=None):
   cohorts = [int(c) for c in args.cohorts.split(",")] if args.cohorts else (
       [1, 8, 32, 128, 512] if backend != "cpu" else [1, 8, 32, 128])
   if args.smoke:
-    cohorts, args.steps, args.batch, args.repeats = [1, 4], 2, 8, 1
+    cohorts, args.steps, args.batch, args.repeats = [2], 2, 8, 1
   specs = {
       "leaf_femnist_cnn": models.leaf_femnist_cnn() if not args.smoke else models.leaf_femnist_cnn(widths=(4, 8), dense_width=32),
       "mlp": models.mlp(input_shape=(28, 28, 1), hidden=(200, 200), num_classes=62),

@@ -8,6 +8,6 @@ from fedjax_prune.federated._engine import (CLIENT_AXIS, Chunked, ClientInfo, Cl
 from fedjax_prune.federated._evaluate import EvalSums, make_evaluate, make_evaluate_clients
 from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks, fedadam, fedavg,
                                             fedavgm, fedprox, fedyogi)
-from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalState, batch_indices,
+from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalState, batch_indices, epoch_permutations,
                                            make_local_train, proximal_penalty, softmax_cross_entropy)
 from fedjax_prune.federated._strategy import (Strategy, candidate_strategies, select_strategy)

@@ -84,19 +84,37 @@ def _epoch_permutation(key: PRNGKey, num_examples: jax.Array, max_examples: int)
   return jnp.argsort(jnp.where(valid, noise, 2.0))
 
 
+def epoch_permutations(key: PRNGKey, num_examples: jax.Array, max_examples: int,
+                       schedule: LocalSchedule) -> jax.Array | None:
+  """[num_epochs, E] permutations drawn once before the step loop (epochs mode).
+
+  Drawing them per step cost ~E hashes and a sort every step, which dominated
+  small models; returns None in num_steps mode (permutations drawn per step).
+  """
+  if schedule.num_steps is not None:
+    return None
+  return jax.vmap(lambda e: _epoch_permutation(jax.random.fold_in(key, e), num_examples, max_examples))(
+      jnp.arange(schedule.num_epochs))
+
+
 def batch_indices(key: PRNGKey, step: jax.Array, num_examples: jax.Array, max_examples: int,
-                  schedule: LocalSchedule) -> tuple[jax.Array, jax.Array]:
+                  schedule: LocalSchedule, permutations: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
   """Example indices [B] and validity mask [B] of local step `step`.
 
   Epoch e uses the permutation drawn from fold_in(key, e), so the batches of a
   client depend only on its key, never on which other clients share the round.
+  `permutations` (from `epoch_permutations`) avoids redrawing them every step.
   """
   batch = schedule.batch_size
   offsets = jnp.arange(batch)
   if schedule.num_steps is None:
     steps_per_epoch = schedule.steps_per_epoch(max_examples)
     epoch, within = step // steps_per_epoch, step % steps_per_epoch
-    perm = _epoch_permutation(jax.random.fold_in(key, epoch), num_examples, max_examples)
+    if permutations is None:
+      perm = _epoch_permutation(jax.random.fold_in(key, epoch), num_examples, max_examples)
+    else:
+      perm = permutations[epoch]
     positions = within * batch + offsets
     mask = positions < num_examples
     return perm[jnp.minimum(positions, max_examples - 1)], mask
@@ -173,9 +191,12 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
 
     grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
+    permutations = epoch_permutations(shuffle_key, data.num_examples, max_examples, schedule)
+
     def train_step(carry, step):
       state, metrics = carry
-      idx, mask = batch_indices(shuffle_key, step, data.num_examples, max_examples, schedule)
+      idx, mask = batch_indices(shuffle_key, step, data.num_examples, max_examples, schedule,
+                                permutations)
       x, y = data.x[idx], data.y[idx]
       if train_transform is not None:
         x = train_transform(x, jax.random.fold_in(augment_key, step))

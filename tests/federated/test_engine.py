@@ -200,6 +200,9 @@ def test_batches_visit_each_real_example_once_per_epoch(num_steps):
   seen = []
   for s in range(total):
     idx, mask = federated.batch_indices(key, jnp.asarray(s), jnp.asarray(n), max_e, schedule)
+    perms = federated.epoch_permutations(key, jnp.asarray(n), max_e, schedule)
+    idx2, mask2 = federated.batch_indices(key, jnp.asarray(s), jnp.asarray(n), max_e, schedule, perms)
+    np.testing.assert_array_equal(idx, idx2); np.testing.assert_array_equal(mask, mask2)
     seen.extend(np.asarray(idx)[np.asarray(mask)].tolist())
   assert all(i < n for i in seen)
   if num_steps is None:
