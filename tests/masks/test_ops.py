@@ -50,7 +50,11 @@ def test_check_accepts_valid_masks_eagerly_and_under_jit(params):
   m = _mixed_masks(params)
   masks.check(params, m)
   masks.check(params, masks.ones_like(params, full=True))
-  jax.jit(lambda p, mm: (masks.check(p, mm), masks.apply(p, mm))[1])(params, m)
+  jitted = jax.jit(lambda p, mm: (masks.check(p, mm), masks.apply(p, mm))[1])(params, m)
+  for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(masks.apply(params, m))):
+    np.testing.assert_array_equal(a, b)
+  assert masks.count_kept(masks.ones_like(params, full=True), params) == sum(
+      x.size for x in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize(
