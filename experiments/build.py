@@ -125,13 +125,6 @@ class Data(NamedTuple):
   description: str
 
 
-def _pool(d: data_lib.ClientData):
-  n = np.asarray(d.num_examples)
-  xs = np.concatenate([np.asarray(d.x[k, :n[k]]) for k in range(len(n))])
-  ys = np.concatenate([np.asarray(d.y[k, :n[k]]) for k in range(len(n))])
-  return xs, ys
-
-
 def build_data(config) -> Data:
   name = config.data.name
   if name == "synthetic":
@@ -153,7 +146,7 @@ def build_data(config) -> Data:
     train, test = fd.train, fd.test
     num_classes, input_shape = fd.num_classes, tuple(fd.input_shape)
     normalize, desc = fd.normalize_fn, fd.description
-  test_x, test_y = _pool(test)
+  test_x, test_y = data_lib.pool(test)
   return Data(data_lib.to_device(train), data_lib.to_device(test), jnp.asarray(test_x),
               jnp.asarray(test_y), num_classes, input_shape, normalize, desc)
 

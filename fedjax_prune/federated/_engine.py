@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fedjax_prune.data import ClientData, client_slice
+from fedjax_prune.data import ClientData, client_slice, pad_cohort
 from fedjax_prune.types import PRNGKey, PyTree
 
 CLIENT_AXIS = "clients"
@@ -69,16 +69,12 @@ def make_cohort(client_ids, *, capacity=None, multiple: int = 1) -> Cohort:
   ids = np.asarray(client_ids, np.int32).reshape(-1)
   if ids.size == 0:
     raise ValueError("empty cohort: a round needs at least one client")
-  if multiple < 1:
-    raise ValueError(f"multiple must be >= 1, got {multiple}")
   cap = np.ones(ids.shape, np.float32) if capacity is None else np.asarray(capacity, np.float32)
   if cap.shape != ids.shape:
     raise ValueError(f"capacity has shape {cap.shape}, expected {ids.shape} (one per client)")
-  pad = (-ids.size) % multiple
-  active = np.concatenate([np.ones(ids.size, bool), np.zeros(pad, bool)])
-  ids = np.concatenate([ids, np.full(pad, ids[0], np.int32)])
-  cap = np.concatenate([cap, np.ones(pad, np.float32)])
-  return Cohort(ids, active, cap)
+  padded_ids, active = pad_cohort(ids, multiple)
+  cap = np.concatenate([cap, np.ones(padded_ids.size - ids.size, np.float32)])
+  return Cohort(padded_ids, active, cap)
 
 
 class ClientOutput(NamedTuple):
