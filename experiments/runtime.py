@@ -1,0 +1,206 @@
+"""What every method's experiment driver shares: the run environment.
+
+A method driver lives in `experiments/methods/<method>.py` and exposes
+
+  validate(config) -> None          # its own config fields; raises build.ConfigError
+  run(config, env: Env) -> dict     # runs all rounds; returns the summary dict
+
+`train.train_and_evaluate` validates the config, prepares the workdir, builds the
+data and the `Env`, dispatches on `config.method`, and writes `summary.json`.
+A driver writes one metrics record per round with `env.metrics.write(record)`,
+saves its state with `env.checkpoint.save(...)` every `config.checkpoint_every`
+rounds, and on start asks `env.checkpoint.restore(...)` whether to resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any, Callable, NamedTuple, Protocol
+
+import jax
+import numpy as np
+
+from experiments import build
+from fedjax_prune import data as data_lib
+from fedjax_prune import federated
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON through a temporary file and a rename, so readers never see half a file."""
+  directory = os.path.dirname(path) or "."
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=1, sort_keys=True, default=jsonable)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def jsonable(x):
+  if isinstance(x, (np.generic, jax.Array, np.ndarray)):
+    return np.asarray(x).tolist()
+  if isinstance(x, tuple):
+    return list(x)
+  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+class MetricsWriter:
+  """Appends one JSON object per round to `<workdir>/metrics.jsonl` (flushed each write)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._file = open(path, "a")
+
+  def write(self, record: dict) -> None:
+    self._file.write(json.dumps(record, default=jsonable) + "\n")
+    self._file.flush()
+
+  def truncate_to_round(self, num_rounds: int) -> None:
+    """Drops records of rounds after `num_rounds` (used when resuming from a checkpoint)."""
+    self._file.close()
+    kept = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:
+            break  # a line cut short by a kill: drop it and everything after
+          if record.get("round", 0) <= num_rounds:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path) or ".", prefix=".tmp_")
+    with os.fdopen(fd, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+    self._file = open(self.path, "a")
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class Checkpointer(Protocol):
+  """Saves and restores a driver's state (see fedjax_prune.checkpoint for the orbax one)."""
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Saves `state` (a pytree of arrays) and `meta` (JSON: spec, host-side state) as `step`."""
+
+  def restore(self, template_fn: Callable[[dict], Any]) -> tuple[int, Any, dict] | None:
+    """Latest checkpoint as (step, state, meta), or None. `template_fn(meta)` gives a pytree
+    with the state's structure, shapes and dtypes (shapes may depend on meta, e.g. a spec)."""
+
+
+class NoCheckpoints:
+  """Checkpointer that keeps nothing (config.checkpoint_every == 0)."""
+
+  def save(self, step, state, meta):
+    del step, state, meta
+
+  def restore(self, template_fn):
+    del template_fn
+    return None
+
+
+class Env(NamedTuple):
+  """The environment a method driver runs in."""
+  config: Any
+  workdir: str
+  data: build.Data
+  mesh: Any                      # jax Mesh over local devices, or None
+  cohort_multiple: int           # cohorts are padded to a multiple of this (device count)
+  metrics: MetricsWriter
+  checkpoint: Any                # a Checkpointer
+  log: Callable[[str], None]
+
+
+def cohort_for(env: Env, round_idx: int, *, clients_per_round: int | None = None) -> federated.Cohort:
+  """The cohort of round `round_idx`: uniform without replacement, seeded by (sampling seed, round)."""
+  num_clients = env.data.train.num_clients
+  k = clients_per_round or env.config.clients_per_round
+  ids = data_lib.sample_uniform(num_clients, k, env.config.seeds.sampling, round_idx)
+  return federated.make_cohort(ids, multiple=env.cohort_multiple)
+
+
+def make_evaluator(env: Env, apply_fn: Callable) -> Callable[[Any, Any], dict]:
+  """Returns eval(params, batch_stats) -> {test_accuracy, test_loss, local_accuracy_mean, _p10}.
+
+  Global = the central test set (union of the clients' test sets); local = each
+  client's own test set, averaged over clients.
+  """
+  batch_size = env.config.eval_batch_size
+  central = jax.jit(federated.make_evaluate(apply_fn, batch_size=batch_size))
+  per_client = jax.jit(federated.make_evaluate_clients(apply_fn, batch_size=batch_size))
+  data = env.data
+
+  def evaluate(params, batch_stats) -> dict:
+    c = central(params, batch_stats, data.test_x, data.test_y).means()
+    local = per_client(params, batch_stats, data.test_clients)
+    n = np.asarray(local.num_examples)
+    acc = np.asarray(local.correct_sum)[n > 0] / n[n > 0]
+    return {"test_accuracy": float(c["accuracy"]), "test_loss": float(c["loss"]),
+            "local_accuracy_mean": float(acc.mean()),
+            "local_accuracy_p10": float(np.percentile(acc, 10))}
+
+  return evaluate
+
+
+def round_record(metrics: dict, round_idx: int, start_time: float) -> dict:
+  """Host copy of a round's metrics (one device->host transfer) plus round number and wall time.
+
+  Raises FloatingPointError naming the round when the round reported non-finite values.
+  """
+  record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  record.update(round=round_idx + 1, wall_time=time.perf_counter() - start_time)
+  finite = record.pop("finite", 1.0)
+  if not finite:
+    raise FloatingPointError(
+        f"training diverged at round {round_idx + 1}: the loss or the parameters are not finite "
+        f"(train_loss={record.get('train_loss')}); lower the client learning rate")
+  return record
+
+
+def progress_bar(total: int, enabled: bool, initial: int = 0):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, desc="rounds", unit="round")
+
+
+def choose_strategy(env: Env, spec, params, batch_stats,
+                    algorithm_for: Callable[[Callable, federated.LocalSchedule], federated.FedAlgorithm],
+                    cohort: federated.Cohort) -> tuple[federated.Strategy, dict]:
+  """Client-execution strategy: `config.strategy` by name, or 'auto' = time a 2-step round
+  of each candidate (result cached on disk per model/cohort/batch shape).
+
+  Args:
+    algorithm_for: (apply_fn, schedule) -> FedAlgorithm whose `init(params, key,
+      batch_stats=...)` builds a server state for `params`.
+  Returns:
+    (strategy, timings in seconds per candidate; {} when named).
+  """
+  config = env.config
+  if config.strategy != "auto":
+    return federated.Strategy.from_name(config.strategy), {}
+  short = federated.LocalSchedule(batch_size=config.client.batch_size, num_steps=2)
+
+  def run_round_for(strategy):
+    apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl)
+    alg = algorithm_for(apply_fn, short)
+    round_fn = federated.make_round(alg, execution=strategy.execution, mesh=env.mesh)
+    state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
+
+    def run():
+      jax.block_until_ready(round_fn(state, env.data.train, cohort, jax.random.key(1)))
+
+    return run
+
+  candidates = federated.candidate_strategies(cohort_size=len(cohort.client_ids),
+                                              has_conv=build.has_conv(spec))
+  cache_path = config.strategy_cache or build.default_strategy_cache()
+  key = (f"{spec!r}|C={len(cohort.client_ids)}|B={config.client.batch_size}"
+         f"|E={env.data.train.max_examples}|{jax.default_backend()}")
+  env.log(f"calibrating client execution over {len(candidates)} strategies (cached in {cache_path})")
+  return federated.select_strategy(run_round_for, candidates, cache_path=cache_path,
+                                   cache_key=key, log=env.log)
