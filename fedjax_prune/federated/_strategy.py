@@ -20,34 +20,50 @@ from typing import Callable, Sequence
 import jax
 
 from fedjax_prune.federated._engine import Chunked, Execution, Sequential, Vmap
+from fedjax_prune.federated._local import LocalSchedule
 
 CONV_IMPLS = ("lax", "im2col", "tapgrad")
 
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-  """A client-execution strategy: how clients are mapped, and how convs are lowered."""
+  """A client-execution strategy: how clients are mapped, how convs are lowered, and
+  how many local steps one iteration of the step loop runs (`LocalSchedule.unroll`;
+  apply it with `strategy.schedule(schedule)`)."""
   execution: Execution
   conv_impl: str = "lax"
+  unroll: int = 1
 
   def __post_init__(self):
     if self.conv_impl not in CONV_IMPLS:
       raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
+    if not isinstance(self.unroll, int) or self.unroll < 1:
+      raise ValueError(f"unroll must be an int >= 1, got {self.unroll!r}")
 
   @property
   def name(self) -> str:
     ex = self.execution
     label = {Vmap: "vmap", Sequential: "sequential"}.get(type(ex), f"chunked{getattr(ex, 'size', '')}")
-    return f"{label}+{self.conv_impl}"
+    return f"{label}+{self.conv_impl}" + (f"+unroll{self.unroll}" if self.unroll > 1 else "")
+
+  def schedule(self, schedule: LocalSchedule) -> LocalSchedule:
+    """`schedule` with this strategy's step unrolling (results are unchanged)."""
+    return dataclasses.replace(schedule, unroll=self.unroll)
 
   @classmethod
   def from_name(cls, name: str) -> "Strategy":
-    """Inverse of `name`, e.g. 'sequential+lax', 'vmap+im2col', 'chunked8+im2col'."""
+    """Inverse of `name`, e.g. 'sequential+lax', 'vmap+im2col', 'chunked8+im2col',
+    'sequential+tapgrad+unroll4'."""
+    parts = name.split("+")
+    unroll = 1
+    if len(parts) == 3 and parts[2].startswith("unroll") and parts[2][6:].isdigit():
+      unroll = int(parts[2][6:])
+      parts = parts[:2]
     try:
-      label, conv_impl = name.split("+")
+      label, conv_impl = parts
     except ValueError:
-      raise ValueError(f"strategy name {name!r} must look like 'sequential+lax', 'vmap+im2col' "
-                       "or 'chunked8+im2col'") from None
+      raise ValueError(f"strategy name {name!r} must look like 'sequential+lax', 'vmap+im2col', "
+                       "'chunked8+im2col' or 'sequential+tapgrad+unroll4'") from None
     if label == "vmap":
       execution = Vmap()
     elif label == "sequential":
@@ -56,7 +72,7 @@ class Strategy:
       execution = Chunked(int(label[7:]))
     else:
       raise ValueError(f"unknown execution {label!r} in strategy name {name!r}")
-    return cls(execution, conv_impl)
+    return cls(execution, conv_impl, unroll)
 
 
 def candidate_strategies(*, cohort_size: int, has_conv: bool, backend: str | None = None,
@@ -76,6 +92,8 @@ def candidate_strategies(*, cohort_size: int, has_conv: bool, backend: str | Non
     # 'lax' convolutions lose XLA:CPU's fast path inside loop bodies (their
     # gradients), so in-graph loops use 'tapgrad' (same values) or 'im2col'.
     out += [Strategy(Sequential(), impl) for impl in (("tapgrad", "im2col") if has_conv else ("lax",))]
+    if has_conv:  # unrolled steps skip XLA:CPU's per-iteration parameter copies (LocalSchedule.unroll)
+      out.append(Strategy(Sequential(), "tapgrad", unroll=4))
     if not has_conv:
       out.append(Strategy(Vmap(), "lax"))
       out += [Strategy(Chunked(c), "lax") for c in (8, 32) if c < cohort_size]

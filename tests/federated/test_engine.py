@@ -243,3 +243,18 @@ def test_bad_inputs_give_clear_errors():
     federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE, prox_mu=-1.0)
   with pytest.raises(ValueError, match="zero examples"):
     from_client_lists([np.zeros((0, 2))], [np.zeros((0,))])
+
+
+def test_unrolled_local_steps_give_the_same_round():
+  apply_fn, params, data = _problem()
+  rolled = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  strategy = federated.Strategy.from_name("sequential+lax+unroll3")
+  assert strategy.unroll == 3 and strategy.name == "sequential+lax+unroll3"
+  unrolled = federated.fedavg(apply_fn, optax.sgd(0.1), strategy.schedule(SCHEDULE))
+  a, metrics_a = _run(rolled, params, data, [0, 1, 2], federated.Sequential())
+  b, metrics_b = _run(unrolled, params, data, [0, 1, 2], federated.Sequential())
+  testing.assert_trees_close(b.params, a.params, rtol=1e-6, atol=1e-7)
+  for k in metrics_a:
+    np.testing.assert_allclose(metrics_b[k], metrics_a[k], rtol=1e-6)
+  with pytest.raises(ValueError, match="unroll"):
+    federated.LocalSchedule(batch_size=2, unroll=0)
