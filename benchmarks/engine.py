@@ -2,60 +2,53 @@
 
 Prints a table and writes JSON. All ratios come from one run on one machine.
 
-  python benchmarks/engine.py                       # LEAF FEMNIST CNN + MLP, cohorts 1,8,32,128
+  python benchmarks/engine.py                       # LEAF FEMNIST CNN + MLP + logistic, cohorts 1,8,32,128
   python benchmarks/engine.py --smoke               # tiny shapes, seconds (CI)
-  python benchmarks/engine.py --cohorts 8,32,128,512 --model leaf_femnist_cnn   # GPU
+  python benchmarks/engine.py --models leaf_femnist_cnn,resnet18 --cohorts 8,32,128,512,1024   # GPU
 
 Workload: FedAvg, plain SGD (lr 0.01), batch B, S local steps per client on
 random data (every step real), one round = all cohort clients + aggregation.
 The per-client loop baseline is what the papers' code does: for each client,
 copy the server model and call a jitted SGD step S times from Python (data
 already on device and pre-sliced, so the loop pays only dispatch), then
-average; it is run with both conv lowerings and the faster one is the baseline.
-Achieved GFLOP/s = 3 x forward FLOPs (accounting.training_flops) / time, next
-to a large f32 matmul measured in the same run.
+average; it is run with each conv lowering in `--loop-impls` and the fastest
+is the baseline. Achieved GFLOP/s = 3 x forward FLOPs
+(accounting.training_flops) / time, next to a large matmul measured in the same
+run under the same matmul precision (and under 'highest', true f32).
+
+Knobs (GPU): `--precision` (matmul precision while tracing: default,
+highest, tensorfloat32, bfloat16), `--donate` (donate the server state to the
+round), `--remat` (jax.checkpoint around the model: fewer saved activations).
+Rounds are chained (each round gets the previous round's state), as in training.
+`first_s - round_s` is the compile time of that entry. An entry that runs out
+of device memory is recorded with `status: "oom"` instead of a time.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
+import _common  # noqa: E402
+from _common import matmul_ceiling  # noqa: E402,F401  (kept: tests and callers import it from here)
 from fedjax_prune import accounting, federated, models  # noqa: E402
 from fedjax_prune.data import ClientData  # noqa: E402
 
 
-def matmul_ceiling(n: int, repeats: int = 5) -> float:
-  """GFLOP/s of an n x n f32 matmul (the machine's practical ceiling)."""
-  a = jax.random.normal(jax.random.key(0), (n, n))
-  f = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(f(a))
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter(); jax.block_until_ready(f(a)); ts.append(time.perf_counter() - t)
-  return 2 * n ** 3 / min(ts) / 1e9
-
-
 def _time(fn, repeats: int) -> float:
-  fn()  # compile / warm up
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
+  return _common.time_call(fn, repeats)[1]
 
 
 def make_data(spec, cohort: int, steps: int, batch: int, num_classes: int) -> ClientData:
+  """Random data of `cohort` clients with exactly `steps` full batches each."""
   n = steps * batch
   x = jax.random.uniform(jax.random.key(1), (cohort, n) + tuple(spec.input_shape))
   y = jax.random.randint(jax.random.key(2), (cohort, n), 0, num_classes)
@@ -63,18 +56,20 @@ def make_data(spec, cohort: int, steps: int, batch: int, num_classes: int) -> Cl
 
 
 def loop_round_time(spec, params, data: ClientData, steps: int, batch: int, conv_impl: str,
-                    repeats: int) -> float:
+                    repeats: int, batch_stats=None) -> tuple[float, float]:
+  """(first, median) seconds of one FedAvg round as a Python loop over clients."""
   apply_fn = models.make_apply(spec, conv_impl=conv_impl)
   opt = optax.sgd(0.01)
+  batch_stats = {} if batch_stats is None else batch_stats
 
   @jax.jit
-  def step(p, o, x, y):
+  def step(p, s, o, x, y):
     def loss(p):
-      logits, _ = apply_fn(p, {}, x, train=True)
-      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-    g = jax.grad(loss)(p)
+      logits, new_s = apply_fn(p, s, x, train=True)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), new_s
+    g, s = jax.grad(loss, has_aux=True)(p)
     u, o = opt.update(g, o, p)
-    return optax.apply_updates(p, u), o
+    return optax.apply_updates(p, u), s, o
 
   add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
   scale = jax.jit(lambda a, s: jax.tree.map(lambda x: x * s, a))
@@ -86,13 +81,13 @@ def loop_round_time(spec, params, data: ClientData, steps: int, batch: int, conv
   def run():
     total = None
     for c in range(cohort):
-      p, o = params, opt.init(params)
+      p, s, o = params, batch_stats, opt.init(params)
       for x, y in batches[c]:
-        p, o = step(p, o, x, y)
-      total = p if total is None else add(total, p)
-    jax.block_until_ready(scale(total, 1.0 / cohort))
+        p, s, o = step(p, s, o, x, y)
+      total = (p, s) if total is None else add(total, (p, s))
+    return scale(total, 1.0 / cohort)
 
-  return _time(run, repeats)
+  return _common.time_call(run, repeats)
 
 
 def flax_linen_loop_round_time(data: ClientData, steps: int, batch: int, repeats: int) -> float:
@@ -129,47 +124,143 @@ def flax_linen_loop_round_time(data: ClientData, steps: int, batch: int, repeats
       for x, y in client_batches:
         p, o = step(p, o, x, y)
       total = p if total is None else add(total, p)
-    jax.block_until_ready(total)
+    return total
 
   return _time(run, repeats)
 
 
-def engine_round_time(spec, params, data, steps, batch, strategy, repeats) -> float:
+def engine_round_time(spec, params, data, steps, batch, strategy, repeats, *, batch_stats=None,
+                      donate: bool = False, remat: bool = False) -> tuple[float, float]:
+  """(first, median) seconds of one compiled engine round; rounds are chained."""
+  del steps  # the schedule (1 epoch of `steps` full batches) follows from the data
   apply_fn = models.make_apply(spec, conv_impl=strategy.conv_impl)
-  alg = federated.fedavg(apply_fn, optax.sgd(0.01), federated.LocalSchedule(batch_size=batch))
-  round_fn = federated.make_round(alg, execution=strategy.execution)
-  state = alg.init(params, jax.random.key(0))
+  if remat:
+    apply_fn = _common.remat_apply(apply_fn)
+  schedule = federated.LocalSchedule(batch_size=batch)
+  if hasattr(strategy, "schedule"):  # strategies may carry a step-loop unroll (same results)
+    schedule = strategy.schedule(schedule)
+  alg = federated.fedavg(apply_fn, optax.sgd(0.01), schedule)
+  round_fn = federated.make_round(alg, execution=strategy.execution, donate=donate)
+  state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
+  if donate:  # the round deletes what it is given: never hand it the shared initial params
+    state = jax.tree.map(jnp.copy, state)
   cohort = federated.make_cohort(np.arange(data.x.shape[0]))
-  return _time(lambda: jax.block_until_ready(round_fn(state, data, cohort, jax.random.key(3))), repeats)
+  holder = [state]
+
+  def run():
+    holder[0], _ = round_fn(holder[0], data, cohort, jax.random.key(3))
+    return holder[0]
+
+  return _common.time_call(run, repeats)
 
 
-def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log):
-  _, params, _ = models.build(spec, jax.random.key(0))
+def _strategies(arg: str, cohort: int, has_conv: bool) -> list[federated.Strategy]:
+  if arg == "auto":
+    return federated.candidate_strategies(cohort_size=cohort, has_conv=has_conv)
+  out = []
+  for name in arg.split(","):
+    s = federated.Strategy.from_name(name)
+    if not has_conv and s.conv_impl != "lax":
+      continue  # conv lowerings mean nothing without convs
+    if isinstance(s.execution, federated.Chunked) and s.execution.size >= cohort and cohort > 1:
+      continue  # same program as vmap
+    if s not in out:
+      out.append(s)
+  return out
+
+
+def _measure(fn):
+  """Runs a timing closure; returns (first, median, status)."""
+  try:
+    first, med = fn()
+    return first, med, "ok"
+  except Exception as e:  # noqa: BLE001 -- an OOM or a failure in one entry must not end the run
+    status = "oom" if _common.is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}"
+    return None, None, status
+
+
+def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *, strategies="auto",
+                loop_impls=None, max_loop_cohort=None, donate=False, remat=False, deadline=None,
+                ceiling=None, on_rows=None, flax_ref=True):
+  _, params, batch_stats = models.build(spec, jax.random.key(0))
   step_flops = accounting.training_flops(spec, batch)
+  has_conv = not isinstance(spec, models.MLPSpec)
+  if loop_impls is None:
+    loop_impls = ("lax", "im2col", "tapgrad") if has_conv else ("lax",)
+  loop_impls = [i for i in loop_impls if has_conv or i == "lax"]
   rows = []
   for cohort in cohorts:
     data = make_data(spec, cohort, steps, batch, num_classes)
     client_steps = cohort * steps
-    has_conv = not isinstance(spec, models.MLPSpec)
     entries = {}
-    for impl in (("lax", "im2col", "tapgrad") if has_conv else ("lax",)):
-      entries[f"loop+{impl}"] = loop_round_time(spec, params, data, steps, batch, impl, repeats)
-    if name == "leaf_femnist_cnn" and spec == models.leaf_femnist_cnn():
-      entries["loop_flax_linen_ref"] = flax_linen_loop_round_time(data, steps, batch, repeats)
-    for strategy in federated.candidate_strategies(cohort_size=cohort, has_conv=has_conv):
-      entries[strategy.name] = engine_round_time(spec, params, data, steps, batch, strategy, repeats)
-    loop_best = min(v for k, v in entries.items() if k.startswith("loop+"))
-    flax_ref = entries.get("loop_flax_linen_ref")
-    engine_best_name = min((k for k in entries if not k.startswith("loop")), key=entries.get)
-    for k, t in entries.items():
-      row = dict(model=name, cohort=cohort, strategy=k, round_s=t, client_steps_per_s=client_steps / t,
-                 gflops=step_flops * client_steps / t / 1e9, speedup_vs_best_loop=loop_best / t,
-                 speedup_vs_flax_linen_loop=(flax_ref / t) if flax_ref else None,
+    over = lambda: deadline is not None and time.time() > deadline
+    if max_loop_cohort is None or cohort <= max_loop_cohort:
+      for impl in loop_impls:
+        entries[f"loop+{impl}"] = (_measure(lambda: loop_round_time(
+            spec, params, data, steps, batch, impl, repeats, batch_stats)) if not over()
+                                   else (None, None, "skipped: time budget"))
+      if (flax_ref and name == "leaf_femnist_cnn" and spec == models.leaf_femnist_cnn()
+          and "lax" in loop_impls):
+        t = flax_linen_loop_round_time(data, steps, batch, repeats) if not over() else None
+        entries["loop_flax_linen_ref"] = (None, t, "ok" if t else "skipped: time budget")
+    for strategy in _strategies(strategies, cohort, has_conv):
+      entries[strategy.name] = (_measure(lambda: engine_round_time(
+          spec, params, data, steps, batch, strategy, repeats, batch_stats=batch_stats,
+          donate=donate, remat=remat)) if not over() else (None, None, "skipped: time budget"))
+    ok = {k: v[1] for k, v in entries.items() if v[2] == "ok"}
+    loops = [v for k, v in ok.items() if k.startswith("loop+")]
+    loop_best = min(loops) if loops else None
+    flax_ref = ok.get("loop_flax_linen_ref")
+    engine_ok = [k for k in ok if not k.startswith("loop")]
+    engine_best_name = min(engine_ok, key=ok.get) if engine_ok else None
+    for k, (first, t, status) in entries.items():
+      row = dict(model=name, cohort=cohort, strategy=k, status=status, round_s=t,
+                 first_s=first, compile_s=(first - t) if (first is not None and t) else None,
+                 rounds_per_s=(1 / t) if t else None,
+                 client_steps_per_s=(client_steps / t) if t else None,
+                 gflops=(step_flops * client_steps / t / 1e9) if t else None,
+                 speedup_vs_best_loop=(loop_best / t) if (t and loop_best) else None,
+                 speedup_vs_flax_linen_loop=(flax_ref / t) if (t and flax_ref) else None,
                  best_engine=(k == engine_best_name))
+      row["pct_of_ceiling"] = (100 * row["gflops"] / ceiling) if (row["gflops"] and ceiling) else None
       rows.append(row)
-      log(f"{name:18s} {cohort:5d} {k:20s} {t * 1e3:10.1f} {client_steps / t:12.1f} "
-          f"{row['gflops']:8.1f} {row['speedup_vs_best_loop']:7.2f}{'  *' if row['best_engine'] else ''}")
+      if t:
+        log(f"{name:18s} {cohort:5d} {k:20s} {t * 1e3:10.1f} {client_steps / t:12.1f} "
+            f"{row['gflops']:9.1f} {row['pct_of_ceiling'] or 0:6.1f}% "
+            f"{row['speedup_vs_best_loop'] or float('nan'):8.2f} {row['compile_s'] or 0:7.1f}s"
+            f"{'  *' if row['best_engine'] else ''}")
+      else:
+        log(f"{name:18s} {cohort:5d} {k:20s} {status}")
+    if on_rows is not None:
+      on_rows(rows)
   return rows
+
+
+def model_specs(smoke: bool) -> dict:
+  """The benchmark's models by name (tiny versions in smoke mode)."""
+  return {
+      "leaf_femnist_cnn": (models.leaf_femnist_cnn() if not smoke
+                           else models.leaf_femnist_cnn(widths=(4, 8), dense_width=32)),
+      # CIFAR ResNet-18 (11.2 M params, BatchNorm with running statistics).
+      "resnet18": (models.resnet18() if not smoke
+                   else models.resnet18(width_multiplier=1 / 16, input_shape=(16, 16, 3))),
+      "mlp": models.mlp(input_shape=(28, 28, 1), hidden=(200, 200), num_classes=62),
+      # Dispatch-bound: FedProx Synthetic-sized logistic regression (60 features, 10 classes).
+      "logistic": models.mlp(input_shape=(60,), hidden=(), num_classes=10),
+  }
+
+
+def _per_model(arg: str) -> dict[str, str]:
+  """'a=1,2;b=3' -> {'a': '1,2', 'b': '3'}."""
+  out = {}
+  for part in filter(None, arg.split(";")):
+    name, _, value = part.partition("=")
+    out[name.strip()] = value.strip()
+  return out
+
+
+COLUMNS = f"{'model':18s} {'C':>5s} {'strategy':20s} {'ms/round':>10s} {'cl-steps/s':>12s} " \
+          f"{'GFLOP/s':>9s} {'%ceil':>7s} {'vs loop':>8s} {'compile':>8s}"
 
 
 def main(argv=None):
@@ -179,40 +270,67 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=4, help="local steps per client")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--strategies", default="auto",
+                      help="'auto' (federated.candidate_strategies) or names like vmap+lax,chunked32+lax")
+  parser.add_argument("--loop-impls", default="", help="conv lowerings of the loop baseline (default: all on "
+                      "CPU, lax on accelerators)")
+  parser.add_argument("--max-loop-cohort", type=int, default=0, help="skip the loop baseline above this")
+  parser.add_argument("--precision", default="default", choices=_common.PRECISIONS)
+  parser.add_argument("--donate", action="store_true", help="donate the server state to the round")
+  parser.add_argument("--remat", action="store_true", help="jax.checkpoint around the model")
+  parser.add_argument("--no-flax-ref", action="store_true", help="skip the flax.linen loop reference")
+  parser.add_argument("--model-cohorts", default="", help="per-model cohorts, e.g. 'resnet18=8,64;mlp=8'")
+  parser.add_argument("--model-strategies", default="",
+                      help="per-model strategies, e.g. 'resnet18=vmap+lax,chunked16+lax'")
+  parser.add_argument("--time-budget", type=float, default=0,
+                      help="seconds per model; entries not started by then are skipped (recorded as such)")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes for CI")
   parser.add_argument("--out", default="")
+  parser.add_argument("--out-dir", default="")
+  parser.add_argument("--tag", default="", help="suffix of the default output name")
   args = parser.parse_args(argv)
   backend = jax.default_backend()
   cohorts = [int(c) for c in args.cohorts.split(",")] if args.cohorts else (
-      [1, 8, 32, 128, 512] if backend != "cpu" else [1, 8, 32, 128])
+      [8, 32, 128, 512, 1024] if backend != "cpu" else [1, 8, 32, 128])
   if args.smoke:
     cohorts, args.steps, args.batch, args.repeats = [2], 2, 8, 1
-  specs = {
-      "leaf_femnist_cnn": models.leaf_femnist_cnn() if not args.smoke else models.leaf_femnist_cnn(widths=(4, 8), dense_width=32),
-      "mlp": models.mlp(input_shape=(28, 28, 1), hidden=(200, 200), num_classes=62),
-      # Dispatch-bound: FedProx Synthetic-sized logistic regression (60 features, 10 classes).
-      "logistic": models.mlp(input_shape=(60,), hidden=(), num_classes=10),
-  }
-  ceiling = matmul_ceiling(2048 if backend == "cpu" and not args.smoke else (256 if args.smoke else 8192))
-  print(f"backend={backend} devices={jax.devices()} jax={jax.__version__}")
-  print(f"matmul ceiling: {ceiling:.1f} GFLOP/s (f32)")
-  print(f"{'model':18s} {'C':>5s} {'strategy':20s} {'ms/round':>10s} {'cl-steps/s':>12s} {'GFLOP/s':>8s} {'vs loop':>7s}")
-  rows = []
-  for name in args.models.split(","):
-    rows += bench_model(name, specs[name], cohorts, args.steps, args.batch, args.repeats,
-                        specs[name].num_classes, print)
-  result = dict(
-      benchmark="engine", date=time.strftime("%Y-%m-%d"), backend=backend,
-      device=str(jax.devices()[0].device_kind), num_cpus=os.cpu_count(), platform=platform.platform(),
-      jax=jax.__version__, steps=args.steps, batch=args.batch, matmul_ceiling_gflops=ceiling,
-      command="python benchmarks/engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-      rows=rows)
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"engine_{backend}{'_smoke' if args.smoke else ''}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out + ".tmp", "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(out + ".tmp", out)
+  loop_impls = args.loop_impls.split(",") if args.loop_impls else (None if backend == "cpu" else ["lax"])
+  specs = model_specs(args.smoke)
+  with _common.precision_scope(args.precision):
+    size = _common.default_ceiling_size(args.smoke)
+    ceiling = matmul_ceiling(size, precision=args.precision)
+    ceiling_f32 = matmul_ceiling(size, precision="highest") if args.precision != "highest" else ceiling
+    print(f"backend={backend} devices={jax.devices()} jax={jax.__version__}")
+    print(f"matmul ceiling: {ceiling:.1f} GFLOP/s ({args.precision}); {ceiling_f32:.1f} GFLOP/s (f32 highest)")
+    print(COLUMNS)
+    out = _common.out_path(f"engine{args.tag}", args.smoke, args.out, args.out_dir)
+    result = dict(
+        benchmark="engine", **_common.device_info(), steps=args.steps, batch=args.batch,
+        matmul_ceiling_gflops=ceiling, matmul_ceiling_f32_gflops=ceiling_f32, precision=args.precision,
+        donate=args.donate, remat=args.remat,
+        command="python benchmarks/engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        rows=[])
+    done: list = []
+
+    def save(model_rows):
+      result["rows"] = done + model_rows
+      _common.write_json(out, result)  # after every cohort: a killed run keeps what it measured
+
+    model_cohorts = _per_model(args.model_cohorts)
+    model_strategies = _per_model(args.model_strategies)
+    for name in args.models.split(","):
+      deadline = time.time() + args.time_budget if args.time_budget else None
+      these = cohorts
+      if name in model_cohorts and not args.smoke:
+        these = [int(c) for c in model_cohorts[name].split(",")]
+      done += bench_model(name, specs[name], these, args.steps, args.batch, args.repeats,
+                          specs[name].num_classes, print,
+                          strategies=model_strategies.get(name, args.strategies),
+                          loop_impls=loop_impls, max_loop_cohort=args.max_loop_cohort or None,
+                          donate=args.donate, remat=args.remat, deadline=deadline, ceiling=ceiling,
+                          on_rows=save, flax_ref=not args.no_flax_ref)
+  result["rows"] = done
+  _common.write_json(out, result)
   print(f"wrote {out}")
   return result
 

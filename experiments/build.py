@@ -17,7 +17,8 @@ import optax
 from fedjax_prune import data as data_lib
 from fedjax_prune import federated, models
 
-MODELS = ("mlp", "leaf_femnist_cnn", "asp_femnist_cnn", "asp_celeba_cnn", "vgg11", "resnet18")
+MODELS = ("mlp", "leaf_femnist_cnn", "asp_femnist_cnn", "asp_celeba_cnn", "vgg11", "resnet18",
+          "resnet20", "resnet56", "asp_resnet", "asp_inception")
 DATASETS = ("synthetic", "femnist_leaf", "cifar10_pfllib")
 ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox")
 OPTIMIZERS = ("sgd", "adam")
@@ -163,7 +164,15 @@ def build_spec(config, input_shape, num_classes):
     return models.asp_celeba_cnn(num_classes=num_classes)
   if m.name == "vgg11":
     return models.vgg11(num_classes=num_classes, norm=m.norm)
-  return models.resnet18(num_classes=num_classes, norm=m.norm, width_multiplier=m.width_multiplier)
+  if m.name == "asp_resnet":  # the ASP paper's ResNet-style model (BN with running statistics)
+    return models.asp_resnet(num_classes=num_classes, input_shape=input_shape, norm="batch_running")
+  if m.name == "asp_inception":
+    return models.asp_inception(num_classes=num_classes, input_shape=input_shape)
+  if m.name in ("resnet20", "resnet56"):
+    return models.cifar_resnet(int(m.name[len("resnet"):]), num_classes=num_classes, norm=m.norm,
+                               width_multiplier=m.width_multiplier, input_shape=input_shape)
+  return models.resnet18(num_classes=num_classes, norm=m.norm, width_multiplier=m.width_multiplier,
+                         input_shape=tuple(input_shape))
 
 
 def build_apply(spec, normalize, conv_impl: str) -> Callable:
@@ -175,6 +184,14 @@ def build_apply(spec, normalize, conv_impl: str) -> Callable:
   return apply_fn
 
 
+def build_schedule(config) -> federated.LocalSchedule:
+  """The clients' local schedule from `config.client` (apply a strategy's unrolling with
+  `strategy.schedule(...)`)."""
+  c = config.client
+  return federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
+                                 num_steps=c.num_steps or None)
+
+
 def build_algorithm(config, apply_fn, schedule=None) -> federated.FedAlgorithm:
   c, a = config.client, config.algorithm
   if c.optimizer == "sgd":
@@ -182,8 +199,7 @@ def build_algorithm(config, apply_fn, schedule=None) -> federated.FedAlgorithm:
   else:
     client_opt = optax.adam(c.learning_rate)
   if schedule is None:
-    schedule = federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
-                                       num_steps=c.num_steps or None)
+    schedule = build_schedule(config)
   if a.name == "fedavg":
     return federated.fedavg(apply_fn, client_opt, schedule,
                             server_optimizer=optax.sgd(a.server_learning_rate))

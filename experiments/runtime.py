@@ -50,15 +50,31 @@ def jsonable(x):
 
 
 class MetricsWriter:
-  """Appends one JSON object per round to `<workdir>/metrics.jsonl` (flushed each write)."""
+  """Appends one JSON object per round to `<workdir>/metrics.jsonl` (flushed each write).
 
-  def __init__(self, path: str):
+  With `tensorboard_dir`, numeric fields are also logged as TensorBoard scalars
+  (step = the record's round) through tensorboardX, an optional dependency.
+  """
+
+  def __init__(self, path: str, *, tensorboard_dir: str | None = None,
+               pause_after_write_s: float = 0.0):
     self.path = path
+    self._pause = pause_after_write_s  # test hook: slows a run so a test can kill it mid-run
+    self._tb_dir = tensorboard_dir
+    self._tb = _tensorboard_writer(tensorboard_dir) if tensorboard_dir else None
     self._file = open(path, "a")
 
   def write(self, record: dict) -> None:
     self._file.write(json.dumps(record, default=jsonable) + "\n")
     self._file.flush()
+    if self._tb is not None:
+      step = int(record.get("round", 0))
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+    if self._pause:
+      time.sleep(self._pause)
 
   def truncate_to_round(self, num_rounds: int) -> None:
     """Drops records of rounds after `num_rounds` (used when resuming from a checkpoint)."""
@@ -78,9 +94,25 @@ class MetricsWriter:
       f.writelines(kept)
     os.replace(tmp, self.path)
     self._file = open(self.path, "a")
+    if self._tb is not None:
+      # TensorBoard cannot delete events; purge_step hides the ones after the checkpoint.
+      self._tb.close()
+      self._tb = _tensorboard_writer(self._tb_dir, purge_step=num_rounds + 1)
 
   def close(self) -> None:
     self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _tensorboard_writer(logdir: str, purge_step: int | None = None):
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    raise ImportError("config.tensorboard=True needs the optional package tensorboardX, which is "
+                      "not installed: pip install 'fedjax_prune[tensorboard]' (or tensorboardX)"
+                      ) from None
+  return SummaryWriter(logdir, purge_step=purge_step)
 
 
 class Checkpointer(Protocol):
@@ -187,7 +219,7 @@ def choose_strategy(env: Env, spec, params, batch_stats,
 
   def run_round_for(strategy):
     apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl)
-    alg = algorithm_for(apply_fn, short)
+    alg = algorithm_for(apply_fn, strategy.schedule(short))
     round_fn = federated.make_round(alg, execution=strategy.execution, mesh=env.mesh)
     state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
 

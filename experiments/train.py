@@ -5,52 +5,141 @@ Writes to `workdir`:
                   unless overwrite=True)
   metrics.jsonl   one JSON object per round (train metrics, wall time; eval
                   metrics every `eval_every` rounds)
+  checkpoints/    the last `checkpoint_keep` checkpoints, one every
+                  `checkpoint_every` rounds (fedjax_prune.checkpoint; 0 = none)
+  tensorboard/    TensorBoard scalars when `config.tensorboard` (needs tensorboardX)
   summary.json    final metrics, model size/FLOPs, chosen strategy and timings
+
+`resume=True` continues from the latest checkpoint; on CPU the final parameters
+and metrics (wall times aside) are bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 
 from experiments import build, methods, runtime
+from fedjax_prune import checkpoint as checkpoint_lib
 from fedjax_prune import federated
 
+CHECKPOINT_DIR = "checkpoints"
+# Test hook: seconds the checkpointer pauses mid-save (so a test can kill a run during a save).
+PAUSE_MID_SAVE_ENV = "FEDJAX_PRUNE_TEST_PAUSE_MID_SAVE"
+# Test hook: seconds to pause after each metrics record (so a test can kill a run mid-run).
+PAUSE_PER_ROUND_ENV = "FEDJAX_PRUNE_TEST_PAUSE_PER_ROUND"
 
-def prepare_workdir(config, workdir: str, overwrite: bool) -> None:
-  """Creates workdir; refuses one that holds a different config unless overwrite."""
+# Run-level fields every method shares (optional in a config: the default applies when absent).
+_RUN_FIELDS = {"checkpoint_every": 0, "checkpoint_keep": 3, "tensorboard": False, "progress": True}
+
+
+def validate_run_fields(config) -> None:
+  """Checks the run-level fields (checkpointing, logging); raises ConfigError naming the field."""
+  for name, default in _RUN_FIELDS.items():
+    if name not in config:
+      continue
+    value = config[name]
+    if isinstance(default, bool):
+      if not isinstance(value, bool):
+        raise build.ConfigError(f"config.{name}={value!r} is invalid: allowed True or False")
+      continue
+    lo = 1 if name == "checkpoint_keep" else 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+      raise build.ConfigError(f"config.{name}={value!r} is invalid: allowed an integer in [{lo}, inf]"
+                              + (" (0 = no checkpoints)" if name == "checkpoint_every" else ""))
+  if config.get("tensorboard", False):
+    try:
+      import tensorboardX  # noqa: F401
+    except ImportError:
+      raise build.ConfigError("config.tensorboard=True needs the optional package tensorboardX, "
+                              "which is not installed: pip install 'fedjax_prune[tensorboard]'"
+                              ) from None
+
+
+def checkpointer_for(config, workdir: str):
+  """The run's Checkpointer (NoCheckpoints when config.checkpoint_every is 0 or absent)."""
+  if not config.get("checkpoint_every", 0):
+    return runtime.NoCheckpoints()
+  pause = float(os.environ.get(PAUSE_MID_SAVE_ENV, "0") or 0)
+  return checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                     keep=config.get("checkpoint_keep", 3), pause_mid_save_s=pause)
+
+
+def _read_config_json(path: str):
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError:
+      return None
+
+
+def prepare_workdir(config, workdir: str, overwrite: bool, resume: bool = False) -> None:
+  """Creates workdir; refuses one that holds a different config unless overwrite.
+
+  A fresh run (resume=False) of the same config restarts a finished run (summary.json
+  present) but refuses an unfinished one that has checkpoints unless overwrite (pass
+  resume=True to continue it). Every check happens before anything is written or
+  deleted, so a refused call leaves the workdir intact.
+  """
+  if resume and overwrite:
+    raise ValueError("resume=True and overwrite=True exclude each other: resume continues the run "
+                     "in the workdir, overwrite deletes it")
   config_json = json.loads(config.to_json_best_effort())
   path = os.path.join(workdir, "config.json")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"workdir {workdir!r} exists and is not a directory")
   if os.path.exists(path) and not overwrite:
-    with open(path) as f:
-      try:
-        existing = json.load(f)
-      except json.JSONDecodeError:
-        existing = None
-    if existing != config_json:
+    if _read_config_json(path) != config_json:
       raise FileExistsError(f"workdir {workdir!r} holds a run with a different config; "
                             "choose another workdir or pass --overwrite")
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  has_checkpoints = bool(checkpoint_lib.Checkpointer(ckpt_dir).steps())
+  finished = os.path.exists(os.path.join(workdir, "summary.json"))
+  if resume:
+    if not config.get("checkpoint_every", 0):
+      raise build.ConfigError("cannot resume with config.checkpoint_every=0: the run keeps no "
+                              "checkpoints (set checkpoint_every >= 1)")
+    if not os.path.exists(path) or not has_checkpoints:
+      raise FileNotFoundError(f"cannot resume: workdir {workdir!r} holds no checkpoint "
+                              f"(looked in {ckpt_dir!r}); run without --resume to start it")
+  elif has_checkpoints and not overwrite and not finished:
+    raise FileExistsError(f"workdir {workdir!r} holds checkpoints of an unfinished run with this "
+                          "config; pass --resume to continue it or --overwrite to start over")
   try:
     os.makedirs(workdir, exist_ok=True)
     runtime.write_json_atomic(path, config_json)
   except OSError as e:
-    raise OSError(f"cannot write to workdir {workdir!r}: {e.strerror or e}") from e
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics_path):
-    os.remove(metrics_path)
+    raise OSError(e.errno, f"cannot write to workdir {workdir!r}: {e.strerror or e}") from e
+  if resume:
+    return  # the driver truncates metrics.jsonl to the restored round
+  for name in ("metrics.jsonl", "summary.json"):
+    if os.path.exists(os.path.join(workdir, name)):
+      os.remove(os.path.join(workdir, name))
+  for name in (CHECKPOINT_DIR, "tensorboard"):  # a restart must not resume old checkpoints
+    if (overwrite or finished) and os.path.isdir(os.path.join(workdir, name)):
+      shutil.rmtree(os.path.join(workdir, name))
 
 
-def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict:
-  """Runs the configured method (`config.method`, default 'fedavg'); returns the summary dict."""
+def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume: bool = False) -> dict:
+  """Runs the configured method (`config.method`, default 'fedavg'); returns the summary dict.
+
+  Args:
+    config: ml_collections ConfigDict (see experiments/configs/).
+    workdir: output directory (see the module docstring).
+    overwrite: replace a workdir that holds another run (or checkpoints of this one).
+    resume: continue from the workdir's latest checkpoint.
+  """
   build.validate(config)
+  validate_run_fields(config)
   method = config.get("method", "fedavg")
   if method not in methods.DRIVERS:
     raise build.ConfigError(f"config.method={method!r} is invalid: allowed one of "
                             f"{tuple(methods.DRIVERS)}")
   driver = methods.DRIVERS[method]
   driver.validate(config)
-  prepare_workdir(config, workdir, overwrite)
+  prepare_workdir(config, workdir, overwrite, resume)
   log = print
   data = build.build_data(config)
   num_clients = data.train.num_clients
@@ -59,10 +148,12 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
                             f"dataset's {num_clients} clients: allowed [1, {num_clients}]")
   num_devices = jax.local_device_count()
   mesh = federated.client_mesh() if (config.shard_clients and num_devices > 1) else None
-  metrics = runtime.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+  tb_dir = os.path.join(workdir, "tensorboard") if config.get("tensorboard", False) else None
+  metrics = runtime.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), tensorboard_dir=tb_dir,
+                                  pause_after_write_s=float(os.environ.get(PAUSE_PER_ROUND_ENV) or 0))
   env = runtime.Env(config=config, workdir=workdir, data=data, mesh=mesh,
                     cohort_multiple=num_devices if mesh is not None else 1, metrics=metrics,
-                    checkpoint=runtime.NoCheckpoints(), log=log)
+                    checkpoint=checkpointer_for(config, workdir), log=log)
   try:
     summary = driver.run(config, env)
   finally:

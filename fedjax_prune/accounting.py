@@ -98,7 +98,8 @@ class MemoryEstimate(NamedTuple):
 
 
 def _is_spec(value: Any) -> bool:
-  return isinstance(value, (models.MLPSpec, models.ConvNetSpec, models.ResNetSpec))
+  return isinstance(value, (models.MLPSpec, models.ConvNetSpec, models.ResNetSpec,
+                            models.InceptionSpec))
 
 
 def _path_keys(path) -> tuple[str, ...]:
@@ -370,6 +371,28 @@ def _walk_resnet(walk: _Walk, spec: models.ResNetSpec) -> None:
   walk.dense(('head',), feat, spec.num_classes)
 
 
+def _walk_inception(walk: _Walk, spec: models.InceptionSpec) -> None:
+  """Stem, naive inception modules (branch concat: 0 FLOPs), reduction convs, GAP, denses."""
+  feat = _Feature(spec.input_shape[:2], np.ones(spec.input_shape[2], bool))
+  feat = walk.relu('stem/relu', walk.conv(('stem',), feat, (3, 3), (2, 2), 'VALID',
+                                          spec.stem_width, True))
+  for m, widths in enumerate(spec.modules):
+    branches = [walk.relu(f'inception{m}/{name}/relu',
+                          walk.conv((f'inception{m}', name), feat, (k, k), (1, 1), 'SAME', width,
+                                    True))
+                for name, k, width in zip(('conv1x1', 'conv3x3', 'conv5x5'), (1, 3, 5), widths)]
+    feat = _Feature(feat.hw, np.concatenate([b.alive for b in branches]))
+  for i, width in enumerate(spec.reduce_widths):
+    feat = walk.relu(f'relu_{i}', walk.conv((f'conv_{i}',), feat, (3, 3), (2, 2), 'VALID', width,
+                                            True))
+  feat = walk.gap(feat)
+  widths = spec.hidden + (spec.num_classes,)
+  for j, width in enumerate(widths):
+    feat = walk.dense((f'dense_{j}',), feat, width)
+    if j < len(widths) - 1:
+      feat = walk.relu(f'relu_dense_{j}', feat)
+
+
 def layer_costs(spec: models.ModelSpec, masks: Optional[Masks] = None, *,
                 bn_flops_per_element: int = 0, include_softmax: bool = True
                 ) -> tuple[LayerCost, ...]:
@@ -396,6 +419,8 @@ def layer_costs(spec: models.ModelSpec, masks: Optional[Masks] = None, *,
     _walk_mlp(walk, spec)
   elif isinstance(spec, models.ConvNetSpec):
     _walk_convnet(walk, spec)
+  elif isinstance(spec, models.InceptionSpec):
+    _walk_inception(walk, spec)
   else:
     _walk_resnet(walk, spec)
   if include_softmax:
@@ -618,3 +643,100 @@ def summary(spec: models.ModelSpec, masks: Optional[Masks] = None, *,
   fmt = lambda line: '  '.join(
       cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
   return '\n'.join([fmt(header), '  '.join('-' * w for w in widths)] + [fmt(l) for l in lines])
+
+
+# ----------------------------------------------------------------------------
+# Per-client round cost of sparse federated training (FedTiny and baselines).
+
+
+class ClientRoundCost(NamedTuple):
+  """One client's cost in one round (see `client_round_cost` for the definitions)."""
+  training_flops: int
+  peak_memory: int
+  upload: int
+  download: int
+
+
+def client_round_cost(spec: models.ModelSpec, masks: Optional[Masks] = None, *, batch_size: int,
+                      local_steps: int, optimizer_slots: int = 0, dense_grad_batches: int = 0,
+                      dense_grad_layers: Optional[Sequence[str]] = None, forward_examples: int = 0,
+                      topk_entries: int = 0, upload_dense_values: int = 0,
+                      dtype_bytes: int = 4) -> ClientRoundCost:
+  """Training FLOPs, peak memory and bytes of one client in one round of sparse FL.
+
+  Definitions (all per client, per round; forward MAC FLOPs F(m) = 2 x kept
+  MACs of conv/dense layers at batch 1 under masks m, `layer_costs`):
+
+    * training_flops = local_steps x 3 F(m) B       (sparse forward + two
+      sparse backward passes per SGD step, `training_flops`)
+      + dense_grad_batches x B x (2 F(m) + F_dense(L))   (one-batch dense
+      gradient for growth/importance: forward and input gradient at the
+      density, weight gradient dense for the layers L = `dense_grad_layers`,
+      all layers when None)
+      + forward_examples x F(m)   (forward-only passes, e.g. FedTiny's
+      adaptive BN selection: C statistics sweeps + C evaluations).
+    * peak_memory = `training_memory(spec, B, optimizer_slots, masks).total`
+      (kept weights + BN statistics, sparse gradients, optimizer slots, mask
+      bitmaps, activations of one batch kept for the backward pass)
+      + dtype_bytes x (entries of the dense gradient of L, when dense_grad_batches > 0)
+      + topk_entries x (dtype_bytes + index bytes)   (the top-K gradient
+      buffer; index bytes = ceil(log2(largest layer size) / 8)).
+    * download = `communication_bytes(spec, masks, encoding)` with BN running
+      statistics: kept values + a mask bitmap ('bitmap') when masks are given,
+      every value ('dense') otherwise.
+    * upload = the same model transfer + topk_entries x (dtype_bytes + index
+      bytes) (FedTiny's sparse top-K gradients) + upload_dense_values x
+      dtype_bytes (e.g. PruneFL's squared gradients of every prunable entry).
+
+  Args:
+    spec: model spec.
+    masks: concrete mask tree (None = dense model).
+    batch_size: B.
+    local_steps: SGD steps of the round (>= 0).
+    optimizer_slots: optimizer values per kept parameter (0 SGD, 1 momentum, 2 Adam).
+    dense_grad_batches: mini-batches with a dense weight gradient.
+    dense_grad_layers: layer names as in `layer_costs` ('conv_0', 'stage1_block0/conv1');
+      None = every conv/dense layer.
+    forward_examples: examples passed forward without a backward pass.
+    topk_entries: K, gradient entries in the top-K buffer and upload.
+    upload_dense_values: extra values uploaded densely.
+    dtype_bytes: bytes per value.
+
+  Returns:
+    ClientRoundCost of Python ints.
+  """
+  for name, value in (('batch_size', batch_size), ('local_steps', local_steps),
+                      ('dense_grad_batches', dense_grad_batches),
+                      ('forward_examples', forward_examples), ('topk_entries', topk_entries),
+                      ('upload_dense_values', upload_dense_values)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+      raise ValueError(f'{name} must be an int >= 0, got {value!r}')
+  if batch_size == 0:
+    raise ValueError('batch_size must be a positive int, got 0')
+  rows = layer_costs(spec, masks, include_softmax=False)
+  forward = sum(row.mac_flops for row in rows)
+  dense_rows = [r for r in layer_costs(spec, None, include_softmax=False) if r.mac_flops]
+  if dense_grad_layers is not None:
+    known = {r.name for r in dense_rows}
+    unknown = sorted(set(dense_grad_layers) - known)
+    if unknown:
+      raise ValueError(f'dense_grad_layers {unknown} are not conv/dense layers of the spec '
+                       f'(known: {sorted(known)})')
+    dense_rows = [r for r in dense_rows if r.name in set(dense_grad_layers)]
+  dense_weight_grad = sum(r.mac_flops for r in dense_rows)
+  flops_total = (local_steps * 3 * forward * batch_size
+                 + dense_grad_batches * batch_size * (2 * forward + dense_weight_grad)
+                 + forward_examples * forward)
+  shapes = _leaves_with_keys(_shape_tree(spec, False))
+  index_bytes = _index_bytes(max(math.prod(s) for _, s in shapes))
+  memory = training_memory(spec, batch_size, optimizer_slots=optimizer_slots, masks=masks,
+                           dtype_bytes=dtype_bytes).total
+  if dense_grad_batches:
+    memory += dtype_bytes * sum(r.params for r in dense_rows)
+  memory += topk_entries * (dtype_bytes + index_bytes)
+  encoding = 'dense' if masks is None else 'bitmap'
+  model_bytes = communication_bytes(spec, masks, encoding=encoding, dtype_bytes=dtype_bytes,
+                                    include_batch_stats=True)
+  upload = model_bytes + topk_entries * (dtype_bytes + index_bytes) + upload_dense_values * dtype_bytes
+  return ClientRoundCost(training_flops=int(flops_total), peak_memory=int(memory),
+                         upload=int(upload), download=int(model_bytes))

@@ -1,22 +1,164 @@
-"""The engine benchmark runs in smoke size and writes a well-formed JSON table."""
+"""The benchmark suite runs in smoke size and writes well-formed, self-consistent JSON."""
 import json
 import os
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
+BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+sys.path.insert(0, BENCH)
+
+import _common  # noqa: E402
 import engine  # noqa: E402
+import memory  # noqa: E402
+import pfl_reference  # noqa: E402
+import precision  # noqa: E402
+import pruning_payoff  # noqa: E402
+import scaling  # noqa: E402
+
+from fedjax_prune import accounting, models  # noqa: E402
+
+
+def _load(path):
+  with open(path) as f:
+    return json.load(f)
 
 
 def test_engine_benchmark_smoke(tmp_path):
   out = str(tmp_path / "engine.json")
   result = engine.main(["--smoke", "--models", "leaf_femnist_cnn,logistic", "--out", out])
-  with open(out) as f:
-    saved = json.load(f)
+  saved = _load(out)
   assert saved["rows"] == json.loads(json.dumps(result["rows"]))
   strategies = {(r["model"], r["strategy"]) for r in saved["rows"]}
   assert ("leaf_femnist_cnn", "loop+lax") in strategies and ("logistic", "vmap+lax") in strategies
   assert ("leaf_femnist_cnn", "sequential+tapgrad") in strategies
   for row in saved["rows"]:
+    assert row["status"] == "ok"
     assert row["round_s"] > 0 and row["client_steps_per_s"] > 0 and row["gflops"] > 0
-  assert saved["matmul_ceiling_gflops"] > 0
+    assert row["rounds_per_s"] == pytest.approx(1 / row["round_s"])
+    # Throughput is exactly the workload's FLOPs over the time: 2 clients x 2 steps.
+    spec = engine.model_specs(True)[row["model"]]
+    flops = accounting.training_flops(spec, saved["batch"]) * row["cohort"] * saved["steps"]
+    assert row["gflops"] == pytest.approx(flops / row["round_s"] / 1e9)
+    assert row["pct_of_ceiling"] == pytest.approx(100 * row["gflops"] / saved["matmul_ceiling_gflops"])
+  assert saved["matmul_ceiling_gflops"] > 0 and saved["device"] and saved["backend"] == jax.default_backend()
+  best = [r for r in saved["rows"] if r["best_engine"]]
+  assert len(best) == 2  # one per model, the fastest engine strategy
+  for b in best:
+    engine_rows = [r for r in saved["rows"] if r["model"] == b["model"] and not r["strategy"].startswith("loop")]
+    assert b["round_s"] == min(r["round_s"] for r in engine_rows)
+
+
+def test_engine_per_model_overrides_and_budget(tmp_path):
+  out = str(tmp_path / "engine.json")
+  engine.main(["--models", "logistic", "--cohorts", "2,4", "--model-cohorts", "logistic=4",
+               "--strategies", "vmap+lax,chunked4+lax,sequential+lax", "--loop-impls", "lax", "--donate",
+               "--repeats", "1", "--steps", "2", "--batch", "4", "--out", out])
+  rows = _load(out)["rows"]
+  assert {r["cohort"] for r in rows} == {4}
+  # chunked4 at C=4 is the same program as vmap: not measured twice.
+  assert {r["strategy"] for r in rows} == {"loop+lax", "vmap+lax", "sequential+lax"}
+  engine.main(["--models", "logistic", "--cohorts", "2", "--time-budget", "1e-9", "--repeats", "1",
+               "--steps", "1", "--batch", "4", "--out", out])
+  assert all(r["status"].startswith("skipped") and r["round_s"] is None for r in _load(out)["rows"])
+
+
+def test_pfl_reference_smoke(tmp_path):
+  out = str(tmp_path / "pfl.json")
+  result = pfl_reference.main(["--smoke", "--out", out])
+  saved = _load(out)
+  assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+  assert "synthetic" in saved["data"]
+  spec = pfl_reference.pfl_simple_cnn()
+  assert accounting.param_count(spec) == 1_626_442  # pfl-research simple_cnn at 32x32x3, 10 classes
+  assert saved["local_steps"] == 50 // 10
+  # One scanned block of rounds = the same rounds one by one (same cohorts and keys).
+  assert saved["loop_vs_scan_final_loss_equal"] is True
+  for row in saved["rows"]:
+    assert row["compile_s"] > 0 and row["wall_s"] > 0 and row["extrapolated"] is True
+    assert row["wall_s_1500_rounds"] == pytest.approx(1500 / row["rounds_per_s"])
+
+
+def test_pruning_payoff_smoke(tmp_path):
+  out = str(tmp_path / "pruning.json")
+  pruning_payoff.main(["--smoke", "--out", out])
+  rows = _load(out)["rows"]
+  by = {(r["variant"], r.get("target_density", r["density"])): r for r in rows}
+  dense, masked, smaller = by[("dense", 1.0)], by[("masked", 0.25)], by[("smaller", 0.25)]
+  assert dense["vs_dense"] == 1.0
+  assert smaller["params"] < dense["params"] and smaller["flops_ratio"] < 1.0
+  assert masked["params"] < dense["params"] and 0.1 < masked["flops_ratio"] < 0.5
+  for r in rows:
+    # Each variant is compared with the dense round timed in turns with it.
+    assert r["round_s"] > 0 and r["vs_dense"] == pytest.approx(r.get("dense_round_s", r["round_s"]) / r["round_s"])
+
+
+def test_random_masks_keep_the_density_of_every_kernel():
+  params = {"a": {"kernel": jnp.ones((40, 50)), "bias": jnp.ones((50,))}}
+  masks = _common.random_masks(params, 0.25, jax.random.key(0))
+  assert masks["a"]["bias"].shape == () and bool(masks["a"]["bias"])
+  assert abs(float(jnp.mean(masks["a"]["kernel"])) - 0.25) < 0.05
+
+
+def test_memory_smoke_matches_the_analytic_floor(tmp_path):
+  out = str(tmp_path / "memory.json")
+  memory.main(["--smoke", "--model", "mlp", "--out", out])
+  saved = _load(out)
+  summary = {s["strategy"].split("+")[0]: s for s in saved["summary"]}
+  floor = saved["floor"]["total"]
+  # Under vmap every client holds its own params, grads and activations: about the floor.
+  assert 0.5 < summary["vmap"]["per_client_train_bytes"] / floor < 2.0
+  # In-graph sequential clients train one at a time: a client adds (almost) only its data.
+  assert summary["sequential"]["per_client_train_bytes"] < 0.1 * floor
+  assert summary["sequential"]["largest_cohort_that_fits"] > summary["vmap"]["largest_cohort_that_fits"]
+  assert "host physical RAM" in saved["memory_limit_source"]  # CPU: said, not pretended
+
+
+def test_precision_smoke(tmp_path):
+  out = str(tmp_path / "precision.json")
+  precision.main(["--smoke", "--precisions", "highest,bfloat16", "--out", out])
+  rows = {r["precision"]: r for r in _load(out)["rows"]}
+  assert rows["highest"]["param_rel_diff_vs_f32"] == 0.0 and rows["highest"]["speedup_vs_f32"] == 1.0
+  assert rows["highest"]["accuracy_ok"] is True
+  for r in rows.values():
+    assert np.isfinite(r["final_train_loss"]) and 0.0 <= r["test_accuracy"] <= 1.0
+
+
+def test_scaling_smoke_with_fake_devices(tmp_path):
+  out = str(tmp_path / "scaling.json")
+  scaling.main(["--smoke", "--out", out])
+  saved = _load(out)
+  assert [r["cohort"] for r in saved["cohort_sweep"]] == [1, 2]
+  weak = saved["weak_scaling"]
+  assert [r["devices"] for r in weak] == [1, 2] and all(r["status"] == "ok" for r in weak)
+  assert [r["cohort"] for r in weak] == [1, 2] and weak[0]["weak_efficiency"] == 1.0
+  with open(str(tmp_path / "scaling.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_remat_apply_gives_the_same_values_and_gradients():
+  spec = models.leaf_femnist_cnn(widths=(4, 8), dense_width=16)
+  apply_fn, params, stats = models.build(spec, jax.random.key(0))
+  remat = _common.remat_apply(apply_fn)
+  x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+  loss = lambda f: (lambda p: jnp.sum(f(p, stats, x, train=True)[0] ** 2))
+  np.testing.assert_allclose(jax.jit(loss(remat))(params), jax.jit(loss(apply_fn))(params), rtol=1e-6)
+  g1, g2 = jax.jit(jax.grad(loss(remat)))(params), jax.jit(jax.grad(loss(apply_fn)))(params)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_run_gpu_script_explains_a_missing_gpu(tmp_path):
+  script = os.path.join(BENCH, "run_gpu.sh")
+  assert subprocess.run(["bash", "-n", script]).returncode == 0
+  if jax.default_backend() != "cpu":
+    pytest.skip("an accelerator is present: the script would run the suite")
+  env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+  proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 3
+  assert "no Python here has JAX with a GPU backend" in proc.stdout
+  assert os.listdir(tmp_path) == ["run_gpu.log"]  # nothing else written, and only under $OUT

@@ -31,8 +31,14 @@ def test_main_job_smoke(tmp_path):
     lines = [json.loads(l) for l in f]
   assert [l["round"] for l in lines] == [1, 2]
   assert all("test_accuracy" in l and 0.0 <= l["test_accuracy"] <= 1.0 for l in lines)
-  assert summary["params"] == 28 * 28 * 16 + 16 + 16 * 10 + 10
+  dense = 28 * 28 * 16 + 16 + 16 * 10 + 10
+  assert summary["params"] == dense
   assert os.path.exists(os.path.join(workdir, "summary.json"))
+  for l in lines:  # size, communication and wall time in every record
+    assert l["params"] == dense and l["flops"] > 2 * dense - 100
+    assert l["bytes_up"] == l["bytes_down"] == 4 * dense * 3  # float32, 3 clients, dense
+    assert l["wall_time"] > 0
+  assert summary["bytes_up_per_round"] == 4 * dense * 3
 
 
 def test_workdir_with_other_config_is_refused(tmp_path):
@@ -90,3 +96,15 @@ def test_divergence_raises_a_clear_error(tmp_path):
   c.client.learning_rate = 1e30
   with pytest.raises(FloatingPointError, match="diverged at round 1"):
     train.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+  pytest.importorskip("tensorboardX")
+  c = tiny_config()
+  c.tensorboard = True
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(c, str(workdir))
+  events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(events) == 1
+  data = events[0].read_bytes()
+  assert b"train_loss" in data and b"test_accuracy" in data and b"bytes_up" in data

@@ -35,6 +35,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.strategy_cache = ""  # '' = $XDG_CACHE_HOME/fedjax_prune/strategy.json
   c.shard_clients = True  # shard the cohort over all local devices when there are several
   c.progress = True
+  c.checkpoint_every = 10  # rounds between checkpoints (0 = none); resume with --resume
+  c.checkpoint_keep = 3    # most recent checkpoints kept
+  c.tensorboard = False    # also log TensorBoard scalars (needs tensorboardX)
+  # Optional one-shot global magnitude pruning after `prune_round` rounds (1.0 = off).
+  c.prune_density = 1.0
+  c.prune_round = 0
   return c
 
 

@@ -29,12 +29,15 @@ ResNetSpec (blocks named stage{s}_block{b}, s from 1 like torch's layer1..4, b f
                        (shortcut_* only when stride != 1 or w_in != w; conv biases
                         only if spec.conv_bias; bn* absent when norm='none')
     head:              {kernel [features, classes], bias [classes]}
+InceptionSpec (ASP Inception-style, models/_inception.py):
+    stem, inception{m}: {conv1x1, conv3x3, conv5x5}, conv_{i}, dense_{j}
 batch_stats ('batch_running' only): the same paths as every BN, with leaves
     {mean [C], var [C]} instead of {scale, bias}, e.g. {'bn_0': {'mean', 'var'}}
     or {'stage1_block0': {'bn1': {'mean', 'var'}, ...}}.
 
 Presets: `mlp`, `leaf_femnist_cnn`, `asp_femnist_cnn`, `asp_celeba_cnn`,
-`vgg11`, `resnet18`, `asp_resnet`. Initialisation, conv implementations and
+`vgg11`, `resnet18`, `cifar_resnet` (`resnet20`, `resnet56`), `asp_resnet`,
+`asp_inception`. Initialisation, conv implementations and
 BatchNorm conventions are documented in `_layers` (module docstring).
 """
 from fedjax_prune.models._build import ApplyFn
@@ -42,6 +45,11 @@ from fedjax_prune.models._build import build
 from fedjax_prune.models._build import init_params
 from fedjax_prune.models._build import make_apply
 from fedjax_prune.models._build import param_shapes
+from fedjax_prune.models._early_exit import build_early_exit
+from fedjax_prune.models._early_exit import init_early_exit_params
+from fedjax_prune.models._early_exit import make_early_exit_apply
+from fedjax_prune.models._inception import asp_inception
+from fedjax_prune.models._inception import InceptionSpec
 from fedjax_prune.models._layers import BN_EPSILON
 from fedjax_prune.models._layers import BN_MOMENTUM
 from fedjax_prune.models._layers import conv2d
@@ -53,6 +61,7 @@ from fedjax_prune.models._specs import asp_celeba_cnn
 from fedjax_prune.models._specs import asp_femnist_cnn
 from fedjax_prune.models._specs import asp_resnet
 from fedjax_prune.models._specs import block_has_shortcut_conv
+from fedjax_prune.models._specs import cifar_resnet
 from fedjax_prune.models._specs import conv_output_hw
 from fedjax_prune.models._specs import ConvNetSpec
 from fedjax_prune.models._specs import ConvSpec
@@ -64,13 +73,17 @@ from fedjax_prune.models._specs import NORM_MODES
 from fedjax_prune.models._specs import padding_pairs
 from fedjax_prune.models._specs import pool_output_hw
 from fedjax_prune.models._specs import resnet18
+from fedjax_prune.models._specs import resnet20
+from fedjax_prune.models._specs import resnet56
 from fedjax_prune.models._specs import ResNetSpec
 from fedjax_prune.models._specs import vgg11
 
 __all__ = [
+    'InceptionSpec', 'asp_inception',
+    'build_early_exit', 'init_early_exit_params', 'make_early_exit_apply',
     'ApplyFn', 'BN_EPSILON', 'BN_MOMENTUM', 'ConvNetSpec', 'ConvSpec', 'MLPSpec', 'ModelSpec',
     'NORM_MODES', 'ResNetSpec', 'asp_celeba_cnn', 'asp_femnist_cnn', 'asp_resnet',
-    'block_has_shortcut_conv', 'build', 'conv2d', 'conv_output_hw', 'default_kernel_init',
+    'block_has_shortcut_conv', 'build', 'cifar_resnet', 'conv2d', 'conv_output_hw', 'default_kernel_init',
     'global_avg_pool', 'init_params', 'leaf_femnist_cnn', 'make_apply', 'masked_moments',
-    'max_pool', 'mlp', 'padding_pairs', 'param_shapes', 'pool_output_hw', 'resnet18', 'vgg11',
+    'max_pool', 'mlp', 'padding_pairs', 'param_shapes', 'pool_output_hw', 'resnet18', 'resnet20', 'resnet56', 'vgg11',
 ]

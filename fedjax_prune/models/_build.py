@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedjax_prune.models import _inception
 from fedjax_prune.models import _layers
 from fedjax_prune.models import _specs
 from fedjax_prune.types import BatchStats, Params, PRNGKey
@@ -35,6 +36,23 @@ def _bn_or_none(features: int, use_bn: bool, mode: str) -> Optional[_layers.Batc
 def _maybe_bn(bn: Optional[_layers.BatchNorm], x: jax.Array, train: bool,
               example_mask: Optional[jax.Array]) -> jax.Array:
   return x if bn is None else bn(x, train=train, example_mask=example_mask)
+
+
+def _gate_channels(h: jax.Array, gate: Optional[jax.Array]) -> jax.Array:
+  """Scales the channels (last axis) of h by a unit gate: [C] or per-example [B, C]."""
+  if gate is None:
+    return h
+  gate = jnp.asarray(gate, h.dtype)
+  lead = (gate.shape[0],) if gate.ndim == 2 else (1,)
+  return h * gate.reshape(lead + (1,) * (h.ndim - 2) + (gate.shape[-1],))
+
+
+def _gate_examples(h: jax.Array, gate: Optional[jax.Array]) -> jax.Array:
+  """Scales a residual branch by a layer gate: [] or per-example [B]."""
+  if gate is None:
+    return h
+  gate = jnp.asarray(gate, h.dtype)
+  return h * gate.reshape(gate.shape + (1,) * (h.ndim - gate.ndim))
 
 
 class _MLP(nnx.Module):
@@ -78,12 +96,14 @@ class _ConvNet(nnx.Module):
       setattr(self, f'dense_{j}', _layers.Dense(in_features, width, kernel_init_fn, rngs=rngs))
       in_features = width
 
-  def __call__(self, x: jax.Array, *, train: bool, example_mask: Optional[jax.Array]):
+  def __call__(self, x: jax.Array, *, train: bool, example_mask: Optional[jax.Array],
+               gates: Optional[dict] = None):
+    gates = {} if gates is None else gates
     h = x
     for i, pool in enumerate(self.pools):
       h = getattr(self, f'conv_{i}')(h)
       h = _maybe_bn(getattr(self, f'bn_{i}'), h, train, example_mask)
-      h = jax.nn.relu(h)
+      h = _gate_channels(jax.nn.relu(h), gates.get(f'conv_{i}'))
       if pool is not None:
         h = _layers.max_pool(h, pool)
     h = _layers.global_avg_pool(h) if self.head == 'gap' else h.reshape(h.shape[0], -1)
@@ -129,9 +149,12 @@ class _BasicBlock(nnx.Module):
       self.shortcut_conv = None
       self.shortcut_bn = None
 
-  def __call__(self, x, *, train, example_mask):
+  def __call__(self, x, *, train, example_mask, gates=None):
+    gates = {} if gates is None else gates
     h = jax.nn.relu(_maybe_bn(self.bn1, self.conv1(x), train, example_mask))
+    h = _gate_channels(h, gates.get('unit'))
     h = _maybe_bn(self.bn2, self.conv2(h), train, example_mask)
+    h = _gate_examples(h, gates.get('layer'))
     shortcut = x
     if self.shortcut_conv is not None:
       shortcut = _maybe_bn(self.shortcut_bn, self.shortcut_conv(x), train, example_mask)
@@ -156,10 +179,11 @@ class _ResNet(nnx.Module):
       head_features = h * w * spec.stage_widths[-1]
     self.head = _layers.Dense(head_features, spec.num_classes, kernel_init_fn, rngs=rngs)
 
-  def __call__(self, x, *, train, example_mask):
+  def __call__(self, x, *, train, example_mask, gates=None):
+    gates = {} if gates is None else gates
     h = self.stem(x, train=train, example_mask=example_mask)
     for name in self.block_names:
-      h = getattr(self, name)(h, train=train, example_mask=example_mask)
+      h = getattr(self, name)(h, train=train, example_mask=example_mask, gates=gates.get(name))
     h = _layers.global_avg_pool(h) if self.head_mode == 'gap' else h.reshape(h.shape[0], -1)
     return self.head(h)
 
@@ -174,6 +198,7 @@ def _resnet_final_hw(spec: _specs.ResNetSpec) -> tuple[int, int]:
 
 
 _MODULES = {_specs.MLPSpec: _MLP, _specs.ConvNetSpec: _ConvNet, _specs.ResNetSpec: _ResNet}
+_MODULES[_inception.InceptionSpec] = _inception.Inception  # models/_inception.py
 
 
 def _module(spec, conv_impl: str, kernel_init_fn, key: PRNGKey) -> nnx.Module:
@@ -325,7 +350,15 @@ def make_apply(spec, *, conv_impl: str = 'lax') -> ApplyFn:
       * example_mask: None or [B] bool; BatchNorm batch statistics use only the
         True examples (no effect without BN);
       * logits: [B, num_classes] float32;
-      * new_batch_stats: same structure as batch_stats.
+      * new_batch_stats: same structure as batch_stats;
+      * gates: optional multiplicative structure gates (variational/Bernoulli
+        pruning, `fedjax_prune.pruning.cavp`), a dict with any subset of
+        ConvNetSpec: {'conv_{i}': [co] or [B, co]} scaling conv i's output
+        channels after its ReLU; ResNetSpec: {'stage{s}_block{b}': {'unit':
+        [m] or [B, m], 'layer': [] or [B]}} scaling the block's inner channels
+        (after ReLU(BN1(conv1))) and its whole residual branch (after BN2,
+        before the add). Missing entries are ungated; other specs reject gates.
+        Default None: exactly the ungated model.
     Pure: compose freely with jit, vmap (over params, batch_stats and x
     together), grad (use `has_aux`), lax.scan and lax.map.
   """
@@ -333,7 +366,8 @@ def make_apply(spec, *, conv_impl: str = 'lax') -> ApplyFn:
   input_shape = tuple(spec.input_shape)
 
   def apply_fn(params: Params, batch_stats: BatchStats, x: jax.Array, *, train: bool,
-               example_mask: Optional[jax.Array] = None) -> tuple[jax.Array, BatchStats]:
+               example_mask: Optional[jax.Array] = None,
+               gates: Optional[dict] = None) -> tuple[jax.Array, BatchStats]:
     params_state = _to_state(abstract_params, params, 'params')
     stats_state = _to_state(abstract_stats, batch_stats, 'batch_stats')
     model = nnx.merge(graphdef, params_state, stats_state)
@@ -342,7 +376,13 @@ def make_apply(spec, *, conv_impl: str = 'lax') -> ApplyFn:
     if example_mask is not None and jnp.shape(example_mask) != (x.shape[0],):
       raise ValueError(f'example_mask must have shape ({x.shape[0]},), got '
                        f'{jnp.shape(example_mask)}')
-    logits = model(x, train=bool(train), example_mask=example_mask)
+    if gates is None:
+      logits = model(x, train=bool(train), example_mask=example_mask)
+    elif not isinstance(model, (_ConvNet, _ResNet)):
+      raise ValueError(f'gates are supported for ConvNetSpec and ResNetSpec models, not '
+                       f'{type(spec).__name__}')
+    else:
+      logits = model(x, train=bool(train), example_mask=example_mask, gates=gates)
     return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
   return apply_fn

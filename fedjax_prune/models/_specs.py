@@ -469,6 +469,50 @@ def resnet18(num_classes: int = 10, norm: str = 'batch_running', width_multiplie
       head='gap')
 
 
+def cifar_resnet(depth: int = 20, num_classes: int = 10, norm: str = 'batch_running',
+                 width_multiplier: float = 1.0,
+                 input_shape: tuple[int, int, int] = (32, 32, 3)) -> ResNetSpec:
+  """CIFAR ResNet-(6n+2) of He et al. (2016, §4.2): 3 stages of n BasicBlocks.
+
+  conv3x3(3 -> 16, no bias) -> BN -> ReLU -> stages of widths 16/32/64 with
+  strides 1/2/2, n = (depth - 2) / 6 blocks each -> GAP -> Linear(64 -> C).
+  Shortcuts are 1x1 conv + BN where the width or stride changes (option B;
+  the original paper's CIFAR nets use zero-padding option A, parameter-free).
+  For C = 10: ResNet-20 has 272,474 trainable parameters here (269,722 with
+  option A; the two projection shortcuts add 2,752) and 81,716,540 FLOPs
+  (`accounting.flops`); ResNet-56 855,770 parameters, 251,757,884 FLOPs.
+
+  Args:
+    depth: 6n + 2 (20, 32, 44, 56, 110, ...).
+    num_classes: number of logits.
+    norm: 'none', 'batch_running' or 'batch_static'.
+    width_multiplier: scales every width (rounded, at least 1).
+    input_shape: (H, W, C).
+  """
+  if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+    raise ValueError(f'cifar_resnet depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110), '
+                     f'got {depth!r}')
+  if not (isinstance(width_multiplier, (int, float)) and width_multiplier > 0):
+    raise ValueError(f'cifar_resnet width_multiplier must be > 0, got {width_multiplier!r}')
+  n = (depth - 2) // 6
+  widths = tuple(_scaled(w, width_multiplier) for w in (16, 32, 64))
+  return ResNetSpec(
+      input_shape=input_shape, num_classes=num_classes, stem_width=widths[0],
+      stage_widths=widths, stage_strides=(1, 2, 2), inner_widths=tuple((w,) * n for w in widths),
+      norm=norm, stem_kernel=3, stem_stride=1, stem_pool=None, conv_bias=False,
+      padding='SYMMETRIC', head='gap')
+
+
+def resnet20(**kwargs) -> ResNetSpec:
+  """CIFAR ResNet-20 (`cifar_resnet(depth=20, **kwargs)`)."""
+  return cifar_resnet(depth=20, **kwargs)
+
+
+def resnet56(**kwargs) -> ResNetSpec:
+  """CIFAR ResNet-56 (`cifar_resnet(depth=56, **kwargs)`)."""
+  return cifar_resnet(depth=56, **kwargs)
+
+
 def asp_resnet(widths: tuple[int, ...] = (16, 32, 64), num_classes: int = 2,
                input_shape: tuple[int, int, int] = (84, 84, 3),
                norm: str = 'batch_running') -> ResNetSpec:

@@ -1,0 +1,192 @@
+"""Helpers shared by the benchmark scripts (timing, the matmul ceiling, results files).
+
+Every script prints a table and writes one JSON file; every comparison it reports
+is a ratio of two timings taken in the same process, because the machines these
+run on (a shared 2-core CI box, a lent GPU) are noisy in absolute terms.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)  # run from a checkout without `pip install -e .`
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Matmul precisions a benchmark may run under (`jax.default_matmul_precision`):
+# 'highest' = true f32, 'tensorfloat32' = TF32 tensor cores (GPU), 'bfloat16' = one
+# bf16 pass; 'default' leaves JAX's own default (TF32-class on recent NVIDIA GPUs).
+PRECISIONS = ("default", "highest", "tensorfloat32", "bfloat16")
+
+
+def precision_scope(precision: str):
+  """Context manager: trace (and so compile) under the given matmul precision."""
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+  if precision == "default":
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(precision)
+
+
+def remat_apply(apply_fn: Callable, policy: Callable | None = None) -> Callable:
+  """`apply_fn` under `jax.checkpoint`: fewer activations kept for the backward pass.
+
+  With the default policy (`dots_with_no_batch_dims_saveable`) only matmul/conv
+  outputs without batch dimensions are kept; elementwise ops (ReLU, BatchNorm,
+  pooling) are recomputed in the backward pass. Values are identical to
+  `apply_fn`'s; only memory and time change. Measured (benchmarks/memory.py):
+  one checkpoint around the whole model saves nothing, since the backward pass
+  recomputes the forward and holds all its residuals at once; it is kept as the
+  knob the memory benchmark compares, until the models offer per-layer remat.
+  """
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy is None else policy
+
+  def apply(params, batch_stats, x, *, train, example_mask=None):
+    # `train` is a Python bool (static); close over it instead of tracing it.
+    inner = lambda p, s, xx, m: apply_fn(p, s, xx, train=train, example_mask=m)
+    return jax.checkpoint(inner, policy=policy)(params, batch_stats, x, example_mask)
+
+  return apply
+
+
+def matmul_ceiling(n: int, repeats: int = 5, precision: str = "default") -> float:
+  """Best-of-`repeats` GFLOP/s of an n x n f32 matmul: the device's practical ceiling."""
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  with precision_scope(precision):
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a))
+    ts.append(time.perf_counter() - t)
+  return 2 * n ** 3 / min(ts) / 1e9
+
+
+def default_ceiling_size(smoke: bool) -> int:
+  if smoke:
+    return 256
+  return 2048 if jax.default_backend() == "cpu" else 8192
+
+
+def time_call(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+  """(first-call seconds incl. compile, median of `repeats` later calls)."""
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t
+  ts = []
+  for _ in range(max(1, repeats)):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t)
+  return first, statistics.median(ts)
+
+
+def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+  """Median seconds of each (already compiled) fn, timed in turns: a, b, c, a, b, c, ...
+
+  Taking turns makes the ratios robust to load that drifts during the run (a
+  shared machine): every fn sees the same slow and fast moments.
+  """
+  ts: list[list[float]] = [[] for _ in fns]
+  for _ in range(max(1, repeats)):
+    for i, fn in enumerate(fns):
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      ts[i].append(time.perf_counter() - t)
+  return [statistics.median(t) for t in ts]
+
+
+def is_oom(exc: BaseException) -> bool:
+  """True for an out-of-memory error from XLA (compile or run)."""
+  text = f"{type(exc).__name__}: {exc}"
+  return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM"))
+
+
+def device_info() -> dict:
+  """What ran the benchmark: backend, device kind and count, versions, host."""
+  dev = jax.devices()[0]
+  info = dict(backend=jax.default_backend(), device=str(getattr(dev, "device_kind", dev.platform)),
+              device_count=jax.device_count(), process_count=jax.process_count(),
+              num_cpus=os.cpu_count(), platform=platform.platform(), jax=jax.__version__,
+              python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+  limit = device_memory_limit()
+  if limit:
+    info["device_memory_bytes"] = limit
+  return info
+
+
+def device_memory_stats() -> dict:
+  """`memory_stats()` of device 0 ({} where the backend has none, e.g. CPU)."""
+  try:
+    return dict(jax.devices()[0].memory_stats() or {})
+  except Exception:  # noqa: BLE001 -- some backends raise instead of returning None
+    return {}
+
+
+def device_memory_limit() -> int | None:
+  return device_memory_stats().get("bytes_limit")
+
+
+def out_path(name: str, smoke: bool, out: str = "", out_dir: str = "") -> str:
+  """`out`, else `<out_dir or benchmarks/results>/<name>_<backend>[_smoke].json`."""
+  if out:
+    return out
+  directory = out_dir or RESULTS_DIR
+  return os.path.join(directory, f"{name}_{jax.default_backend()}{'_smoke' if smoke else ''}.json")
+
+
+def write_json(path: str, result: dict) -> None:
+  """Atomic write (a benchmark killed mid-way leaves the previous file intact)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=1, default=float)
+  os.replace(path + ".tmp", path)
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+  """Prints rows as a fixed-width table; columns are (key, header, format)."""
+  widths = [max(len(h), 8) for _, h, _ in columns]
+  cells = []
+  for row in rows:
+    line = []
+    for (key, _, fmt), _w in zip(columns, widths):
+      value = row.get(key)
+      line.append("-" if value is None else (format(value, fmt) if fmt else str(value)))
+    cells.append(line)
+  widths = [max([w] + [len(c[i]) for c in cells]) for i, w in enumerate(widths)]
+  print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
+  for line in cells:
+    print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def random_masks(params, density: float, key) -> dict:
+  """Unstructured random masks keeping `density` of every kernel (biases/BN dense).
+
+  Returned leaves are bool, full shape for kernels and scalar True otherwise
+  (the broadcastable-mask convention of `fedjax_prune.masks`).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  out = []
+  for i, (path, leaf) in enumerate(leaves):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "kernel" and density < 1.0:
+      out.append(jax.random.bernoulli(jax.random.fold_in(key, i), density, leaf.shape))
+    else:
+      out.append(jnp.ones((), bool))
+  return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Runs the benchmark suite on a GPU machine and writes the results, device named.
+#
+#   bash benchmarks/run_gpu.sh            # full suite, <= ~8 minutes on one H100
+#   bash benchmarks/run_gpu.sh --smoke    # every script at CI size (checks the setup, ~2 min)
+#
+# Run from anywhere; it cd's to the repository root. Results go to $OUT when that
+# variable is set (at most 8 files: 6 JSON, 1 PNG, 1 log), else to
+# benchmarks/results/. Every JSON names the device (`device`, `backend`, `jax`).
+#
+# Python: $PYTHON if set, else the first of python3, python, .venv/bin/python
+# whose JAX sees a GPU. It needs jax with CUDA, flax, optax, numpy and
+# matplotlib; the package itself is imported from this checkout (no install).
+# Without network access, missing packages can come from a local wheel folder:
+# put the wheels in .whl/ (or point $WHEELS at a folder) and they are installed
+# with `pip install --no-index --target` into a temporary site dir first.
+#
+# Each step has its own time limit (`timeout`) and writes its JSON as it goes, so
+# a slow step costs its own results only; a step that fails is logged and the
+# suite carries on. Limits (seconds): engine 200, pfl reference 70, pruning 50,
+# memory 70, precision 40, scaling 30: at most 460 s plus the setup check.
+set -u
+cd "$(dirname "$0")/.."
+
+SMOKE=""
+[ "${1:-}" = "--smoke" ] && SMOKE="--smoke"
+
+RESULTS="${OUT:-benchmarks/results}"
+mkdir -p "$RESULTS"
+LOG="$RESULTS/run_gpu${SMOKE:+_smoke}.log"
+: >"$LOG"
+say() { echo "$*" | tee -a "$LOG"; }
+
+# Optional offline wheel cache.
+WHEELS="${WHEELS:-.whl}"
+if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  say "installing wheels from $WHEELS into /tmp/fedjax_prune_site"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/fedjax_prune_site "$WHEELS"/*.whl >>"$LOG" 2>&1 \
+    && export PYTHONPATH="/tmp/fedjax_prune_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+CHECK='import jax, flax, optax, numpy, matplotlib; b = jax.default_backend(); print(b, jax.devices()[0].device_kind, jax.__version__); raise SystemExit(0 if b in ("gpu", "cuda", "rocm", "tpu") else 3)'
+PY=""
+for cand in ${PYTHON:-} python3 python .venv/bin/python; do
+  if command -v "$cand" >/dev/null 2>&1 && info=$("$cand" -c "$CHECK" 2>/dev/null); then
+    PY="$cand"; break
+  fi
+done
+if [ -z "$PY" ]; then
+  say "ERROR: no Python here has JAX with a GPU backend plus flax, optax, numpy and matplotlib."
+  say "  Tried: ${PYTHON:-} python3 python .venv/bin/python. What each says:"
+  for cand in ${PYTHON:-} python3 python .venv/bin/python; do
+    command -v "$cand" >/dev/null 2>&1 && say "  $cand: $("$cand" -c "$CHECK" 2>&1 | tail -1)"
+  done
+  say "  Fix: install jax[cuda12] (or cuda13), flax, optax, matplotlib, or put their wheels in .whl/,"
+  say "  or set PYTHON=/path/to/python. (On a CPU-only machine run the scripts directly instead.)"
+  exit 3
+fi
+say "python: $(command -v "$PY")  backend/device/jax: $info"
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+step() {  # step NAME LIMIT_S ARGS...: one benchmark under its own time limit
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  say ""
+  say "=== $name (limit ${limit}s, elapsed $((t0 - START))s) ==="
+  timeout --signal=TERM --kill-after=10 "$limit" "$PY" "$@" 2>&1 | grep --line-buffered -v "^W0000\|^I0000" | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  say "=== $name: exit $rc after $(( $(date +%s) - t0 ))s $( [ "$rc" = 124 ] && echo '(time limit: partial results kept)')"
+}
+
+O=(--out-dir "$RESULTS")
+if [ -n "$SMOKE" ]; then
+  step engine 120 benchmarks/engine.py --smoke --models leaf_femnist_cnn,resnet18 --out "$RESULTS/engine_gpu_smoke.json"
+  step pfl_reference 60 benchmarks/pfl_reference.py --smoke "${O[@]}"
+  step pruning_payoff 60 benchmarks/pruning_payoff.py --smoke "${O[@]}"
+  step memory 60 benchmarks/memory.py --smoke --remat --verify "${O[@]}"
+  step precision 60 benchmarks/precision.py --smoke "${O[@]}"
+  step scaling 60 benchmarks/scaling.py --smoke --no-weak --engine-json "$RESULTS/engine_gpu_smoke.json" "${O[@]}"
+else
+  # Engine: FEMNIST CNN at 8, 64, 512 and 1024 clients, ResNet-18 at 8 and 64; the loop baseline is the faster
+  # of lax and im2col convs (im2col's loop was 2x faster than lax's on an H100 for the FEMNIST CNN).
+  step engine 200 benchmarks/engine.py --models leaf_femnist_cnn,resnet18 \
+    --cohorts 8,64,512,1024 --model-cohorts "resnet18=8,64" \
+    --strategies vmap+lax,vmap+im2col,chunked128+lax,sequential+lax \
+    --model-strategies "resnet18=vmap+lax,chunked16+lax" \
+    --loop-impls lax,im2col --no-flax-ref --donate --repeats 2 --time-budget 95 "${O[@]}"
+  step pfl_reference 70 benchmarks/pfl_reference.py --strategy vmap+lax "${O[@]}"
+  step pruning_payoff 50 benchmarks/pruning_payoff.py --model leaf_femnist_cnn --cohort 64 "${O[@]}"
+  step memory 70 benchmarks/memory.py --model leaf_femnist_cnn --cohorts 8,64 --chunk 8 --remat --verify "${O[@]}"
+  step precision 40 benchmarks/precision.py --rounds 20 "${O[@]}"
+  step scaling 30 benchmarks/scaling.py --cohorts 8,32,128,512 --no-weak \
+    --engine-json "$RESULTS/engine_gpu.json" "${O[@]}"
+fi
+say ""
+say "done in $(( $(date +%s) - START ))s; results in $RESULTS:"
+ls -l "$RESULTS" | tee -a "$LOG"

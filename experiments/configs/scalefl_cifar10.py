@@ -1,0 +1,18 @@
+"""scalefl on CIFAR-10/100 with ResNet-18 in FIARSE's setting (METHODS.md §4.6, §5).
+
+Command:
+  python -m experiments.main --config experiments/configs/scalefl_cifar10.py:cifar10 --workdir workdir/scalefl_c10
+
+Same setting, data and evaluation as experiments/configs/fiarse_cifar10.py (see
+its docstring; not measured at full scale here). Paper table (§4.10, CIFAR-10)
+for this baseline: see METHODS.md §4.10.
+"""
+from experiments.configs import fiarse_cifar10
+
+
+def get_config(arg: str | None = None):
+  c = fiarse_cifar10.get_config(arg)
+  c.method = "scalefl"
+  c.hetero.layerwise = False
+  c.strategy = "vmap+lax"  # 'auto' times the plain ResNet, not the early-exit model
+  return c

@@ -1,0 +1,250 @@
+"""Driver for Automatic Structured Pruning (config.method='asp') and the fixed-ratio
+L1-filter baseline (config.method='l1_filter').
+
+ASP (fedjax_prune.pruning.auto_structured): before every round of phase 1 the
+server applies the mean +- k std rule to the aggregated model; an accepted
+(smaller) candidate is rebuilt -- re-initialised by default -- and the round is
+re-jitted once for the new shapes. Phase 2 is FedAvg on the found architecture.
+L1 filter (fedjax_prune.pruning.l1_filter): dense FedAvg for
+`l1_filter.prune_round` rounds, then every prunable conv loses `l1_filter.ratio`
+of its filters (smallest L1), surviving weights kept, and FedAvg fine-tunes.
+
+Per-round metrics records: the FedAvg train metrics, eval metrics every
+`eval_every` rounds, `phase` ('search' while ASP may still prune, 'train'
+after; 'dense'/'train' for l1_filter), `params`, `flops` (batch 1,
+fedjax_prune.accounting), `bytes_up` / `bytes_down` of the whole cohort this
+round (dense float32 model incl. BN running statistics), `cum_bytes` (up +
+down since round 1), `dense_cum_bytes` (the same for FedAvg on the dense model)
+and `accepted` (1 when the architecture changed before this round).
+
+Checkpoints hold the FedAvg ServerState of the current architecture; `meta`
+holds the spec as JSON (`structured.spec_to_json`), so a resumed run rebuilds
+the right shapes before restoring, plus the ASP search state, the cumulative
+bytes and the strategy.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from experiments import build, runtime
+from fedjax_prune import accounting, checkpoint, federated, models, structured
+from fedjax_prune.pruning import auto_structured, l1_filter
+
+_CONV_MODELS = ("leaf_femnist_cnn", "asp_femnist_cnn", "asp_celeba_cnn", "vgg11", "resnet18",
+                "resnet20", "resnet56", "asp_resnet", "asp_inception")
+
+
+def _field(config, path, default):
+  node = config
+  for part in path.split("."):
+    if part not in node:
+      return default
+    node = node[part]
+  return node
+
+
+def _bad(path, value, allowed):
+  raise build.ConfigError(f"config.{path}={value!r} is invalid: allowed {allowed}")
+
+
+def _check_int(config, path, default, lo):
+  v = _field(config, path, default)
+  if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+    _bad(path, v, f"an integer in [{lo}, inf]")
+
+
+def validate(config) -> None:
+  """Checks config.model.name and the config.asp / config.l1_filter fields."""
+  if config.model.name not in _CONV_MODELS:
+    _bad("model.name", config.model.name, f"a conv model for structured pruning: {_CONV_MODELS}")
+  method = config.get("method", "asp")
+  widths = _field(config, "asp.widths", ())
+  if not isinstance(widths, (tuple, list)) or not all(
+      isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+    _bad("asp.widths", widths, "a tuple of positive ints (empty = the model's preset widths)")
+  if method == "l1_filter":
+    ratio = _field(config, "l1_filter.ratio", 0.5)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+      _bad("l1_filter.ratio", ratio, "a number in [0, 1)")
+    prune_round = _field(config, "l1_filter.prune_round", 0)
+    if isinstance(prune_round, bool) or not isinstance(prune_round, int) or not (
+        0 <= prune_round < config.rounds):
+      _bad("l1_filter.prune_round", prune_round, f"an integer in [0, {config.rounds - 1}]")
+    return
+  k = _field(config, "asp.k", 2.2)
+  if isinstance(k, bool) or not isinstance(k, (int, float)) or not k >= 0:
+    _bad("asp.k", k, "a number >= 0")
+  tails = _field(config, "asp.tails", "both")
+  if tails not in auto_structured.TAILS:
+    _bad("asp.tails", tails, f"one of {auto_structured.TAILS}")
+  _check_int(config, "asp.max_patience", 3, 1)
+  _check_int(config, "asp.max_pruned_round", 50, 0)
+  _check_int(config, "asp.rounds_between_prunes", 1, 1)
+  reinit = _field(config, "asp.reinit_on_prune", True)
+  if not isinstance(reinit, bool):
+    _bad("asp.reinit_on_prune", reinit, "True or False")
+
+
+def build_spec(config, data):
+  """The dense starting spec on the data's input shape; `config.asp.widths` (if set)
+  replaces the preset widths."""
+  spec = build.build_spec(config, data.input_shape, data.num_classes)
+  widths = tuple(_field(config, "asp.widths", ()))
+  name, kw = config.model.name, dict(num_classes=data.num_classes, input_shape=data.input_shape)
+  if not widths:
+    if name == "asp_celeba_cnn":  # build.build_spec keeps the 84x84x3 preset input
+      return models.asp_celeba_cnn(**kw)
+    return spec
+  if name == "asp_femnist_cnn":
+    return models.asp_femnist_cnn(widths=widths, **kw)
+  if name == "asp_celeba_cnn":
+    return models.asp_celeba_cnn(widths=widths, **kw)
+  if name == "asp_resnet":
+    return models.asp_resnet(widths=widths, norm="batch_running", **kw)
+  if name == "asp_inception":
+    return models.asp_inception(widths=widths, **kw)
+  raise build.ConfigError(f"config.asp.widths is only supported for the asp_* models, not "
+                          f"{name!r}")
+
+
+def make_policy(config):
+  """ASP as the driver uses it (a library AutoStructured)."""
+  a = lambda name, default: _field(config, f"asp.{name}", default)
+  return auto_structured.auto_structured(
+      k=float(a("k", 2.2)), tails=a("tails", "both"), max_patience=a("max_patience", 3),
+      max_pruned_round=a("max_pruned_round", 50), reinit_on_prune=a("reinit_on_prune", True),
+      rounds_between_prunes=a("rounds_between_prunes", 1))
+
+
+def size_record(spec, num_clients: int) -> dict:
+  """Params, FLOPs and whole-cohort bytes of one round for a dense model of `spec`."""
+  up, down = accounting.round_bytes(spec, include_batch_stats=True)
+  return {"params": accounting.param_count(spec), "flops": accounting.flops(spec),
+          "bytes_up": up * num_clients, "bytes_down": down * num_clients}
+
+
+class _Built:
+  """The jitted round, the algorithm and the evaluator of one architecture."""
+
+  def __init__(self, config, env, spec, strategy):
+    self.spec = spec
+    apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl)
+    self.alg = build.build_algorithm(config, apply_fn)
+    self.round_fn = federated.make_round(self.alg, execution=strategy.execution, mesh=env.mesh,
+                                         donate=True)
+    self.evaluate = runtime.make_evaluator(env, apply_fn)
+    self.sizes = size_record(spec, config.clients_per_round)
+
+  def init(self, config, params, batch_stats):
+    return self.alg.init(params, jax.random.key(config.seeds.init), batch_stats=batch_stats)
+
+
+def run(config, env: runtime.Env) -> dict:
+  method = config.get("method", "asp")
+  data = env.data
+  dense_spec = build_spec(config, data)
+  init_key = jax.random.key(config.seeds.init)
+  params, batch_stats = models.init_params(dense_spec, init_key)
+  policy = make_policy(config) if method == "asp" else None
+  search = policy.init() if policy is not None else auto_structured.AutoStructuredState(
+      True, 0, 0, 0)  # for l1_filter: still_prune = not yet pruned
+  dense_sizes = size_record(dense_spec, config.clients_per_round)
+  dense_per_round = dense_sizes["bytes_up"] + dense_sizes["bytes_down"]
+  spec, cum_bytes, start_round, strategy_name = dense_spec, 0, 0, None
+
+  def template(meta):
+    s = structured.spec_from_json(meta["spec"])
+    base = build.build_algorithm(config, build.build_apply(s, data.normalize, "lax"))
+    p, b = jax.eval_shape(lambda: models.init_params(s, jax.random.key(0)))
+    return jax.eval_shape(lambda: base.init(p, jax.random.key(0), batch_stats=b))
+
+  restored = env.checkpoint.restore(template)
+  state = None
+  if restored is not None:
+    start_round, state, meta = restored
+    spec = structured.spec_from_json(meta["spec"])
+    search = auto_structured.AutoStructuredState(**meta["search"])
+    cum_bytes, strategy_name = int(meta["cum_bytes"]), meta.get("strategy")
+    env.metrics.truncate_to_round(start_round)
+    env.log(f"resumed from the checkpoint after round {start_round} (architecture {spec})")
+
+  if strategy_name is None:
+    algorithm_for = lambda apply_fn, schedule: build.build_algorithm(config, apply_fn, schedule)
+    strategy, timings = runtime.choose_strategy(env, dense_spec, params, batch_stats,
+                                                algorithm_for, runtime.cohort_for(env, 0))
+  else:
+    strategy, timings = federated.Strategy.from_name(strategy_name), {}
+  env.log(f"client execution: {strategy.name}")
+  built = _Built(config, env, spec, strategy)
+  if state is None:
+    state = built.init(config, jax.tree.map(jnp.copy, params), batch_stats)
+  train_root = jax.random.key(config.seeds.training)
+  ratio = float(_field(config, "l1_filter.ratio", 0.5))
+  prune_round = _field(config, "l1_filter.prune_round", 0)
+
+  progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
+  start = time.perf_counter()
+  last_eval: dict = {}
+  search_rounds, rebuilds = 0, 0
+  for round_idx in range(start_round, config.rounds):
+    accepted = False
+    if method == "asp":
+      search, decision = policy.step(search, spec, jax.device_get(state.params),
+                                     jax.device_get(state.batch_stats), round_idx,
+                                     jax.random.fold_in(init_key, round_idx))
+      phase = "search" if search.still_prune else "train"  # the step may end phase 1
+      if decision.accepted:
+        accepted, spec = True, decision.spec
+        new_params, new_stats = decision.params, decision.batch_stats
+    else:
+      phase = "dense" if search.still_prune else "train"
+      if search.still_prune and round_idx >= prune_round:
+        out = l1_filter.l1_filter_prune(spec, jax.device_get(state.params), ratio,
+                                        batch_stats=jax.device_get(state.batch_stats))
+        accepted, spec, new_params, new_stats = True, out.spec, out.params, out.batch_stats
+        search = search._replace(still_prune=False, num_accepted=1, last_decision_round=round_idx)
+    if accepted:  # new shapes: rebuild the model, re-jit the round once
+      built, rebuilds = _Built(config, env, spec, strategy), rebuilds + 1
+      state = built.init(config, new_params, new_stats)
+      env.log(f"round {round_idx}: architecture -> {structured.spec_to_json(spec)} "
+              f"({built.sizes['params']:,} params)")
+    search_rounds += phase == "search"
+    state, metrics = built.round_fn(state, data.train, runtime.cohort_for(env, round_idx),
+                                    federated.round_key(train_root, round_idx))
+    record = runtime.round_record(metrics, round_idx, start)
+    cum_bytes += built.sizes["bytes_up"] + built.sizes["bytes_down"]
+    record.update(built.sizes, phase=phase, accepted=int(accepted), cum_bytes=cum_bytes,
+                  dense_cum_bytes=dense_per_round * (round_idx + 1))
+    if (round_idx + 1) % config.eval_every == 0 or round_idx + 1 == config.rounds:
+      last_eval = built.evaluate(state.params, state.batch_stats)
+      record.update(last_eval)
+    env.metrics.write(record)
+    every = config.get("checkpoint_every", 0)
+    if every and ((round_idx + 1) % every == 0 or round_idx + 1 == config.rounds):
+      env.checkpoint.save(round_idx + 1, state, {
+          "spec": structured.spec_to_json(spec), "search": search._asdict(),
+          "cum_bytes": cum_bytes, "strategy": strategy.name})
+    progress.update(1)
+    progress.set_postfix(loss=f"{record['train_loss']:.3f}", params=built.sizes["params"],
+                         acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")
+  progress.close()
+  if not last_eval:
+    last_eval = built.evaluate(state.params, state.batch_stats)
+  dense_cum = dense_per_round * config.rounds
+  return {
+      "rounds": config.rounds, "wall_time_s": time.perf_counter() - start,
+      "strategy": strategy.name, "strategy_timings_s": timings,
+      "dense_params": dense_sizes["params"], "dense_flops": dense_sizes["flops"],
+      "params": built.sizes["params"], "flops": built.sizes["flops"],
+      "params_reduction": 1 - built.sizes["params"] / dense_sizes["params"],
+      "flops_reduction": 1 - built.sizes["flops"] / dense_sizes["flops"],
+      "spec": structured.spec_to_json(spec), "num_accepted": search.num_accepted,
+      "search_rounds_this_run": search_rounds, "rebuilds_this_run": rebuilds,
+      "cum_bytes": cum_bytes, "dense_cum_bytes": dense_cum,
+      "communication_ratio": dense_cum / cum_bytes if cum_bytes else float("nan"),
+      "bytes_per_round_final": built.sizes["bytes_up"] + built.sizes["bytes_down"],
+      "bytes_per_round_dense": dense_per_round, "data": data.description, **last_eval,
+  }

@@ -1,0 +1,312 @@
+"""Driver for the model-heterogeneous methods: FIARSE, HeteroFL, FedRolex, ScaleFL.
+
+`config.method` picks the method; `config.hetero` holds their fields:
+
+  capacities        capacity levels (fractions of the parameters), e.g. (1, 1/4, 1/16, 1/64)
+  assignment        'interleaved' (client i -> level i mod L) or 'blocks' (equal contiguous
+                    groups); which clients FIARSE's code gives which size is not recorded
+                    in METHODS.md (inferred option)
+  fiarse_grad       'masked' (released code) or 'tcb' (TCB-GD surrogate)
+  layerwise         FIARSE: one threshold per stage group
+  server_learning_rate
+  scaler            HeteroFL/FedRolex/ScaleFL: 1/r on the classifier input in training
+  augment           RandomCrop(32, pad 4) + horizontal flip on the training batches
+  sweep             extra global-test sizes (§4.9: 1 ... 1/256), evaluated every sweep_every rounds
+  scalefl_alpha, scalefl_temperature, scalefl_widths, scalefl_depths  (inferred ScaleFL options;
+                    empty widths/depths = `scalefl.scalefl_levels`)
+
+Evaluation (METHODS.md §4.9), every `eval_every` rounds and at the end, with
+`eval_batch_size` (20 = FIARSE's; static BN uses the batch's statistics):
+  model_<s>   mean local-test accuracy of the clients whose capacity is s, on the size-s submodel
+  local       mean over all clients of their own-size submodel's local-test accuracy
+  global_<s>  size-s submodel on the global test set; `global` = mean over the levels
+  sweep_<s>   size-s submodel on the global test set for the sweep sizes
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import build, runtime
+from fedjax_prune import data as data_lib
+from fedjax_prune import federated, models
+from fedjax_prune import tree as tree_lib
+from fedjax_prune.pruning import fiarse as fiarse_lib
+from fedjax_prune.pruning import scalefl as scalefl_lib
+from fedjax_prune.pruning import _width_submodels as width_lib
+
+METHODS = ("fiarse", "heterofl", "fedrolex", "scalefl")
+ASSIGNMENTS = ("interleaved", "blocks")
+
+
+def level_label(capacity: float) -> str:
+  """'1', '1/4', '1/64' for reciprocal integers, else '0.64'."""
+  if capacity == 1.0:
+    return "1"
+  inv = 1.0 / capacity
+  return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"{capacity:g}"
+
+
+def _capacity_tuple(config, path) -> tuple[float, ...]:
+  value = build._get(config, path)
+  try:
+    caps = tuple(float(c) for c in value)
+  except (TypeError, ValueError):
+    raise build.ConfigError(f"config.{path}={value!r} is invalid: allowed a tuple of floats in (0, 1]") from None
+  if not caps or any(not (math.isfinite(c) and 0 < c <= 1) for c in caps) or len(set(caps)) != len(caps):
+    raise build.ConfigError(f"config.{path}={value!r} is invalid: allowed a non-empty tuple of "
+                            "distinct floats in (0, 1]")
+  return caps
+
+
+def validate(config) -> None:
+  method = config.get("method")
+  build._require(method in METHODS, "method", method, f"one of {METHODS}")
+  if "hetero" not in config:
+    raise build.ConfigError("config field 'hetero' is missing (see experiments/methods/hetero.py)")
+  _capacity_tuple(config, "hetero.capacities")
+  if len(config.hetero.sweep):
+    _capacity_tuple(config, "hetero.sweep")
+  build._choice(config, "hetero.assignment", ASSIGNMENTS)
+  build._choice(config, "hetero.fiarse_grad", fiarse_lib.GRADS)
+  build._choice(config, "hetero.layerwise", (True, False))
+  build._choice(config, "hetero.scaler", (True, False))
+  build._choice(config, "hetero.augment", (True, False))
+  build._float_in(config, "hetero.server_learning_rate", 0.0, lo_open=True)
+  build._int_in(config, "hetero.sweep_every", 0)
+  if build._choice(config, "hetero.repartition", ("", "balanced_dirichlet")):
+    build._float_in(config, "hetero.alpha", 0.0, lo_open=True)
+    build._int_in(config, "hetero.num_clients", 1)
+  build._float_in(config, "hetero.scalefl_alpha", 0.0, 1.0)
+  build._float_in(config, "hetero.scalefl_temperature", 0.0, lo_open=True)
+  if method != "fiarse" or config.hetero.layerwise:
+    build._require(config.model.name == "resnet18", "model.name", config.model.name,
+                   f"'resnet18' for {method}" + (" (layer-wise thresholds need ResNet stages)"
+                                                 if method == "fiarse" else " (width/depth submodels)"))
+  widths, depths = tuple(config.hetero.scalefl_widths), tuple(config.hetero.scalefl_depths)
+  n = len(config.hetero.capacities)
+  if widths or depths:
+    build._require(len(widths) == n and len(depths) == n and all(0 < w <= 1 for w in widths)
+                   and all(isinstance(d, int) and 1 <= d <= 4 for d in depths),
+                   "hetero.scalefl_widths/scalefl_depths", (widths, depths),
+                   f"both empty, or {n} widths in (0, 1] and {n} depths in [1, 4]")
+  if method == "scalefl" and config.strategy == "auto":
+    raise build.ConfigError("config.strategy='auto' is invalid for scalefl: allowed a named strategy "
+                            "such as 'sequential+tapgrad' (CPU) or 'vmap+lax' (GPU)")
+
+
+def client_capacities(num_clients: int, capacities: tuple[float, ...], assignment: str) -> np.ndarray:
+  """[N] float32 capacity of every client (equal group sizes when L divides N)."""
+  levels = np.asarray(capacities, np.float32)
+  idx = np.arange(num_clients)
+  if assignment == "interleaved":
+    return levels[idx % len(levels)]
+  return levels[idx * len(levels) // num_clients]
+
+
+def _augment(x, key):
+  """RandomCrop(pad 4) + horizontal flip on raw images (black padding, as torchvision on PIL)."""
+  crop_key, flip_key = jax.random.split(key)
+  return data_lib.random_flip(data_lib.random_crop(x, crop_key, 4), flip_key)
+
+
+def _method(config, apply_fn, params, schedule, train_transform):
+  h, c = config.hetero, config.client
+  opt = (optax.sgd(c.learning_rate, momentum=c.momentum or None) if c.optimizer == "sgd"
+         else optax.adam(c.learning_rate))
+  caps = tuple(float(x) for x in h.capacities)
+  kw = dict(capacities=caps, server_learning_rate=h.server_learning_rate,
+            train_transform=train_transform)
+  if config.method == "fiarse":
+    return fiarse_lib.fiarse(apply_fn, opt, schedule, grad=h.fiarse_grad, layerwise=h.layerwise, **kw)
+  if config.method in ("heterofl", "fedrolex"):
+    factory = width_lib.heterofl if config.method == "heterofl" else width_lib.fedrolex
+    return factory(apply_fn, opt, schedule, scaler=h.scaler, **kw)
+  widths, depths = tuple(h.scalefl_widths), tuple(h.scalefl_depths)
+  if not widths:
+    widths, depths = scalefl_lib.scalefl_levels(params, caps)
+  return scalefl_lib.scalefl(apply_fn, opt, schedule, widths=widths, depths=depths,
+                             num_exits=len(config_stage_exits(params)) + 1, scaler=h.scaler,
+                             distill_alpha=h.scalefl_alpha, temperature=h.scalefl_temperature, **kw)
+
+
+def config_stage_exits(params) -> tuple[int, ...]:
+  return tuple(sorted(int(k[4:]) for k in params if k.startswith("exit")))
+
+
+def make_level_evaluator(method, apply_fn: Callable, data: build.Data, batch_size: int):
+  """Jitted evaluators with a traced capacity (one compile for every size).
+
+  Returns (eval_all(state, capacity) -> (central EvalSums, per-client EvalSums [N]),
+  eval_central(state, capacity) -> central EvalSums).
+  """
+
+  def submodel_apply(state, capacity):
+    params, exit_idx = method.submodel(state, capacity)
+
+    def apply(p, bs, x, *, train, example_mask=None):
+      logits, stats = apply_fn(p, bs, x, train=train, example_mask=example_mask)
+      if logits.ndim == 3:  # early-exit model: [B, X, K] -> the submodel's exit
+        logits = jnp.take(logits, exit_idx, axis=1)
+      return logits, stats
+
+    return params, apply
+
+  # Test data enter as arguments (closed-over arrays would be constant-folded at compile time).
+  def eval_central(state, capacity, test_x, test_y):
+    params, apply = submodel_apply(state, capacity)
+    return federated.make_evaluate(apply, batch_size=batch_size)(params, state.batch_stats, test_x, test_y)
+
+  def eval_all(state, capacity, test_x, test_y, test_clients):
+    params, apply = submodel_apply(state, capacity)
+    local = federated.make_evaluate_clients(apply, batch_size=batch_size)(
+        params, state.batch_stats, test_clients)
+    return eval_central(state, capacity, test_x, test_y), local
+
+  all_jit, central_jit = jax.jit(eval_all), jax.jit(eval_central)
+  return (lambda state, cap: all_jit(state, cap, data.test_x, data.test_y, data.test_clients),
+          lambda state, cap: central_jit(state, cap, data.test_x, data.test_y))
+
+
+def evaluate_protocol(eval_all, eval_central, state, capacities, client_caps, sweep) -> dict:
+  """The §4.9 columns as a flat dict (host floats)."""
+  out, global_accs = {}, []
+  own_acc = np.full(client_caps.shape, np.nan)
+  for cap in capacities:
+    central, local = eval_all(state, jnp.float32(cap))
+    c = central.means()
+    label = level_label(cap)
+    out[f"global_{label}"] = float(c["accuracy"])
+    global_accs.append(float(c["accuracy"]))
+    # Test rows beyond the N train clients (test-only clients) have no capacity: ignored.
+    n = np.asarray(local.num_examples)[:client_caps.shape[0]]
+    acc = np.where(n > 0, np.asarray(local.correct_sum)[:n.shape[0]] / np.maximum(n, 1), np.nan)
+    mine = np.abs(client_caps - cap) < 1e-6
+    own_acc[mine] = acc[mine]
+    out[f"model_{label}"] = float(np.nanmean(acc[mine])) if np.any(mine & (n > 0)) else float("nan")
+  out["local"] = float(np.nanmean(own_acc))
+  out["global"] = float(np.mean(global_accs))
+  for cap in sweep:
+    out[f"sweep_{level_label(cap)}"] = float(eval_central(state, jnp.float32(cap)).means()["accuracy"])
+  # The generic keys train.py prints.
+  out["test_accuracy"], out["local_accuracy_mean"] = out["global"], out["local"]
+  return out
+
+
+def repartition_balanced(data: build.Data, num_clients: int, alpha: float, seed: int) -> build.Data:
+  """FIARSE's §4.8 federation: balanced Dirichlet on the pooled train and, separately, test data.
+
+  Each client gets floor(N / n) train and floor(N_test / n) local-test examples
+  (independent class priors for the two splits, as FIARSE's code); the global
+  test set is the union of the local ones.
+  """
+  train_x, train_y = data_lib.pool(data.train)
+  test_x, test_y = data_lib.pool(data.test_clients)
+  train_parts, test_parts = data_lib.balanced_dirichlet_train_test(
+      train_y, test_y, num_clients, alpha, seed, num_classes=data.num_classes)
+  train = data_lib.from_client_lists([train_x[p] for p in train_parts], [train_y[p] for p in train_parts])
+  test = data_lib.from_client_lists([test_x[p] for p in test_parts], [test_y[p] for p in test_parts])
+  gx, gy = data_lib.pool(test)
+  return data._replace(train=data_lib.to_device(train), test_clients=data_lib.to_device(test),
+                       test_x=jnp.asarray(gx), test_y=jnp.asarray(gy),
+                       description=f"{data.description} [re-partitioned: balanced Dirichlet "
+                                   f"alpha={alpha}, {num_clients} clients]")
+
+
+def run(config, env: runtime.Env) -> dict:
+  h = config.hetero
+  data = env.data
+  if h.repartition == "balanced_dirichlet":
+    data = repartition_balanced(data, h.num_clients, h.alpha, config.seeds.data)
+    if config.clients_per_round > h.num_clients:
+      raise build.ConfigError(f"config.clients_per_round={config.clients_per_round} exceeds "
+                              f"hetero.num_clients={h.num_clients}")
+  spec = build.build_spec(config, data.input_shape, data.num_classes)
+  strategy_name = config.strategy
+  init_key = jax.random.key(config.seeds.init)
+  if config.method == "scalefl":
+    exit_stages = tuple(range(1, len(spec.stage_widths)))
+    params, batch_stats = models.init_early_exit_params(spec, exit_stages, init_key)
+    make_raw = lambda conv_impl: models.make_early_exit_apply(spec, exit_stages, conv_impl=conv_impl)
+  else:
+    params, batch_stats = models.init_params(spec, init_key)
+    make_raw = lambda conv_impl: models.make_apply(spec, conv_impl=conv_impl)
+
+  def wrap(raw):
+    def apply_fn(p, bs, x, *, train, example_mask=None):
+      return raw(p, bs, data.normalize(x), train=train, example_mask=example_mask)
+    return apply_fn
+
+  train_transform = _augment if h.augment else None
+  caps = tuple(float(x) for x in h.capacities)
+  client_caps = client_capacities(data.train.num_clients, caps, h.assignment)
+
+  def cohort(round_idx):
+    ids = data_lib.sample_uniform(data.train.num_clients, config.clients_per_round,
+                                  config.seeds.sampling, round_idx)
+    return federated.make_cohort(ids, capacity=client_caps[np.asarray(ids)],
+                                 multiple=env.cohort_multiple)
+
+  timings = {}
+  if strategy_name == "auto":
+    algorithm_for = lambda apply_fn, schedule: _method(config, apply_fn, params, schedule,
+                                                       train_transform).algorithm
+    strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats, algorithm_for, cohort(0))
+  else:
+    strategy = federated.Strategy.from_name(strategy_name)
+  env.log(f"{config.method}: client execution {strategy.name}, capacities {caps}")
+  apply_fn = wrap(make_raw(strategy.conv_impl))
+  c = config.client
+  schedule = federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
+                                     num_steps=c.num_steps or None)
+  method = _method(config, apply_fn, params, schedule, train_transform)
+  round_fn = federated.make_round(method.algorithm, execution=strategy.execution, mesh=env.mesh,
+                                  donate=True)
+  eval_apply = wrap(make_raw("lax"))
+  eval_all, eval_central = make_level_evaluator(method, eval_apply, data, config.eval_batch_size)
+  state = method.algorithm.init(jax.tree.map(jnp.copy, params), init_key, batch_stats=batch_stats)
+  train_root = jax.random.key(config.seeds.training)
+
+  start_round = 0
+  restored = env.checkpoint.restore(lambda meta: state)
+  if restored is not None:
+    start_round, state, _ = restored
+    env.metrics.truncate_to_round(start_round)
+    env.log(f"resumed from the checkpoint after round {start_round}")
+
+  sweep = tuple(float(x) for x in h.sweep)
+  progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
+  start = time.perf_counter()
+  last_eval: dict = {}
+  eval_time = 0.0
+  for round_idx in range(start_round, config.rounds):
+    state, metrics = round_fn(state, data.train, cohort(round_idx),
+                              federated.round_key(train_root, round_idx))
+    record = runtime.round_record(metrics, round_idx, start)
+    last = round_idx + 1 == config.rounds
+    if (round_idx + 1) % config.eval_every == 0 or last:
+      do_sweep = last or (h.sweep_every and (round_idx + 1) % h.sweep_every == 0)
+      t0 = time.perf_counter()
+      last_eval = evaluate_protocol(eval_all, eval_central, state, caps, client_caps,
+                                    sweep if do_sweep else ())
+      eval_time += time.perf_counter() - t0
+      record.update(last_eval)
+    env.metrics.write(record)
+    every = config.get("checkpoint_every", 0)
+    if every and ((round_idx + 1) % every == 0 or last):
+      env.checkpoint.save(round_idx + 1, state, {"spec": repr(spec), "method": config.method})
+    progress.update(1)
+    progress.set_postfix(loss=f"{record['train_loss']:.3f}",
+                         acc=f"{last_eval.get('global', float('nan')):.3f}")
+  progress.close()
+  return {
+      "rounds": config.rounds, "wall_time_s": time.perf_counter() - start,
+      "eval_time_s": eval_time, "strategy": strategy.name, "strategy_timings_s": timings,
+      "params": tree_lib.size(params), "capacities": caps, "data": data.description, **last_eval,
+  }

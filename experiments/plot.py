@@ -1,0 +1,192 @@
+"""Plots from workdirs: accuracy vs round, accuracy vs params/FLOPs, per-layer density/width.
+
+  python -m experiments.plot --out plots/ workdir/run_a workdir/run_b
+  python -m experiments.plot --out plots/ /tmp/sweep          # a sweep/seed root: its runs
+
+A workdir is a directory with `metrics.jsonl` (and usually `summary.json`); a
+directory without one stands for its subdirectories that have one (a sweep or
+seed-sweep root). Writes PNGs (matplotlib, Agg backend):
+
+  accuracy_vs_round.png   test accuracy (solid) and local mean accuracy (dashed) per run
+  accuracy_vs_size.png    final test accuracy vs kept params and vs FLOPs, one point per
+                          run, with the Pareto front (higher accuracy, smaller model)
+  layers_<run>.png        per-layer density (`density/<layer>`) or width (`width/<layer>`)
+                          over rounds, for runs that log them
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works on headless machines and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+LAYER_PREFIXES = ("density/", "width/")
+
+
+def find_runs(paths: list[str]) -> list[str]:
+  """Workdirs holding metrics.jsonl: each path itself, or else its direct subdirectories."""
+  runs = []
+  for path in paths:
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{path!r} is not a directory")
+    if os.path.exists(os.path.join(path, "metrics.jsonl")):
+      runs.append(path)
+      continue
+    subs = sorted(os.path.join(path, d) for d in os.listdir(path)
+                  if os.path.exists(os.path.join(path, d, "metrics.jsonl")))
+    if not subs:
+      raise FileNotFoundError(f"{path!r} holds no metrics.jsonl (neither it nor its "
+                              "subdirectories is a workdir)")
+    runs += subs
+  if not runs:
+    raise ValueError("no workdirs given")
+  return runs
+
+
+def load_run(workdir: str) -> dict:
+  """{'name', 'records': [dict per round], 'summary': dict} of one workdir."""
+  records = []
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        break  # a line cut short by a kill
+  summary = {}
+  path = os.path.join(workdir, "summary.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      summary = json.load(f)
+  return {"name": os.path.basename(os.path.normpath(workdir)), "records": records,
+          "summary": summary}
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+  xs = [r["round"] for r in records if key in r]
+  return xs, [r[key] for r in records if key in r]
+
+
+def final_value(run: dict, key: str):
+  """The last logged value of `key` (summary first, then the latest record having it)."""
+  if key in run["summary"] and run["summary"][key] is not None:
+    return run["summary"][key]
+  for r in reversed(run["records"]):
+    if key in r:
+      return r[key]
+  return None
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+  """Points (size, accuracy) not dominated by a smaller-or-equal, at-least-as-accurate one."""
+  front, best = [], -math.inf
+  for size, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+    if acc > best:
+      front.append((size, acc))
+      best = acc
+  return front
+
+
+def plot_accuracy_vs_round(runs: list[dict], path: str) -> None:
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for i, run in enumerate(runs):
+    color = f"C{i % 10}"
+    xs, ys = _series(run["records"], "test_accuracy")
+    ax.plot(xs, ys, "-o", color=color, markersize=3, label=f"{run['name']} (test)")
+    xs, ys = _series(run["records"], "local_accuracy_mean")
+    if xs:
+      ax.plot(xs, ys, "--", color=color, alpha=0.7, label=f"{run['name']} (local mean)")
+  ax.set_xlabel("round")
+  ax.set_ylabel("accuracy")
+  ax.set_title("accuracy vs round")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_accuracy_vs_size(runs: list[dict], path: str) -> None:
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+  for ax, key, label in ((axes[0], "params", "kept parameters"),
+                         (axes[1], "flops", "FLOPs per example (batch 1)")):
+    points = []
+    for i, run in enumerate(runs):
+      size, acc = final_value(run, key), final_value(run, "test_accuracy")
+      if size is None or acc is None:
+        continue
+      points.append((size, acc))
+      ax.scatter([size], [acc], color=f"C{i % 10}", zorder=3)
+      ax.annotate(run["name"], (size, acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front(points)
+    if len(front) > 1:
+      ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", alpha=0.5,
+              label="Pareto front")
+      ax.legend(fontsize=7)
+    if points and max(p[0] for p in points) > 10 * min(p[0] for p in points):
+      ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+  fig.suptitle("accuracy vs model size (one point per run)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_layers(run: dict, path: str) -> bool:
+  """Per-layer density/width over rounds; False (nothing written) when the run logs none."""
+  keys = sorted({k for r in run["records"] for k in r if k.startswith(LAYER_PREFIXES)})
+  if not keys:
+    return False
+  kinds = [p for p in LAYER_PREFIXES if any(k.startswith(p) for k in keys)]
+  fig, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 4.5), squeeze=False)
+  for ax, prefix in zip(axes[0], kinds):
+    for key in (k for k in keys if k.startswith(prefix)):
+      xs, ys = _series(run["records"], key)
+      ax.plot(xs, ys, "-o", markersize=2, label=key[len(prefix):])
+    ax.set_xlabel("round")
+    ax.set_ylabel(prefix.rstrip("/"))
+    ax.set_title(f"{run['name']}: per-layer {prefix.rstrip('/')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def plot_workdirs(paths: list[str], out_dir: str) -> list[str]:
+  """Writes the PNGs for the runs under `paths` into `out_dir`; returns the files written."""
+  runs = [load_run(p) for p in find_runs(paths)]
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  path = os.path.join(out_dir, "accuracy_vs_round.png")
+  plot_accuracy_vs_round(runs, path)
+  written.append(path)
+  path = os.path.join(out_dir, "accuracy_vs_size.png")
+  plot_accuracy_vs_size(runs, path)
+  written.append(path)
+  for run in runs:
+    path = os.path.join(out_dir, "layers_" + re.sub(r"[^A-Za-z0-9._=-]", "_", run["name"]) + ".png")
+    if plot_layers(run, path):
+      written.append(path)
+  return written
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("workdirs", nargs="+", help="workdirs, or sweep roots holding workdirs")
+  parser.add_argument("--out", required=True, help="directory for the PNGs")
+  args = parser.parse_args(argv)
+  for path in plot_workdirs(args.workdirs, args.out):
+    print(path)
+
+
+if __name__ == "__main__":
+  main()

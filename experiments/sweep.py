@@ -1,0 +1,211 @@
+"""Sweeps: expand `sweep(add)` beside a config into runs, one workdir each, resumable.
+
+  python -m experiments.sweep --config experiments/configs/fedavg_tiny.py --workdir /tmp/sweep
+  python -m experiments.sweep --config ... --workdir ... --config.rounds=50   # base overrides
+
+A config module may define `sweep(add)`; every `add(**{"dotted.key": value})` is
+one run: the base config (with the command-line overrides) plus these overrides.
+Each run goes to `<workdir>/<name>`, the name made from its overrides
+(e.g. `client.learning_rate=0.05`). Re-running the command skips finished runs
+(`summary.json` present), resumes interrupted ones from their latest checkpoint
+and starts the rest. Every run is validated before the first one starts. At the
+end a summary table is printed and written to `sweep_summary.json` and
+`sweep_summary.md` in `<workdir>`.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import traceback
+from typing import Any, Callable, NamedTuple
+
+from experiments import build, methods, runtime, train
+
+SUMMARY_COLUMNS = ("run", "status", "rounds", "test_accuracy", "local_accuracy_mean", "params",
+                   "flops", "wall_time_s")
+
+
+class Run(NamedTuple):
+  """One run of a sweep: its directory name, overrides and resolved config."""
+  name: str
+  overrides: dict
+  config: Any
+
+
+def load_sweep_fn(config_path: str) -> Callable | None:
+  """The `sweep(add)` function of the config module at `config_path` (None if it has none)."""
+  path = config_path.split(":", 1)[0]  # config_flags allows 'file.py:arg'
+  spec = importlib.util.spec_from_file_location("_sweep_config", path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"cannot load the config module {path!r}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return getattr(module, "sweep", None)
+
+
+def _format(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(_format(v) for v in value) + ")"
+  return str(value)
+
+
+def run_name(overrides: dict) -> str:
+  """A readable, filesystem-safe directory name made from the overrides."""
+  if not overrides:
+    return "base"
+  name = ",".join(f"{k}={_format(v)}" for k, v in sorted(overrides.items()))
+  name = re.sub(r"[^A-Za-z0-9._=,()+-]", "_", name)
+  if len(name) > 120:  # file systems limit names to 255 bytes; keep them readable
+    name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+  return name
+
+
+def apply_overrides(config, overrides: dict):
+  """A copy of `config` with dotted-key overrides; ConfigError names an unknown key or bad type."""
+  config = copy.deepcopy(config)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for i, part in enumerate(parents):
+      if part not in node:
+        raise build.ConfigError(f"sweep override {key!r}: config has no field "
+                                f"{'.'.join(parents[:i + 1])!r}")
+      node = node[part]
+    if leaf not in node:
+      raise build.ConfigError(f"sweep override {key!r}: config has no field {key!r}")
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise build.ConfigError(f"sweep override {key}={value!r} has the wrong type: {e}") from None
+  return config
+
+
+def expand(config, sweep_fn: Callable | None) -> list[Run]:
+  """The runs of a sweep, each config validated (ConfigError names the run and the field)."""
+  if sweep_fn is None:
+    raise build.ConfigError("the config defines no sweep(add) function: nothing to sweep")
+  overrides: list[dict] = []
+  sweep_fn(lambda **kw: overrides.append(dict(kw)))
+  if not overrides:
+    raise build.ConfigError("the config's sweep(add) added no runs: the sweep is empty")
+  runs, seen = [], {}
+  for ov in overrides:
+    name = run_name(ov)
+    if name in seen:
+      raise build.ConfigError(f"sweep adds the run {name!r} twice")
+    seen[name] = True
+    cfg = apply_overrides(config, ov)
+    try:
+      build.validate(cfg)
+      train.validate_run_fields(cfg)
+      method = cfg.get("method", "fedavg")
+      if method not in methods.DRIVERS:
+        raise build.ConfigError(f"config.method={method!r} is invalid: allowed one of "
+                                f"{tuple(methods.DRIVERS)}")
+      methods.DRIVERS[method].validate(cfg)
+    except build.ConfigError as e:
+      raise build.ConfigError(f"sweep run {name!r}: {e}") from None
+    runs.append(Run(name, ov, cfg))
+  return runs
+
+
+def run_status(run: Run, workdir: str) -> str:
+  """'done' (summary.json of this config), 'resume' (checkpoints of this config) or 'new'."""
+  config_path = os.path.join(workdir, "config.json")
+  same = False
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      try:
+        same = json.load(f) == json.loads(run.config.to_json_best_effort())
+      except json.JSONDecodeError:
+        same = False
+  if not same:
+    return "new"  # train refuses a workdir holding another config; that error is reported
+  if os.path.exists(os.path.join(workdir, "summary.json")):
+    return "done"
+  ckpt = train.checkpointer_for(run.config, workdir)
+  if getattr(ckpt, "steps", lambda: [])():
+    return "resume"
+  return "new"
+
+
+def run_sweep(config, sweep_fn: Callable | None, root: str, *, log=print,
+              train_fn: Callable = train.train_and_evaluate) -> list[dict]:
+  """Runs (or skips, or resumes) every run of the sweep; writes and returns the summary rows."""
+  runs = expand(config, sweep_fn)
+  try:
+    os.makedirs(root, exist_ok=True)
+  except OSError as e:
+    raise OSError(e.errno, f"cannot create the sweep workdir {root!r}: {e.strerror or e}") from e
+  rows = []
+  for i, run in enumerate(runs):
+    workdir = os.path.join(root, run.name)
+    status = run_status(run, workdir)
+    log(f"[{i + 1}/{len(runs)}] {run.name}: "
+        + {"done": "finished, skipped", "resume": "resuming", "new": "starting"}[status])
+    try:
+      if status == "done":
+        with open(os.path.join(workdir, "summary.json")) as f:
+          summary = json.load(f)
+      else:
+        summary = train_fn(run.config, workdir, resume=status == "resume")
+      row = {"run": run.name, "status": "skipped (done)" if status == "done" else
+             ("resumed" if status == "resume" else "ran"), **run.overrides}
+      row.update({k: summary.get(k) for k in SUMMARY_COLUMNS[2:]})
+    except Exception as e:  # one bad run must not stop the sweep; it is reported below
+      log(f"run {run.name} failed: {type(e).__name__}: {e}")
+      log(traceback.format_exc(limit=3))
+      row = {"run": run.name, "status": f"failed: {type(e).__name__}: {e}", **run.overrides}
+    rows.append(row)
+  write_summary(rows, root)
+  log(markdown_table(rows))
+  return rows
+
+
+def _cell(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return "" if v is None else str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+  swept = []
+  for row in rows:  # the swept keys go right after the run name and status
+    swept += [k for k in row if k not in SUMMARY_COLUMNS and k not in swept]
+  columns = list(SUMMARY_COLUMNS[:2]) + swept + list(SUMMARY_COLUMNS[2:])
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def write_summary(rows: list[dict], root: str) -> None:
+  runtime.write_json_atomic(os.path.join(root, "sweep_summary.json"), rows)
+  with open(os.path.join(root, "sweep_summary.md"), "w") as f:
+    f.write(markdown_table(rows) + "\n")
+
+
+def main(argv):
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = flags.FLAGS.config
+  path = config_flags.get_config_filename(flags.FLAGS["config"])
+  rows = run_sweep(config, load_sweep_fn(path), flags.FLAGS.workdir)
+  failed = [r["run"] for r in rows if str(r["status"]).startswith("failed")]
+  if failed:
+    raise app.UsageError(f"{len(failed)} of {len(rows)} runs failed: {failed}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Experiment config file with sweep(add).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Root directory; one subdirectory per run.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,9 @@
+"""Pruning methods: one module per method (FedTiny and the sparse-FL baselines, FIARSE, ...)."""
+from fedjax_prune.pruning import cavp  # complexity-aware variational unit/layer pruning (arXiv 2411.09127)
+from fedjax_prune.pruning import auto_structured  # ASP: automatic structured pruning (arXiv 2411.01759)
+from fedjax_prune.pruning import l1_filter  # fixed-ratio L1 filter pruning (Li et al. 2017)
+from fedjax_prune.pruning import fedtiny  # FedTiny: adaptive BN selection + progressive prune-and-grow (ICDCS 2023)
+from fedjax_prune.pruning import feddst  # FedDST: client prune/regrow + mask voting (AAAI 2022)
+from fedjax_prune.pruning import prunefl  # PruneFL: one-client initial pruning + adaptive importance (TNNLS 2022)
+from fedjax_prune.pruning import lotteryfl  # LotteryFL, global-ticket variant (2020)
+from fedjax_prune.pruning import init_pruning  # SNIP and SynFlow masks at initialisation

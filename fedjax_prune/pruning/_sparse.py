@@ -1,0 +1,206 @@
+"""Pieces shared by FedTiny and the sparse-FL baselines (FedDST, PruneFL, LotteryFL, SNIP, SynFlow).
+
+Every method here trains ONE global unstructured mask over the conv/dense kernels
+(biases and BatchNorm dense), at a global density that counts the dense
+entries against the budget (FedTiny's convention, METHODS.md §2.2):
+prunable entries kept = d * N_total - N_dense.
+
+The server state is `SparseState`; clients return `SparseSums` (pre-weighted by
+their example count, summed by the engine). Selections with a *traced* number
+of entries (cosine-annealed prune/grow counts) use `rank_select`, a stable
+sort, so one compiled round serves every adjustment.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_prune import masks as masks_lib
+from fedjax_prune import tree as tree_lib
+from fedjax_prune.federated import LocalMetrics
+from fedjax_prune.masks._filters import path_str, static_bool, tree_like
+from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey, PyTree
+
+DISTRIBUTIONS = ("uniform", "erk")
+
+
+class SparseState(NamedTuple):
+  """Server state of a global-mask sparse FL method.
+
+  Attributes:
+    params: global parameters; entries outside `masks` are exactly 0.
+    batch_stats: global BatchNorm running statistics ({} without BN).
+    masks: bool tree, full-shape leaves for prunable kernels, `()` True otherwise.
+    round_idx: [] int32 number of completed rounds.
+    aux: method-specific pytree (LotteryFL: the initial weights and its prune
+      step; () for the others).
+  """
+  params: Params
+  batch_stats: BatchStats
+  masks: Masks
+  round_idx: jax.Array
+  aux: Any = ()
+
+
+class SparseSums(NamedTuple):
+  """One client's contribution, pre-weighted by `weight` (the engine sums these).
+
+  Attributes:
+    params: weight * client parameters after local training.
+    batch_stats: weight * client running statistics.
+    extra: method-specific sums (top-K gradients, mask votes, squared gradients).
+    weight: aggregation weight n_k.
+    num_clients: 1 per real client.
+    metrics: local training sums.
+  """
+  params: Params
+  batch_stats: BatchStats
+  extra: Any
+  weight: jax.Array
+  num_clients: jax.Array
+  metrics: LocalMetrics
+
+
+def prunable_filter(params: Params) -> PyTree:
+  """Conv and dense kernels (ndim >= 2) are prunable; biases and BN stay dense."""
+  return masks_lib.by_ndim(params, 2)
+
+
+def layer_densities(params: Params, density: float, distribution: str = "uniform",
+                    prunable: Any = None) -> PyTree:
+  """Per-leaf densities (Python floats) for a global density that counts dense entries.
+
+  Args:
+    params: parameter tree (arrays or ShapeDtypeStructs).
+    density: fraction of ALL parameter entries kept, in (0, 1].
+    distribution: 'uniform' (same density in every kernel) or 'erk'.
+    prunable: static bool filter (default: `prunable_filter`).
+
+  Returns:
+    A tree like `params` of Python floats (1.0 for dense leaves).
+  """
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+  if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+    raise ValueError(f"density must be in (0, 1], got {density!r}")
+  prunable = prunable_filter(params) if prunable is None else prunable
+  fn = masks_lib.uniform if distribution == "uniform" else masks_lib.erk
+  return fn(params, float(density), prunable, include_dense=True)
+
+
+def magnitude_masks(params: Params, densities: PyTree, prunable: Any) -> Masks:
+  """Per-layer magnitude masks: each prunable leaf keeps its round(d * n) largest |w|."""
+  return masks_lib.topk(masks_lib.magnitude(params), densities, prunable)
+
+
+def global_density(masks: Masks, params: Params) -> jax.Array:
+  """Fraction of ALL parameter entries kept (dense leaves count as kept), float32 []."""
+  return masks_lib.density(masks, params)
+
+
+def rank_select(scores: jax.Array, k) -> jax.Array:
+  """Bool mask of the `k` largest entries of `scores` (any shape); k may be traced.
+
+  Ties go to the lower flat index (stable sort), as in `masks.topk`.
+  """
+  flat = scores.reshape(-1)
+  order = jnp.argsort(flat, descending=True, stable=True)
+  chosen = jnp.zeros(flat.shape, bool).at[order].set(jnp.arange(flat.shape[0]) < k)
+  return chosen.reshape(scores.shape)
+
+
+def apply_masks(tree: PyTree, masks: Masks) -> PyTree:
+  """tree * masks (exact zeros outside)."""
+  return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), tree, masks)
+
+
+def leaf_flags(params: Params, prunable: Any) -> list[bool]:
+  """The prunable filter as a flat list of Python bools, in `jax.tree.leaves` order."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  flags = jax.tree.leaves(tree_like(prunable, params, "prunable"))
+  return [static_bool(f, path_str(p)) for (p, _), f in zip(flat, flags)]
+
+
+def leaf_paths(params: Params) -> list[str]:
+  """'a/b/kernel' path of every leaf, in `jax.tree.leaves` order."""
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def random_batch(key: PRNGKey, num_examples: jax.Array, max_examples: int,
+                 batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """Indices [B] of a random batch without replacement and its validity mask [B].
+
+  Used for the one-batch gradients of prune/grow rules (growth_data_mode='batch').
+  """
+  noise = jax.random.uniform(key, (max_examples,))
+  valid = jnp.arange(max_examples) < num_examples
+  order = jnp.argsort(jnp.where(valid, noise, 2.0))
+  size = min(batch_size, max_examples)
+  idx = order[:size]
+  return idx, jnp.arange(size) < num_examples
+
+
+def batch_gradient(apply_fn: Callable, loss_fn: Callable, params: Params, batch_stats: BatchStats,
+                   x: jax.Array, y: jax.Array, mask: jax.Array) -> Params:
+  """Dense gradient of the mean batch loss w.r.t. ALL params (pruned positions included).
+
+  BatchNorm in train mode (the mode the client trains in); the updated running
+  statistics are discarded (no training happens here).
+  """
+  def loss(p):
+    logits, _ = apply_fn(p, batch_stats, x, train=True, example_mask=mask)
+    w = mask.astype(jnp.float32)
+    return jnp.sum(loss_fn(logits, y) * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+  return jax.grad(loss)(params)
+
+
+def finish_mean(total: PyTree, weight: jax.Array, fallback: PyTree) -> PyTree:
+  """total / weight, or `fallback` when no client had weight."""
+  ok = weight > 0
+  inv = jnp.where(ok, 1.0 / jnp.where(ok, weight, 1.0), 0.0)
+  return jax.tree.map(lambda t, f: jnp.where(ok, t * inv.astype(t.dtype), f), total, fallback)
+
+
+def train_metrics(sums: SparseSums, params: Params, masks: Masks) -> dict:
+  """The round metrics every sparse method reports."""
+  m = sums.metrics
+  count = jnp.maximum(m.num_examples, 1.0)
+  return {
+      "train_loss": m.loss_sum / count,
+      "train_accuracy": m.correct_sum / count,
+      "train_examples": m.num_examples,
+      "local_steps": m.num_steps,
+      "num_clients": sums.num_clients,
+      "density": global_density(masks, params),
+      "finite": tree_lib.all_finite(params) & jnp.isfinite(m.loss_sum),
+  }
+
+
+def client_sums(params: Params, batch_stats: BatchStats, extra: Any, weight: jax.Array,
+                metrics: LocalMetrics) -> SparseSums:
+  """Pre-weights a client's result (weight * params, weight * stats)."""
+  return SparseSums(tree_lib.scale(params, weight), tree_lib.scale(batch_stats, weight), extra,
+                    weight, jnp.ones((), jnp.float32), metrics)
+
+
+def keep_counts(masks: Masks, prunable_flags: list[bool]) -> list[int]:
+  """Host-side: kept entries of each prunable leaf (for tests and accounting)."""
+  return [int(np.sum(np.asarray(m))) for m, f in zip(jax.tree.leaves(masks), prunable_flags) if f]
+
+
+def sparse_budget(params: Params, density: float, prunable: Any) -> tuple[int, int]:
+  """(kept prunable entries, total prunable entries) of a global density incl. dense entries."""
+  flags = leaf_flags(params, prunable)
+  sizes = [math.prod(np.shape(p)) for p in jax.tree.leaves(params)]
+  n_sparse = sum(s for s, f in zip(sizes, flags) if f)
+  n_dense = sum(s for s, f in zip(sizes, flags) if not f)
+  keep = density * (n_sparse + n_dense) - n_dense
+  if keep <= 0:
+    raise ValueError(f"density {density} is below the dense share "
+                     f"{n_dense / (n_sparse + n_dense):.4g} (biases and BN alone exceed it)")
+  return int(round(keep)), n_sparse

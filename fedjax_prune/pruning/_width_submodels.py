@@ -1,0 +1,387 @@
+"""Width (and depth) submodels over a full-size ResNet: HeteroFL, FedRolex, ScaleFL.
+
+A width-r submodel keeps k = ceil(r * C) of the C channels of every hidden
+layer: HeteroFL the first k (a static prefix), FedRolex a window rolled with the
+round, indices {(t + j) mod C : j < k} in round t. The input image channels and
+the classifier outputs are never sliced. The submodel is expressed as channel
+*masks* over the full-size parameters (a kernel entry [.., i, o] is kept iff
+input channel i and output channel o are; BN scale and bias are masked too, so a
+dropped channel outputs exactly 0 under static BN). Its outputs equal the
+sliced model's, and every client, whatever its width, runs the same compiled
+program: the "masks over the full-size model" strategy.
+
+Layers whose widths are equal get the same index set, so the residual-stream
+channels added together in a ResNet stay aligned.
+
+Ownership (which coordinates a client holds) drives the server's partial
+averaging, as in HeteroFL's `combine`: each coordinate is averaged over the
+clients holding it.
+
+Scaler (HeteroFL): multiply features by 1/r during training only. HeteroFL puts
+it before every BatchNorm, where batch statistics cancel it exactly (up to BN's
+epsilon); here it scales the input of the classifier(s) instead (option
+`scaler`, inferred placement), implemented as classifier kernel / r in train mode.
+
+ScaleFL adds depth: a level is (width r, depth d = number of stages); the
+client trains stages 1..d and the exits up to d, with self-distillation from
+its deepest exit to the earlier ones (inferred details, all options).
+
+Parameter naming: the ResNet names of `models` (stem, stage{s}_block{b}, head,
+exit{s}). Other models: pass `input_keys` / `output_keys` regexes.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalSchedule,
+                                    make_local_train, softmax_cross_entropy)
+from fedjax_prune.masks._filters import path_str
+from fedjax_prune.pruning import _hetero
+from fedjax_prune.pruning._hetero import HeteroMethod, HeteroState
+from fedjax_prune.types import Masks, Params, PyTree
+
+INPUT_KEYS = r"^stem$"              # top-level keys whose kernel input dim is the image
+OUTPUT_KEYS = r"^(head|exit\d+)$"   # top-level keys whose output dim is the classes
+_STAGE = re.compile(r"^stage(\d+)_block\d+$")
+_EXIT = re.compile(r"^exit(\d+)$")
+
+
+def keep_count(size: int, ratio) -> jax.Array:
+  """k = ceil(ratio * size), clipped to [1, size] (traceable in `ratio`)."""
+  k = jnp.ceil(jnp.asarray(ratio, jnp.float32) * size - 1e-4).astype(jnp.int32)
+  return jnp.clip(k, 1, size)
+
+
+def channel_keep(size: int, ratio, offset=0) -> jax.Array:
+  """[size] bool: the kept channels, {(offset + j) mod size : j < ceil(ratio * size)}.
+
+  offset 0 is HeteroFL's prefix; offset = round index is FedRolex's rolling window.
+  """
+  pos = jnp.mod(jnp.arange(size, dtype=jnp.int32) - jnp.asarray(offset, jnp.int32), size)
+  return pos < keep_count(size, ratio)
+
+
+def width_masks(params: Params, ratio, offset=0, *, input_keys: str = INPUT_KEYS,
+                output_keys: str = OUTPUT_KEYS) -> Masks:
+  """Ownership masks of the width-`ratio` submodel (bool, broadcastable to params).
+
+  Args:
+    params: full-size parameters (arrays or ShapeDtypeStructs).
+    ratio: [] width ratio in (0, 1] (may be traced).
+    offset: [] window offset (0 = prefix; the round index for FedRolex).
+    input_keys: regex of top-level keys whose kernels read the (unsliced) input.
+    output_keys: regex of top-level keys whose outputs are the (unsliced) classes.
+
+  Returns:
+    Masks: kernels [..., ci, co] get [1, .., ci, co] masks, 1-D leaves [C] masks.
+  """
+  inp, out = re.compile(input_keys), re.compile(output_keys)
+
+  def leaf(path, p):
+    top = path_str(path).split("/")[0]
+    shape = np.shape(p)
+    is_out = bool(out.search(top))
+    if len(shape) >= 2:
+      ci, co = shape[-2], shape[-1]
+      keep_in = jnp.ones((ci,), bool) if inp.search(top) else channel_keep(ci, ratio, offset)
+      keep_out = jnp.ones((co,), bool) if is_out else channel_keep(co, ratio, offset)
+      m = keep_in[:, None] & keep_out[None, :]
+      return m.reshape((1,) * (len(shape) - 2) + (ci, co))
+    if len(shape) == 1:
+      return jnp.ones(shape, bool) if is_out else channel_keep(shape[0], ratio, offset)
+    return jnp.ones((), bool)
+
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def leaf_stages(params: Params) -> PyTree:
+  """Static int tree: the stage of every leaf (stem 0, stage{s}_* s, exit{s} s, head = last)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  tops = [path_str(p).split("/")[0] for p, _ in flat]
+  stages = [int(m.group(1)) for t in tops if (m := _STAGE.match(t))]
+  last = max(stages) if stages else 1
+  out = []
+  for t in tops:
+    m = _STAGE.match(t) or _EXIT.match(t)
+    out.append(int(m.group(1)) if m else (0 if t == "stem" else last))
+  return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def depth_masks(params: Params, depth) -> Masks:
+  """`()` bool per leaf: True where the leaf's stage <= depth (traceable in depth)."""
+  d = jnp.asarray(depth, jnp.int32)
+  return jax.tree.map(lambda s: jnp.asarray(s, jnp.int32) <= d, leaf_stages(params))
+
+
+def _apply_masks(params: Params, masks: Masks) -> Params:
+  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, masks)
+
+
+def _scale_outputs(params: Params, factor, output_keys: str) -> Params:
+  """Classifier kernels * factor (the Scaler on the classifier input)."""
+  out = re.compile(output_keys)
+
+  def leaf(path, p):
+    keys = path_str(path).split("/")
+    if out.search(keys[0]) and keys[-1] == "kernel":
+      return p * jnp.asarray(factor, p.dtype)
+    return p
+
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def sqrt_widths(capacities: Sequence[float]) -> tuple[float, ...]:
+  """Width ratio r = sqrt(capacity): a width-r model has ~r^2 of the parameters."""
+  return tuple(math.sqrt(c) for c in capacities)
+
+
+def _submodel_apply(apply_fn, masks, ratio, scaler: bool, output_keys: str):
+  def apply(params, batch_stats, x, *, train, example_mask=None):
+    p = _apply_masks(params, masks)
+    if scaler and train:
+      p = _scale_outputs(p, 1.0 / ratio, output_keys)
+    return apply_fn(p, batch_stats, x, train=train, example_mask=example_mask)
+  return apply
+
+
+def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
+                 schedule: LocalSchedule, *, capacities: Sequence[float],
+                 widths: Sequence[float] | None = None, depths: Sequence[int] | None = None,
+                 rolling: bool = False, scaler: bool = True, server_learning_rate: float = 1.0,
+                 loss_fn_for_depth: Callable | None = None, exit_index_for_depth: Callable | None = None,
+                 loss_fn: Callable = softmax_cross_entropy, train_transform: Callable | None = None,
+                 input_keys: str = INPUT_KEYS, output_keys: str = OUTPUT_KEYS) -> HeteroMethod:
+  """The shared HeteroFL / FedRolex / ScaleFL algorithm (see the public factories)."""
+  caps = _hetero.check_capacities(capacities)
+  widths = sqrt_widths(caps) if widths is None else tuple(float(w) for w in widths)
+  if len(widths) != len(caps) or not all(0 < w <= 1 for w in widths):
+    raise ValueError(f"widths must give one ratio in (0, 1] per capacity level {caps}, got {widths}")
+  if depths is not None and len(depths) != len(caps):
+    raise ValueError(f"depths must give one depth per capacity level {caps}, got {depths}")
+  if not server_learning_rate > 0:
+    raise ValueError(f"server_learning_rate must be > 0, got {server_learning_rate}")
+  client_optimizer = _hetero.check_optimizer(client_optimizer)
+  widths_L = jnp.asarray(widths, jnp.float32)
+  depths_L = None if depths is None else jnp.asarray(depths, jnp.int32)
+
+  def ownership(params, level, offset):
+    masks = width_masks(params, widths_L[level], offset, input_keys=input_keys,
+                        output_keys=output_keys)
+    if depths_L is not None:
+      masks = jax.tree.map(jnp.logical_and, masks, depth_masks(params, depths_L[level]))
+    return masks
+
+  def init(params: Params, key: jax.Array, batch_stats=None) -> HeteroState:
+    del key
+    return _hetero.init_state(params, batch_stats, lambda p: ())
+
+  def client_update(state: HeteroState, data, info: ClientInfo, key: jax.Array) -> ClientOutput:
+    level = _hetero.level_index(caps, info.capacity)
+    offset = state.round_idx if rolling else 0
+    masks = ownership(state.params, level, offset)
+    sub_apply = _submodel_apply(apply_fn, masks, widths_L[level], scaler, output_keys)
+    client_loss = loss_fn if depths_L is None else loss_fn_for_depth(depths_L[level])
+    local_train = make_local_train(sub_apply, client_optimizer, schedule, loss_fn=client_loss,
+                                   train_transform=train_transform)
+    local, metrics = local_train(state.params, state.batch_stats, data, key)
+    return _hetero.client_output(state, local.params, local.batch_stats, masks, metrics)
+
+  def server_update(state: HeteroState, outputs: ClientOutput, key: jax.Array):
+    del key
+    return _hetero.server_step(state, outputs, server_learning_rate, lambda p: ())
+
+  def submodel(state: HeteroState, capacity):
+    """Level capacities use their configured (width, depth); others r = sqrt(capacity)."""
+    cap = jnp.asarray(capacity, jnp.float32)
+    level = _hetero.level_index(caps, cap)
+    # Off-level sizes (the 1 ... 1/256 sweep) scale the nearest level's width: r ~ sqrt(size).
+    ratio = jnp.minimum(widths_L[level] * jnp.sqrt(cap / jnp.asarray(caps, jnp.float32)[level]), 1.0)
+    # FedRolex: the window of the last round trained (inferred).
+    offset = jnp.maximum(state.round_idx - 1, 0) if rolling else 0
+    masks = width_masks(state.params, ratio, offset, input_keys=input_keys, output_keys=output_keys)
+    if depths_L is None:
+      return _apply_masks(state.params, masks), jnp.zeros((), jnp.int32)
+    depth = depths_L[level]
+    masks = jax.tree.map(jnp.logical_and, masks, depth_masks(state.params, depth))
+    return _apply_masks(state.params, masks), exit_index_for_depth(depth)
+
+  return HeteroMethod(FedAlgorithm(init, client_update, server_update), submodel)
+
+
+def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
+             schedule: LocalSchedule, *, capacities: Sequence[float],
+             widths: Sequence[float] | None = None, scaler: bool = True,
+             server_learning_rate: float = 1.0, loss_fn: Callable = softmax_cross_entropy,
+             train_transform: Callable | None = None, input_keys: str = INPUT_KEYS,
+             output_keys: str = OUTPUT_KEYS) -> HeteroMethod:
+  """HeteroFL: static width-prefix submodels, partial averaging, static BN, scaler.
+
+  Args:
+    apply_fn: full-size model apply (use norm='batch_static').
+    client_optimizer: local optimizer.
+    schedule: local steps.
+    capacities: L capacity levels (parameter fractions, as FIARSE's).
+    widths: width ratio per level (default sqrt(capacity), so 1/4 -> width 1/2).
+    scaler: multiply the classifier input by 1/r in training (see module docstring).
+    server_learning_rate: applied to the averaged update (1.0 = HeteroFL's plain average).
+    loss_fn: per-example loss.
+    train_transform: per-batch augmentation.
+    input_keys: regex of top-level param keys reading the unsliced input (ResNet: stem).
+    output_keys: regex of top-level param keys producing the unsliced classes (ResNet: head).
+
+  Returns:
+    HeteroMethod with HeteroState.
+
+  References:
+    Diao, Ding, Tarokh, HeteroFL: Computation and Communication Efficient
+    Federated Learning for Heterogeneous Clients, ICLR 2021.
+  """
+  return width_method(apply_fn, client_optimizer, schedule, capacities=capacities, widths=widths,
+                      rolling=False, scaler=scaler, server_learning_rate=server_learning_rate,
+                      loss_fn=loss_fn, train_transform=train_transform, input_keys=input_keys,
+                      output_keys=output_keys)
+
+
+def fedrolex(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
+             schedule: LocalSchedule, *, capacities: Sequence[float],
+             widths: Sequence[float] | None = None, scaler: bool = True,
+             server_learning_rate: float = 1.0, loss_fn: Callable = softmax_cross_entropy,
+             train_transform: Callable | None = None, input_keys: str = INPUT_KEYS,
+             output_keys: str = OUTPUT_KEYS) -> HeteroMethod:
+  """FedRolex: HeteroFL with a rolling channel window (offset = round index mod C).
+
+  Arguments as `heterofl`. Evaluation uses the window of the last round trained.
+
+  References:
+    Alam, Liu, Yan, Zhang, FedRolex: Model-Heterogeneous Federated Learning
+    with Rolling Sub-Model Extraction, NeurIPS 2022.
+  """
+  return width_method(apply_fn, client_optimizer, schedule, capacities=capacities, widths=widths,
+                      rolling=True, scaler=scaler, server_learning_rate=server_learning_rate,
+                      loss_fn=loss_fn, train_transform=train_transform, input_keys=input_keys,
+                      output_keys=output_keys)
+
+
+def stage_param_fractions(params: Params) -> tuple[float, ...]:
+  """Fraction of the parameters in stem + stages 1..d (with its exit/head), d = 1..S."""
+  stages = jax.tree.leaves(leaf_stages(params))
+  sizes = [int(np.prod(np.shape(p))) for p in jax.tree.leaves(params)]
+  paths = [path_str(p).split("/")[0] for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  num_stages = max(stages)
+  total = sum(s for s, t in zip(sizes, paths) if not _EXIT.match(t))
+  out = []
+  for d in range(1, num_stages + 1):
+    body = sum(z for z, s, t in zip(sizes, stages, paths)
+               if s <= d and not _EXIT.match(t) and t != "head")
+    head = sum(z for z, s, t in zip(sizes, stages, paths)
+               if (t == "head" and d == num_stages) or (_EXIT.match(t) and s == d))
+    out.append((body + head) / total)
+  return tuple(out)
+
+
+def scalefl_levels(params: Params, capacities: Sequence[float], *, min_depth: int = 2
+                   ) -> tuple[tuple[float, ...], tuple[int, ...]]:
+  """Default (widths, depths) per capacity (inferred rule, documented option).
+
+  Depth d = the fewest stages (>= min_depth) whose full-width parameter
+  fraction f_d reaches the capacity, then width r = sqrt(capacity / f_d) so
+  that the submodel holds about `capacity` of the parameters.
+  """
+  caps = _hetero.check_capacities(capacities)
+  fractions = stage_param_fractions(params)
+  widths, depths = [], []
+  for c in caps:
+    d = next((i + 1 for i, f in enumerate(fractions) if i + 1 >= min_depth and f >= c - 1e-9),
+             len(fractions))
+    widths.append(min(1.0, math.sqrt(c / fractions[d - 1])))
+    depths.append(d)
+  return tuple(widths), tuple(depths)
+
+
+def self_distillation_loss(depth, num_exits: int, *, alpha: float = 0.5,
+                           temperature: float = 3.0) -> Callable:
+  """ScaleFL's client loss for a depth-`depth` submodel (inferred form).
+
+  Per used exit e < d: (1 - alpha) * CE(z_e, y) + alpha * T^2 * KL(softmax(z_d / T) ||
+  softmax(z_e / T)) with the deepest used exit z_d as a stop-gradient teacher;
+  exit d itself: CE. Averaged over the d used exits. Exits after d get no loss.
+
+  Args:
+    depth: [] int, number of stages of the submodel (its deepest exit is d - 1,
+      0-based), may be traced.
+    num_exits: X, the model's number of exits.
+    alpha: distillation weight in [0, 1].
+    temperature: T > 0.
+
+  Returns:
+    `loss(logits [B, X, K], y [B]) -> [B]`.
+  """
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"distillation alpha must lie in [0, 1], got {alpha}")
+  if not temperature > 0:
+    raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+
+  def loss(logits_BxXxK, y_B):
+    d = jnp.asarray(depth, jnp.int32)
+    ce_BxX = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxXxK, jnp.broadcast_to(y_B[:, None], logits_BxXxK.shape[:2]))
+    teacher_BxK = jax.lax.stop_gradient(
+        jnp.take(logits_BxXxK, d - 1, axis=1) / temperature)
+    t_logp = jax.nn.log_softmax(teacher_BxK, axis=-1)
+    s_logp = jax.nn.log_softmax(logits_BxXxK / temperature, axis=-1)
+    kl_BxX = jnp.sum(jnp.exp(t_logp)[:, None, :] * (t_logp[:, None, :] - s_logp), axis=-1)
+    exits = jnp.arange(num_exits)
+    per_exit = jnp.where(exits[None, :] == d - 1, ce_BxX,
+                         (1.0 - alpha) * ce_BxX + alpha * temperature ** 2 * kl_BxX)
+    used = (exits < d).astype(per_exit.dtype)
+    return jnp.sum(per_exit * used[None, :], axis=1) / d.astype(per_exit.dtype)
+
+  return loss
+
+
+def scalefl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
+            schedule: LocalSchedule, *, capacities: Sequence[float], widths: Sequence[float],
+            depths: Sequence[int], num_exits: int, scaler: bool = True,
+            distill_alpha: float = 0.5, temperature: float = 3.0,
+            server_learning_rate: float = 1.0,
+            train_transform: Callable | None = None) -> HeteroMethod:
+  """ScaleFL: width + depth submodels with early exits and self-distillation.
+
+  Args:
+    apply_fn: early-exit model apply returning logits [B, X, K]
+      (`models.make_early_exit_apply` with exits after stages 1..X-1).
+    client_optimizer: local optimizer.
+    schedule: local steps.
+    capacities: L capacity levels.
+    widths: width ratio per level (see `scalefl_levels` for the default rule).
+    depths: number of stages per level (1..X); the level's exit is depth - 1.
+    num_exits: X.
+    scaler: 1/r on the classifier inputs in training.
+    distill_alpha, temperature: self-distillation (`self_distillation_loss`).
+    server_learning_rate: applied to the averaged update.
+    train_transform: per-batch augmentation.
+
+  Returns:
+    HeteroMethod; `submodel` returns the level's exit index (depth - 1).
+
+  References:
+    Ilhan, Su, Liu, ScaleFL: Resource-Adaptive Federated Learning with
+    Heterogeneous Clients, CVPR 2023. The level rule, the distillation form and
+    its weights are inferred (METHODS.md §5): options, not the paper's numbers.
+  """
+  if any(not 1 <= int(d) <= num_exits for d in depths):
+    raise ValueError(f"depths must lie in [1, num_exits={num_exits}], got {tuple(depths)}")
+  return width_method(
+      apply_fn, client_optimizer, schedule, capacities=capacities, widths=widths, depths=depths,
+      rolling=False, scaler=scaler, server_learning_rate=server_learning_rate,
+      loss_fn_for_depth=lambda d: self_distillation_loss(d, num_exits, alpha=distill_alpha,
+                                                         temperature=temperature),
+      exit_index_for_depth=lambda d: jnp.asarray(d, jnp.int32) - 1,
+      train_transform=train_transform)

@@ -1,0 +1,814 @@
+"""Complexity-aware training: variational Bernoulli unit and layer pruning.
+
+Guenter & Sideris, "Complexity-Aware Training of Deep Neural Networks for
+Optimal Structure Discovery", arXiv 2411.09127 (METHODS.md §3). No code of the
+paper exists and its method sections were not readable; this module follows
+the design of METHODS.md §3.3, and every choice not stated in the abstract is
+an option below with a documented default.
+
+From the paper (abstract, METHODS.md §3.1):
+  * 0/1 random variables ξ ~ Bern(θ) scale units/filters and whole layers
+    (residual branches) during training; no pre-trained network is needed;
+  * the cost combines prediction accuracy with network pruning, aware of
+    computational and parameter complexity, balanced by three user parameters
+    (accuracy vs pruning, layer vs unit, FLOPs vs params), with the many
+    per-structure regularisation constants derived automatically;
+  * θ is optimised jointly with the weights (stochastic optimisation over W
+    and the variational parameters); a structure whose θ reaches 0 is removed
+    permanently, and the solution is a deterministic network (θ in {0, 1}).
+
+Ours (inferred; each an option, METHODS.md §3.3/§3.7 ambiguities A3.1-A3.6):
+  * the cost `J = E_ξ[mean loss] + Σ_g λ_g θ_g (+ ρ/2 Σ_g θ_g ||W_g||²)` with
+    `λ_g = γ [β ΔFLOPs_g / FLOPs_ref + (1 − β) ΔParams_g / Params_ref] · (α if
+    g is a layer else 1)`; ΔFLOPs/ΔParams from `fedjax_prune.accounting` (the
+    exact change when structure g is removed: a filter's own kernel plus the
+    consumer's input slice; a block's whole branch), recomputed after every
+    rebuild against the ORIGINAL model's totals. γ is in units of the mean
+    per-example loss (the template's 1/N is folded into γ). (`CostWeights`)
+  * unit gates ξ_1 on the inner channels of every ResNet BasicBlock (after
+    ReLU(BN(conv1))) and on the filters of every conv of a ConvNetSpec; no
+    ξ_2 on the residual-stream channels (A3.5: removing one removes no
+    computation of the stream); layer gates ξ_B on the residual branch of
+    the blocks with an identity shortcut only (the others carry the stride /
+    width change and cannot be deleted; `structured.drop_blocks`).
+  * θ-gradient estimators (A3.2, `Options.unit_estimator`/`layer_estimator`):
+    'straight_through' (default; ∂loss/∂ξ at the sample, one pass),
+    'reinforce' (score function with a running-mean loss baseline), and
+    'two_point' for layer gates (exact E[loss(ξ_g=1) − loss(ξ_g=0)] given the
+    other gates, 2 extra forward passes per layer gate).
+  * θ initialised at `theta_init` = 0.9; one gate sample per minibatch
+    (`per_example=False`); projection onto [0, 1] after every θ step, snapping
+    θ ≥ 1 − `one_epsilon` to exactly 1 (ξ then deterministic 1); pruning when
+    θ ≤ `prune_threshold` (A3.6: the paper's ODE-derived conditions are
+    unknown), never the last unit of a layer; the final network keeps
+    structures with θ ≥ `final_threshold`.
+  * weights and θ have separate optax optimizers (the caller picks both).
+  * the federated mode (`cavp` with many clients) is OUR EXTENSION: clients
+    sample gates locally and return (W, θ); the server averages both
+    (example-weighted), projects, prunes; the driver rebuilds the smaller
+    model between rounds. The paper's centralised setting is the same code
+    with one client holding all data. Client optimizer states (weights and θ)
+    restart every round.
+  * gates are not rescaled (unlike inverted dropout): BatchNorm running
+    statistics are collected under the stochastic gates, so evaluating with
+    the deterministic gates is exact only once θ is binary (A3.1: the paper's
+    BN handling is unknown).
+
+Gate trees (same structure as `apply_fn`'s `gates`, see `models.make_apply`):
+  ConvNetSpec: {'conv_{i}': [co]};  ResNetSpec: {'stage{s}_block{b}': {'unit':
+  [m], 'layer': []}} ('unit' absent for `structures='layers'`, 'layer' absent
+  for 'units' and for blocks with a projection shortcut).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_prune import accounting, models
+from fedjax_prune import tree as tree_lib
+from fedjax_prune.data import ClientData
+from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalMetrics,
+                                    LocalSchedule, batch_indices, epoch_permutations,
+                                    softmax_cross_entropy)
+from fedjax_prune import structured
+from fedjax_prune.structured import _drop_blocks
+from fedjax_prune.types import BatchStats, Params, PRNGKey
+
+STRUCTURES = ('both', 'units', 'layers')
+ESTIMATORS = ('straight_through', 'reinforce', 'two_point')
+
+Gates = dict  # a gate tree (module docstring)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The inferred choices of the method (module docstring), with their defaults.
+
+  Attributes:
+    structures: 'both' (units and layers, the paper's combined pruning),
+      'units' or 'layers' (the ablations).
+    theta_init: initial keep-probability of every gate, in (0, 1].
+    unit_estimator: θ-gradient estimator of unit gates: 'straight_through' or 'reinforce'.
+    layer_estimator: of layer gates: 'straight_through', 'reinforce' or 'two_point'.
+    per_example: sample a gate per example instead of one per minibatch.
+    prune_threshold: θ at or below it prunes the structure permanently.
+    one_epsilon: θ at or above 1 - one_epsilon is set to exactly 1.
+    final_threshold: the final deterministic network keeps θ >= this.
+    baseline_decay: decay of the running loss baseline (REINFORCE).
+    rho: coefficient of the θ-weighted weight prior ρ/2 Σ_g θ_g ||W_g||² (0 = off).
+  """
+  structures: str = 'both'
+  theta_init: float = 0.9
+  unit_estimator: str = 'straight_through'
+  layer_estimator: str = 'straight_through'
+  per_example: bool = False
+  prune_threshold: float = 0.05
+  one_epsilon: float = 0.02
+  final_threshold: float = 0.5
+  baseline_decay: float = 0.9
+  rho: float = 0.0
+
+  def __post_init__(self):
+    if self.structures not in STRUCTURES:
+      raise ValueError(f'Options.structures must be one of {STRUCTURES}, got {self.structures!r}')
+    if self.unit_estimator not in ESTIMATORS[:2]:
+      raise ValueError(f'Options.unit_estimator must be one of {ESTIMATORS[:2]}, got '
+                       f'{self.unit_estimator!r}')
+    if self.layer_estimator not in ESTIMATORS:
+      raise ValueError(f'Options.layer_estimator must be one of {ESTIMATORS}, got '
+                       f'{self.layer_estimator!r}')
+    if not 0.0 < self.theta_init <= 1.0:
+      raise ValueError(f'Options.theta_init must be in (0, 1], got {self.theta_init!r}')
+    if not 0.0 <= self.prune_threshold < 0.5:
+      raise ValueError(f'Options.prune_threshold must be in [0, 0.5), got {self.prune_threshold!r}')
+    if not 0.0 <= self.one_epsilon < 0.5:
+      raise ValueError(f'Options.one_epsilon must be in [0, 0.5), got {self.one_epsilon!r}')
+    if not 0.0 < self.final_threshold <= 1.0:
+      raise ValueError(f'Options.final_threshold must be in (0, 1], got {self.final_threshold!r}')
+    if not 0.0 <= self.baseline_decay < 1.0:
+      raise ValueError(f'Options.baseline_decay must be in [0, 1), got {self.baseline_decay!r}')
+    if self.rho < 0:
+      raise ValueError(f'Options.rho must be >= 0, got {self.rho!r}')
+
+
+class CostWeights(NamedTuple):
+  """The three user parameters of the complexity-aware cost.
+
+  Attributes:
+    gamma: accuracy vs pruning, >= 0: the loss (mean nats per example) traded
+      for removing structures worth the whole model's complexity.
+    alpha: layer vs unit, >= 0: multiplies the penalty of layer gates.
+    beta: FLOPs vs params, in [0, 1]: 1 = only FLOPs count, 0 = only params.
+  """
+  gamma: float = 1.0
+  alpha: float = 1.0
+  beta: float = 0.5
+
+
+def _check_weights(weights: CostWeights) -> None:
+  if not weights.gamma >= 0:
+    raise ValueError(f'CostWeights.gamma must be >= 0, got {weights.gamma!r}')
+  if not weights.alpha >= 0:
+    raise ValueError(f'CostWeights.alpha must be >= 0, got {weights.alpha!r}')
+  if not 0.0 <= weights.beta <= 1.0:
+    raise ValueError(f'CostWeights.beta must be in [0, 1], got {weights.beta!r}')
+
+
+# ----------------------------------------------------------------------------
+# Gate layout and costs (host side).
+
+
+def gate_template(spec, structures: str = 'both', *, allow_empty: bool = False) -> dict:
+  """Shapes of the gates of `spec`: a gate tree of shape tuples.
+
+  Args:
+    spec: a ConvNetSpec or ResNetSpec.
+    structures: 'both', 'units' or 'layers'.
+    allow_empty: return {} instead of raising when nothing is gateable (after a
+      rebuild removed every gated block).
+
+  Raises:
+    ValueError: the spec has no gateable structure of the requested kind.
+  """
+  if structures not in STRUCTURES:
+    raise ValueError(f'structures must be one of {STRUCTURES}, got {structures!r}')
+  units, layers = structures in ('both', 'units'), structures in ('both', 'layers')
+  if isinstance(spec, models.ConvNetSpec):
+    if not units or not spec.convs:
+      raise ValueError(f"structures={structures!r}: a ConvNetSpec has unit (filter) gates only; "
+                       "layer gates need a ResNetSpec")
+    return {f'conv_{i}': (conv.features,) for i, conv in enumerate(spec.convs)}
+  if isinstance(spec, models.ResNetSpec):
+    droppable = set(_drop_blocks.droppable_blocks(spec))
+    template = {}
+    for name, _, inner, _, _ in spec.blocks():
+      entry = {}
+      if units:
+        entry['unit'] = (inner,)
+      if layers and name in droppable:
+        entry['layer'] = ()
+      if entry:
+        template[name] = entry
+    if not template and not allow_empty:
+      raise ValueError(f'structures={structures!r}: the ResNetSpec has no identity-shortcut '
+                       'block to gate')
+    return template
+  raise ValueError(f'cavp gates ConvNetSpec and ResNetSpec models, got {type(spec).__name__}')
+
+
+def _is_layer(path) -> bool:
+  return str(getattr(path[-1], 'key', path[-1])) == 'layer'
+
+
+def _map_with_kind(fn: Callable, *trees):
+  """tree.map with `fn(is_layer, *leaves)`."""
+  return jax.tree_util.tree_map_with_path(lambda p, *xs: fn(_is_layer(p), *xs), *trees)
+
+
+def init_theta(spec, options: Options = Options()) -> Gates:
+  """θ = options.theta_init for every gate of `spec` (float32 arrays)."""
+  template = gate_template(spec, options.structures)
+  return jax.tree.map(lambda shape: jnp.full(shape, options.theta_init, jnp.float32), template,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _with_inner(spec, name: str, delta: int):
+  if isinstance(spec, models.ConvNetSpec):
+    i = int(name.split('_')[1])
+    convs = list(spec.convs)
+    convs[i] = dataclasses.replace(convs[i], features=convs[i].features + delta)
+    return dataclasses.replace(spec, convs=tuple(convs))
+  s, b = (int(part) for part in name.replace('stage', '').split('_block'))
+  inner = [list(w) for w in spec.inner_widths]
+  inner[s - 1][b] += delta
+  return dataclasses.replace(spec, inner_widths=tuple(tuple(w) for w in inner))
+
+
+def structure_costs(spec, structures: str = 'both', *, bn_flops_per_element: int = 0,
+                    include_softmax: bool = True, allow_empty: bool = False
+                    ) -> tuple[dict, dict]:
+  """FLOPs and parameters removed by removing each gated structure alone.
+
+  A unit's cost is `cost(spec with one more unit there) - cost(spec)`: every
+  count is linear in one layer's width, so this is exactly what removing one
+  unit saves (its filter, BN entries and the consumer's input slice), and it
+  is defined for a width-1 layer too. A layer's cost is that of its residual
+  branch plus the residual add (`accounting.layer_costs` rows), i.e.
+  `cost(spec) - cost(spec without the block)`. Conventions as `accounting.flops`.
+
+  Returns:
+    (dflops, dparams): gate trees of float numpy arrays, one entry per gate
+    element (unit leaves [m], layer leaves []).
+  """
+  template = gate_template(spec, structures, allow_empty=allow_empty)
+  count_flops = lambda s: accounting.flops(s, bn_flops_per_element=bn_flops_per_element,
+                                           include_softmax=include_softmax)
+  base_flops, base_params = count_flops(spec), accounting.param_count(spec)
+  base_rows = accounting.layer_costs(spec, bn_flops_per_element=bn_flops_per_element,
+                                     include_softmax=include_softmax)
+
+  def costs(name, kind, shape):
+    if kind == 'layer':
+      # The branch's ops and the residual add (an identity block's final ReLU costs 0).
+      rows = [r for r in base_rows if r.name.startswith(f'{name}/')
+              and not r.name.startswith(f'{name}/shortcut')]
+      return (np.full(shape, sum(r.flops for r in rows), np.float64),
+              np.full(shape, sum(r.params for r in rows), np.float64))
+    wider = _with_inner(spec, name, 1)
+    return (np.full(shape, count_flops(wider) - base_flops, np.float64),
+            np.full(shape, accounting.param_count(wider) - base_params, np.float64))
+
+  dflops, dparams = {}, {}
+  for name, entry in template.items():
+    if isinstance(entry, dict):
+      pairs = {kind: costs(name, kind, shape) for kind, shape in entry.items()}
+      dflops[name] = {k: v[0] for k, v in pairs.items()}
+      dparams[name] = {k: v[1] for k, v in pairs.items()}
+    else:
+      dflops[name], dparams[name] = costs(name, 'unit', entry)
+  return dflops, dparams
+
+
+def penalty_weights(spec, weights: CostWeights, *, structures: str = 'both',
+                    reference: Optional[tuple[int, int]] = None, bn_flops_per_element: int = 0,
+                    include_softmax: bool = True, allow_empty: bool = False) -> Gates:
+  """λ_g for every gate (module docstring): a gate tree of float32 arrays.
+
+  Args:
+    spec: the current model spec.
+    weights: the three user parameters.
+    structures: 'both', 'units' or 'layers'.
+    reference: (FLOPs, params) the fractions are taken of; default the
+      current spec's. Pass the original model's after a rebuild so that γ keeps
+      its meaning.
+    bn_flops_per_element, include_softmax: FLOPs conventions (`accounting.flops`).
+    allow_empty: return {} when no gate is left (see `gate_template`).
+  """
+  _check_weights(weights)
+  if reference is None:
+    reference = (accounting.flops(spec, bn_flops_per_element=bn_flops_per_element,
+                                  include_softmax=include_softmax),
+                 accounting.param_count(spec))
+  ref_flops, ref_params = reference
+  dflops, dparams = structure_costs(spec, structures, bn_flops_per_element=bn_flops_per_element,
+                                    include_softmax=include_softmax, allow_empty=allow_empty)
+
+  def lam(is_layer, df, dp):
+    value = weights.gamma * (weights.beta * df / ref_flops + (1.0 - weights.beta) * dp / ref_params)
+    return jnp.asarray(value * (weights.alpha if is_layer else 1.0), jnp.float32)
+
+  return _map_with_kind(lam, dflops, dparams)
+
+
+# ----------------------------------------------------------------------------
+# Gates, projection, pruning (pure, jittable).
+
+
+def sample_gates(theta: Gates, alive: Gates, key: PRNGKey, *,
+                 batch_size: Optional[int] = None) -> Gates:
+  """ξ ~ Bern(θ) for alive gates, 0 for pruned ones (float32).
+
+  Args:
+    theta, alive: gate trees (float θ in [0, 1], bool alive).
+    key: PRNG key.
+    batch_size: None for one sample per gate; B for per-example samples
+      (leaves [B, *gate_shape]).
+  """
+  leaves, treedef = jax.tree.flatten(theta)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  lead = () if batch_size is None else (batch_size,)
+  samples = [jax.random.bernoulli(k, jnp.broadcast_to(t, lead + t.shape))
+             for k, t in zip(keys, leaves)]
+  samples = jax.tree.unflatten(treedef, samples)
+  return jax.tree.map(lambda s, a: (s & jnp.broadcast_to(a, s.shape)).astype(jnp.float32),
+                      samples, alive)
+
+
+def project(theta: Gates, alive: Gates, options: Options = Options()) -> Gates:
+  """Π: clip θ to [0, 1], set θ >= 1 - ε to 1 and pruned gates to 0."""
+
+  def one(t, a):
+    t = jnp.clip(t, 0.0, 1.0)
+    t = jnp.where(t >= 1.0 - options.one_epsilon, 1.0, t)
+    return jnp.where(a, t, 0.0)
+
+  return jax.tree.map(one, theta, alive)
+
+
+def prune(theta: Gates, alive: Gates, options: Options = Options(), *,
+          threshold: Optional[float] = None) -> tuple[Gates, Gates]:
+  """Marks gates with θ <= threshold as pruned (permanently), θ set to 0.
+
+  A unit leaf always keeps at least one unit (the one with the largest θ): a
+  layer of width 0 is not a model; whole blocks go through their layer gate.
+
+  Returns:
+    (theta, alive).
+  """
+  threshold = options.prune_threshold if threshold is None else threshold
+
+  def one(is_layer, t, a):
+    keep = a & (t > threshold)
+    if not is_layer:
+      best = jnp.argmax(jnp.where(a, t, -1.0))
+      keep = keep | ((jnp.arange(t.shape[0]) == best) & ~jnp.any(keep))
+    return keep
+
+  new_alive = _map_with_kind(one, theta, alive)
+  return jax.tree.map(lambda t, a: jnp.where(a, t, 0.0), theta, new_alive), new_alive
+
+
+def deterministic_gates(theta: Gates, alive: Gates, threshold: float = 0.5) -> Gates:
+  """The deterministic network's gates: 1 where alive and θ >= threshold, else 0."""
+  return jax.tree.map(lambda t, a: (a & (t >= threshold)).astype(jnp.float32), theta, alive)
+
+
+def _structure_sq_norms(params: Params, theta: Gates) -> Gates:
+  """||W_g||² of each gated structure's own weights (a filter's kernel column,
+  bias and BN entries; a block's whole residual branch)."""
+
+  def out_slice(node):
+    total = 0.0
+    for k, v in node.items():
+      axes = tuple(range(v.ndim - 1))
+      total = total + (jnp.sum(jnp.square(v), axis=axes) if axes else jnp.square(v))
+    return total
+
+  norms = {}
+  for name, entry in theta.items():
+    if isinstance(entry, dict):
+      block = params[name]
+      out = {}
+      if 'unit' in entry:
+        out['unit'] = out_slice(block['conv1']) + (out_slice(block['bn1']) if 'bn1' in block else 0.0)
+      if 'layer' in entry:
+        out['layer'] = sum(tree_lib.squared_norm(block[k]) for k in block
+                           if not k.startswith('shortcut'))
+      norms[name] = out
+    else:
+      i = name.split('_')[1]
+      norm = out_slice(params[name])
+      if f'bn_{i}' in params:
+        norm = norm + out_slice(params[f'bn_{i}'])
+      norms[name] = norm
+  return norms
+
+
+def penalty(theta: Gates, alive: Gates, lam: Gates, params: Params,
+            options: Options = Options()) -> jax.Array:
+  """Σ_g λ_g θ_g (+ ρ/2 Σ_g θ_g ||W_g||²) over alive gates: [] float32."""
+  live = jax.tree.map(lambda t, a: jnp.where(a, t, 0.0), theta, alive)
+  total = jnp.zeros((), jnp.float32)
+  for l, t in zip(jax.tree.leaves(lam), jax.tree.leaves(live)):
+    total = total + jnp.sum(l * t)
+  if options.rho > 0:
+    norms = _structure_sq_norms(params, theta)
+    total = total + 0.5 * options.rho * sum(
+        jnp.sum(t * n) for t, n in zip(jax.tree.leaves(live), jax.tree.leaves(norms)))
+  return total
+
+
+# ----------------------------------------------------------------------------
+# Local training and the federated algorithm.
+
+
+class LocalResult(NamedTuple):
+  """What one client's local training returns."""
+  params: Params
+  batch_stats: BatchStats
+  theta: Gates
+  baseline: jax.Array  # [] running mean of the training loss
+
+
+class CavpState(NamedTuple):
+  """Server state.
+
+  Attributes:
+    params, batch_stats: global model (current, possibly rebuilt, architecture).
+    theta: gate keep-probabilities (gate tree, float32 in [0, 1]).
+    alive: gate tree of bool; False = pruned permanently (θ = 0).
+    lam: penalty weights λ_g (gate tree), recomputed at every rebuild.
+    baseline: [] running mean loss (REINFORCE baseline); NaN until the first step.
+    round_idx: [] int32 completed rounds.
+  """
+  params: Params
+  batch_stats: BatchStats
+  theta: Gates
+  alive: Gates
+  lam: Gates
+  baseline: jax.Array
+  round_idx: jax.Array
+
+
+class CavpSums(NamedTuple):
+  """One client's pre-weighted contribution (summed over the cohort by the engine)."""
+  params: Params
+  batch_stats: BatchStats
+  theta: Gates
+  baseline: jax.Array
+  weight: jax.Array
+  num_clients: jax.Array
+  metrics: LocalMetrics
+
+
+def _broadcast(t, shape):
+  return jnp.broadcast_to(t, shape)
+
+
+def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
+                     theta_optimizer: optax.GradientTransformation, schedule: LocalSchedule,
+                     options: Options = Options(), *,
+                     loss_fn: Callable = softmax_cross_entropy,
+                     train_transform: Optional[Callable] = None) -> Callable:
+  """Builds one client's joint (W, θ) training loop (a `lax.scan` over padded steps).
+
+  Each step samples ξ ~ Bern(θ), takes an optimizer step on W with ∇_W of the
+  sampled loss (+ prior), and a step on θ with the chosen estimator of
+  ∇_θ J, then projects θ (`project`). Batching and padding as
+  `federated.make_local_train` (padded steps are exact no-ops).
+
+  Returns:
+    `local_train(params, batch_stats, theta, alive, lam, baseline, data, key)
+    -> (LocalResult, LocalMetrics)`.
+  """
+  estimator = lambda is_layer: options.layer_estimator if is_layer else options.unit_estimator
+
+  def batch_loss(params, theta, stats, x, y, mask, b, alive, lam, baseline):
+    def gate(is_layer, t, s):
+      if estimator(is_layer) == 'straight_through':
+        tb = _broadcast(t, s.shape)
+        return tb + jax.lax.stop_gradient(s - tb)
+      return s
+
+    gates = _map_with_kind(gate, theta, b)
+    logits, new_stats = apply_fn(params, stats, x, train=True, example_mask=mask, gates=gates)
+    per_example = loss_fn(logits, y)
+    weights = mask.astype(per_example.dtype)
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    loss = jnp.sum(per_example * weights) / count
+    objective = loss + penalty(theta, alive, lam, params, options)
+    # REINFORCE: E[(loss - baseline) ∇_θ log q(ξ | θ)].
+    logq = []
+    for is_layer_, t, s in zip(*_kind_leaves(theta, b)):
+      if estimator(is_layer_) == 'reinforce':
+        tc = jnp.clip(_broadcast(t, s.shape), 1e-6, 1.0 - 1e-6)
+        lq = s * jnp.log(tc) + (1.0 - s) * jnp.log1p(-tc)
+        axes = tuple(range(1 if options.per_example else 0, lq.ndim))
+        logq.append(jnp.sum(lq, axis=axes) if axes else lq)
+    if logq:
+      base = jnp.where(jnp.isnan(baseline), jax.lax.stop_gradient(loss), baseline)
+      total_logq = sum(logq)
+      if options.per_example:
+        advantage = jax.lax.stop_gradient(per_example - base)
+        objective = objective + jnp.sum(advantage * total_logq * weights) / count
+      else:
+        objective = objective + jax.lax.stop_gradient(loss - base) * total_logq
+    correct = jnp.sum((jnp.argmax(logits, -1) == y) * weights)
+    return objective, (new_stats, loss, jnp.sum(per_example * weights), correct)
+
+  grad_fn = jax.grad(batch_loss, argnums=(0, 1), has_aux=True)
+
+  def two_point_grads(params, theta, stats, x, y, mask, b):
+    """E[loss | ξ_g = 1] - E[loss | ξ_g = 0] for every 'two_point' layer gate, given the others."""
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(b)[0]
+             if _is_layer(p) and options.layer_estimator == 'two_point']
+    if not paths:
+      return None
+    diffs = {}
+    for path in paths:
+      losses = []
+      for value in (1.0, 0.0):
+        gates = jax.tree_util.tree_map_with_path(
+            lambda p, s, path=path, value=value: jnp.full_like(s, value) if p == path else s, b)
+        logits, _ = apply_fn(params, stats, x, train=True, example_mask=mask, gates=gates)
+        per_example = loss_fn(logits, y)
+        weights = mask.astype(per_example.dtype)
+        losses.append(jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0))
+      diffs[path] = losses[0] - losses[1]
+    return jax.tree_util.tree_map_with_path(lambda p, t: diffs.get(p, jnp.zeros_like(t)), theta)
+
+  def local_train(params, batch_stats, theta, alive, lam, baseline, data: ClientData,
+                  key: PRNGKey) -> tuple[LocalResult, LocalMetrics]:
+    max_examples = data.x.shape[0]
+    num_steps = schedule.total_steps(max_examples)
+    shuffle_key, augment_key, gate_key = jax.random.split(key, 3)
+    del key
+    permutations = epoch_permutations(shuffle_key, data.num_examples, max_examples, schedule)
+    w_opt, t_opt = weight_optimizer.init(params), theta_optimizer.init(theta)
+
+    def step(carry, step_idx):
+      (params, stats, theta, baseline, w_opt, t_opt), metrics = carry
+      idx, mask = batch_indices(shuffle_key, step_idx, data.num_examples, max_examples, schedule,
+                                permutations)
+      x, y = data.x[idx], data.y[idx]
+      if train_transform is not None:
+        x = train_transform(x, jax.random.fold_in(augment_key, step_idx))
+
+      def real_step(operand):
+        (params, stats, theta, baseline, w_opt, t_opt), metrics = operand
+        b = sample_gates(theta, alive, jax.random.fold_in(gate_key, step_idx),
+                         batch_size=x.shape[0] if options.per_example else None)
+        (g_w, g_t), (new_stats, loss, loss_sum, correct) = grad_fn(
+            params, theta, stats, x, y, mask, b, alive, lam, baseline)
+        exact = two_point_grads(params, theta, stats, x, y, mask, b)
+        if exact is not None:
+          g_t = jax.tree_util.tree_map_with_path(
+              lambda p, g, e: e + g if _is_layer(p) else g, g_t, exact)
+        g_t = jax.tree.map(lambda g, a: jnp.where(a, g, 0.0), g_t, alive)
+        w_updates, w_opt = weight_optimizer.update(g_w, w_opt, params)
+        params = optax.apply_updates(params, w_updates)
+        t_updates, t_opt = theta_optimizer.update(g_t, t_opt, theta)
+        theta = project(optax.apply_updates(theta, t_updates), alive, options)
+        baseline = jnp.where(jnp.isnan(baseline), loss,
+                             options.baseline_decay * baseline + (1 - options.baseline_decay) * loss)
+        n = jnp.sum(mask).astype(jnp.float32)
+        metrics = LocalMetrics(metrics.loss_sum + loss_sum, metrics.correct_sum + correct,
+                               metrics.num_examples + n, metrics.num_steps + 1.0)
+        return (params, new_stats, theta, baseline, w_opt, t_opt), metrics
+
+      return jax.lax.cond(jnp.any(mask), real_step, lambda o: o, carry), None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = ((params, batch_stats, theta, baseline, w_opt, t_opt), LocalMetrics(zero, zero, zero, zero))
+    ((params, stats, theta, baseline, _, _), metrics), _ = jax.lax.scan(step, init,
+                                                                         jnp.arange(num_steps))
+    return LocalResult(params, stats, theta, baseline), metrics
+
+  return local_train
+
+
+def _kind_leaves(theta, b):
+  flat_t = jax.tree_util.tree_flatten_with_path(theta)[0]
+  kinds = [_is_layer(p) for p, _ in flat_t]
+  return kinds, [t for _, t in flat_t], jax.tree.leaves(b)
+
+
+def gate_stats(theta: Gates, alive: Gates, options: Options = Options()) -> dict:
+  """Counts for logging (jittable): alive units/layers, mean θ, fraction of θ in {0, 1}.
+
+  A gate counts as converged when pruned, θ <= prune_threshold or θ >= 1 - one_epsilon.
+  """
+  out = {}
+  for kind, is_layer in (('units', False), ('layers', True)):
+    pairs = [(t, a) for k, t, a in zip(_kind_leaves(theta, alive)[0], jax.tree.leaves(theta),
+                                       jax.tree.leaves(alive)) if k == is_layer]
+    if not pairs:
+      continue
+    t = jnp.concatenate([jnp.ravel(t) for t, _ in pairs])
+    a = jnp.concatenate([jnp.ravel(a) for _, a in pairs])
+    binary = ~a | (t <= options.prune_threshold) | (t >= 1.0 - options.one_epsilon)
+    out[f'{kind}_alive'] = jnp.sum(a).astype(jnp.float32)
+    out[f'{kind}_total'] = jnp.asarray(a.size, jnp.float32)
+    out[f'{kind}_theta_mean'] = jnp.sum(jnp.where(a, t, 0.0)) / jnp.maximum(jnp.sum(a), 1)
+    out[f'{kind}_binary_frac'] = jnp.mean(binary.astype(jnp.float32))
+  return out
+
+
+def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
+         theta_optimizer: optax.GradientTransformation, schedule: LocalSchedule,
+         options: Options = Options(), *, loss_fn: Callable = softmax_cross_entropy,
+         train_transform: Optional[Callable] = None,
+         uniform_weights: bool = False) -> FedAlgorithm:
+  """Complexity-aware variational unit/layer pruning as a `FedAlgorithm`.
+
+  Centralised (the paper): a dataset with ONE client holding all the data and
+  a cohort of that client; a round = `schedule`'s local epochs/steps.
+  Federated (our extension): clients train (W, θ) locally from the global
+  state; the server averages W, BatchNorm statistics, θ and the baseline with
+  example weights, then projects and prunes θ. Structural rebuilds happen
+  outside the round (`rebuild`).
+
+  Args:
+    apply_fn: gated `apply_fn(params, batch_stats, x, *, train, example_mask, gates)`.
+    weight_optimizer: optax optimizer of the weights (client side).
+    theta_optimizer: optax optimizer of θ (client side).
+    schedule: local batch size and epochs/steps.
+    options: the inferred choices (`Options`).
+    loss_fn: per-example loss `(logits [B, K], y [B]) -> [B]`.
+    train_transform: per-batch augmentation `(x, key) -> x`.
+    uniform_weights: average clients equally instead of by example count.
+
+  Returns:
+    FedAlgorithm with `init(params, key, batch_stats=None, *, theta, lam,
+    alive=None) -> CavpState`.
+
+  Example:
+    >>> import jax, optax
+    >>> from fedjax_prune import federated, models, testing
+    >>> from fedjax_prune.pruning import cavp as cavp_lib
+    >>> spec = models.ConvNetSpec(input_shape=(8, 8, 1), convs=(models.ConvSpec(features=4),),
+    ...                           num_classes=3, head='gap')
+    >>> apply_fn, params, stats = models.build(spec, jax.random.key(0))
+    >>> theta = cavp_lib.init_theta(spec)
+    >>> lam = cavp_lib.penalty_weights(spec, cavp_lib.CostWeights(gamma=0.1))
+    >>> alg = cavp_lib.cavp(apply_fn, optax.sgd(0.1), optax.sgd(0.1),
+    ...                     federated.LocalSchedule(batch_size=4))
+    >>> state = alg.init(params, jax.random.key(1), stats, theta=theta, lam=lam)
+    >>> sorted(state.theta)
+    ['conv_0']
+  """
+  local_train = make_local_train(apply_fn, weight_optimizer, theta_optimizer, schedule, options,
+                                 loss_fn=loss_fn, train_transform=train_transform)
+
+  def init(params: Params, key: PRNGKey, batch_stats: Optional[BatchStats] = None, *,
+           theta: Gates, lam: Gates, alive: Optional[Gates] = None) -> CavpState:
+    del key  # deterministic: the model's init and θ_init hold all the state
+    alive = jax.tree.map(lambda t: jnp.ones(jnp.shape(t), bool), theta) if alive is None else alive
+    theta = project(theta, alive, options)
+    return CavpState(params, {} if batch_stats is None else batch_stats, theta, alive, lam,
+                     jnp.full((), jnp.nan, jnp.float32), jnp.zeros((), jnp.int32))
+
+  def client_update(state: CavpState, data: ClientData, info: ClientInfo,
+                    key: PRNGKey) -> ClientOutput:
+    local, metrics = local_train(state.params, state.batch_stats, state.theta, state.alive,
+                                 state.lam, state.baseline, data, key)
+    weight = jnp.ones((), jnp.float32) if uniform_weights else info.num_examples.astype(jnp.float32)
+    scale = lambda t: tree_lib.scale(t, weight)
+    baseline = jnp.where(jnp.isnan(local.baseline), 0.0, local.baseline) * weight
+    return ClientOutput(CavpSums(scale(local.params), scale(local.batch_stats), scale(local.theta),
+                                 baseline, weight, jnp.ones((), jnp.float32), metrics))
+
+  def server_update(state: CavpState, outputs: ClientOutput, key: PRNGKey):
+    del key
+    sums: CavpSums = outputs.sums
+    has_weight = sums.weight > 0
+    inv = jnp.where(has_weight, 1.0 / jnp.where(has_weight, sums.weight, 1.0), 0.0)
+    mean = lambda s, old: jax.tree.map(lambda a, b: jnp.where(has_weight, a * inv, b), s, old)
+    params = mean(sums.params, state.params)
+    batch_stats = mean(sums.batch_stats, state.batch_stats)
+    theta = project(mean(sums.theta, state.theta), state.alive, options)
+    theta, alive = prune(theta, state.alive, options)
+    baseline = jnp.where(has_weight, sums.baseline * inv, state.baseline)
+    m = sums.metrics
+    count = jnp.maximum(m.num_examples, 1.0)
+    metrics = {
+        'train_loss': m.loss_sum / count,
+        'train_accuracy': m.correct_sum / count,
+        'train_examples': m.num_examples,
+        'local_steps': m.num_steps,
+        'num_clients': sums.num_clients,
+        'penalty': penalty(theta, alive, state.lam, params, options),
+        'finite': tree_lib.all_finite(params) & tree_lib.all_finite(theta) & jnp.isfinite(m.loss_sum),
+        **gate_stats(theta, alive, options),
+    }
+    return CavpState(params, batch_stats, theta, alive, state.lam, baseline,
+                     state.round_idx + 1), metrics
+
+  return FedAlgorithm(init, client_update, server_update)
+
+
+# ----------------------------------------------------------------------------
+# Structural rebuild (host side, between rounds; never jitted).
+
+
+class Rebuilt(NamedTuple):
+  """What a rebuild removed."""
+  units_removed: int
+  blocks_removed: tuple[str, ...]
+
+
+def remove_pruned(spec, params: Params, batch_stats: BatchStats, theta: Gates, alive: Gates
+                  ) -> tuple[Any, Params, BatchStats, Gates, Gates, Rebuilt]:
+  """Physically removes every pruned structure (alive False).
+
+  The returned model computes exactly what the gated model computes with the
+  pruned gates at 0 (and the other gates unchanged): removed units contributed
+  0 to their consumer, removed identity blocks are the identity.
+
+  Returns:
+    (spec, params, batch_stats, theta, alive, Rebuilt) with the gate trees
+    sliced/renamed to the new spec.
+  """
+  theta = jax.tree.map(np.asarray, jax.device_get(theta))
+  alive = jax.tree.map(lambda a: np.asarray(a, bool), jax.device_get(alive))
+  params = jax.device_get(params)
+  batch_stats = jax.device_get(batch_stats)
+  keep, units_removed, drop = {}, 0, []
+  for name, entry in alive.items():
+    if isinstance(entry, dict):
+      if 'layer' in entry and not entry['layer']:
+        drop.append(name)
+        continue  # its units go with the block
+      unit_alive = entry.get('unit')
+    else:
+      unit_alive = entry
+    if unit_alive is not None and not unit_alive.all():
+      keep[name] = unit_alive
+      units_removed += int((~unit_alive).sum())
+  if keep:
+    # Channel surgery of the library: a ConvNet filter group is named by its
+    # conv, a ResNet block's inner width by its conv1.
+    producer = lambda name: name if isinstance(spec, models.ConvNetSpec) else f'{name}/conv1'
+    shrunk = structured.shrink(spec, params, {producer(n): k for n, k in keep.items()},
+                               batch_stats=batch_stats)
+    spec, params, batch_stats = shrunk.spec, shrunk.params, shrunk.batch_stats
+
+    def slice_units(tree):
+      out = {}
+      for name, entry in tree.items():
+        if name not in keep:
+          out[name] = entry
+        elif isinstance(entry, dict):
+          out[name] = {**entry, 'unit': entry['unit'][keep[name]]}
+        else:
+          out[name] = entry[keep[name]]
+      return out
+
+    theta, alive = slice_units(theta), slice_units(alive)
+  if drop:
+    names = [row[0] for row in spec.blocks()]
+    spec, renames = _drop_blocks.drop_blocks_spec(spec, drop)
+    rename = lambda tree: _drop_blocks.rename_blocks(tree, renames, names)
+    params, batch_stats, theta, alive = map(rename, (params, batch_stats, theta, alive))
+  to_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)
+  return (spec, to_jnp(params), to_jnp(batch_stats), to_jnp(theta), to_jnp(alive),
+          Rebuilt(units_removed, tuple(drop)))
+
+
+def rebuild(spec, state: CavpState, weights: CostWeights, options: Options = Options(), *,
+            reference: tuple[int, int], bn_flops_per_element: int = 0,
+            include_softmax: bool = True) -> tuple[Any, CavpState, Rebuilt]:
+  """Removes the pruned structures of `state` and recomputes λ for the new spec.
+
+  Args:
+    spec: current spec.
+    state: server state of `cavp`.
+    weights: the three user parameters.
+    options: as given to `cavp`.
+    reference: (FLOPs, params) of the ORIGINAL model (keeps γ's meaning).
+
+  Returns:
+    (new_spec, new_state, Rebuilt). Rebuild the apply function and the round
+    for new_spec (shapes changed: one re-jit).
+  """
+  new_spec, params, stats, theta, alive, report = remove_pruned(
+      spec, state.params, state.batch_stats, state.theta, state.alive)
+  if not report.units_removed and not report.blocks_removed:
+    return spec, state, report
+  lam = penalty_weights(new_spec, weights, structures=options.structures, reference=reference,
+                        bn_flops_per_element=bn_flops_per_element, include_softmax=include_softmax,
+                        allow_empty=True)
+  return new_spec, state._replace(params=params, batch_stats=stats, theta=theta, alive=alive,
+                                  lam=lam), report
+
+
+def finalize(spec, state: CavpState, options: Options = Options()
+             ) -> tuple[Any, Params, BatchStats, Rebuilt]:
+  """The final deterministic network: keep θ >= final_threshold (θ := 1), remove the rest.
+
+  Returns:
+    (spec, params, batch_stats, Rebuilt): an ungated model equal to the gated
+    one with `deterministic_gates(theta, alive, options.final_threshold)`
+    (up to the one unit per layer that `prune` always keeps).
+  """
+  theta, alive = prune(state.theta, state.alive, options,
+                       threshold=math.nextafter(options.final_threshold, 0.0))
+  new_spec, params, stats, _, _, report = remove_pruned(spec, state.params, state.batch_stats,
+                                                        theta, alive)
+  return new_spec, params, stats, report

@@ -1,0 +1,223 @@
+"""Sparse-FL baselines (FedDST, PruneFL, LotteryFL, SNIP, SynFlow) and the experiment drivers."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import build, train
+from experiments.configs import fedavg_synthetic, fedtiny_cifar10
+from fedjax_prune import data as data_lib
+from fedjax_prune import federated, masks, testing
+from fedjax_prune.pruning import _sparse, feddst, init_pruning, lotteryfl, prunefl
+from fedjax_prune.pruning import fedtiny as ft
+
+SCHED = federated.LocalSchedule(batch_size=4)
+DENSITY = 0.3
+
+
+def _problem():
+  apply_fn, params = testing.tiny_mlp(jax.random.key(0), in_features=6, hidden=16, num_classes=3)
+  data = testing.tiny_client_data(num_clients=4, sizes=(8, 12, 6, 9))
+  prunable = masks.by_ndim(params)
+  return apply_fn, params, data, prunable
+
+
+def _target_counts(params, prunable):
+  """Per-layer kept counts of uniform densities at DENSITY (dense entries counted)."""
+  dens = _sparse.layer_densities(params, DENSITY, "uniform", prunable)
+  m = _sparse.magnitude_masks(params, dens, prunable)
+  return _sparse.keep_counts(m, _sparse.leaf_flags(params, prunable))
+
+
+def _rounds(alg, state, data, num):
+  round_fn = federated.make_round(alg, execution=federated.Vmap())
+  history = [state]
+  for t in range(num):
+    state, metrics = round_fn(state, data, federated.make_cohort([0, 1, 2, 3]), jax.random.key(t))
+    history.append(state)
+  return history, metrics
+
+
+def _moved(a, b):
+  return sum(int(np.sum(np.asarray(x) != np.asarray(y)))
+             for x, y in zip(jax.tree.leaves(a.masks), jax.tree.leaves(b.masks)))
+
+
+def test_feddst_keeps_layer_densities_and_moves_masks():
+  apply_fn, params, data, prunable = _problem()
+  params, m = ft.sparse_setup(params, DENSITY, prunable=prunable)
+  flags = _sparse.leaf_flags(params, prunable)
+  alg = feddst.feddst(apply_fn, optax.sgd(0.2), SCHED, prunable=prunable, adjust_every=1,
+                      adjust_end=6, adjust_alpha=0.5,
+                      post_adjust=federated.LocalSchedule(batch_size=4, num_steps=2))
+  history, metrics = _rounds(alg, alg.init(params, jax.random.key(0), masks=m), data, 3)
+  for s in history:
+    assert _sparse.keep_counts(s.masks, flags) == _target_counts(params, prunable)
+    np.testing.assert_array_equal(
+        [float(jnp.sum(jnp.where(mm, 0.0, jnp.abs(p)))) for p, mm in
+         zip(jax.tree.leaves(s.params), jax.tree.leaves(s.masks))], 0.0)
+  assert _moved(history[0], history[-1]) > 0
+  assert float(metrics["density"]) == pytest.approx(float(masks.density(m, params)))
+
+
+def test_prunefl_initial_pruning_and_adaptive_rounds_reach_target():
+  apply_fn, params, data, prunable = _problem()
+  flags = _sparse.leaf_flags(params, prunable)
+  keep, _ = _sparse.sparse_budget(params, DENSITY, prunable)
+  p, s, m = prunefl.initial_masks(apply_fn, optax.sgd(0.2), SCHED, params, {},
+                                  data_lib.client_slice(data, 1), jax.random.key(1),
+                                  density=DENSITY, prunable=prunable, num_iterations=3)
+  assert sum(_sparse.keep_counts(m, flags)) == keep
+  alg = prunefl.prunefl(apply_fn, optax.sgd(0.2), SCHED, prunable=prunable, adjust_every=1,
+                        adjust_end=6, importance_batches=2)
+  history, _ = _rounds(alg, alg.init(p, jax.random.key(0), batch_stats=s, masks=m), data, 3)
+  for state in history:
+    assert sum(_sparse.keep_counts(state.masks, flags)) == keep  # global budget exact
+  assert _moved(history[0], history[-1]) > 0
+  # Newly selected positions start from 0.
+  for a, b, x in zip(jax.tree.leaves(history[1].masks), jax.tree.leaves(history[2].masks),
+                     jax.tree.leaves(history[1].params)):
+    grown = np.broadcast_to(np.asarray(b) & ~np.asarray(a), np.shape(x))
+    np.testing.assert_array_equal(np.asarray(x)[grown], 0.0)
+
+
+def test_lotteryfl_reaches_target_and_rewinds():
+  apply_fn, params, data, prunable = _problem()
+  flags = _sparse.leaf_flags(params, prunable)
+  dens = _sparse.layer_densities(params, DENSITY, "uniform", prunable)
+  alg = lotteryfl.lotteryfl(apply_fn, optax.sgd(0.2), SCHED, prunable=prunable, densities=dens,
+                            prune_every=2, num_prune_steps=2)
+  history, metrics = _rounds(alg, alg.init(params, jax.random.key(0)), data, 5)
+  counts = [_sparse.keep_counts(s.masks, flags) for s in history]
+  assert counts[1] == [96, 48]  # round 1: no pruning yet (dense)
+  assert counts[2][0] < 96      # after round 2: first step
+  assert counts[4] == _target_counts(params, prunable) == counts[5]  # target reached and kept
+  # Right after a pruning step the survivors are rewound to the initial weights.
+  for p0, p, mm in zip(jax.tree.leaves(params), jax.tree.leaves(history[4].params),
+                       jax.tree.leaves(history[4].masks)):
+    np.testing.assert_array_equal(np.asarray(p), np.where(np.asarray(mm), np.asarray(p0), 0.0))
+  assert float(metrics["density"]) < 0.35
+
+
+def test_snip_and_synflow_reach_target_density():
+  apply_fn, params, data, prunable = _problem()
+  flags = _sparse.leaf_flags(params, prunable)
+  keep, _ = _sparse.sparse_budget(params, DENSITY, prunable)
+  snip = init_pruning.snip_masks(apply_fn, params, {}, data.x[1, :8], data.y[1, :8],
+                                 density=DENSITY, prunable=prunable)
+  syn = init_pruning.synflow_masks(apply_fn, params, {}, (6,), density=DENSITY, prunable=prunable,
+                                   num_iterations=5)
+  for m in (snip, syn):
+    masks.check(params, m)
+    assert sum(_sparse.keep_counts(m, flags)) == keep
+    assert float(masks.density(m, params)) == pytest.approx(DENSITY, abs=2e-3)
+  # SNIP keeps the largest |g * w|: its choice differs from plain magnitude.
+  mag = masks.global_topk(masks.magnitude(params), keep / 144, prunable)
+  assert any(bool(np.any(np.asarray(a) != np.asarray(b)))
+             for a, b in zip(jax.tree.leaves(snip), jax.tree.leaves(mag)))
+  with pytest.raises(ValueError, match="num_iterations must be an int >= 1"):
+    init_pruning.synflow_masks(apply_fn, params, {}, (6,), density=DENSITY, prunable=prunable,
+                               num_iterations=0)
+
+
+# ----------------------------------------------------------------------------
+# Drivers.
+
+
+def tiny_config(method: str, sparse_method: str = "feddst"):
+  c = fedtiny_cifar10.base_config("vgg11")
+  base = fedavg_synthetic.get_config()
+  c.data = base.data
+  c.data.num_clients = 6
+  c.data.examples_per_client = (6, 10)
+  c.data.test_examples_per_client = 4
+  c.model.name = "mlp"
+  c.model.hidden = (16,)
+  c.model.norm = "none"
+  c.client.batch_size = 4
+  c.client.num_epochs = 1
+  c.rounds = 4
+  c.clients_per_round = 3
+  c.eval_every = 2
+  c.strategy = "vmap+lax"
+  c.progress = False
+  c.method = method
+  s = c.sparse
+  s.method, s.density, s.adjust_every, s.adjust_end = sparse_method, 0.1, 2, 3
+  s.num_candidates, s.num_blocks = 2, 2
+  s.prunefl_init_iterations, s.prunefl_adjust_every = 2, 2
+  s.lottery_prune_every, s.lottery_steps, s.synflow_iterations = 1, 2, 3
+  return c
+
+
+@pytest.mark.parametrize("method,sparse_method", [
+    ("fedtiny", ""), pytest.param("sparse", "snip", marks=pytest.mark.slow),
+    pytest.param("sparse", "feddst", marks=pytest.mark.slow),
+    pytest.param("sparse", "prunefl", marks=pytest.mark.slow),
+    pytest.param("sparse", "lotteryfl", marks=pytest.mark.slow),
+    pytest.param("sparse", "synflow", marks=pytest.mark.slow),
+    pytest.param("sparse", "dense", marks=pytest.mark.slow),
+])
+def test_driver_smoke(tmp_path, method, sparse_method):
+  config = tiny_config(method, sparse_method or "feddst")
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(l) for l in f]
+  assert [r["round"] for r in records] == [1, 2, 3, 4]
+  target = 1.0 if sparse_method == "dense" else 0.1
+  assert summary["density"] == pytest.approx(target, abs=2e-3)
+  for r in records:
+    assert r["client_training_flops"] > 0 and r["client_peak_memory_bytes"] > 0
+    assert r["client_upload_bytes"] > 0 and r["client_download_bytes"] > 0
+    assert r["density"] == pytest.approx(summary["density"], abs=2e-3) or sparse_method == "lotteryfl"
+  assert 0.0 <= summary["test_accuracy"] <= 1.0
+  assert os.path.exists(tmp_path / "run" / "summary.json")
+
+
+def test_driver_rejects_bad_sparse_config(tmp_path):
+  config = tiny_config("sparse", "rigl")
+  with pytest.raises(build.ConfigError, match="sparse.method='rigl' is invalid"):
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+  config = tiny_config("sparse", "lotteryfl")
+  config.sparse.lottery_steps = 10
+  with pytest.raises(build.ConfigError, match="lottery_steps=10 .* exceeds config.rounds=4"):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+  config = tiny_config("fedtiny")
+  config.sparse.bn_aggregation = "gamma"
+  with pytest.raises(build.ConfigError, match="bn_aggregation='gamma' is invalid"):
+    train.train_and_evaluate(config, str(tmp_path / "c"))
+
+
+def test_client_round_cost_hand_computed():
+  from fedjax_prune import accounting, models
+  spec = models.mlp(input_shape=(6,), hidden=(8,), num_classes=3)
+  forward = 2 * (6 * 8 + 8 * 3)  # 2 FLOPs per MAC, batch 1
+  base = accounting.client_round_cost(spec, batch_size=4, local_steps=5)
+  assert base.training_flops == 5 * 3 * forward * 4
+  assert base.download == base.upload == 4 * (6 * 8 + 8 + 8 * 3 + 3)  # dense: every value
+  assert base.peak_memory == accounting.training_memory(spec, 4).total
+  grow = accounting.client_round_cost(spec, batch_size=4, local_steps=5, dense_grad_batches=1,
+                                      dense_grad_layers=["dense_1"], forward_examples=10,
+                                      topk_entries=7)
+  # + one batch: sparse forward and input gradient, dense weight gradient of dense_1 only;
+  # + 10 forward-only examples.
+  assert grow.training_flops == base.training_flops + 4 * (2 * forward + 2 * 8 * 3) + 10 * forward
+  # Top-K: 7 x (4-byte value + 1-byte index: the largest leaf has 48 < 256 entries).
+  assert grow.upload == base.upload + 7 * 5 and grow.download == base.download
+  assert grow.peak_memory == base.peak_memory + 4 * (8 * 3 + 3) + 7 * 5
+  half = {"dense_0": {"kernel": np.arange(48).reshape(6, 8) < 24, "bias": np.ones((), bool)},
+          "dense_1": {"kernel": np.ones((), bool), "bias": np.ones((), bool)}}
+  sparse = accounting.client_round_cost(spec, half, batch_size=4, local_steps=5)
+  # dense_0 at density 1/2 (rows 0-2: every output unit stays alive, so dense_1 stays dense).
+  assert sparse.training_flops == 5 * 3 * 2 * (24 + 8 * 3) * 4
+  # Bitmap coding: 24 kept + 8 bias + 27 values, plus the 48-entry bitmap (6 bytes).
+  assert sparse.download == 4 * (24 + 8 + 27) + 6
+  with pytest.raises(ValueError, match="dense_grad_layers \\['conv_9'\\] are not conv/dense layers"):
+    accounting.client_round_cost(spec, batch_size=4, local_steps=1, dense_grad_batches=1,
+                                 dense_grad_layers=["conv_9"])
+  with pytest.raises(ValueError, match="local_steps must be an int >= 0"):
+    accounting.client_round_cost(spec, batch_size=4, local_steps=-1)

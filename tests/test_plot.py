@@ -1,0 +1,63 @@
+"""experiments.plot: workdirs -> PNGs (hand-written metrics, no training)."""
+import json
+import os
+
+import matplotlib.image
+import numpy as np
+
+from experiments import plot
+
+
+def _workdir(root, name, *, params, acc, density=None, cut_last_line=False):
+  path = root / name
+  path.mkdir(parents=True)
+  lines = []
+  for r in range(1, 5):
+    record = {"round": r, "train_loss": 2.0 / r, "params": params, "flops": 2 * params}
+    if r % 2 == 0:
+      record.update(test_accuracy=acc * r / 4, local_accuracy_mean=acc * r / 5)
+    if density is not None:
+      record["density/dense_0/kernel"] = 1.0 if r < 3 else density
+      record["density/dense_1/kernel"] = 1.0 if r < 3 else 2 * density
+    lines.append(json.dumps(record))
+  text = "\n".join(lines) + "\n"
+  if cut_last_line:
+    text += '{"round": 5, "train_lo'  # what a kill mid-write leaves
+  (path / "metrics.jsonl").write_text(text)
+  (path / "summary.json").write_text(json.dumps({"test_accuracy": acc, "params": params,
+                                                 "flops": 2 * params}))
+  return str(path)
+
+
+def test_pareto_front_keeps_the_non_dominated_points():
+  points = [(100, 0.9), (50, 0.8), (60, 0.7), (10, 0.5), (10, 0.6), (200, 0.85)]
+  assert plot.pareto_front(points) == [(10, 0.6), (50, 0.8), (100, 0.9)]
+
+
+def test_find_runs_expands_a_sweep_root(tmp_path):
+  a = _workdir(tmp_path / "sweep", "a", params=100, acc=0.5)
+  b = _workdir(tmp_path / "sweep", "b", params=50, acc=0.4)
+  (tmp_path / "sweep" / "not_a_run").mkdir()
+  single = _workdir(tmp_path, "single", params=10, acc=0.2)
+  assert plot.find_runs([str(tmp_path / "sweep"), single]) == [a, b, single]
+
+
+def test_plots_are_written_and_are_images(tmp_path):
+  _workdir(tmp_path / "runs", "dense", params=1000, acc=0.8)
+  _workdir(tmp_path / "runs", "sparse", params=100, acc=0.6, density=0.1, cut_last_line=True)
+  written = plot.plot_workdirs([str(tmp_path / "runs")], str(tmp_path / "out"))
+  names = sorted(os.path.basename(p) for p in written)
+  # Only the run that logs densities gets a per-layer plot.
+  assert names == ["accuracy_vs_round.png", "accuracy_vs_size.png", "layers_sparse.png"]
+  for path in written:
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+    assert np.std(image) > 0.01  # not a blank canvas
+
+
+def test_load_run_skips_a_line_cut_by_a_kill(tmp_path):
+  run = plot.load_run(_workdir(tmp_path, "r", params=10, acc=0.5, cut_last_line=True))
+  assert [r["round"] for r in run["records"]] == [1, 2, 3, 4]
+  assert plot.final_value(run, "test_accuracy") == 0.5  # summary wins over records
+  assert plot.final_value(run, "train_loss") == 0.5
+  assert plot.final_value(run, "missing") is None

@@ -1,0 +1,155 @@
+"""experiments.sweep (expansion, resumable runs, summary) and experiments.seeds (vmapped seeds)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from experiments import build, seeds, sweep, train
+from experiments.configs import fedavg_tiny
+from fedjax_prune import checkpoint
+
+
+def tiny(rounds=2):
+  c = fedavg_tiny.get_config()
+  c.rounds = rounds
+  c.eval_every = 1
+  c.checkpoint_every = 1
+  return c
+
+
+def two_lrs(add):
+  add(**{"client.learning_rate": 0.05})
+  add(**{"client.learning_rate": 0.1, "client.batch_size": 2})
+
+
+def test_expand_names_runs_after_their_overrides():
+  runs = sweep.expand(tiny(), two_lrs)
+  assert [r.name for r in runs] == ["client.learning_rate=0.05",
+                                    "client.batch_size=2,client.learning_rate=0.1"]
+  assert runs[1].config.client.batch_size == 2 and runs[1].config.client.learning_rate == 0.1
+  assert runs[0].config.client.batch_size == 4  # the base config is not modified
+  assert sweep.run_name({"model.hidden": (8, 4)}) == "model.hidden=(8,4)"
+
+
+def test_config_files_sweeps_expand():
+  for module in ("fedavg_synthetic", "fedavg_tiny", "fedavg_magnitude_synthetic"):
+    path = os.path.join("experiments", "configs", f"{module}.py")
+    fn = sweep.load_sweep_fn(path)
+    config = __import__(f"experiments.configs.{module}", fromlist=["x"]).get_config()
+    assert len(sweep.expand(config, fn)) >= 2
+
+
+@pytest.mark.parametrize("sweep_fn,message", [
+    (None, "defines no sweep\\(add\\) function"),
+    (lambda add: None, "added no runs: the sweep is empty"),
+    (lambda add: add(**{"client.learning_rat": 0.1}), "config has no field 'client.learning_rat'"),
+    (lambda add: add(**{"clien.learning_rate": 0.1}), "config has no field 'clien'"),
+    (lambda add: add(**{"client.learning_rate": "fast"}), "client.learning_rate='fast' has the wrong type"),
+    (lambda add: add(**{"client.learning_rate": -1.0}),
+     "sweep run 'client.learning_rate=-1.0': config.client.learning_rate=-1.0 is invalid"),
+    (lambda add: [add(rounds=3), add(rounds=3)], "adds the run 'rounds=3' twice"),
+    (lambda add: add(prune_density=1.5), "config.prune_density=1.5 is invalid"),
+])
+def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, sweep_fn, message):
+  with pytest.raises(build.ConfigError, match=message):
+    sweep.run_sweep(tiny(), sweep_fn, str(tmp_path / "root"))
+  assert not (tmp_path / "root").exists()
+
+
+def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
+  root = str(tmp_path / "root")
+  calls = []
+
+  def spy(config, workdir, resume=False):
+    calls.append((os.path.basename(workdir), resume))
+    return train.train_and_evaluate(config, workdir, resume=resume)
+
+  rows = sweep.run_sweep(tiny(), two_lrs, root, train_fn=spy, log=lambda s: None)
+  names = [r["run"] for r in rows]
+  assert calls == [(names[0], False), (names[1], False)]
+  assert [r["status"] for r in rows] == ["ran", "ran"]
+  assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["rounds"] == 2 for r in rows)
+  with open(os.path.join(root, "sweep_summary.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(rows))
+  with open(os.path.join(root, "sweep_summary.md")) as f:
+    table = f.read()
+  assert "| run | status | client.learning_rate | client.batch_size |" in table
+  assert names[1] in table
+
+  # Interrupt the second run after round 1: its summary and last checkpoint are gone.
+  second = os.path.join(root, names[1])
+  os.remove(os.path.join(second, "summary.json"))
+  shutil.rmtree(os.path.join(second, train.CHECKPOINT_DIR, "step_00000002"))
+  accuracy = rows[1]["test_accuracy"]
+  calls.clear()
+  rows = sweep.run_sweep(tiny(), two_lrs, root, train_fn=spy, log=lambda s: None)
+  assert calls == [(names[1], True)]  # the finished run is skipped, the other resumed
+  assert [r["status"] for r in rows] == ["skipped (done)", "resumed"]
+  assert rows[1]["test_accuracy"] == accuracy  # resumed = bit-identical on CPU
+
+
+def test_a_failing_run_is_reported_and_the_rest_still_run(tmp_path):
+  root = tmp_path / "root"
+  blocked = root / "client.learning_rate=0.05"
+  blocked.mkdir(parents=True)
+  (blocked / "config.json").write_text('{"another": "config"}')
+  rows = sweep.run_sweep(tiny(), two_lrs, str(root), log=lambda s: None)
+  assert rows[0]["status"].startswith("failed: FileExistsError") and "different config" in rows[0]["status"]
+  assert rows[1]["status"] == "ran"
+  assert (blocked / "config.json").read_text() == '{"another": "config"}'  # untouched
+
+
+def test_seed_config_shifts_training_seeds_only():
+  c = tiny()
+  s2 = seeds.seed_config(c, 2)
+  assert (s2.seeds.init, s2.seeds.sampling, s2.seeds.training) == (
+      c.seeds.init + 2000, c.seeds.sampling + 2000, c.seeds.training + 2000)
+  assert s2.seeds.data == c.seeds.data
+  assert seeds.seed_config(c, 0).to_dict() == c.to_dict()
+
+
+@pytest.mark.parametrize("seed_list,message", [
+    ([], "no seeds given"), ([0, 0], "repeats a seed"), ([-1], "non-negative integers")])
+def test_bad_seed_lists_are_refused(seed_list, message):
+  with pytest.raises(build.ConfigError, match=message):
+    seeds.run_seeds(tiny(), seed_list)
+
+
+@pytest.mark.parametrize("seed_list", [
+    [0, 3],
+    pytest.param([0, 1, 2, 3], marks=pytest.mark.slow),  # 5 runs: ~15 s of CPU
+])
+def test_vectorised_seeds_equal_separate_runs(tmp_path, seed_list):
+  """K seeds as one vmapped program == K separate runs (float tolerance; see seeds.py)."""
+  c = tiny(rounds=3)
+  c.shard_clients = False  # a separate run sharded over 4 fake devices would sum in another order
+  result = seeds.run_seeds(c, seed_list, str(tmp_path / "vec"), log=lambda s: None)
+  finals = []
+  for k, s in enumerate(seed_list):
+    workdir = str(tmp_path / f"seed{s}")
+    summary = train.train_and_evaluate(seeds.seed_config(c, s), workdir)
+    _, arrays, _ = checkpoint.read_arrays(os.path.join(workdir, train.CHECKPOINT_DIR))
+    for layer in ("dense_0", "dense_1"):
+      for leaf in ("kernel", "bias"):
+        np.testing.assert_allclose(result["params_K"][layer][leaf][k],
+                                   arrays[f".params['{layer}']['{leaf}']"], rtol=1e-5, atol=1e-6)
+    row = result["per_seed"][k]
+    assert row["seed"] == s
+    for metric in seeds.REPORTED:
+      np.testing.assert_allclose(row[metric], summary[metric], rtol=1e-5, atol=1e-6)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f, \
+        open(tmp_path / "vec" / f"seed_{s}" / "metrics.jsonl") as g:
+      sep = [json.loads(l) for l in f]
+      vec = [json.loads(l) for l in g]
+    assert [r["round"] for r in vec] == [1, 2, 3]
+    np.testing.assert_allclose([r["train_loss"] for r in vec], [r["train_loss"] for r in sep],
+                               rtol=1e-5)
+    finals.append(result["params_K"]["dense_0"]["kernel"][k])
+  assert not np.array_equal(finals[0], finals[1])  # the seeds really differ
+  accs = [r["test_accuracy"] for r in result["per_seed"]]
+  assert result["mean"]["test_accuracy"] == pytest.approx(np.mean(accs))
+  assert result["std"]["test_accuracy"] == pytest.approx(np.std(accs, ddof=1))
+  with open(tmp_path / "vec" / "seeds_summary.json") as f:
+    assert json.load(f)["per_seed"] == result["per_seed"]
