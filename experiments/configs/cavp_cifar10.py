@@ -14,9 +14,9 @@ images); pass another PFLlib folder with `--config.data.data_dir=...`.
 
 Commands (from the repository root):
   python -m experiments.main --config experiments/configs/cavp_cifar10.py:resnet20,centralised,both \
-      --workdir /tmp/cavp_r20
+      --workdir workdir/cavp_r20
   python -m experiments.main --config experiments/configs/cavp_cifar10.py:cpu,federated,units \
-      --workdir /tmp/cavp_cpu_fed_units
+      --workdir workdir/cavp_cpu_fed_units
 
 Expected runtime / result:
   * 'resnet20' / 'resnet56' full settings (160 epochs-worth of rounds, SGD

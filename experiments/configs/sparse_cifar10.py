@@ -26,6 +26,8 @@ def get_config(arg: str | None = None):
   c = fedtiny_cifar10.base_config(model)
   c.method = "sparse"
   c.sparse.method = method
+  # PruneFL: entries kept per output unit of every layer (our choice; 0 = the paper's global top-k).
+  c.sparse.prunefl_min_per_output = 1
   return c
 
 

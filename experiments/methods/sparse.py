@@ -1,7 +1,8 @@
 """Driver for the sparse-FL baselines of FedTiny's comparison (config.sparse.method).
 
   feddst     client prune/regrow + mask voting (fedjax_prune.pruning.feddst)
-  prunefl    initial pruning on the largest client + adaptive importance (pruning.prunefl)
+  prunefl    initial pruning on the largest client + adaptive importance (pruning.prunefl);
+             sparse.prunefl_min_per_output (default 1, 0 = paper) keeps every output unit connected
   lotteryfl  federated iterative magnitude pruning with rewinding (pruning.lotteryfl)
   snip       SNIP mask at initialisation (one client's mini-batch), then masked FedAvg
   synflow    SynFlow mask at initialisation (data-free), then masked FedAvg
@@ -58,6 +59,8 @@ def validate(config) -> None:
     build._int_in(config, "sparse.prunefl_init_iterations", 1)
     build._int_in(config, "sparse.prunefl_adjust_every", 1)
     build._int_in(config, "sparse.importance_batches", 1)
+    if "prunefl_min_per_output" in config.sparse:
+      build._int_in(config, "sparse.prunefl_min_per_output", 0)
   if method == "lotteryfl":
     build._int_in(config, "sparse.lottery_prune_every", 1)
     steps = build._int_in(config, "sparse.lottery_steps", 1)
@@ -205,6 +208,9 @@ def run(config, env: runtime.Env) -> dict:
   growth = s.growth_batch_size or config.client.batch_size
   density = 1.0 if method == "dense" else float(s.density)
   slots = optimizer_slots(config)
+  # PruneFL's per-output-unit floor (our default 1; 0 = the paper's global top-k). Older
+  # configs without the field get the default.
+  prunefl_floor = int(s.get("prunefl_min_per_output", 1))
 
   def make_alg(apply_fn, sched):
     if method == "feddst":
@@ -216,7 +222,8 @@ def run(config, env: runtime.Env) -> dict:
     if method == "prunefl":
       return prunefl.prunefl(apply_fn, opt, sched, prunable=prunable,
                              adjust_every=s.prunefl_adjust_every, adjust_end=s.adjust_end,
-                             importance_batches=s.importance_batches)
+                             importance_batches=s.importance_batches,
+                             min_per_output=prunefl_floor)
     if method == "lotteryfl":
       return lotteryfl.lotteryfl(apply_fn, opt, sched, prunable=prunable,
                                  densities=_sparse.layer_densities(params, density, s.distribution, prunable),
@@ -241,7 +248,7 @@ def run(config, env: runtime.Env) -> dict:
     params, batch_stats, masks = prunefl.initial_masks(
         apply_fn, opt, schedule, params, batch_stats, data_lib.client_slice(data.train, big),
         jax.random.fold_in(init_key, 1), density=density, prunable=prunable,
-        num_iterations=s.prunefl_init_iterations)
+        num_iterations=s.prunefl_init_iterations, min_per_output=prunefl_floor)
     n_big = int(np.asarray(data.train.num_examples)[big])
     steps = s.prunefl_init_iterations * schedule.total_steps(n_big)
     extra.update(prunefl_init_client=big, prunefl_init_client_flops=accounting.client_round_cost(

@@ -204,3 +204,61 @@ def sparse_budget(params: Params, density: float, prunable: Any) -> tuple[int, i
     raise ValueError(f"density {density} is below the dense share "
                      f"{n_dense / (n_sparse + n_dense):.4g} (biases and BN alone exceed it)")
   return int(round(keep)), n_sparse
+
+
+def column_floor(scores: jax.Array, min_per_output: int) -> jax.Array:
+  """Bool mask of the `min_per_output` highest scores of every output unit (last axis).
+
+  A kernel [..., out] is read as [fan_in, out]; each output column keeps its
+  min(min_per_output, fan_in) best entries (ties to the lower index). Every
+  output unit of the layer then has at least one incoming connection.
+  """
+  m = min(int(min_per_output), math.prod(scores.shape[:-1]) if scores.ndim > 1 else 1)
+  if m <= 0:
+    return jnp.zeros(scores.shape, bool)
+  cols = scores.reshape(-1, scores.shape[-1])
+  order = jnp.argsort(cols, axis=0, descending=True, stable=True)
+  rank = jnp.argsort(order, axis=0, stable=True)  # the inverse permutation: rank of each entry
+  return (rank < m).reshape(scores.shape)
+
+
+def floor_count(shape: tuple[int, ...], min_per_output: int) -> int:
+  """Entries `column_floor` keeps in a kernel of `shape`."""
+  if min_per_output <= 0:
+    return 0
+  fan_in = math.prod(shape[:-1]) if len(shape) > 1 else 1
+  return min(int(min_per_output), fan_in) * (shape[-1] if shape else 1)
+
+
+def floored_global_select(score_leaves: list, flags: list[bool], k, min_per_output: int) -> list:
+  """Global top-`k` over the prunable leaves, after reserving a per-output-unit floor.
+
+  Each prunable leaf first keeps `column_floor(scores, min_per_output)`; the
+  other kept entries are the globally highest remaining scores, so exactly
+  `k` entries are kept in total (k may be traced) provided k >= the floors'
+  sum (`floor_count`). min_per_output=0 is a plain global top-k.
+
+  Args:
+    score_leaves: one score array per parameter leaf (non-prunable ones ignored).
+    flags: the prunable filter as Python bools, same order.
+    k: total kept prunable entries.
+    min_per_output: floor per output unit of every prunable leaf.
+
+  Returns:
+    A list like `score_leaves`: bool masks for prunable leaves, None elsewhere.
+  """
+  selected = []
+  for s, f in zip(score_leaves, flags):
+    if f:
+      s = s.astype(jnp.float32)
+      selected.append(jnp.where(column_floor(s, min_per_output), jnp.inf, s))
+  out = [None] * len(score_leaves)
+  if not selected:
+    return out
+  chosen = rank_select(jnp.concatenate([s.reshape(-1) for s in selected]), k)
+  offset = 0
+  for i, (s, f) in enumerate(zip(score_leaves, flags)):
+    if f:
+      out[i] = chosen[offset:offset + s.size].reshape(s.shape)
+      offset += s.size
+  return out

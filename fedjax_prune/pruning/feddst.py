@@ -47,6 +47,21 @@ def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pru
 
   Returns:
     FedAlgorithm; `init(params, key, batch_stats=None, masks=None)`.
+
+  Example:
+    >>> import jax, optax
+    >>> from fedjax_prune import federated, masks, testing
+    >>> from fedjax_prune.pruning import feddst, fedtiny
+    >>> apply_fn, params, data = testing.tiny_problem(jax.random.key(0))
+    >>> prunable = masks.by_ndim(params)
+    >>> params, m = fedtiny.sparse_setup(params, 0.5, prunable=prunable)
+    >>> alg = feddst.feddst(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=4),
+    ...                     prunable=prunable, adjust_every=1, adjust_end=4)
+    >>> state = alg.init(params, jax.random.key(1), masks=m)
+    >>> state, metrics = federated.make_round(alg)(state, data, federated.make_cohort([0, 1, 2]),
+    ...                                           jax.random.key(2))
+    >>> int(state.round_idx), round(float(metrics["density"]), 1)
+    (1, 0.5)
   """
   if not isinstance(adjust_every, int) or adjust_every < 1:
     raise ValueError(f"adjust_every must be an int >= 1, got {adjust_every!r}")

@@ -37,6 +37,16 @@ def snip_masks(apply_fn: Callable, params: Params, batch_stats: BatchStats, x: j
 
   In FL the mini-batch comes from one client (SNIP needs data at pruning time).
   BatchNorm runs in train mode, as during training.
+
+  Example:
+    >>> import jax
+    >>> from fedjax_prune import masks, testing
+    >>> from fedjax_prune.pruning import init_pruning
+    >>> apply_fn, params, data = testing.tiny_problem(jax.random.key(0))
+    >>> m = init_pruning.snip_masks(apply_fn, params, {}, data.x[1, :4], data.y[1, :4],
+    ...                             density=0.5, prunable=masks.by_ndim(params))
+    >>> round(float(masks.density(m, params)), 1)
+    0.5
   """
   grads = _sparse.batch_gradient(apply_fn, loss_fn, params, batch_stats, x, y,
                                  jnp.ones((x.shape[0],), bool))
@@ -54,6 +64,16 @@ def synflow_masks(apply_fn: Callable, params: Params, batch_stats: BatchStats,
 
   Raises:
     FloatingPointError: the synaptic flow overflowed float32 (too deep/wide a model).
+
+  Example:
+    >>> import jax
+    >>> from fedjax_prune import masks, testing
+    >>> from fedjax_prune.pruning import init_pruning
+    >>> apply_fn, params, _ = testing.tiny_problem(jax.random.key(0))
+    >>> m = init_pruning.synflow_masks(apply_fn, params, {}, (6,), density=0.5,
+    ...                                prunable=masks.by_ndim(params), num_iterations=3)
+    >>> round(float(masks.density(m, params)), 1)
+    0.5
   """
   if not isinstance(num_iterations, int) or num_iterations < 1:
     raise ValueError(f"num_iterations must be an int >= 1, got {num_iterations!r}")

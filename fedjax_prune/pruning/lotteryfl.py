@@ -8,12 +8,28 @@ weights compete) to density d_l^(s / num_prune_steps) after step s, and rewinds
 the surviving weights (and BN statistics) to their initial values (lottery
 ticket rewinding). After the last step layer l has exactly its target density d_l.
 
-Deviation (documented): LotteryFL proper keeps a personalised mask per client
-(each client prunes its own model when its local validation accuracy passes
-the threshold; the server averages overlapping weights). To compare global
-models at one density with the other methods, this variant keeps a single
-global mask, prunes on the server, and uses the round's local training
-accuracy for the threshold.
+Deviation (documented; per-client tickets not implemented). LotteryFL as
+published (METHODS.md §5, partly inferred there; the authors' code was not read)
+is personalised:
+  * every client k keeps its OWN mask m_k (and the shared initial weights);
+  * a sampled client receives the global weights restricted to m_k, checks its
+    accuracy on LOCAL VALIDATION data, and if that passes the threshold and its
+    own density is still above the target it prunes a fixed fraction of its
+    remaining weights by magnitude and rewinds the survivors to their initial
+    values; then it trains under m_k and uploads weights and mask;
+  * the server averages every weight over the clients whose masks hold it;
+  * evaluation is personalised: each client's masked model on its own test data.
+  Different clients therefore reach different densities at different rounds.
+This module instead keeps ONE global mask, prunes it on the server by the
+magnitude of the aggregate (per layer, to d_l^(s / num_prune_steps)), takes the
+threshold on the cohort's mean local TRAINING accuracy of the round, rewinds the
+global model, and is evaluated as one global model on the central test set. So
+it is a global-ticket baseline at exactly the target density (as the other
+methods of the comparison), not the personalised method. Implementing the
+paper's variant needs per-client persistent masks in the server state ([N, ...],
+scattered from `ClientOutput.per_client` by client id; the engine has per-client
+outputs but no method keeps per-client state yet) and a personalised evaluation
+in the driver.
 
 References:
   Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith... / Li, Wang, Chen, Yi.
@@ -62,6 +78,21 @@ def lotteryfl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, 
   Returns:
     FedAlgorithm; `init(params, key, batch_stats=None, masks=None)` stores the
     rewinding point (the initial params).
+
+  Example:
+    >>> import jax, optax
+    >>> from fedjax_prune import federated, masks, testing
+    >>> from fedjax_prune.pruning import _sparse, lotteryfl
+    >>> apply_fn, params, data = testing.tiny_problem(jax.random.key(0))
+    >>> prunable = masks.by_ndim(params)
+    >>> alg = lotteryfl.lotteryfl(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=4),
+    ...                           prunable=prunable, prune_every=1, num_prune_steps=1,
+    ...                           densities=_sparse.layer_densities(params, 0.5, "uniform", prunable))
+    >>> state = alg.init(params, jax.random.key(1))
+    >>> state, metrics = federated.make_round(alg)(state, data, federated.make_cohort([0, 1, 2]),
+    ...                                           jax.random.key(2))
+    >>> int(metrics["pruned"]), round(float(metrics["density"]), 1)
+    (1, 0.5)
   """
   if not isinstance(prune_every, int) or prune_every < 1:
     raise ValueError(f"prune_every must be an int >= 1, got {prune_every!r}")

@@ -221,3 +221,86 @@ def test_client_round_cost_hand_computed():
                                  dense_grad_layers=["conv_9"])
   with pytest.raises(ValueError, match="local_steps must be an int >= 0"):
     accounting.client_round_cost(spec, batch_size=4, local_steps=-1)
+
+
+def _wide_problem():
+  """An MLP whose global magnitude top-k at density 0.01 empties the first layer.
+
+  dense_0 [400, 16] is scaled to 1/200 (|w| < 0.03), dense_1 [16, 4] is at 1/4: the
+  45 prunable entries kept at density 0.01 all go to dense_1 (64 entries) by magnitude.
+  """
+  apply_fn, params = testing.tiny_mlp(jax.random.key(0), in_features=400, hidden=16, num_classes=4)
+  params["dense_0"]["kernel"] = params["dense_0"]["kernel"] * 0.1
+  data = testing.tiny_client_data(num_clients=3, in_features=400, num_classes=4, sizes=(8, 12, 6))
+  return apply_fn, params, data, masks.by_ndim(params)
+
+
+def _columns_kept(m):
+  m = np.asarray(m)
+  return m.reshape(-1, m.shape[-1]).sum(axis=0)
+
+
+@pytest.mark.parametrize("min_per_output", [1, 2])
+def test_prunefl_floor_keeps_every_output_unit_and_exact_budget(min_per_output):
+  apply_fn, params, data, prunable = _wide_problem()
+  flags = _sparse.leaf_flags(params, prunable)
+  keep, _ = _sparse.sparse_budget(params, 0.01, prunable)
+  assert keep == 45  # 0.01 * 6484 - 20 dense entries
+  p, s, m = prunefl.initial_masks(apply_fn, optax.sgd(0.1), SCHED, params, {},
+                                  data_lib.client_slice(data, 1), jax.random.key(1), density=0.01,
+                                  prunable=prunable, num_iterations=3, min_per_output=min_per_output)
+  alg = prunefl.prunefl(apply_fn, optax.sgd(0.1), SCHED, prunable=prunable, adjust_every=1,
+                        adjust_end=6, min_per_output=min_per_output)
+  history, metrics = _rounds(alg, alg.init(p, jax.random.key(0), batch_stats=s, masks=m), data, 2)
+  assert float(metrics["adjusted"]) == 1.0
+  for state in history:
+    kernels = [mm for mm, f in zip(jax.tree.leaves(state.masks), flags) if f]
+    assert sum(_sparse.keep_counts(state.masks, flags)) == keep  # the global budget, exactly
+    for mm in kernels:  # every output unit keeps at least its floor
+      assert _columns_kept(mm).min() >= min_per_output
+    assert float(masks.density(state.masks, params)) == pytest.approx((keep + 20) / 6484, abs=1e-7)
+  # The floor takes only what it needs: the rest still goes to the global top-k,
+  # which prefers the large-scale head (more than its 4 * min_per_output floor).
+  assert _sparse.keep_counts(history[0].masks, flags)[1] > 4 * min_per_output
+
+
+def test_prunefl_floor_keeps_the_output_input_dependent():
+  apply_fn, params, data, prunable = _wide_problem()
+  x = data.x[0, :8]
+
+  def logits_spread(min_per_output):  # lr 0: the selection alone, by initial magnitude
+    p, s, m = prunefl.initial_masks(apply_fn, optax.sgd(0.0), SCHED, params, {},
+                                    data_lib.client_slice(data, 1), jax.random.key(1),
+                                    density=0.01, prunable=prunable, num_iterations=3,
+                                    min_per_output=min_per_output)
+    logits, _ = apply_fn(p, s, x, train=False)
+    return float(jnp.max(jnp.std(logits, axis=0))), _sparse.keep_counts(m, _sparse.leaf_flags(params, prunable))
+
+  spread, counts = logits_spread(1)
+  assert counts[0] >= 16 and spread > 1e-6  # connected: the logits vary with the input
+  # The paper's plain global top-k (min_per_output=0) empties dense_0: constant logits.
+  spread, counts = logits_spread(0)
+  assert counts[0] == 0 and spread == 0.0
+
+
+def test_prunefl_floor_rejects_a_budget_below_the_floors():
+  apply_fn, params, data, prunable = _wide_problem()
+  with pytest.raises(ValueError, match="fewer than the 40 of min_per_output=2"):
+    prunefl.initial_masks(apply_fn, optax.sgd(0.1), SCHED, params, {}, data_lib.client_slice(data, 1),
+                          jax.random.key(1), density=0.005, prunable=prunable, min_per_output=2)
+  with pytest.raises(ValueError, match="min_per_output must be an int >= 0"):
+    prunefl.prunefl(apply_fn, optax.sgd(0.1), SCHED, prunable=prunable, min_per_output=-1)
+
+
+def test_column_floor_hand_computed():
+  scores = jnp.array([[3.0, 0.0, 1.0], [5.0, 0.0, 2.0], [4.0, 0.0, 9.0]])
+  np.testing.assert_array_equal(_sparse.column_floor(scores, 1),
+                                [[False, True, False], [True, False, False], [False, False, True]])
+  np.testing.assert_array_equal(_sparse.column_floor(scores, 2),
+                                [[False, True, False], [True, True, True], [True, False, True]])
+  chosen = _sparse.floored_global_select([scores, jnp.zeros(3)], [True, False], 4, 1)
+  # Floors (5, 0 at index 0, 9) plus the best other entry (4).
+  np.testing.assert_array_equal(chosen[0], [[False, True, False], [True, False, False],
+                                            [True, False, True]])
+  assert chosen[1] is None
+  assert _sparse.floor_count((3, 3, 2, 5), 2) == 10 and _sparse.floor_count((2, 5), 0) == 0
