@@ -305,6 +305,8 @@ def run(config, env: runtime.Env) -> dict:
     progress.set_postfix(loss=f"{record['train_loss']:.3f}",
                          acc=f"{last_eval.get('global', float('nan')):.3f}")
   progress.close()
+  if not last_eval:  # resumed from the final checkpoint: evaluate the restored model
+    last_eval = evaluate_protocol(eval_all, eval_central, state, caps, client_caps, sweep)
   return {
       "rounds": config.rounds, "wall_time_s": time.perf_counter() - start,
       "eval_time_s": eval_time, "strategy": strategy.name, "strategy_timings_s": timings,

@@ -129,16 +129,25 @@ def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, s
   evaluate = runtime.make_evaluator(env, apply_fn)
   train_root = jax.random.key(config.seeds.training)
   start_round = 0
+  totals = dict(client_training_flops=0, client_upload_bytes=0, client_download_bytes=0)
+  peak_memory = 0
+  totals_from = 0  # the first round the totals count
   restored = env.checkpoint.restore(lambda meta: state)
   if restored is not None:
-    start_round, state, _ = restored
+    start_round, state, meta = restored
+    # The per-round cost totals of the rounds before the checkpoint (so the summary's
+    # per-round averages cover the whole run, as an uninterrupted run's do).
+    saved = dict(meta.get("cost_totals") or {})
+    if saved:
+      peak_memory = saved.pop("client_peak_memory_bytes")
+      totals = saved
+    else:  # a checkpoint without totals: the averages cover the rounds run from here
+      totals_from = start_round
     env.metrics.truncate_to_round(start_round)
     env.log(f"resumed from the checkpoint after round {start_round}")
   progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
   start = time.perf_counter()
   last_eval: dict = {}
-  totals = dict(client_training_flops=0, client_upload_bytes=0, client_download_bytes=0)
-  peak_memory = 0
   masks_np = host_masks(state.masks)
   shapes, _ = models.param_shapes(spec)
   for round_idx in range(start_round, config.rounds):
@@ -163,12 +172,15 @@ def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, s
     env.metrics.write(record)
     every = config.get("checkpoint_every", 0)
     if every and ((round_idx + 1) % every == 0 or round_idx + 1 == config.rounds):
-      env.checkpoint.save(round_idx + 1, state, {"spec": repr(spec)})
+      env.checkpoint.save(round_idx + 1, state, {
+          "spec": repr(spec), "cost_totals": {**totals, "client_peak_memory_bytes": peak_memory}})
     progress.update(1)
     progress.set_postfix(loss=f"{record['train_loss']:.3f}",
                          acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")
   progress.close()
-  rounds_run = max(config.rounds - start_round, 1)
+  if not last_eval:  # resumed from the final checkpoint: evaluate the restored model
+    last_eval = evaluate(state.params, state.batch_stats)
+  rounds_run = max(config.rounds - totals_from, 1)
   final_masks = host_masks(state.masks)
   return {
       "rounds": config.rounds, "wall_time_s": time.perf_counter() - start,
