@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_prune.data import ClientData, client_slice, pad_cohort
 from fedjax_prune.types import PRNGKey, PyTree
@@ -283,7 +283,21 @@ def make_round(alg: FedAlgorithm, *, execution: Execution = Sequential(), mesh: 
                           execution=execution, mesh=mesh)
     return alg.server_update(server_state, outputs, server_key)
 
-  return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+  jitted = jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+  if mesh is None:
+    return jitted
+  replicated = NamedSharding(mesh, P())
+
+  def placed_round(server_state, dataset, cohort, round_key):
+    # The round returns the server state replicated over the mesh; placing round 1's
+    # (single-device) state the same way keeps one compilation for every round.
+    # device_put of an already-replicated array is the identity (no copy).
+    return jitted(jax.device_put(server_state, replicated), dataset, cohort, round_key)
+
+  placed_round.lower = lambda server_state, *args: jitted.lower(
+      jax.device_put(server_state, replicated), *args)
+  placed_round._cache_size = jitted._cache_size
+  return placed_round
 
 
 def client_mesh(devices=None) -> Mesh:

@@ -75,6 +75,19 @@ def test_sharded_round_equals_unsharded():
     assert float(metrics["num_clients"]) == 3.0
 
 
+def test_sharded_round_compiles_once_across_rounds():
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  round_fn = federated.make_round(alg, execution=federated.Sequential(),
+                                  mesh=federated.client_mesh(jax.devices()[:4]))
+  state = alg.init(params, jax.random.key(1))  # single-device state, as after init
+  for r in range(3):
+    state, _ = round_fn(state, data, federated.make_cohort([0, 1, 2]), jax.random.key(r))
+  assert round_fn._cache_size() == 1  # round 1's placement matches later rounds'
+
+
 def test_padding_clients_and_padding_examples_change_nothing():
   apply_fn, params, data = _problem()
   alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
