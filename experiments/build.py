@@ -9,7 +9,6 @@ import math
 import os
 from typing import Any, Callable, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

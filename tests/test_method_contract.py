@@ -189,10 +189,8 @@ CASES = [
     Case("sparse/synflow", lambda: sparse_config("sparse", "synflow"),
          "sparse.synflow_iterations", 0),
     Case("sparse/dense", lambda: sparse_config("sparse", "dense"), "sparse.method", "rigl"),
-    Case("cavp/centralised", lambda: cavp_config("centralised"), "cavp.beta", 1.5,
-         checkpoints=False),
-    Case("cavp/federated", lambda: cavp_config("federated"), "cavp.mode", "async",
-         checkpoints=False),
+    Case("cavp/centralised", lambda: cavp_config("centralised"), "cavp.beta", 1.5),
+    Case("cavp/federated", lambda: cavp_config("federated"), "cavp.mode", "async"),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -360,9 +358,6 @@ def test_same_config_gives_identical_results(name, reference_runs, tmp_path):
 def test_resume_is_bit_identical(name, reference_runs, tmp_path):
   case = CASES_BY_NAME[name]
   reference, _, _ = reference_runs(case)
-  if not case.checkpoints and not os.path.isdir(os.path.join(reference, train.CHECKPOINT_DIR)):
-    pytest.xfail(f"{case.name}: the driver saves no checkpoint, so it cannot resume "
-                 "(experiments/methods/cavp.py never calls env.checkpoint)")
   workdir = str(tmp_path / "resumed")
   shutil.copytree(reference, workdir)
   ckpt_dir = os.path.join(workdir, train.CHECKPOINT_DIR)

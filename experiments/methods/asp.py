@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import build, runtime
-from fedjax_prune import accounting, checkpoint, federated, models, structured
+from fedjax_prune import accounting, federated, models, structured
 from fedjax_prune.pruning import auto_structured, l1_filter
 
 _CONV_MODELS = ("leaf_femnist_cnn", "asp_femnist_cnn", "asp_celeba_cnn", "vgg11", "resnet18",

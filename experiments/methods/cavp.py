@@ -13,6 +13,14 @@ physically (smaller spec, one re-jit). At the end the deterministic network
 Metrics per round: the FedAvg ones plus alive/total units and layers, mean θ,
 fraction of θ in {0, 1}, the current model's params and FLOPs; evaluation
 uses the deterministic gates (θ >= final_threshold, alive).
+
+Checkpoints (every `checkpoint_every` rounds and at the last round) hold the
+whole `CavpState` of the current architecture (weights, BatchNorm statistics,
+θ, alive flags, λ, the REINFORCE baseline and the round index; the client
+optimizers restart every round, so there is none to keep). `meta` holds the
+current spec as JSON (`structured.spec_to_json`) so a resumed run rebuilds the
+right shapes before restoring, the original spec (a checkpoint of another
+model is refused) and the rebuild history of the summary.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import numpy as np
 import optax
 
 from experiments import build, runtime
-from fedjax_prune import accounting, federated, models
+from fedjax_prune import accounting, checkpoint, federated, models, structured
 from fedjax_prune import data as data_lib
 from fedjax_prune.pruning import cavp as cavp_lib
 
@@ -135,15 +143,42 @@ def run(config, env: runtime.Env) -> dict:
   train_root = jax.random.key(config.seeds.training)
   env.log(f"cavp ({c.mode}, {c.structures}): {reference[1]:,} params, {reference[0]:,} FLOPs")
 
+  def template(meta):
+    """Shapes of the CavpState of the architecture saved in `meta`."""
+    saved = meta.get("original_spec")
+    if saved is None or structured.spec_from_json(saved) != original_spec:
+      raise checkpoint.CheckpointError(
+          f"it was saved for the model {saved}, this run builds {original_spec!r}")
+    s = structured.spec_from_json(meta["spec"])
+    gates = cavp_lib.gate_template(s, options.structures, allow_empty=True)
+    is_shape = lambda x: isinstance(x, tuple)
+    shapes = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32), gates,
+                         is_leaf=is_shape)
+    p, b = jax.eval_shape(lambda: models.init_params(s, jax.random.key(0)))
+    return jax.eval_shape(lambda p, b, t: alg.init(p, jax.random.key(0), b, theta=t, lam=t),
+                          p, b, shapes)
+
+  start_round, rebuilds = 0, []
+  restored = env.checkpoint.restore(template)
+  if restored is not None:
+    start_round, state, meta = restored
+    spec = structured.spec_from_json(meta["spec"])
+    rebuilds = [dict(r) for r in meta["rebuilds"]]
+    env.metrics.truncate_to_round(start_round)
+    if spec != original_spec:
+      alg, round_fn, evaluate = compile_for(spec)
+    env.log(f"resumed from the checkpoint after round {start_round} "
+            f"({accounting.param_count(spec):,} params)")
+
   def deterministic_eval(state):
     gates = cavp_lib.deterministic_gates(state.theta, state.alive, options.final_threshold)
     return evaluate((state.params, gates), state.batch_stats)
 
-  progress = runtime.progress_bar(config.rounds, config.progress)
+  progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
   start = time.perf_counter()
   last_eval: dict = {}
-  rebuilds = []
-  for round_idx in range(config.rounds):
+  every = config.get("checkpoint_every", 0)
+  for round_idx in range(start_round, config.rounds):
     cohort = (federated.make_cohort([0]) if centralised else runtime.cohort_for(env, round_idx))
     state, metrics = round_fn(state, train, cohort, federated.round_key(train_root, round_idx))
     record = runtime.round_record(metrics, round_idx, start)
@@ -161,10 +196,16 @@ def run(config, env: runtime.Env) -> dict:
       last_eval = deterministic_eval(state)
       record.update(last_eval)
     env.metrics.write(record)
+    if every and ((round_idx + 1) % every == 0 or round_idx + 1 == config.rounds):
+      env.checkpoint.save(round_idx + 1, state, {
+          "spec": structured.spec_to_json(spec),
+          "original_spec": structured.spec_to_json(original_spec), "rebuilds": rebuilds})
     progress.update(1)
     progress.set_postfix(loss=f"{record['train_loss']:.3f}",
                          acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")
   progress.close()
+  if not last_eval:  # resumed from the final checkpoint: evaluate the restored model
+    last_eval = deterministic_eval(state)
   train_time = time.perf_counter() - start
   final_gates = jax.device_get(cavp_lib.gate_stats(state.theta, state.alive, options))
   final_spec, final_params, final_stats, _ = cavp_lib.finalize(spec, state, options)

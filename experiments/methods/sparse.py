@@ -15,7 +15,6 @@ training FLOPs, peak memory, bytes up/down, averaged over the cohort's clients).
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 

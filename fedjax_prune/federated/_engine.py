@@ -23,7 +23,6 @@ Client execution strategies (all give the same result up to float summation orde
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax

@@ -27,8 +27,8 @@ from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, Loca
                                     make_local_train, softmax_cross_entropy)
 from fedjax_prune.pruning import _sparse
 from fedjax_prune.pruning._sparse import SparseState, SparseSums, apply_masks, rank_select
-from fedjax_prune.pruning.fedtiny import adjust_counts, full_masks, prune_and_grow
-from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey
+from fedjax_prune.pruning.fedtiny import adjust_counts, prune_and_grow, sparse_init
+from fedjax_prune.types import PRNGKey
 
 
 def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, prunable: Any,
@@ -77,13 +77,7 @@ def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pru
                                 train_transform=train_transform)
   is_adjustment = lambda t: masks_lib.should_update(t, adjust_every, begin=1, end=adjust_end)
 
-  def init(params: Params, key: PRNGKey, batch_stats: BatchStats | None = None,
-           masks: Masks | None = None) -> SparseState:
-    del key
-    masks = full_masks(params, prunable) if masks is None else masks
-    masks_lib.check(params, masks)
-    return SparseState(apply_masks(params, masks), {} if batch_stats is None else batch_stats,
-                       masks, jnp.zeros((), jnp.int32), ())
+  init = sparse_init(prunable)
 
   def client_update(state: SparseState, data, info: ClientInfo, key: PRNGKey) -> ClientOutput:
     k_train, k_grad, k_post = jax.random.split(key, 3)

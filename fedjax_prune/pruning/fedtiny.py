@@ -90,6 +90,21 @@ def full_masks(params: Params, prunable: Any) -> Masks:
                                       for p, f in zip(leaves, flags)])
 
 
+def sparse_init(prunable: Any) -> Callable:
+  """The `init` of a masked-FedAvg method: `init(params, key, batch_stats=None, masks=None)
+  -> SparseState` with the params masked (masks default to all-True) and no aux state."""
+
+  def init(params: Params, key: PRNGKey, batch_stats: BatchStats | None = None,
+           masks: Masks | None = None) -> SparseState:
+    del key  # deterministic: the masks come from the caller or are all-True
+    masks = full_masks(params, prunable) if masks is None else masks
+    masks_lib.check(params, masks)
+    return SparseState(apply_masks(params, masks), {} if batch_stats is None else batch_stats,
+                       masks, jnp.zeros((), jnp.int32), ())
+
+  return init
+
+
 # ----------------------------------------------------------------------------
 # Adaptive BN selection.
 
@@ -557,13 +572,7 @@ def fedtiny(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
     in_block = [jnp.asarray(i == b) if i >= 0 else False for i in block_ids]
     return adjust_counts(masks, frac, in_block), frac, b
 
-  def init(params: Params, key: PRNGKey, batch_stats: BatchStats | None = None,
-           masks: Masks | None = None) -> SparseState:
-    del key
-    masks = full_masks(params, prunable) if masks is None else masks
-    masks_lib.check(params, masks)
-    return SparseState(apply_masks(params, masks), {} if batch_stats is None else batch_stats,
-                       masks, jnp.zeros((), jnp.int32), ())
+  init = sparse_init(prunable)
 
   def client_update(state: SparseState, data, info: ClientInfo, key: PRNGKey) -> ClientOutput:
     train_key, grad_key = jax.random.split(key)

@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fedjax_prune import masks as masks_lib
 from fedjax_prune.federated import softmax_cross_entropy

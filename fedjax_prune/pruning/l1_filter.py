@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 
 from fedjax_prune import structured
 from fedjax_prune.pruning import auto_structured

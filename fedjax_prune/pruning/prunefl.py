@@ -44,7 +44,7 @@ from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, Loca
                                     make_local_train, softmax_cross_entropy)
 from fedjax_prune.pruning import _sparse
 from fedjax_prune.pruning._sparse import SparseState, SparseSums, apply_masks
-from fedjax_prune.pruning.fedtiny import full_masks
+from fedjax_prune.pruning.fedtiny import full_masks, sparse_init
 from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey
 
 
@@ -155,13 +155,7 @@ def prunefl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
                                  train_transform=train_transform)
   is_adjustment = lambda t: masks_lib.should_update(t, adjust_every, begin=1, end=adjust_end)
 
-  def init(params: Params, key: PRNGKey, batch_stats: BatchStats | None = None,
-           masks: Masks | None = None) -> SparseState:
-    del key
-    masks = full_masks(params, prunable) if masks is None else masks
-    masks_lib.check(params, masks)
-    return SparseState(apply_masks(params, masks), {} if batch_stats is None else batch_stats,
-                       masks, jnp.zeros((), jnp.int32), ())
+  init = sparse_init(prunable)
 
   def client_update(state: SparseState, data, info: ClientInfo, key: PRNGKey) -> ClientOutput:
     k_train, k_grad = jax.random.split(key)
