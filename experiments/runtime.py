@@ -180,6 +180,18 @@ def make_evaluator(env: Env, apply_fn: Callable) -> Callable[[Any, Any], dict]:
   return evaluate
 
 
+def is_eval_round(config, round_idx: int) -> bool:
+  """Whether round `round_idx` (0-based) ends with an evaluation: every `eval_every`, and the last."""
+  return (round_idx + 1) % config.eval_every == 0 or round_idx + 1 == config.rounds
+
+
+def is_checkpoint_round(config, round_idx: int) -> bool:
+  """Whether round `round_idx` (0-based) ends with a checkpoint: every `checkpoint_every`
+  (0 = never), and the last."""
+  every = config.get("checkpoint_every", 0)
+  return bool(every) and ((round_idx + 1) % every == 0 or round_idx + 1 == config.rounds)
+
+
 def round_record(metrics: dict, round_idx: int, start_time: float) -> dict:
   """Host copy of a round's metrics (one device->host transfer) plus round number and wall time.
 

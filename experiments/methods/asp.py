@@ -218,12 +218,11 @@ def run(config, env: runtime.Env) -> dict:
     cum_bytes += built.sizes["bytes_up"] + built.sizes["bytes_down"]
     record.update(built.sizes, phase=phase, accepted=int(accepted), cum_bytes=cum_bytes,
                   dense_cum_bytes=dense_per_round * (round_idx + 1))
-    if (round_idx + 1) % config.eval_every == 0 or round_idx + 1 == config.rounds:
+    if runtime.is_eval_round(config, round_idx):
       last_eval = built.evaluate(state.params, state.batch_stats)
       record.update(last_eval)
     env.metrics.write(record)
-    every = config.get("checkpoint_every", 0)
-    if every and ((round_idx + 1) % every == 0 or round_idx + 1 == config.rounds):
+    if runtime.is_checkpoint_round(config, round_idx):
       env.checkpoint.save(round_idx + 1, state, {
           "spec": structured.spec_to_json(spec), "search": search._asdict(),
           "cum_bytes": cum_bytes, "strategy": strategy.name})

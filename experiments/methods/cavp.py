@@ -177,7 +177,6 @@ def run(config, env: runtime.Env) -> dict:
   progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
   start = time.perf_counter()
   last_eval: dict = {}
-  every = config.get("checkpoint_every", 0)
   for round_idx in range(start_round, config.rounds):
     cohort = (federated.make_cohort([0]) if centralised else runtime.cohort_for(env, round_idx))
     state, metrics = round_fn(state, train, cohort, federated.round_key(train_root, round_idx))
@@ -192,11 +191,11 @@ def run(config, env: runtime.Env) -> dict:
         env.log(f"round {round_idx + 1}: removed {report.units_removed} units, blocks "
                 f"{list(report.blocks_removed)} -> {accounting.param_count(spec):,} params")
     record.update(params=accounting.param_count(spec), flops=accounting.flops(spec))
-    if (round_idx + 1) % config.eval_every == 0 or round_idx + 1 == config.rounds:
+    if runtime.is_eval_round(config, round_idx):
       last_eval = deterministic_eval(state)
       record.update(last_eval)
     env.metrics.write(record)
-    if every and ((round_idx + 1) % every == 0 or round_idx + 1 == config.rounds):
+    if runtime.is_checkpoint_round(config, round_idx):
       env.checkpoint.save(round_idx + 1, state, {
           "spec": structured.spec_to_json(spec),
           "original_spec": structured.spec_to_json(original_spec), "rebuilds": rebuilds})

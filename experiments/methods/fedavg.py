@@ -133,12 +133,11 @@ def run(config, env: runtime.Env) -> dict:
                               federated.round_key(train_root, round_idx))
     record = runtime.round_record(metrics, round_idx, start)
     record.update(sizes)
-    if (round_idx + 1) % config.eval_every == 0 or round_idx + 1 == config.rounds:
+    if runtime.is_eval_round(config, round_idx):
       last_eval = evaluate(state.params, state.batch_stats)
       record.update(last_eval)
     env.metrics.write(record)
-    every = config.get("checkpoint_every", 0)
-    if every and ((round_idx + 1) % every == 0 or round_idx + 1 == config.rounds):
+    if runtime.is_checkpoint_round(config, round_idx):
       env.checkpoint.save(round_idx + 1, state, {
           "spec": repr(spec), "strategy": strategy.name, "pruned": pruned, "config": config_json,
           # Cohorts are a pure function of (sampling seed, round): this is the sampler's state.

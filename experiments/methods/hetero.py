@@ -290,7 +290,7 @@ def run(config, env: runtime.Env) -> dict:
                               federated.round_key(train_root, round_idx))
     record = runtime.round_record(metrics, round_idx, start)
     last = round_idx + 1 == config.rounds
-    if (round_idx + 1) % config.eval_every == 0 or last:
+    if runtime.is_eval_round(config, round_idx):
       do_sweep = last or (h.sweep_every and (round_idx + 1) % h.sweep_every == 0)
       t0 = time.perf_counter()
       last_eval = evaluate_protocol(eval_all, eval_central, state, caps, client_caps,
@@ -298,8 +298,7 @@ def run(config, env: runtime.Env) -> dict:
       eval_time += time.perf_counter() - t0
       record.update(last_eval)
     env.metrics.write(record)
-    every = config.get("checkpoint_every", 0)
-    if every and ((round_idx + 1) % every == 0 or last):
+    if runtime.is_checkpoint_round(config, round_idx):
       env.checkpoint.save(round_idx + 1, state, {"spec": repr(spec), "method": config.method})
     progress.update(1)
     progress.set_postfix(loss=f"{record['train_loss']:.3f}",

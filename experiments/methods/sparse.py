@@ -165,12 +165,11 @@ def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, s
     peak_memory = max(peak_memory, cost.peak_memory)
     if record.get("adjusted", 0.0) or record.get("pruned", 0.0):
       masks_np = host_masks(state.masks)
-    if (round_idx + 1) % config.eval_every == 0 or round_idx + 1 == config.rounds:
+    if runtime.is_eval_round(config, round_idx):
       last_eval = evaluate(state.params, state.batch_stats)
       record.update(last_eval)
     env.metrics.write(record)
-    every = config.get("checkpoint_every", 0)
-    if every and ((round_idx + 1) % every == 0 or round_idx + 1 == config.rounds):
+    if runtime.is_checkpoint_round(config, round_idx):
       env.checkpoint.save(round_idx + 1, state, {
           "spec": repr(spec), "cost_totals": {**totals, "client_peak_memory_bytes": peak_memory}})
     progress.update(1)
