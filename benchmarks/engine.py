@@ -130,8 +130,11 @@ def flax_linen_loop_round_time(data: ClientData, steps: int, batch: int, repeats
 
 
 def engine_round_time(spec, params, data, steps, batch, strategy, repeats, *, batch_stats=None,
-                      donate: bool = False, remat: bool = False) -> tuple[float, float]:
-  """(first, median) seconds of one compiled engine round; rounds are chained."""
+                      donate: bool = False, remat: bool = False, mesh=None) -> tuple[float, float]:
+  """(first, median) seconds of one compiled engine round; rounds are chained.
+
+  With `mesh`, the cohort is sharded over its devices (on CPU: one device per core,
+  see `federated.split_cpu_into_devices`)."""
   del steps  # the schedule (1 epoch of `steps` full batches) follows from the data
   apply_fn = models.make_apply(spec, conv_impl=strategy.conv_impl)
   if remat:
@@ -140,7 +143,7 @@ def engine_round_time(spec, params, data, steps, batch, strategy, repeats, *, ba
   if hasattr(strategy, "schedule"):  # strategies may carry a step-loop unroll (same results)
     schedule = strategy.schedule(schedule)
   alg = federated.fedavg(apply_fn, optax.sgd(0.01), schedule)
-  round_fn = federated.make_round(alg, execution=strategy.execution, donate=donate)
+  round_fn = federated.make_round(alg, execution=strategy.execution, donate=donate, mesh=mesh)
   state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
   if donate:  # the round deletes what it is given: never hand it the shared initial params
     state = jax.tree.map(jnp.copy, state)
@@ -181,7 +184,8 @@ def _measure(fn):
 
 def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *, strategies="auto",
                 loop_impls=None, max_loop_cohort=None, donate=False, remat=False, deadline=None,
-                ceiling=None, on_rows=None, flax_ref=True):
+                ceiling=None, on_rows=None, flax_ref=True, meshes=(None,)):
+  """`meshes`: run every engine strategy once per entry (None = unsharded)."""
   _, params, batch_stats = models.build(spec, jax.random.key(0))
   step_flops = accounting.training_flops(spec, batch)
   has_conv = not isinstance(spec, models.MLPSpec)
@@ -204,9 +208,11 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
         t = flax_linen_loop_round_time(data, steps, batch, repeats) if not over() else None
         entries["loop_flax_linen_ref"] = (None, t, "ok" if t else "skipped: time budget")
     for strategy in _strategies(strategies, cohort, has_conv):
-      entries[strategy.name] = (_measure(lambda: engine_round_time(
-          spec, params, data, steps, batch, strategy, repeats, batch_stats=batch_stats,
-          donate=donate, remat=remat)) if not over() else (None, None, "skipped: time budget"))
+      for mesh in meshes:
+        label = strategy.name + (f"@{mesh.size}dev" if mesh is not None else "")
+        entries[label] = (_measure(lambda: engine_round_time(
+            spec, params, data, steps, batch, strategy, repeats, batch_stats=batch_stats,
+            donate=donate, remat=remat, mesh=mesh)) if not over() else (None, None, "skipped: time budget"))
     ok = {k: v[1] for k, v in entries.items() if v[2] == "ok"}
     loops = [v for k, v in ok.items() if k.startswith("loop+")]
     loop_best = min(loops) if loops else None
@@ -225,12 +231,12 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
       row["pct_of_ceiling"] = (100 * row["gflops"] / ceiling) if (row["gflops"] and ceiling) else None
       rows.append(row)
       if t:
-        log(f"{name:18s} {cohort:5d} {k:20s} {t * 1e3:10.1f} {client_steps / t:12.1f} "
+        log(f"{name:18s} {cohort:5d} {k:30s} {t * 1e3:10.1f} {client_steps / t:12.1f} "
             f"{row['gflops']:9.1f} {row['pct_of_ceiling'] or 0:6.1f}% "
             f"{row['speedup_vs_best_loop'] or float('nan'):8.2f} {row['compile_s'] or 0:7.1f}s"
             f"{'  *' if row['best_engine'] else ''}")
       else:
-        log(f"{name:18s} {cohort:5d} {k:20s} {status}")
+        log(f"{name:18s} {cohort:5d} {k:30s} {status}")
     if on_rows is not None:
       on_rows(rows)
   return rows
@@ -259,7 +265,7 @@ def _per_model(arg: str) -> dict[str, str]:
   return out
 
 
-COLUMNS = f"{'model':18s} {'C':>5s} {'strategy':20s} {'ms/round':>10s} {'cl-steps/s':>12s} " \
+COLUMNS = f"{'model':18s} {'C':>5s} {'strategy':30s} {'ms/round':>10s} {'cl-steps/s':>12s} " \
           f"{'GFLOP/s':>9s} {'%ceil':>7s} {'vs loop':>8s} {'compile':>8s}"
 
 
@@ -284,12 +290,22 @@ def main(argv=None):
                       help="per-model strategies, e.g. 'resnet18=vmap+lax,chunked16+lax'")
   parser.add_argument("--time-budget", type=float, default=0,
                       help="seconds per model; entries not started by then are skipped (recorded as such)")
+  parser.add_argument("--cpu-devices", type=int, default=0,
+                      help="CPU only: split the host into this many JAX devices (0 = one per usable "
+                      "core) and also run every engine strategy sharded over them ('@Ndev' rows); "
+                      "1 = unsharded only. The loop baseline always runs on one device.")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes for CI")
   parser.add_argument("--out", default="")
   parser.add_argument("--out-dir", default="")
   parser.add_argument("--tag", default="", help="suffix of the default output name")
   args = parser.parse_args(argv)
+  if args.cpu_devices < 0:
+    parser.error(f"--cpu-devices must be >= 0, got {args.cpu_devices}")
+  federated.split_cpu_into_devices(args.cpu_devices or None)  # before JAX starts; no-op on GPU
   backend = jax.default_backend()
+  cpu_meshes = [None]
+  if backend == "cpu" and jax.device_count() > 1 and args.cpu_devices != 1:
+    cpu_meshes.append(federated.client_mesh())
   cohorts = [int(c) for c in args.cohorts.split(",")] if args.cohorts else (
       [8, 32, 128, 512, 1024] if backend != "cpu" else [1, 8, 32, 128])
   if args.smoke:
@@ -307,7 +323,7 @@ def main(argv=None):
     result = dict(
         benchmark="engine", **_common.device_info(), steps=args.steps, batch=args.batch,
         matmul_ceiling_gflops=ceiling, matmul_ceiling_f32_gflops=ceiling_f32, precision=args.precision,
-        donate=args.donate, remat=args.remat,
+        donate=args.donate, remat=args.remat, cpu_devices=jax.device_count() if backend == "cpu" else None,
         command="python benchmarks/engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         rows=[])
     done: list = []
@@ -328,7 +344,7 @@ def main(argv=None):
                           strategies=model_strategies.get(name, args.strategies),
                           loop_impls=loop_impls, max_loop_cohort=args.max_loop_cohort or None,
                           donate=args.donate, remat=args.remat, deadline=deadline, ceiling=ceiling,
-                          on_rows=save, flax_ref=not args.no_flax_ref)
+                          on_rows=save, flax_ref=not args.no_flax_ref, meshes=cpu_meshes)
   result["rows"] = done
   _common.write_json(out, result)
   print(f"wrote {out}")

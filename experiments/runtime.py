@@ -169,6 +169,10 @@ def make_evaluator(env: Env, apply_fn: Callable) -> Callable[[Any, Any], dict]:
   data = env.data
 
   def evaluate(params, batch_stats) -> dict:
+    if env.mesh is not None:
+      # The round leaves the state replicated over the mesh; evaluating that would run
+      # the whole evaluation once per device. One device's copy is enough.
+      params, batch_stats = jax.device_put((params, batch_stats), env.mesh.devices.flat[0])
     c = central(params, batch_stats, data.test_x, data.test_y).means()
     local = per_client(params, batch_stats, data.test_clients)
     n = np.asarray(local.num_examples)

@@ -19,6 +19,7 @@ import pfl_reference  # noqa: E402
 import precision  # noqa: E402
 import pruning_payoff  # noqa: E402
 import scaling  # noqa: E402
+import torch_peer  # noqa: E402
 
 from fedjax_prune import accounting, models  # noqa: E402
 
@@ -36,6 +37,9 @@ def test_engine_benchmark_smoke(tmp_path):
   strategies = {(r["model"], r["strategy"]) for r in saved["rows"]}
   assert ("leaf_femnist_cnn", "loop+lax") in strategies and ("logistic", "vmap+lax") in strategies
   assert ("leaf_femnist_cnn", "sequential+tapgrad") in strategies
+  if jax.device_count() > 1:  # every strategy also runs sharded over the CPU devices
+    assert ("leaf_femnist_cnn", f"sequential+tapgrad@{jax.device_count()}dev") in strategies
+    assert saved["cpu_devices"] == jax.device_count()
   for row in saved["rows"]:
     assert row["status"] == "ok"
     assert row["round_s"] > 0 and row["client_steps_per_s"] > 0 and row["gflops"] > 0
@@ -57,10 +61,11 @@ def test_engine_per_model_overrides_and_budget(tmp_path):
   out = str(tmp_path / "engine.json")
   engine.main(["--models", "logistic", "--cohorts", "2,4", "--model-cohorts", "logistic=4",
                "--strategies", "vmap+lax,chunked4+lax,sequential+lax", "--loop-impls", "lax", "--donate",
-               "--repeats", "1", "--steps", "2", "--batch", "4", "--out", out])
+               "--repeats", "1", "--steps", "2", "--batch", "4", "--cpu-devices", "1", "--out", out])
   rows = _load(out)["rows"]
   assert {r["cohort"] for r in rows} == {4}
-  # chunked4 at C=4 is the same program as vmap: not measured twice.
+  # chunked4 at C=4 is the same program as vmap: not measured twice; --cpu-devices 1: no
+  # sharded ('@Ndev') rows.
   assert {r["strategy"] for r in rows} == {"loop+lax", "vmap+lax", "sequential+lax"}
   engine.main(["--models", "logistic", "--cohorts", "2", "--time-budget", "1e-9", "--repeats", "1",
                "--steps", "1", "--batch", "4", "--out", out])
@@ -162,3 +167,28 @@ def test_run_gpu_script_explains_a_missing_gpu(tmp_path):
   assert proc.returncode == 3
   assert "no Python here has JAX with a GPU backend" in proc.stdout
   assert os.listdir(tmp_path) == ["run_gpu.log"]  # nothing else written, and only under $OUT
+
+
+def test_torch_peer_counts_the_same_flops_as_the_accounting_module():
+  spec = models.leaf_femnist_cnn()
+  assert torch_peer.LEAF_CNN_TRAIN_FLOPS_PER_EXAMPLE == accounting.training_flops(spec, 32) / 32
+
+
+def test_torch_peer_smoke(tmp_path):
+  torch = pytest.importorskip("torch")  # not a dependency: runs where PyTorch is installed
+  out = str(tmp_path / "torch.json")
+  result = torch_peer.main(["--smoke", "--out", out])
+  (row,) = _load(out)["rows"]
+  assert row["cohort"] == 2 and row["round_s"] > 0
+  assert row["client_steps_per_s"] == pytest.approx(2 * 2 / row["round_s"])
+  assert result["torch"] == torch.__version__
+  # The round really averages: two clients that start from the same state and see
+  # the same batches end where one client ends.
+  model = torch_peer.leaf_cnn(torch, widths=(2, 2), dense=4)
+  state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+  batch = [(torch.rand(4, 1, 28, 28), torch.randint(0, 62, (4,)))]
+  one = torch_peer.fedavg_round(torch, model, state, [batch], 0.1)
+  two = torch_peer.fedavg_round(torch, model, state, [batch, batch], 0.1)
+  for k in one:
+    assert torch.allclose(one[k], two[k], atol=1e-6)
+    assert not torch.equal(one[k], state[k])

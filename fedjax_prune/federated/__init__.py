@@ -4,10 +4,11 @@ from fedjax_prune.federated._aggregate import (CountedSum, counted_contribution,
 from fedjax_prune.federated._engine import (CLIENT_AXIS, Chunked, ClientInfo, ClientOutput, Cohort,
                                             Execution, FedAlgorithm, Sequential, Vmap, client_mesh,
                                             make_cohort, make_round, round_key, run_clients,
-                                            split_round_key)
+                                            split_cpu_into_devices, split_round_key, usable_cpu_cores)
 from fedjax_prune.federated._evaluate import EvalSums, make_evaluate, make_evaluate_clients
 from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks, fedadam, fedavg,
                                             fedavgm, fedprox, fedyogi)
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalState, batch_indices, epoch_permutations,
-                                           make_local_train, proximal_penalty, softmax_cross_entropy)
+                                           loop_real_steps, make_local_train, num_real_steps, proximal_penalty,
+                                           softmax_cross_entropy, static_step_index)
 from fedjax_prune.federated._strategy import (Strategy, candidate_strategies, select_strategy)

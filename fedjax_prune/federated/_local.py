@@ -2,10 +2,11 @@
 
 A client's data is the padded slice `ClientData(x [E, ...], y [E], num_examples [])`.
 Batches are built by index arithmetic from per-epoch permutations drawn with the
-client's key, so nothing leaves the device. Steps past the client's own number
-of steps (the scan length is the same for every client) are exact no-ops: they
-run under `lax.cond`, which skips them when clients run sequentially and becomes
-a `select` under `vmap`.
+client's key, so nothing leaves the device. The step loop runs only the client's
+real steps (those holding at least one real example): its trip count is a traced
+number, so a client with few examples pays for few steps, padded steps are never
+executed (no per-step branch), and under `vmap` the loop runs the cohort's
+longest client while finished clients keep their state (a `select`).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ class LocalSchedule:
       each epoch takes ceil(n_k / B) steps, the last one partial.
     num_steps: if set, a fixed number of local steps per client, batches drawn
       from successive reshuffled epochs (FedJAX/pfl-style "local updates").
-    unroll: local steps per iteration of the compiled step loop (`lax.scan`'s
-      `unroll`); a performance knob with no effect on results. XLA:CPU copies
+    unroll: local steps per iteration of the compiled step loop (see
+      `loop_real_steps`); a performance knob with no effect on results. XLA:CPU copies
       every loop-carried parameter that a matmul reads once per loop iteration
       (measured: a 26 MB copy per step for the LEAF CNN, ~10 % of the step), so
       unrolling k steps pays that copy once per k steps, at k times the compile
@@ -147,6 +148,57 @@ def batch_indices(key: PRNGKey, step: jax.Array, num_examples: jax.Array, max_ex
   return idx, jnp.broadcast_to(num_examples > 0, (batch,))
 
 
+def num_real_steps(num_examples: jax.Array, max_examples: int,
+                   schedule: LocalSchedule) -> jax.Array:
+  """[] int32: the local steps of a client with `num_examples` that hold a real example.
+
+  Epochs mode: num_epochs * ceil(n / B). Steps mode: num_steps (0 for an empty client).
+  Never more than `schedule.total_steps(max_examples)`.
+  """
+  n = jnp.asarray(num_examples, jnp.int32)
+  if schedule.num_steps is None:
+    return schedule.num_epochs * ((n + schedule.batch_size - 1) // schedule.batch_size)
+  return jnp.where(n > 0, schedule.num_steps, 0).astype(jnp.int32)
+
+
+def static_step_index(real_step: jax.Array, num_examples: jax.Array, max_examples: int,
+                      schedule: LocalSchedule) -> jax.Array:
+  """The padded-layout step (what `batch_indices` takes) of the client's `real_step`-th real step.
+
+  In epochs mode the padded layout has `steps_per_epoch(max_examples)` steps per
+  epoch, of which a client with n examples uses the first ceil(n / B); this maps
+  real step t to epoch t // ceil(n/B), position t % ceil(n/B).
+  """
+  if schedule.num_steps is not None:
+    return real_step
+  batch = schedule.batch_size
+  own_steps_per_epoch = jnp.maximum((jnp.asarray(num_examples, jnp.int32) + batch - 1) // batch, 1)
+  epoch, within = real_step // own_steps_per_epoch, real_step % own_steps_per_epoch
+  return epoch * schedule.steps_per_epoch(max_examples) + within
+
+
+def loop_real_steps(step_fn: Callable[[Any, jax.Array], Any], carry: Any, num_steps: jax.Array,
+                    unroll: int = 1) -> Any:
+  """`carry = step_fn(carry, t)` for t in [0, num_steps), `num_steps` traced.
+
+  With `unroll` = k > 1 the main loop runs k steps per iteration (num_steps // k
+  iterations; XLA:CPU copies loop-carried parameters that a matmul reads once per
+  iteration, so this pays it once per k steps) and a second loop runs the
+  num_steps % k remaining ones. Results do not depend on k.
+  """
+  if unroll <= 1:
+    return jax.lax.fori_loop(0, num_steps, lambda t, c: step_fn(c, t), carry)
+
+  def k_steps(i, c):
+    for j in range(unroll):
+      c = step_fn(c, i * unroll + j)
+    return c
+
+  full = num_steps // unroll
+  carry = jax.lax.fori_loop(0, full, k_steps, carry)
+  return jax.lax.fori_loop(full * unroll, num_steps, lambda t, c: step_fn(c, t), carry)
+
+
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 PenaltyFn = Callable[[Params, Any], jax.Array]
 TransformFn = Callable[[jax.Array, PRNGKey], jax.Array]
@@ -179,7 +231,6 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
                   masks: Masks | None = None, penalty_state: Any = None,
                   opt_state: Any = None) -> tuple[LocalState, LocalMetrics]:
     max_examples = data.x.shape[0]
-    num_steps = schedule.total_steps(max_examples)
     shuffle_key, augment_key = jax.random.split(key)
     del key
     if masks is not None:
@@ -202,35 +253,32 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
 
     permutations = epoch_permutations(shuffle_key, data.num_examples, max_examples, schedule)
 
-    def train_step(carry, step):
+    def train_step(carry, real_step):
       state, metrics = carry
+      step = static_step_index(real_step, data.num_examples, max_examples, schedule)
       idx, mask = batch_indices(shuffle_key, step, data.num_examples, max_examples, schedule,
                                 permutations)
       x, y = data.x[idx], data.y[idx]
       if train_transform is not None:
         x = train_transform(x, jax.random.fold_in(augment_key, step))
-
-      def real_step(operand):
-        state, metrics = operand
-        (_, (new_stats, loss_sum, correct)), grads = grad_fn(state.params, state.batch_stats, x, y, mask)
-        if masks is not None:
-          grads = _apply_masks(grads, masks)
-        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        if masks is not None:
-          new_params = _apply_masks(new_params, masks)
-        n = jnp.sum(mask).astype(jnp.float32)
-        new_metrics = LocalMetrics(metrics.loss_sum + loss_sum, metrics.correct_sum + correct,
-                                   metrics.num_examples + n, metrics.num_steps + 1.0)
-        return LocalState(new_params, new_stats, new_opt), new_metrics
-
-      # A step whose batch holds no real example is skipped: an exact no-op.
-      return jax.lax.cond(jnp.any(mask), real_step, lambda o: o, (state, metrics)), None
+      (_, (new_stats, loss_sum, correct)), grads = grad_fn(state.params, state.batch_stats, x, y, mask)
+      if masks is not None:
+        grads = _apply_masks(grads, masks)
+      updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+      new_params = optax.apply_updates(state.params, updates)
+      if masks is not None:
+        new_params = _apply_masks(new_params, masks)
+      n = jnp.sum(mask).astype(jnp.float32)
+      new_metrics = LocalMetrics(metrics.loss_sum + loss_sum, metrics.correct_sum + correct,
+                                 metrics.num_examples + n, metrics.num_steps + 1.0)
+      return LocalState(new_params, new_stats, new_opt), new_metrics
 
     zero = jnp.zeros((), jnp.float32)
     init = (LocalState(params, batch_stats, opt_state), LocalMetrics(zero, zero, zero, zero))
-    (state, metrics), _ = jax.lax.scan(train_step, init, jnp.arange(num_steps),
-                                      unroll=min(schedule.unroll, num_steps))
+    # Only the client's real steps run (a traced trip count): no per-step branch.
+    state, metrics = loop_real_steps(
+        train_step, init, num_real_steps(data.num_examples, max_examples, schedule),
+        min(schedule.unroll, schedule.total_steps(max_examples)))
     return state, metrics
 
   return local_train

@@ -75,7 +75,8 @@ from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalMetrics,
                                     LocalSchedule, batch_indices, epoch_permutations,
-                                    softmax_cross_entropy)
+                                    loop_real_steps, num_real_steps, softmax_cross_entropy,
+                                    static_step_index)
 from fedjax_prune import structured
 from fedjax_prune.structured import _drop_blocks
 from fedjax_prune.types import BatchStats, Params, PRNGKey
@@ -466,12 +467,12 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
                      options: Options = Options(), *,
                      loss_fn: Callable = softmax_cross_entropy,
                      train_transform: Optional[Callable] = None) -> Callable:
-  """Builds one client's joint (W, θ) training loop (a `lax.scan` over padded steps).
+  """Builds one client's joint (W, θ) training loop (a loop over the client's real steps).
 
   Each step samples ξ ~ Bern(θ), takes an optimizer step on W with ∇_W of the
   sampled loss (+ prior), and a step on θ with the chosen estimator of
   ∇_θ J, then projects θ (`project`). Batching and padding as
-  `federated.make_local_train` (padded steps are exact no-ops).
+  `federated.make_local_train` (padded steps never run).
 
   Returns:
     `local_train(params, batch_stats, theta, alive, lam, baseline, data, key)
@@ -536,48 +537,45 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
   def local_train(params, batch_stats, theta, alive, lam, baseline, data: ClientData,
                   key: PRNGKey) -> tuple[LocalResult, LocalMetrics]:
     max_examples = data.x.shape[0]
-    num_steps = schedule.total_steps(max_examples)
     shuffle_key, augment_key, gate_key = jax.random.split(key, 3)
     del key
     permutations = epoch_permutations(shuffle_key, data.num_examples, max_examples, schedule)
     w_opt, t_opt = weight_optimizer.init(params), theta_optimizer.init(theta)
 
-    def step(carry, step_idx):
+    def step(carry, real_step):
       (params, stats, theta, baseline, w_opt, t_opt), metrics = carry
+      step_idx = static_step_index(real_step, data.num_examples, max_examples, schedule)
       idx, mask = batch_indices(shuffle_key, step_idx, data.num_examples, max_examples, schedule,
                                 permutations)
       x, y = data.x[idx], data.y[idx]
       if train_transform is not None:
         x = train_transform(x, jax.random.fold_in(augment_key, step_idx))
-
-      def real_step(operand):
-        (params, stats, theta, baseline, w_opt, t_opt), metrics = operand
-        b = sample_gates(theta, alive, jax.random.fold_in(gate_key, step_idx),
-                         batch_size=x.shape[0] if options.per_example else None)
-        (g_w, g_t), (new_stats, loss, loss_sum, correct) = grad_fn(
-            params, theta, stats, x, y, mask, b, alive, lam, baseline)
-        exact = two_point_grads(params, theta, stats, x, y, mask, b)
-        if exact is not None:
-          g_t = jax.tree_util.tree_map_with_path(
-              lambda p, g, e: e + g if _is_layer(p) else g, g_t, exact)
-        g_t = jax.tree.map(lambda g, a: jnp.where(a, g, 0.0), g_t, alive)
-        w_updates, w_opt = weight_optimizer.update(g_w, w_opt, params)
-        params = optax.apply_updates(params, w_updates)
-        t_updates, t_opt = theta_optimizer.update(g_t, t_opt, theta)
-        theta = project(optax.apply_updates(theta, t_updates), alive, options)
-        baseline = jnp.where(jnp.isnan(baseline), loss,
-                             options.baseline_decay * baseline + (1 - options.baseline_decay) * loss)
-        n = jnp.sum(mask).astype(jnp.float32)
-        metrics = LocalMetrics(metrics.loss_sum + loss_sum, metrics.correct_sum + correct,
-                               metrics.num_examples + n, metrics.num_steps + 1.0)
-        return (params, new_stats, theta, baseline, w_opt, t_opt), metrics
-
-      return jax.lax.cond(jnp.any(mask), real_step, lambda o: o, carry), None
+      b = sample_gates(theta, alive, jax.random.fold_in(gate_key, step_idx),
+                       batch_size=x.shape[0] if options.per_example else None)
+      (g_w, g_t), (new_stats, loss, loss_sum, correct) = grad_fn(
+          params, theta, stats, x, y, mask, b, alive, lam, baseline)
+      exact = two_point_grads(params, theta, stats, x, y, mask, b)
+      if exact is not None:
+        g_t = jax.tree_util.tree_map_with_path(
+            lambda p, g, e: e + g if _is_layer(p) else g, g_t, exact)
+      g_t = jax.tree.map(lambda g, a: jnp.where(a, g, 0.0), g_t, alive)
+      w_updates, w_opt = weight_optimizer.update(g_w, w_opt, params)
+      params = optax.apply_updates(params, w_updates)
+      t_updates, t_opt = theta_optimizer.update(g_t, t_opt, theta)
+      theta = project(optax.apply_updates(theta, t_updates), alive, options)
+      baseline = jnp.where(jnp.isnan(baseline), loss,
+                           options.baseline_decay * baseline + (1 - options.baseline_decay) * loss)
+      n = jnp.sum(mask).astype(jnp.float32)
+      metrics = LocalMetrics(metrics.loss_sum + loss_sum, metrics.correct_sum + correct,
+                             metrics.num_examples + n, metrics.num_steps + 1.0)
+      return (params, new_stats, theta, baseline, w_opt, t_opt), metrics
 
     zero = jnp.zeros((), jnp.float32)
     init = ((params, batch_stats, theta, baseline, w_opt, t_opt), LocalMetrics(zero, zero, zero, zero))
-    ((params, stats, theta, baseline, _, _), metrics), _ = jax.lax.scan(step, init,
-                                                                         jnp.arange(num_steps))
+    # Only the client's real steps run (federated.loop_real_steps: no per-step branch).
+    (params, stats, theta, baseline, _, _), metrics = loop_real_steps(
+        step, init, num_real_steps(data.num_examples, max_examples, schedule),
+        min(schedule.unroll, schedule.total_steps(max_examples)))
     return LocalResult(params, stats, theta, baseline), metrics
 
   return local_train
