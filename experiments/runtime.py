@@ -13,6 +13,8 @@ rounds, and on start asks `env.checkpoint.restore(...)` whether to resume.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import tempfile
@@ -216,6 +218,20 @@ def progress_bar(total: int, enabled: bool, initial: int = 0):
   return tqdm(total=total, initial=initial, disable=not enabled, desc="rounds", unit="round")
 
 
+def named_strategy(env: Env, name: str) -> federated.Strategy:
+  """`config.strategy` by name; with a mesh (config.shard_clients) it is sharded."""
+  strategy = federated.Strategy.from_name(name)
+  return dataclasses.replace(strategy, sharded=strategy.sharded or env.mesh is not None)
+
+
+def mesh_for(env: Env, strategy: federated.Strategy):
+  """The mesh a round with `strategy` runs on: env.mesh when the strategy is sharded."""
+  if strategy.sharded and env.mesh is None:
+    raise ValueError(f"strategy {strategy.name!r} is sharded but this run has no device mesh "
+                     "(config.shard_clients=False or a single device)")
+  return env.mesh if strategy.sharded else None
+
+
 def choose_strategy(env: Env, spec, params, batch_stats,
                     algorithm_for: Callable[[Callable, federated.LocalSchedule], federated.FedAlgorithm],
                     cohort: federated.Cohort) -> tuple[federated.Strategy, dict]:
@@ -230,13 +246,13 @@ def choose_strategy(env: Env, spec, params, batch_stats,
   """
   config = env.config
   if config.strategy != "auto":
-    return federated.Strategy.from_name(config.strategy), {}
+    return named_strategy(env, config.strategy), {}
   short = federated.LocalSchedule(batch_size=config.client.batch_size, num_steps=2)
 
   def run_round_for(strategy):
     apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl)
     alg = algorithm_for(apply_fn, strategy.schedule(short))
-    round_fn = federated.make_round(alg, execution=strategy.execution, mesh=env.mesh)
+    round_fn = federated.make_round(alg, execution=strategy.execution, mesh=mesh_for(env, strategy))
     state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
 
     def run():
@@ -246,9 +262,15 @@ def choose_strategy(env: Env, spec, params, batch_stats,
 
   candidates = federated.candidate_strategies(cohort_size=len(cohort.client_ids),
                                               has_conv=build.has_conv(spec))
+  if env.mesh is not None:
+    sharded = [dataclasses.replace(s, sharded=True) for s in candidates]
+    # On CPU (one device per core) sharding wins for compute-bound models and loses for
+    # tiny dispatch-bound ones at small cohorts: time both. Accelerators always shard.
+    candidates = sharded + candidates if jax.default_backend() == "cpu" else sharded
   cache_path = config.strategy_cache or build.default_strategy_cache()
   key = (f"{spec!r}|C={len(cohort.client_ids)}|B={config.client.batch_size}"
-         f"|E={env.data.train.max_examples}|{jax.default_backend()}")
+         f"|E={env.data.train.max_examples}|{jax.default_backend()}"
+         f"|mesh={env.mesh.size if env.mesh is not None else 0}")
   env.log(f"calibrating client execution over {len(candidates)} strategies (cached in {cache_path})")
   return federated.select_strategy(run_round_for, candidates, cache_path=cache_path,
                                    cache_key=key, log=env.log)

@@ -154,7 +154,11 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
     raise build.ConfigError(f"config.clients_per_round={config.clients_per_round} exceeds the "
                             f"dataset's {num_clients} clients: allowed [1, {num_clients}]")
   num_devices = jax.local_device_count()
-  mesh = federated.client_mesh() if (config.shard_clients and num_devices > 1) else None
+  # Shard only when every device gets a client: a cohort smaller than the device count
+  # would leave devices idle and (on CPU, one device per core) run slower than unsharded
+  # (measured: 1 client on 2 CPU devices 0.53x of a loop, unsharded 0.82x).
+  mesh = (federated.client_mesh()
+          if (config.shard_clients and 1 < num_devices <= config.clients_per_round) else None)
   tb_dir = os.path.join(workdir, "tensorboard") if config.get("tensorboard", False) else None
   metrics = runtime.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), tensorboard_dir=tb_dir,
                                   pause_after_write_s=float(os.environ.get(PAUSE_PER_ROUND_ENV) or 0))

@@ -108,3 +108,35 @@ def test_tensorboard_scalars_are_written(tmp_path):
   assert len(events) == 1
   data = events[0].read_bytes()
   assert b"train_loss" in data and b"test_accuracy" in data and b"bytes_up" in data
+
+
+def test_auto_strategy_times_sharded_and_unsharded_candidates_on_cpu(tmp_path, capsys):
+  import jax
+  if jax.device_count() < 4 or jax.default_backend() != "cpu":
+    pytest.skip("needs 4 (fake) CPU devices")
+  c = tiny_config()
+  c.clients_per_round = 4  # a device per client: the run gets a mesh
+  c.strategy = "auto"
+  c.strategy_cache = str(tmp_path / "strategy.json")
+  summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+  log = capsys.readouterr().out
+  timed = [line.split()[1] for line in log.splitlines() if line.strip().startswith("strategy ")]
+  assert "sequential+lax+sharded" in timed and "sequential+lax" in timed
+  assert summary["strategy"] in timed
+  with open(c.strategy_cache) as f:
+    ((key, entry),) = json.load(f).items()
+  assert entry["best"] == summary["strategy"] and key.endswith("|mesh=4")
+
+
+def test_named_strategy_is_sharded_exactly_when_the_run_has_a_mesh():
+  from experiments import runtime
+  from fedjax_prune import federated
+  env = runtime.Env(config=None, workdir="", data=None, mesh="a mesh", cohort_multiple=4,
+                    metrics=None, checkpoint=None, log=print)
+  strategy = runtime.named_strategy(env, "sequential+lax")
+  assert strategy.sharded and runtime.mesh_for(env, strategy) == "a mesh"
+  alone = env._replace(mesh=None, cohort_multiple=1)
+  assert not runtime.named_strategy(alone, "sequential+lax").sharded
+  assert runtime.mesh_for(alone, federated.Strategy.from_name("vmap+lax")) is None
+  with pytest.raises(ValueError, match="no device mesh"):
+    runtime.mesh_for(alone, federated.Strategy.from_name("vmap+lax+sharded"))

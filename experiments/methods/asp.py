@@ -133,7 +133,8 @@ class _Built:
     self.spec = spec
     apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl)
     self.alg = build.build_algorithm(config, apply_fn)
-    self.round_fn = federated.make_round(self.alg, execution=strategy.execution, mesh=env.mesh,
+    self.round_fn = federated.make_round(self.alg, execution=strategy.execution,
+                                         mesh=runtime.mesh_for(env, strategy),
                                          donate=True)
     self.evaluate = runtime.make_evaluator(env, apply_fn)
     self.sizes = size_record(spec, config.clients_per_round)

@@ -118,7 +118,7 @@ def run(config, env: runtime.Env) -> dict:
   original_spec = spec
   _, params, batch_stats = models.build(spec, jax.random.key(config.seeds.init))
   reference = (accounting.flops(spec), accounting.param_count(spec))
-  strategy = federated.Strategy.from_name(config.strategy)
+  strategy = runtime.named_strategy(env, config.strategy)
   cl = config.client
   weight_opt = (optax.sgd(cl.learning_rate, momentum=cl.momentum or None) if cl.optimizer == "sgd"
                 else optax.adam(cl.learning_rate))
@@ -132,7 +132,8 @@ def run(config, env: runtime.Env) -> dict:
   def compile_for(spec):
     apply_fn = _gated_apply(spec, data.normalize, strategy.conv_impl)
     alg = cavp_lib.cavp(apply_fn, weight_opt, theta_opt, schedule, options)
-    round_fn = federated.make_round(alg, execution=strategy.execution, mesh=env.mesh)
+    round_fn = federated.make_round(alg, execution=strategy.execution,
+                                    mesh=runtime.mesh_for(env, strategy))
     evaluate = runtime.make_evaluator(env, _eval_apply(apply_fn))
     return alg, round_fn, evaluate
 

@@ -115,7 +115,8 @@ def run(config, env: runtime.Env) -> dict:
   env.log(f"client execution: {strategy.name}")
   apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
   alg = build.build_algorithm(config, apply_fn, strategy.schedule(build.build_schedule(config)))
-  round_fn = federated.make_round(alg, execution=strategy.execution, mesh=env.mesh, donate=True)
+  round_fn = federated.make_round(alg, execution=strategy.execution,
+                                  mesh=runtime.mesh_for(env, strategy), donate=True)
   evaluate = runtime.make_evaluator(env, apply_fn)
   train_root = jax.random.key(config.seeds.training)
   layers = prunable_layers(params) if prune_round is not None else ()

@@ -75,7 +75,7 @@ def run(config, env: runtime.Env) -> dict:
                                            mode=s.candidate_mode, prunable=prunable)
   select = jax.jit(fedtiny_lib.adaptive_bn_selection(
       apply_fn, batch_size=config.eval_batch_size, bn_aggregation=s.bn_aggregation,
-      execution=strategy.execution, mesh=env.mesh))
+      execution=strategy.execution, mesh=runtime.mesh_for(env, strategy)))
   cohort0 = runtime.cohort_for(env, 0)
   result = select(candidates, data.train, cohort0, jax.random.fold_in(init_key, 1))
   index = int(result.index)

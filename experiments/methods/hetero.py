@@ -266,7 +266,8 @@ def run(config, env: runtime.Env) -> dict:
   schedule = federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
                                      num_steps=c.num_steps or None)
   method = _method(config, apply_fn, params, schedule, train_transform)
-  round_fn = federated.make_round(method.algorithm, execution=strategy.execution, mesh=env.mesh,
+  round_fn = federated.make_round(method.algorithm, execution=strategy.execution,
+                                  mesh=runtime.mesh_for(env, strategy),
                                   donate=True)
   eval_apply = wrap(make_raw("lax"))
   eval_all, eval_central = make_level_evaluator(method, eval_apply, data, config.eval_batch_size)

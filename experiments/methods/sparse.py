@@ -124,7 +124,8 @@ def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, s
   # The round donates its state: give it buffers of its own (no leaf shared with the caller
   # or repeated inside the state, e.g. one `()` mask array reused for several leaves).
   state = jax.tree.map(jnp.copy, state)
-  round_fn = federated.make_round(alg, execution=strategy.execution, mesh=env.mesh, donate=True)
+  round_fn = federated.make_round(alg, execution=strategy.execution,
+                                  mesh=runtime.mesh_for(env, strategy), donate=True)
   evaluate = runtime.make_evaluator(env, apply_fn)
   train_root = jax.random.key(config.seeds.training)
   start_round = 0

@@ -271,3 +271,97 @@ def test_unrolled_local_steps_give_the_same_round():
     np.testing.assert_allclose(metrics_b[k], metrics_a[k], rtol=1e-6)
   with pytest.raises(ValueError, match="unroll"):
     federated.LocalSchedule(batch_size=2, unroll=0)
+
+
+def test_sharded_round_copies_the_dataset_to_the_devices_once(monkeypatch):
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  round_fn = federated.make_round(alg, execution=federated.Sequential(),
+                                  mesh=federated.client_mesh(jax.devices()[:4]))
+  cohort = federated.make_cohort([0, 1, 2, 3])
+  placed = []
+  device_put = jax.device_put
+
+  def counting_device_put(x, *args, **kwargs):
+    if isinstance(x, ClientData):
+      placed.append(x)
+    return device_put(x, *args, **kwargs)
+
+  monkeypatch.setattr(jax, "device_put", counting_device_put)
+  state = alg.init(params, jax.random.key(1))
+  for r in range(3):
+    state, _ = round_fn(state, data, cohort, jax.random.key(r))
+  assert len(placed) == 1  # the same dataset is copied to the devices once, not every round
+  other = jax.tree.map(lambda x: x + 0, data)  # new arrays: placed anew, same result
+  reference, _ = round_fn(state, data, cohort, jax.random.key(5))
+  again, _ = round_fn(state, other, cohort, jax.random.key(5))
+  assert len(placed) == 2
+  testing.assert_trees_close(again.params, reference.params, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("unroll", [1, 3])
+@pytest.mark.parametrize("num_steps", [0, 1, 5, 6, 7])
+def test_loop_real_steps_runs_exactly_the_traced_number_of_steps(unroll, num_steps):
+  # Each step writes its index into a log: the log must read 1..T in order, whatever k.
+  def step(log, t):
+    return log.at[t].set(t + 1)
+
+  run = jax.jit(lambda n: federated.loop_real_steps(step, jnp.zeros(8, jnp.int32), n, unroll))
+  expected = [t + 1 if t < num_steps else 0 for t in range(8)]
+  np.testing.assert_array_equal(run(jnp.int32(num_steps)), expected)
+
+
+@pytest.mark.parametrize("num_examples", [0, 1, 4, 5, 9, 12])
+def test_real_steps_are_exactly_the_padded_layout_steps_that_hold_an_example(num_examples):
+  schedule = federated.LocalSchedule(batch_size=4, num_epochs=2)
+  max_examples = 12  # padded layout: 3 steps per epoch, 6 in all
+  n = jnp.int32(num_examples)
+  key = jax.random.key(0)
+  holds_example = [bool(jnp.any(federated.batch_indices(key, jnp.int32(s), n, max_examples, schedule)[1]))
+                   for s in range(schedule.total_steps(max_examples))]
+  real = int(federated.num_real_steps(n, max_examples, schedule))
+  mapped = [int(federated.static_step_index(jnp.int32(t), n, max_examples, schedule))
+            for t in range(real)]
+  assert mapped == [s for s, holds in enumerate(holds_example) if holds]
+  steps_mode = federated.LocalSchedule(batch_size=4, num_steps=5)
+  assert int(federated.num_real_steps(n, max_examples, steps_mode)) == (5 if num_examples else 0)
+
+
+def test_local_training_counts_only_real_steps():
+  apply_fn, params, data = _problem()
+  local_train = jax.jit(federated.make_local_train(apply_fn, optax.sgd(0.1), SCHEDULE))
+  for cid in range(data.num_clients):
+    n = int(data.num_examples[cid])
+    _, metrics = local_train(params, {}, client_slice(data, cid), jax.random.key(cid))
+    assert float(metrics.num_steps) == SCHEDULE.num_epochs * -(-n // SCHEDULE.batch_size)
+    assert float(metrics.num_examples) == SCHEDULE.num_epochs * n
+
+
+def test_strategy_names_round_trip_including_sharding():
+  for name in ["sequential+lax", "vmap+im2col", "chunked8+im2col", "sequential+tapgrad+unroll4",
+               "sequential+tapgrad+unroll4+sharded", "vmap+lax+sharded"]:
+    assert federated.Strategy.from_name(name).name == name
+  assert federated.Strategy.from_name("vmap+lax+sharded").sharded
+  assert not federated.Strategy.from_name("vmap+lax").sharded
+  with pytest.raises(ValueError, match="must look like"):
+    federated.Strategy.from_name("sharded")
+  with pytest.raises(ValueError, match="sharded must be a bool"):
+    federated.Strategy(federated.Vmap(), sharded=1)
+
+
+def test_split_cpu_into_devices_in_a_fresh_process_and_not_after_jax_started():
+  import os
+  import subprocess
+  import sys
+  # This process already runs JAX: nothing changes, and it says so.
+  assert federated.split_cpu_into_devices(3) is None
+  with pytest.raises(ValueError, match="num_devices"):
+    federated.split_cpu_into_devices(0)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  code = ("import jax\nfrom fedjax_prune import federated\n"
+          "print(federated.split_cpu_into_devices(3), jax.device_count('cpu'))")
+  out = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cpu"},
+                       capture_output=True, text=True, check=True, timeout=120)
+  assert out.stdout.split() == ["3", "3"]
