@@ -186,7 +186,7 @@ def select_strategy(run_round_for: Callable[[Strategy], Callable[[], None]],
       times.append(time.perf_counter() - start)
     timings[strategy.name] = statistics.median(times)
     if log:
-      log(f"  strategy {strategy.name:22s} {timings[strategy.name] * 1e3:9.1f} ms/round")
+      log(f"  strategy {strategy.name:36s} {timings[strategy.name] * 1e3:9.1f} ms/round")
   best_name = min(timings, key=timings.get)
   best = next(s for s in candidates if s.name == best_name)
   if cache_path:
