@@ -573,9 +573,10 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
     zero = jnp.zeros((), jnp.float32)
     init = ((params, batch_stats, theta, baseline, w_opt, t_opt), LocalMetrics(zero, zero, zero, zero))
     # Only the client's real steps run (federated.loop_real_steps: no per-step branch).
+    total = schedule.total_steps(max_examples)
     (params, stats, theta, baseline, _, _), metrics = loop_real_steps(
         step, init, num_real_steps(data.num_examples, max_examples, schedule),
-        min(schedule.unroll, schedule.total_steps(max_examples)))
+        min(schedule.unroll, total), differentiable_max_steps=total if schedule.differentiable else None)
     return LocalResult(params, stats, theta, baseline), metrics
 
   return local_train

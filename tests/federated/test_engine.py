@@ -365,3 +365,25 @@ def test_split_cpu_into_devices_in_a_fresh_process_and_not_after_jax_started():
   out = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cpu"},
                        capture_output=True, text=True, check=True, timeout=120)
   assert out.stdout.split() == ["3", "3"]
+
+
+def test_differentiable_schedule_gives_the_same_training_and_a_gradient_through_it():
+  apply_fn, params, data = _problem()
+  fast = jax.jit(federated.make_local_train(apply_fn, optax.sgd(0.1), SCHEDULE))
+  differentiable_schedule = federated.LocalSchedule(batch_size=4, num_epochs=2, differentiable=True)
+  slow = federated.make_local_train(apply_fn, optax.sgd(0.1), differentiable_schedule)
+  client = client_slice(data, 1)  # fewer examples than the padded maximum: skipped steps
+  a, metrics_a = fast(params, {}, client, jax.random.key(3))
+  b, metrics_b = jax.jit(slow)(params, {}, client, jax.random.key(3))
+  testing.assert_trees_close(b.params, a.params, rtol=1e-6, atol=1e-7)
+  assert float(metrics_a.num_steps) == float(metrics_b.num_steps)
+
+  def distance_moved(p):  # differentiate through the whole local training
+    local, _ = slow(p, {}, client, jax.random.key(3))
+    return sum(jnp.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(local.params), jax.tree.leaves(p)))
+
+  grads = jax.grad(distance_moved)(params)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+  with pytest.raises(ValueError, match="differentiable"):
+    federated.LocalSchedule(batch_size=2, differentiable=1)
