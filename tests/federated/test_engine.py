@@ -27,6 +27,17 @@ def _run(alg, params, data, cohort_ids, execution, rounds=2, mesh=None, seed=7):
   return state, metrics
 
 
+def _sharded_sequential_round():
+  """(alg, params, data, round_fn) of FedAvg sharded over 4 devices; skips with fewer."""
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  round_fn = federated.make_round(alg, execution=federated.Sequential(),
+                                  mesh=federated.client_mesh(jax.devices()[:4]))
+  return alg, params, data, round_fn
+
+
 def _loop_reference(apply_fn, params, data, cohort_ids, rounds=2, seed=7, lr=0.1):
   """FedAvg as a plain Python loop over clients of the jitted local trainer."""
   local_train = jax.jit(federated.make_local_train(apply_fn, optax.sgd(lr), SCHEDULE))
@@ -76,12 +87,7 @@ def test_sharded_round_equals_unsharded():
 
 
 def test_sharded_round_compiles_once_across_rounds():
-  if jax.device_count() < 4:
-    pytest.skip("needs 4 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")
-  apply_fn, params, data = _problem()
-  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
-  round_fn = federated.make_round(alg, execution=federated.Sequential(),
-                                  mesh=federated.client_mesh(jax.devices()[:4]))
+  alg, params, data, round_fn = _sharded_sequential_round()
   state = alg.init(params, jax.random.key(1))  # single-device state, as after init
   for r in range(3):
     state, _ = round_fn(state, data, federated.make_cohort([0, 1, 2]), jax.random.key(r))
@@ -274,12 +280,7 @@ def test_unrolled_local_steps_give_the_same_round():
 
 
 def test_sharded_round_copies_the_dataset_to_the_devices_once(monkeypatch):
-  if jax.device_count() < 4:
-    pytest.skip("needs 4 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")
-  apply_fn, params, data = _problem()
-  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
-  round_fn = federated.make_round(alg, execution=federated.Sequential(),
-                                  mesh=federated.client_mesh(jax.devices()[:4]))
+  alg, params, data, round_fn = _sharded_sequential_round()
   cohort = federated.make_cohort([0, 1, 2, 3])
   placed = []
   device_put = jax.device_put
