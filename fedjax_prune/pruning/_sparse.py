@@ -65,6 +65,12 @@ class SparseSums(NamedTuple):
   metrics: LocalMetrics
 
 
+def check_int(name: str, value: Any, minimum: int) -> None:
+  """Raises ValueError naming `name` unless `value` is an int >= `minimum`."""
+  if not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def prunable_filter(params: Params) -> PyTree:
   """Conv and dense kernels (ndim >= 2) are prunable; biases and BN stay dense."""
   return masks_lib.by_ndim(params, 2)

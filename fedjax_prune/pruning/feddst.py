@@ -63,10 +63,8 @@ def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pru
     >>> int(state.round_idx), round(float(metrics["density"]), 1)
     (1, 0.5)
   """
-  if not isinstance(adjust_every, int) or adjust_every < 1:
-    raise ValueError(f"adjust_every must be an int >= 1, got {adjust_every!r}")
-  if not isinstance(adjust_end, int) or adjust_end < 1:
-    raise ValueError(f"adjust_end must be an int >= 1, got {adjust_end!r}")
+  _sparse.check_int("adjust_every", adjust_every, 1)
+  _sparse.check_int("adjust_end", adjust_end, 1)
   if not 0.0 <= adjust_alpha <= 1.0:
     raise ValueError(f"adjust_alpha must be in [0, 1], got {adjust_alpha!r}")
   flags = _sparse.leaf_flags(prunable, prunable)

@@ -175,8 +175,7 @@ def make_candidates(init_fn: Callable[[PRNGKey], tuple[Params, BatchStats]], key
   Returns:
     Candidates with leaves stacked [C, ...].
   """
-  if not isinstance(num_candidates, int) or num_candidates < 1:
-    raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
+  _sparse.check_int("num_candidates", num_candidates, 1)
   if mode not in CANDIDATE_MODES:
     raise ValueError(f"candidate mode must be one of {CANDIDATE_MODES}, got {mode!r}")
   out = []
@@ -547,10 +546,8 @@ def fedtiny(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
     >>> int(state.round_idx)
     1
   """
-  if not isinstance(adjust_every, int) or adjust_every < 1:
-    raise ValueError(f"adjust_every must be an int >= 1, got {adjust_every!r}")
-  if not isinstance(adjust_end, int) or adjust_end < 1:
-    raise ValueError(f"adjust_end must be an int >= 1, got {adjust_end!r}")
+  _sparse.check_int("adjust_every", adjust_every, 1)
+  _sparse.check_int("adjust_end", adjust_end, 1)
   if not 0.0 <= adjust_alpha <= 1.0:
     raise ValueError(f"adjust_alpha must be in [0, 1], got {adjust_alpha!r}")
   flags = _sparse.leaf_flags(prunable, prunable)

@@ -74,8 +74,7 @@ def synflow_masks(apply_fn: Callable, params: Params, batch_stats: BatchStats,
     >>> round(float(masks.density(m, params)), 1)
     0.5
   """
-  if not isinstance(num_iterations, int) or num_iterations < 1:
-    raise ValueError(f"num_iterations must be an int >= 1, got {num_iterations!r}")
+  _sparse.check_int("num_iterations", num_iterations, 1)
   final = _prunable_density(params, density, prunable)
   abs_params = jax.tree.map(jnp.abs, params)
   ones = jnp.ones((1,) + tuple(input_shape), jnp.float32)

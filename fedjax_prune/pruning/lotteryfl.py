@@ -94,10 +94,8 @@ def lotteryfl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, 
     >>> int(metrics["pruned"]), round(float(metrics["density"]), 1)
     (1, 0.5)
   """
-  if not isinstance(prune_every, int) or prune_every < 1:
-    raise ValueError(f"prune_every must be an int >= 1, got {prune_every!r}")
-  if not isinstance(num_prune_steps, int) or num_prune_steps < 1:
-    raise ValueError(f"num_prune_steps must be an int >= 1, got {num_prune_steps!r}")
+  _sparse.check_int("prune_every", prune_every, 1)
+  _sparse.check_int("num_prune_steps", num_prune_steps, 1)
   if not 0.0 <= accuracy_threshold <= 1.0:
     raise ValueError(f"accuracy_threshold must be in [0, 1], got {accuracy_threshold!r}")
   flags = _sparse.leaf_flags(prunable, prunable)

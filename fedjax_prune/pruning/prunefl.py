@@ -82,10 +82,8 @@ def initial_masks(apply_fn: Callable, client_optimizer, schedule: LocalSchedule,
     >>> round(float(masks.density(m, params)), 1)
     0.5
   """
-  if not isinstance(num_iterations, int) or num_iterations < 1:
-    raise ValueError(f"num_iterations must be an int >= 1, got {num_iterations!r}")
-  if not isinstance(min_per_output, int) or min_per_output < 0:
-    raise ValueError(f"min_per_output must be an int >= 0, got {min_per_output!r}")
+  _sparse.check_int("num_iterations", num_iterations, 1)
+  _sparse.check_int("min_per_output", min_per_output, 0)
   keep, n_sparse = _sparse.sparse_budget(params, density, prunable)
   flags = _sparse.leaf_flags(params, prunable)
   floor = sum(_sparse.floor_count(np.shape(p), min_per_output)
@@ -144,12 +142,9 @@ def prunefl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
     >>> int(state.round_idx), round(float(metrics["density"]), 1)
     (1, 0.5)
   """
-  if not isinstance(adjust_every, int) or adjust_every < 1:
-    raise ValueError(f"adjust_every must be an int >= 1, got {adjust_every!r}")
-  if not isinstance(importance_batches, int) or importance_batches < 1:
-    raise ValueError(f"importance_batches must be an int >= 1, got {importance_batches!r}")
-  if not isinstance(min_per_output, int) or min_per_output < 0:
-    raise ValueError(f"min_per_output must be an int >= 0, got {min_per_output!r}")
+  _sparse.check_int("adjust_every", adjust_every, 1)
+  _sparse.check_int("importance_batches", importance_batches, 1)
+  _sparse.check_int("min_per_output", min_per_output, 0)
   flags = _sparse.leaf_flags(prunable, prunable)
   local_train = make_local_train(apply_fn, client_optimizer, schedule, loss_fn=loss_fn,
                                  train_transform=train_transform)
