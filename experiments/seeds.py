@@ -107,7 +107,8 @@ def run_seeds(config, seeds, workdir: str | None = None, *, log=print) -> dict:
   train_roots_K = jnp.stack([jax.random.key(c.seeds.training) for c in configs])
 
   round_fn = federated.make_round(alg, execution=strategy.execution)  # jitted; vmap traces through
-  round_K = jax.jit(jax.vmap(round_fn, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
+  round_K = jax.jit(jax.vmap(round_fn, in_axes=(0, None, 0, 0)), donate_argnums=(0,),
+                    compiler_options=federated.round_compiler_options())
   round_keys_K = jax.jit(jax.vmap(federated.round_key, in_axes=(0, None)))
   central = jax.jit(jax.vmap(federated.make_evaluate(apply_fn, batch_size=config.eval_batch_size),
                              in_axes=(0, 0, None, None)))

@@ -265,6 +265,24 @@ def run_clients(client_update: Callable, server_state, dataset: ClientData, coho
   return ClientOutput(out.sums, jax.tree.map(lambda x: x[:num_clients], out.per_client))
 
 
+def round_compiler_options(platform: str | None = None) -> dict | None:
+  """XLA compiler options for a compiled round on `platform` (default: JAX's default backend).
+
+  Pass them to `jax.jit(..., compiler_options=...)` when you jit a round yourself
+  (e.g. a `vmap` over seeds); `make_round` already does.
+
+  On CPU: copy insertion with region analysis. Without it XLA:CPU copies every
+  loop-carried weight that a matmul or convolution reads, once per local step,
+  since it cannot prove the reads come before the in-place update (the LEAF CNN:
+  a 26 MB copy per step). Measured on 2 cores (benchmarks/engine.py, 8 clients):
+  the sequential round 7-13 % faster, with the same results. Elsewhere: None.
+  """
+  platform = jax.default_backend() if platform is None else platform
+  if platform == "cpu":
+    return {"xla_cpu_copy_insertion_use_region_analysis": True}
+  return None
+
+
 def make_round(alg: FedAlgorithm, *, execution: Execution = Sequential(), mesh: Mesh | None = None,
                donate: bool = False) -> Callable:
   """Builds the jitted round of `alg`.
@@ -287,7 +305,9 @@ def make_round(alg: FedAlgorithm, *, execution: Execution = Sequential(), mesh: 
                           execution=execution, mesh=mesh)
     return alg.server_update(server_state, outputs, server_key)
 
-  jitted = jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+  platform = mesh.devices.flat[0].platform if mesh is not None else None
+  jitted = jax.jit(round_fn, donate_argnums=(0,) if donate else (),
+                   compiler_options=round_compiler_options(platform))
   if mesh is None:
     return jitted
   replicated = NamedSharding(mesh, P())

@@ -134,7 +134,9 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
         "train_examples": m.num_examples,
         "local_steps": m.num_steps,
         "num_clients": sums.num_clients,
-        "update_norm": jnp.sqrt(tree_lib.squared_norm(mean_delta)),
+        # From the summed delta, not mean_delta: then mean_delta has one reader (the
+        # optimizer) and is fused into the parameter update instead of written out.
+        "update_norm": jnp.sqrt(tree_lib.squared_norm(sums.delta)) * inv,
         "finite": tree_lib.all_finite(params) & jnp.isfinite(m.loss_sum),
     }
     return ServerState(params, batch_stats, opt_state, state.masks, state.round_idx + 1), metrics

@@ -33,11 +33,10 @@ class LocalSchedule:
     num_steps: if set, a fixed number of local steps per client, batches drawn
       from successive reshuffled epochs (FedJAX/pfl-style "local updates").
     unroll: local steps per iteration of the compiled step loop (see
-      `loop_real_steps`); a performance knob with no effect on results. XLA:CPU copies
-      every loop-carried parameter that a matmul reads once per loop iteration
-      (measured: a 26 MB copy per step for the LEAF CNN, ~10 % of the step), so
-      unrolling k steps pays that copy once per k steps, at k times the compile
-      time of the step.
+      `loop_real_steps`); a performance knob with no effect on results, at k times
+      the compile time of the step. (It was added because XLA:CPU's default copy
+      insertion copies every loop-carried weight a matmul reads once per iteration;
+      `make_round` now compiles with `round_compiler_options()`, which avoids that.)
     differentiable: run the steps as a `lax.scan` over all S padded-layout steps,
       those past the client's own steps skipped by a `lax.cond`, instead of a
       loop with a traced trip count: same results, and reverse-mode
@@ -191,9 +190,8 @@ def loop_real_steps(step_fn: Callable[[Any, jax.Array], Any], carry: Any, num_st
   """`carry = step_fn(carry, t)` for t in [0, num_steps), `num_steps` traced.
 
   With `unroll` = k > 1 the main loop runs k steps per iteration (num_steps // k
-  iterations; XLA:CPU copies loop-carried parameters that a matmul reads once per
-  iteration, so this pays it once per k steps) and a second loop runs the
-  num_steps % k remaining ones. Results do not depend on k.
+  iterations) and a second loop runs the num_steps % k remaining ones. Results do
+  not depend on k.
 
   With `differentiable_max_steps` = S (static, >= num_steps), it is instead a
   `lax.scan` over S steps whose steps t >= num_steps are skipped by `lax.cond`:

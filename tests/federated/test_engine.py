@@ -156,11 +156,27 @@ def test_fedavg_one_step_golden():
   alg = federated.fedavg(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=2),
                          loss_fn=sq_loss)
   state = alg.init({"w": jnp.asarray(w)}, jax.random.key(0))
-  state, _ = federated.make_round(alg)(state, data, federated.make_cohort([0, 1]), jax.random.key(1))
+  state, metrics = federated.make_round(alg)(state, data, federated.make_cohort([0, 1]),
+                                             jax.random.key(1))
   # Client 0: grad = mean_i x_i (x_i.w - y_i) = [[-0.25], [0.0]]; client 1: [[-2.0], [-2.0]].
   w0 = w - 0.1 * np.array([[-0.25], [0.0]]); w1 = w - 0.1 * np.array([[-2.0], [-2.0]])
   expected = (2 * w0 + 1 * w1) / 3
   np.testing.assert_allclose(state.params["w"], expected, rtol=1e-6)
+  # The reported update norm is |w - mean_k w_k| (FedAvg: the server step itself).
+  np.testing.assert_allclose(metrics["update_norm"], np.linalg.norm(w - expected), rtol=1e-5)
+  assert bool(metrics["finite"])
+
+
+def test_round_reports_a_diverged_model_as_not_finite():
+  """A client update that overflows to inf (and then NaN) must show in `finite`."""
+  apply_fn, params, data = _problem()
+  for lr in (1e3, 1e30):
+    alg = federated.fedavg(apply_fn, optax.sgd(lr), SCHEDULE)
+    state, metrics = federated.make_round(alg)(alg.init(params, jax.random.key(0)), data,
+                                               federated.make_cohort([0, 1, 2]), jax.random.key(1))
+    leaves_finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params))
+    assert bool(metrics["finite"]) == (leaves_finite and bool(np.isfinite(metrics["train_loss"])))
+  assert not bool(metrics["finite"])  # lr 1e30 diverges
 
 
 def test_server_optimizers_apply_optax_to_the_pseudo_gradient():
@@ -388,3 +404,19 @@ def test_differentiable_schedule_gives_the_same_training_and_a_gradient_through_
   assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
   with pytest.raises(ValueError, match="differentiable"):
     federated.LocalSchedule(batch_size=2, differentiable=1)
+
+
+def test_round_compiler_options_change_no_value(monkeypatch):
+  """The CPU copy-insertion option of `make_round` is a pure performance knob: the same
+  round compiled without it gives bit-identical state and metrics."""
+  assert federated.round_compiler_options("cpu") == {
+      "xla_cpu_copy_insertion_use_region_analysis": True}
+  assert federated.round_compiler_options("gpu") is None
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.adam(0.05), SCHEDULE)
+  with_option, m1 = _run(alg, params, data, [0, 1, 2], federated.Sequential())
+  from fedjax_prune.federated import _engine
+  monkeypatch.setattr(_engine, "round_compiler_options", lambda platform=None: None)
+  without, m2 = _run(alg, params, data, [0, 1, 2], federated.Sequential())
+  for a, b in zip(jax.tree.leaves((with_option, m1)), jax.tree.leaves((without, m2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
