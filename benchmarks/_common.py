@@ -88,14 +88,20 @@ def clock() -> Callable[[], float]:
   return time.process_time if os.environ.get("FEDJAX_BENCH_CLOCK") == "process" else time.perf_counter
 
 
-def time_call(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-  """(first-call seconds incl. compile, median of `repeats` later calls)."""
+def time_call(fn: Callable[[], object], repeats: int, min_total_s: float = 0.3,
+              max_calls: int = 2000) -> tuple[float, float]:
+  """(first-call seconds incl. compile, median of the later calls).
+
+  At least `repeats` later calls, and more (up to `max_calls`) until they took
+  `min_total_s` in all: a sub-millisecond round timed 3 times gave medians 4x
+  off (warm-up calls), while a few hundred calls give a stable median.
+  """
   now = clock()
   t = now()
   jax.block_until_ready(fn())
   first = now() - t
   ts = []
-  for _ in range(max(1, repeats)):
+  while len(ts) < max(1, repeats) or (sum(ts) < min_total_s and len(ts) < max_calls):
     t = now()
     jax.block_until_ready(fn())
     ts.append(now() - t)

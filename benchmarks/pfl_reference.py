@@ -111,7 +111,8 @@ def run(args, save=None) -> dict:
         return s, m["train_loss"]
       return jax.lax.scan(body, state, (ids_KxC, round_idx_K))
 
-    block = jax.jit(rounds_block, donate_argnums=(0,))
+    block = jax.jit(rounds_block, donate_argnums=(0,),
+                    compiler_options=federated.round_compiler_options())
     ids_all = np.stack([np.asarray(cohort_of(r).client_ids) for r in range(args.rounds)])
     num_blocks = -(-args.rounds // k)
     pad = num_blocks * k - args.rounds  # the last block re-runs rounds: timed rounds >= args.rounds

@@ -305,9 +305,22 @@ def make_round(alg: FedAlgorithm, *, execution: Execution = Sequential(), mesh: 
                           execution=execution, mesh=mesh)
     return alg.server_update(server_state, outputs, server_key)
 
-  platform = mesh.devices.flat[0].platform if mesh is not None else None
-  jitted = jax.jit(round_fn, donate_argnums=(0,) if donate else (),
-                   compiler_options=round_compiler_options(platform))
+  donate_argnums = (0,) if donate else ()
+  nestable = jax.jit(round_fn, donate_argnums=donate_argnums)
+  options = round_compiler_options(mesh.devices.flat[0].platform if mesh is not None else None)
+  jitted = nestable
+  if options is not None:
+    # JAX takes compiler options on a top-level jit only: called inside a caller's
+    # jit, vmap or scan (vmap over seeds, a scan over rounds), the round is the plain
+    # jit and the caller's own jit sets the options (`round_compiler_options()`).
+    top_level = jax.jit(round_fn, donate_argnums=donate_argnums, compiler_options=options)
+
+    def jitted(server_state, dataset, cohort, round_key):
+      traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((round_key, server_state)))
+      return (nestable if traced else top_level)(server_state, dataset, cohort, round_key)
+
+    jitted.lower = top_level.lower
+    jitted._cache_size = top_level._cache_size
   if mesh is None:
     return jitted
   replicated = NamedSharding(mesh, P())

@@ -107,8 +107,6 @@ def candidate_strategies(*, cohort_size: int, has_conv: bool, backend: str | Non
     # 'lax' convolutions lose XLA:CPU's fast path inside loop bodies (their
     # gradients), so in-graph loops use 'tapgrad' (same values) or 'im2col'.
     out += [Strategy(Sequential(), impl) for impl in (("tapgrad", "im2col") if has_conv else ("lax",))]
-    if has_conv:  # unrolled steps: fewer loop iterations (LocalSchedule.unroll), more compile time
-      out.append(Strategy(Sequential(), "tapgrad", unroll=4))
     if not has_conv:
       out.append(Strategy(Vmap(), "lax"))
       out += [Strategy(Chunked(c), "lax") for c in (8, 32) if c < cohort_size]

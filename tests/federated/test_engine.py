@@ -420,3 +420,24 @@ def test_round_compiler_options_change_no_value(monkeypatch):
   without, m2 = _run(alg, params, data, [0, 1, 2], federated.Sequential())
   for a, b in zip(jax.tree.leaves((with_option, m1)), jax.tree.leaves((without, m2))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_round_nests_in_a_callers_scan_with_the_same_result():
+  """The round carries CPU compiler options, which JAX allows on a top-level jit only:
+  called inside a caller's jit/scan it must still work and give the same rounds."""
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  round_fn = federated.make_round(alg)
+  cohort = federated.make_cohort([0, 2])
+  root = jax.random.key(7)
+  state = alg.init(params, jax.random.key(1))
+  top = state
+  for r in range(2):
+    top, _ = round_fn(top, data, cohort, federated.round_key(root, r))
+
+  @jax.jit
+  def two_rounds(s):
+    return jax.lax.scan(lambda s, r: (round_fn(s, data, cohort, federated.round_key(root, r))[0], None),
+                        s, jnp.arange(2))[0]
+
+  testing.assert_trees_close(two_rounds(state).params, top.params, rtol=1e-6, atol=1e-7)
