@@ -75,7 +75,8 @@ def all_finite(tree: PyTree) -> jax.Array:
   """[] bool: True iff every entry of every floating leaf is finite (non-float leaves are).
 
   One fused read per leaf: `x - x` is 0 for finite x and NaN for inf or NaN, so
-  its sum is NaN exactly when some entry is not finite, and it cannot overflow.
+  its sum is NaN exactly when some entry is not finite, and it cannot overflow
+  (XLA's algebraic simplifier rewrites `x - x` to 0 for integer types only).
   `all(isfinite(x))` first writes a bool array: in the FedAvg server update of the
   LEAF CNN on CPU it cost 4 ms of 5.5 (a bool array written, then reduced), this
   form fuses into the update's own pass. (`x * 0` was as good alone, but XLA:CPU
