@@ -165,11 +165,31 @@ def batch_gradient(apply_fn: Callable, loss_fn: Callable, params: Params, batch_
   return jax.grad(loss)(params)
 
 
+def random_batch_gradient(apply_fn: Callable, loss_fn: Callable, params: Params,
+                          batch_stats: BatchStats, data, key: PRNGKey, batch_size: int) -> Params:
+  """`batch_gradient` on a random batch (`random_batch`) of one client's padded `data`."""
+  idx, mask = random_batch(key, data.num_examples, data.x.shape[0], batch_size)
+  return batch_gradient(apply_fn, loss_fn, params, batch_stats, data.x[idx], data.y[idx], mask)
+
+
 def finish_mean(total: PyTree, weight: jax.Array, fallback: PyTree) -> PyTree:
   """total / weight, or `fallback` when no client had weight."""
   ok = weight > 0
   inv = jnp.where(ok, 1.0 / jnp.where(ok, weight, 1.0), 0.0)
   return jax.tree.map(lambda t, f: jnp.where(ok, t * inv.astype(t.dtype), f), total, fallback)
+
+
+def averaged_model(sums: SparseSums, state) -> tuple[Params, BatchStats]:
+  """The example-weighted mean of the clients' params and BN statistics (the server's
+  own when no client had weight)."""
+  return (finish_mean(sums.params, sums.weight, state.params),
+          finish_mean(sums.batch_stats, sums.weight, state.batch_stats))
+
+
+def only_when(pred: jax.Array, fn: Callable[[], PyTree], like: PyTree) -> PyTree:
+  """`fn()` when `pred`, else zeros shaped like `like` (a real branch: `pred` must not
+  depend on the client, so it stays a `cond` under `vmap`)."""
+  return jax.lax.cond(pred, lambda _: fn(), lambda _: jax.tree.map(jnp.zeros_like, like), None)
 
 
 def train_metrics(sums: SparseSums, params: Params, masks: Masks) -> dict:

@@ -82,9 +82,8 @@ def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pru
     local, metrics = local_train(state.params, state.batch_stats, data, k_train, masks=state.masks)
 
     def readjust(_):
-      idx, bmask = _sparse.random_batch(k_grad, data.num_examples, data.x.shape[0], growth_batch)
-      g = _sparse.batch_gradient(apply_fn, loss_fn, local.params, local.batch_stats, data.x[idx],
-                                 data.y[idx], bmask)
+      g = _sparse.random_batch_gradient(apply_fn, loss_fn, local.params, local.batch_stats, data,
+                                        k_grad, growth_batch)
       frac = masks_lib.cosine_fraction(state.round_idx, adjust_alpha, adjust_end)
       counts = adjust_counts(state.masks, frac, flags)
       new_masks = prune_and_grow(local.params, g, state.masks, counts, flags)

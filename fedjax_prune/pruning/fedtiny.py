@@ -576,23 +576,19 @@ def fedtiny(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
     local, metrics = local_train(state.params, state.batch_stats, data, train_key, masks=state.masks)
     weight = info.num_examples.astype(jnp.float32)
 
-    def topk_grads(_):
-      idx, bmask = _sparse.random_batch(grad_key, data.num_examples, data.x.shape[0], growth_batch)
-      g = _sparse.batch_gradient(apply_fn, loss_fn, local.params, local.batch_stats, data.x[idx],
-                                 data.y[idx], bmask)
+    def topk_grads():
+      g = _sparse.random_batch_gradient(apply_fn, loss_fn, local.params, local.batch_stats, data,
+                                        grad_key, growth_batch)
       counts, _, _ = counts_for(state.masks, state.round_idx)
       return jax.tree.map(lambda t: t * weight, topk_inactive(g, state.masks, counts, flags))
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    # The predicate depends on the server state only, so it stays a real branch under vmap.
-    grads = jax.lax.cond(is_adjustment(state.round_idx), topk_grads, lambda _: zeros, None)
+    grads = _sparse.only_when(is_adjustment(state.round_idx), topk_grads, state.params)
     return ClientOutput(_sparse.client_sums(local.params, local.batch_stats, grads, weight, metrics))
 
   def server_update(state: SparseState, outputs: ClientOutput, key: PRNGKey):
     del key
     sums: SparseSums = outputs.sums
-    params = _sparse.finish_mean(sums.params, sums.weight, state.params)
-    batch_stats = _sparse.finish_mean(sums.batch_stats, sums.weight, state.batch_stats)
+    params, batch_stats = _sparse.averaged_model(sums, state)
     adjust = is_adjustment(state.round_idx) & (sums.weight > 0)
     counts, frac, block = counts_for(state.masks, state.round_idx)
 

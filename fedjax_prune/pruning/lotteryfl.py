@@ -123,8 +123,7 @@ def lotteryfl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, 
     del key
     sums: SparseSums = outputs.sums
     aux: LotteryAux = state.aux
-    params = _sparse.finish_mean(sums.params, sums.weight, state.params)
-    batch_stats = _sparse.finish_mean(sums.batch_stats, sums.weight, state.batch_stats)
+    params, batch_stats = _sparse.averaged_model(sums, state)
     accuracy = sums.metrics.correct_sum / jnp.maximum(sums.metrics.num_examples, 1.0)
     prune = (masks_lib.should_update(state.round_idx + 1, prune_every, begin=1)
              & (aux.prune_step < num_prune_steps) & (accuracy >= accuracy_threshold)

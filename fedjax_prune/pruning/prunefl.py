@@ -157,25 +157,21 @@ def prunefl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
     local, metrics = local_train(state.params, state.batch_stats, data, k_train, masks=state.masks)
     weight = info.num_examples.astype(jnp.float32)
 
-    def importance(_):
+    def importance():
       def one(i):
-        idx, bmask = _sparse.random_batch(jax.random.fold_in(k_grad, i), data.num_examples,
-                                          data.x.shape[0], schedule.batch_size)
-        g = _sparse.batch_gradient(apply_fn, loss_fn, local.params, local.batch_stats, data.x[idx],
-                                   data.y[idx], bmask)
+        g = _sparse.random_batch_gradient(apply_fn, loss_fn, local.params, local.batch_stats, data,
+                                          jax.random.fold_in(k_grad, i), schedule.batch_size)
         return jax.tree.map(jnp.square, g)
       sq = jax.lax.map(one, jnp.arange(importance_batches))
       return jax.tree.map(lambda s: weight * jnp.sum(s, axis=0), sq)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    sq = jax.lax.cond(is_adjustment(state.round_idx), importance, lambda _: zeros, None)
+    sq = _sparse.only_when(is_adjustment(state.round_idx), importance, state.params)
     return ClientOutput(_sparse.client_sums(local.params, local.batch_stats, sq, weight, metrics))
 
   def server_update(state: SparseState, outputs: ClientOutput, key: PRNGKey):
     del key
     sums: SparseSums = outputs.sums
-    params = _sparse.finish_mean(sums.params, sums.weight, state.params)
-    batch_stats = _sparse.finish_mean(sums.batch_stats, sums.weight, state.batch_stats)
+    params, batch_stats = _sparse.averaged_model(sums, state)
     adjust = is_adjustment(state.round_idx) & (sums.weight > 0)
 
     def reselect(_):
