@@ -77,6 +77,20 @@ def _flat_topk(flat: jax.Array, k) -> jax.Array:
   return jnp.zeros((n,), jnp.bool_).at[order].set(jnp.arange(n) < k)
 
 
+def _per_prunable_leaf(fn, scores: PyTree, densities: Any, prunable: Any) -> Masks:
+  """`fn(name, score_array, density)` on each prunable leaf; `()` True on the others."""
+  densities = tree_like(densities, scores, "densities")
+  prunable = tree_like(prunable, scores, "prunable")
+
+  def leaf(path, s, d, flag):
+    name = path_str(path)
+    if not static_bool(flag, name):
+      return jnp.ones((), jnp.bool_)
+    return fn(name, jnp.asarray(s), d)
+
+  return jax.tree_util.tree_map_with_path(leaf, scores, densities, prunable)
+
+
 def topk(scores: PyTree, densities: Any, prunable: Any = True) -> Masks:
   """Per-leaf top-k: each prunable leaf keeps its `round(d * n)` highest scores.
 
@@ -96,18 +110,11 @@ def topk(scores: PyTree, densities: Any, prunable: Any = True) -> Masks:
     Array([[False,  True],
            [ True, False]], dtype=bool)
   """
-  densities = tree_like(densities, scores, "densities")
-  prunable = tree_like(prunable, scores, "prunable")
-
-  def leaf(path, s, d, flag):
-    name = path_str(path)
-    if not static_bool(flag, name):
-      return jnp.ones((), jnp.bool_)
-    s = jnp.asarray(s)
+  def leaf(name, s, d):
     k = _keep_count(d, s.size, f"densities[{name!r}]")
     return _flat_topk(s.reshape(-1), k).reshape(s.shape)
 
-  return jax.tree_util.tree_map_with_path(leaf, scores, densities, prunable)
+  return _per_prunable_leaf(leaf, scores, densities, prunable)
 
 
 def _prunable_leaves(scores: PyTree, prunable: Any):
@@ -191,14 +198,7 @@ def channel_topk(scores: PyTree, densities: Any, prunable: Any = True, *,
   Returns:
     Bool masks shaped (1, .., C, .., 1) for prunable leaves, `()` True otherwise.
   """
-  densities = tree_like(densities, scores, "densities")
-  prunable = tree_like(prunable, scores, "prunable")
-
-  def leaf(path, s, d, flag):
-    name = path_str(path)
-    if not static_bool(flag, name):
-      return jnp.ones((), jnp.bool_)
-    s = jnp.asarray(s)
+  def leaf(name, s, d):
     if not -s.ndim <= axis < s.ndim:
       raise ValueError(f"axis={axis} is out of range for leaf {name!r} of shape {s.shape}")
     ax = axis % s.ndim
@@ -206,7 +206,7 @@ def channel_topk(scores: PyTree, densities: Any, prunable: Any = True, *,
     k = _keep_count(d, s.shape[ax], f"densities[{name!r}]")
     return _flat_topk(per_channel.reshape(-1), k).reshape(per_channel.shape)
 
-  return jax.tree_util.tree_map_with_path(leaf, scores, densities, prunable)
+  return _per_prunable_leaf(leaf, scores, densities, prunable)
 
 
 def n_by_m(scores: PyTree, n: int, m: int, prunable: Any = True, *, axis: int = -2) -> Masks:
