@@ -207,3 +207,18 @@ def random_masks(params, density: float, key) -> dict:
     else:
       out.append(jnp.ones((), bool))
   return jax.tree.unflatten(treedef, out)
+
+
+def asp_dense_and_pruned_specs(dense_widths: tuple, widths: str, summary: str):
+  """(dense, pruned) ASP FEMNIST CNN specs: the pruned one from an ASP run's
+  summary.json (its found architecture) when `summary` is set, else from `widths`
+  ('4,6')."""
+  import json
+
+  from fedjax_prune import models, structured
+  dense = models.asp_femnist_cnn(widths=dense_widths)
+  if summary:
+    with open(summary) as f:
+      return dense, structured.spec_from_json(json.load(f)["spec"])
+  return dense, models.asp_femnist_cnn(widths=tuple(int(w) for w in widths.split(",")))
+

@@ -124,12 +124,7 @@ def main(argv=None) -> dict:
   if args.smoke:
     dense_widths, args.repeats, args.batch = (8, 16), 3, 8
     args.widths = "4,6"
-  dense = models.asp_femnist_cnn(widths=dense_widths)
-  if args.summary:
-    with open(args.summary) as f:
-      small = structured.spec_from_json(json.load(f)["spec"])
-  else:
-    small = models.asp_femnist_cnn(widths=tuple(int(w) for w in args.widths.split(",")))
+  dense, small = _common.asp_dense_and_pruned_specs(dense_widths, args.widths, args.summary)
   params, stats = models.init_params(dense, jax.random.key(0))
   keep = keep_for(dense, params, small)
   cut = structured.shrink(dense, params, keep, batch_stats=stats)

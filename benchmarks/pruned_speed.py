@@ -26,7 +26,7 @@ import optax  # noqa: E402
 
 import _common  # noqa: E402
 from engine import make_data  # noqa: E402
-from fedjax_prune import accounting, federated, models, structured  # noqa: E402
+from fedjax_prune import accounting, federated, models  # noqa: E402
 
 
 def round_time(spec, data, strategy: federated.Strategy, batch: int, steps: int,
@@ -64,12 +64,7 @@ def main(argv=None) -> dict:
     dense_widths, args.widths = (8, 16), "4,6"
     args.cohort, args.steps, args.batch, args.repeats = 2, 2, 4, 1
     args.strategies = "vmap+im2col"
-  dense = models.asp_femnist_cnn(widths=dense_widths)
-  if args.summary:
-    with open(args.summary) as f:
-      small = structured.spec_from_json(json.load(f)["spec"])
-  else:
-    small = models.asp_femnist_cnn(widths=tuple(int(w) for w in args.widths.split(",")))
+  dense, small = _common.asp_dense_and_pruned_specs(dense_widths, args.widths, args.summary)
   data = make_data(dense, args.cohort, args.steps, args.batch, dense.num_classes)
   flop_ratio = (accounting.training_flops(dense, args.batch)
                 / accounting.training_flops(small, args.batch))
