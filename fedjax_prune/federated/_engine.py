@@ -152,24 +152,26 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
                       ids_C, active_C, capacity_C, execution: Execution) -> ClientOutput:
   """Runs the clients of one device's share of the cohort; sums are reduced locally."""
 
-  def one_client(client_id, active, capacity):
+  def one_client(client_id, active, capacity, key):
     data = client_slice(dataset, client_id)
     # A padding client holds no examples, so its local step loop runs zero times:
     # it costs next to nothing without a branch, and its sums are masked below.
     data = data._replace(num_examples=jnp.where(active, data.num_examples, 0))
     info = ClientInfo(client_id, data.num_examples.astype(jnp.int32), active, capacity)
-    out = client_update(server_state, data, info, jax.random.fold_in(client_root, client_id))
+    out = client_update(server_state, data, info, key)
     if not isinstance(out, ClientOutput):
       raise TypeError(f"client_update must return a ClientOutput, got {type(out).__name__}")
     return ClientOutput(_masked_sums(active, out.sums), out.per_client)
 
   num_clients = ids_C.shape[0]
+  # All the cohort's keys in one batched hash, not one hash loop per client in the scan.
+  keys_C = jax.vmap(lambda i: jax.random.fold_in(client_root, i))(ids_C)
   if isinstance(execution, Vmap):
-    outs = jax.vmap(one_client)(ids_C, active_C, capacity_C)
+    outs = jax.vmap(one_client)(ids_C, active_C, capacity_C, keys_C)
     return ClientOutput(jax.tree.map(lambda x: jnp.sum(x, axis=0), outs.sums), outs.per_client)
 
   if isinstance(execution, Sequential):
-    out_struct = jax.eval_shape(one_client, ids_C[0], active_C[0], capacity_C[0])
+    out_struct = jax.eval_shape(one_client, ids_C[0], active_C[0], capacity_C[0], keys_C[0])
 
     def body(total, xs):
       # No branch on `active`: a lax.cond here cost a copy of every summed leaf per
@@ -180,7 +182,7 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
       return jax.tree.map(jnp.add, total, out.sums), out.per_client
 
     total, per_client = jax.lax.scan(body, _zeros_like_struct(out_struct.sums),
-                                     (ids_C, active_C, capacity_C))
+                                     (ids_C, active_C, capacity_C, keys_C))
     return ClientOutput(total, per_client)
 
   if isinstance(execution, Chunked):
@@ -189,7 +191,8 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
       raise ValueError(f"cohort of {num_clients} is not a multiple of the chunk size {size}")
     chunks = lambda a: a.reshape((num_clients // size, size) + a.shape[1:])
     vmapped = jax.vmap(one_client)
-    out_struct = jax.eval_shape(vmapped, ids_C[:size], active_C[:size], capacity_C[:size])
+    out_struct = jax.eval_shape(vmapped, ids_C[:size], active_C[:size], capacity_C[:size],
+                                keys_C[:size])
     zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), out_struct.sums)
 
     def body(total, xs):
@@ -198,7 +201,8 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
       return jax.tree.map(jnp.add, total, chunk_sum), out.per_client
 
     total, per_client = jax.lax.scan(body, zero_sums,
-                                     (chunks(ids_C), chunks(active_C), chunks(capacity_C)))
+                                     (chunks(ids_C), chunks(active_C), chunks(capacity_C),
+                                      chunks(keys_C)))
     per_client = jax.tree.map(lambda x: x.reshape((num_clients,) + x.shape[2:]), per_client)
     return ClientOutput(total, per_client)
 
