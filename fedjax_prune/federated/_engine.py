@@ -312,8 +312,9 @@ def make_round(alg: FedAlgorithm, *, execution: Execution = Sequential(), mesh: 
   donate_argnums = (0,) if donate else ()
   nestable = jax.jit(round_fn, donate_argnums=donate_argnums)
   options = round_compiler_options(mesh.devices.flat[0].platform if mesh is not None else None)
-  jitted = nestable
-  if options is not None:
+  if options is None:
+    jitted = nestable
+  else:
     # JAX takes compiler options on a top-level jit only: called inside a caller's
     # jit, vmap or scan (vmap over seeds, a scan over rounds), the round is the plain
     # jit and the caller's own jit sets the options (`round_compiler_options()`).

@@ -24,7 +24,8 @@ import optax
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.federated._engine import ClientInfo, ClientOutput, FedAlgorithm
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, make_local_train,
-                                           proximal_penalty, softmax_cross_entropy)
+                                           proximal_penalty, round_train_metrics,
+                                           softmax_cross_entropy)
 from fedjax_prune.types import BatchStats, Masks, Params
 
 
@@ -126,18 +127,12 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     params = jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, state.masks)
     batch_stats = jax.tree.map(lambda s, old: jnp.where(has_weight, s * inv, old),
                                sums.batch_stats, state.batch_stats)
-    m = sums.metrics
-    count = jnp.maximum(m.num_examples, 1.0)
     metrics = {
-        "train_loss": m.loss_sum / count,
-        "train_accuracy": m.correct_sum / count,
-        "train_examples": m.num_examples,
-        "local_steps": m.num_steps,
-        "num_clients": sums.num_clients,
+        **round_train_metrics(sums.metrics, sums.num_clients),
         # From the summed delta, not mean_delta: then mean_delta has one reader (the
         # optimizer) and is fused into the parameter update instead of written out.
         "update_norm": jnp.sqrt(tree_lib.squared_norm(sums.delta)) * inv,
-        "finite": tree_lib.all_finite(params) & jnp.isfinite(m.loss_sum),
+        "finite": tree_lib.all_finite(params) & jnp.isfinite(sums.metrics.loss_sum),
     }
     return ServerState(params, batch_stats, opt_state, state.masks, state.round_idx + 1), metrics
 

@@ -86,6 +86,15 @@ class LocalMetrics(NamedTuple):
   num_steps: jax.Array      # [] real (non-padded) steps taken
 
 
+def round_train_metrics(summed: LocalMetrics, num_clients) -> dict:
+  """The round's training metrics from the cohort's summed `LocalMetrics`: mean loss and
+  accuracy per example, examples and local steps taken, and the number of clients."""
+  count = jnp.maximum(summed.num_examples, 1.0)
+  return {"train_loss": summed.loss_sum / count, "train_accuracy": summed.correct_sum / count,
+          "train_examples": summed.num_examples, "local_steps": summed.num_steps,
+          "num_clients": num_clients}
+
+
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example cross-entropy. logits [B, K], integer labels [B] -> [B]."""
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -106,12 +106,6 @@ def default_maskable(params: Params) -> PyTree:
   return jax.tree_util.tree_map_with_path(lambda p, _: not is_norm_path(p), params)
 
 
-def local_metrics_dict(m: LocalMetrics, num_clients) -> dict:
-  count = jnp.maximum(m.num_examples, 1.0)
-  return {"train_loss": m.loss_sum / count, "train_accuracy": m.correct_sum / count,
-          "train_examples": m.num_examples, "local_steps": m.num_steps, "num_clients": num_clients}
-
-
 def client_output(server: HeteroState, local_params: Params, local_stats: BatchStats,
                   present: PyTree, metrics: LocalMetrics) -> ClientOutput:
   """Packs a client's update w_server - w_client over the coordinates in `present`."""
@@ -136,7 +130,7 @@ def server_step(state: HeteroState, outputs: ClientOutput, server_learning_rate:
   counts = jax.tree.leaves(sums.update.count)
   held = sum(jnp.sum(c > 0) for c in counts)
   total = sum(c.size for c in counts)
-  metrics = local_metrics_dict(sums.metrics, n)
+  metrics = federated.round_train_metrics(sums.metrics, n)
   metrics.update({
       "update_norm": jnp.sqrt(tree_lib.squared_norm(mean_delta)),
       "coverage": held.astype(jnp.float32) / total,  # fraction of coordinates some client updated

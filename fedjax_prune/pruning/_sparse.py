@@ -21,7 +21,7 @@ import numpy as np
 
 from fedjax_prune import masks as masks_lib
 from fedjax_prune import tree as tree_lib
-from fedjax_prune.federated import LocalMetrics
+from fedjax_prune.federated import LocalMetrics, round_train_metrics
 from fedjax_prune.masks._filters import path_str, static_bool, tree_like
 from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey, PyTree
 
@@ -194,16 +194,10 @@ def only_when(pred: jax.Array, fn: Callable[[], PyTree], like: PyTree) -> PyTree
 
 def train_metrics(sums: SparseSums, params: Params, masks: Masks) -> dict:
   """The round metrics every sparse method reports."""
-  m = sums.metrics
-  count = jnp.maximum(m.num_examples, 1.0)
   return {
-      "train_loss": m.loss_sum / count,
-      "train_accuracy": m.correct_sum / count,
-      "train_examples": m.num_examples,
-      "local_steps": m.num_steps,
-      "num_clients": sums.num_clients,
+      **round_train_metrics(sums.metrics, sums.num_clients),
       "density": global_density(masks, params),
-      "finite": tree_lib.all_finite(params) & jnp.isfinite(m.loss_sum),
+      "finite": tree_lib.all_finite(params) & jnp.isfinite(sums.metrics.loss_sum),
   }
 
 

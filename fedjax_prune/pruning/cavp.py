@@ -75,8 +75,8 @@ from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalMetrics,
                                     LocalSchedule, batch_indices, epoch_permutations,
-                                    loop_real_steps, num_real_steps, softmax_cross_entropy,
-                                    static_step_index)
+                                    loop_real_steps, num_real_steps, round_train_metrics,
+                                    softmax_cross_entropy, static_step_index)
 from fedjax_prune import structured
 from fedjax_prune.structured import _drop_blocks
 from fedjax_prune.types import BatchStats, Params, PRNGKey
@@ -684,16 +684,10 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
     theta = project(mean(sums.theta, state.theta), state.alive, options)
     theta, alive = prune(theta, state.alive, options)
     baseline = jnp.where(has_weight, sums.baseline * inv, state.baseline)
-    m = sums.metrics
-    count = jnp.maximum(m.num_examples, 1.0)
     metrics = {
-        'train_loss': m.loss_sum / count,
-        'train_accuracy': m.correct_sum / count,
-        'train_examples': m.num_examples,
-        'local_steps': m.num_steps,
-        'num_clients': sums.num_clients,
+        **round_train_metrics(sums.metrics, sums.num_clients),
         'penalty': penalty(theta, alive, state.lam, params, options),
-        'finite': tree_lib.all_finite(params) & tree_lib.all_finite(theta) & jnp.isfinite(m.loss_sum),
+        'finite': tree_lib.all_finite(params) & tree_lib.all_finite(theta) & jnp.isfinite(sums.metrics.loss_sum),
         **gate_stats(theta, alive, options),
     }
     return CavpState(params, batch_stats, theta, alive, state.lam, baseline,

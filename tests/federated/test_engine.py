@@ -441,3 +441,14 @@ def test_round_nests_in_a_callers_scan_with_the_same_result():
                         s, jnp.arange(2))[0]
 
   testing.assert_trees_close(two_rounds(state).params, top.params, rtol=1e-6, atol=1e-7)
+
+
+def test_round_train_metrics_are_per_example_means_of_the_summed_client_metrics():
+  summed = federated.LocalMetrics(loss_sum=jnp.float32(6.0), correct_sum=jnp.float32(3.0),
+                                  num_examples=jnp.float32(4.0), num_steps=jnp.float32(2.0))
+  m = federated.round_train_metrics(summed, jnp.float32(2.0))
+  assert {k: float(v) for k, v in m.items()} == {
+      "train_loss": 1.5, "train_accuracy": 0.75, "train_examples": 4.0, "local_steps": 2.0,
+      "num_clients": 2.0}
+  empty = federated.LocalMetrics(*(jnp.float32(0.0),) * 4)  # no examples: no division by zero
+  assert float(federated.round_train_metrics(empty, 0.0)["train_loss"]) == 0.0
