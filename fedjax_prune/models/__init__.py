@@ -3,7 +3,7 @@
 A model is a spec (a frozen, hashable dataclass of widths; a smaller model is a
 smaller spec) plus
 
-    apply_fn, params, batch_stats = models.build(spec, key, conv_impl='lax')
+    apply_fn, params, batch_stats = models.build(spec, key)   # conv_impl='auto'
     logits, new_batch_stats = apply_fn(params, batch_stats, x, train=True,
                                        example_mask=mask_B)
 
@@ -57,6 +57,7 @@ from fedjax_prune.models._layers import default_kernel_init
 from fedjax_prune.models._layers import global_avg_pool
 from fedjax_prune.models._layers import masked_moments
 from fedjax_prune.models._layers import max_pool
+from fedjax_prune.models._layers import resolve_conv_impl
 from fedjax_prune.models._specs import asp_celeba_cnn
 from fedjax_prune.models._specs import asp_femnist_cnn
 from fedjax_prune.models._specs import asp_resnet

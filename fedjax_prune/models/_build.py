@@ -205,8 +205,7 @@ def _module(spec, conv_impl: str, kernel_init_fn, key: PRNGKey) -> nnx.Module:
   module_cls = _MODULES.get(type(spec))
   if module_cls is None:
     raise ValueError(f'spec must be an MLPSpec, ConvNetSpec or ResNetSpec, got {type(spec)}')
-  if conv_impl not in _layers.CONV_IMPLS:
-    raise ValueError(f'conv_impl must be one of {_layers.CONV_IMPLS}, got {conv_impl!r}')
+  conv_impl = _layers.resolve_conv_impl(conv_impl)
   if kernel_init_fn is None:
     kernel_init_fn = _layers.default_kernel_init()
   return module_cls(spec, conv_impl, kernel_init_fn, rngs=nnx.Rngs(params=key))
@@ -329,14 +328,16 @@ def _to_state(abstract_state: nnx.State, pure: Any, what: str) -> nnx.State:
   return jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
 
 
-def make_apply(spec, *, conv_impl: str = 'lax') -> ApplyFn:
+def make_apply(spec, *, conv_impl: str = 'auto') -> ApplyFn:
   """The pure apply function of the model of `spec` (no parameters created).
 
   Args:
     spec: an `MLPSpec`, `ConvNetSpec` or `ResNetSpec`.
     conv_impl: 'lax' (`lax.conv_general_dilated`), 'im2col' (shifted slices
-      + one matmul; batched GEMMs under vmap over clients) or 'tapgrad' (lax
-      forward, gradients as canonical forward convs; fast in XLA:CPU loops).
+      + one matmul; batched GEMMs under vmap over clients), 'tapgrad' (lax
+      forward, gradients as canonical forward convs; fast in XLA:CPU loops) or
+      'auto' (default: 'tapgrad' on CPU, 'lax' elsewhere; `models.resolve_conv_impl`).
+      All give the same values up to float rounding.
 
   Returns:
     `apply_fn(params, batch_stats, x, *, train, example_mask=None) ->
@@ -362,7 +363,7 @@ def make_apply(spec, *, conv_impl: str = 'lax') -> ApplyFn:
     Pure: compose freely with jit, vmap (over params, batch_stats and x
     together), grad (use `has_aux`), lax.scan and lax.map.
   """
-  graphdef, abstract_params, abstract_stats = _abstract_split(spec, conv_impl)
+  graphdef, abstract_params, abstract_stats = _abstract_split(spec, _layers.resolve_conv_impl(conv_impl))
   input_shape = tuple(spec.input_shape)
 
   def apply_fn(params: Params, batch_stats: BatchStats, x: jax.Array, *, train: bool,
@@ -388,7 +389,7 @@ def make_apply(spec, *, conv_impl: str = 'lax') -> ApplyFn:
   return apply_fn
 
 
-def build(spec, key: PRNGKey, *, conv_impl: str = 'lax',
+def build(spec, key: PRNGKey, *, conv_impl: str = 'auto',
           kernel_init_fn: Optional[_layers.KernelInit] = None
           ) -> tuple[ApplyFn, Params, BatchStats]:
   """Build the model of `spec`: `(apply_fn, params, batch_stats)`.

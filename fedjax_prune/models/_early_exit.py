@@ -90,15 +90,14 @@ def init_early_exit_params(spec: _specs.ResNetSpec, exit_stages: Sequence[int], 
 
 
 def make_early_exit_apply(spec: _specs.ResNetSpec, exit_stages: Sequence[int], *,
-                          conv_impl: str = 'lax') -> Callable:
+                          conv_impl: str = 'auto') -> Callable:
   """`apply_fn(params, batch_stats, x, *, train, example_mask=None) -> (logits [B, X, K], stats)`.
 
   X = len(exit_stages) + 1 (the exits in stage order, then the head). Same
   conventions as `models.make_apply` otherwise.
   """
   stages = _check(spec, exit_stages)
-  if conv_impl not in _layers.CONV_IMPLS:
-    raise ValueError(f'conv_impl must be one of {_layers.CONV_IMPLS}, got {conv_impl!r}')
+  conv_impl = _layers.resolve_conv_impl(conv_impl)
   abstract = nnx.eval_shape(lambda: _ResNetExits(spec, stages, conv_impl,
                                                  _layers.default_kernel_init(),
                                                  rngs=nnx.Rngs(params=jax.random.key(0))))
@@ -118,7 +117,7 @@ def make_early_exit_apply(spec: _specs.ResNetSpec, exit_stages: Sequence[int], *
 
 
 def build_early_exit(spec: _specs.ResNetSpec, exit_stages: Sequence[int], key: PRNGKey, *,
-                     conv_impl: str = 'lax') -> tuple[Callable, Params, BatchStats]:
+                     conv_impl: str = 'auto') -> tuple[Callable, Params, BatchStats]:
   """(apply_fn, params, batch_stats) of the early-exit ResNet.
 
   Example:

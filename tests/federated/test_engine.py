@@ -452,3 +452,14 @@ def test_round_train_metrics_are_per_example_means_of_the_summed_client_metrics(
       "num_clients": 2.0}
   empty = federated.LocalMetrics(*(jnp.float32(0.0),) * 4)  # no examples: no division by zero
   assert float(federated.round_train_metrics(empty, 0.0)["train_loss"]) == 0.0
+
+
+@pytest.mark.parametrize("round_idx", [0, 1, 41, np.int32(7), 2**31 - 1])
+def test_round_key_is_fold_in_of_the_round_index(round_idx):
+  # round_key is jitted (host dispatch per round); its keys must be fold_in's exactly.
+  root = jax.random.key(3)
+  got = jax.random.key_data(federated.round_key(root, round_idx))
+  want = jax.random.key_data(jax.random.fold_in(root, round_idx))
+  np.testing.assert_array_equal(got, want)
+  other = jax.random.key_data(federated.round_key(root, int(round_idx) + 1 if round_idx < 2**31 - 1 else 0))
+  assert not np.array_equal(got, other)

@@ -201,6 +201,35 @@ def test_conv_impls_match_lax_forward_and_gradients(shape, kernel, stride, paddi
       np.testing.assert_allclose(g, g_lax, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_conv_impl_is_tapgrad_on_cpu_and_lax_elsewhere():
+  assert models.resolve_conv_impl('auto', 'cpu') == 'tapgrad'
+  assert models.resolve_conv_impl('auto', 'gpu') == 'lax'
+  assert models.resolve_conv_impl('auto', 'tpu') == 'lax'
+  for impl in ('lax', 'im2col', 'tapgrad'):
+    assert models.resolve_conv_impl(impl, 'gpu') == impl
+  with pytest.raises(ValueError, match="conv_impl must be one of .*'auto'.*got 'fft'"):
+    models.resolve_conv_impl('fft')
+  with pytest.raises(ValueError, match='conv_impl must be one of'):
+    models.make_apply(TINY_SPECS['vgg11'], conv_impl='fft')
+
+
+def test_default_conv_impl_is_the_resolved_auto_one(key):
+  # build/make_apply default to 'auto': on this backend the same program as the
+  # resolved implementation (tapgrad on CPU: its custom VJP appears in the jaxpr).
+  spec = TINY_SPECS['vgg11']
+  params, batch_stats = models.init_params(spec, key)
+  x = _normal(1, (2, *spec.input_shape))
+  resolved = models.resolve_conv_impl('auto')
+
+  def grad_jaxpr(apply_fn):
+    return str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(apply_fn(p, batch_stats, x, train=False)[0])))(params))
+
+  default = grad_jaxpr(models.build(spec, key)[0])
+  assert default == grad_jaxpr(models.make_apply(spec, conv_impl=resolved))
+  other = 'lax' if resolved == 'tapgrad' else 'tapgrad'
+  assert default != grad_jaxpr(models.make_apply(spec, conv_impl=other))
+
+
 def test_symmetric_padding_is_torch_padding(key):
   x = _normal(0, (1, 8, 8, 2))
   w = _normal(1, (3, 3, 2, 3))
