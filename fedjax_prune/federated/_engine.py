@@ -347,15 +347,23 @@ def make_round(alg: FedAlgorithm, *, execution: Execution = Sequential(), mesh: 
       placed_data.update(source=leaves, placed=jax.device_put(dataset, replicated))
     return placed_data["placed"]
 
-  def placed_round(server_state, dataset, cohort, round_key):
+  def place_state(server_state):
     # The round returns the server state replicated over the mesh; placing round 1's
     # (single-device) state the same way keeps one compilation for every round.
-    # device_put of an already-replicated array is the identity (no copy).
-    return jitted(jax.device_put(server_state, replicated), place_dataset(dataset), cohort,
-                  round_key)
+    # A state that is already replicated (every later round's) is passed as is: a
+    # device_put of it copies nothing but cost ~85 us of host time per round for a
+    # 10-leaf state (measured on CPU), the sharding check ~2 us.
+    leaves = jax.tree.leaves(server_state)
+    if all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+           and x.sharding == replicated for x in leaves):
+      return server_state
+    return jax.device_put(server_state, replicated)
+
+  def placed_round(server_state, dataset, cohort, round_key):
+    return jitted(place_state(server_state), place_dataset(dataset), cohort, round_key)
 
   placed_round.lower = lambda server_state, dataset, *args: jitted.lower(
-      jax.device_put(server_state, replicated), place_dataset(dataset), *args)
+      place_state(server_state), place_dataset(dataset), *args)
   placed_round._cache_size = jitted._cache_size
   return placed_round
 

@@ -318,6 +318,31 @@ def test_sharded_round_copies_the_dataset_to_the_devices_once(monkeypatch):
   testing.assert_trees_close(again.params, reference.params, rtol=0, atol=0)
 
 
+def test_sharded_round_places_the_server_state_only_when_not_yet_replicated(monkeypatch):
+  alg, params, data, round_fn = _sharded_sequential_round()
+  cohort = federated.make_cohort([0, 1, 2, 3])
+  placed_states = []
+  device_put = jax.device_put
+
+  def counting_device_put(x, *args, **kwargs):
+    if isinstance(x, federated.ServerState):
+      placed_states.append(x)
+    return device_put(x, *args, **kwargs)
+
+  monkeypatch.setattr(jax, "device_put", counting_device_put)
+  state = alg.init(params, jax.random.key(1))  # single-device: placed on the mesh
+  for r in range(3):
+    state, _ = round_fn(state, data, cohort, jax.random.key(r))
+  assert len(placed_states) == 1  # later rounds get the round's own replicated output
+  assert round_fn._cache_size() == 1
+  # A state partly moved off the mesh is placed again, with the same result.
+  reference, _ = round_fn(state, data, cohort, jax.random.key(5))
+  moved = state._replace(round_idx=jax.device_put(state.round_idx, jax.devices()[0]))
+  again, _ = round_fn(moved, data, cohort, jax.random.key(5))
+  assert len(placed_states) == 2
+  testing.assert_trees_close(again.params, reference.params, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("unroll", [1, 3])
 @pytest.mark.parametrize("num_steps", [0, 1, 5, 6, 7])
 def test_loop_real_steps_runs_exactly_the_traced_number_of_steps(unroll, num_steps):
