@@ -488,3 +488,18 @@ def test_round_key_is_fold_in_of_the_round_index(round_idx):
   np.testing.assert_array_equal(got, want)
   other = jax.random.key_data(federated.round_key(root, int(round_idx) + 1 if round_idx < 2**31 - 1 else 0))
   assert not np.array_equal(got, other)
+
+
+def test_default_execution_is_sequential_on_cpu_and_chunked_vmap_on_accelerators():
+  assert federated.default_execution("cpu") == federated.Sequential()
+  assert federated.default_execution("gpu") == federated.Chunked(128)
+  assert federated.default_execution("tpu") == federated.Chunked(128)
+  # make_round without an execution uses it: here, the same result as the explicit one.
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  state = alg.init(params, jax.random.key(1))
+  cohort = federated.make_cohort([0, 1, 2])
+  default, _ = federated.make_round(alg)(state, data, cohort, jax.random.key(2))
+  explicit, _ = federated.make_round(alg, execution=federated.default_execution())(
+      state, data, cohort, jax.random.key(2))
+  testing.assert_trees_close(default.params, explicit.params, rtol=0, atol=0)
