@@ -295,18 +295,24 @@ def test_unrolled_local_steps_give_the_same_round():
     federated.LocalSchedule(batch_size=2, unroll=0)
 
 
-def test_sharded_round_copies_the_dataset_to_the_devices_once(monkeypatch):
-  alg, params, data, round_fn = _sharded_sequential_round()
-  cohort = federated.make_cohort([0, 1, 2, 3])
+def _record_device_puts(monkeypatch, kind) -> list:
+  """The arguments of type `kind` of every later `jax.device_put` call, in order."""
   placed = []
   device_put = jax.device_put
 
   def counting_device_put(x, *args, **kwargs):
-    if isinstance(x, ClientData):
+    if isinstance(x, kind):
       placed.append(x)
     return device_put(x, *args, **kwargs)
 
   monkeypatch.setattr(jax, "device_put", counting_device_put)
+  return placed
+
+
+def test_sharded_round_copies_the_dataset_to_the_devices_once(monkeypatch):
+  alg, params, data, round_fn = _sharded_sequential_round()
+  cohort = federated.make_cohort([0, 1, 2, 3])
+  placed = _record_device_puts(monkeypatch, ClientData)
   state = alg.init(params, jax.random.key(1))
   for r in range(3):
     state, _ = round_fn(state, data, cohort, jax.random.key(r))
@@ -321,15 +327,7 @@ def test_sharded_round_copies_the_dataset_to_the_devices_once(monkeypatch):
 def test_sharded_round_places_the_server_state_only_when_not_yet_replicated(monkeypatch):
   alg, params, data, round_fn = _sharded_sequential_round()
   cohort = federated.make_cohort([0, 1, 2, 3])
-  placed_states = []
-  device_put = jax.device_put
-
-  def counting_device_put(x, *args, **kwargs):
-    if isinstance(x, federated.ServerState):
-      placed_states.append(x)
-    return device_put(x, *args, **kwargs)
-
-  monkeypatch.setattr(jax, "device_put", counting_device_put)
+  placed_states = _record_device_puts(monkeypatch, federated.ServerState)
   state = alg.init(params, jax.random.key(1))  # single-device: placed on the mesh
   for r in range(3):
     state, _ = round_fn(state, data, cohort, jax.random.key(r))
