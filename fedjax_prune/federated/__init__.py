@@ -3,8 +3,8 @@ from fedjax_prune.federated._aggregate import (CountedSum, counted_contribution,
                                                finish_weighted_mean, weighted_contribution)
 from fedjax_prune.federated._engine import (CLIENT_AXIS, Chunked, ClientInfo, ClientOutput, Cohort,
                                             Execution, FedAlgorithm, Sequential, Vmap, client_mesh,
-                                            default_execution, make_cohort, make_round, round_compiler_options, round_key,
-                                            run_clients,
+                                            default_execution, make_cohort, make_round,
+                                            round_compiler_options, round_key, run_clients,
                                             split_cpu_into_devices, split_round_key, usable_cpu_cores)
 from fedjax_prune.federated._evaluate import EvalSums, make_evaluate, make_evaluate_clients
 from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks, fedadam, fedavg,
