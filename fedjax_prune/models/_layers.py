@@ -17,7 +17,7 @@ Conv implementations (`conv_impl`):
     default backend is the CPU, `'lax'` elsewhere (`resolve_conv_impl`). Inside
     the compiled round's step loop XLA:CPU lowers `'lax'` convolution gradients
     to slow naive loops: a one-client LEAF CNN round took 0.97 s with `'lax'`
-    vs 0.075 s with `'tapgrad'` (2-core CPU, 4 steps of batch 32).
+    vs 0.07–0.08 s with `'tapgrad'` (2-core CPU, 4 steps of batch 32).
 
 Initialisation lives in `_build.init_params` (PyTorch-default kernels
 U(+-1/sqrt(fan_in)), zero biases, BN scale 1 / bias 0, running mean 0 / var 1);
