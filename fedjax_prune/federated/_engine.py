@@ -247,7 +247,7 @@ def run_clients(client_update: Callable, server_state, dataset: ClientData, coho
     the first C rows belong to the cohort in order).
   """
   if execution is None:
-    execution = default_execution(mesh.devices.flat[0].platform if mesh is not None else None)
+    execution = default_execution(_mesh_platform(mesh))
   cohort = Cohort(jnp.asarray(cohort.client_ids, jnp.int32), jnp.asarray(cohort.active, bool),
                   jnp.asarray(cohort.capacity, jnp.float32))
   num_clients = cohort.client_ids.shape[0]
@@ -275,6 +275,11 @@ def run_clients(client_update: Callable, server_state, dataset: ClientData, coho
                           out_specs=ClientOutput(P(), P(CLIENT_AXIS)), check_vma=False)
   out = sharded(server_state, dataset, client_root, *cohort)
   return ClientOutput(out.sums, jax.tree.map(lambda x: x[:num_clients], out.per_client))
+
+
+def _mesh_platform(mesh: Mesh | None) -> str | None:
+  """The platform of the mesh's devices; None (JAX's default backend) without a mesh."""
+  return mesh.devices.flat[0].platform if mesh is not None else None
 
 
 def default_execution(platform: str | None = None) -> Execution:
@@ -329,7 +334,7 @@ def make_round(alg: FedAlgorithm, *, execution: Execution | None = None, mesh: M
     jitted; it compiles once per (state structure, dataset shape, cohort size).
   """
 
-  platform = mesh.devices.flat[0].platform if mesh is not None else None
+  platform = _mesh_platform(mesh)
   if execution is None:
     execution = default_execution(platform)
 

@@ -231,6 +231,17 @@ def loop_real_steps(step_fn: Callable[[Any, jax.Array], Any], carry: Any, num_st
   return jax.lax.fori_loop(full * unroll, num_steps, lambda t, c: step_fn(c, t), carry)
 
 
+def run_schedule_steps(step_fn: Callable[[Any, jax.Array], Any], carry: Any,
+                       num_examples: jax.Array, max_examples: int, schedule: LocalSchedule) -> Any:
+  """`loop_real_steps` over the real steps of a client with `num_examples` (padded to
+  `max_examples`) under `schedule`: its unroll, and its `differentiable` mode (a scan
+  over the S padded-layout steps). `step_fn(carry, real_step)` as in `loop_real_steps`."""
+  total = schedule.total_steps(max_examples)
+  return loop_real_steps(step_fn, carry, num_real_steps(num_examples, max_examples, schedule),
+                         min(schedule.unroll, total),
+                         differentiable_max_steps=total if schedule.differentiable else None)
+
+
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 PenaltyFn = Callable[[Params, Any], jax.Array]
 TransformFn = Callable[[jax.Array, PRNGKey], jax.Array]
@@ -308,11 +319,7 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
     zero = jnp.zeros((), jnp.float32)
     init = (LocalState(params, batch_stats, opt_state), LocalMetrics(zero, zero, zero, zero))
     # Only the client's real steps run (a traced trip count): no per-step branch.
-    total = schedule.total_steps(max_examples)
-    state, metrics = loop_real_steps(
-        train_step, init, num_real_steps(data.num_examples, max_examples, schedule),
-        min(schedule.unroll, total), differentiable_max_steps=total if schedule.differentiable else None)
-    return state, metrics
+    return run_schedule_steps(train_step, init, data.num_examples, max_examples, schedule)
 
   return local_train
 

@@ -21,8 +21,7 @@ import jax
 
 from fedjax_prune.federated._engine import Chunked, Execution, Sequential, Vmap
 from fedjax_prune.federated._local import LocalSchedule
-
-CONV_IMPLS = ("lax", "im2col", "tapgrad")
+from fedjax_prune.models._layers import CONV_IMPLS  # the concrete lowerings ('auto' resolves to one)
 
 
 @dataclasses.dataclass(frozen=True)

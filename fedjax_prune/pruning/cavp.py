@@ -75,7 +75,7 @@ from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalMetrics,
                                     LocalSchedule, batch_indices, epoch_permutations,
-                                    loop_real_steps, num_real_steps, round_train_metrics,
+                                    round_train_metrics, run_schedule_steps,
                                     softmax_cross_entropy, static_step_index)
 from fedjax_prune import structured
 from fedjax_prune.structured import _drop_blocks
@@ -573,10 +573,8 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
     zero = jnp.zeros((), jnp.float32)
     init = ((params, batch_stats, theta, baseline, w_opt, t_opt), LocalMetrics(zero, zero, zero, zero))
     # Only the client's real steps run (federated.loop_real_steps: no per-step branch).
-    total = schedule.total_steps(max_examples)
-    (params, stats, theta, baseline, _, _), metrics = loop_real_steps(
-        step, init, num_real_steps(data.num_examples, max_examples, schedule),
-        min(schedule.unroll, total), differentiable_max_steps=total if schedule.differentiable else None)
+    (params, stats, theta, baseline, _, _), metrics = run_schedule_steps(
+        step, init, data.num_examples, max_examples, schedule)
     return LocalResult(params, stats, theta, baseline), metrics
 
   return local_train
