@@ -139,9 +139,9 @@ def engine_round_time(spec, params, data, steps, batch, strategy, repeats, *, ba
   apply_fn = models.make_apply(spec, conv_impl=strategy.conv_impl)
   if remat:
     apply_fn = _common.remat_apply(apply_fn)
-  schedule = federated.LocalSchedule(batch_size=batch)
-  if hasattr(strategy, "schedule"):  # strategies may carry a step-loop unroll (same results)
-    schedule = strategy.schedule(schedule)
+  # The strategy's step unrolling (same results); by default the largest that wastes no
+  # step of any client (here every client has `steps` steps: all are written out, up to 4).
+  schedule = strategy.schedule(federated.LocalSchedule(batch_size=batch), np.asarray(data.num_examples))
   alg = federated.fedavg(apply_fn, optax.sgd(0.01), schedule)
   round_fn = federated.make_round(alg, execution=strategy.execution, donate=donate, mesh=mesh)
   state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)

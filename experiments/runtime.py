@@ -251,7 +251,7 @@ def choose_strategy(env: Env, spec, params, batch_stats,
 
   def run_round_for(strategy):
     apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl)
-    alg = algorithm_for(apply_fn, strategy.schedule(short))
+    alg = algorithm_for(apply_fn, strategy.schedule(short, env.data.train.num_examples))
     round_fn = federated.make_round(alg, execution=strategy.execution, mesh=mesh_for(env, strategy))
     state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
 

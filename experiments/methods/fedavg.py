@@ -67,8 +67,11 @@ def size_record(spec, masks, pruned: bool, num_clients: int, layers: tuple = ())
   record = {"params": accounting.param_count(spec, m), "flops": accounting.flops(spec, m),
             "bytes_up": up * num_clients, "bytes_down": down * num_clients}
   if layers:
-    kept = {"/".join(str(getattr(k, "key", k)) for k in path): float(jnp.mean(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(masks)[0]}
+    if masks is None:  # dense training
+      kept = dict.fromkeys(layers, 1.0)
+    else:
+      kept = {"/".join(str(getattr(k, "key", k)) for k in path): float(jnp.mean(leaf))
+              for path, leaf in jax.tree_util.tree_flatten_with_path(masks)[0]}
     record.update({f"density/{name}": kept[name] for name in layers})
   return record
 
@@ -112,9 +115,11 @@ def run(config, env: runtime.Env) -> dict:
                                                 runtime.cohort_for(env, 0))
   else:
     strategy, timings = federated.Strategy.from_name(strategy_name), {}
-  env.log(f"client execution: {strategy.name}")
+  schedule = strategy.schedule(build.build_schedule(config), data.train.num_examples)
+  env.log(f"client execution: {strategy.name} (local steps written out before the step loop: "
+          f"{schedule.unroll})")
   apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
-  alg = build.build_algorithm(config, apply_fn, strategy.schedule(build.build_schedule(config)))
+  alg = build.build_algorithm(config, apply_fn, schedule)
   round_fn = federated.make_round(alg, execution=strategy.execution,
                                   mesh=runtime.mesh_for(env, strategy), donate=True)
   evaluate = runtime.make_evaluator(env, apply_fn)

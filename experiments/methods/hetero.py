@@ -263,8 +263,9 @@ def run(config, env: runtime.Env) -> dict:
   env.log(f"{config.method}: client execution {strategy.name}, capacities {caps}")
   apply_fn = wrap(make_raw(strategy.conv_impl))
   c = config.client
-  schedule = federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
-                                     num_steps=c.num_steps or None)
+  schedule = strategy.schedule(federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
+                                                       num_steps=c.num_steps or None),
+                               data.train.num_examples)
   method = _method(config, apply_fn, params, schedule, train_transform)
   round_fn = federated.make_round(method.algorithm, execution=strategy.execution,
                                   mesh=runtime.mesh_for(env, strategy),

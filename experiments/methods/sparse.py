@@ -244,12 +244,13 @@ def run(config, env: runtime.Env) -> dict:
 
   strategy, timings = _choose(config, env, spec, params, batch_stats, make_alg)
   apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
+  schedule = strategy.schedule(schedule, data.train.num_examples)  # its step unrolling
   alg = make_alg(apply_fn, schedule)
   extra: dict = {"sparse_method": method, "target_density": density, "strategy_timings_s": timings}
   init_key = jax.random.key(config.seeds.init)
 
   if method == "dense":
-    masks = None
+    masks = federated.dense_masks(params)  # explicit: the records report their density (1.0)
   elif method == "feddst":
     params, masks = fedtiny_lib.sparse_setup(params, density, distribution=s.distribution,
                                              prunable=prunable)
@@ -277,9 +278,7 @@ def run(config, env: runtime.Env) -> dict:
     masks = init_pruning.synflow_masks(apply_fn, params, batch_stats, tuple(data.input_shape),
                                        density=density, prunable=prunable,
                                        num_iterations=s.synflow_iterations)
-  if masks is None and method != "lotteryfl":
-    state = alg.init(params, init_key, batch_stats=batch_stats)  # dense FedAvg: all-True masks
-  elif method in ("snip", "synflow"):
+  if method in ("snip", "synflow"):
     state = alg.init(_sparse.apply_masks(params, masks), init_key, batch_stats=batch_stats, masks=masks)
   else:
     state = alg.init(params, init_key, batch_stats=batch_stats, masks=masks)

@@ -36,14 +36,17 @@ class ServerState(NamedTuple):
     params: global model parameters.
     batch_stats: global BatchNorm running statistics ({} without BN).
     opt_state: server optimizer state.
-    masks: pruning masks (bool pytree broadcastable to params); all-True scalars
-      for dense training. Clients train under these masks.
+    masks: pruning masks (bool pytree broadcastable to params) the clients train
+      under and the server applies after its update; None for dense training
+      (`init` without masks): nothing is masked then, which saves a pass over the
+      model per client (~2 % of a one-client LEAF CNN round on CPU; all-True
+      masks, e.g. `dense_masks(params)`, give the same results at that cost).
     round_idx: [] int32 number of completed rounds.
   """
   params: Params
   batch_stats: BatchStats
   opt_state: Any
-  masks: Masks
+  masks: Masks | None
   round_idx: jax.Array
 
 
@@ -64,7 +67,8 @@ def dense_masks(params: Params) -> Masks:
 def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
            schedule: LocalSchedule, *, server_optimizer: optax.GradientTransformation | None = None,
            prox_mu: float = 0.0, loss_fn: Callable = softmax_cross_entropy,
-           train_transform: Callable | None = None, uniform_weights: bool = False) -> FedAlgorithm:
+           train_transform: Callable | None = None, uniform_weights: bool = False,
+           report_update_norm: bool = False) -> FedAlgorithm:
   """FedAvg with a configurable server optimizer (FedAvgM/FedAdam/FedYogi) and FedProx.
 
   Args:
@@ -77,6 +81,10 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     loss_fn: per-example loss.
     train_transform: per-batch augmentation `(x, key) -> x`.
     uniform_weights: weight clients equally instead of by example count.
+    report_update_norm: add `update_norm`, the L2 norm of the mean client delta, to
+      the round's metrics. Off by default: it is one more read of the model per
+      round (XLA then writes the summed delta out instead of fusing it into the
+      parameter update), ~3 % of a one-client LEAF CNN round on 2 CPU cores.
 
   Returns:
     FedAlgorithm whose state is `ServerState`.
@@ -103,7 +111,6 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
   def init(params: Params, key: jax.Array, batch_stats: BatchStats | None = None,
            masks: Masks | None = None) -> ServerState:
     del key  # deterministic: the model's own init consumed the randomness
-    masks = dense_masks(params) if masks is None else masks
     return ServerState(params, {} if batch_stats is None else batch_stats,
                        server_optimizer.init(params), masks, jnp.zeros((), jnp.int32))
 
@@ -124,16 +131,18 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     mean_delta = tree_lib.scale(sums.delta, inv)
     updates, opt_state = server_optimizer.update(mean_delta, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    params = jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, state.masks)
+    if state.masks is not None:
+      params = jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, state.masks)
     batch_stats = jax.tree.map(lambda s, old: jnp.where(has_weight, s * inv, old),
                                sums.batch_stats, state.batch_stats)
     metrics = {
         **round_train_metrics(sums.metrics, sums.num_clients),
-        # From the summed delta, not mean_delta: then mean_delta has one reader (the
-        # optimizer) and is fused into the parameter update instead of written out.
-        "update_norm": jnp.sqrt(tree_lib.squared_norm(sums.delta)) * inv,
         "finite": tree_lib.all_finite(params) & jnp.isfinite(sums.metrics.loss_sum),
     }
+    if report_update_norm:
+      # From the summed delta, not mean_delta: then mean_delta has one reader (the
+      # optimizer) and is fused into the parameter update instead of written out.
+      metrics["update_norm"] = jnp.sqrt(tree_lib.squared_norm(sums.delta)) * inv
     return ServerState(params, batch_stats, opt_state, state.masks, state.round_idx + 1), metrics
 
   return FedAlgorithm(init, client_update, server_update)

@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_prune import tree as tree_lib
@@ -32,11 +33,12 @@ class LocalSchedule:
       each epoch takes ceil(n_k / B) steps, the last one partial.
     num_steps: if set, a fixed number of local steps per client, batches drawn
       from successive reshuffled epochs (FedJAX/pfl-style "local updates").
-    unroll: local steps per iteration of the compiled step loop (see
-      `loop_real_steps`); a performance knob with no effect on results, at k times
-      the compile time of the step. (It was added because XLA:CPU's default copy
-      insertion copies every loop-carried weight a matmul reads once per iteration;
-      `make_round` now compiles with `round_compiler_options()`, which avoids that.)
+    unroll: the first `unroll` local steps are written out as straight-line code,
+      the rest run in the compiled step loop (`loop_real_steps`); a performance
+      knob with no effect on results, at `unroll` times the compile time of a
+      step. A client with fewer real steps computes the written-out steps it does
+      not take and discards them: `waste_free_unroll(data.num_examples, schedule)`
+      gives the largest value that wastes nothing. 1 = every step in the loop.
     differentiable: run the steps as a `lax.scan` over all S padded-layout steps,
       those past the client's own steps skipped by a `lax.cond`, instead of a
       loop with a traced trip count: same results, and reverse-mode
@@ -201,12 +203,21 @@ def static_step_index(real_step: jax.Array, num_examples: jax.Array, max_example
 
 
 def loop_real_steps(step_fn: Callable[[Any, jax.Array], Any], carry: Any, num_steps: jax.Array,
-                    unroll: int = 1, *, differentiable_max_steps: int | None = None) -> Any:
+                    unroll: int = 1, *, max_steps: int | None = None,
+                    differentiable_max_steps: int | None = None) -> Any:
   """`carry = step_fn(carry, t)` for t in [0, num_steps), `num_steps` traced.
 
-  With `unroll` = k > 1 the main loop runs k steps per iteration (num_steps // k
-  iterations) and a second loop runs the num_steps % k remaining ones. Results do
-  not depend on k.
+  With `unroll` = k > 1 the first k steps are straight-line code, each kept by a
+  `select` only when t < num_steps (so a client with fewer than k real steps
+  computes and discards the rest: exact no-ops, but not free), and a loop runs
+  steps k .. num_steps - 1. Results do not depend on k. Why: on XLA:CPU every
+  entry into a loop body costs ~1.5 ms for the LEAF CNN (an iteration boundary
+  is a barrier in XLA's thunk executor; straight-line steps overlap one step's
+  weight update with the next step's convolutions): a one-client round with its
+  4 steps written out ran ~6 % faster, an 8-client sequential round ~8 %
+  (docs/results/engine.md). `waste_free_unroll` picks a k that wastes nothing.
+  With a static bound `max_steps` <= k (num_steps never exceeds it) no loop is
+  compiled at all.
 
   With `differentiable_max_steps` = S (static, >= num_steps), it is instead a
   `lax.scan` over S steps whose steps t >= num_steps are skipped by `lax.cond`:
@@ -220,15 +231,39 @@ def loop_real_steps(step_fn: Callable[[Any, jax.Array], Any], carry: Any, num_st
                         unroll=max(1, min(unroll, differentiable_max_steps)))[0]
   if unroll <= 1:
     return jax.lax.fori_loop(0, num_steps, lambda t, c: step_fn(c, t), carry)
+  for t in range(unroll):
+    carry = tree_lib.where(t < num_steps, step_fn(carry, jnp.asarray(t, jnp.int32)), carry)
+  if max_steps is not None and max_steps <= unroll:
+    return carry
+  # Zero iterations when num_steps <= unroll.
+  return jax.lax.fori_loop(unroll, jnp.maximum(num_steps, unroll), lambda t, c: step_fn(c, t), carry)
 
-  def k_steps(i, c):
-    for j in range(unroll):
-      c = step_fn(c, i * unroll + j)
-    return c
 
-  full = num_steps // unroll
-  carry = jax.lax.fori_loop(0, full, k_steps, carry)
-  return jax.lax.fori_loop(full * unroll, num_steps, lambda t, c: step_fn(c, t), carry)
+def waste_free_unroll(num_examples: Any, schedule: LocalSchedule, limit: int = 4) -> int:
+  """The largest `LocalSchedule.unroll` (<= `limit`) at which no client computes a step it
+  discards: the fewest real local steps of any client with examples (host-side).
+
+  Args:
+    num_examples: [N] examples per client of the federated dataset (e.g.
+      `data.num_examples`); clients with none are ignored (padding clients of
+      a sharded cohort then run the unrolled steps and discard them).
+    schedule: the clients' schedule (its own `unroll` is ignored).
+    limit: the most steps written out (compile time grows with it).
+
+  Returns:
+    k >= 1; 1 means no unrolling.
+  """
+  if not isinstance(limit, int) or limit < 1:
+    raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+  counts = np.asarray(num_examples).reshape(-1)
+  counts = counts[counts > 0]
+  if counts.size == 0:
+    return 1
+  if schedule.num_steps is not None:
+    fewest = schedule.num_steps
+  else:
+    fewest = schedule.num_epochs * -(-int(counts.min()) // schedule.batch_size)
+  return max(1, min(limit, int(fewest)))
 
 
 def run_schedule_steps(step_fn: Callable[[Any, jax.Array], Any], carry: Any,
@@ -238,7 +273,7 @@ def run_schedule_steps(step_fn: Callable[[Any, jax.Array], Any], carry: Any,
   over the S padded-layout steps). `step_fn(carry, real_step)` as in `loop_real_steps`."""
   total = schedule.total_steps(max_examples)
   return loop_real_steps(step_fn, carry, num_real_steps(num_examples, max_examples, schedule),
-                         min(schedule.unroll, total),
+                         min(schedule.unroll, total), max_steps=total,
                          differentiable_max_steps=total if schedule.differentiable else None)
 
 

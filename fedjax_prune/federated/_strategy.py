@@ -20,15 +20,16 @@ from typing import Callable, Sequence
 import jax
 
 from fedjax_prune.federated._engine import Chunked, Execution, Sequential, Vmap
-from fedjax_prune.federated._local import LocalSchedule
+from fedjax_prune.federated._local import LocalSchedule, waste_free_unroll
 from fedjax_prune.models._layers import CONV_IMPLS  # the concrete lowerings ('auto' resolves to one)
 
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
   """A client-execution strategy: how clients are mapped, how convs are lowered, how
-  many local steps one iteration of the step loop runs (`LocalSchedule.unroll`;
-  apply it with `strategy.schedule(schedule)`), and whether the cohort is sharded
+  many local steps are written out before the step loop (`LocalSchedule.unroll`;
+  None = `waste_free_unroll` of the data; apply it with
+  `strategy.schedule(schedule, data.num_examples)`), and whether the cohort is sharded
   over the caller's device mesh (`make_round(..., mesh=mesh if strategy.sharded else None)`).
 
   On CPU split into one device per core (`split_cpu_into_devices`), sharding runs
@@ -38,14 +39,15 @@ class Strategy:
   """
   execution: Execution
   conv_impl: str = "lax"
-  unroll: int = 1
+  unroll: int | None = None
   sharded: bool = False
 
   def __post_init__(self):
     if self.conv_impl not in CONV_IMPLS:
       raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
-    if not isinstance(self.unroll, int) or self.unroll < 1:
-      raise ValueError(f"unroll must be an int >= 1, got {self.unroll!r}")
+    if self.unroll is not None and (not isinstance(self.unroll, int) or isinstance(self.unroll, bool)
+                                    or self.unroll < 1):
+      raise ValueError(f"unroll must be None or an int >= 1, got {self.unroll!r}")
     if not isinstance(self.sharded, bool):
       raise ValueError(f"sharded must be a bool, got {self.sharded!r}")
 
@@ -53,12 +55,20 @@ class Strategy:
   def name(self) -> str:
     ex = self.execution
     label = {Vmap: "vmap", Sequential: "sequential"}.get(type(ex), f"chunked{getattr(ex, 'size', '')}")
-    return (f"{label}+{self.conv_impl}" + (f"+unroll{self.unroll}" if self.unroll > 1 else "")
+    return (f"{label}+{self.conv_impl}" + (f"+unroll{self.unroll}" if self.unroll is not None else "")
             + ("+sharded" if self.sharded else ""))
 
-  def schedule(self, schedule: LocalSchedule) -> LocalSchedule:
-    """`schedule` with this strategy's step unrolling (results are unchanged)."""
-    return dataclasses.replace(schedule, unroll=self.unroll)
+  def schedule(self, schedule: LocalSchedule, num_examples=None) -> LocalSchedule:
+    """`schedule` with this strategy's step unrolling (results are unchanged).
+
+    With `unroll=None`, the largest unrolling that wastes no step of any client
+    with `num_examples` ([N], host array; see `waste_free_unroll`), or none
+    without them.
+    """
+    unroll = self.unroll
+    if unroll is None:
+      unroll = 1 if num_examples is None else waste_free_unroll(num_examples, schedule)
+    return dataclasses.replace(schedule, unroll=unroll)
 
   @classmethod
   def from_name(cls, name: str) -> "Strategy":
@@ -68,7 +78,7 @@ class Strategy:
     sharded = len(parts) > 2 and parts[-1] == "sharded"
     if sharded:
       parts = parts[:-1]
-    unroll = 1
+    unroll = None
     if len(parts) == 3 and parts[2].startswith("unroll") and parts[2][6:].isdigit():
       unroll = int(parts[2][6:])
       parts = parts[:2]

@@ -1,4 +1,6 @@
 """Engine contract: strategies agree, equal a per-client loop, padding and order are irrelevant."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,7 +156,7 @@ def test_fedavg_one_step_golden():
   data = to_device(from_client_lists([x0, x1], [y0, y1]))
   w = np.array([[0.5], [0.5]], np.float32)
   alg = federated.fedavg(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=2),
-                         loss_fn=sq_loss)
+                         loss_fn=sq_loss, report_update_norm=True)
   state = alg.init({"w": jnp.asarray(w)}, jax.random.key(0))
   state, metrics = federated.make_round(alg)(state, data, federated.make_cohort([0, 1]),
                                              jax.random.key(1))
@@ -165,6 +167,14 @@ def test_fedavg_one_step_golden():
   # The reported update norm is |w - mean_k w_k| (FedAvg: the server step itself).
   np.testing.assert_allclose(metrics["update_norm"], np.linalg.norm(w - expected), rtol=1e-5)
   assert bool(metrics["finite"])
+  # Off by default (one more read of the model per round); nothing else changes.
+  plain = federated.fedavg(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=2),
+                           loss_fn=sq_loss)
+  plain_state, plain_metrics = federated.make_round(plain)(
+      plain.init({"w": jnp.asarray(w)}, jax.random.key(0)), data, federated.make_cohort([0, 1]),
+      jax.random.key(1))
+  assert "update_norm" not in plain_metrics
+  np.testing.assert_array_equal(plain_state.params["w"], state.params["w"])
 
 
 def test_round_reports_a_diverged_model_as_not_finite():
@@ -226,6 +236,23 @@ def test_masked_training_keeps_pruned_weights_zero():
   assert np.all(k1[:, ~np.asarray(masks["dense_1"]["kernel"])[0]] == 0.0)
 
 
+def test_dense_training_without_masks_equals_all_true_masks():
+  # `init` without masks keeps none (no masking pass); all-True masks must give the same rounds.
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  unmasked = alg.init(params, jax.random.key(1))
+  assert unmasked.masks is None
+  all_true = alg.init(params, jax.random.key(1), masks=federated.dense_masks(params))
+  round_fn = federated.make_round(alg, execution=federated.Sequential())
+  cohort = federated.make_cohort([0, 1, 2])
+  for r in range(2):
+    unmasked, metrics_a = round_fn(unmasked, data, cohort, jax.random.key(r))
+    all_true, metrics_b = round_fn(all_true, data, cohort, jax.random.key(r))
+  testing.assert_trees_close(unmasked.params, all_true.params, rtol=0, atol=0)
+  for k in metrics_a:
+    np.testing.assert_array_equal(metrics_a[k], metrics_b[k])
+
+
 @pytest.mark.parametrize("num_steps", [None, 5])
 def test_batches_visit_each_real_example_once_per_epoch(num_steps):
   schedule = federated.LocalSchedule(batch_size=4, num_epochs=3, num_steps=num_steps)
@@ -280,19 +307,45 @@ def test_bad_inputs_give_clear_errors():
     from_client_lists([np.zeros((0, 2))], [np.zeros((0,))])
 
 
-def test_unrolled_local_steps_give_the_same_round():
+@pytest.mark.parametrize("execution", [federated.Sequential(), federated.Vmap()])
+def test_unrolled_local_steps_give_the_same_round(execution):
+  # Clients hold 5, 9 and 3 examples (4, 6 and 2 steps of 4 over 2 epochs): with 3 steps
+  # written out, the 2-step client computes a step it must discard, and the others
+  # continue in the loop; with 8, every client discards some.
   apply_fn, params, data = _problem()
   rolled = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  a, metrics_a = _run(rolled, params, data, [0, 1, 2], execution)
   strategy = federated.Strategy.from_name("sequential+lax+unroll3")
   assert strategy.unroll == 3 and strategy.name == "sequential+lax+unroll3"
-  unrolled = federated.fedavg(apply_fn, optax.sgd(0.1), strategy.schedule(SCHEDULE))
-  a, metrics_a = _run(rolled, params, data, [0, 1, 2], federated.Sequential())
-  b, metrics_b = _run(unrolled, params, data, [0, 1, 2], federated.Sequential())
-  testing.assert_trees_close(b.params, a.params, rtol=1e-6, atol=1e-7)
-  for k in metrics_a:
-    np.testing.assert_allclose(metrics_b[k], metrics_a[k], rtol=1e-6)
+  for schedule in [strategy.schedule(SCHEDULE), dataclasses.replace(SCHEDULE, unroll=8)]:
+    unrolled = federated.fedavg(apply_fn, optax.sgd(0.1), schedule)
+    b, metrics_b = _run(unrolled, params, data, [0, 1, 2], execution)
+    testing.assert_trees_close(b.params, a.params, rtol=1e-6, atol=1e-7)
+    for k in metrics_a:
+      np.testing.assert_allclose(metrics_b[k], metrics_a[k], rtol=1e-6)
   with pytest.raises(ValueError, match="unroll"):
     federated.LocalSchedule(batch_size=2, unroll=0)
+
+
+def test_waste_free_unroll_is_the_fewest_real_steps_of_a_client_with_examples():
+  epochs = federated.LocalSchedule(batch_size=4, num_epochs=2)
+  # Clients with 5, 9 and 12 examples take 4, 6 and 6 steps; the empty client is ignored.
+  assert federated.waste_free_unroll(np.array([5, 9, 0, 12]), epochs) == 4
+  assert federated.waste_free_unroll(np.array([5, 9, 0, 12]), epochs, limit=3) == 3
+  assert federated.waste_free_unroll(np.array([40, 90]), epochs) == 4  # the default limit
+  assert federated.waste_free_unroll(np.array([40, 90]), epochs, limit=32) == 20  # 2 x ceil(40 / 4)
+  assert federated.waste_free_unroll(np.array([1, 90]), epochs) == 2
+  steps = federated.LocalSchedule(batch_size=4, num_steps=3)
+  assert federated.waste_free_unroll(np.array([1, 90]), steps) == 3
+  assert federated.waste_free_unroll(np.array([0, 0]), epochs) == 1
+  with pytest.raises(ValueError, match="limit"):
+    federated.waste_free_unroll(np.array([5]), epochs, limit=0)
+  # A strategy without an explicit unroll takes this value from the data, or 1 without it.
+  auto = federated.Strategy.from_name("sequential+lax")
+  assert auto.unroll is None
+  assert auto.schedule(epochs, np.array([5, 9, 0, 12])).unroll == 4
+  assert auto.schedule(epochs).unroll == 1
+  assert federated.Strategy.from_name("sequential+lax+unroll1").schedule(epochs, np.array([40])).unroll == 1
 
 
 def _record_device_puts(monkeypatch, kind) -> list:
@@ -341,8 +394,8 @@ def test_sharded_round_places_the_server_state_only_when_not_yet_replicated(monk
   testing.assert_trees_close(again.params, reference.params, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("unroll", [1, 3])
-@pytest.mark.parametrize("num_steps", [0, 1, 5, 6, 7])
+@pytest.mark.parametrize("unroll", [1, 3, 8])
+@pytest.mark.parametrize("num_steps", [0, 1, 3, 5, 8])
 def test_loop_real_steps_runs_exactly_the_traced_number_of_steps(unroll, num_steps):
   # Each step writes its index into a log: the log must read 1..T in order, whatever k.
   def step(log, t):
@@ -351,6 +404,11 @@ def test_loop_real_steps_runs_exactly_the_traced_number_of_steps(unroll, num_ste
   run = jax.jit(lambda n: federated.loop_real_steps(step, jnp.zeros(8, jnp.int32), n, unroll))
   expected = [t + 1 if t < num_steps else 0 for t in range(8)]
   np.testing.assert_array_equal(run(jnp.int32(num_steps)), expected)
+  if num_steps <= unroll:  # a static bound within the written-out steps: no loop compiled
+    bounded = jax.jit(lambda n: federated.loop_real_steps(step, jnp.zeros(8, jnp.int32), n, unroll,
+                                                          max_steps=unroll))
+    np.testing.assert_array_equal(bounded(jnp.int32(num_steps)), expected)
+    assert ("while" in str(bounded.lower(jnp.int32(0)).as_text())) == (unroll == 1)
 
 
 @pytest.mark.parametrize("num_examples", [0, 1, 4, 5, 9, 12])
@@ -381,6 +439,7 @@ def test_local_training_counts_only_real_steps():
 
 def test_strategy_names_round_trip_including_sharding():
   for name in ["sequential+lax", "vmap+im2col", "chunked8+im2col", "sequential+tapgrad+unroll4",
+               "sequential+tapgrad+unroll1",
                "sequential+tapgrad+unroll4+sharded", "vmap+lax+sharded"]:
     assert federated.Strategy.from_name(name).name == name
   assert federated.Strategy.from_name("vmap+lax+sharded").sharded
