@@ -139,9 +139,7 @@ def engine_round_time(spec, params, data, steps, batch, strategy, repeats, *, ba
   apply_fn = models.make_apply(spec, conv_impl=strategy.conv_impl)
   if remat:
     apply_fn = _common.remat_apply(apply_fn)
-  # The strategy's step unrolling (same results); by default the largest that wastes no
-  # step of any client (here every client has `steps` steps: all are written out, up to 4).
-  schedule = strategy.schedule(federated.LocalSchedule(batch_size=batch), np.asarray(data.num_examples))
+  schedule = strategy.schedule(federated.LocalSchedule(batch_size=batch))  # its step unrolling
   alg = federated.fedavg(apply_fn, optax.sgd(0.01), schedule)
   round_fn = federated.make_round(alg, execution=strategy.execution, donate=donate, mesh=mesh)
   state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
@@ -160,9 +158,9 @@ def engine_round_time(spec, params, data, steps, batch, strategy, repeats, *, ba
   return _common.time_call(run, repeats)
 
 
-def _strategies(arg: str, cohort: int, has_conv: bool) -> list[federated.Strategy]:
+def _strategies(arg: str, cohort: int, has_conv: bool, unroll: int = 1) -> list[federated.Strategy]:
   if arg == "auto":
-    return federated.candidate_strategies(cohort_size=cohort, has_conv=has_conv)
+    return federated.candidate_strategies(cohort_size=cohort, has_conv=has_conv, unroll=unroll)
   out = []
   for name in arg.split(","):
     s = federated.Strategy.from_name(name)
@@ -210,7 +208,9 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
           and "lax" in loop_impls):
         t = flax_linen_loop_round_time(data, steps, batch, repeats) if not over() else None
         entries["loop_flax_linen_ref"] = (None, t, "ok" if t else "skipped: time budget")
-    for strategy in _strategies(strategies, cohort, has_conv):
+    # 'auto' also tries the steps written out (every client here has `steps` of them).
+    unroll = federated.waste_free_unroll(np.asarray(data.num_examples), federated.LocalSchedule(batch_size=batch))
+    for strategy in _strategies(strategies, cohort, has_conv, unroll):
       for mesh in meshes:
         label = strategy.name + (f"@{mesh.size}dev" if mesh is not None else "")
         entries[label] = (_measure(lambda: engine_round_time(

@@ -12,8 +12,7 @@ metrics or server update) is run S times in three ways:
   * `fori_loop`: one jitted `lax.fori_loop` over the S steps (the engine's local training
     with `LocalSchedule(unroll=1)`; with `round_compiler_options()`, as the engine uses);
   * `unrolled`: one jitted program with the S steps written out (the engine's local
-    training with `unroll` >= S, which `waste_free_unroll` picks when every client has
-    at least S steps and S <= 4).
+    training with `LocalSchedule(unroll=S)`, strategy names `...+unrollS`).
 
 The three compute the same values. The gap between `fori_loop` and the other two is
 the cost of XLA's while loop on this backend: on the 2-core CPU box the loop's

@@ -251,7 +251,7 @@ def choose_strategy(env: Env, spec, params, batch_stats,
 
   def run_round_for(strategy):
     apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl)
-    alg = algorithm_for(apply_fn, strategy.schedule(short, env.data.train.num_examples))
+    alg = algorithm_for(apply_fn, strategy.schedule(short))
     round_fn = federated.make_round(alg, execution=strategy.execution, mesh=mesh_for(env, strategy))
     state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
 
@@ -260,16 +260,21 @@ def choose_strategy(env: Env, spec, params, batch_stats,
 
     return run
 
+  # The most local steps that can be written out without a client wasting one.
+  unroll = federated.waste_free_unroll(np.asarray(env.data.train.num_examples), build.build_schedule(config))
   candidates = federated.candidate_strategies(cohort_size=len(cohort.client_ids),
-                                              has_conv=build.has_conv(spec))
+                                              has_conv=build.has_conv(spec), unroll=unroll)
   if env.mesh is not None:
-    sharded = [dataclasses.replace(s, sharded=True) for s in candidates]
+    # Written-out steps overlap one step's tail with the next step's head on the cores a
+    # device has; a CPU device of a sharded round has one core (measured: no gain).
+    sharded = [dataclasses.replace(s, sharded=True) for s in candidates
+               if s.unroll == 1 or jax.default_backend() != "cpu"]
     # On CPU (one device per core) sharding wins for compute-bound models and loses for
     # tiny dispatch-bound ones at small cohorts: time both. Accelerators always shard.
     candidates = sharded + candidates if jax.default_backend() == "cpu" else sharded
   cache_path = config.strategy_cache or build.default_strategy_cache()
   key = (f"{spec!r}|C={len(cohort.client_ids)}|B={config.client.batch_size}"
-         f"|E={env.data.train.max_examples}|{jax.default_backend()}"
+         f"|E={env.data.train.max_examples}|unroll={unroll}|{jax.default_backend()}"
          f"|mesh={env.mesh.size if env.mesh is not None else 0}")
   env.log(f"calibrating client execution over {len(candidates)} strategies (cached in {cache_path})")
   return federated.select_strategy(run_round_for, candidates, cache_path=cache_path,

@@ -128,7 +128,7 @@ def run(config, env: runtime.Env) -> dict:
                                      num_steps=cl.num_steps or None)
   centralised = c.mode == "centralised"
   train = _pooled_client(data.train) if centralised else data.train
-  schedule = strategy.schedule(schedule, train.num_examples)  # its step unrolling
+  schedule = strategy.schedule(schedule)  # its step unrolling
 
   def compile_for(spec):
     apply_fn = _gated_apply(spec, data.normalize, strategy.conv_impl)

@@ -115,9 +115,8 @@ def run(config, env: runtime.Env) -> dict:
                                                 runtime.cohort_for(env, 0))
   else:
     strategy, timings = federated.Strategy.from_name(strategy_name), {}
-  schedule = strategy.schedule(build.build_schedule(config), data.train.num_examples)
-  env.log(f"client execution: {strategy.name} (local steps written out before the step loop: "
-          f"{schedule.unroll})")
+  schedule = strategy.schedule(build.build_schedule(config))
+  env.log(f"client execution: {strategy.name}")
   apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
   alg = build.build_algorithm(config, apply_fn, schedule)
   round_fn = federated.make_round(alg, execution=strategy.execution,

@@ -264,8 +264,7 @@ def run(config, env: runtime.Env) -> dict:
   apply_fn = wrap(make_raw(strategy.conv_impl))
   c = config.client
   schedule = strategy.schedule(federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
-                                                       num_steps=c.num_steps or None),
-                               data.train.num_examples)
+                                                       num_steps=c.num_steps or None))
   method = _method(config, apply_fn, params, schedule, train_transform)
   round_fn = federated.make_round(method.algorithm, execution=strategy.execution,
                                   mesh=runtime.mesh_for(env, strategy),

@@ -244,7 +244,7 @@ def run(config, env: runtime.Env) -> dict:
 
   strategy, timings = _choose(config, env, spec, params, batch_stats, make_alg)
   apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
-  schedule = strategy.schedule(schedule, data.train.num_examples)  # its step unrolling
+  schedule = strategy.schedule(schedule)  # its step unrolling
   alg = make_alg(apply_fn, schedule)
   extra: dict = {"sparse_method": method, "target_density": density, "strategy_timings_s": timings}
   init_key = jax.random.key(config.seeds.init)

@@ -214,8 +214,9 @@ def loop_real_steps(step_fn: Callable[[Any, jax.Array], Any], carry: Any, num_st
   entry into a loop body costs ~1.5 ms for the LEAF CNN (an iteration boundary
   is a barrier in XLA's thunk executor; straight-line steps overlap one step's
   weight update with the next step's convolutions): a one-client round with its
-  4 steps written out ran ~6 % faster, an 8-client sequential round ~8 %
-  (docs/results/engine.md). `waste_free_unroll` picks a k that wastes nothing.
+  4 steps written out ran ~9 % faster, an unsharded 8-client round ~8 %, but
+  logistic regression 40 % slower (docs/results/engine.md), so the experiments'
+  'auto' strategy times it. `waste_free_unroll` picks a k that wastes nothing.
   With a static bound `max_steps` <= k (num_steps never exceeds it) no loop is
   compiled at all.
 
