@@ -11,6 +11,6 @@ from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks
                                             fedavgm, fedprox, fedyogi)
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalState, batch_indices, epoch_permutations,
                                            loop_real_steps, make_local_train, num_real_steps, proximal_penalty,
-                                           round_train_metrics, run_schedule_steps, waste_free_unroll,
-                                           softmax_cross_entropy, static_step_index)
+                                           round_train_metrics, run_schedule_steps, softmax_cross_entropy,
+                                           static_step_index, waste_free_unroll)
 from fedjax_prune.federated._strategy import (Strategy, candidate_strategies, select_strategy)
