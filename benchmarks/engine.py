@@ -209,7 +209,8 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
         t = flax_linen_loop_round_time(data, steps, batch, repeats) if not over() else None
         entries["loop_flax_linen_ref"] = (None, t, "ok" if t else "skipped: time budget")
     # 'auto' also tries the steps written out (every client here has `steps` of them).
-    unroll = federated.waste_free_unroll(np.asarray(data.num_examples), federated.LocalSchedule(batch_size=batch))
+    unroll = federated.waste_free_unroll(np.asarray(data.num_examples),
+                                         federated.LocalSchedule(batch_size=batch))
     for strategy in _strategies(strategies, cohort, has_conv, unroll):
       for mesh in meshes:
         label = strategy.name + (f"@{mesh.size}dev" if mesh is not None else "")

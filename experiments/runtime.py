@@ -261,7 +261,8 @@ def choose_strategy(env: Env, spec, params, batch_stats,
     return run
 
   # The most local steps that can be written out without a client wasting one.
-  unroll = federated.waste_free_unroll(np.asarray(env.data.train.num_examples), build.build_schedule(config))
+  unroll = federated.waste_free_unroll(np.asarray(env.data.train.num_examples),
+                                       build.build_schedule(config))
   candidates = federated.candidate_strategies(cohort_size=len(cohort.client_ids),
                                               has_conv=build.has_conv(spec), unroll=unroll)
   if env.mesh is not None:

@@ -343,7 +343,8 @@ def test_waste_free_unroll_is_the_fewest_real_steps_of_a_client_with_examples():
   # On CPU, 'auto' also times the first sequential candidate with that many steps written out.
   plain = federated.candidate_strategies(cohort_size=8, has_conv=True, backend="cpu")
   with_unroll = federated.candidate_strategies(cohort_size=8, has_conv=True, backend="cpu", unroll=4)
-  assert [s.name for s in with_unroll] == [plain[0].name, plain[0].name + "+unroll4"] + [s.name for s in plain[1:]]
+  expected = [plain[0].name, plain[0].name + "+unroll4"] + [s.name for s in plain[1:]]
+  assert [s.name for s in with_unroll] == expected
   assert with_unroll[1].schedule(epochs).unroll == 4 and plain[0].schedule(epochs).unroll == 1
 
 
