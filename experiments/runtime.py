@@ -266,10 +266,10 @@ def choose_strategy(env: Env, spec, params, batch_stats,
   candidates = federated.candidate_strategies(cohort_size=len(cohort.client_ids),
                                               has_conv=build.has_conv(spec), unroll=unroll)
   if env.mesh is not None:
-    # Written-out steps overlap one step's tail with the next step's head on the cores a
-    # device has; a CPU device of a sharded round has one core (measured: no gain).
-    sharded = [dataclasses.replace(s, sharded=True) for s in candidates
-               if s.unroll == 1 or jax.default_backend() != "cpu"]
+    # Written-out steps (CPU candidates only) overlap one step's tail with the next step's
+    # head on the cores a device has; a CPU device of a sharded round has one core
+    # (measured: no gain), so they are timed unsharded only.
+    sharded = [dataclasses.replace(s, sharded=True) for s in candidates if s.unroll == 1]
     # On CPU (one device per core) sharding wins for compute-bound models and loses for
     # tiny dispatch-bound ones at small cohorts: time both. Accelerators always shard.
     candidates = sharded + candidates if jax.default_backend() == "cpu" else sharded

@@ -260,11 +260,8 @@ def waste_free_unroll(num_examples: Any, schedule: LocalSchedule, limit: int = 4
   counts = counts[counts > 0]
   if counts.size == 0:
     return 1
-  if schedule.num_steps is not None:
-    fewest = schedule.num_steps
-  else:
-    fewest = schedule.num_epochs * -(-int(counts.min()) // schedule.batch_size)
-  return max(1, min(limit, int(fewest)))
+  fewest = int(num_real_steps(int(counts.min()), int(counts.max()), schedule))
+  return max(1, min(limit, fewest))
 
 
 def run_schedule_steps(step_fn: Callable[[Any, jax.Array], Any], carry: Any,
