@@ -62,10 +62,11 @@ def synthetic_cifar(num_clients: int, examples: int, key, input_shape=(32, 32, 3
 
 
 def default_strategy() -> federated.Strategy:
-  # CPU: in-graph loop with loop-safe conv gradients; accelerators: one vmap.
+  # CPU: in-graph loop with loop-safe conv gradients; accelerators: one vmap of im2col convs with
+  # the dense kernel as factors (one H100: 1500 rounds in 15-17 s vs 50-59 s for vmap+lax).
   if jax.default_backend() == "cpu":
-    return federated.Strategy(federated.Sequential(), "tapgrad")
-  return federated.Strategy(federated.Vmap(), "lax")
+    return federated.Strategy(federated.Sequential(), "tapgrad", lowrank=True)
+  return federated.Strategy(federated.Vmap(), "im2col", lowrank=True)
 
 
 def run(args, save=None) -> dict:
@@ -74,8 +75,10 @@ def run(args, save=None) -> dict:
   strategy = (default_strategy() if args.strategy == "auto" else federated.Strategy.from_name(args.strategy))
   apply_fn, params, _ = models.build(spec, jax.random.key(0), conv_impl=strategy.conv_impl)
   norm_apply = lambda p, s, x, **kw: apply_fn(p, s, x.astype(jnp.float32) / 255.0, **kw)
-  schedule = federated.LocalSchedule(batch_size=args.batch, num_epochs=1)
-  alg = federated.fedavg(norm_apply, optax.sgd(args.lr), schedule)
+  schedule = strategy.schedule(federated.LocalSchedule(batch_size=args.batch, num_epochs=1))
+  # '+lowrank' strategies train the 12544x128 dense kernel as factors (same SGD).
+  lowrank = strategy.lowrank_dense(params, schedule.total_steps(args.examples) * args.batch, args.lr)
+  alg = federated.fedavg(norm_apply, optax.sgd(args.lr), schedule, lowrank=lowrank)
   data = synthetic_cifar(args.num_clients, args.examples, jax.random.key(1))
   jax.block_until_ready(data)
   root = jax.random.key(2)

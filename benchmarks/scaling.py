@@ -57,7 +57,9 @@ def default_strategy(spec) -> federated.Strategy:
 
 def round_time(spec, strategy, cohort, steps, batch, repeats, mesh=None) -> tuple[float, float]:
   apply_fn, params, batch_stats = models.build(spec, jax.random.key(0), conv_impl=strategy.conv_impl)
-  alg = federated.fedavg(apply_fn, optax.sgd(0.01), federated.LocalSchedule(batch_size=batch))
+  schedule = strategy.schedule(federated.LocalSchedule(batch_size=batch))
+  lowrank = strategy.lowrank_dense(params, steps * batch, 0.01)  # '+lowrank' strategies
+  alg = federated.fedavg(apply_fn, optax.sgd(0.01), schedule, lowrank=lowrank)
   round_fn = federated.make_round(alg, execution=strategy.execution, mesh=mesh)
   state = alg.init(params, jax.random.key(1), batch_stats=batch_stats)
   data = make_data(spec, cohort, steps, batch, spec.num_classes)

@@ -177,8 +177,9 @@ def build_spec(config, input_shape, num_classes):
 def build_apply(spec, normalize, conv_impl: str) -> Callable:
   base = models.make_apply(spec, conv_impl=conv_impl)
 
-  def apply_fn(params, batch_stats, x, *, train, example_mask=None):
-    return base(params, batch_stats, normalize(x), train=train, example_mask=example_mask)
+  def apply_fn(params, batch_stats, x, *, train, example_mask=None, **options):
+    # options: the model's own keywords (gates, dense_lowrank), passed through.
+    return base(params, batch_stats, normalize(x), train=train, example_mask=example_mask, **options)
 
   return apply_fn
 
@@ -191,7 +192,9 @@ def build_schedule(config) -> federated.LocalSchedule:
                                  num_steps=c.num_steps or None)
 
 
-def build_algorithm(config, apply_fn, schedule=None) -> federated.FedAlgorithm:
+def build_algorithm(config, apply_fn, schedule=None, lowrank=None) -> federated.FedAlgorithm:
+  """The FedAvg-family algorithm of `config`; `lowrank` (from `build_lowrank`, used by
+  '+lowrank' strategies) trains large dense kernels as factors, same results."""
   c, a = config.client, config.algorithm
   if c.optimizer == "sgd":
     client_opt = optax.sgd(c.learning_rate, momentum=c.momentum or None)
@@ -199,17 +202,35 @@ def build_algorithm(config, apply_fn, schedule=None) -> federated.FedAlgorithm:
     client_opt = optax.adam(c.learning_rate)
   if schedule is None:
     schedule = build_schedule(config)
+  if lowrank is not None and a.name == "fedprox":
+    raise ValueError("a '+lowrank' strategy cannot run FedProx (its proximal term is not low-rank)")
   if a.name == "fedavg":
     return federated.fedavg(apply_fn, client_opt, schedule,
-                            server_optimizer=optax.sgd(a.server_learning_rate))
+                            server_optimizer=optax.sgd(a.server_learning_rate), lowrank=lowrank)
   if a.name == "fedavgm":
     return federated.fedavgm(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate,
-                             server_momentum=a.server_momentum)
+                             server_momentum=a.server_momentum, lowrank=lowrank)
   if a.name == "fedadam":
-    return federated.fedadam(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate)
+    return federated.fedadam(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate,
+                             lowrank=lowrank)
   if a.name == "fedyogi":
-    return federated.fedyogi(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate)
+    return federated.fedyogi(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate,
+                             lowrank=lowrank)
   return federated.fedprox(apply_fn, client_opt, schedule, mu=a.prox_mu)
+
+
+def build_lowrank(config, spec, params, max_examples: int) -> federated.LowRankDense | None:
+  """The `LowRankDense` a '+lowrank' strategy may use for this dense run, or None when the
+  run cannot (clients not plain SGD, FedProx, a model without `dense_lowrank`) or no
+  dense kernel is cheaper as factors over the clients' rows (steps x batch)."""
+  c, a = config.client, config.algorithm
+  if (c.optimizer != "sgd" or c.momentum or a.name == "fedprox"
+      or not isinstance(spec, (models.MLPSpec, models.ConvNetSpec))):
+    return None
+  schedule = build_schedule(config)
+  rows = schedule.total_steps(int(max_examples)) * schedule.batch_size
+  layers = federated.worthwhile_lowrank_layers(params, rows)
+  return federated.LowRankDense(layers, float(c.learning_rate)) if layers else None
 
 
 def has_conv(spec) -> bool:

@@ -233,25 +233,37 @@ def mesh_for(env: Env, strategy: federated.Strategy):
 
 
 def choose_strategy(env: Env, spec, params, batch_stats,
-                    algorithm_for: Callable[[Callable, federated.LocalSchedule], federated.FedAlgorithm],
-                    cohort: federated.Cohort) -> tuple[federated.Strategy, dict]:
+                    algorithm_for: Callable[..., federated.FedAlgorithm],
+                    cohort: federated.Cohort, *,
+                    lowrank: federated.LowRankDense | None = None) -> tuple[federated.Strategy, dict]:
   """Client-execution strategy: `config.strategy` by name, or 'auto' = time a 2-step round
   of each candidate (result cached on disk per model/cohort/batch shape).
 
   Args:
     algorithm_for: (apply_fn, schedule) -> FedAlgorithm whose `init(params, key,
-      batch_stats=...)` builds a server state for `params`.
+      batch_stats=...)` builds a server state for `params`; with `lowrank`, also
+      (apply_fn, schedule, lowrank) for the '+lowrank' candidates.
+    lowrank: the `LowRankDense` the run may use (`build.build_lowrank`); None = no
+      '+lowrank' candidates.
   Returns:
     (strategy, timings in seconds per candidate; {} when named).
   """
   config = env.config
   if config.strategy != "auto":
-    return named_strategy(env, config.strategy), {}
+    strategy = named_strategy(env, config.strategy)
+    if strategy.lowrank and lowrank is None:
+      raise ValueError(f"config.strategy={config.strategy!r}: '+lowrank' (dense kernels trained as "
+                       "factors) needs a dense FedAvg-family run with plain-SGD clients and an "
+                       "MLP/ConvNet with a dense layer worth factoring; this run is not one")
+    return strategy, {}
   short = federated.LocalSchedule(batch_size=config.client.batch_size, num_steps=2)
 
   def run_round_for(strategy):
     apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl)
-    alg = algorithm_for(apply_fn, strategy.schedule(short))
+    if strategy.lowrank:
+      alg = algorithm_for(apply_fn, strategy.schedule(short), lowrank)
+    else:
+      alg = algorithm_for(apply_fn, strategy.schedule(short))
     round_fn = federated.make_round(alg, execution=strategy.execution, mesh=mesh_for(env, strategy))
     state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
 
@@ -264,7 +276,8 @@ def choose_strategy(env: Env, spec, params, batch_stats,
   unroll = federated.waste_free_unroll(np.asarray(env.data.train.num_examples),
                                        build.build_schedule(config))
   candidates = federated.candidate_strategies(cohort_size=len(cohort.client_ids),
-                                              has_conv=build.has_conv(spec), unroll=unroll)
+                                              has_conv=build.has_conv(spec), unroll=unroll,
+                                              lowrank=lowrank is not None)
   if env.mesh is not None:
     # Written-out steps (CPU candidates only) overlap one step's tail with the next step's
     # head on the cores a device has; a CPU device of a sharded round has one core
@@ -276,7 +289,8 @@ def choose_strategy(env: Env, spec, params, batch_stats,
   cache_path = config.strategy_cache or build.default_strategy_cache()
   key = (f"{spec!r}|C={len(cohort.client_ids)}|B={config.client.batch_size}"
          f"|E={env.data.train.max_examples}|unroll={unroll}|{jax.default_backend()}"
-         f"|mesh={env.mesh.size if env.mesh is not None else 0}")
+         f"|mesh={env.mesh.size if env.mesh is not None else 0}"
+         f"|lowrank={','.join(lowrank.layers) if lowrank is not None else ''}")
   env.log(f"calibrating client execution over {len(candidates)} strategies (cached in {cache_path})")
   return federated.select_strategy(run_round_for, candidates, cache_path=cache_path,
                                    cache_key=key, log=env.log)

@@ -125,7 +125,10 @@ def test_auto_strategy_times_sharded_and_unsharded_candidates_on_cpu(tmp_path, c
   assert summary["strategy"] in timed
   with open(c.strategy_cache) as f:
     ((key, entry),) = json.load(f).items()
-  assert entry["best"] == summary["strategy"] and key.endswith("|mesh=4")
+  # The key names the mesh and the factored layers '+lowrank' candidates would use (the
+  # tiny MLP has no dense kernel worth factoring, so none are timed).
+  assert entry["best"] == summary["strategy"] and key.endswith("|mesh=4|lowrank=")
+  assert not any("lowrank" in name for name in timed)
 
 
 def test_named_strategy_is_sharded_exactly_when_the_run_has_a_mesh():
@@ -140,3 +143,43 @@ def test_named_strategy_is_sharded_exactly_when_the_run_has_a_mesh():
   assert runtime.mesh_for(alone, federated.Strategy.from_name("vmap+lax")) is None
   with pytest.raises(ValueError, match="no device mesh"):
     runtime.mesh_for(alone, federated.Strategy.from_name("vmap+lax+sharded"))
+
+
+def test_build_lowrank_only_for_runs_it_reproduces():
+  from fedjax_prune import models as models_lib
+  build_lib = build
+  config = fedavg_synthetic.get_config()
+  spec = models_lib.leaf_femnist_cnn()
+  shapes, _ = models_lib.param_shapes(spec)
+  config.client.optimizer, config.client.momentum, config.algorithm.name = "sgd", 0.0, "fedavg"
+  config.client.batch_size, config.client.num_epochs, config.client.num_steps = 32, 1, 4
+  got = build_lib.build_lowrank(config, spec, shapes, max_examples=100)
+  assert got is not None and got.layers == ("dense_0",)
+  assert got.learning_rate == config.client.learning_rate
+  config.client.momentum = 0.9  # momentum SGD: the kernel's update is not the plain gradient
+  assert build_lib.build_lowrank(config, spec, shapes, max_examples=100) is None
+  config.client.momentum, config.algorithm.name = 0.0, "fedprox"
+  assert build_lib.build_lowrank(config, spec, shapes, max_examples=100) is None
+  config.algorithm.name = "fedavg"
+  assert build_lib.build_lowrank(config, models_lib.resnet20(), models_lib.param_shapes(
+      models_lib.resnet20())[0], max_examples=100) is None
+
+
+def test_named_lowrank_strategy_on_a_run_that_cannot_use_it_is_refused(tmp_path):
+  c = tiny_config()
+  c.strategy = "sequential+lax+lowrank"  # the tiny MLP has no dense kernel worth factoring
+  with pytest.raises(ValueError, match="'\\+lowrank'.*this run is not one"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_lowrank_strategy_reproduces_the_dense_run(tmp_path):
+  summaries = {}
+  for name in ("sequential+lax", "sequential+lax+lowrank"):
+    c = tiny_config()
+    c.model.hidden = (256,)  # dense_0 is worth factoring over 3 steps x 4 rows per client
+    c.strategy = name
+    summaries[name] = train.train_and_evaluate(c, str(tmp_path / name))
+  dense, factored = summaries["sequential+lax"], summaries["sequential+lax+lowrank"]
+  assert factored["strategy"] == "sequential+lax+lowrank"
+  assert factored["test_loss"] == pytest.approx(dense["test_loss"], rel=1e-4)
+  assert factored["test_accuracy"] == pytest.approx(dense["test_accuracy"], abs=1e-6)

@@ -86,9 +86,12 @@ def run(config, env: runtime.Env) -> dict:
   data = env.data
   spec = build.build_spec(config, data.input_shape, data.num_classes)
   _, params, batch_stats = models.build(spec, jax.random.key(config.seeds.init))
-  algorithm_for = lambda apply_fn, schedule: build.build_algorithm(config, apply_fn, schedule)
+  algorithm_for = lambda apply_fn, schedule, lowrank=None: build.build_algorithm(
+      config, apply_fn, schedule, lowrank=lowrank)
   density = float(config.get("prune_density", 1.0))
   prune_round = config.get("prune_round", 0) if density < 1.0 else None
+  # Large dense kernels trained as factors: dense runs only (pruning adds masks).
+  lowrank = build.build_lowrank(config, spec, params, data.train.max_examples) if prune_round is None else None
 
   # The state template needs no compiled round, so restore first: a resumed run reuses
   # the checkpoint's client-execution strategy (another one would sum in another order).
@@ -112,13 +115,18 @@ def run(config, env: runtime.Env) -> dict:
 
   if strategy_name is None:
     strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats, algorithm_for,
-                                                runtime.cohort_for(env, 0))
+                                                runtime.cohort_for(env, 0), lowrank=lowrank)
   else:
     strategy, timings = federated.Strategy.from_name(strategy_name), {}
   schedule = strategy.schedule(build.build_schedule(config))
   env.log(f"client execution: {strategy.name}")
   apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
-  alg = build.build_algorithm(config, apply_fn, schedule)
+  if strategy.lowrank and lowrank is None:
+    raise ValueError(f"strategy {strategy.name!r} trains dense kernels as factors, which this run "
+                     "cannot (needs plain-SGD clients, no FedProx, no pruning, an MLP/ConvNet "
+                     "with a large dense layer)")
+  alg = build.build_algorithm(config, apply_fn, schedule,
+                              lowrank=lowrank if strategy.lowrank else None)
   round_fn = federated.make_round(alg, execution=strategy.execution,
                                   mesh=runtime.mesh_for(env, strategy), donate=True)
   evaluate = runtime.make_evaluator(env, apply_fn)

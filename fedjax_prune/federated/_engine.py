@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_prune.data import ClientData, client_slice, pad_cohort
+from fedjax_prune.federated import _lowrank
 from fedjax_prune.types import PRNGKey, PyTree
 
 CLIENT_AXIS = "clients"
@@ -82,7 +83,9 @@ class ClientOutput(NamedTuple):
 
   Attributes:
     sums: pytree summed over the cohort in-graph (pre-weight it yourself, e.g.
-      `n_k * delta_k` and `n_k`); padding clients contribute exactly zero.
+      `n_k * delta_k` and `n_k`); padding clients contribute exactly zero. A
+      `LowRankSum(left, right)` leaf is summed as the dense matrix left^T right
+      (under `Vmap` one GEMM over every client's rows).
     per_client: pytree returned stacked along the client axis [C, ...].
   """
   sums: PyTree
@@ -174,10 +177,11 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
   keys_C = jax.vmap(lambda i: jax.random.fold_in(client_root, i))(ids_C)
   if isinstance(execution, Vmap):
     outs = jax.vmap(one_client)(ids_C, active_C, capacity_C, keys_C)
-    return ClientOutput(jax.tree.map(lambda x: jnp.sum(x, axis=0), outs.sums), outs.per_client)
+    return ClientOutput(_lowrank.sum_stacked(outs.sums), outs.per_client)
 
   if isinstance(execution, Sequential):
-    out_struct = jax.eval_shape(one_client, ids_C[0], active_C[0], capacity_C[0], keys_C[0])
+    sums_struct = jax.eval_shape(lambda *xs: _lowrank.densify_sums(one_client(*xs).sums),
+                                 ids_C[0], active_C[0], capacity_C[0], keys_C[0])
 
     def body(total, xs):
       # No branch on `active`: a lax.cond here cost a copy of every summed leaf per
@@ -185,9 +189,9 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
       # pass (with the per-step branches, ~7 % of the thunk time of an 8-client LEAF
       # CNN round in an XLA:CPU profile). Padding clients train zero steps.
       out = one_client(*xs)
-      return jax.tree.map(jnp.add, total, out.sums), out.per_client
+      return jax.tree.map(jnp.add, total, _lowrank.densify_sums(out.sums)), out.per_client
 
-    total, per_client = jax.lax.scan(body, _zeros_like_struct(out_struct.sums),
+    total, per_client = jax.lax.scan(body, _zeros_like_struct(sums_struct),
                                      (ids_C, active_C, capacity_C, keys_C))
     return ClientOutput(total, per_client)
 
@@ -197,13 +201,13 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
       raise ValueError(f"cohort of {num_clients} is not a multiple of the chunk size {size}")
     chunks = lambda a: a.reshape((num_clients // size, size) + a.shape[1:])
     vmapped = jax.vmap(one_client)
-    out_struct = jax.eval_shape(vmapped, ids_C[:size], active_C[:size], capacity_C[:size],
-                                keys_C[:size])
-    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), out_struct.sums)
+    sums_struct = jax.eval_shape(lambda *xs: _lowrank.sum_stacked(vmapped(*xs).sums),
+                                 ids_C[:size], active_C[:size], capacity_C[:size], keys_C[:size])
+    zero_sums = _zeros_like_struct(sums_struct)
 
     def body(total, xs):
       out = vmapped(*xs)
-      chunk_sum = jax.tree.map(lambda x: jnp.sum(x, axis=0), out.sums)
+      chunk_sum = _lowrank.sum_stacked(out.sums)
       return jax.tree.map(jnp.add, total, chunk_sum), out.per_client
 
     total, per_client = jax.lax.scan(body, zero_sums,

@@ -20,6 +20,7 @@ import optax
 
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
+from fedjax_prune.federated._lowrank import FactoredKernel, LowRankDense
 from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey, PyTree
 
 
@@ -283,7 +284,8 @@ TransformFn = Callable[[jax.Array, PRNGKey], jax.Array]
 def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation,
                      schedule: LocalSchedule, *, loss_fn: LossFn = softmax_cross_entropy,
                      train_transform: TransformFn | None = None,
-                     penalty_fn: PenaltyFn | None = None) -> Callable:
+                     penalty_fn: PenaltyFn | None = None,
+                     lowrank: LowRankDense | None = None) -> Callable:
   """Builds `local_train` for one client (write one client; the engine maps it).
 
   Args:
@@ -295,6 +297,13 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
     train_transform: per-batch augmentation `(x [B, ...], key) -> x`, inside jit.
     penalty_fn: optional regulariser `(params, penalty_state) -> []` added to the
       mean batch loss (FedProx's proximal term, variational pruning costs...).
+    lowrank: optional `LowRankDense`: the kernels of its layers are trained by plain
+      SGD at its learning rate and held as factors (`federated._lowrank`): the
+      returned params hold a `FactoredKernel(base, left, right)` for each, and
+      `optimizer` (its state, `opt_state`) covers the other parameters only. Needs an
+      apply_fn that takes `dense_lowrank` (`models.make_apply` of an MLPSpec or
+      ConvNetSpec); no masks, no penalty_fn. Same training as `optax.sgd(lr)` on every
+      parameter when `optimizer` is that.
 
   Returns:
     `local_train(params, batch_stats, data, key, *, masks=None, penalty_state=None,
@@ -303,9 +312,18 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
     and parameters are masked every step, so pruned weights stay exactly zero.
   """
 
+  if lowrank is not None and penalty_fn is not None:
+    raise ValueError("lowrank (factored dense kernels) cannot be combined with a penalty_fn: "
+                     "the penalty's gradient on those kernels is not held as factors")
+
   def local_train(params: Params, batch_stats: BatchStats, data: ClientData, key: PRNGKey, *,
                   masks: Masks | None = None, penalty_state: Any = None,
                   opt_state: Any = None) -> tuple[LocalState, LocalMetrics]:
+    if lowrank is not None:
+      if masks is not None:
+        raise ValueError("lowrank (factored dense kernels) trains dense models: pass masks=None")
+      return _local_train_lowrank(apply_fn, optimizer, schedule, loss_fn, train_transform,
+                                  lowrank, params, batch_stats, data, key, opt_state)
     max_examples = data.x.shape[0]
     shuffle_key, augment_key = jax.random.split(key)
     del key
@@ -355,6 +373,84 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
     return run_schedule_steps(train_step, init, data.num_examples, max_examples, schedule)
 
   return local_train
+
+
+def _local_train_lowrank(apply_fn, optimizer, schedule: LocalSchedule, loss_fn: LossFn,
+                         train_transform: TransformFn | None, lowrank: LowRankDense,
+                         params: Params, batch_stats: BatchStats, data: ClientData, key: PRNGKey,
+                         opt_state: Any) -> tuple[LocalState, LocalMetrics]:
+  """`local_train` with the kernels of `lowrank.layers` held as server kernel + factors."""
+  max_examples = data.x.shape[0]
+  batch = schedule.batch_size
+  rows = schedule.total_steps(max_examples) * batch  # static: the most rows a client fills
+  shuffle_key, augment_key = jax.random.split(key)
+  del key
+  for name in lowrank.layers:
+    if name not in params or "kernel" not in params[name] or jnp.ndim(params[name]["kernel"]) != 2:
+      raise ValueError(f"lowrank layer {name!r} is not a dense layer of these params "
+                       f"(top-level entries: {sorted(params)})")
+  bases = {name: params[name]["kernel"] for name in lowrank.layers}
+  # Every parameter but the factored kernels: what the optimizer and the gradient see.
+  rest = {name: ({k: v for k, v in sub.items() if k != "kernel"} if name in bases else sub)
+          for name, sub in params.items()}
+  if opt_state is None:
+    opt_state = optimizer.init(rest)
+  # The factor buffers start as zeros. The barrier keeps XLA from treating them as
+  # constants: with constant zero factors under jit + vmap, XLA:CPU (jax 0.10.2)
+  # returned NaN gradients for the convolutions below them.
+  factors = jax.lax.optimization_barrier(
+      {name: (jnp.zeros((rows, w.shape[0]), w.dtype), jnp.zeros((rows, w.shape[1]), w.dtype))
+       for name, w in bases.items()})
+
+  def full_params(p):
+    return {name: ({**sub, "kernel": bases[name]} if name in bases else sub) for name, sub in p.items()}
+
+  def batch_loss(p, probes, stats, factors, x, y, mask):
+    lowrank_in = {name: (left, right, probes[name]) for name, (left, right) in factors.items()}
+    logits, new_stats, inputs = apply_fn(full_params(p), stats, x, train=True, example_mask=mask,
+                                         dense_lowrank=lowrank_in)
+    per_example = loss_fn(logits, y)
+    weights = mask.astype(per_example.dtype)
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    loss = jnp.sum(per_example * weights) / count
+    correct = count_correct(logits, y, weights)
+    return loss, (new_stats, inputs, jnp.sum(per_example * weights), correct)
+
+  grad_fn = jax.value_and_grad(batch_loss, argnums=(0, 1), has_aux=True)
+  permutations = epoch_permutations(shuffle_key, data.num_examples, max_examples, schedule)
+
+  def train_step(carry, real_step):
+    (p, stats, opt, factors), metrics = carry
+    step = static_step_index(real_step, data.num_examples, max_examples, schedule)
+    idx, mask = batch_indices(shuffle_key, step, data.num_examples, max_examples, schedule,
+                              permutations)
+    x, y = data.x[idx], data.y[idx]
+    if train_transform is not None:
+      x = train_transform(x, jax.random.fold_in(augment_key, step))
+    probes = {name: jnp.zeros((batch, w.shape[1]), w.dtype) for name, w in bases.items()}
+    (_, (new_stats, inputs, loss_sum, correct)), (grads, probe_grads) = grad_fn(
+        p, probes, stats, factors, x, y, mask)
+    updates, new_opt = optimizer.update(grads, opt, p)
+    new_p = optax.apply_updates(p, updates)
+    # This step's kernel gradient is inputs^T probe_grads: append the pair as rows.
+    row = real_step * batch
+    new_factors = {
+        name: (jax.lax.dynamic_update_slice(left, inputs[name].astype(left.dtype), (row, 0)),
+               jax.lax.dynamic_update_slice(
+                   right, (-lowrank.learning_rate * probe_grads[name]).astype(right.dtype), (row, 0)))
+        for name, (left, right) in factors.items()}
+    n = jnp.sum(mask).astype(jnp.float32)
+    new_metrics = LocalMetrics(metrics.loss_sum + loss_sum, metrics.correct_sum + correct,
+                               metrics.num_examples + n, metrics.num_steps + 1.0)
+    return (new_p, new_stats, new_opt, new_factors), new_metrics
+
+  zero = jnp.zeros((), jnp.float32)
+  init = ((rest, batch_stats, opt_state, factors), LocalMetrics(zero, zero, zero, zero))
+  (p, stats, opt, factors), metrics = run_schedule_steps(train_step, init, data.num_examples,
+                                                         max_examples, schedule)
+  trained = {name: ({**sub, "kernel": FactoredKernel(bases[name], *factors[name])}
+                    if name in bases else sub) for name, sub in p.items()}
+  return LocalState(trained, stats, opt), metrics
 
 
 def count_correct(logits: jax.Array, y: jax.Array, weights: jax.Array) -> jax.Array:

@@ -66,14 +66,26 @@ class _MLP(nnx.Module):
       setattr(self, f'dense_{i}', _layers.Dense(in_features, width, kernel_init_fn, rngs=rngs))
       in_features = width
 
-  def __call__(self, x: jax.Array, *, train: bool, example_mask: Optional[jax.Array]):
+  def __call__(self, x: jax.Array, *, train: bool, example_mask: Optional[jax.Array],
+               dense_lowrank: Optional[dict] = None):
     del train, example_mask  # no BatchNorm
     h = x.reshape(x.shape[0], -1)
-    for i in range(self.num_dense):
-      h = getattr(self, f'dense_{i}')(h)
-      if i < self.num_dense - 1:
-        h = jax.nn.relu(h)
-    return h
+    return _dense_stack(self, self.num_dense, h, dense_lowrank)
+
+
+def _dense_stack(module, num_dense: int, h: jax.Array, dense_lowrank: Optional[dict]):
+  """dense_0 .. dense_{n-1} with ReLU between. Without `dense_lowrank`: the logits. With it
+  ({name: (left, right, probe)}, see `_layers.Dense`): (logits, {name: the layer's input [B, in]})."""
+  inputs = {}
+  for j in range(num_dense):
+    name = f'dense_{j}'
+    lowrank = None if dense_lowrank is None else dense_lowrank.get(name)
+    if lowrank is not None:
+      inputs[name] = h
+    h = getattr(module, name)(h, lowrank)
+    if j < num_dense - 1:
+      h = jax.nn.relu(h)
+  return h if dense_lowrank is None else (h, inputs)
 
 
 class _ConvNet(nnx.Module):
@@ -97,7 +109,7 @@ class _ConvNet(nnx.Module):
       in_features = width
 
   def __call__(self, x: jax.Array, *, train: bool, example_mask: Optional[jax.Array],
-               gates: Optional[dict] = None):
+               gates: Optional[dict] = None, dense_lowrank: Optional[dict] = None):
     gates = {} if gates is None else gates
     h = x
     for i, pool in enumerate(self.pools):
@@ -107,11 +119,7 @@ class _ConvNet(nnx.Module):
       if pool is not None:
         h = _layers.max_pool(h, pool)
     h = _layers.global_avg_pool(h) if self.head == 'gap' else h.reshape(h.shape[0], -1)
-    for j in range(self.num_dense):
-      h = getattr(self, f'dense_{j}')(h)
-      if j < self.num_dense - 1:
-        h = jax.nn.relu(h)
-    return h
+    return _dense_stack(self, self.num_dense, h, dense_lowrank)
 
 
 class _Stem(nnx.Module):
@@ -359,7 +367,15 @@ def make_apply(spec, *, conv_impl: str = 'auto') -> ApplyFn:
         [m] or [B, m], 'layer': [] or [B]}} scaling the block's inner channels
         (after ReLU(BN1(conv1))) and its whole residual branch (after BN2,
         before the add). Missing entries are ungated; other specs reject gates.
-        Default None: exactly the ungated model.
+        Default None: exactly the ungated model;
+      * dense_lowrank: optional {'dense_{j}': (left [R, in], right [R, out],
+        probe [B, out])} (MLPSpec and ConvNetSpec): layer j computes with the
+        kernel `kernel + left^T right` without forming it, plus `probe` on its
+        output, and apply_fn then returns a third value, {'dense_{j}': the
+        layer's input [B, in]}. With zero probes, the gradients with respect to
+        the probes and those inputs give each layer's kernel gradient as the
+        factor pair input^T probe_grad: local SGD can then keep a client's kernel
+        as the server kernel plus factors (`federated.LowRankDense`).
     Pure: compose freely with jit, vmap (over params, batch_stats and x
     together), grad (use `has_aux`), lax.scan and lax.map.
   """
@@ -367,8 +383,8 @@ def make_apply(spec, *, conv_impl: str = 'auto') -> ApplyFn:
   input_shape = tuple(spec.input_shape)
 
   def apply_fn(params: Params, batch_stats: BatchStats, x: jax.Array, *, train: bool,
-               example_mask: Optional[jax.Array] = None,
-               gates: Optional[dict] = None) -> tuple[jax.Array, BatchStats]:
+               example_mask: Optional[jax.Array] = None, gates: Optional[dict] = None,
+               dense_lowrank: Optional[dict] = None) -> tuple[jax.Array, BatchStats]:
     params_state = _to_state(abstract_params, params, 'params')
     stats_state = _to_state(abstract_stats, batch_stats, 'batch_stats')
     model = nnx.merge(graphdef, params_state, stats_state)
@@ -377,6 +393,20 @@ def make_apply(spec, *, conv_impl: str = 'auto') -> ApplyFn:
     if example_mask is not None and jnp.shape(example_mask) != (x.shape[0],):
       raise ValueError(f'example_mask must have shape ({x.shape[0]},), got '
                        f'{jnp.shape(example_mask)}')
+    if dense_lowrank is not None:
+      if not isinstance(model, (_MLP, _ConvNet)):
+        raise ValueError(f'dense_lowrank is supported for MLPSpec and ConvNetSpec models, not '
+                         f'{type(spec).__name__}')
+      unknown = sorted(set(dense_lowrank) - {f'dense_{j}' for j in range(model.num_dense)})
+      if unknown:
+        raise ValueError(f'dense_lowrank names layers this model does not have: {unknown}')
+      extra = {} if gates is None else {'gates': gates}
+      if gates is not None and not isinstance(model, _ConvNet):
+        raise ValueError('gates are supported for ConvNetSpec and ResNetSpec models, not '
+                         f'{type(spec).__name__}')
+      logits, inputs = model(x, train=bool(train), example_mask=example_mask,
+                             dense_lowrank=dense_lowrank, **extra)
+      return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), inputs
     if gates is None:
       logits = model(x, train=bool(train), example_mask=example_mask)
     elif not isinstance(model, (_ConvNet, _ResNet)):

@@ -196,8 +196,16 @@ class Dense(nnx.Module):
                                            jnp.float32))
     self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
 
-  def __call__(self, x_BxD: jax.Array) -> jax.Array:
-    return x_BxD @ self.kernel[...] + _channel_view(self.bias[...], 2)
+  def __call__(self, x_BxD: jax.Array, lowrank: Optional[tuple] = None) -> jax.Array:
+    """x [B, in] -> [B, out]. With `lowrank = (left [R, in], right [R, out], probe [B, out])`
+    the kernel is `kernel + left^T right` without forming it (x (kernel + left^T right) =
+    x kernel + (x left^T) right), and `probe` is added to the output (pass zeros: the
+    gradient with respect to it is the gradient with respect to the output)."""
+    y = x_BxD @ self.kernel[...]
+    if lowrank is not None:
+      left_RxI, right_RxO, probe_BxO = lowrank
+      y = y + (x_BxD @ left_RxI.T) @ right_RxO + probe_BxO
+    return y + _channel_view(self.bias[...], 2)
 
 
 class BatchNorm(nnx.Module):

@@ -1,0 +1,152 @@
+"""Factored dense client kernels (`federated.LowRankDense`): same rounds as dense SGD."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_prune import federated, models, testing
+from fedjax_prune.data import from_client_lists, to_device
+
+LR = 0.05
+
+
+def _problem(spec, sizes=(7, 13, 0, 4, 9), seed=0):
+  """Random data for `spec` with unequal (one empty) clients."""
+  rng = np.random.default_rng(seed)
+  shape = tuple(spec.input_shape)
+  xs = [rng.normal(size=(n,) + shape).astype(np.float32) for n in sizes]
+  ys = [rng.integers(0, spec.num_classes, n).astype(np.int32) for n in sizes]
+  apply_fn, params, stats = models.build(spec, jax.random.key(seed), conv_impl='im2col')
+  return apply_fn, params, stats, to_device(from_client_lists(xs, ys, allow_empty=True))
+
+
+def _round(apply_fn, params, stats, data, schedule, execution, lowrank, rounds=2):
+  alg = federated.fedavg(apply_fn, optax.sgd(LR), schedule, lowrank=lowrank)
+  state = alg.init(params, jax.random.key(1), batch_stats=stats)
+  round_fn = federated.make_round(alg, execution=execution)
+  cohort = federated.make_cohort(np.arange(data.num_examples.shape[0]))
+  for r in range(rounds):
+    state, metrics = round_fn(state, data, cohort, jax.random.key(10 + r))
+  return state, metrics
+
+
+CONVNET = models.ConvNetSpec(input_shape=(8, 8, 1), convs=(models.ConvSpec(features=3, pool=2),),
+                             hidden=(24,), num_classes=5)
+MLP = models.mlp(input_shape=(10,), hidden=(16, 12), num_classes=4)
+
+
+@pytest.mark.parametrize("execution", [federated.Sequential(), federated.Vmap(), federated.Chunked(2)],
+                         ids=["sequential", "vmap", "chunked2"])
+@pytest.mark.parametrize("schedule", [federated.LocalSchedule(batch_size=4, num_epochs=2),
+                                      federated.LocalSchedule(batch_size=3, num_steps=3, unroll=2)],
+                         ids=["epochs", "steps-unroll2"])
+def test_factored_dense_kernels_give_the_dense_rounds(execution, schedule):
+  apply_fn, params, stats, data = _problem(CONVNET)
+  dense_state, dense_metrics = _round(apply_fn, params, stats, data, schedule, execution, None)
+  lowrank = federated.LowRankDense(("dense_0", "dense_1"), LR)
+  state, metrics = _round(apply_fn, params, stats, data, schedule, execution, lowrank)
+  testing.assert_trees_close(state.params, dense_state.params, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(metrics["train_loss"], dense_metrics["train_loss"], rtol=1e-5)
+  # The round trained something: the kernels moved.
+  assert float(jnp.max(jnp.abs(state.params["dense_0"]["kernel"] - params["dense_0"]["kernel"]))) > 1e-3
+
+
+def test_mlp_and_one_factored_layer_with_sharded_cohort():
+  apply_fn, params, stats, data = _problem(MLP, sizes=(6, 2, 11))
+  schedule = federated.LocalSchedule(batch_size=4, num_epochs=1)
+  lowrank = federated.LowRankDense(("dense_1",), LR)
+  mesh = federated.client_mesh(jax.devices()[:2]) if jax.device_count() >= 2 else None
+  alg = federated.fedavg(apply_fn, optax.sgd(LR), schedule, lowrank=lowrank)
+  dense_alg = federated.fedavg(apply_fn, optax.sgd(LR), schedule)
+  cohort = federated.make_cohort([2, 0, 1])
+  out = federated.make_round(alg, execution=federated.Vmap(), mesh=mesh)(
+      alg.init(params, None), data, cohort, jax.random.key(3))[0]
+  ref = federated.make_round(dense_alg, execution=federated.Sequential())(
+      dense_alg.init(params, None), data, cohort, jax.random.key(3))[0]
+  testing.assert_trees_close(out.params, ref.params, rtol=2e-5, atol=2e-6)
+
+
+def test_client_kernel_is_base_plus_factors_and_matches_dense_local_training():
+  apply_fn, params, stats, data = _problem(CONVNET)
+  schedule = federated.LocalSchedule(batch_size=4, num_epochs=1)
+  one = jax.tree.map(lambda a: a[1], data)  # 13 examples: 4 steps, the last partial
+  dense = federated.make_local_train(apply_fn, optax.sgd(LR), schedule)
+  factored = federated.make_local_train(apply_fn, optax.sgd(LR), schedule,
+                                        lowrank=federated.LowRankDense(("dense_0",), LR))
+  ref, ref_metrics = jax.jit(dense)(params, stats, one, jax.random.key(4))
+  got, metrics = jax.jit(factored)(params, stats, one, jax.random.key(4))
+  kernel = got.params["dense_0"]["kernel"]
+  assert isinstance(kernel, federated.FactoredKernel)
+  assert kernel.left.shape == (16, params["dense_0"]["kernel"].shape[0])  # 4 steps x batch 4 rows
+  np.testing.assert_array_equal(kernel.base, params["dense_0"]["kernel"])  # the server kernel
+  got_params = jax.tree.map(lambda x: x.dense() if isinstance(x, federated.FactoredKernel) else x,
+                            got.params, is_leaf=lambda x: isinstance(x, federated.FactoredKernel))
+  testing.assert_trees_close(got_params, ref.params, rtol=2e-5, atol=2e-6)
+  assert float(metrics.num_steps) == float(ref_metrics.num_steps) == 4.0
+  # The partial last batch's padding rows contribute nothing (zero output gradients).
+  np.testing.assert_array_equal(kernel.right[13:], 0.0)
+
+
+def test_lowrank_sum_reduction_is_one_gemm_of_the_stacked_factors():
+  left = jax.random.normal(jax.random.key(0), (3, 5, 4))
+  right = jax.random.normal(jax.random.key(1), (3, 5, 2))
+  summed = federated._lowrank.sum_stacked({"w": federated.LowRankSum(left, right), "b": jnp.ones((3, 2))})
+  expected = sum(left[c].T @ right[c] for c in range(3))
+  np.testing.assert_allclose(summed["w"], expected, rtol=1e-5)
+  np.testing.assert_allclose(summed["b"], 3.0 * np.ones(2))
+
+
+def test_worthwhile_layers_follow_the_memory_rule():
+  shapes, _ = models.param_shapes(models.leaf_femnist_cnn())
+  # 4 steps x 32 rows: the 3136x2048 kernel pays off, the 2048x62 logits layer does not.
+  assert federated.worthwhile_lowrank_layers(shapes, 128) == ("dense_0",)
+  # 50 epochs of many steps: nothing is cheaper as factors.
+  assert federated.worthwhile_lowrank_layers(shapes, 20000) == ()
+  with pytest.raises(ValueError, match="rows"):
+    federated.worthwhile_lowrank_layers(shapes, 0)
+
+
+def test_lowrank_rejects_what_it_cannot_do_exactly():
+  apply_fn, params, stats, data = _problem(CONVNET)
+  schedule = federated.LocalSchedule(batch_size=4)
+  lowrank = federated.LowRankDense(("dense_0",), LR)
+  with pytest.raises(ValueError, match="FedProx"):
+    federated.fedavg(apply_fn, optax.sgd(LR), schedule, lowrank=lowrank, prox_mu=0.1)
+  with pytest.raises(ValueError, match="masks"):
+    federated.fedavg(apply_fn, optax.sgd(LR), schedule, lowrank=lowrank).init(
+        params, None, masks=federated.dense_masks(params))
+  with pytest.raises(ValueError, match="not a dense layer"):
+    local = federated.make_local_train(apply_fn, optax.sgd(LR), schedule,
+                                       lowrank=federated.LowRankDense(("conv_0",), LR))
+    local(params, stats, jax.tree.map(lambda a: a[0], data), jax.random.key(0))
+  with pytest.raises(ValueError, match="learning_rate"):
+    federated.LowRankDense(("dense_0",), 0.0)
+  with pytest.raises(ValueError, match="tuple of layer names"):
+    federated.LowRankDense("dense_0", LR)
+  resnet_apply, resnet_params, resnet_stats = models.build(
+      models.cifar_resnet(depth=8, num_classes=3, width_multiplier=0.25), jax.random.key(0))
+  with pytest.raises(ValueError, match="MLPSpec and ConvNetSpec"):
+    resnet_apply(resnet_params, resnet_stats, jnp.zeros((2, 32, 32, 3)), train=True,
+                 dense_lowrank={"head": (jnp.zeros((1, 4)), jnp.zeros((1, 3)), jnp.zeros((2, 3)))})
+
+
+def test_strategy_names_and_candidates_with_lowrank():
+  s = federated.Strategy.from_name("sequential+tapgrad+unroll4+lowrank+sharded")
+  assert (s.unroll, s.lowrank, s.sharded, s.conv_impl) == (4, True, True, "tapgrad")
+  assert s.name == "sequential+tapgrad+unroll4+lowrank+sharded"
+  assert federated.Strategy.from_name("vmap+lax+lowrank").name == "vmap+lax+lowrank"
+  cpu = [c.name for c in federated.candidate_strategies(cohort_size=8, has_conv=True, backend="cpu",
+                                                         unroll=4, lowrank=True)]
+  assert cpu[:4] == ["sequential+tapgrad", "sequential+tapgrad+unroll4",
+                     "sequential+tapgrad+lowrank", "sequential+tapgrad+unroll4+lowrank"]
+  assert not any(c.lowrank for c in federated.candidate_strategies(
+      cohort_size=8, has_conv=True, backend="cpu", unroll=4))
+  gpu = [c.name for c in federated.candidate_strategies(cohort_size=512, has_conv=True, backend="gpu",
+                                                         lowrank=True)]
+  assert "vmap+im2col+lowrank" in gpu and "chunked128+lax+lowrank" in gpu
+  shapes, _ = models.param_shapes(models.leaf_femnist_cnn())
+  assert s.lowrank_dense(shapes, 128, 0.1) == federated.LowRankDense(("dense_0",), 0.1)
+  assert federated.Strategy.from_name("vmap+lax").lowrank_dense(shapes, 128, 0.1) is None
