@@ -29,6 +29,7 @@ machine), and only the compile-time numbers are measured -- said in the JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -45,29 +46,35 @@ from engine import make_data, model_specs  # noqa: E402
 from fedjax_prune import accounting, federated, models  # noqa: E402
 
 
-def _strategies(backend: str, chunk: int, smoke: bool = False, has_conv: bool = True
-                ) -> list[federated.Strategy]:
+def _strategies(backend: str, chunk: int, smoke: bool = False, has_conv: bool = True,
+                lowrank: bool = False) -> list[federated.Strategy]:
   # On CPU, vmapped convs use im2col (lax convs would become grouped convs) and
   # in-graph loops 'tapgrad'; on accelerators XLA's own convolutions.
   vmap_impl, loop_impl = ("im2col", "tapgrad") if (backend == "cpu" and has_conv) else ("lax", "lax")
   out = [federated.Strategy(federated.Vmap(), vmap_impl),
          federated.Strategy(federated.Chunked(chunk), vmap_impl),
          federated.Strategy(federated.Sequential(), loop_impl)]
-  return [out[0], out[2]] if smoke else out  # smoke: the two ends, fewer compiles
+  out = [out[0], out[2]] if smoke else out  # smoke: the two ends, fewer compiles
+  if lowrank:  # the same strategies with big dense kernels held as factors
+    out += [dataclasses.replace(s, lowrank=True) for s in out]
+  return out
 
 
-def _build_round(spec, strategy, batch, remat):
+def _build_round(spec, strategy, batch, remat, steps):
   apply_fn, params, batch_stats = models.build(spec, jax.random.key(0), conv_impl=strategy.conv_impl)
   if remat:
     apply_fn = _common.remat_apply(apply_fn)
-  alg = federated.fedavg(apply_fn, optax.sgd(0.01), federated.LocalSchedule(batch_size=batch))
+  # '+lowrank': big dense kernels held as factors over the client's steps x batch rows.
+  lowrank = strategy.lowrank_dense(params, steps * batch, 0.01)
+  alg = federated.fedavg(apply_fn, optax.sgd(0.01), federated.LocalSchedule(batch_size=batch),
+                         lowrank=lowrank)
   state = alg.init(params, jax.random.key(1), batch_stats=batch_stats)
   return federated.make_round(alg, execution=strategy.execution, donate=True), state
 
 
 def compiled_memory(spec, strategy, cohort, steps, batch, remat=False) -> dict:
   """Compile-time memory of one round (bytes): arguments, outputs, temporaries, peak."""
-  round_fn, state = _build_round(spec, strategy, batch, remat)
+  round_fn, state = _build_round(spec, strategy, batch, remat, steps)
   data = jax.eval_shape(lambda: make_data(spec, cohort, steps, batch, spec.num_classes))
   cohort_ids = federated.make_cohort(np.arange(cohort))
   t = time.perf_counter()
@@ -97,7 +104,7 @@ def _fit(xs, ys) -> tuple[float, float]:
 
 def verify_run(spec, strategy, cohort, steps, batch, remat=False) -> dict:
   """Runs one round at `cohort` and reads the device's peak memory (GPU/TPU only)."""
-  round_fn, state = _build_round(spec, strategy, batch, remat)
+  round_fn, state = _build_round(spec, strategy, batch, remat, steps)
   data = make_data(spec, cohort, steps, batch, spec.num_classes)
   state = jax.tree.map(jnp.copy, state)
   before = _common.device_memory_stats().get("peak_bytes_in_use")
@@ -129,6 +136,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--remat", action="store_true", help="also analyse with jax.checkpoint")
+  parser.add_argument("--lowrank", action="store_true",
+                      help="also analyse each strategy with big dense kernels as factors (+lowrank)")
   parser.add_argument("--verify", action="store_true", help="GPU: run the predicted largest vmapped cohort")
   parser.add_argument("--verify-max", type=int, default=2048, help="largest cohort a verifying run uses")
   parser.add_argument("--smoke", action="store_true")
@@ -156,7 +165,8 @@ def main(argv=None):
                 floor=floor._asdict(), rows=rows, summary=summary, verify=[],
                 command="python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:]))
   for remat in ([False, True] if args.remat else [False]):
-    for strategy in _strategies(backend, chunk, args.smoke, not isinstance(spec, models.MLPSpec)):
+    for strategy in _strategies(backend, chunk, args.smoke, not isinstance(spec, models.MLPSpec),
+                                args.lowrank):
       ms = [compiled_memory(spec, strategy, c, args.steps, args.batch, remat) for c in cohorts
             if not (isinstance(strategy.execution, federated.Chunked) and c % chunk)]
       rows += ms
