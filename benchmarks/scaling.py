@@ -59,6 +59,8 @@ def round_time(spec, strategy, cohort, steps, batch, repeats, mesh=None) -> tupl
   apply_fn, params, batch_stats = models.build(spec, jax.random.key(0), conv_impl=strategy.conv_impl)
   schedule = strategy.schedule(federated.LocalSchedule(batch_size=batch))
   lowrank = strategy.lowrank_dense(params, steps * batch, 0.01)  # '+lowrank' strategies
+  if strategy.lowrank and lowrank is None:
+    raise ValueError(f"{strategy.name}: no dense kernel of this model is worth factoring")
   alg = federated.fedavg(apply_fn, optax.sgd(0.01), schedule, lowrank=lowrank)
   round_fn = federated.make_round(alg, execution=strategy.execution, mesh=mesh)
   state = alg.init(params, jax.random.key(1), batch_stats=batch_stats)
