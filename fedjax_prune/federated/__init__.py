@@ -12,7 +12,7 @@ from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalState, batch_indices, epoch_permutations,
                                            loop_real_steps, make_local_train, num_real_steps, proximal_penalty,
                                            round_train_metrics, run_schedule_steps, softmax_cross_entropy,
-                                           static_step_index, waste_free_unroll)
+                                           static_step_index, step_batch, waste_free_unroll)
 from fedjax_prune.federated._lowrank import (FactoredKernel, LowRankDense, LowRankSum,
                                               worthwhile_lowrank_layers)
 from fedjax_prune.federated._strategy import (Strategy, candidate_strategies, select_strategy)

@@ -276,6 +276,23 @@ def run_schedule_steps(step_fn: Callable[[Any, jax.Array], Any], carry: Any,
                          differentiable_max_steps=total if schedule.differentiable else None)
 
 
+def step_batch(data: ClientData, real_step: jax.Array, shuffle_key: PRNGKey, augment_key: PRNGKey,
+               schedule: LocalSchedule, permutations: jax.Array | None,
+               train_transform: Callable | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The batch of a client's `real_step`-th real local step: (x [B, ...], y [B], mask [B], step),
+  `step` being its padded-layout index (`static_step_index`), which keys the augmentation
+  `train_transform(x, fold_in(augment_key, step))` and anything else per step."""
+  max_examples = data.x.shape[0]
+  step = static_step_index(real_step, data.num_examples, max_examples, schedule)
+  idx, mask = batch_indices(shuffle_key, step, data.num_examples, max_examples, schedule,
+                            permutations)
+  x, y = data.x[idx], data.y[idx]
+  if train_transform is not None:
+    x = train_transform(x, jax.random.fold_in(augment_key, step))
+  return x, y, mask, step
+
+
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 PenaltyFn = Callable[[Params, Any], jax.Array]
 TransformFn = Callable[[jax.Array, PRNGKey], jax.Array]
@@ -349,12 +366,8 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
 
     def train_step(carry, real_step):
       state, metrics = carry
-      step = static_step_index(real_step, data.num_examples, max_examples, schedule)
-      idx, mask = batch_indices(shuffle_key, step, data.num_examples, max_examples, schedule,
-                                permutations)
-      x, y = data.x[idx], data.y[idx]
-      if train_transform is not None:
-        x = train_transform(x, jax.random.fold_in(augment_key, step))
+      x, y, mask, _ = step_batch(data, real_step, shuffle_key, augment_key, schedule, permutations,
+                                 train_transform)
       (_, (new_stats, loss_sum, correct)), grads = grad_fn(state.params, state.batch_stats, x, y, mask)
       if masks is not None:
         grads = _apply_masks(grads, masks)
@@ -421,12 +434,8 @@ def _local_train_lowrank(apply_fn, optimizer, schedule: LocalSchedule, loss_fn: 
 
   def train_step(carry, real_step):
     (p, stats, opt, factors), metrics = carry
-    step = static_step_index(real_step, data.num_examples, max_examples, schedule)
-    idx, mask = batch_indices(shuffle_key, step, data.num_examples, max_examples, schedule,
-                              permutations)
-    x, y = data.x[idx], data.y[idx]
-    if train_transform is not None:
-      x = train_transform(x, jax.random.fold_in(augment_key, step))
+    x, y, mask, _ = step_batch(data, real_step, shuffle_key, augment_key, schedule, permutations,
+                               train_transform)
     probes = {name: jnp.zeros((batch, w.shape[1]), w.dtype) for name, w in bases.items()}
     (_, (new_stats, inputs, loss_sum, correct)), (grads, probe_grads) = grad_fn(
         p, probes, stats, factors, x, y, mask)

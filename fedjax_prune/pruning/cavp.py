@@ -74,9 +74,8 @@ from fedjax_prune import accounting, models
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalMetrics,
-                                    LocalSchedule, batch_indices, epoch_permutations,
-                                    round_train_metrics, run_schedule_steps,
-                                    softmax_cross_entropy, static_step_index)
+                                    LocalSchedule, epoch_permutations, round_train_metrics,
+                                    run_schedule_steps, softmax_cross_entropy, step_batch)
 from fedjax_prune import structured
 from fedjax_prune.structured import _drop_blocks
 from fedjax_prune.types import BatchStats, Params, PRNGKey
@@ -544,12 +543,8 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
 
     def step(carry, real_step):
       (params, stats, theta, baseline, w_opt, t_opt), metrics = carry
-      step_idx = static_step_index(real_step, data.num_examples, max_examples, schedule)
-      idx, mask = batch_indices(shuffle_key, step_idx, data.num_examples, max_examples, schedule,
-                                permutations)
-      x, y = data.x[idx], data.y[idx]
-      if train_transform is not None:
-        x = train_transform(x, jax.random.fold_in(augment_key, step_idx))
+      x, y, mask, step_idx = step_batch(data, real_step, shuffle_key, augment_key, schedule,
+                                        permutations, train_transform)
       b = sample_gates(theta, alive, jax.random.fold_in(gate_key, step_idx),
                        batch_size=x.shape[0] if options.per_example else None)
       (g_w, g_t), (new_stats, loss, loss_sum, correct) = grad_fn(
