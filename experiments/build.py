@@ -230,7 +230,8 @@ def build_lowrank(config, spec, params, max_examples: int) -> federated.LowRankD
   schedule = build_schedule(config)
   rows = schedule.total_steps(int(max_examples)) * schedule.batch_size
   layers = federated.worthwhile_lowrank_layers(params, rows)
-  return federated.LowRankDense(layers, float(c.learning_rate)) if layers else None
+  # rows: a short calibration round then pays the correction cost of the full run's factors.
+  return federated.LowRankDense(layers, float(c.learning_rate), rows=rows) if layers else None
 
 
 def has_conv(spec) -> bool:

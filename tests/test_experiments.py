@@ -156,6 +156,7 @@ def test_build_lowrank_only_for_runs_it_reproduces():
   got = build_lib.build_lowrank(config, spec, shapes, max_examples=100)
   assert got is not None and got.layers == ("dense_0",)
   assert got.learning_rate == config.client.learning_rate
+  assert got.rows == 4 * 32  # the run's rows, also used by the short calibration rounds
   config.client.momentum = 0.9  # momentum SGD: the kernel's update is not the plain gradient
   assert build_lib.build_lowrank(config, spec, shapes, max_examples=100) is None
   config.client.momentum, config.algorithm.name = 0.0, "fedprox"

@@ -396,6 +396,7 @@ def _local_train_lowrank(apply_fn, optimizer, schedule: LocalSchedule, loss_fn: 
   max_examples = data.x.shape[0]
   batch = schedule.batch_size
   rows = schedule.total_steps(max_examples) * batch  # static: the most rows a client fills
+  rows = max(rows, lowrank.rows or 0)  # padded with zero rows to the run's size (calibration)
   shuffle_key, augment_key = jax.random.split(key)
   del key
   for name in lowrank.layers:

@@ -38,9 +38,15 @@ class LowRankDense:
     learning_rate: the clients' plain-SGD learning rate (the same as the client
       optimizer's, which trains every other parameter; use `optax.sgd(lr)` without
       momentum for a run identical to the dense one).
+    rows: factor rows per client; None = local steps x batch size of the schedule
+      (the most any client fills). A larger value pads the factors with zero rows:
+      same results, at the cost of the run it was taken from (the experiments'
+      strategy calibration times a 2-step round with the full run's rows, since the
+      correction `(x left^T) right` costs in proportion to the rows).
   """
   layers: tuple[str, ...]
   learning_rate: float
+  rows: int | None = None
 
   def __post_init__(self):
     if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers):
@@ -50,6 +56,9 @@ class LowRankDense:
       raise ValueError("LowRankDense needs at least one layer name")
     if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
       raise ValueError(f"learning_rate must be a number > 0, got {self.learning_rate!r}")
+    if self.rows is not None and (not isinstance(self.rows, int) or isinstance(self.rows, bool)
+                                  or self.rows < 1):
+      raise ValueError(f"rows must be None or an int >= 1, got {self.rows!r}")
 
 
 class LowRankSum(NamedTuple):

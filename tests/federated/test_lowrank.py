@@ -88,6 +88,15 @@ def test_client_kernel_is_base_plus_factors_and_matches_dense_local_training():
   assert float(metrics.num_steps) == float(ref_metrics.num_steps) == 4.0
   # The partial last batch's padding rows contribute nothing (zero output gradients).
   np.testing.assert_array_equal(kernel.right[13:], 0.0)
+  # More rows than the schedule fills (a calibration round priced at a longer run's size):
+  # zero rows, the same kernel.
+  padded = federated.make_local_train(apply_fn, optax.sgd(LR), schedule,
+                                      lowrank=federated.LowRankDense(("dense_0",), LR, rows=40))
+  got40, _ = jax.jit(padded)(params, stats, one, jax.random.key(4))
+  kernel40 = got40.params["dense_0"]["kernel"]
+  assert kernel40.left.shape[0] == 40
+  np.testing.assert_array_equal(kernel40.right[16:], 0.0)
+  np.testing.assert_allclose(kernel40.dense(), kernel.dense(), rtol=1e-6, atol=1e-7)
 
 
 def test_lowrank_sum_reduction_is_one_gemm_of_the_stacked_factors():
@@ -126,6 +135,8 @@ def test_lowrank_rejects_what_it_cannot_do_exactly():
     federated.LowRankDense(("dense_0",), 0.0)
   with pytest.raises(ValueError, match="tuple of layer names"):
     federated.LowRankDense("dense_0", LR)
+  with pytest.raises(ValueError, match="rows"):
+    federated.LowRankDense(("dense_0",), LR, rows=0)
   resnet_apply, resnet_params, resnet_stats = models.build(
       models.cifar_resnet(depth=8, num_classes=3, width_multiplier=0.25), jax.random.key(0))
   with pytest.raises(ValueError, match="MLPSpec and ConvNetSpec"):
