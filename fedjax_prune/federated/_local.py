@@ -88,6 +88,11 @@ class LocalMetrics(NamedTuple):
   num_examples: jax.Array   # [] examples processed (with repeats over epochs)
   num_steps: jax.Array      # [] real (non-padded) steps taken
 
+  def add_step(self, loss_sum: jax.Array, correct: jax.Array, mask_B: jax.Array) -> "LocalMetrics":
+    """These sums plus one step's: its summed loss, correct count and example mask [B]."""
+    return LocalMetrics(self.loss_sum + loss_sum, self.correct_sum + correct,
+                        self.num_examples + jnp.sum(mask_B).astype(jnp.float32), self.num_steps + 1.0)
+
 
 def round_train_metrics(summed: LocalMetrics, num_clients) -> dict:
   """The round's training metrics from the cohort's summed `LocalMetrics`: mean loss and
@@ -351,14 +356,10 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
 
     def batch_loss(p, stats, x, y, mask):
       logits, new_stats = apply_fn(p, stats, x, train=True, example_mask=mask)
-      per_example = loss_fn(logits, y)
-      weights = mask.astype(per_example.dtype)
-      count = jnp.maximum(jnp.sum(weights), 1.0)
-      loss = jnp.sum(per_example * weights) / count
+      loss, loss_sum, correct = masked_batch_loss(loss_fn, logits, y, mask)
       if penalty_fn is not None:
         loss = loss + penalty_fn(p, penalty_state)
-      correct = count_correct(logits, y, weights)
-      return loss, (new_stats, jnp.sum(per_example * weights), correct)
+      return loss, (new_stats, loss_sum, correct)
 
     grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
@@ -375,10 +376,7 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
       new_params = optax.apply_updates(state.params, updates)
       if masks is not None:
         new_params = _apply_masks(new_params, masks)
-      n = jnp.sum(mask).astype(jnp.float32)
-      new_metrics = LocalMetrics(metrics.loss_sum + loss_sum, metrics.correct_sum + correct,
-                                 metrics.num_examples + n, metrics.num_steps + 1.0)
-      return LocalState(new_params, new_stats, new_opt), new_metrics
+      return LocalState(new_params, new_stats, new_opt), metrics.add_step(loss_sum, correct, mask)
 
     zero = jnp.zeros((), jnp.float32)
     init = (LocalState(params, batch_stats, opt_state), LocalMetrics(zero, zero, zero, zero))
@@ -423,12 +421,8 @@ def _local_train_lowrank(apply_fn, optimizer, schedule: LocalSchedule, loss_fn: 
     lowrank_in = {name: (left, right, probes[name]) for name, (left, right) in factors.items()}
     logits, new_stats, inputs = apply_fn(full_params(p), stats, x, train=True, example_mask=mask,
                                          dense_lowrank=lowrank_in)
-    per_example = loss_fn(logits, y)
-    weights = mask.astype(per_example.dtype)
-    count = jnp.maximum(jnp.sum(weights), 1.0)
-    loss = jnp.sum(per_example * weights) / count
-    correct = count_correct(logits, y, weights)
-    return loss, (new_stats, inputs, jnp.sum(per_example * weights), correct)
+    loss, loss_sum, correct = masked_batch_loss(loss_fn, logits, y, mask)
+    return loss, (new_stats, inputs, loss_sum, correct)
 
   grad_fn = jax.value_and_grad(batch_loss, argnums=(0, 1), has_aux=True)
   permutations = epoch_permutations(shuffle_key, data.num_examples, max_examples, schedule)
@@ -449,10 +443,7 @@ def _local_train_lowrank(apply_fn, optimizer, schedule: LocalSchedule, loss_fn: 
                jax.lax.dynamic_update_slice(
                    right, (-lowrank.learning_rate * probe_grads[name]).astype(right.dtype), (row, 0)))
         for name, (left, right) in factors.items()}
-    n = jnp.sum(mask).astype(jnp.float32)
-    new_metrics = LocalMetrics(metrics.loss_sum + loss_sum, metrics.correct_sum + correct,
-                               metrics.num_examples + n, metrics.num_steps + 1.0)
-    return (new_p, new_stats, new_opt, new_factors), new_metrics
+    return (new_p, new_stats, new_opt, new_factors), metrics.add_step(loss_sum, correct, mask)
 
   zero = jnp.zeros((), jnp.float32)
   init = ((rest, batch_stats, opt_state, factors), LocalMetrics(zero, zero, zero, zero))
@@ -461,6 +452,16 @@ def _local_train_lowrank(apply_fn, optimizer, schedule: LocalSchedule, loss_fn: 
   trained = {name: ({**sub, "kernel": FactoredKernel(bases[name], *factors[name])}
                     if name in bases else sub) for name, sub in p.items()}
   return LocalState(trained, stats, opt), metrics
+
+
+def masked_batch_loss(loss_fn: LossFn, logits: jax.Array, y: jax.Array, mask_B: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(mean loss over the real examples, summed loss, correct count) of one batch; padding
+  examples (mask False) count for nothing, and an all-padding batch has loss 0."""
+  per_example = loss_fn(logits, y)
+  weights = mask_B.astype(per_example.dtype)
+  loss_sum = jnp.sum(per_example * weights)
+  return loss_sum / jnp.maximum(jnp.sum(weights), 1.0), loss_sum, count_correct(logits, y, weights)
 
 
 def count_correct(logits: jax.Array, y: jax.Array, weights: jax.Array) -> jax.Array:

@@ -75,7 +75,8 @@ from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalMetrics,
                                     LocalSchedule, epoch_permutations, round_train_metrics,
-                                    run_schedule_steps, softmax_cross_entropy, step_batch)
+                                    masked_batch_loss, run_schedule_steps, softmax_cross_entropy,
+                                    step_batch)
 from fedjax_prune import structured
 from fedjax_prune.structured import _drop_blocks
 from fedjax_prune.types import BatchStats, Params, PRNGKey
@@ -527,9 +528,7 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
         gates = jax.tree_util.tree_map_with_path(
             lambda p, s, path=path, value=value: jnp.full_like(s, value) if p == path else s, b)
         logits, _ = apply_fn(params, stats, x, train=True, example_mask=mask, gates=gates)
-        per_example = loss_fn(logits, y)
-        weights = mask.astype(per_example.dtype)
-        losses.append(jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0))
+        losses.append(masked_batch_loss(loss_fn, logits, y, mask)[0])
       diffs[path] = losses[0] - losses[1]
     return jax.tree_util.tree_map_with_path(lambda p, t: diffs.get(p, jnp.zeros_like(t)), theta)
 
@@ -560,10 +559,8 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
       theta = project(optax.apply_updates(theta, t_updates), alive, options)
       baseline = jnp.where(jnp.isnan(baseline), loss,
                            options.baseline_decay * baseline + (1 - options.baseline_decay) * loss)
-      n = jnp.sum(mask).astype(jnp.float32)
-      metrics = LocalMetrics(metrics.loss_sum + loss_sum, metrics.correct_sum + correct,
-                             metrics.num_examples + n, metrics.num_steps + 1.0)
-      return (params, new_stats, theta, baseline, w_opt, t_opt), metrics
+      return (params, new_stats, theta, baseline, w_opt, t_opt), metrics.add_step(loss_sum, correct,
+                                                                                  mask)
 
     zero = jnp.zeros((), jnp.float32)
     init = ((params, batch_stats, theta, baseline, w_opt, t_opt), LocalMetrics(zero, zero, zero, zero))
