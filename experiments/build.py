@@ -221,17 +221,18 @@ def build_algorithm(config, apply_fn, schedule=None, lowrank=None) -> federated.
 
 def build_lowrank(config, spec, params, max_examples: int) -> federated.LowRankDense | None:
   """The `LowRankDense` a '+lowrank' strategy may use for this dense run, or None when the
-  run cannot (clients not plain SGD, FedProx, a model without `dense_lowrank`) or no
-  dense kernel is cheaper as factors over the clients' rows (steps x batch)."""
+  run cannot (clients not SGD, FedProx, a model without `dense_lowrank`) or no dense
+  kernel is cheaper as factors over the clients' rows (steps x batch)."""
   c, a = config.client, config.algorithm
-  if (c.optimizer != "sgd" or c.momentum or a.name == "fedprox"
+  if (c.optimizer != "sgd" or a.name == "fedprox"
       or not isinstance(spec, (models.MLPSpec, models.ConvNetSpec))):
     return None
   schedule = build_schedule(config)
   rows = schedule.total_steps(int(max_examples)) * schedule.batch_size
   layers = federated.worthwhile_lowrank_layers(params, rows)
   # rows: a short calibration round then pays the correction cost of the full run's factors.
-  return federated.LowRankDense(layers, float(c.learning_rate), rows=rows) if layers else None
+  return (federated.LowRankDense(layers, float(c.learning_rate), rows=rows,
+                                 momentum=float(c.momentum or 0.0)) if layers else None)
 
 
 def has_conv(spec) -> bool:

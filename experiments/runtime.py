@@ -253,7 +253,7 @@ def choose_strategy(env: Env, spec, params, batch_stats,
     strategy = named_strategy(env, config.strategy)
     if strategy.lowrank and lowrank is None:
       raise ValueError(f"config.strategy={config.strategy!r}: '+lowrank' (dense kernels trained as "
-                       "factors) needs a dense FedAvg-family run with plain-SGD clients and an "
+                       "factors) needs a dense FedAvg-family run with SGD clients and an "
                        "MLP/ConvNet with a dense layer worth factoring; this run is not one")
     return strategy, {}
   short = federated.LocalSchedule(batch_size=config.client.batch_size, num_steps=2)

@@ -157,9 +157,12 @@ def test_build_lowrank_only_for_runs_it_reproduces():
   assert got is not None and got.layers == ("dense_0",)
   assert got.learning_rate == config.client.learning_rate
   assert got.rows == 4 * 32  # the run's rows, also used by the short calibration rounds
-  config.client.momentum = 0.9  # momentum SGD: the kernel's update is not the plain gradient
+  assert got.momentum == 0.0
+  config.client.momentum = 0.9  # heavy-ball momentum: the factors' row weights follow it
+  assert build_lib.build_lowrank(config, spec, shapes, max_examples=100).momentum == 0.9
+  config.client.optimizer = "adam"  # Adam's per-coordinate scaling is not low-rank
   assert build_lib.build_lowrank(config, spec, shapes, max_examples=100) is None
-  config.client.momentum, config.algorithm.name = 0.0, "fedprox"
+  config.client.optimizer, config.client.momentum, config.algorithm.name = "sgd", 0.0, "fedprox"
   assert build_lib.build_lowrank(config, spec, shapes, max_examples=100) is None
   config.algorithm.name = "fedavg"
   assert build_lib.build_lowrank(config, models_lib.resnet20(), models_lib.param_shapes(

@@ -123,7 +123,7 @@ def run(config, env: runtime.Env) -> dict:
   apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
   if strategy.lowrank and lowrank is None:
     raise ValueError(f"strategy {strategy.name!r} trains dense kernels as factors, which this run "
-                     "cannot (needs plain-SGD clients, no FedProx, no pruning, an MLP/ConvNet "
+                     "cannot (needs SGD clients, no FedProx, no pruning, an MLP/ConvNet "
                      "with a large dense layer)")
   alg = build.build_algorithm(config, apply_fn, schedule,
                               lowrank=lowrank if strategy.lowrank else None)

@@ -88,9 +88,9 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
       parameter update), ~3 % of a one-client LEAF CNN round on 2 CPU cores.
     lowrank: optional `LowRankDense`: clients train those dense kernels as factors
       (`make_local_train`), hand them to the engine as `LowRankSum`s, and the cohort's
-      delta of each is one GEMM over the stacked factors. Needs plain SGD clients
-      (`client_optimizer = optax.sgd(lowrank.learning_rate)` for the dense run's
-      results), no FedProx and no masks; `federated.worthwhile_lowrank_layers` picks
+      delta of each is one GEMM over the stacked factors. Needs SGD clients
+      (`client_optimizer = optax.sgd(lowrank.learning_rate, momentum=lowrank.momentum or
+      None)` for the dense run's results), no FedProx and no masks; `federated.worthwhile_lowrank_layers` picks
       the layers. A pure speed option: the same rounds up to float rounding.
 
   Returns:

@@ -20,7 +20,7 @@ import optax
 
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
-from fedjax_prune.federated._lowrank import FactoredKernel, LowRankDense
+from fedjax_prune.federated._lowrank import FactoredKernel, LowRankDense, row_weights
 from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey, PyTree
 
 
@@ -319,13 +319,13 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
     train_transform: per-batch augmentation `(x [B, ...], key) -> x`, inside jit.
     penalty_fn: optional regulariser `(params, penalty_state) -> []` added to the
       mean batch loss (FedProx's proximal term, variational pruning costs...).
-    lowrank: optional `LowRankDense`: the kernels of its layers are trained by plain
-      SGD at its learning rate and held as factors (`federated._lowrank`): the
+    lowrank: optional `LowRankDense`: the kernels of its layers are trained by SGD at
+      its learning rate and momentum and held as factors (`federated._lowrank`): the
       returned params hold a `FactoredKernel(base, left, right)` for each, and
       `optimizer` (its state, `opt_state`) covers the other parameters only. Needs an
       apply_fn that takes `dense_lowrank` (`models.make_apply` of an MLPSpec or
-      ConvNetSpec); no masks, no penalty_fn. Same training as `optax.sgd(lr)` on every
-      parameter when `optimizer` is that.
+      ConvNetSpec); no masks, no penalty_fn. Same training as `optax.sgd(lr,
+      momentum=momentum or None)` on every parameter when `optimizer` is that.
 
   Returns:
     `local_train(params, batch_stats, data, key, *, masks=None, penalty_state=None,
@@ -407,7 +407,9 @@ def _local_train_lowrank(apply_fn, optimizer, schedule: LocalSchedule, loss_fn: 
           for name, sub in params.items()}
   if opt_state is None:
     opt_state = optimizer.init(rest)
-  # The factor buffers start as zeros. The barrier keeps XLA from treating them as
+  # Factors: the layer inputs (left) and the raw output gradients (grads) of every step,
+  # one row per example; the kernel after t steps is base + left^T (row_weights(t) * grads).
+  # The buffers start as zeros. The barrier keeps XLA from treating them as
   # constants: with constant zero factors under jit + vmap, XLA:CPU (jax 0.10.2)
   # returned NaN gradients for the convolutions below them.
   factors = jax.lax.optimization_barrier(
@@ -416,6 +418,11 @@ def _local_train_lowrank(apply_fn, optimizer, schedule: LocalSchedule, loss_fn: 
 
   def full_params(p):
     return {name: ({**sub, "kernel": bases[name]} if name in bases else sub) for name, sub in p.items()}
+
+  def weighted(factors, steps_taken):
+    weights = row_weights(rows, batch, steps_taken, lowrank.learning_rate, lowrank.momentum)
+    return {name: (left, weights[:, None].astype(grads.dtype) * grads)
+            for name, (left, grads) in factors.items()}
 
   def batch_loss(p, probes, stats, factors, x, y, mask):
     lowrank_in = {name: (left, right, probes[name]) for name, (left, right) in factors.items()}
@@ -433,23 +440,23 @@ def _local_train_lowrank(apply_fn, optimizer, schedule: LocalSchedule, loss_fn: 
                                train_transform)
     probes = {name: jnp.zeros((batch, w.shape[1]), w.dtype) for name, w in bases.items()}
     (_, (new_stats, inputs, loss_sum, correct)), (grads, probe_grads) = grad_fn(
-        p, probes, stats, factors, x, y, mask)
+        p, probes, stats, weighted(factors, real_step), x, y, mask)
     updates, new_opt = optimizer.update(grads, opt, p)
     new_p = optax.apply_updates(p, updates)
     # This step's kernel gradient is inputs^T probe_grads: append the pair as rows.
     row = real_step * batch
     new_factors = {
         name: (jax.lax.dynamic_update_slice(left, inputs[name].astype(left.dtype), (row, 0)),
-               jax.lax.dynamic_update_slice(
-                   right, (-lowrank.learning_rate * probe_grads[name]).astype(right.dtype), (row, 0)))
-        for name, (left, right) in factors.items()}
+               jax.lax.dynamic_update_slice(g, probe_grads[name].astype(g.dtype), (row, 0)))
+        for name, (left, g) in factors.items()}
     return (new_p, new_stats, new_opt, new_factors), metrics.add_step(loss_sum, correct, mask)
 
   zero = jnp.zeros((), jnp.float32)
   init = ((rest, batch_stats, opt_state, factors), LocalMetrics(zero, zero, zero, zero))
   (p, stats, opt, factors), metrics = run_schedule_steps(train_step, init, data.num_examples,
                                                          max_examples, schedule)
-  trained = {name: ({**sub, "kernel": FactoredKernel(bases[name], *factors[name])}
+  final = weighted(factors, num_real_steps(data.num_examples, max_examples, schedule))
+  trained = {name: ({**sub, "kernel": FactoredKernel(bases[name], *final[name])}
                     if name in bases else sub) for name, sub in p.items()}
   return LocalState(trained, stats, opt), metrics
 

@@ -1,7 +1,7 @@
 """Dense-layer client updates held as factors: local SGD without per-client dense kernels.
 
-With plain SGD, a dense kernel's gradient at a step is `x^T g` (layer input x [B, in],
-output gradient g [B, out]), so after t local steps a client's kernel is
+With SGD, a dense kernel's gradient at a step is `x^T g` (layer input x [B, in],
+output gradient g [B, out]), so after t local steps of plain SGD a client's kernel is
 
     W_client = W_server + left^T right,   left = [x_0; ...; x_{t-1}]  [t*B, in],
                                            right = -lr [g_0; ...; g_{t-1}]  [t*B, out].
@@ -12,8 +12,9 @@ The client never forms W_client: its forward pass computes x W_server + (x left^
 GEMM (reduction over only B = 32 rows) and the per-step read-modify-write of the 26 MB
 kernel disappear, and the server's FedAvg aggregate of all clients becomes ONE GEMM over
 the cohort's stacked factors (reduction over C * S * B rows) instead of C per-client
-kernels. Exact (same SGD trajectory up to float rounding), for layers trained by plain
-SGD at a constant learning rate without masks or a penalty on their kernel.
+kernels. Exact (same SGD trajectory up to float rounding), for layers trained by SGD
+(plain or with heavy-ball momentum: each row's weight then depends on how many steps ago it
+was added) at a constant learning rate, without masks or a penalty on their kernel.
 
 `LowRankSum` is how a client hands such a delta to the engine: a `ClientOutput.sums`
 leaf that the engine sums over the cohort as the dense matrix `sum_k left_k^T right_k`.
@@ -29,24 +30,29 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class LowRankDense:
-  """Which dense kernels a client trains as factors, and their SGD learning rate.
+  """Which dense kernels a client trains as factors, and their SGD learning rate and momentum.
 
   Attributes:
     layers: names of dense layers (`'dense_{j}'` of an MLPSpec/ConvNetSpec model)
       whose kernels are held as server kernel + left^T right during local training.
       `worthwhile_lowrank_layers` picks those for which this saves memory.
-    learning_rate: the clients' plain-SGD learning rate (the same as the client
-      optimizer's, which trains every other parameter; use `optax.sgd(lr)` without
-      momentum for a run identical to the dense one).
+    learning_rate: the clients' SGD learning rate (the same as the client
+      optimizer's, which trains every other parameter: `optax.sgd(learning_rate,
+      momentum=momentum or None)` gives a run identical to the dense one).
     rows: factor rows per client; None = local steps x batch size of the schedule
       (the most any client fills). A larger value pads the factors with zero rows:
       same results, at the cost of the run it was taken from (the experiments'
       strategy calibration times a 2-step round with the full run's rows, since the
       correction `(x left^T) right` costs in proportion to the rows).
+    momentum: the clients' SGD (heavy-ball, optax `trace`) momentum, 0 for plain SGD.
+      With momentum the kernel after t steps is still the server kernel plus
+      sum_i x_i^T g_i weighted by -lr (1 - momentum^(t-i)) / (1 - momentum): the factors
+      keep the raw rows and the weights are recomputed from t (no momentum buffer).
   """
   layers: tuple[str, ...]
   learning_rate: float
   rows: int | None = None
+  momentum: float = 0.0
 
   def __post_init__(self):
     if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers):
@@ -56,9 +62,31 @@ class LowRankDense:
       raise ValueError("LowRankDense needs at least one layer name")
     if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
       raise ValueError(f"learning_rate must be a number > 0, got {self.learning_rate!r}")
+    if not isinstance(self.momentum, (int, float)) or not 0.0 <= self.momentum < 1.0:
+      raise ValueError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
     if self.rows is not None and (not isinstance(self.rows, int) or isinstance(self.rows, bool)
                                   or self.rows < 1):
       raise ValueError(f"rows must be None or an int >= 1, got {self.rows!r}")
+
+
+def row_weights(rows: int, batch_size: int, steps_taken: jax.Array, learning_rate: float,
+                momentum: float) -> jax.Array:
+  """[rows] weights of the factor rows after `steps_taken` local SGD steps: row r holds an
+  example of step i = r // batch_size, and the kernel is base + left^T (weights * grads) with
+
+      weight_r = -lr * (1 - momentum^(t - i)) / (1 - momentum)   if i < t, else 0
+
+  (heavy-ball momentum: the gradient of step i has entered t - i updates, with factors
+  1, momentum, momentum^2, ...; plain SGD: -lr for every step taken)."""
+  step_of_row = jnp.arange(rows) // batch_size
+  age = jnp.asarray(steps_taken, jnp.int32) - step_of_row
+  taken = age > 0
+  if momentum == 0.0:
+    scale = jnp.ones((rows,), jnp.float32)
+  else:
+    scale = (1.0 - jnp.power(jnp.float32(momentum), jnp.maximum(age, 0).astype(jnp.float32))) / (
+        1.0 - momentum)
+  return jnp.where(taken, -learning_rate * scale, 0.0)
 
 
 class LowRankSum(NamedTuple):

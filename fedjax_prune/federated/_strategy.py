@@ -32,7 +32,7 @@ class Strategy:
   apply it with `strategy.schedule(schedule)`), and whether the cohort is sharded
   over the caller's device mesh (`make_round(..., mesh=mesh if strategy.sharded else None)`),
   and whether large dense kernels are trained as factors (`lowrank`: the method builds
-  its `LowRankDense` with `lowrank_dense`; plain-SGD dense FedAvg only).
+  its `LowRankDense` with `lowrank_dense`; dense FedAvg with SGD clients only).
 
   On CPU split into one device per core (`split_cpu_into_devices`), sharding runs
   clients on different cores at once: a large gain for compute-bound models
@@ -66,14 +66,15 @@ class Strategy:
     """`schedule` with this strategy's step unrolling (results are unchanged)."""
     return dataclasses.replace(schedule, unroll=self.unroll)
 
-  def lowrank_dense(self, params, rows: int, learning_rate: float) -> LowRankDense | None:
+  def lowrank_dense(self, params, rows: int, learning_rate: float,
+                    momentum: float = 0.0) -> LowRankDense | None:
     """The `LowRankDense` this strategy trains with: None unless `lowrank` and some dense
     kernel of `params` is cheaper as factors over `rows` rows per client (local steps x
-    batch size; `worthwhile_lowrank_layers`)."""
+    batch size; `worthwhile_lowrank_layers`). `learning_rate`, `momentum`: the clients' SGD."""
     if not self.lowrank:
       return None
     layers = worthwhile_lowrank_layers(params, rows)
-    return LowRankDense(layers, learning_rate) if layers else None
+    return LowRankDense(layers, learning_rate, momentum=momentum) if layers else None
 
   @classmethod
   def from_name(cls, name: str) -> "Strategy":
@@ -112,7 +113,7 @@ def candidate_strategies(*, cohort_size: int, has_conv: bool, backend: str | Non
                          lowrank: bool = False) -> list[Strategy]:
   """A short list of plausible strategies, pruned by what is known to be slow.
 
-  With `lowrank=True` (the caller's workload allows `LowRankDense`: plain-SGD dense
+  With `lowrank=True` (the caller's workload allows `LowRankDense`: SGD-client dense
   FedAvg and a dense kernel worth factoring), '+lowrank' variants are added: on CPU of
   the sequential candidates before them (LEAF CNN on 2 cores: one client 1.15x, eight
   clients 1.1x faster), on accelerators of every vectorised candidate.

@@ -137,6 +137,8 @@ def test_lowrank_rejects_what_it_cannot_do_exactly():
     federated.LowRankDense("dense_0", LR)
   with pytest.raises(ValueError, match="rows"):
     federated.LowRankDense(("dense_0",), LR, rows=0)
+  with pytest.raises(ValueError, match="momentum"):
+    federated.LowRankDense(("dense_0",), LR, momentum=1.0)
   resnet_apply, resnet_params, resnet_stats = models.build(
       models.cifar_resnet(depth=8, num_classes=3, width_multiplier=0.25), jax.random.key(0))
   with pytest.raises(ValueError, match="MLPSpec and ConvNetSpec"):
@@ -161,3 +163,33 @@ def test_strategy_names_and_candidates_with_lowrank():
   shapes, _ = models.param_shapes(models.leaf_femnist_cnn())
   assert s.lowrank_dense(shapes, 128, 0.1) == federated.LowRankDense(("dense_0",), 0.1)
   assert federated.Strategy.from_name("vmap+lax").lowrank_dense(shapes, 128, 0.1) is None
+
+
+def test_row_weights_known_values():
+  w = federated._lowrank.row_weights(6, 2, jnp.asarray(2), 0.1, 0.5)
+  # step 0 entered 2 updates (1 + 0.5), step 1 one, step 2 none yet
+  np.testing.assert_allclose(w, [-0.15, -0.15, -0.1, -0.1, 0.0, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(federated._lowrank.row_weights(6, 2, jnp.asarray(3), 0.1, 0.0),
+                             [-0.1] * 6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("execution", [federated.Sequential(), federated.Vmap()], ids=["sequential", "vmap"])
+def test_momentum_sgd_factors_give_the_dense_momentum_rounds(execution):
+  apply_fn, params, stats, data = _problem(CONVNET)
+  schedule = federated.LocalSchedule(batch_size=4, num_epochs=2)  # up to 8 steps, unequal clients
+
+  def run(lowrank):
+    alg = federated.fedavg(apply_fn, optax.sgd(LR, momentum=0.9), schedule, lowrank=lowrank)
+    state = alg.init(params, None, batch_stats=stats)
+    round_fn = federated.make_round(alg, execution=execution)
+    cohort = federated.make_cohort(np.arange(data.num_examples.shape[0]))
+    for r in range(2):
+      state, _ = round_fn(state, data, cohort, jax.random.key(20 + r))
+    return state.params
+
+  dense = run(None)
+  factored = run(federated.LowRankDense(("dense_0",), LR, momentum=0.9))
+  testing.assert_trees_close(factored, dense, rtol=2e-5, atol=2e-6)
+  # Momentum mattered: plain-SGD factors give another model.
+  plain = run(federated.LowRankDense(("dense_0",), LR))
+  assert float(jnp.max(jnp.abs(plain["dense_0"]["kernel"] - dense["dense_0"]["kernel"]))) > 1e-4
