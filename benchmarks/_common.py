@@ -17,6 +17,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 if REPO not in sys.path:
@@ -122,6 +123,17 @@ def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[f
       jax.block_until_ready(fn())
       ts[i].append(now() - t)
   return [statistics.median(t) for t in ts]
+
+
+def fedavg_for(strategy, apply_fn, params, schedule, max_examples: int, lr: float = 0.01):
+  """FedAvg with client SGD (lr) as `strategy` runs it: its step unrolling and, for a
+  '+lowrank' strategy, the large dense kernels as factors over the clients' rows (steps x
+  batch of a client with `max_examples`). Same rounds whichever strategy."""
+  from fedjax_prune import federated  # imported where used, like asp_dense_and_pruned_specs
+  schedule = strategy.schedule(schedule)
+  rows = schedule.total_steps(max_examples) * schedule.batch_size
+  return federated.fedavg(apply_fn, optax.sgd(lr), schedule,
+                          lowrank=strategy.lowrank_dense(params, rows, lr))
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -139,14 +139,8 @@ def engine_round_time(spec, params, data, steps, batch, strategy, repeats, *, ba
   apply_fn = models.make_apply(spec, conv_impl=strategy.conv_impl)
   if remat:
     apply_fn = _common.remat_apply(apply_fn)
-  schedule = strategy.schedule(federated.LocalSchedule(batch_size=batch))  # its step unrolling
-  lr = 0.01
-  # '+lowrank': big dense kernels trained as factors (same SGD); every client has
-  # ceil(examples / batch) steps of `batch` rows.
-  lowrank = strategy.lowrank_dense(params, schedule.total_steps(data.x.shape[1]) * batch, lr)
-  if strategy.lowrank and lowrank is None:
-    raise ValueError(f"{strategy.name}: no dense kernel of this model is cheaper as factors")
-  alg = federated.fedavg(apply_fn, optax.sgd(lr), schedule, lowrank=lowrank)
+  alg = _common.fedavg_for(strategy, apply_fn, params, federated.LocalSchedule(batch_size=batch),
+                          data.x.shape[1])
   round_fn = federated.make_round(alg, execution=strategy.execution, donate=donate, mesh=mesh)
   state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
   if donate:  # the round deletes what it is given: never hand it the shared initial params

@@ -39,7 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import _common  # noqa: E402
 from engine import make_data, model_specs  # noqa: E402
@@ -64,10 +63,8 @@ def _build_round(spec, strategy, batch, remat, steps):
   apply_fn, params, batch_stats = models.build(spec, jax.random.key(0), conv_impl=strategy.conv_impl)
   if remat:
     apply_fn = _common.remat_apply(apply_fn)
-  # '+lowrank': big dense kernels held as factors over the client's steps x batch rows.
-  lowrank = strategy.lowrank_dense(params, steps * batch, 0.01)
-  alg = federated.fedavg(apply_fn, optax.sgd(0.01), federated.LocalSchedule(batch_size=batch),
-                         lowrank=lowrank)
+  alg = _common.fedavg_for(strategy, apply_fn, params, federated.LocalSchedule(batch_size=batch),
+                          steps * batch)
   state = alg.init(params, jax.random.key(1), batch_stats=batch_stats)
   return federated.make_round(alg, execution=strategy.execution, donate=True), state
 

@@ -36,7 +36,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import _common  # noqa: E402
 from fedjax_prune import accounting, federated, models  # noqa: E402
@@ -75,10 +74,9 @@ def run(args, save=None) -> dict:
   strategy = (default_strategy() if args.strategy == "auto" else federated.Strategy.from_name(args.strategy))
   apply_fn, params, _ = models.build(spec, jax.random.key(0), conv_impl=strategy.conv_impl)
   norm_apply = lambda p, s, x, **kw: apply_fn(p, s, x.astype(jnp.float32) / 255.0, **kw)
-  schedule = strategy.schedule(federated.LocalSchedule(batch_size=args.batch, num_epochs=1))
+  schedule = federated.LocalSchedule(batch_size=args.batch, num_epochs=1)
   # '+lowrank' strategies train the 12544x128 dense kernel as factors (same SGD).
-  lowrank = strategy.lowrank_dense(params, schedule.total_steps(args.examples) * args.batch, args.lr)
-  alg = federated.fedavg(norm_apply, optax.sgd(args.lr), schedule, lowrank=lowrank)
+  alg = _common.fedavg_for(strategy, norm_apply, params, schedule, args.examples, args.lr)
   data = synthetic_cifar(args.num_clients, args.examples, jax.random.key(1))
   jax.block_until_ready(data)
   root = jax.random.key(2)

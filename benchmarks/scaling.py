@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import _common  # noqa: E402
@@ -57,11 +56,8 @@ def default_strategy(spec) -> federated.Strategy:
 
 def round_time(spec, strategy, cohort, steps, batch, repeats, mesh=None) -> tuple[float, float]:
   apply_fn, params, batch_stats = models.build(spec, jax.random.key(0), conv_impl=strategy.conv_impl)
-  schedule = strategy.schedule(federated.LocalSchedule(batch_size=batch))
-  lowrank = strategy.lowrank_dense(params, steps * batch, 0.01)  # '+lowrank' strategies
-  if strategy.lowrank and lowrank is None:
-    raise ValueError(f"{strategy.name}: no dense kernel of this model is worth factoring")
-  alg = federated.fedavg(apply_fn, optax.sgd(0.01), schedule, lowrank=lowrank)
+  alg = _common.fedavg_for(strategy, apply_fn, params, federated.LocalSchedule(batch_size=batch),
+                          steps * batch)
   round_fn = federated.make_round(alg, execution=strategy.execution, mesh=mesh)
   state = alg.init(params, jax.random.key(1), batch_stats=batch_stats)
   data = make_data(spec, cohort, steps, batch, spec.num_classes)

@@ -90,8 +90,9 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
       (`make_local_train`), hand them to the engine as `LowRankSum`s, and the cohort's
       delta of each is one GEMM over the stacked factors. Needs SGD clients
       (`client_optimizer = optax.sgd(lowrank.learning_rate, momentum=lowrank.momentum or
-      None)` for the dense run's results), no FedProx and no masks; `federated.worthwhile_lowrank_layers` picks
-      the layers. A pure speed option: the same rounds up to float rounding.
+      None)` for the dense run's results), no FedProx and no masks;
+      `federated.worthwhile_lowrank_layers` picks the layers. A pure speed option: the
+      same rounds up to float rounding.
 
   Returns:
     FedAlgorithm whose state is `ServerState`.

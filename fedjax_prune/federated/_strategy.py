@@ -68,13 +68,20 @@ class Strategy:
 
   def lowrank_dense(self, params, rows: int, learning_rate: float,
                     momentum: float = 0.0) -> LowRankDense | None:
-    """The `LowRankDense` this strategy trains with: None unless `lowrank` and some dense
-    kernel of `params` is cheaper as factors over `rows` rows per client (local steps x
-    batch size; `worthwhile_lowrank_layers`). `learning_rate`, `momentum`: the clients' SGD."""
+    """The `LowRankDense` this strategy trains with: None without `lowrank`, else the dense
+    kernels of `params` that are cheaper as factors over `rows` rows per client (local steps x
+    batch size; `worthwhile_lowrank_layers`). `learning_rate`, `momentum`: the clients' SGD.
+
+    Raises:
+      ValueError: `lowrank` is set but no dense kernel of `params` is worth factoring.
+    """
     if not self.lowrank:
       return None
     layers = worthwhile_lowrank_layers(params, rows)
-    return LowRankDense(layers, learning_rate, momentum=momentum) if layers else None
+    if not layers:
+      raise ValueError(f"strategy {self.name!r}: no dense kernel of this model is cheaper as "
+                       f"factors over {rows} rows per client")
+    return LowRankDense(layers, learning_rate, momentum=momentum)
 
   @classmethod
   def from_name(cls, name: str) -> "Strategy":

@@ -163,6 +163,8 @@ def test_strategy_names_and_candidates_with_lowrank():
   shapes, _ = models.param_shapes(models.leaf_femnist_cnn())
   assert s.lowrank_dense(shapes, 128, 0.1) == federated.LowRankDense(("dense_0",), 0.1)
   assert federated.Strategy.from_name("vmap+lax").lowrank_dense(shapes, 128, 0.1) is None
+  with pytest.raises(ValueError, match="no dense kernel"):
+    s.lowrank_dense(shapes, 20000, 0.1)  # so many rows that no kernel is worth factoring
 
 
 def test_row_weights_known_values():
