@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -109,20 +110,62 @@ def time_call(fn: Callable[[], object], repeats: int, min_total_s: float = 0.3,
   return first, statistics.median(ts)
 
 
-def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+def interleaved_medians(fns: list[Callable[[], object]], repeats: int, *, min_total_s: float = 0.0,
+                        max_calls: int = 2000, burst_s: float = 0.0,
+                        catch: bool = False) -> list[float | Exception]:
   """Median seconds of each (already compiled) fn, timed in turns: a, b, c, a, b, c, ...
 
   Taking turns makes the ratios robust to load that drifts during the run (a
   shared machine): every fn sees the same slow and fast moments.
+
+  By default each fn is called `repeats` times, one call per turn. With
+  `min_total_s`, a fn is called more often (up to `max_calls`) until its calls
+  took that long in all, as `time_call` does for one fn: sub-millisecond rounds
+  need hundreds of calls for a stable median. With `burst_s`, each turn runs a fn
+  back to back for about that long (warm caches, as consecutive training rounds
+  run) before the next fn's turn; a fn's turns are spread evenly over the run.
+  Then one call per fn first estimates its time (not part of the median).
+
+  With `catch`, a fn that raises is dropped from later turns and its entry in the
+  result is the exception; otherwise the exception propagates.
   """
-  ts: list[list[float]] = [[] for _ in fns]
   now = clock()
-  for _ in range(max(1, repeats)):
-    for i, fn in enumerate(fns):
-      t = now()
-      jax.block_until_ready(fn())
-      ts[i].append(now() - t)
-  return [statistics.median(t) for t in ts]
+  n = len(fns)
+  ts: list[list[float]] = [[] for _ in fns]
+  errors: list[Exception | None] = [None] * n
+
+  def call(i):
+    t = now()
+    try:
+      jax.block_until_ready(fns[i]())
+    except Exception as e:  # noqa: BLE001 -- reported per fn when asked to
+      if not catch:
+        raise
+      errors[i] = e
+      return
+    ts[i].append(now() - t)
+
+  if min_total_s <= 0 and burst_s <= 0:
+    plan = [(1, max(1, repeats))] * n  # (calls per turn, turns)
+  else:
+    plan = []
+    for i in range(n):
+      call(i)
+      est = max(ts[i][0], 1e-6) if ts[i] else 1.0
+      calls = min(max_calls, max(repeats, 1, math.ceil(min_total_s / est)))
+      burst = max(1, min(calls, math.floor(burst_s / est))) if burst_s > 0 else 1
+      plan.append((burst, math.ceil(calls / burst)))
+      ts[i].clear()  # the estimate ran after another fn: not a warm round
+  turns = max((t for _, t in plan), default=0)
+  for turn in range(turns):
+    for i, (burst, my_turns) in enumerate(plan):
+      # fn i takes part in `my_turns` of the `turns`, evenly spread
+      if errors[i] is None and (turn * my_turns) // turns != ((turn + 1) * my_turns) // turns:
+        for _ in range(burst):
+          call(i)
+          if errors[i] is not None:
+            break
+  return [errors[i] if errors[i] is not None else statistics.median(ts[i]) for i in range(n)]
 
 
 def fedavg_for(strategy, apply_fn, params, schedule, max_examples: int, lr: float = 0.01):

@@ -12,7 +12,12 @@ The per-client loop baseline is what the papers' code does: for each client,
 copy the server model and call a jitted SGD step S times from Python (data
 already on device and pre-sliced, so the loop pays only dispatch), then
 average; it is run with each conv lowering in `--loop-impls` and the fastest
-is the baseline. Achieved GFLOP/s = 3 x forward FLOPs
+is a baseline. That loop trains on fixed, unshuffled batches: it skips the
+shuffling an FL round does. The '+shuffled' loops do the engine's whole round
+(each client's batches drawn from its shuffled examples with the engine's keys;
+the same result, tests/test_benchmarks.py) as the same loop of jitted steps;
+`--no-shuffled-loop` skips them. "vs loop" is against the fastest loop of either
+kind, "vs shuf" against the fastest shuffled one. Achieved GFLOP/s = 3 x forward FLOPs
 (accounting.training_flops) / time, next to a large matmul measured in the same
 run under the same matmul precision (and under 'highest', true f32).
 
@@ -20,15 +25,21 @@ Knobs (GPU): `--precision` (matmul precision while tracing: default,
 highest, tensorfloat32, bfloat16), `--donate` (donate the server state to the
 round), `--remat` (jax.checkpoint around the model: fewer saved activations).
 Rounds are chained (each round gets the previous round's state), as in training.
+At each cohort size every entry (loops and strategies) is compiled first, then
+all are timed in turns, ~20 ms of back-to-back rounds each per turn, until each
+has run for 0.3 s (and at least `--repeats` rounds): load that drifts during the
+run slows every entry alike, so the "vs loop" ratios are fair on a shared machine.
 `first_s - round_s` is the compile time of that entry. An entry that runs out
 of device memory is recorded with `status: "oom"` instead of a time.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,11 +51,7 @@ import optax  # noqa: E402
 import _common  # noqa: E402
 from _common import matmul_ceiling  # noqa: E402,F401  (kept: tests and callers import it from here)
 from fedjax_prune import accounting, federated, models  # noqa: E402
-from fedjax_prune.data import ClientData  # noqa: E402
-
-
-def _time(fn, repeats: int) -> float:
-  return _common.time_call(fn, repeats)[1]
+from fedjax_prune.data import ClientData, client_slice  # noqa: E402
 
 
 def make_data(spec, cohort: int, steps: int, batch: int, num_classes: int) -> ClientData:
@@ -55,9 +62,9 @@ def make_data(spec, cohort: int, steps: int, batch: int, num_classes: int) -> Cl
   return ClientData(x, y, jnp.full((cohort,), n, jnp.int32))
 
 
-def loop_round_time(spec, params, data: ClientData, steps: int, batch: int, conv_impl: str,
-                    repeats: int, batch_stats=None) -> tuple[float, float]:
-  """(first, median) seconds of one FedAvg round as a Python loop over clients."""
+def loop_round(spec, params, data: ClientData, steps: int, batch: int, conv_impl: str,
+               batch_stats=None) -> Callable[[], object]:
+  """One FedAvg round as a Python loop over clients: a closure running it."""
   apply_fn = models.make_apply(spec, conv_impl=conv_impl)
   opt = optax.sgd(0.01)
   batch_stats = {} if batch_stats is None else batch_stats
@@ -87,12 +94,73 @@ def loop_round_time(spec, params, data: ClientData, steps: int, batch: int, conv
       total = (p, s) if total is None else add(total, (p, s))
     return scale(total, 1.0 / cohort)
 
-  return _common.time_call(run, repeats)
+  return run
 
 
-def flax_linen_loop_round_time(data: ClientData, steps: int, batch: int, repeats: int) -> float:
+def shuffled_loop_round(spec, params, data: ClientData, steps: int, batch: int, conv_impl: str,
+                        batch_stats=None) -> Callable[[], object]:
+  """The loop doing the engine round's work: each client's batches come from its
+  own shuffled examples under the engine's keys (`federated.step_batch`, the
+  gather inside the jitted step), the loss is masked per example and the
+  clients are averaged by example count. Same result as `engine_round`'s first
+  round up to float order; one more dispatch per client (its keys and
+  permutation) than `loop_round`."""
+  del steps  # one epoch of full batches, as the engine's schedule
+  apply_fn = models.make_apply(spec, conv_impl=conv_impl)
+  opt = optax.sgd(0.01)
+  schedule = federated.LocalSchedule(batch_size=batch)
+  batch_stats = {} if batch_stats is None else batch_stats
+  max_examples = data.x.shape[1]
+
+  @jax.jit
+  def client_setup(client_root, client_id, num_examples):
+    shuffle_key, augment_key = jax.random.split(jax.random.fold_in(client_root, client_id))
+    return shuffle_key, augment_key, federated.epoch_permutations(shuffle_key, num_examples, max_examples,
+                                                                  schedule)
+
+  @jax.jit
+  def step(p, s, o, client: ClientData, keys, real_step):
+    shuffle_key, augment_key, permutations = keys
+    x, y, mask, _ = federated.step_batch(client, real_step, shuffle_key, augment_key, schedule, permutations)
+
+    def loss(p):
+      logits, new_s = apply_fn(p, s, x, train=True, example_mask=mask)
+      return federated.masked_batch_loss(federated.softmax_cross_entropy, logits, y, mask)[0], new_s
+
+    g, s = jax.grad(loss, has_aux=True)(p)
+    u, o = opt.update(g, o, p)
+    return optax.apply_updates(p, u), s, o
+
+  # FedAvg's example-weighted mean (server learning rate 1), one dispatch per client
+  accumulate = jax.jit(lambda total, a, w: jax.tree.map(lambda t, x: t + w * x, total, a))
+  zeros = jax.tree.map(jnp.zeros_like, (params, batch_stats))
+  cohort = data.x.shape[0]
+  clients = [client_slice(data, c) for c in range(cohort)]
+  client_root, _ = federated.split_round_key(jax.random.key(3))  # the engine rounds' key
+  ids = [jnp.int32(c) for c in range(cohort)]
+  weights = [jnp.float32(n / np.sum(data.num_examples)) for n in np.asarray(data.num_examples)]
+  # each client runs its own real steps only (a client with fewer examples, fewer batches)
+  real_steps = [[jnp.int32(i) for i in range(int(federated.num_real_steps(n, max_examples, schedule)))]
+                for n in np.asarray(data.num_examples)]
+  jax.block_until_ready((clients, client_root, ids, real_steps, weights, zeros))
+
+  def run():
+    total = zeros
+    for c in range(cohort):
+      p, s, o = params, batch_stats, opt.init(params)
+      keys = client_setup(client_root, ids[c], clients[c].num_examples)
+      for i in real_steps[c]:
+        p, s, o = step(p, s, o, clients[c], keys, i)
+      total = accumulate(total, (p, s), weights[c])
+    return total
+
+  return run
+
+
+def flax_linen_loop_round(data: ClientData, steps: int, batch: int) -> Callable[[], object]:
   """The PERFORMANCE.md reference: a jitted flax.linen LEAF CNN step (nn.Conv +
-  nn.max_pool) called from a Python loop over clients, as a user would write it."""
+  nn.max_pool) called from a Python loop over clients, as a user would write it
+  (a closure running one round)."""
   import flax.linen as nn
 
   class LeafCNN(nn.Module):
@@ -126,12 +194,12 @@ def flax_linen_loop_round_time(data: ClientData, steps: int, batch: int, repeats
       total = p if total is None else add(total, p)
     return total
 
-  return _time(run, repeats)
+  return run
 
 
-def engine_round_time(spec, params, data, steps, batch, strategy, repeats, *, batch_stats=None,
-                      donate: bool = False, remat: bool = False, mesh=None) -> tuple[float, float]:
-  """(first, median) seconds of one compiled engine round; rounds are chained.
+def engine_round(spec, params, data, steps, batch, strategy, *, batch_stats=None,
+                 donate: bool = False, remat: bool = False, mesh=None) -> Callable[[], object]:
+  """A closure running one compiled engine round; rounds are chained.
 
   With `mesh`, the cohort is sharded over its devices (on CPU: one device per core,
   see `federated.split_cpu_into_devices`)."""
@@ -155,7 +223,7 @@ def engine_round_time(spec, params, data, steps, batch, strategy, repeats, *, ba
     holder[0], _ = round_fn(holder[0], data, cohort, key)
     return holder[0]
 
-  return _common.time_call(run, repeats)
+  return run
 
 
 def _strategies(arg: str, cohort: int, has_conv: bool, unroll: int = 1) -> list[federated.Strategy]:
@@ -173,54 +241,96 @@ def _strategies(arg: str, cohort: int, has_conv: bool, unroll: int = 1) -> list[
   return out
 
 
-def _measure(fn):
-  """Runs a timing closure; returns (first, median, status)."""
+def _failure(e: Exception) -> str:
+  return "oom" if _common.is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}"
+
+
+def _first_call(make_run: Callable[[], Callable[[], object]]):
+  """Builds an entry's round closure and runs it once (compiling it).
+
+  Returns (run, first-call seconds, status); run is None when building or the
+  first call failed (an OOM or an error in one entry must not end the run)."""
+  now = _common.clock()
   try:
-    first, med = fn()
-    return first, med, "ok"
-  except Exception as e:  # noqa: BLE001 -- an OOM or a failure in one entry must not end the run
-    status = "oom" if _common.is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}"
-    return None, None, status
+    t = now()
+    run = make_run()
+    jax.block_until_ready(run())
+    return run, now() - t, "ok"
+  except Exception as e:  # noqa: BLE001
+    return None, None, _failure(e)
+
+
+def time_entries(makers: dict, repeats: int, over: Callable[[], bool]) -> dict:
+  """{label: (first_s, median_s, status)} of round closures built by `makers`.
+
+  Every entry is compiled first; then all are timed in turns (bursts of about
+  20 ms each, `_common.interleaved_medians`), so the ratios between entries do
+  not depend on load that drifts while the benchmark runs. An entry not started
+  before `over()` is recorded as skipped."""
+  firsts, runs, status = {}, {}, {}
+  for label, make_run in makers.items():
+    if over():
+      status[label] = "skipped: time budget"
+      continue
+    run, firsts[label], status[label] = _first_call(make_run)
+    if run is not None:
+      runs[label] = run
+  medians = _common.interleaved_medians(list(runs.values()), repeats, min_total_s=0.3, burst_s=0.02,
+                                        catch=True)
+  out = {}
+  for label in makers:
+    median = medians[list(runs).index(label)] if label in runs else None
+    if isinstance(median, Exception):
+      out[label] = (firsts[label], None, _failure(median))
+    else:
+      out[label] = (firsts.get(label), median, status[label])
+  return out
 
 
 def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *, strategies="auto",
                 loop_impls=None, max_loop_cohort=None, donate=False, remat=False, deadline=None,
-                ceiling=None, on_rows=None, flax_ref=True, meshes=(None,)):
-  """`meshes`: run every engine strategy once per entry (None = unsharded)."""
+                ceiling=None, on_rows=None, flax_ref=True, meshes=(None,), shuffled_loop=True):
+  """`meshes`: run every engine strategy once per entry (None = unsharded).
+  `shuffled_loop`: also time `shuffled_loop_round` for each loop lowering."""
   _, params, batch_stats = models.build(spec, jax.random.key(0))
   step_flops = accounting.training_flops(spec, batch)
   has_conv = not isinstance(spec, models.MLPSpec)
   if loop_impls is None:
     loop_impls = ("lax", "im2col", "tapgrad") if has_conv else ("lax",)
   loop_impls = [i for i in loop_impls if has_conv or i == "lax"]
+  with_flax_ref = (flax_ref and name == "leaf_femnist_cnn" and spec == models.leaf_femnist_cnn()
+                   and "lax" in loop_impls)
   rows = []
   for cohort in cohorts:
     data = make_data(spec, cohort, steps, batch, num_classes)
     client_steps = cohort * steps
-    entries = {}
-    over = lambda: deadline is not None and time.time() > deadline
+    makers = {}
     if max_loop_cohort is None or cohort <= max_loop_cohort:
       for impl in loop_impls:
-        entries[f"loop+{impl}"] = (_measure(lambda: loop_round_time(
-            spec, params, data, steps, batch, impl, repeats, batch_stats)) if not over()
-                                   else (None, None, "skipped: time budget"))
-      if (flax_ref and name == "leaf_femnist_cnn" and spec == models.leaf_femnist_cnn()
-          and "lax" in loop_impls):
-        t = flax_linen_loop_round_time(data, steps, batch, repeats) if not over() else None
-        entries["loop_flax_linen_ref"] = (None, t, "ok" if t else "skipped: time budget")
+        makers[f"loop+{impl}"] = functools.partial(loop_round, spec, params, data, steps, batch, impl,
+                                                   batch_stats)
+        if shuffled_loop:
+          makers[f"loop+{impl}+shuffled"] = functools.partial(shuffled_loop_round, spec, params, data, steps,
+                                                              batch, impl, batch_stats)
+      if with_flax_ref:
+        makers["loop_flax_linen_ref"] = functools.partial(flax_linen_loop_round, data, steps, batch)
     # 'auto' also tries the steps written out (every client here has `steps` of them).
     unroll = federated.waste_free_unroll(np.asarray(data.num_examples),
                                          federated.LocalSchedule(batch_size=batch))
     for strategy in _strategies(strategies, cohort, has_conv, unroll):
       for mesh in meshes:
         label = strategy.name + (f"@{mesh.size}dev" if mesh is not None else "")
-        entries[label] = (_measure(lambda: engine_round_time(
-            spec, params, data, steps, batch, strategy, repeats, batch_stats=batch_stats,
-            donate=donate, remat=remat, mesh=mesh)) if not over() else (None, None, "skipped: time budget"))
+        makers[label] = functools.partial(engine_round, spec, params, data, steps, batch, strategy,
+                                          batch_stats=batch_stats, donate=donate, remat=remat, mesh=mesh)
+    entries = time_entries(makers, repeats, lambda: deadline is not None and time.time() > deadline)
     ok = {k: v[1] for k, v in entries.items() if v[2] == "ok"}
+    # "vs loop": the fastest loop of any kind (the strictest baseline; the shuffled one
+    # does more work but was at times the faster, e.g. the MLP at 8+ clients)
     loops = [v for k, v in ok.items() if k.startswith("loop+")]
     loop_best = min(loops) if loops else None
-    flax_ref = ok.get("loop_flax_linen_ref")
+    shuffled = [v for k, v in ok.items() if k.startswith("loop+") and k.endswith("+shuffled")]
+    shuffled_best = min(shuffled) if shuffled else None
+    flax_ref_s = ok.get("loop_flax_linen_ref")
     engine_ok = [k for k in ok if not k.startswith("loop")]
     engine_best_name = min(engine_ok, key=ok.get) if engine_ok else None
     for k, (first, t, status) in entries.items():
@@ -230,17 +340,19 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
                  client_steps_per_s=(client_steps / t) if t else None,
                  gflops=(step_flops * client_steps / t / 1e9) if t else None,
                  speedup_vs_best_loop=(loop_best / t) if (t and loop_best) else None,
-                 speedup_vs_flax_linen_loop=(flax_ref / t) if (t and flax_ref) else None,
+                 speedup_vs_best_shuffled_loop=(shuffled_best / t) if (t and shuffled_best) else None,
+                 speedup_vs_flax_linen_loop=(flax_ref_s / t) if (t and flax_ref_s) else None,
                  best_engine=(k == engine_best_name))
       row["pct_of_ceiling"] = (100 * row["gflops"] / ceiling) if (row["gflops"] and ceiling) else None
       rows.append(row)
       if t:
-        log(f"{name:18s} {cohort:5d} {k:30s} {t * 1e3:10.1f} {client_steps / t:12.1f} "
+        log(f"{name:18s} {cohort:5d} {k:40s} {t * 1e3:10.2f} {client_steps / t:12.1f} "
             f"{row['gflops']:9.1f} {row['pct_of_ceiling'] or 0:6.1f}% "
-            f"{row['speedup_vs_best_loop'] or float('nan'):8.2f} {row['compile_s'] or 0:7.1f}s"
+            f"{row['speedup_vs_best_loop'] or float('nan'):8.2f} "
+            f"{row['speedup_vs_best_shuffled_loop'] or float('nan'):8.2f} {row['compile_s'] or 0:7.1f}s"
             f"{'  *' if row['best_engine'] else ''}")
       else:
-        log(f"{name:18s} {cohort:5d} {k:30s} {status}")
+        log(f"{name:18s} {cohort:5d} {k:40s} {status}")
     if on_rows is not None:
       on_rows(rows)
   return rows
@@ -269,8 +381,8 @@ def _per_model(arg: str) -> dict[str, str]:
   return out
 
 
-COLUMNS = f"{'model':18s} {'C':>5s} {'strategy':30s} {'ms/round':>10s} {'cl-steps/s':>12s} " \
-          f"{'GFLOP/s':>9s} {'%ceil':>7s} {'vs loop':>8s} {'compile':>8s}"
+COLUMNS = f"{'model':18s} {'C':>5s} {'strategy':40s} {'ms/round':>10s} {'cl-steps/s':>12s} " \
+          f"{'GFLOP/s':>9s} {'%ceil':>7s} {'vs loop':>8s} {'vs shuf':>8s} {'compile':>8s}"
 
 
 def main(argv=None):
@@ -289,6 +401,8 @@ def main(argv=None):
   parser.add_argument("--donate", action="store_true", help="donate the server state to the round")
   parser.add_argument("--remat", action="store_true", help="jax.checkpoint around the model")
   parser.add_argument("--no-flax-ref", action="store_true", help="skip the flax.linen loop reference")
+  parser.add_argument("--no-shuffled-loop", action="store_true",
+                      help="skip the loop baselines that shuffle like the engine ('+shuffled')")
   parser.add_argument("--model-cohorts", default="", help="per-model cohorts, e.g. 'resnet18=8,64;mlp=8'")
   parser.add_argument("--model-strategies", default="",
                       help="per-model strategies, e.g. 'resnet18=vmap+lax,chunked16+lax'")
@@ -348,7 +462,8 @@ def main(argv=None):
                           strategies=model_strategies.get(name, args.strategies),
                           loop_impls=loop_impls, max_loop_cohort=args.max_loop_cohort or None,
                           donate=args.donate, remat=args.remat, deadline=deadline, ceiling=ceiling,
-                          on_rows=save, flax_ref=not args.no_flax_ref, meshes=cpu_meshes)
+                          on_rows=save, flax_ref=not args.no_flax_ref, meshes=cpu_meshes,
+                          shuffled_loop=not args.no_shuffled_loop)
   result["rows"] = done
   _common.write_json(out, result)
   print(f"wrote {out}")

@@ -58,6 +58,24 @@ def test_engine_benchmark_smoke(tmp_path):
     assert b["round_s"] == min(r["round_s"] for r in engine_rows)
 
 
+@pytest.mark.parametrize("model", ["leaf_femnist_cnn", "mlp"])
+def test_shuffled_loop_baseline_computes_the_engine_round(model):
+  # The "same work" loop must be the engine's round written as a loop, or its ratio means nothing.
+  spec = engine.model_specs(True)[model]
+  _, params, batch_stats = models.build(spec, jax.random.key(0))
+  data = engine.make_data(spec, 3, 2, 8, spec.num_classes)
+  data = data._replace(num_examples=jnp.asarray([16, 11, 5], jnp.int32))  # unequal, a partial batch
+  strategy = engine.federated.Strategy.from_name("sequential+lax")
+  params_engine = engine.engine_round(spec, params, data, 2, 8, strategy, batch_stats=batch_stats)().params
+  params_loop, _ = engine.shuffled_loop_round(spec, params, data, 2, 8, "lax", batch_stats)()
+  bare_loop, _ = engine.loop_round(spec, params, data, 2, 8, "lax", batch_stats)()
+  for a, b in zip(jax.tree.leaves(params_engine), jax.tree.leaves(params_loop)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # ...whereas the bare loop (fixed, unshuffled batches) is a different round.
+  assert not all(np.allclose(a, c, rtol=1e-5, atol=1e-6)
+                 for a, c in zip(jax.tree.leaves(params_engine), jax.tree.leaves(bare_loop)))
+
+
 def test_engine_per_model_overrides_and_budget(tmp_path):
   out = str(tmp_path / "engine.json")
   engine.main(["--models", "logistic", "--cohorts", "2,4", "--model-cohorts", "logistic=4",
@@ -67,10 +85,16 @@ def test_engine_per_model_overrides_and_budget(tmp_path):
   assert {r["cohort"] for r in rows} == {4}
   # chunked4 at C=4 is the same program as vmap: not measured twice; --cpu-devices 1: no
   # sharded ('@Ndev') rows.
-  assert {r["strategy"] for r in rows} == {"loop+lax", "vmap+lax", "sequential+lax"}
+  assert {r["strategy"] for r in rows} == {"loop+lax", "loop+lax+shuffled", "vmap+lax", "sequential+lax"}
+  for r in rows:  # each ratio is against the right baseline, measured in the same turns
+    loops = {q["strategy"]: q["round_s"] for q in rows if q["strategy"].startswith("loop")}
+    assert r["speedup_vs_best_loop"] == pytest.approx(min(loops.values()) / r["round_s"])
+    assert r["speedup_vs_best_shuffled_loop"] == pytest.approx(loops["loop+lax+shuffled"] / r["round_s"])
   engine.main(["--models", "logistic", "--cohorts", "2", "--time-budget", "1e-9", "--repeats", "1",
-               "--steps", "1", "--batch", "4", "--out", out])
-  assert all(r["status"].startswith("skipped") and r["round_s"] is None for r in _load(out)["rows"])
+               "--steps", "1", "--batch", "4", "--no-shuffled-loop", "--out", out])
+  rows = _load(out)["rows"]
+  assert all(r["status"].startswith("skipped") and r["round_s"] is None for r in rows)
+  assert not any(r["strategy"].endswith("+shuffled") for r in rows)
 
 
 def test_pfl_reference_smoke(tmp_path):
@@ -101,6 +125,42 @@ def test_pruning_payoff_smoke(tmp_path):
   for r in rows:
     # Each variant is compared with the dense round timed in turns with it.
     assert r["round_s"] > 0 and r["vs_dense"] == pytest.approx(r.get("dense_round_s", r["round_s"]) / r["round_s"])
+
+
+class _FakeClock:
+  """A clock that only the timed functions move (exact, machine-independent timings)."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def fn(self, seconds, log, name):
+    def run():
+      self.now += seconds
+      log.append(name)
+    return run
+
+
+def test_interleaved_medians_spreads_bursts_and_reports_failures(monkeypatch):
+  clock, log = _FakeClock(), []
+  monkeypatch.setattr(_common, "clock", lambda: (lambda: clock.now))
+  fast, slow = clock.fn(1 / 1024, log, "fast"), clock.fn(1 / 32, log, "slow")
+  medians = _common.interleaved_medians([fast, slow], 2, min_total_s=1 / 8, burst_s=1 / 64)
+  assert medians == [1 / 1024, 1 / 32]
+  timed = log[2:]  # after one estimate call each
+  # fast: 128 calls (1/8 s) in 8 bursts of 16; slow: 4 calls (1/8 s), one per turn, spread over the 8 turns.
+  assert timed.count("fast") == 128 and timed.count("slow") == 4
+  turns = "".join("f" if n == "fast" else "s" for n in timed).replace("f" * 16, "F")
+  assert turns == "FFsFFsFFsFFs"
+
+  def broken():
+    raise RuntimeError("out of memory")
+  log.clear()
+  out = _common.interleaved_medians([fast, broken], 3, catch=True)
+  assert out[0] == 1 / 1024 and log.count("fast") == 3
+  assert isinstance(out[1], RuntimeError)
+  with pytest.raises(RuntimeError, match="out of memory"):
+    _common.interleaved_medians([fast, broken], 3)
+  assert _common.interleaved_medians([], 3) == []
 
 
 def test_random_masks_keep_the_density_of_every_kernel():

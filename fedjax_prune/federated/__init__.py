@@ -10,9 +10,9 @@ from fedjax_prune.federated._evaluate import EvalSums, make_evaluate, make_evalu
 from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks, fedadam, fedavg,
                                             fedavgm, fedprox, fedyogi)
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalState, batch_indices,
-                                           epoch_permutations, loop_real_steps, make_local_train,
-                                           masked_batch_loss, num_real_steps, proximal_penalty,
-                                           round_train_metrics, run_schedule_steps,
+                                           count_correct, epoch_permutations, loop_real_steps,
+                                           make_local_train, masked_batch_loss, num_real_steps,
+                                           proximal_penalty, round_train_metrics, run_schedule_steps,
                                            softmax_cross_entropy, static_step_index, step_batch,
                                            waste_free_unroll)
 from fedjax_prune.federated._lowrank import (FactoredKernel, LowRankDense, LowRankSum,

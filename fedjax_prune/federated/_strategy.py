@@ -195,6 +195,8 @@ def select_strategy(run_round_for: Callable[[Strategy], Callable[[], None]],
                     log: Callable[[str], None] | None = None) -> tuple[Strategy, dict[str, float]]:
   """Times each candidate on a short round and returns the fastest.
 
+  Every candidate is compiled first, then all are timed in turns.
+
   Args:
     run_round_for: `strategy -> run` where `run()` executes one short round with
       that strategy and blocks until it is done (compilation happens on the
@@ -218,18 +220,23 @@ def select_strategy(run_round_for: Callable[[Strategy], Callable[[], None]],
         return Strategy.from_name(hit["best"]), dict(hit["timings"])
       except (KeyError, ValueError, TypeError):
         pass  # stale format: re-calibrate
-  timings: dict[str, float] = {}
+  runs = []
   for strategy in candidates:
     run = run_round_for(strategy)
     run()  # compile + warm up
-    times = []
-    for _ in range(max(1, repeats)):
+    runs.append(run)
+  # Timed in turns (a, b, c, a, b, c): load that drifts during the calibration (a
+  # shared machine) then slows every candidate alike instead of the unlucky one.
+  times: list[list[float]] = [[] for _ in runs]
+  for _ in range(max(1, repeats)):
+    for i, run in enumerate(runs):
       start = time.perf_counter()
       run()
-      times.append(time.perf_counter() - start)
-    timings[strategy.name] = statistics.median(times)
-    if log:
-      log(f"  strategy {strategy.name:36s} {timings[strategy.name] * 1e3:9.1f} ms/round")
+      times[i].append(time.perf_counter() - start)
+  timings = {s.name: statistics.median(t) for s, t in zip(candidates, times)}
+  if log:
+    for name, seconds in timings.items():
+      log(f"  strategy {name:36s} {seconds * 1e3:9.1f} ms/round")
   best_name = min(timings, key=timings.get)
   best = next(s for s in candidates if s.name == best_name)
   if cache_path:

@@ -74,9 +74,9 @@ from fedjax_prune import accounting, models
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalMetrics,
-                                    LocalSchedule, epoch_permutations, round_train_metrics,
-                                    masked_batch_loss, run_schedule_steps, softmax_cross_entropy,
-                                    step_batch)
+                                    LocalSchedule, count_correct, epoch_permutations,
+                                    round_train_metrics, masked_batch_loss, run_schedule_steps,
+                                    softmax_cross_entropy, step_batch)
 from fedjax_prune import structured
 from fedjax_prune.structured import _drop_blocks
 from fedjax_prune.types import BatchStats, Params, PRNGKey
@@ -510,7 +510,7 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
         objective = objective + jnp.sum(advantage * total_logq * weights) / count
       else:
         objective = objective + jax.lax.stop_gradient(loss - base) * total_logq
-    correct = jnp.sum((jnp.argmax(logits, -1) == y) * weights)
+    correct = count_correct(logits, y, weights)
     return objective, (new_stats, loss, jnp.sum(per_example * weights), correct)
 
   grad_fn = jax.grad(batch_loss, argnums=(0, 1), has_aux=True)

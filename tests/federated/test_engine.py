@@ -291,6 +291,46 @@ def test_evaluate_matches_direct_computation():
   np.testing.assert_allclose(per_client.correct_sum.sum() / per_client.num_examples.sum(), acc, rtol=1e-6)
 
 
+def test_first_argmax_is_argmax_including_ties():
+  from fedjax_prune.federated._local import count_correct, first_argmax
+  # Small integer logits: many exact ties, where the first maximal index must win.
+  logits = jax.random.randint(jax.random.key(0), (64, 7), 0, 3).astype(jnp.float32)
+  logits = logits.at[0].set(0.0)  # all equal: class 0, as argmax says
+  np.testing.assert_array_equal(first_argmax(logits), jnp.argmax(logits, -1))
+  big = jax.random.normal(jax.random.key(1), (4, 5, 62))
+  np.testing.assert_array_equal(first_argmax(big), jnp.argmax(big, -1))
+  y = jax.random.randint(jax.random.key(2), (64,), 0, 7)
+  w = jnp.arange(64) % 3 == 0
+  assert float(count_correct(logits, y, w)) == float(jnp.sum((jnp.argmax(logits, -1) == y) * w))
+  # A row holding a NaN is never counted correct.
+  nan_row = jnp.asarray([[0.0, jnp.nan, 1.0]])
+  assert int(first_argmax(nan_row)[0]) == 3
+  assert float(count_correct(nan_row, jnp.asarray([1]), jnp.ones(1))) == 0
+
+
+def test_select_strategy_compiles_every_candidate_then_times_them_in_turns(tmp_path):
+  import time
+  calls = []
+
+  def run_round_for(strategy):
+    seconds = 0.02 if strategy.execution == federated.Vmap() else 0.002
+
+    def run():
+      calls.append(strategy.name)
+      time.sleep(seconds)
+    return run
+
+  candidates = [federated.Strategy.from_name(n) for n in ("vmap+lax", "sequential+lax", "chunked2+lax")]
+  cache = str(tmp_path / "cache.json")
+  best, timings = federated.select_strategy(run_round_for, candidates, cache_path=cache, repeats=3)
+  names = [c.name for c in candidates]
+  assert calls == names + names * 3  # compiled (first call) all, then 3 turns
+  assert best.name != "vmap+lax" and timings["vmap+lax"] > 5 * timings[best.name]
+  calls.clear()
+  assert federated.select_strategy(run_round_for, candidates, cache_path=cache)[0] == best
+  assert calls == []  # a cache hit times nothing
+
+
 def test_bad_inputs_give_clear_errors():
   with pytest.raises(ValueError, match="empty cohort"):
     federated.make_cohort([])
