@@ -124,7 +124,7 @@ def interleaved_medians(fns: list[Callable[[], object]], repeats: int, *, min_to
   need hundreds of calls for a stable median. With `burst_s`, each turn runs a fn
   back to back for about that long (warm caches, as consecutive training rounds
   run) before the next fn's turn; a fn's turns are spread evenly over the run.
-  Then one call per fn first estimates its time (not part of the median).
+  With either, one call per fn first estimates its time (kept out of the median).
 
   With `catch`, a fn that raises is dropped from later turns and its entry in the
   result is the exception; otherwise the exception propagates.
