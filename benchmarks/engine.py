@@ -115,13 +115,13 @@ def shuffled_loop_round(spec, params, data: ClientData, steps: int, batch: int, 
   @jax.jit
   def client_setup(client_root, client_id, num_examples):
     shuffle_key, augment_key = jax.random.split(jax.random.fold_in(client_root, client_id))
-    return shuffle_key, augment_key, federated.epoch_permutations(shuffle_key, num_examples, max_examples,
-                                                                  schedule)
+    return shuffle_key, augment_key, federated.plan_step_batches(shuffle_key, num_examples, max_examples,
+                                                                 schedule)
 
   @jax.jit
   def step(p, s, o, client: ClientData, keys, real_step):
-    shuffle_key, augment_key, permutations = keys
-    x, y, mask, _ = federated.step_batch(client, real_step, shuffle_key, augment_key, schedule, permutations)
+    shuffle_key, augment_key, plan = keys
+    x, y, mask, _ = federated.step_batch(client, real_step, shuffle_key, augment_key, schedule, plan)
 
     def loss(p):
       logits, new_s = apply_fn(p, s, x, train=True, example_mask=mask)

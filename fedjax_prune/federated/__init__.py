@@ -12,8 +12,9 @@ from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalState, batch_indices,
                                            count_correct, epoch_permutations, loop_real_steps,
                                            make_local_train, masked_batch_loss, num_real_steps,
-                                           proximal_penalty, round_train_metrics, run_schedule_steps,
-                                           softmax_cross_entropy, static_step_index, step_batch,
+                                           plan_step_batches, proximal_penalty, round_train_metrics,
+                                           run_schedule_steps, softmax_cross_entropy,
+                                           static_step_index, step_batch, StepBatches,
                                            waste_free_unroll)
 from fedjax_prune.federated._lowrank import (FactoredKernel, LowRankDense, LowRankSum,
                                               worthwhile_lowrank_layers)

@@ -74,7 +74,7 @@ from fedjax_prune import accounting, models
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalMetrics,
-                                    LocalSchedule, count_correct, epoch_permutations,
+                                    LocalSchedule, count_correct, plan_step_batches,
                                     round_train_metrics, masked_batch_loss, run_schedule_steps,
                                     softmax_cross_entropy, step_batch)
 from fedjax_prune import structured
@@ -537,13 +537,13 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
     max_examples = data.x.shape[0]
     shuffle_key, augment_key, gate_key = jax.random.split(key, 3)
     del key
-    permutations = epoch_permutations(shuffle_key, data.num_examples, max_examples, schedule)
+    plan = plan_step_batches(shuffle_key, data.num_examples, max_examples, schedule)
     w_opt, t_opt = weight_optimizer.init(params), theta_optimizer.init(theta)
 
     def step(carry, real_step):
       (params, stats, theta, baseline, w_opt, t_opt), metrics = carry
       x, y, mask, step_idx = step_batch(data, real_step, shuffle_key, augment_key, schedule,
-                                        permutations, train_transform)
+                                        plan, train_transform)
       b = sample_gates(theta, alive, jax.random.fold_in(gate_key, step_idx),
                        batch_size=x.shape[0] if options.per_example else None)
       (g_w, g_t), (new_stats, loss, loss_sum, correct) = grad_fn(

@@ -276,6 +276,29 @@ def test_batches_visit_each_real_example_once_per_epoch(num_steps):
     assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:2 * n]) == list(range(n))
 
 
+@pytest.mark.parametrize("n", [0, 3, 4, 7, 12])
+def test_planned_step_batches_are_the_per_step_batches(n):
+  schedule = federated.LocalSchedule(batch_size=4, num_epochs=3)
+  max_e, key = 12, jax.random.key(5)
+  data = ClientData(jnp.arange(max_e, dtype=jnp.float32)[:, None], jnp.arange(max_e), jnp.int32(n))
+  plan = federated.plan_step_batches(key, data.num_examples, max_e, schedule)
+  assert plan.indices.shape == plan.mask.shape == (schedule.total_steps(max_e), 4)
+  real = int(federated.num_real_steps(data.num_examples, max_e, schedule))
+  for t in range(real):
+    step = federated.static_step_index(jnp.int32(t), data.num_examples, max_e, schedule)
+    idx, mask = federated.batch_indices(key, step, data.num_examples, max_e, schedule)
+    np.testing.assert_array_equal(plan.indices[t], idx)
+    np.testing.assert_array_equal(plan.mask[t], mask)
+    # step_batch gives the same batch from the plan, the permutations or nothing
+    outs = [federated.step_batch(data, jnp.int32(t), key, key, schedule, p)
+            for p in (plan, federated.epoch_permutations(key, data.num_examples, max_e, schedule), None)]
+    for out in outs[1:]:
+      for a, b in zip(outs[0], out):
+        np.testing.assert_array_equal(a, b)
+  assert federated.plan_step_batches(key, data.num_examples, max_e,
+                                     federated.LocalSchedule(batch_size=4, num_steps=5)) is None
+
+
 def test_evaluate_matches_direct_computation():
   apply_fn, params, data = _problem()
   x = data.x.reshape((-1, data.x.shape[-1])); y = data.y.reshape(-1)
