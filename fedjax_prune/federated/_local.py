@@ -164,13 +164,12 @@ def plan_step_batches(key: PRNGKey, num_examples: jax.Array, max_examples: int,
   permutations = epoch_permutations(key, num_examples, max_examples, schedule)
   if permutations is None:
     return None
-  batch = schedule.batch_size
-  own_steps_per_epoch = jnp.maximum((jnp.asarray(num_examples, jnp.int32) + batch - 1) // batch, 1)
-  step = jnp.arange(schedule.total_steps(max_examples))
-  epoch = jnp.minimum(step // own_steps_per_epoch, schedule.num_epochs - 1)
-  positions = (step % own_steps_per_epoch)[:, None] * batch + jnp.arange(batch)[None, :]
-  indices = permutations[epoch[:, None], jnp.minimum(positions, max_examples - 1)]
-  return StepBatches(indices, positions < num_examples)
+
+  def batch_of(real_step):  # the per-step arithmetic, vectorised over all steps
+    step = static_step_index(real_step, num_examples, max_examples, schedule)
+    return batch_indices(key, step, num_examples, max_examples, schedule, permutations)
+
+  return StepBatches(*jax.vmap(batch_of)(jnp.arange(schedule.total_steps(max_examples))))
 
 
 def batch_indices(key: PRNGKey, step: jax.Array, num_examples: jax.Array, max_examples: int,
