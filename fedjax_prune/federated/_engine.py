@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_prune.data import ClientData, client_slice, pad_cohort
-from fedjax_prune.federated import _lowrank
+from fedjax_prune.federated import _keys, _lowrank
 from fedjax_prune.types import PRNGKey, PyTree
 
 CLIENT_AXIS = "clients"
@@ -134,7 +134,7 @@ Execution = Vmap | Sequential | Chunked
 
 def split_round_key(round_key: PRNGKey) -> tuple[PRNGKey, PRNGKey]:
   """(client_root, server_key). Client k's key is fold_in(client_root, k)."""
-  client_root, server_key = jax.random.split(round_key)
+  client_root, server_key = _keys.split(round_key)
   return client_root, server_key
 
 
@@ -146,7 +146,7 @@ def round_key(root_key: PRNGKey, round_idx) -> PRNGKey:
   ~65 us of dispatch on CPU (measured), as much as a whole round of a small
   model; the jitted call ~7 us. Same keys either way.
   """
-  return jax.random.fold_in(root_key, round_idx)
+  return _keys.fold_in(root_key, round_idx)
 
 
 def _zeros_like_struct(struct):
@@ -174,7 +174,7 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
 
   num_clients = ids_C.shape[0]
   # All the cohort's keys in one batched hash, not one hash loop per client in the scan.
-  keys_C = jax.vmap(lambda i: jax.random.fold_in(client_root, i))(ids_C)
+  keys_C = jax.vmap(lambda i: _keys.fold_in(client_root, i))(ids_C)
   if isinstance(execution, Vmap):
     outs = jax.vmap(one_client)(ids_C, active_C, capacity_C, keys_C)
     return ClientOutput(_lowrank.sum_stacked(outs.sums), outs.per_client)
@@ -360,8 +360,14 @@ def make_round(alg: FedAlgorithm, *, execution: Execution | None = None, mesh: M
     top_level = jax.jit(round_fn, donate_argnums=donate_argnums, compiler_options=options)
 
     def jitted(server_state, dataset, cohort, round_key):
-      traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((round_key, server_state)))
-      return (nestable if traced else top_level)(server_state, dataset, cohort, round_key)
+      # Tried top-level first: JAX itself tells a nested call apart (checking the
+      # arguments for tracers here cost ~4 us of host time per round).
+      try:
+        return top_level(server_state, dataset, cohort, round_key)
+      except ValueError as err:
+        if "compiler_options" not in str(err) or "top-level" not in str(err):
+          raise
+      return nestable(server_state, dataset, cohort, round_key)
 
     jitted.lower = top_level.lower
     jitted._cache_size = top_level._cache_size

@@ -20,6 +20,7 @@ import optax
 
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
+from fedjax_prune.federated import _keys
 from fedjax_prune.federated._lowrank import FactoredKernel, LowRankDense, row_weights
 from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey, PyTree
 
@@ -120,7 +121,7 @@ def _epoch_permutation(key: PRNGKey, num_examples: jax.Array, max_examples: int)
   if not jax.config.jax_threefry_partitionable:
     raise RuntimeError("fedjax_prune needs jax_threefry_partitionable=True (JAX's default): "
                        "client batches would otherwise depend on the padded example count")
-  noise = jax.random.uniform(key, (max_examples,))
+  noise = _keys.uniform(key, (max_examples,))
   valid = jnp.arange(max_examples) < num_examples
   return jnp.argsort(jnp.where(valid, noise, 2.0))
 
@@ -134,7 +135,7 @@ def epoch_permutations(key: PRNGKey, num_examples: jax.Array, max_examples: int,
   """
   if schedule.num_steps is not None:
     return None
-  return jax.vmap(lambda e: _epoch_permutation(jax.random.fold_in(key, e), num_examples, max_examples))(
+  return jax.vmap(lambda e: _epoch_permutation(_keys.fold_in(key, e), num_examples, max_examples))(
       jnp.arange(schedule.num_epochs))
 
 
@@ -187,7 +188,7 @@ def batch_indices(key: PRNGKey, step: jax.Array, num_examples: jax.Array, max_ex
     steps_per_epoch = schedule.steps_per_epoch(max_examples)
     epoch, within = step // steps_per_epoch, step % steps_per_epoch
     if permutations is None:
-      perm = _epoch_permutation(jax.random.fold_in(key, epoch), num_examples, max_examples)
+      perm = _epoch_permutation(_keys.fold_in(key, epoch), num_examples, max_examples)
     else:
       perm = permutations[epoch]
     positions = within * batch + offsets
@@ -200,11 +201,11 @@ def batch_indices(key: PRNGKey, step: jax.Array, num_examples: jax.Array, max_ex
   first = epochs[0]
   # A batch spans at most ceil(B / n) + 1 epochs; B <= n in practice, so two
   # permutations cover it, and a per-example permutation handles the rare rest.
-  perm0 = _epoch_permutation(jax.random.fold_in(key, first), num_examples, max_examples)
-  perm1 = _epoch_permutation(jax.random.fold_in(key, first + 1), num_examples, max_examples)
+  perm0 = _epoch_permutation(_keys.fold_in(key, first), num_examples, max_examples)
+  perm1 = _epoch_permutation(_keys.fold_in(key, first + 1), num_examples, max_examples)
 
   def general(_):
-    return jax.vmap(lambda e, i: _epoch_permutation(jax.random.fold_in(key, e), num_examples,
+    return jax.vmap(lambda e, i: _epoch_permutation(_keys.fold_in(key, e), num_examples,
                                                     max_examples)[i])(epochs, within)
 
   idx = jax.lax.cond(jnp.all(epochs <= first + 1),
@@ -334,7 +335,7 @@ def step_batch(data: ClientData, real_step: jax.Array, shuffle_key: PRNGKey, aug
     idx, mask = batch_indices(shuffle_key, step, data.num_examples, max_examples, schedule, plan)
   x, y = data.x[idx], data.y[idx]
   if train_transform is not None:
-    x = train_transform(x, jax.random.fold_in(augment_key, step))
+    x = train_transform(x, _keys.fold_in(augment_key, step))
   return x, y, mask, step
 
 
@@ -387,7 +388,7 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
       return _local_train_lowrank(apply_fn, optimizer, schedule, loss_fn, train_transform,
                                   lowrank, params, batch_stats, data, key, opt_state)
     max_examples = data.x.shape[0]
-    shuffle_key, augment_key = jax.random.split(key)
+    shuffle_key, augment_key = _keys.split(key)
     del key
     if masks is not None:
       params = _apply_masks(params, masks)
@@ -435,7 +436,7 @@ def _local_train_lowrank(apply_fn, optimizer, schedule: LocalSchedule, loss_fn: 
   batch = schedule.batch_size
   rows = schedule.total_steps(max_examples) * batch  # static: the most rows a client fills
   rows = max(rows, lowrank.rows or 0)  # padded with zero rows to the run's size (calibration)
-  shuffle_key, augment_key = jax.random.split(key)
+  shuffle_key, augment_key = _keys.split(key)
   del key
   for name in lowrank.layers:
     if name not in params or "kernel" not in params[name] or jnp.ndim(params[name]["kernel"]) != 2:
