@@ -232,6 +232,38 @@ def mesh_for(env: Env, strategy: federated.Strategy):
   return env.mesh if strategy.sharded else None
 
 
+def auto_candidates(*, cohort_size: int, has_conv: bool, unroll: int, lowrank: bool,
+                    has_mesh: bool, backend: str | None = None) -> list[federated.Strategy]:
+  """The strategies `strategy='auto'` times: `federated.candidate_strategies`, and with a
+  device mesh their sharded variants (on CPU next to the unsharded ones, on accelerators
+  instead of them).
+
+  On CPU a device of a sharded round has one core (`federated.split_cpu_into_devices`), so
+  two kinds of candidate are timed unsharded only: written-out local steps (they overlap
+  one step's tail with the next step's head on the cores of a device; measured: no gain
+  sharded), and a conv net's clients vectorised with `vmap`/chunks (on one core that only
+  adds memory: sharded they ran 2.4-3.6x slower than the sequential sharded round in the
+  main job, LEAF CNN, 10 clients, and compiling and timing them was a third of its
+  calibration).
+  """
+  backend = backend or jax.default_backend()
+  candidates = federated.candidate_strategies(cohort_size=cohort_size, has_conv=has_conv,
+                                              backend=backend, unroll=unroll, lowrank=lowrank)
+  if not has_mesh:
+    return candidates
+  on_cpu = backend == "cpu"
+
+  def worth_sharding(s: federated.Strategy) -> bool:
+    if not on_cpu:
+      return True
+    return s.unroll == 1 and not (has_conv and not isinstance(s.execution, federated.Sequential))
+
+  sharded = [dataclasses.replace(s, sharded=True) for s in candidates if worth_sharding(s)]
+  # On CPU (one device per core) sharding wins for compute-bound models and loses for
+  # tiny dispatch-bound ones at small cohorts: time both. Accelerators always shard.
+  return sharded + candidates if on_cpu else sharded
+
+
 def choose_strategy(env: Env, spec, params, batch_stats,
                     algorithm_for: Callable[..., federated.FedAlgorithm],
                     cohort: federated.Cohort, *,
@@ -275,17 +307,9 @@ def choose_strategy(env: Env, spec, params, batch_stats,
   # The most local steps that can be written out without a client wasting one.
   unroll = federated.waste_free_unroll(np.asarray(env.data.train.num_examples),
                                        build.build_schedule(config))
-  candidates = federated.candidate_strategies(cohort_size=len(cohort.client_ids),
-                                              has_conv=build.has_conv(spec), unroll=unroll,
-                                              lowrank=lowrank is not None)
-  if env.mesh is not None:
-    # Written-out steps (CPU candidates only) overlap one step's tail with the next step's
-    # head on the cores a device has; a CPU device of a sharded round has one core
-    # (measured: no gain), so they are timed unsharded only.
-    sharded = [dataclasses.replace(s, sharded=True) for s in candidates if s.unroll == 1]
-    # On CPU (one device per core) sharding wins for compute-bound models and loses for
-    # tiny dispatch-bound ones at small cohorts: time both. Accelerators always shard.
-    candidates = sharded + candidates if jax.default_backend() == "cpu" else sharded
+  candidates = auto_candidates(cohort_size=len(cohort.client_ids), has_conv=build.has_conv(spec),
+                               unroll=unroll, lowrank=lowrank is not None,
+                               has_mesh=env.mesh is not None)
   cache_path = config.strategy_cache or build.default_strategy_cache()
   key = (f"{spec!r}|C={len(cohort.client_ids)}|B={config.client.batch_size}"
          f"|E={env.data.train.max_examples}|unroll={unroll}|{jax.default_backend()}"

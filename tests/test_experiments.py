@@ -6,6 +6,7 @@ import pytest
 
 from experiments import build, train
 from experiments.configs import fedavg_synthetic
+from fedjax_prune import federated
 
 
 def tiny_config():
@@ -129,6 +130,30 @@ def test_auto_strategy_times_sharded_and_unsharded_candidates_on_cpu(tmp_path, c
   # tiny MLP has no dense kernel worth factoring, so none are timed).
   assert entry["best"] == summary["strategy"] and key.endswith("|mesh=4|lowrank=")
   assert not any("lowrank" in name for name in timed)
+
+
+def test_auto_candidates_shard_only_what_can_win_on_a_one_core_device():
+  from experiments import runtime
+  names = lambda **kw: [s.name for s in runtime.auto_candidates(**kw)]
+  conv = names(cohort_size=10, has_conv=True, unroll=2, lowrank=True, has_mesh=True, backend="cpu")
+  sharded = [n for n in conv if n.endswith("+sharded")]
+  # every sequential candidate without written-out steps is timed sharded too ...
+  assert sharded == ["sequential+tapgrad+sharded", "sequential+tapgrad+lowrank+sharded",
+                     "sequential+im2col+sharded"]
+  # ... and everything is timed unsharded, vectorised conv rounds included
+  unsharded = [n for n in conv if not n.endswith("+sharded")]
+  assert unsharded == [s.name for s in federated.candidate_strategies(
+      cohort_size=10, has_conv=True, backend="cpu", unroll=2, lowrank=True)]
+  assert {"vmap+im2col", "chunked2+im2col", "chunked4+im2col"} <= set(unsharded)
+  # a dense model's vectorised rounds can win sharded (dispatch-bound): kept
+  mlp = names(cohort_size=32, has_conv=False, unroll=1, lowrank=False, has_mesh=True, backend="cpu")
+  assert {"vmap+lax+sharded", "chunked8+lax+sharded", "vmap+lax", "sequential+lax"} <= set(mlp)
+  # without a mesh nothing is sharded; on accelerators every candidate is sharded
+  assert not any(n.endswith("+sharded") for n in
+                 names(cohort_size=10, has_conv=True, unroll=1, lowrank=False, has_mesh=False,
+                       backend="cpu"))
+  gpu = names(cohort_size=64, has_conv=True, unroll=1, lowrank=False, has_mesh=True, backend="gpu")
+  assert gpu and all(n.endswith("+sharded") for n in gpu) and "vmap+im2col+sharded" in gpu
 
 
 def test_named_strategy_is_sharded_exactly_when_the_run_has_a_mesh():
