@@ -315,6 +315,6 @@ def choose_strategy(env: Env, spec, params, batch_stats,
          f"|E={env.data.train.max_examples}|unroll={unroll}|{jax.default_backend()}"
          f"|mesh={env.mesh.size if env.mesh is not None else 0}"
          f"|lowrank={','.join(lowrank.layers) + f'@{lowrank.rows}' if lowrank is not None else ''}")
-  env.log(f"calibrating client execution over {len(candidates)} strategies (cached in {cache_path})")
+  env.log(f"choosing the client execution among {len(candidates)} strategies (timings cached in {cache_path})")
   return federated.select_strategy(run_round_for, candidates, cache_path=cache_path,
                                    cache_key=key, log=env.log)

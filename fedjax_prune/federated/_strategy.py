@@ -217,7 +217,11 @@ def select_strategy(run_round_for: Callable[[Strategy], Callable[[], None]],
     hit = _read_cache(cache_path).get(full_key)
     if hit is not None:
       try:
-        return Strategy.from_name(hit["best"]), dict(hit["timings"])
+        best, timings = Strategy.from_name(hit["best"]), dict(hit["timings"])
+        if log:
+          log(f"  cached choice for this workload: {best.name} (timed earlier; delete "
+              f"{cache_path} to time again)")
+        return best, timings
       except (KeyError, ValueError, TypeError):
         pass  # stale format: re-calibrate
   runs = []

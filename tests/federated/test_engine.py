@@ -350,8 +350,10 @@ def test_select_strategy_compiles_every_candidate_then_times_them_in_turns(tmp_p
   assert calls == names + names * 3  # compiled (first call) all, then 3 turns
   assert best.name != "vmap+lax" and timings["vmap+lax"] > 5 * timings[best.name]
   calls.clear()
-  assert federated.select_strategy(run_round_for, candidates, cache_path=cache)[0] == best
-  assert calls == []  # a cache hit times nothing
+  lines = []
+  assert federated.select_strategy(run_round_for, candidates, cache_path=cache, log=lines.append)[0] == best
+  assert calls == []  # a cache hit times nothing, and says it is one
+  assert len(lines) == 1 and "cached choice" in lines[0] and best.name in lines[0]
 
 
 def test_bad_inputs_give_clear_errors():
