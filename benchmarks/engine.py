@@ -52,7 +52,6 @@ import _common  # noqa: E402
 from _common import matmul_ceiling  # noqa: E402,F401  (kept: tests and callers import it from here)
 from fedjax_prune import accounting, federated, models  # noqa: E402
 from fedjax_prune.data import ClientData, client_slice  # noqa: E402
-from fedjax_prune.federated import _keys  # noqa: E402
 
 
 def make_data(spec, cohort: int, steps: int, batch: int, num_classes: int) -> ClientData:
@@ -116,7 +115,7 @@ def shuffled_loop_round(spec, params, data: ClientData, steps: int, batch: int, 
   @jax.jit
   def client_setup(client_root, client_id, num_examples):
     # the engine's own key derivations (bit-identical to jax.random's, faster on CPU)
-    shuffle_key, augment_key = _keys.split(_keys.fold_in(client_root, client_id))
+    shuffle_key, augment_key = federated.keys.split(federated.keys.fold_in(client_root, client_id))
     return shuffle_key, augment_key, federated.plan_step_batches(shuffle_key, num_examples, max_examples,
                                                                  schedule)
 

@@ -1,4 +1,5 @@
 """The federated engine: algorithms as pure functions, one compiled round over a client axis."""
+from fedjax_prune.federated import _keys as keys  # jax.random's split/fold_in/uniform, fused on CPU
 from fedjax_prune.federated._aggregate import (CountedSum, counted_contribution, finish_counted_mean,
                                                finish_weighted_mean, weighted_contribution)
 from fedjax_prune.federated._engine import (CLIENT_AXIS, Chunked, ClientInfo, ClientOutput, Cohort,
@@ -10,7 +11,8 @@ from fedjax_prune.federated._evaluate import EvalSums, make_evaluate, make_evalu
 from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks, fedadam, fedavg,
                                             fedavgm, fedprox, fedyogi)
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalState, batch_indices,
-                                           count_correct, epoch_permutations, loop_real_steps,
+                                           count_correct, epoch_permutations, example_permutation,
+                                           loop_real_steps,
                                            make_local_train, masked_batch_loss, num_real_steps,
                                            plan_step_batches, proximal_penalty, round_train_metrics,
                                            run_schedule_steps, softmax_cross_entropy,

@@ -16,6 +16,7 @@ and return exactly the keys and numbers `jax.random` returns (tested against it)
 They take the fast path for typed Threefry keys (`jax.random.key`, JAX's default
 implementation) under `jax_threefry_partitionable` (JAX's default); any other key
 (`rbg`, raw `uint32[2]` keys from `jax.random.PRNGKey`) goes to `jax.random` itself.
+Public as `fedjax_prune.federated.keys`, for methods' per-step draws (CAVP's gates).
 """
 from __future__ import annotations
 

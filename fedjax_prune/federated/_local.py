@@ -109,8 +109,10 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def _epoch_permutation(key: PRNGKey, num_examples: jax.Array, max_examples: int) -> jax.Array:
-  """[E] permutation whose first n entries are the real examples in random order.
+def example_permutation(key: PRNGKey, num_examples: jax.Array, max_examples: int) -> jax.Array:
+  """[E] permutation whose first n entries are the real examples in random order
+  (`num_examples` = n of `max_examples` = E padded examples; an epoch's order, or,
+  cut to its first B entries, a random batch without replacement).
 
   Example i's sort key depends only on (key, i), not on E, so padding the
   example axis further never changes a client's batches: with JAX's partitionable
@@ -135,7 +137,7 @@ def epoch_permutations(key: PRNGKey, num_examples: jax.Array, max_examples: int,
   """
   if schedule.num_steps is not None:
     return None
-  return jax.vmap(lambda e: _epoch_permutation(_keys.fold_in(key, e), num_examples, max_examples))(
+  return jax.vmap(lambda e: example_permutation(_keys.fold_in(key, e), num_examples, max_examples))(
       jnp.arange(schedule.num_epochs))
 
 
@@ -188,7 +190,7 @@ def batch_indices(key: PRNGKey, step: jax.Array, num_examples: jax.Array, max_ex
     steps_per_epoch = schedule.steps_per_epoch(max_examples)
     epoch, within = step // steps_per_epoch, step % steps_per_epoch
     if permutations is None:
-      perm = _epoch_permutation(_keys.fold_in(key, epoch), num_examples, max_examples)
+      perm = example_permutation(_keys.fold_in(key, epoch), num_examples, max_examples)
     else:
       perm = permutations[epoch]
     positions = within * batch + offsets
@@ -201,11 +203,11 @@ def batch_indices(key: PRNGKey, step: jax.Array, num_examples: jax.Array, max_ex
   first = epochs[0]
   # A batch spans at most ceil(B / n) + 1 epochs; B <= n in practice, so two
   # permutations cover it, and a per-example permutation handles the rare rest.
-  perm0 = _epoch_permutation(_keys.fold_in(key, first), num_examples, max_examples)
-  perm1 = _epoch_permutation(_keys.fold_in(key, first + 1), num_examples, max_examples)
+  perm0 = example_permutation(_keys.fold_in(key, first), num_examples, max_examples)
+  perm1 = example_permutation(_keys.fold_in(key, first + 1), num_examples, max_examples)
 
   def general(_):
-    return jax.vmap(lambda e, i: _epoch_permutation(_keys.fold_in(key, e), num_examples,
+    return jax.vmap(lambda e, i: example_permutation(_keys.fold_in(key, e), num_examples,
                                                     max_examples)[i])(epochs, within)
 
   idx = jax.lax.cond(jnp.all(epochs <= first + 1),

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedjax_prune import masks as masks_lib
 from fedjax_prune import tree as tree_lib
-from fedjax_prune.federated import LocalMetrics, round_train_metrics
+from fedjax_prune.federated import LocalMetrics, example_permutation, round_train_metrics
 from fedjax_prune.masks._filters import path_str, static_bool, tree_like
 from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey, PyTree
 
@@ -142,9 +142,7 @@ def random_batch(key: PRNGKey, num_examples: jax.Array, max_examples: int,
 
   Used for the one-batch gradients of prune/grow rules (growth_data_mode='batch').
   """
-  noise = jax.random.uniform(key, (max_examples,))
-  valid = jnp.arange(max_examples) < num_examples
-  order = jnp.argsort(jnp.where(valid, noise, 2.0))
+  order = example_permutation(key, num_examples, max_examples)
   size = min(batch_size, max_examples)
   idx = order[:size]
   return idx, jnp.arange(size) < num_examples

@@ -73,6 +73,7 @@ import optax
 from fedjax_prune import accounting, models
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
+from fedjax_prune.federated import keys
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalMetrics,
                                     LocalSchedule, count_correct, plan_step_batches,
                                     round_train_metrics, masked_batch_loss, run_schedule_steps,
@@ -322,10 +323,13 @@ def sample_gates(theta: Gates, alive: Gates, key: PRNGKey, *,
       (leaves [B, *gate_shape]).
   """
   leaves, treedef = jax.tree.flatten(theta)
-  keys = jax.random.split(key, max(len(leaves), 1))
+  leaf_keys = keys.split(key, max(len(leaves), 1))
   lead = () if batch_size is None else (batch_size,)
-  samples = [jax.random.bernoulli(k, jnp.broadcast_to(t, lead + t.shape))
-             for k, t in zip(keys, leaves)]
+  # = jax.random.bernoulli(k, p) (uniform < p), with the key module's fused uniform
+  samples = [keys.uniform(k, lead + t.shape) < jnp.broadcast_to(t, lead + t.shape)
+             if t.dtype == jnp.float32 else
+             jax.random.bernoulli(k, jnp.broadcast_to(t, lead + t.shape))
+             for k, t in zip(leaf_keys, leaves)]
   samples = jax.tree.unflatten(treedef, samples)
   return jax.tree.map(lambda s, a: (s & jnp.broadcast_to(a, s.shape)).astype(jnp.float32),
                       samples, alive)
@@ -535,7 +539,7 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
   def local_train(params, batch_stats, theta, alive, lam, baseline, data: ClientData,
                   key: PRNGKey) -> tuple[LocalResult, LocalMetrics]:
     max_examples = data.x.shape[0]
-    shuffle_key, augment_key, gate_key = jax.random.split(key, 3)
+    shuffle_key, augment_key, gate_key = keys.split(key, 3)
     del key
     plan = plan_step_batches(shuffle_key, data.num_examples, max_examples, schedule)
     w_opt, t_opt = weight_optimizer.init(params), theta_optimizer.init(theta)
@@ -544,7 +548,7 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
       (params, stats, theta, baseline, w_opt, t_opt), metrics = carry
       x, y, mask, step_idx = step_batch(data, real_step, shuffle_key, augment_key, schedule,
                                         plan, train_transform)
-      b = sample_gates(theta, alive, jax.random.fold_in(gate_key, step_idx),
+      b = sample_gates(theta, alive, keys.fold_in(gate_key, step_idx),
                        batch_size=x.shape[0] if options.per_example else None)
       (g_w, g_t), (new_stats, loss, loss_sum, correct) = grad_fn(
           params, theta, stats, x, y, mask, b, alive, lam, baseline)

@@ -58,6 +58,22 @@ def test_gate_sampling_is_unbiased(key):
   np.testing.assert_array_less(np.abs(np.mean(per_ex["a"], 0) - expected), tol)
 
 
+def test_gate_samples_are_jax_random_bernoulli_draws(key):
+  # sample_gates draws with the engine's fused key functions; the draws are exactly
+  # jax.random's: split(key, leaves), then bernoulli(leaf key, theta) per leaf
+  theta = {"a": jnp.array([0.0, 0.1, 0.5, 0.9, 1.0]), "b": {"layer": jnp.array(0.3)}}
+  alive = {"a": jnp.ones(5, bool), "b": {"layer": jnp.array(True)}}
+  for batch_size in (None, 7):
+    got = cavp.sample_gates(theta, alive, key, batch_size=batch_size)
+    leaves, treedef = jax.tree.flatten(theta)
+    lead = () if batch_size is None else (batch_size,)
+    want = jax.tree.unflatten(treedef, [
+        jax.random.bernoulli(k, jnp.broadcast_to(t, lead + t.shape)).astype(jnp.float32)
+        for k, t in zip(jax.random.split(key, len(leaves)), leaves)])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b))
+
+
 def test_projection_keeps_theta_in_unit_interval(key):
   options = cavp.Options(one_epsilon=0.05)
   theta = {"a": jax.random.uniform(key, (200,), minval=-2.0, maxval=3.0)}
