@@ -29,11 +29,19 @@ from fedjax_prune import data as data_lib
 from fedjax_prune import federated
 
 
+def _chmod_like_open(fd: int) -> None:
+  """Gives a mkstemp file the mode `open(path, 'w')` would (0666 minus the umask), not 0600."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.fchmod(fd, 0o666 & ~umask)
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes JSON through a temporary file and a rename, so readers never see half a file."""
   directory = os.path.dirname(path) or "."
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
   try:
+    _chmod_like_open(fd)
     with os.fdopen(fd, "w") as f:
       json.dump(obj, f, indent=1, sort_keys=True, default=jsonable)
     os.replace(tmp, path)
@@ -92,6 +100,7 @@ class MetricsWriter:
           if record.get("round", 0) <= num_rounds:
             kept.append(line if line.endswith("\n") else line + "\n")
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path) or ".", prefix=".tmp_")
+    _chmod_like_open(fd)
     with os.fdopen(fd, "w") as f:
       f.writelines(kept)
     os.replace(tmp, self.path)

@@ -77,13 +77,13 @@ def _read_config_json(path: str):
       return None
 
 
-def prepare_workdir(config, workdir: str, overwrite: bool, resume: bool = False) -> None:
-  """Creates workdir; refuses one that holds a different config unless overwrite.
+def check_workdir(config, workdir: str, overwrite: bool, resume: bool = False) -> None:
+  """Raises if `prepare_workdir` would refuse the workdir; reads only, writes nothing.
 
   A fresh run (resume=False) of the same config restarts a finished run (summary.json
   present) but refuses an unfinished one that has checkpoints unless overwrite (pass
-  resume=True to continue it). Every check happens before anything is written or
-  deleted, so a refused call leaves the workdir intact.
+  resume=True to continue it); a workdir holding a different config is refused
+  unless overwrite.
   """
   if resume and overwrite:
     raise ValueError("resume=True and overwrite=True exclude each other: resume continues the run "
@@ -109,6 +109,19 @@ def prepare_workdir(config, workdir: str, overwrite: bool, resume: bool = False)
   elif has_checkpoints and not overwrite and not finished:
     raise FileExistsError(f"workdir {workdir!r} holds checkpoints of an unfinished run with this "
                           "config; pass --resume to continue it or --overwrite to start over")
+
+
+def prepare_workdir(config, workdir: str, overwrite: bool, resume: bool = False) -> None:
+  """Creates workdir and writes its config.json, after `check_workdir`'s checks.
+
+  Every check happens before anything is written or deleted, so a refused call
+  leaves the workdir intact. A fresh run clears the workdir's old metrics and
+  summary (and the checkpoints of a finished or overwritten run).
+  """
+  check_workdir(config, workdir, overwrite, resume)
+  config_json = json.loads(config.to_json_best_effort())
+  path = os.path.join(workdir, "config.json")
+  finished = os.path.exists(os.path.join(workdir, "summary.json"))
   try:
     os.makedirs(workdir, exist_ok=True)
     runtime.write_json_atomic(path, config_json)
@@ -141,7 +154,9 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
                             f"{tuple(methods.DRIVERS)}")
   driver = methods.DRIVERS[method]
   driver.validate(config)
-  prepare_workdir(config, workdir, overwrite, resume)
+  # Nothing is written before every check that can fail has passed: the workdir's
+  # (read-only) checks first, then the data and the checks that need it, then the write.
+  check_workdir(config, workdir, overwrite, resume)
   if config.get("shard_clients", False):
     # One CPU device per core, so that a sharded cohort runs different clients on
     # different cores at once (1.3x on 2 cores, docs/results/engine.md). No effect on
@@ -153,6 +168,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
   if config.clients_per_round > num_clients:
     raise build.ConfigError(f"config.clients_per_round={config.clients_per_round} exceeds the "
                             f"dataset's {num_clients} clients: allowed [1, {num_clients}]")
+  prepare_workdir(config, workdir, overwrite, resume)
   num_devices = jax.local_device_count()
   # Shard only when every device gets a client: a cohort smaller than the device count
   # would leave devices idle and (on CPU, one device per core) run slower than unsharded

@@ -107,7 +107,51 @@ def test_tensorboard_without_tensorboardx_is_a_clear_error(tmp_path, monkeypatch
   assert not (tmp_path / "run").exists()
 
 
+def test_cohort_larger_than_the_loaded_dataset_writes_nothing(tmp_path, shared_data_dir):
+  # The real CIFAR-10 subset's client count is known only once loaded: checked after the
+  # config checks, before anything is written.
+  from experiments.configs import fedtiny_cifar10_cpu
+  config = fedtiny_cifar10_cpu.get_config()
+  config.data.data_dir = config.data.data_dir.replace("../shared/data", shared_data_dir, 1)
+  config.clients_per_round = 50
+  workdir = tmp_path / "run"
+  with pytest.raises(build.ConfigError, match=r"clients_per_round=50 exceeds the dataset's 20 "
+                                               r"clients: allowed \[1, 20\]"):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_data_dir_without_data_writes_nothing(tmp_path):
+  from experiments.configs import fedavg_femnist
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  config = fedavg_femnist.get_config()
+  config.data.data_dir = str(empty)
+  workdir = tmp_path / "run"
+  with pytest.raises(FileNotFoundError, match=r"no train/ subdirectory"):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_command_line_prints_a_refusal_without_a_traceback(tmp_path):
+  rc, err = _main(tmp_path, "--config.clients_per_round=50")
+  assert rc == 2, err[-2000:]
+  assert "Traceback" not in err
+  assert "error: ConfigError: config.clients_per_round=50 exceeds data.num_clients=6" in err
+  assert not (tmp_path / "run").exists()
+  rc, err = _main(tmp_path, "--config.clients_per_round=50", "--traceback")
+  assert rc != 0 and "Traceback" in err and "clients_per_round=50" in err
+
+
 # -- workdirs -------------------------------------------------------------------------
+
+
+def test_workdir_files_get_the_mode_open_would_give(finished):
+  # Atomic writes go through mkstemp (mode 0600); others sharing the results must read them.
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("config.json", "summary.json", "metrics.jsonl"):
+    assert os.stat(os.path.join(finished, name)).st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_workdir_with_another_config_is_refused_and_kept(copy_of):

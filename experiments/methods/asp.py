@@ -210,7 +210,7 @@ def run(config, env: runtime.Env) -> dict:
     if accepted:  # new shapes: rebuild the model, re-jit the round once
       built, rebuilds = _Built(config, env, spec, strategy), rebuilds + 1
       state = built.init(config, new_params, new_stats)
-      env.log(f"round {round_idx}: architecture -> {structured.spec_to_json(spec)} "
+      env.log(f"round {round_idx + 1}: architecture -> {structured.spec_to_json(spec)} "
               f"({built.sizes['params']:,} params)")
     search_rounds += phase == "search"
     state, metrics = built.round_fn(state, data.train, runtime.cohort_for(env, round_idx),
