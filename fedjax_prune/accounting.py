@@ -409,7 +409,7 @@ def layer_costs(spec: models.ModelSpec, masks: Optional[Masks] = None, *,
     The operations in forward order.
   """
   if not _is_spec(spec):
-    raise ValueError(f'spec must be an MLPSpec, ConvNetSpec or ResNetSpec, got {type(spec)}')
+    raise ValueError(f'spec must be an MLPSpec, ConvNetSpec, ResNetSpec or InceptionSpec, got {type(spec)}')
   if isinstance(bn_flops_per_element, bool) or not isinstance(bn_flops_per_element, int) or (
       bn_flops_per_element < 0):
     raise ValueError(f'bn_flops_per_element must be an int >= 0, got {bn_flops_per_element!r}')

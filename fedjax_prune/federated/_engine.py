@@ -331,7 +331,8 @@ def make_round(alg: FedAlgorithm, *, execution: Execution | None = None, mesh: M
       `select_strategy` times candidates.
     mesh: optional 1-D device mesh with axis 'clients' to shard the cohort.
     donate: donate the server state's buffers to the round (saves a model copy;
-      the state passed in is then deleted, so never reuse it).
+      the state passed in is then deleted, so never reuse it, nor the params
+      given to `alg.init`, which the first state holds as is).
 
   Returns:
     `round_fn(server_state, dataset, cohort, round_key) -> (server_state, metrics)`,
@@ -371,6 +372,24 @@ def make_round(alg: FedAlgorithm, *, execution: Execution | None = None, mesh: M
 
     jitted.lower = top_level.lower
     jitted._cache_size = top_level._cache_size
+  compiled = jitted
+  checked_counts: list = []  # the dataset's num_examples array last checked (by identity)
+
+  def checked_round(server_state, dataset, cohort, round_key):
+    # Inside jit an out-of-range index is clamped, not an error: a bad client id or an
+    # example count above the padded length would silently train the wrong data. So
+    # both are checked here on the host, where they are concrete: the cohort's ids
+    # when they are a numpy array (make_cohort's; ~2 us), the counts once per dataset.
+    check_cohort_ids(cohort, dataset.x.shape[0])
+    counts = dataset.num_examples
+    if not (checked_counts and checked_counts[0] is counts) and not isinstance(counts, jax.core.Tracer):
+      check_example_counts(counts, dataset.x.shape[1])
+      checked_counts[:] = [counts]
+    return compiled(server_state, dataset, cohort, round_key)
+
+  checked_round.lower = compiled.lower
+  checked_round._cache_size = compiled._cache_size
+  jitted = checked_round
   if mesh is None:
     return jitted
   replicated = NamedSharding(mesh, P())
@@ -405,6 +424,32 @@ def make_round(alg: FedAlgorithm, *, execution: Execution | None = None, mesh: M
       place_state(server_state), place_dataset(dataset), *args)
   placed_round._cache_size = jitted._cache_size
   return placed_round
+
+
+def check_cohort_ids(cohort: Cohort, num_clients: int) -> None:
+  """Raises IndexError when a host-side cohort names a client outside [0, num_clients).
+
+  Traced or device arrays (a caller's jit, `jax.vmap` over seeds) are not checked:
+  reading them would cost a device-to-host copy every round.
+  """
+  ids = cohort.client_ids
+  if type(ids) is np.ndarray and ids.size:
+    lo, hi = ids.min(), ids.max()
+    if lo < 0 or hi >= num_clients:
+      bad = ids[(ids < 0) | (ids >= num_clients)]
+      raise IndexError(f"cohort client ids {bad.tolist()} are outside the dataset's "
+                       f"{num_clients} clients: allowed [0, {num_clients - 1}]")
+
+
+def check_example_counts(num_examples: Any, max_examples: int) -> None:
+  """Raises ValueError when a client's num_examples is negative or above the padded
+  example axis (`max_examples` = E of x [N, E, ...]); `num_examples` concrete [N]."""
+  counts = np.asarray(jax.device_get(num_examples))
+  bad = np.flatnonzero((counts < 0) | (counts > max_examples))
+  if bad.size:
+    raise ValueError(f"dataset.num_examples of clients {bad[:8].tolist()} "
+                     f"({counts[bad[:8]].tolist()}) are outside [0, {max_examples}], the "
+                     f"padded example axis of dataset.x {max_examples} long")
 
 
 def usable_cpu_cores() -> int:

@@ -81,7 +81,8 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     prox_mu: FedProx proximal coefficient (0 = off).
     loss_fn: per-example loss.
     train_transform: per-batch augmentation `(x, key) -> x`.
-    uniform_weights: weight clients equally instead of by example count.
+    uniform_weights: weight clients equally instead of by example count (clients
+      without examples still get weight 0).
     report_update_norm: add `update_norm`, the L2 norm of the mean client delta, to
       the round's metrics. Off by default: it is one more read of the model per
       round (XLA then writes the summed delta out instead of fusing it into the
@@ -130,7 +131,10 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
   def client_update(state: ServerState, data, info: ClientInfo, key: jax.Array) -> ClientOutput:
     local, metrics = local_train(state.params, state.batch_stats, data, key, masks=state.masks,
                                  penalty_state=state.params if penalty is not None else None)
-    weight = jnp.ones((), jnp.float32) if uniform_weights else info.num_examples.astype(jnp.float32)
+    # Uniform weights count clients that trained: an empty client (no local step) has
+    # weight 0, as it has under example weighting, instead of pulling the mean toward
+    # the server model.
+    weight = ((info.num_examples > 0) if uniform_weights else info.num_examples).astype(jnp.float32)
     delta = _weighted_delta(state.params, local.params, weight)
     stats = tree_lib.scale(local.batch_stats, weight)
     return ClientOutput(FedAvgSums(delta, stats, weight, jnp.ones((), jnp.float32), metrics))
@@ -182,14 +186,24 @@ def fedavgm(apply_fn, client_optimizer, schedule, *, server_learning_rate: float
 
 def fedadam(apply_fn, client_optimizer, schedule, *, server_learning_rate: float = 1e-2,
             b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3, **kwargs) -> FedAlgorithm:
-  """FedAdam (Reddi et al., 2021); eps plays the paper's tau."""
+  """FedAdam (Reddi et al., 2021); eps plays the paper's tau.
+
+  The server step is `optax.adam`, which bias-corrects the moment estimates (divides
+  them by 1 - b^t); the paper's Algorithm 2 does not. The two agree once b2^t is
+  small (about 1 / (1 - b2) rounds: 100 at the default b2); in the first rounds
+  this one takes larger steps on coordinates with small pseudo-gradients.
+  """
   return fedavg(apply_fn, client_optimizer, schedule,
                 server_optimizer=optax.adam(server_learning_rate, b1=b1, b2=b2, eps=eps), **kwargs)
 
 
 def fedyogi(apply_fn, client_optimizer, schedule, *, server_learning_rate: float = 1e-2,
             b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3, **kwargs) -> FedAlgorithm:
-  """FedYogi (Reddi et al., 2021)."""
+  """FedYogi (Reddi et al., 2021); eps plays the paper's tau.
+
+  The server step is `optax.yogi`, which bias-corrects both moment estimates (the
+  paper does not; see `fedadam`).
+  """
   return fedavg(apply_fn, client_optimizer, schedule,
                 server_optimizer=optax.yogi(server_learning_rate, b1=b1, b2=b2, eps=eps), **kwargs)
 

@@ -67,7 +67,9 @@ def _wrap(b0: jax.Array, b1: jax.Array) -> PRNGKey:
 
 def fold_in(key: PRNGKey, data) -> PRNGKey:
   """`jax.random.fold_in(key, data)`: key [...] (typed), data an integer (traced or not)
-  broadcastable to the key's shape, taken modulo 2^32 like JAX does."""
+  broadcastable to the key's shape. Arrays are read as uint32 bits, as JAX does (int32
+  -1 is 2^32 - 1); a Python int outside [0, 2^32) is taken modulo 2^32, where
+  `jax.random.fold_in` raises OverflowError."""
   words = _fast_words(key)
   if words is None:
     return jax.random.fold_in(key, data)

@@ -54,7 +54,13 @@ class LocalSchedule:
   differentiable: bool = False
 
   def __post_init__(self):
-    if not isinstance(self.batch_size, int) or self.batch_size < 1:
+    # numpy integers (from configs, arrays) become Python ints: the schedule is a static,
+    # hashed jit argument, and np.int64(4) should mean 4.
+    for name in ("batch_size", "num_epochs", "num_steps", "unroll"):
+      value = getattr(self, name)
+      if isinstance(value, np.integer):
+        object.__setattr__(self, name, int(value))
+    if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
       raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
     if self.num_steps is None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
       raise ValueError(f"num_epochs must be an int >= 1, got {self.num_epochs!r}")

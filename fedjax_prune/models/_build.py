@@ -212,7 +212,7 @@ _MODULES[_inception.InceptionSpec] = _inception.Inception  # models/_inception.p
 def _module(spec, conv_impl: str, kernel_init_fn, key: PRNGKey) -> nnx.Module:
   module_cls = _MODULES.get(type(spec))
   if module_cls is None:
-    raise ValueError(f'spec must be an MLPSpec, ConvNetSpec or ResNetSpec, got {type(spec)}')
+    raise ValueError(f'spec must be an MLPSpec, ConvNetSpec, ResNetSpec or InceptionSpec, got {type(spec)}')
   conv_impl = _layers.resolve_conv_impl(conv_impl)
   if kernel_init_fn is None:
     kernel_init_fn = _layers.default_kernel_init()
@@ -307,7 +307,7 @@ def init_params(spec, key: PRNGKey, *,
   """
   if kernel_init_fn is None:
     if type(spec) not in _MODULES:
-      raise ValueError(f'spec must be an MLPSpec, ConvNetSpec or ResNetSpec, got {type(spec)}')
+      raise ValueError(f'spec must be an MLPSpec, ConvNetSpec, ResNetSpec or InceptionSpec, got {type(spec)}')
     return _default_init(spec, key)
   model = _module(spec, 'lax', kernel_init_fn, key)
   _, params_state, stats_state = nnx.split(model, nnx.Param, nnx.BatchStat)

@@ -40,8 +40,9 @@ def _sharded_sequential_round():
   return alg, params, data, round_fn
 
 
-def _loop_reference(apply_fn, params, data, cohort_ids, rounds=2, seed=7, lr=0.1):
-  """FedAvg as a plain Python loop over clients of the jitted local trainer."""
+def _loop_reference(apply_fn, params, data, cohort_ids, rounds=2, seed=7, lr=0.1, uniform=False):
+  """FedAvg as a plain Python loop over clients of the jitted local trainer (uniform: each
+  client with examples weighs 1, as `fedavg(uniform_weights=True)`)."""
   local_train = jax.jit(federated.make_local_train(apply_fn, optax.sgd(lr), SCHEDULE))
   for r in range(rounds):
     client_root, _ = federated.split_round_key(federated.round_key(jax.random.key(seed), r))
@@ -49,7 +50,8 @@ def _loop_reference(apply_fn, params, data, cohort_ids, rounds=2, seed=7, lr=0.1
     for cid in cohort_ids:
       local, _ = local_train(params, {}, client_slice(data, cid), jax.random.fold_in(client_root, cid))
       models.append(local.params)
-      weights.append(float(data.num_examples[cid]))
+      n = float(data.num_examples[cid])
+      weights.append(float(n > 0) if uniform else n)
     w = np.asarray(weights) / np.sum(weights)
     params = jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)), *models)
   return params
@@ -62,6 +64,22 @@ def test_round_equals_python_loop_over_clients(execution):
   state, _ = _run(alg, params, data, [0, 1, 2], execution)
   expected = _loop_reference(apply_fn, params, data, [0, 1, 2])
   testing.assert_trees_close(state.params, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_weights_average_the_clients_with_examples_equally():
+  apply_fn, params, data = _problem()  # clients of 5, 9 and 3 examples
+  empty = data._replace(num_examples=data.num_examples.at[1].set(0))
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE, uniform_weights=True)
+  state, _ = _run(alg, params, data, [0, 1, 2], federated.Sequential())
+  testing.assert_trees_close(state.params, _loop_reference(apply_fn, params, data, [0, 1, 2],
+                                                           uniform=True), rtol=1e-5, atol=1e-6)
+  # Not the example-weighted mean (a wrong weighting fails here).
+  weighted = _loop_reference(apply_fn, params, data, [0, 1, 2])
+  assert not np.allclose(state.params["dense_0"]["kernel"], weighted["dense_0"]["kernel"], atol=1e-5)
+  # A client without examples does not pull the mean toward the server model.
+  with_empty, _ = _run(alg, params, empty, [0, 1, 2], federated.Sequential())
+  without, _ = _run(alg, params, empty, [0, 2], federated.Sequential())
+  testing.assert_trees_close(with_empty.params, without.params, rtol=1e-6, atol=1e-7)
 
 
 def test_strategies_agree_on_metrics():
@@ -363,6 +381,13 @@ def test_bad_inputs_give_clear_errors():
     federated.LocalSchedule(batch_size=0)
   with pytest.raises(ValueError, match="num_epochs"):
     federated.LocalSchedule(batch_size=2, num_epochs=0)
+  with pytest.raises(ValueError, match="batch_size"):
+    federated.LocalSchedule(batch_size=True)
+  # numpy integers (from configs and arrays) are plain ints: the same static schedule.
+  from_numpy = federated.LocalSchedule(batch_size=np.int64(4), num_epochs=np.int32(2), unroll=np.int64(2))
+  assert from_numpy == federated.LocalSchedule(batch_size=4, num_epochs=2, unroll=2)
+  assert type(from_numpy.batch_size) is int and hash(from_numpy) == hash(
+      federated.LocalSchedule(batch_size=4, num_epochs=2, unroll=2))
   with pytest.raises(ValueError, match="Chunked.size"):
     federated.Chunked(0)
   apply_fn, params, _ = _problem()
@@ -429,7 +454,7 @@ def _record_device_puts(monkeypatch, kind) -> list:
 
 def test_sharded_round_copies_the_dataset_to_the_devices_once(monkeypatch):
   alg, params, data, round_fn = _sharded_sequential_round()
-  cohort = federated.make_cohort([0, 1, 2, 3])
+  cohort = federated.make_cohort([0, 1, 2], multiple=4)  # the dataset's 3 clients + 1 padding
   placed = _record_device_puts(monkeypatch, ClientData)
   state = alg.init(params, jax.random.key(1))
   for r in range(3):
@@ -444,7 +469,7 @@ def test_sharded_round_copies_the_dataset_to_the_devices_once(monkeypatch):
 
 def test_sharded_round_places_the_server_state_only_when_not_yet_replicated(monkeypatch):
   alg, params, data, round_fn = _sharded_sequential_round()
-  cohort = federated.make_cohort([0, 1, 2, 3])
+  cohort = federated.make_cohort([0, 1, 2], multiple=4)  # the dataset's 3 clients + 1 padding
   placed_states = _record_device_puts(monkeypatch, federated.ServerState)
   state = alg.init(params, jax.random.key(1))  # single-device: placed on the mesh
   for r in range(3):
@@ -624,3 +649,33 @@ def test_default_execution_is_sequential_on_cpu_and_chunked_vmap_on_accelerators
   explicit, _ = federated.make_round(alg, execution=federated.default_execution())(
       state, data, cohort, jax.random.key(2))
   testing.assert_trees_close(default.params, explicit.params, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 3, 99])
+def test_a_client_id_outside_the_dataset_is_an_error(bad_id):
+  # Inside jit the gather would clamp the id and silently train another client.
+  apply_fn, params, data = _problem()  # 3 clients
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  round_fn = federated.make_round(alg)
+  state = alg.init(params, jax.random.key(1))
+  with pytest.raises(IndexError, match=rf"cohort client ids \[{bad_id}\] are outside the "
+                                       r"dataset's 3 clients: allowed \[0, 2\]"):
+    round_fn(state, data, federated.make_cohort([0, bad_id]), jax.random.key(0))
+  round_fn(state, data, federated.make_cohort([0, 2]), jax.random.key(0))  # in range: runs
+
+
+def test_example_counts_above_the_padded_axis_are_an_error():
+  apply_fn, params, data = _problem()
+  alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  round_fn = federated.make_round(alg)
+  state = alg.init(params, jax.random.key(1))
+  padded = data.x.shape[1]
+  too_many = data._replace(num_examples=data.num_examples.at[1].set(padded + 1))
+  with pytest.raises(ValueError, match=rf"num_examples of clients \[1\] \(\[{padded + 1}\]\) are "
+                                       rf"outside \[0, {padded}\]"):
+    round_fn(state, too_many, federated.make_cohort([0, 1]), jax.random.key(0))
+  negative = data._replace(num_examples=data.num_examples.at[0].set(-1))
+  with pytest.raises(ValueError, match=r"num_examples of clients \[0\]"):
+    round_fn(state, negative, federated.make_cohort([0, 1]), jax.random.key(0))
+  # Checked once per dataset: the valid one runs, and repeated rounds do not re-read it.
+  round_fn(state, data, federated.make_cohort([0, 1]), jax.random.key(0))

@@ -37,7 +37,7 @@ def _rounds(alg, state, data, num):
   round_fn = federated.make_round(alg, execution=federated.Vmap())
   history = [state]
   for t in range(num):
-    state, metrics = round_fn(state, data, federated.make_cohort([0, 1, 2, 3]), jax.random.key(t))
+    state, metrics = round_fn(state, data, federated.make_cohort(range(data.num_clients)), jax.random.key(t))
     history.append(state)
   return history, metrics
 
