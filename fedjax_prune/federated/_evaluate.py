@@ -2,6 +2,8 @@
 
 Both scan over fixed-size, masked batches, so any number of examples compiles
 to one program; padded rows never count and never enter BatchNorm statistics.
+Zero examples (an empty array, or `num_examples == 0`) give zero sums, and
+`EvalSums.means()` then reports loss and accuracy 0.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_prune.data import ClientData
 from fedjax_prune.federated._local import count_correct, softmax_cross_entropy
@@ -25,10 +28,27 @@ class EvalSums(NamedTuple):
             "num_examples": self.num_examples}
 
 
+def _positive_int(value, name: str) -> int:
+  """Returns `value` as an int if it is an integer >= 1 (Python or numpy, not bool)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"eval {name} must be a positive integer, got {value!r} "
+                     f"({type(value).__name__})")
+  if value < 1:
+    raise ValueError(f"eval {name} must be >= 1, got {value}")
+  return int(value)
+
+
+def _zero_sums(shape=()) -> EvalSums:
+  zero = jnp.zeros(shape, jnp.float32)
+  return EvalSums(zero, zero, zero)
+
+
 def _eval_padded(apply_fn, loss_fn, params, batch_stats, x, y, num_examples, batch_size,
                  eval_transform) -> EvalSums:
   """Sums over the first `num_examples` rows of x [M, ...], y [M] in batches."""
   total = x.shape[0]
+  if total == 0:  # static: nothing to evaluate, and a 0-row batch cannot be formed
+    return _zero_sums()
   batch = min(batch_size, total)
   num_batches = -(-total // batch)
   pad = num_batches * batch - total
@@ -49,8 +69,7 @@ def _eval_padded(apply_fn, loss_fn, params, batch_stats, x, y, num_examples, bat
     correct = count_correct(logits, ys, w)
     return EvalSums(sums.loss_sum + loss, sums.correct_sum + correct, sums.num_examples + jnp.sum(w)), None
 
-  zero = jnp.zeros((), jnp.float32)
-  sums, _ = jax.lax.scan(body, EvalSums(zero, zero, zero), (jnp.arange(num_batches), xb, yb))
+  sums, _ = jax.lax.scan(body, _zero_sums(), (jnp.arange(num_batches), xb, yb))
   return sums
 
 
@@ -58,13 +77,21 @@ def make_evaluate(apply_fn: Callable, *, batch_size: int = 512, loss_fn: Callabl
                   eval_transform: Callable | None = None) -> Callable:
   """Evaluation of one model on a central test set.
 
+  Args:
+    apply_fn: the model's apply function.
+    batch_size: positive integer (Python or numpy int): examples per scanned batch.
+    loss_fn: per-example loss `(logits, labels) -> [B]`.
+    eval_transform: optional function applied to each input batch.
+
   Returns:
     `evaluate(params, batch_stats, x [M, ...], y [M], num_examples=None) -> EvalSums`
     (call `.means()` for loss/accuracy). Not jitted: jit it, or call it inside a
-    jitted function.
+    jitted function. An empty test set (M == 0) gives zero sums.
+
+  Raises:
+    ValueError: `batch_size` is not a positive integer.
   """
-  if batch_size < 1:
-    raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
+  batch_size = _positive_int(batch_size, "batch_size")
 
   def evaluate(params, batch_stats, x, y, num_examples=None) -> EvalSums:
     n = x.shape[0] if num_examples is None else num_examples
@@ -82,16 +109,32 @@ def make_evaluate_clients(apply_fn: Callable, *, batch_size: int = 128,
   Clients are processed `clients_per_chunk` at a time (`lax.map` with a vmapped
   chunk); with shared params the vmapped forward pass is one larger batch.
 
+  Args:
+    apply_fn: the model's apply function.
+    batch_size: positive integer: examples per scanned batch within a client.
+    loss_fn: per-example loss `(logits, labels) -> [B]`.
+    eval_transform: optional function applied to each input batch.
+    clients_per_chunk: positive integer: clients vmapped together.
+    per_client_params: whether params and batch_stats carry a leading [N] axis.
+
   Returns:
     `evaluate_clients(params, batch_stats, data: ClientData) -> EvalSums` with
     [N] leaves (one entry per client). With `per_client_params=True`, params and
     batch_stats carry a leading [N] axis (personalised or heterogeneous models).
+    No clients (N == 0) gives [0] leaves; clients without examples give zeros.
+
+  Raises:
+    ValueError: `batch_size` or `clients_per_chunk` is not a positive integer.
   """
+  batch_size = _positive_int(batch_size, "batch_size")
+  clients_per_chunk = _positive_int(clients_per_chunk, "clients_per_chunk")
 
   def one(params, batch_stats, x, y, n):
     return _eval_padded(apply_fn, loss_fn, params, batch_stats, x, y, n, batch_size, eval_transform)
 
   def evaluate_clients(params, batch_stats, data: ClientData) -> EvalSums:
+    if data.x.shape[0] == 0:
+      return _zero_sums((0,))
     if per_client_params:
       fn = lambda args: one(*args)
       xs = (params, batch_stats, data.x, data.y, data.num_examples)

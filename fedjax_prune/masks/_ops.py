@@ -18,6 +18,10 @@ from fedjax_prune.masks._filters import path_str, static_bool, tree_like
 from fedjax_prune.types import Masks, Params, PyTree
 
 
+class MaskDtypeError(TypeError, ValueError):
+  """A mask leaf is not a bool array (a TypeError, and a ValueError for `check`)."""
+
+
 def _apply_leaf(p: jax.Array, m: jax.Array) -> jax.Array:
   # broadcast_to makes a scalar mask explicit, so strict rank promotion never fires.
   return jnp.where(jnp.broadcast_to(m, jnp.shape(p)), p, jnp.zeros((), jnp.result_type(p)))
@@ -26,13 +30,23 @@ def _apply_leaf(p: jax.Array, m: jax.Array) -> jax.Array:
 def apply(params: Params, masks: Masks) -> Params:
   """Zeros the pruned entries of `params`, keeping every leaf's dtype.
 
+  Validates `masks` first with `check` (static: tree structure, shapes and
+  dtypes only, so it also runs inside jit at no run-time cost).
+
   Args:
     params: parameter tree.
-    masks: mask tree broadcastable to `params` (see module docstring).
+    masks: mask tree with bool leaves broadcastable to `params` (see module
+      docstring).
 
   Returns:
     `params * masks` leafwise, same shapes and dtypes as `params`.
+
+  Raises:
+    ValueError: the structure differs or a leaf's shape does not fit its
+      parameter (the message names the leaf).
+    TypeError: a mask leaf is not a bool array (e.g. a float mask).
   """
+  check(params, masks)
   return jax.tree.map(_apply_leaf, params, masks)
 
 
@@ -63,7 +77,8 @@ def check(params: Params, masks: Masks) -> None:
   Raises:
     ValueError: structures differ, a leaf is not a bool array, or its shape is
       neither `()` nor the parameter's rank with dims equal to the
-      parameter's or 1.
+      parameter's or 1. A non-bool leaf raises `MaskDtypeError`, which is
+      both a ValueError and a TypeError.
   """
   if jax.tree.structure(params) != jax.tree.structure(masks):
     p_paths, m_paths = _paths(params), _paths(masks)
@@ -77,9 +92,10 @@ def check(params: Params, masks: Masks) -> None:
   def check_leaf(path, p, m):
     name = path_str(path)
     if not hasattr(m, "dtype") or not hasattr(m, "shape"):
-      raise ValueError(f"mask leaf {name!r} must be a bool array, got {type(m).__name__}")
+      raise MaskDtypeError(f"mask leaf {name!r} must be a bool array, got {type(m).__name__}")
     if m.dtype != jnp.bool_:
-      raise ValueError(f"mask leaf {name!r} must have dtype bool, got {m.dtype}")
+      raise MaskDtypeError(f"mask leaf {name!r} must have dtype bool, got {m.dtype} "
+                           "(masks are bool: True keeps an entry)")
     p_shape, m_shape = tuple(np.shape(p)), tuple(m.shape)
     ok = m_shape == () or (
         len(m_shape) == len(p_shape)
@@ -133,9 +149,9 @@ def _reduce(op, ms):
 
 def _leaf_counts(masks: Masks, params: Params | None, prunable: Any) -> list[tuple[jax.Array, int]]:
   """(kept entries as an int32 scalar, total entries) for each selected leaf."""
+  if params is not None:
+    check(params, masks)  # structure, dtype and broadcastable shape, naming the leaf
   shapes = masks if params is None else params
-  if jax.tree.structure(shapes) != jax.tree.structure(masks):
-    raise ValueError("params must have the structure of masks; run masks.check(params, masks)")
   flags = jax.tree.leaves(tree_like(prunable, masks, "prunable"))
   counts = []
   for (path, m), p, flag in zip(jax.tree_util.tree_flatten_with_path(masks)[0],
@@ -160,10 +176,14 @@ def count_kept(masks: Masks, params: Params | None = None, prunable: Any = True)
     masks: mask tree.
     params: parameter tree (or `jax.ShapeDtypeStruct`s) giving the full
       shapes; if None, every mask is taken to have its parameter's full shape.
+      When given, `masks` is validated against it with `check`.
     prunable: True (all leaves) or a static bool filter; only True leaves count.
 
   Returns:
     int32 scalar.
+
+  Raises:
+    ValueError: `masks` does not fit `params` (see `check`; names the leaf).
   """
   counts = _leaf_counts(masks, params, prunable)
   return sum((k for k, _ in counts), jnp.zeros((), jnp.int32))
@@ -195,9 +215,10 @@ def layer_densities(masks: Masks, params: Params | None = None) -> PyTree:
 
   Args:
     masks: mask tree.
-    params: accepted for symmetry with `density`; broadcasting repeats every
-      mask entry equally often, so a leaf's kept fraction is its mask's mean.
+    params: optional; when given, `masks` is validated against it with
+      `check` (ValueError naming the leaf). Broadcasting repeats every mask
+      entry equally often, so a leaf's kept fraction is its mask's mean.
   """
-  if params is not None and jax.tree.structure(params) != jax.tree.structure(masks):
-    raise ValueError("params must have the structure of masks; run masks.check(params, masks)")
+  if params is not None:
+    check(params, masks)
   return jax.tree.map(lambda m: jnp.mean(jnp.asarray(m), dtype=jnp.float32), masks)
