@@ -17,6 +17,8 @@ Commands (from the repository root):
       --workdir workdir/cavp_r20
   python -m experiments.main --config experiments/configs/cavp_cifar10.py:cpu,federated,units \
       --workdir workdir/cavp_cpu_fed_units
+  # after a kill: the same command plus --resume (a checkpoint every 2 rounds for 'cpu',
+  # every 10 otherwise; --config.checkpoint_every=N to change, 0 = none)
 
 Expected runtime / result:
   * 'resnet20' / 'resnet56' full settings (160 epochs-worth of rounds, SGD
@@ -84,7 +86,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.strategy = "sequential+lax"
   c.strategy_cache = ""
   c.shard_clients = False
+  c.cpu_devices = 0  # unused while shard_clients is False (see fedavg_synthetic.py)
   c.progress = False
+  # Run-level fields (experiments/train.py); defined here so that command-line overrides
+  # such as --config.checkpoint_every=5 work on the locked config. Unlike the fedtiny/fiarse
+  # paper configs (0), CAVP checkpoints by default: a CPU run takes 14-22 minutes and a full
+  # run hundreds of rounds, and a checkpoint (weights, theta, alive, lambda of the current,
+  # possibly rebuilt, architecture) is small next to a round. Resume with --resume.
+  c.checkpoint_every = 2 if cpu else 10  # rounds between checkpoints (0 = none)
+  c.checkpoint_keep = 3    # most recent checkpoints kept
+  c.tensorboard = False    # also log TensorBoard scalars (needs tensorboardX)
   return c
 
 
