@@ -114,5 +114,6 @@ def run(config, env: runtime.Env) -> dict:
            "abns_losses": losses, "abns_forward_examples_per_client": abns_forward,
            "strategy_timings_s": timings}
   return sparse_driver.train_loop(config, env, spec=spec, alg=alg, state=state, apply_fn=apply_fn,
-                                  strategy=strategy, cost_fn=cost_fn, extra_summary=extra,
+                                  strategy=strategy, cost_fn=cost_fn, prunable=prunable,
+                                  extra_summary=extra,
                                   setup_time_s=time.perf_counter() - setup_start)

@@ -21,6 +21,11 @@ Evaluation (METHODS.md §4.9), every `eval_every` rounds and at the end, with
   local       mean over all clients of their own-size submodel's local-test accuracy
   global_<s>  size-s submodel on the global test set; `global` = mean over the levels
   sweep_<s>   size-s submodel on the global test set for the sweep sizes
+
+The summary's `params` is the full model's; `level_params` / `level_flops` (aligned with
+`capacities`) are each level's submodel under the final global model, counted by
+fedjax_prune.accounting on its masks (FLOPs at batch 1; ScaleFL's exit classifiers are
+not in the backbone spec, so its level FLOPs leave them out).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import numpy as np
 import optax
 
 from experiments import build, runtime
+from fedjax_prune import accounting
 from fedjax_prune import data as data_lib
 from fedjax_prune import federated, models
 from fedjax_prune import tree as tree_lib
@@ -82,7 +88,11 @@ def validate(config) -> None:
   build._int_in(config, "hetero.sweep_every", 0)
   if build._choice(config, "hetero.repartition", ("", "balanced_dirichlet")):
     build._float_in(config, "hetero.alpha", 0.0, lo_open=True)
-    build._int_in(config, "hetero.num_clients", 1)
+    n = build._int_in(config, "hetero.num_clients", 1)
+    # The re-partitioned federation has n clients: refuse a larger cohort before any write.
+    if config.clients_per_round > n:
+      raise build.ConfigError(f"config.clients_per_round={config.clients_per_round} exceeds "
+                              f"hetero.num_clients={n}: allowed [1, {n}]")
   build._float_in(config, "hetero.scalefl_alpha", 0.0, 1.0)
   build._float_in(config, "hetero.scalefl_temperature", 0.0, lo_open=True)
   if method != "fiarse" or config.hetero.layerwise:
@@ -199,6 +209,43 @@ def evaluate_protocol(eval_all, eval_central, state, capacities, client_caps, sw
   return out
 
 
+def level_masks(method_name: str, method, state, capacities: tuple[float, ...], level: int, *,
+                layerwise: bool = False):
+  """Host bool masks of level `level`'s submodel of `state`'s global model.
+
+  FIARSE keeps |x| >= tau of the level (`fiarse.thresholds` / `submodel_masks`, default
+  maskable leaves, as `_method` builds it); the width/depth submodels do not depend on
+  the weights, so the submodel of an all-ones model is the mask (1 kept, 0 dropped):
+  the extraction that evaluation uses, not a copy of it.
+  """
+  params = jax.device_get(state.params)
+  if method_name == "fiarse":
+    maskable = fiarse_lib.default_maskable(params)
+    tau_LxG = fiarse_lib.thresholds(params, capacities, maskable, layerwise=layerwise)
+    masks = fiarse_lib.submodel_masks(params, tau_LxG[level], maskable, layerwise=layerwise)
+  else:
+    ones = jax.tree.map(jnp.ones_like, state.params)
+    masks, _ = method.submodel(state._replace(params=ones), jnp.float32(capacities[level]))
+  return jax.tree.map(lambda m: np.asarray(m) != 0, jax.device_get(masks))
+
+
+def level_sizes(method_name: str, method, state, spec, capacities: tuple[float, ...], *,
+                layerwise: bool = False) -> tuple[list[int], list[int]]:
+  """(kept parameters, FLOPs at batch 1) of every capacity level's submodel, host ints.
+
+  Parameters count every leaf of the state (ScaleFL's exits included); FLOPs walk the
+  backbone `spec`, so leaves outside it (ScaleFL's exits) are left out of its masks.
+  """
+  params = jax.device_get(state.params)
+  backbone = models.param_shapes(spec)[0].keys()
+  level_params, level_flops = [], []
+  for level in range(len(capacities)):
+    masks = level_masks(method_name, method, state, capacities, level, layerwise=layerwise)
+    level_params.append(accounting.param_count(None, masks, params=params))
+    level_flops.append(accounting.flops(spec, {k: v for k, v in masks.items() if k in backbone}))
+  return level_params, level_flops
+
+
 def repartition_balanced(data: build.Data, num_clients: int, alpha: float, seed: int) -> build.Data:
   """FIARSE's §4.8 federation: balanced Dirichlet on the pooled train and, separately, test data.
 
@@ -224,9 +271,6 @@ def run(config, env: runtime.Env) -> dict:
   data = env.data
   if h.repartition == "balanced_dirichlet":
     data = repartition_balanced(data, h.num_clients, h.alpha, config.seeds.data)
-    if config.clients_per_round > h.num_clients:
-      raise build.ConfigError(f"config.clients_per_round={config.clients_per_round} exceeds "
-                              f"hetero.num_clients={h.num_clients}")
   spec = build.build_spec(config, data.input_shape, data.num_classes)
   strategy_name = config.strategy
   init_key = jax.random.key(config.seeds.init)
@@ -307,8 +351,11 @@ def run(config, env: runtime.Env) -> dict:
   progress.close()
   if not last_eval:  # resumed from the final checkpoint: evaluate the restored model
     last_eval = evaluate_protocol(eval_all, eval_central, state, caps, client_caps, sweep)
+  level_params, level_flops = level_sizes(config.method, method, state, spec, caps,
+                                          layerwise=bool(h.layerwise))
   return {
       "rounds": config.rounds, "wall_time_s": time.perf_counter() - start,
       "eval_time_s": eval_time, "strategy": strategy.name, "strategy_timings_s": timings,
-      "params": tree_lib.size(params), "capacities": caps, "data": data.description, **last_eval,
+      "params": tree_lib.size(params), "capacities": caps, "level_params": level_params,
+      "level_flops": level_flops, "data": data.description, **last_eval,
   }

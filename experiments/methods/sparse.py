@@ -11,7 +11,12 @@
 FedTiny itself has its own driver (`experiments/methods/fedtiny.py`) and shares
 `train_loop` and `spec_for` with this one. Every round record carries the
 global density and the per-client cost of the round (`accounting.client_round_cost`:
-training FLOPs, peak memory, bytes up/down, averaged over the cohort's clients).
+training FLOPs, peak memory, bytes up/down, averaged over the cohort's clients), plus
+the fields FedAvg's records have (`fedavg.size_record`): the kept `params` and sparse
+`flops` and `density/<layer path>` per prunable layer of the server model after the round
+(the one evaluated), and `bytes_up` / `bytes_down` of the whole cohort under the masks the
+round trained with (bitmap encoding). The summary's `params` / `flops` are the final kept
+sizes, `dense_params` / `dense_flops` the dense model's (as ASP's summary).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 import optax
 
 from experiments import build, runtime
+from experiments.methods import fedavg as fedavg_driver
 from fedjax_prune import accounting, federated, models
 from fedjax_prune import data as data_lib
 from fedjax_prune import masks as masks_lib
@@ -113,12 +119,19 @@ def layer_names(paths) -> list[str]:
 CostFn = Callable[[int, Any, dict], accounting.ClientRoundCost]
 
 
+def prunable_paths(params, prunable) -> tuple[str, ...]:
+  """'conv_0/kernel' paths of the leaves the `prunable` filter selects (the masked layers)."""
+  flags = _sparse.leaf_flags(params, prunable)
+  return tuple(p for p, f in zip(_sparse.leaf_paths(params), flags) if f)
+
+
 def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, state, apply_fn,
-               strategy, cost_fn: CostFn, extra_summary: dict, setup_time_s: float) -> dict:
+               strategy, cost_fn: CostFn, prunable, extra_summary: dict, setup_time_s: float) -> dict:
   """Runs the rounds (with checkpoint resume), writes records, returns the summary.
 
   `cost_fn(round_idx, host_masks, record) -> ClientRoundCost` gives one client's
-  cost of the round (record holds the round's metrics, e.g. local_steps).
+  cost of the round (record holds the round's metrics, e.g. local_steps). `prunable`
+  is the algorithm's static filter: its leaves get `density/<path>` record fields.
   """
   data = env.data
   # The round donates its state: give it buffers of its own (no leaf shared with the caller
@@ -150,8 +163,13 @@ def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, s
   last_eval: dict = {}
   masks_np = host_masks(state.masks)
   shapes, _ = models.param_shapes(spec)
+  layers = prunable_paths(state.params, prunable)
+  # Host-side accounting of the masks, redone only when they change (never inside the round).
+  # pruned=True: bitmap encoding (all-True `()` masks, as the dense baseline's, send no bits).
+  size_of = lambda m: fedavg_driver.size_record(spec, m, True, config.clients_per_round, layers)
+  sizes = size_of(masks_np)
   for round_idx in range(start_round, config.rounds):
-    round_masks = masks_np  # the masks the clients trained under
+    round_masks, round_sizes = masks_np, sizes  # the masks the clients trained under
     state, metrics = round_fn(state, data.train, runtime.cohort_for(env, round_idx),
                               federated.round_key(train_root, round_idx))
     record = runtime.round_record(metrics, round_idx, start)
@@ -166,6 +184,9 @@ def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, s
     peak_memory = max(peak_memory, cost.peak_memory)
     if record.get("adjusted", 0.0) or record.get("pruned", 0.0):
       masks_np = host_masks(state.masks)
+      sizes = size_of(masks_np)
+    # Sizes of the model after the round (as the record's density), traffic of the round.
+    record.update(sizes, bytes_up=round_sizes["bytes_up"], bytes_down=round_sizes["bytes_down"])
     if runtime.is_eval_round(config, round_idx):
       last_eval = evaluate(state.params, state.batch_stats)
       record.update(last_eval)
@@ -184,9 +205,10 @@ def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, s
   return {
       "rounds": config.rounds, "wall_time_s": time.perf_counter() - start,
       "setup_time_s": setup_time_s, "strategy": strategy.name,
-      "params": accounting.param_count(spec), "kept_params": accounting.param_count(spec, final_masks),
+      # Kept sizes under `params` / `flops`, as every other method reports (plots, sweep tables).
+      "params": accounting.param_count(spec, final_masks), "dense_params": accounting.param_count(spec),
       "density": float(masks_lib.density(final_masks, jax.device_get(state.params))),
-      "flops": accounting.flops(spec), "sparse_flops": accounting.flops(spec, final_masks),
+      "flops": accounting.flops(spec, final_masks), "dense_flops": accounting.flops(spec),
       "client_training_flops_per_round": totals["client_training_flops"] / rounds_run,
       "client_upload_bytes_per_round": totals["client_upload_bytes"] / rounds_run,
       "client_download_bytes_per_round": totals["client_download_bytes"] / rounds_run,
@@ -298,5 +320,5 @@ def run(config, env: runtime.Env) -> dict:
                                         optimizer_slots=slots, **kwargs)
 
   return train_loop(config, env, spec=spec, alg=alg, state=state, apply_fn=apply_fn,
-                    strategy=strategy, cost_fn=cost_fn, extra_summary=extra,
+                    strategy=strategy, cost_fn=cost_fn, prunable=prunable, extra_summary=extra,
                     setup_time_s=time.perf_counter() - setup_start)
