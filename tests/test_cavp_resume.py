@@ -24,6 +24,7 @@ import pytest
 from experiments import build, train
 from experiments.configs import cavp_cifar10
 from fedjax_prune import checkpoint
+from tests.test_resume import _metric_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join("experiments", "configs", "cavp_cifar10.py")
@@ -172,12 +173,6 @@ def get_config(arg=None):
 """
 
 
-def _metric_lines(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    return sum(1 for line in f if line.endswith("\n"))
 
 
 # Two subprocess runs (jax import + compile + a re-jit per rebuild): 20-40 s on a loaded

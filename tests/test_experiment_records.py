@@ -15,33 +15,17 @@ from experiments import build, plot, sweep, train
 from experiments.configs import fedavg_synthetic, fedtiny_cifar10, fiarse_cifar10
 from experiments.methods import hetero
 from fedjax_prune import accounting, checkpoint, federated, models
+from tests.pruning import test_hetero, test_sparse_baselines
 
 DENSITY_KEYS = {"density/dense_0/kernel", "density/dense_1/kernel"}
 COHORT = 3
 
 
 def sparse_config(method: str, sparse_method: str = "feddst"):
-  """A 784-16-10 MLP on synthetic data, 4 rounds, checkpoint every round."""
-  c = fedtiny_cifar10.base_config("vgg11")
-  c.data = fedavg_synthetic.get_config().data
-  c.data.num_clients = 6
-  c.data.examples_per_client = (6, 10)
-  c.data.test_examples_per_client = 4
-  c.model.name = "mlp"
-  c.model.hidden = (16,)
-  c.model.norm = "none"
-  c.client.batch_size = 4
-  c.client.num_epochs = 1
-  c.rounds = 4
-  c.clients_per_round = COHORT
-  c.eval_every = 2
+  """The sparse-baseline tests' tiny MLP run (synthetic data, 4 rounds), checkpointed every round."""
+  c = test_sparse_baselines.tiny_config(method, sparse_method)
+  assert c.clients_per_round == COHORT
   c.checkpoint_every = 1
-  c.strategy = "vmap+lax"
-  c.progress = False
-  c.method = method
-  s = c.sparse
-  s.method, s.density, s.adjust_every, s.adjust_end = sparse_method, 0.1, 2, 3
-  s.num_candidates, s.num_blocks = 2, 2
   return c
 
 
@@ -153,24 +137,9 @@ def test_snip_baseline_reports_kept_sizes_and_layer_densities(tmp_path):
 
 
 def hetero_config(method):
-  c = fiarse_cifar10.base_config(method)
-  c.data = dict(name="synthetic", num_clients=4, num_classes=3, examples_per_client=(6, 8),
-                test_examples_per_client=4, label_skew_alpha=0.5, data_dir="")
-  c.model.name = "mlp"
-  c.model.hidden = (8,)
-  c.model.norm = "none"
-  c.client.batch_size = 4
-  c.client.num_steps = 2
-  c.hetero.capacities = (1.0, 0.25)
+  """The hetero driver tests' tiny MLP run, without the capacity sweep."""
+  c = test_hetero._tiny_driver_config(method)
   c.hetero.sweep = ()
-  c.hetero.augment = False
-  c.hetero.repartition = ""
-  c.rounds = 2
-  c.clients_per_round = 3
-  c.eval_every = 1
-  c.eval_batch_size = 4
-  c.strategy = "vmap+lax"
-  c.progress = False
   return c
 
 
