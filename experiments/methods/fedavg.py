@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from experiments import build, runtime
 from fedjax_prune import accounting, checkpoint, federated, masks as masks_lib, models
+from fedjax_prune.pruning import _sparse
 
 
 def validate(config) -> None:
@@ -70,16 +71,17 @@ def size_record(spec, masks, pruned: bool, num_clients: int, layers: tuple = ())
     if masks is None:  # dense training
       kept = dict.fromkeys(layers, 1.0)
     else:
-      kept = {"/".join(str(getattr(k, "key", k)) for k in path): float(jnp.mean(leaf))
-              for path, leaf in jax.tree_util.tree_flatten_with_path(masks)[0]}
+      kept = {path: float(jnp.mean(leaf))
+              for path, leaf in zip(_sparse.leaf_paths(masks), jax.tree.leaves(masks))}
     record.update({f"density/{name}": kept[name] for name in layers})
   return record
 
 
-def prunable_layers(params) -> tuple:
-  """Paths of the leaves global magnitude pruning prunes (kernels: ndim >= 2)."""
-  flags = jax.tree_util.tree_flatten_with_path(masks_lib.by_ndim(params))[0]
-  return tuple("/".join(str(getattr(k, "key", k)) for k in path) for path, f in flags if f)
+def prunable_layers(params, prunable=None) -> tuple:
+  """'dense_0/kernel' paths of the leaves a static `prunable` filter selects (default:
+  the kernels, ndim >= 2, that global magnitude pruning prunes)."""
+  flags = _sparse.leaf_flags(params, masks_lib.by_ndim(params) if prunable is None else prunable)
+  return tuple(path for path, flag in zip(_sparse.leaf_paths(params), flags) if flag)
 
 
 def run(config, env: runtime.Env) -> dict:

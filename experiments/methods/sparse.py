@@ -119,12 +119,6 @@ def layer_names(paths) -> list[str]:
 CostFn = Callable[[int, Any, dict], accounting.ClientRoundCost]
 
 
-def prunable_paths(params, prunable) -> tuple[str, ...]:
-  """'conv_0/kernel' paths of the leaves the `prunable` filter selects (the masked layers)."""
-  flags = _sparse.leaf_flags(params, prunable)
-  return tuple(p for p, f in zip(_sparse.leaf_paths(params), flags) if f)
-
-
 def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, state, apply_fn,
                strategy, cost_fn: CostFn, prunable, extra_summary: dict, setup_time_s: float) -> dict:
   """Runs the rounds (with checkpoint resume), writes records, returns the summary.
@@ -163,7 +157,7 @@ def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, s
   last_eval: dict = {}
   masks_np = host_masks(state.masks)
   shapes, _ = models.param_shapes(spec)
-  layers = prunable_paths(state.params, prunable)
+  layers = fedavg_driver.prunable_layers(state.params, prunable)
   # Host-side accounting of the masks, redone only when they change (never inside the round).
   # pruned=True: bitmap encoding (all-True `()` masks, as the dense baseline's, send no bits).
   size_of = lambda m: fedavg_driver.size_record(spec, m, True, config.clients_per_round, layers)
