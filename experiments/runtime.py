@@ -17,7 +17,6 @@ import dataclasses
 
 import json
 import os
-import tempfile
 import time
 from typing import Any, Callable, NamedTuple, Protocol
 
@@ -25,30 +24,14 @@ import jax
 import numpy as np
 
 from experiments import build
+from fedjax_prune import _files
 from fedjax_prune import data as data_lib
 from fedjax_prune import federated
 
 
-def _chmod_like_open(fd: int) -> None:
-  """Gives a mkstemp file the mode `open(path, 'w')` would (0666 minus the umask), not 0600."""
-  umask = os.umask(0)
-  os.umask(umask)
-  os.fchmod(fd, 0o666 & ~umask)
-
-
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes JSON through a temporary file and a rename, so readers never see half a file."""
-  directory = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
-  try:
-    _chmod_like_open(fd)
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1, sort_keys=True, default=jsonable)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  _files.write_atomic(path, lambda f: json.dump(obj, f, indent=1, sort_keys=True, default=jsonable))
 
 
 def jsonable(x):
@@ -99,11 +82,7 @@ class MetricsWriter:
             break  # a line cut short by a kill: drop it and everything after
           if record.get("round", 0) <= num_rounds:
             kept.append(line if line.endswith("\n") else line + "\n")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path) or ".", prefix=".tmp_")
-    _chmod_like_open(fd)
-    with os.fdopen(fd, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    _files.write_atomic(self.path, lambda f: f.writelines(kept))
     self._file = open(self.path, "a")
     if self._tb is not None:
       # TensorBoard cannot delete events; purge_step hides the ones after the checkpoint.
@@ -136,6 +115,9 @@ class Checkpointer(Protocol):
     """Latest checkpoint as (step, state, meta), or None. `template_fn(meta)` gives a pytree
     with the state's structure, shapes and dtypes (shapes may depend on meta, e.g. a spec)."""
 
+  def latest_meta(self) -> dict | None:
+    """The meta of the latest checkpoint (no state read), or None."""
+
 
 class NoCheckpoints:
   """Checkpointer that keeps nothing (config.checkpoint_every == 0)."""
@@ -145,6 +127,9 @@ class NoCheckpoints:
 
   def restore(self, template_fn):
     del template_fn
+    return None
+
+  def latest_meta(self):
     return None
 
 
@@ -205,6 +190,28 @@ def is_checkpoint_round(config, round_idx: int) -> bool:
   (0 = never), and the last."""
   every = config.get("checkpoint_every", 0)
   return bool(every) and ((round_idx + 1) % every == 0 or round_idx + 1 == config.rounds)
+
+
+def run_clock_start(meta: dict | None = None) -> float:
+  """`time.perf_counter()` origin of a run's wall clock.
+
+  A resumed run continues the clock of the run it resumes (the checkpoint meta's
+  `wall_time_s`, see `timing_meta`), so the records' `wall_time` and the summary's
+  `wall_time_s` count each round of the result once; the time a killed run spent
+  after its last checkpoint is not counted.
+  """
+  return time.perf_counter() - float((meta or {}).get("wall_time_s", 0.0))
+
+
+def timing_meta(start: float, timings: dict) -> dict:
+  """Checkpoint meta that lets a resumed run continue the clock (`run_clock_start`) and
+  report the strategy calibration it did not repeat (`resumed_timings`)."""
+  return {"wall_time_s": time.perf_counter() - start, "strategy_timings_s": timings}
+
+
+def resumed_timings(meta: dict) -> dict:
+  """The strategy calibration timings the resumed run measured (empty for older checkpoints)."""
+  return dict(meta.get("strategy_timings_s") or {})
 
 
 def round_record(metrics: dict, round_idx: int, start_time: float) -> dict:
@@ -273,6 +280,14 @@ def auto_candidates(*, cohort_size: int, has_conv: bool, unroll: int, lowrank: b
   return sharded + candidates if on_cpu else sharded
 
 
+def checkpointed_strategy(env: Env) -> tuple[federated.Strategy, dict] | None:
+  """(strategy, calibration timings) saved with the workdir's latest checkpoint, or None."""
+  meta = env.checkpoint.latest_meta()
+  if not meta or not meta.get("strategy"):
+    return None  # a checkpoint from before strategies were saved: choose as a fresh run
+  return federated.Strategy.from_name(meta["strategy"]), resumed_timings(meta)
+
+
 def choose_strategy(env: Env, spec, params, batch_stats,
                     algorithm_for: Callable[..., federated.FedAlgorithm],
                     cohort: federated.Cohort, *,
@@ -286,10 +301,18 @@ def choose_strategy(env: Env, spec, params, batch_stats,
       (apply_fn, schedule, lowrank) for the '+lowrank' candidates.
     lowrank: the `LowRankDense` the run may use (`build.build_lowrank`); None = no
       '+lowrank' candidates.
+  A resumed run (the workdir holds a checkpoint: a fresh run has removed old ones)
+  reuses the strategy saved with it (another one would sum in another order) and
+  reports that run's calibration.
+
   Returns:
     (strategy, timings in seconds per candidate; {} when named).
   """
   config = env.config
+  saved = checkpointed_strategy(env)
+  if saved is not None:
+    env.log(f"  resumed run: client execution {saved[0].name}, as saved with its checkpoint")
+    return saved
   if config.strategy != "auto":
     strategy = named_strategy(env, config.strategy)
     if strategy.lowrank and lowrank is None:

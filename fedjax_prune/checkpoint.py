@@ -238,6 +238,11 @@ class Checkpointer:
                             f"this version reads format {_FORMAT}")
     return record
 
+  def latest_meta(self) -> dict | None:
+    """The JSON meta saved with the latest checkpoint (no arrays read), or None."""
+    path = self.latest_path()
+    return None if path is None else self.read_meta(path)["meta"]
+
   def restore(self, template_fn: Callable[[dict], Any]) -> tuple[int, Any, dict] | None:
     """The latest checkpoint as (step, state, meta), or None when there is none.
 

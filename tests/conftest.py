@@ -17,6 +17,15 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory):
+  """Runs with `strategy_cache=''` write $XDG_CACHE_HOME/fedjax_prune/strategy.json: point it at
+  a temporary directory, so the tests neither read the user's cached choices nor write them."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache_home")))
+    yield
+
+
 @pytest.fixture
 def key():
   return jax.random.key(0)

@@ -154,7 +154,7 @@ def run(config, env: runtime.Env) -> dict:
       True, 0, 0, 0)  # for l1_filter: still_prune = not yet pruned
   dense_sizes = size_record(dense_spec, config.clients_per_round)
   dense_per_round = dense_sizes["bytes_up"] + dense_sizes["bytes_down"]
-  spec, cum_bytes, start_round, strategy_name = dense_spec, 0, 0, None
+  spec, cum_bytes, start_round, strategy_name, meta = dense_spec, 0, 0, None, {}
 
   def template(meta):
     s = structured.spec_from_json(meta["spec"])
@@ -177,7 +177,7 @@ def run(config, env: runtime.Env) -> dict:
     strategy, timings = runtime.choose_strategy(env, dense_spec, params, batch_stats,
                                                 algorithm_for, runtime.cohort_for(env, 0))
   else:
-    strategy, timings = federated.Strategy.from_name(strategy_name), {}
+    strategy, timings = federated.Strategy.from_name(strategy_name), runtime.resumed_timings(meta)
   env.log(f"client execution: {strategy.name}")
   built = _Built(config, env, spec, strategy)
   if state is None:
@@ -187,7 +187,7 @@ def run(config, env: runtime.Env) -> dict:
   prune_round = _field(config, "l1_filter.prune_round", 0)
 
   progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
-  start = time.perf_counter()
+  start = runtime.run_clock_start(meta)
   last_eval: dict = {}
   search_rounds, rebuilds = 0, 0
   for round_idx in range(start_round, config.rounds):
@@ -226,7 +226,7 @@ def run(config, env: runtime.Env) -> dict:
     if runtime.is_checkpoint_round(config, round_idx):
       env.checkpoint.save(round_idx + 1, state, {
           "spec": structured.spec_to_json(spec), "search": search._asdict(),
-          "cum_bytes": cum_bytes, "strategy": strategy.name})
+          "cum_bytes": cum_bytes, "strategy": strategy.name, **runtime.timing_meta(start, timings)})
     progress.update(1)
     progress.set_postfix(loss=f"{record['train_loss']:.3f}", params=built.sizes["params"],
                          acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")

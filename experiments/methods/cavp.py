@@ -160,7 +160,7 @@ def run(config, env: runtime.Env) -> dict:
     return jax.eval_shape(lambda p, b, t: alg.init(p, jax.random.key(0), b, theta=t, lam=t),
                           p, b, shapes)
 
-  start_round, rebuilds = 0, []
+  start_round, rebuilds, meta = 0, [], {}
   restored = env.checkpoint.restore(template)
   if restored is not None:
     start_round, state, meta = restored
@@ -177,7 +177,7 @@ def run(config, env: runtime.Env) -> dict:
     return evaluate((state.params, gates), state.batch_stats)
 
   progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
-  start = time.perf_counter()
+  start = runtime.run_clock_start(meta)
   last_eval: dict = {}
   for round_idx in range(start_round, config.rounds):
     cohort = (federated.make_cohort([0]) if centralised else runtime.cohort_for(env, round_idx))
@@ -200,7 +200,8 @@ def run(config, env: runtime.Env) -> dict:
     if runtime.is_checkpoint_round(config, round_idx):
       env.checkpoint.save(round_idx + 1, state, {
           "spec": structured.spec_to_json(spec),
-          "original_spec": structured.spec_to_json(original_spec), "rebuilds": rebuilds})
+          "original_spec": structured.spec_to_json(original_spec), "rebuilds": rebuilds,
+          "wall_time_s": time.perf_counter() - start})
     progress.update(1)
     progress.set_postfix(loss=f"{record['train_loss']:.3f}",
                          acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")

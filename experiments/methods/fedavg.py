@@ -107,7 +107,7 @@ def run(config, env: runtime.Env) -> dict:
                                        f"builds {spec!r}")
     return jax.eval_shape(prune, state, density) if meta.get("pruned") else state
 
-  start_round, pruned, strategy_name = 0, False, None
+  start_round, pruned, strategy_name, meta = 0, False, None, {}
   restored = env.checkpoint.restore(template)
   if restored is not None:
     start_round, state, meta = restored
@@ -119,7 +119,7 @@ def run(config, env: runtime.Env) -> dict:
     strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats, algorithm_for,
                                                 runtime.cohort_for(env, 0), lowrank=lowrank)
   else:
-    strategy, timings = federated.Strategy.from_name(strategy_name), {}
+    strategy, timings = federated.Strategy.from_name(strategy_name), runtime.resumed_timings(meta)
   schedule = strategy.schedule(build.build_schedule(config))
   env.log(f"client execution: {strategy.name}")
   apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
@@ -138,7 +138,7 @@ def run(config, env: runtime.Env) -> dict:
 
   config_json = json.loads(config.to_json_best_effort())
   progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
-  start = time.perf_counter()
+  start = runtime.run_clock_start(meta)
   last_eval: dict = {}
   for round_idx in range(start_round, config.rounds):
     if prune_round is not None and not pruned and round_idx >= prune_round:
@@ -156,7 +156,8 @@ def run(config, env: runtime.Env) -> dict:
       env.checkpoint.save(round_idx + 1, state, {
           "spec": repr(spec), "strategy": strategy.name, "pruned": pruned, "config": config_json,
           # Cohorts are a pure function of (sampling seed, round): this is the sampler's state.
-          "sampler": {"seed": config.seeds.sampling, "next_round": round_idx + 1}})
+          "sampler": {"seed": config.seeds.sampling, "next_round": round_idx + 1},
+          **runtime.timing_meta(start, timings)})
     progress.update(1)
     progress.set_postfix(loss=f"{record['train_loss']:.3f}",
                          acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")

@@ -318,18 +318,18 @@ def run(config, env: runtime.Env) -> dict:
   state = method.algorithm.init(jax.tree.map(jnp.copy, params), init_key, batch_stats=batch_stats)
   train_root = jax.random.key(config.seeds.training)
 
-  start_round = 0
+  start_round, meta = 0, {}
   restored = env.checkpoint.restore(lambda meta: state)
   if restored is not None:
-    start_round, state, _ = restored
+    start_round, state, meta = restored
     env.metrics.truncate_to_round(start_round)
     env.log(f"resumed from the checkpoint after round {start_round}")
 
   sweep = tuple(float(x) for x in h.sweep)
   progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
-  start = time.perf_counter()
+  start = runtime.run_clock_start(meta)
   last_eval: dict = {}
-  eval_time = 0.0
+  eval_time = float(meta.get("eval_time_s", 0.0))
   for round_idx in range(start_round, config.rounds):
     state, metrics = round_fn(state, data.train, cohort(round_idx),
                               federated.round_key(train_root, round_idx))
@@ -344,7 +344,9 @@ def run(config, env: runtime.Env) -> dict:
       record.update(last_eval)
     env.metrics.write(record)
     if runtime.is_checkpoint_round(config, round_idx):
-      env.checkpoint.save(round_idx + 1, state, {"spec": repr(spec), "method": config.method})
+      env.checkpoint.save(round_idx + 1, state, {
+          "spec": repr(spec), "method": config.method, "strategy": strategy.name,
+          "eval_time_s": eval_time, **runtime.timing_meta(start, timings)})
     progress.update(1)
     progress.set_postfix(loss=f"{record['train_loss']:.3f}",
                          acc=f"{last_eval.get('global', float('nan')):.3f}")

@@ -139,6 +139,7 @@ def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, s
   totals = dict(client_training_flops=0, client_upload_bytes=0, client_download_bytes=0)
   peak_memory = 0
   totals_from = 0  # the first round the totals count
+  meta = {}
   restored = env.checkpoint.restore(lambda meta: state)
   if restored is not None:
     start_round, state, meta = restored
@@ -153,7 +154,7 @@ def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, s
     env.metrics.truncate_to_round(start_round)
     env.log(f"resumed from the checkpoint after round {start_round}")
   progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
-  start = time.perf_counter()
+  start = runtime.run_clock_start(meta)
   last_eval: dict = {}
   masks_np = host_masks(state.masks)
   shapes, _ = models.param_shapes(spec)
@@ -187,7 +188,9 @@ def train_loop(config, env: runtime.Env, *, spec, alg: federated.FedAlgorithm, s
     env.metrics.write(record)
     if runtime.is_checkpoint_round(config, round_idx):
       env.checkpoint.save(round_idx + 1, state, {
-          "spec": repr(spec), "cost_totals": {**totals, "client_peak_memory_bytes": peak_memory}})
+          "spec": repr(spec), "cost_totals": {**totals, "client_peak_memory_bytes": peak_memory},
+          "strategy": strategy.name,
+          **runtime.timing_meta(start, extra_summary.get("strategy_timings_s", {}))})
     progress.update(1)
     progress.set_postfix(loss=f"{record['train_loss']:.3f}",
                          acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")

@@ -23,7 +23,8 @@ import optax
 
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.federated._engine import ClientInfo, ClientOutput, FedAlgorithm
-from fedjax_prune.federated._lowrank import LowRankDense, LowRankSum, is_factored_kernel
+from fedjax_prune.federated._lowrank import (LowRankDense, LowRankSum, check_optimizer_is_sgd,
+                                              is_factored_kernel)
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, make_local_train,
                                            proximal_penalty, round_train_metrics,
                                            softmax_cross_entropy)
@@ -90,8 +91,8 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     lowrank: optional `LowRankDense`: clients train those dense kernels as factors
       (`make_local_train`), hand them to the engine as `LowRankSum`s, and the cohort's
       delta of each is one GEMM over the stacked factors. Needs SGD clients
-      (`client_optimizer = optax.sgd(lowrank.learning_rate, momentum=lowrank.momentum or
-      None)` for the dense run's results), no FedProx and no masks;
+      (`client_optimizer` must update as `optax.sgd(lowrank.learning_rate,
+      momentum=lowrank.momentum or None)`, else ValueError), no FedProx and no masks;
       `federated.worthwhile_lowrank_layers` picks the layers. A pure speed option: the
       same rounds up to float rounding.
 
@@ -114,6 +115,8 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
   if lowrank is not None and prox_mu > 0:
     raise ValueError("lowrank cannot be combined with FedProx (prox_mu > 0)")
+  if lowrank is not None:
+    check_optimizer_is_sgd(client_optimizer, lowrank)
   server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
   penalty = proximal_penalty(prox_mu) if prox_mu > 0 else None
   local_train = make_local_train(apply_fn, client_optimizer, schedule, loss_fn=loss_fn,

@@ -69,6 +69,36 @@ class LowRankDense:
       raise ValueError(f"rows must be None or an int >= 1, got {self.rows!r}")
 
 
+def check_optimizer_is_sgd(optimizer: Any, lowrank: LowRankDense) -> None:
+  """Raises ValueError unless `optimizer` updates as `optax.sgd(lowrank.learning_rate,
+  momentum=lowrank.momentum or None)` does.
+
+  Factored kernels are trained by that SGD whatever the client optimizer is, so a
+  run with another optimizer (Adam, another learning rate or momentum, a schedule,
+  weight decay, clipping) would silently differ from the dense run it stands for.
+  optax transformations are opaque, so the check is behavioural: three updates of a
+  2-vector probe (params and gradients chosen so that these alternatives all differ
+  from SGD, at trace time, eagerly) against the SGD recurrence.
+  """
+  lr, momentum = lowrank.learning_rate, lowrank.momentum
+  with jax.ensure_compile_time_eval():
+    params = jnp.array([0.5, -1.0], jnp.float32)
+    grads = [jnp.array(g, jnp.float32) for g in ([2.0, -0.5], [-0.25, 1.5], [1.0, 3.0])]
+    state = optimizer.init(params)
+    trace = jnp.zeros_like(params)
+    for step, g in enumerate(grads):
+      updates, state = optimizer.update(g, state, params)
+      trace = g + momentum * trace
+      expected = -lr * trace
+      if not bool(jnp.allclose(updates, expected, rtol=1e-5, atol=1e-7)):
+        raise ValueError(
+            f"lowrank trains its dense kernels by SGD (learning_rate={lr}, momentum={momentum}), "
+            f"but the client optimizer updates differently (step {step + 1} of a probe: "
+            f"{updates.tolist()} instead of {expected.tolist()}); use optax.sgd({lr}"
+            f"{f', momentum={momentum}' if momentum else ''}) as the client optimizer or drop "
+            "lowrank")
+
+
 def row_weights(rows: int, batch_size: int, steps_taken: jax.Array, learning_rate: float,
                 momentum: float) -> jax.Array:
   """[rows] weights of the factor rows after `steps_taken` local SGD steps: row r holds an

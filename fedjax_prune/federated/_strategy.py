@@ -13,12 +13,12 @@ import dataclasses
 import json
 import os
 import statistics
-import tempfile
 import time
 from typing import Callable, Sequence
 
 import jax
 
+from fedjax_prune import _files
 from fedjax_prune.federated._engine import Chunked, Execution, Sequential, Vmap
 from fedjax_prune.federated._local import LocalSchedule
 from fedjax_prune.federated._lowrank import LowRankDense, worthwhile_lowrank_layers
@@ -181,12 +181,9 @@ def _read_cache(path: str) -> dict:
 
 
 def _write_cache(path: str, cache: dict) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".strategy_cache")
-  with os.fdopen(fd, "w") as f:
-    json.dump(cache, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)  # atomic: readers see the old or the new file
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # Atomic: a concurrent reader sees the old or the new file.
+  _files.write_atomic(path, lambda f: json.dump(cache, f, indent=1, sort_keys=True))
 
 
 def select_strategy(run_round_for: Callable[[Strategy], Callable[[], None]],

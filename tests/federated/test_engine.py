@@ -350,6 +350,7 @@ def test_first_argmax_is_argmax_including_ties():
 
 
 def test_select_strategy_compiles_every_candidate_then_times_them_in_turns(tmp_path):
+  import os
   import time
   calls = []
 
@@ -372,6 +373,11 @@ def test_select_strategy_compiles_every_candidate_then_times_them_in_turns(tmp_p
   assert federated.select_strategy(run_round_for, candidates, cache_path=cache, log=lines.append)[0] == best
   assert calls == []  # a cache hit times nothing, and says it is one
   assert len(lines) == 1 and "cached choice" in lines[0] and best.name in lines[0]
+  # Written atomically with open()'s mode (a shared cache must be readable), no temp files left.
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(cache).st_mode & 0o777 == 0o666 & ~umask
+  assert os.listdir(tmp_path) == ["cache.json"]
 
 
 def test_bad_inputs_give_clear_errors():

@@ -146,6 +146,39 @@ def test_lowrank_rejects_what_it_cannot_do_exactly():
                  dense_lowrank={"head": (jnp.zeros((1, 4)), jnp.zeros((1, 3)), jnp.zeros((2, 3)))})
 
 
+@pytest.mark.parametrize("optimizer, accepted", [
+    (optax.sgd(LR), True),
+    (optax.sgd(LR, momentum=0.9), False),        # momentum the factors do not apply
+    (optax.sgd(2 * LR), False),                  # another learning rate
+    (optax.adam(LR), False),
+    (optax.adamw(LR, weight_decay=0.0), False),
+    (optax.sgd(optax.linear_schedule(LR, 0.0, 10)), False),  # lr changes from step 2
+    (optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(LR)), False),
+    (optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(LR)), False),
+])
+def test_fedavg_lowrank_refuses_a_client_optimizer_that_is_not_its_sgd(optimizer, accepted):
+  """The factored kernels are trained by LowRankDense's SGD whatever the client optimizer:
+  another optimizer would silently make the run differ from the dense one it stands for."""
+  apply_fn, *_ = _problem(MLP)
+  schedule = federated.LocalSchedule(batch_size=4)
+  lowrank = federated.LowRankDense(("dense_0",), LR)
+  if accepted:
+    federated.fedavg(apply_fn, optimizer, schedule, lowrank=lowrank)
+  else:
+    with pytest.raises(ValueError, match=r"lowrank trains its dense kernels by SGD.*client optimizer"):
+      federated.fedavg(apply_fn, optimizer, schedule, lowrank=lowrank)
+
+
+def test_fedavg_lowrank_with_momentum_accepts_the_matching_momentum_sgd():
+  apply_fn, *_ = _problem(MLP)
+  schedule = federated.LocalSchedule(batch_size=4)
+  lowrank = federated.LowRankDense(("dense_0",), LR, momentum=0.9)
+  federated.fedavg(apply_fn, optax.sgd(LR, momentum=0.9), schedule, lowrank=lowrank)
+  for other in (optax.sgd(LR), optax.sgd(LR, momentum=0.5), optax.sgd(LR, momentum=0.9, nesterov=True)):
+    with pytest.raises(ValueError, match="momentum=0.9"):
+      federated.fedavg(apply_fn, other, schedule, lowrank=lowrank)
+
+
 def test_strategy_names_and_candidates_with_lowrank():
   s = federated.Strategy.from_name("sequential+tapgrad+unroll4+lowrank+sharded")
   assert (s.unroll, s.lowrank, s.sharded, s.conv_impl) == (4, True, True, "tapgrad")
@@ -180,8 +213,9 @@ def test_momentum_sgd_factors_give_the_dense_momentum_rounds(execution):
   apply_fn, params, stats, data = _problem(CONVNET)
   schedule = federated.LocalSchedule(batch_size=4, num_epochs=2)  # up to 8 steps, unequal clients
 
-  def run(lowrank):
-    alg = federated.fedavg(apply_fn, optax.sgd(LR, momentum=0.9), schedule, lowrank=lowrank)
+  def run(lowrank, momentum=0.9):
+    alg = federated.fedavg(apply_fn, optax.sgd(LR, momentum=momentum or None), schedule,
+                           lowrank=lowrank)
     state = alg.init(params, None, batch_stats=stats)
     round_fn = federated.make_round(alg, execution=execution)
     cohort = federated.make_cohort(np.arange(data.num_examples.shape[0]))
@@ -192,6 +226,7 @@ def test_momentum_sgd_factors_give_the_dense_momentum_rounds(execution):
   dense = run(None)
   factored = run(federated.LowRankDense(("dense_0",), LR, momentum=0.9))
   testing.assert_trees_close(factored, dense, rtol=2e-5, atol=2e-6)
-  # Momentum mattered: plain-SGD factors give another model.
-  plain = run(federated.LowRankDense(("dense_0",), LR))
+  # Momentum mattered: plain SGD (dense, or factors with plain SGD) gives another model.
+  plain = run(federated.LowRankDense(("dense_0",), LR), momentum=0.0)
+  testing.assert_trees_close(plain, run(None, momentum=0.0), rtol=2e-5, atol=2e-6)
   assert float(jnp.max(jnp.abs(plain["dense_0"]["kernel"] - dense["dense_0"]["kernel"]))) > 1e-4
