@@ -62,9 +62,10 @@ def remat_apply(apply_fn: Callable, policy: Callable | None = None) -> Callable:
   return apply
 
 
-def matmul_ceiling(n: int, repeats: int = 5, precision: str = "default") -> float:
-  """Best-of-`repeats` GFLOP/s of an n x n f32 matmul: the device's practical ceiling."""
-  a = jax.random.normal(jax.random.key(0), (n, n))
+def matmul_ceiling(n: int, repeats: int = 5, precision: str = "default", dtype=jnp.float32) -> float:
+  """Best-of-`repeats` GFLOP/s of an n x n matmul in `dtype` (default f32): the device's
+  practical ceiling for GEMMs of that dtype."""
+  a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
   with precision_scope(precision):
     f = jax.jit(lambda x: x @ x)
     jax.block_until_ready(f(a))

@@ -63,9 +63,9 @@ def make_data(spec, cohort: int, steps: int, batch: int, num_classes: int) -> Cl
 
 
 def loop_round(spec, params, data: ClientData, steps: int, batch: int, conv_impl: str,
-               batch_stats=None) -> Callable[[], object]:
+               batch_stats=None, compute_dtype=None) -> Callable[[], object]:
   """One FedAvg round as a Python loop over clients: a closure running it."""
-  apply_fn = models.make_apply(spec, conv_impl=conv_impl)
+  apply_fn = models.make_apply(spec, conv_impl=conv_impl, compute_dtype=compute_dtype)
   opt = optax.sgd(0.01)
   batch_stats = {} if batch_stats is None else batch_stats
 
@@ -98,7 +98,7 @@ def loop_round(spec, params, data: ClientData, steps: int, batch: int, conv_impl
 
 
 def shuffled_loop_round(spec, params, data: ClientData, steps: int, batch: int, conv_impl: str,
-                        batch_stats=None) -> Callable[[], object]:
+                        batch_stats=None, compute_dtype=None) -> Callable[[], object]:
   """The loop doing the engine round's work: each client's batches come from its
   own shuffled examples under the engine's keys (`federated.step_batch`, the
   gather inside the jitted step), the loss is masked per example and the
@@ -106,7 +106,7 @@ def shuffled_loop_round(spec, params, data: ClientData, steps: int, batch: int, 
   round up to float order; one more dispatch per client (its keys and
   permutation) than `loop_round`."""
   del steps  # one epoch of full batches, as the engine's schedule
-  apply_fn = models.make_apply(spec, conv_impl=conv_impl)
+  apply_fn = models.make_apply(spec, conv_impl=conv_impl, compute_dtype=compute_dtype)
   opt = optax.sgd(0.01)
   schedule = federated.LocalSchedule(batch_size=batch)
   batch_stats = {} if batch_stats is None else batch_stats
@@ -199,13 +199,14 @@ def flax_linen_loop_round(data: ClientData, steps: int, batch: int) -> Callable[
 
 
 def engine_round(spec, params, data, steps, batch, strategy, *, batch_stats=None,
-                 donate: bool = False, remat: bool = False, mesh=None) -> Callable[[], object]:
+                 donate: bool = False, remat: bool = False, mesh=None,
+                 compute_dtype=None) -> Callable[[], object]:
   """A closure running one compiled engine round; rounds are chained.
 
   With `mesh`, the cohort is sharded over its devices (on CPU: one device per core,
   see `federated.split_cpu_into_devices`)."""
   del steps  # the schedule (1 epoch of `steps` full batches) follows from the data
-  apply_fn = models.make_apply(spec, conv_impl=strategy.conv_impl)
+  apply_fn = models.make_apply(spec, conv_impl=strategy.conv_impl, compute_dtype=compute_dtype)
   if remat:
     apply_fn = _common.remat_apply(apply_fn)
   alg = _common.fedavg_for(strategy, apply_fn, params, federated.LocalSchedule(batch_size=batch),
@@ -291,9 +292,12 @@ def time_entries(makers: dict, repeats: int, over: Callable[[], bool]) -> dict:
 
 def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *, strategies="auto",
                 loop_impls=None, max_loop_cohort=None, donate=False, remat=False, deadline=None,
-                ceiling=None, on_rows=None, flax_ref=True, meshes=(None,), shuffled_loop=True):
+                ceiling=None, on_rows=None, flax_ref=True, meshes=(None,), shuffled_loop=True,
+                compute_dtype=None):
   """`meshes`: run every engine strategy once per entry (None = unsharded).
-  `shuffled_loop`: also time `shuffled_loop_round` for each loop lowering."""
+  `shuffled_loop`: also time `shuffled_loop_round` for each loop lowering.
+  `compute_dtype`: the models' (engine and loops alike) GEMM dtype, e.g. bfloat16;
+  the flax.linen reference stays float32 and is then skipped."""
   _, params, batch_stats = models.build(spec, jax.random.key(0))
   step_flops = accounting.training_flops(spec, batch)
   has_conv = not isinstance(spec, models.MLPSpec)
@@ -301,7 +305,7 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
     loop_impls = ("lax", "im2col", "tapgrad") if has_conv else ("lax",)
   loop_impls = [i for i in loop_impls if has_conv or i == "lax"]
   with_flax_ref = (flax_ref and name == "leaf_femnist_cnn" and spec == models.leaf_femnist_cnn()
-                   and "lax" in loop_impls)
+                   and "lax" in loop_impls and compute_dtype is None)
   rows = []
   for cohort in cohorts:
     data = make_data(spec, cohort, steps, batch, num_classes)
@@ -310,10 +314,10 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
     if max_loop_cohort is None or cohort <= max_loop_cohort:
       for impl in loop_impls:
         makers[f"loop+{impl}"] = functools.partial(loop_round, spec, params, data, steps, batch, impl,
-                                                   batch_stats)
+                                                   batch_stats, compute_dtype)
         if shuffled_loop:
           makers[f"loop+{impl}+shuffled"] = functools.partial(shuffled_loop_round, spec, params, data, steps,
-                                                              batch, impl, batch_stats)
+                                                              batch, impl, batch_stats, compute_dtype)
       if with_flax_ref:
         makers["loop_flax_linen_ref"] = functools.partial(flax_linen_loop_round, data, steps, batch)
     # 'auto' also tries the steps written out (every client here has `steps` of them).
@@ -323,7 +327,8 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
       for mesh in meshes:
         label = strategy.name + (f"@{mesh.size}dev" if mesh is not None else "")
         makers[label] = functools.partial(engine_round, spec, params, data, steps, batch, strategy,
-                                          batch_stats=batch_stats, donate=donate, remat=remat, mesh=mesh)
+                                          batch_stats=batch_stats, donate=donate, remat=remat, mesh=mesh,
+                                          compute_dtype=compute_dtype)
     entries = time_entries(makers, repeats, lambda: deadline is not None and time.time() > deadline)
     ok = {k: v[1] for k, v in entries.items() if v[2] == "ok"}
     # "vs loop": the fastest loop of any kind (the strictest baseline; the shuffled one
@@ -400,6 +405,9 @@ def main(argv=None):
                       "CPU, lax on accelerators)")
   parser.add_argument("--max-loop-cohort", type=int, default=0, help="skip the loop baseline above this")
   parser.add_argument("--precision", default="default", choices=_common.PRECISIONS)
+  parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="models' GEMM/conv dtype (mixed precision: float32 params and "
+                           "gradients); the ceiling is then a matmul in that dtype")
   parser.add_argument("--donate", action="store_true", help="donate the server state to the round")
   parser.add_argument("--remat", action="store_true", help="jax.checkpoint around the model")
   parser.add_argument("--no-flax-ref", action="store_true", help="skip the flax.linen loop reference")
@@ -434,15 +442,20 @@ def main(argv=None):
   specs = model_specs(args.smoke)
   with _common.precision_scope(args.precision):
     size = _common.default_ceiling_size(args.smoke)
-    ceiling = matmul_ceiling(size, precision=args.precision)
-    ceiling_f32 = matmul_ceiling(size, precision="highest") if args.precision != "highest" else ceiling
+    compute_dtype = None if args.compute_dtype == "float32" else jnp.dtype(args.compute_dtype)
+    ceiling = matmul_ceiling(size, precision=args.precision,
+                             dtype=jnp.float32 if compute_dtype is None else compute_dtype)
+    ceiling_f32 = matmul_ceiling(size, precision="highest") if (
+        args.precision != "highest" or compute_dtype is not None) else ceiling
     print(f"backend={backend} devices={jax.devices()} jax={jax.__version__}")
-    print(f"matmul ceiling: {ceiling:.1f} GFLOP/s ({args.precision}); {ceiling_f32:.1f} GFLOP/s (f32 highest)")
+    print(f"matmul ceiling: {ceiling:.1f} GFLOP/s ({args.precision}, {args.compute_dtype}); "
+          f"{ceiling_f32:.1f} GFLOP/s (f32 highest)")
     print(COLUMNS)
     out = _common.out_path(f"engine{args.tag}", args.smoke, args.out, args.out_dir)
     result = dict(
         benchmark="engine", **_common.device_info(), steps=args.steps, batch=args.batch,
         matmul_ceiling_gflops=ceiling, matmul_ceiling_f32_gflops=ceiling_f32, precision=args.precision,
+        compute_dtype=args.compute_dtype,
         donate=args.donate, remat=args.remat, cpu_devices=jax.device_count() if backend == "cpu" else None,
         command="python benchmarks/engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         rows=[])
@@ -465,7 +478,7 @@ def main(argv=None):
                           loop_impls=loop_impls, max_loop_cohort=args.max_loop_cohort or None,
                           donate=args.donate, remat=args.remat, deadline=deadline, ceiling=ceiling,
                           on_rows=save, flax_ref=not args.no_flax_ref, meshes=cpu_meshes,
-                          shuffled_loop=not args.no_shuffled_loop)
+                          shuffled_loop=not args.no_shuffled_loop, compute_dtype=compute_dtype)
   result["rows"] = done
   _common.write_json(out, result)
   print(f"wrote {out}")

@@ -19,10 +19,12 @@
 # Each step has its own time limit (`timeout`) and writes its JSON as it goes, so
 # a slow step costs its own results only; a step that fails is logged and the
 # suite carries on. Limits (seconds): engine 170, pfl reference 120, pruning 40,
-# memory 110, precision 75, scaling 55: at most 570 s plus the setup check. (On an H100
+# memory 110, precision 90, scaling 55: at most 585 s plus the setup check. (On an H100
 # on 2026-11-23 the pfl reference's two modes took ~60 s each after compiling.)
-# One more step runs only when named in ONLY (it would not fit in the 10 minutes):
-#   ONLY=engine_resnet bash benchmarks/run_gpu.sh   # ResNet-18 at 8, 32, 64 clients (limit 280 s)
+# Two more steps run only when named in ONLY (they would not fit in the 10 minutes):
+#   ONLY=engine_resnet bash benchmarks/run_gpu.sh        # ResNet-18 at 8, 32, 64 clients (limit 280 s)
+#   ONLY=engine_resnet_bf16 bash benchmarks/run_gpu.sh   # the same with bf16 GEMMs (mixed precision;
+#                                                        # % of a bf16 matmul ceiling)
 set -u
 cd "$(dirname "$0")/.."
 
@@ -66,7 +68,7 @@ command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.tota
 
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
-OPTIONAL=",engine_resnet,"  # steps that run only when ONLY names them
+OPTIONAL=",engine_resnet,engine_resnet_bf16,"  # steps that run only when ONLY names them
 step() {  # step NAME LIMIT_S ARGS...: one benchmark under its own time limit
   local name=$1 limit=$2; shift 2
   if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
@@ -104,11 +106,14 @@ else
   step engine_resnet 280 benchmarks/engine.py --models resnet18 --cohorts 8,32,64 \
     --strategies vmap+im2col,vmap+lax,chunked16+im2col --loop-impls lax,im2col --no-shuffled-loop \
     --donate --repeats 2 --time-budget 260 --tag _resnet18 "${O[@]}"
+  step engine_resnet_bf16 280 benchmarks/engine.py --models resnet18 --cohorts 8,32,64 \
+    --strategies vmap+im2col,vmap+lax,chunked16+im2col --loop-impls lax,im2col --no-shuffled-loop \
+    --donate --repeats 2 --time-budget 260 --compute-dtype bfloat16 --tag _resnet18_bf16 "${O[@]}"
   step pfl_reference 120 benchmarks/pfl_reference.py --strategy vmap+im2col+lowrank "${O[@]}"
   step pruning_payoff 40 benchmarks/pruning_payoff.py --model leaf_femnist_cnn --cohort 64 "${O[@]}"
   # Memory with and without factored dense kernels (remat saved nothing for this model on an H100).
   step memory 110 benchmarks/memory.py --model leaf_femnist_cnn --cohorts 8,64 --chunk 8 --lowrank --verify "${O[@]}"
-  step precision 75 benchmarks/precision.py --rounds 20 --strategy vmap+im2col "${O[@]}"
+  step precision 90 benchmarks/precision.py --rounds 20 --strategy vmap+im2col "${O[@]}"
   step scaling 55 benchmarks/scaling.py --cohorts 8,32,128,512 --no-weak --strategy vmap+im2col+lowrank \
     --engine-json "$RESULTS/engine_gpu.json" "${O[@]}"
 fi

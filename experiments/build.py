@@ -87,6 +87,7 @@ def validate(config) -> None:
     n = None
   _choice(config, "model.name", MODELS)
   _choice(config, "model.norm", NORMS)
+  compute_dtype(config)
   _float_in(config, "model.width_multiplier", 0.0, 1.0, lo_open=True)
   alg = _choice(config, "algorithm.name", ALGORITHMS)
   _float_in(config, "algorithm.server_learning_rate", 0.0, lo_open=True)
@@ -174,8 +175,20 @@ def build_spec(config, input_shape, num_classes):
                          input_shape=tuple(input_shape))
 
 
-def build_apply(spec, normalize, conv_impl: str) -> Callable:
-  base = models.make_apply(spec, conv_impl=conv_impl)
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(config):
+  """`config.model.compute_dtype` as the models' `compute_dtype`: None for float32 (also
+  when the field is absent), jnp.bfloat16 for mixed precision (bf16 GEMMs, f32 params)."""
+  value = config.model.get("compute_dtype", "float32")
+  _require(value in COMPUTE_DTYPES, "model.compute_dtype", value, f"one of {COMPUTE_DTYPES}")
+  return None if value == "float32" else jnp.dtype(value)
+
+
+def build_apply(spec, normalize, conv_impl: str, compute_dtype=None) -> Callable:
+  """The model's apply_fn on normalised inputs (`compute_dtype`: see `models.make_apply`)."""
+  base = models.make_apply(spec, conv_impl=conv_impl, compute_dtype=compute_dtype)
 
   def apply_fn(params, batch_stats, x, *, train, example_mask=None, **options):
     # options: the model's own keywords (gates, dense_lowrank), passed through.

@@ -323,7 +323,8 @@ def choose_strategy(env: Env, spec, params, batch_stats,
   short = federated.LocalSchedule(batch_size=config.client.batch_size, num_steps=2)
 
   def run_round_for(strategy):
-    apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl)
+    apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl,
+                                 build.compute_dtype(config))
     if strategy.lowrank:
       alg = algorithm_for(apply_fn, strategy.schedule(short), lowrank)
     else:

@@ -94,7 +94,7 @@ def run_seeds(config, seeds, workdir: str | None = None, *, log=print) -> dict:
   else:  # no calibration here: the seed axis is vmapped anyway, so vmap the clients too
     strategy_name = "vmap+im2col" if build.has_conv(spec) else "vmap+lax"
   strategy = federated.Strategy.from_name(strategy_name)
-  apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
+  apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl, build.compute_dtype(config))
   alg = build.build_algorithm(config, apply_fn)
 
   states = []

@@ -97,6 +97,16 @@ def test_engine_per_model_overrides_and_budget(tmp_path):
   assert not any(r["strategy"].endswith("+shuffled") for r in rows)
 
 
+def test_engine_bf16_compute_smoke(tmp_path):
+  out = str(tmp_path / "engine_bf16.json")
+  engine.main(["--models", "mlp", "--cohorts", "2", "--strategies", "vmap+lax", "--loop-impls", "lax",
+               "--repeats", "1", "--steps", "1", "--batch", "4", "--cpu-devices", "1",
+               "--compute-dtype", "bfloat16", "--smoke", "--out", out])
+  saved = _load(out)
+  assert saved["compute_dtype"] == "bfloat16" and saved["matmul_ceiling_gflops"] > 0
+  assert saved["rows"] and all(r["status"] == "ok" and r["round_s"] > 0 for r in saved["rows"])
+
+
 def test_pfl_reference_smoke(tmp_path):
   out = str(tmp_path / "pfl.json")
   result = pfl_reference.main(["--smoke", "--out", out])
@@ -186,12 +196,15 @@ def test_memory_smoke_matches_the_analytic_floor(tmp_path):
 
 def test_precision_smoke(tmp_path):
   out = str(tmp_path / "precision.json")
-  precision.main(["--smoke", "--precisions", "highest,bfloat16", "--out", out])
+  precision.main(["--smoke", "--precisions", "highest,bfloat16,bf16_compute", "--out", out])
   rows = {r["precision"]: r for r in _load(out)["rows"]}
   assert rows["highest"]["param_rel_diff_vs_f32"] == 0.0 and rows["highest"]["speedup_vs_f32"] == 1.0
   assert rows["highest"]["accuracy_ok"] is True
   for r in rows.values():
     assert np.isfinite(r["final_train_loss"]) and 0.0 <= r["test_accuracy"] <= 1.0
+  # bf16 GEMMs through the model change the run (on CPU, unlike the matmul-precision
+  # setting, which XLA:CPU ignores), but only by bf16 rounding.
+  assert 0.0 < rows["bf16_compute"]["param_rel_diff_vs_f32"] < 0.05
 
 
 @pytest.mark.parametrize("model", ["leaf_femnist_cnn", "mlp"])

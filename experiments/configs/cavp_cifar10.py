@@ -57,7 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(name="cifar10_pfllib", data_dir=DATA_DIR))
   c.model = ml_collections.ConfigDict(dict(
       name="resnet20" if cpu else model, hidden=(), norm="batch_running",
-      width_multiplier=0.25 if cpu else 1.0))
+      width_multiplier=0.25 if cpu else 1.0,
+      compute_dtype="float32"))  # or "bfloat16": bf16 GEMMs, float32 params
   # Unused by cavp (build.validate checks every method's shared fields).
   c.algorithm = ml_collections.ConfigDict(dict(
       name="fedavg", server_learning_rate=1.0, server_momentum=0.0, prox_mu=0.0))

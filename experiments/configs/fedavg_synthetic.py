@@ -20,7 +20,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="synthetic", num_clients=100, num_classes=10, examples_per_client=(40, 120),
       test_examples_per_client=20, label_skew_alpha=0.5, data_dir=""))
   c.model = ml_collections.ConfigDict(dict(name="leaf_femnist_cnn", hidden=(200, 200), norm="none",
-                                           width_multiplier=1.0))
+                                           width_multiplier=1.0,
+                                           compute_dtype="float32"))  # or "bfloat16": bf16 GEMMs
   c.algorithm = ml_collections.ConfigDict(dict(
       name="fedavg", server_learning_rate=1.0, server_momentum=0.9, prox_mu=0.01))
   c.client = ml_collections.ConfigDict(dict(

@@ -31,7 +31,8 @@ def base_config(model: str = "resnet18", cpu: bool = False) -> ml_collections.Co
   c.data = ml_collections.ConfigDict(dict(
       name="cifar10_pfllib", data_dir="../shared/data/cifar10/pfllib_dir0.5_100clients"))
   c.model = ml_collections.ConfigDict(dict(name=model, hidden=(), norm="batch_running",
-                                           width_multiplier=1.0))
+                                           width_multiplier=1.0,
+                                           compute_dtype="float32"))  # or "bfloat16": bf16 GEMMs
   c.algorithm = ml_collections.ConfigDict(dict(
       name="fedavg", server_learning_rate=1.0, server_momentum=0.0, prox_mu=0.0))
   c.client = ml_collections.ConfigDict(dict(

@@ -35,7 +35,8 @@ def base_config(method: str = "fiarse") -> ml_collections.ConfigDict:
   c.seeds = ml_collections.ConfigDict(dict(init=0, sampling=0, training=0, data=0))
   c.data = ml_collections.ConfigDict(dict(name="cifar10_pfllib", data_dir="../shared/data/cifar10_full_pfllib"))
   c.model = ml_collections.ConfigDict(dict(name="resnet18", hidden=(), norm="batch_static",
-                                           width_multiplier=1.0))
+                                           width_multiplier=1.0,
+                                           compute_dtype="float32"))  # or "bfloat16": bf16 GEMMs
   # Unused by the hetero driver; present because the shared validation reads them.
   c.algorithm = ml_collections.ConfigDict(dict(
       name="fedavg", server_learning_rate=1.0, server_momentum=0.0, prox_mu=0.0))

@@ -131,7 +131,8 @@ class _Built:
 
   def __init__(self, config, env, spec, strategy):
     self.spec = spec
-    apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl)
+    apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl,
+                                 build.compute_dtype(config))
     self.alg = build.build_algorithm(config, apply_fn)
     self.round_fn = federated.make_round(self.alg, execution=strategy.execution,
                                          mesh=runtime.mesh_for(env, strategy),

@@ -82,16 +82,6 @@ def _options(config) -> cavp_lib.Options:
       final_threshold=c.final_threshold, rho=c.rho)
 
 
-def _gated_apply(spec, normalize, conv_impl):
-  base = models.make_apply(spec, conv_impl=conv_impl)
-
-  def apply_fn(params, batch_stats, x, *, train, example_mask=None, gates=None):
-    return base(params, batch_stats, normalize(x), train=train, example_mask=example_mask,
-                gates=gates)
-
-  return apply_fn
-
-
 def _eval_apply(apply_fn):
   """Evaluation apply taking `(params, gates)` as its params (one jit for every gate value)."""
 
@@ -131,7 +121,8 @@ def run(config, env: runtime.Env) -> dict:
   schedule = strategy.schedule(schedule)  # its step unrolling
 
   def compile_for(spec):
-    apply_fn = _gated_apply(spec, data.normalize, strategy.conv_impl)
+    # build_apply passes the gates through to the model.
+    apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl, build.compute_dtype(config))
     alg = cavp_lib.cavp(apply_fn, weight_opt, theta_opt, schedule, options)
     round_fn = federated.make_round(alg, execution=strategy.execution,
                                     mesh=runtime.mesh_for(env, strategy))
@@ -211,7 +202,8 @@ def run(config, env: runtime.Env) -> dict:
   train_time = time.perf_counter() - start
   final_gates = jax.device_get(cavp_lib.gate_stats(state.theta, state.alive, options))
   final_spec, final_params, final_stats, _ = cavp_lib.finalize(spec, state, options)
-  final_apply = _gated_apply(final_spec, data.normalize, strategy.conv_impl)
+  final_apply = build.build_apply(final_spec, data.normalize, strategy.conv_impl,
+                                  build.compute_dtype(config))
   final_eval = runtime.make_evaluator(env, final_apply)(final_params, final_stats)
   final_params_count, final_flops = accounting.param_count(final_spec), accounting.flops(final_spec)
   return {

@@ -122,7 +122,7 @@ def run(config, env: runtime.Env) -> dict:
     strategy, timings = federated.Strategy.from_name(strategy_name), runtime.resumed_timings(meta)
   schedule = strategy.schedule(build.build_schedule(config))
   env.log(f"client execution: {strategy.name}")
-  apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
+  apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl, build.compute_dtype(config))
   if strategy.lowrank and lowrank is None:
     raise ValueError(f"strategy {strategy.name!r} trains dense kernels as factors, which this run "
                      "cannot (needs SGD clients, no FedProx, no pruning, an MLP/ConvNet "

@@ -65,7 +65,7 @@ def run(config, env: runtime.Env) -> dict:
                                progressive=progressive, growth_batch_size=growth)
 
   strategy, timings = sparse_driver._choose(config, env, spec, params0, stats0, make_alg)
-  apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
+  apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl, build.compute_dtype(config))
   alg = make_alg(apply_fn, schedule)
   init_key = jax.random.key(config.seeds.init)
 

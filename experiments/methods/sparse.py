@@ -262,7 +262,7 @@ def run(config, env: runtime.Env) -> dict:
     return federated.fedavg(apply_fn, opt, sched)
 
   strategy, timings = _choose(config, env, spec, params, batch_stats, make_alg)
-  apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl)
+  apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl, build.compute_dtype(config))
   schedule = strategy.schedule(schedule)  # its step unrolling
   alg = make_alg(apply_fn, schedule)
   extra: dict = {"sparse_method": method, "target_density": density, "strategy_timings_s": timings}

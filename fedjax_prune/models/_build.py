@@ -336,7 +336,7 @@ def _to_state(abstract_state: nnx.State, pure: Any, what: str) -> nnx.State:
   return jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
 
 
-def make_apply(spec, *, conv_impl: str = 'auto') -> ApplyFn:
+def make_apply(spec, *, conv_impl: str = 'auto', compute_dtype: Any = None) -> ApplyFn:
   """The pure apply function of the model of `spec` (no parameters created).
 
   Args:
@@ -346,6 +346,12 @@ def make_apply(spec, *, conv_impl: str = 'auto') -> ApplyFn:
       forward, gradients as canonical forward convs; fast in XLA:CPU loops) or
       'auto' (default: 'tapgrad' on CPU, 'lax' elsewhere; `models.resolve_conv_impl`).
       All give the same values up to float rounding.
+    compute_dtype: None (default: float32 throughout) or a floating dtype such as
+      `jnp.bfloat16` for mixed precision: the input, the floating parameters, gates
+      and `dense_lowrank` factors are cast to it inside apply, so convolutions and
+      matmuls run in it (bf16 GEMMs on GPU/TPU), while parameters, their gradients
+      (the cast's transpose returns float32), BatchNorm statistics and
+      normalisation, the logits and the `dense_lowrank` inputs stay float32.
 
   Returns:
     `apply_fn(params, batch_stats, x, *, train, example_mask=None) ->
@@ -381,14 +387,23 @@ def make_apply(spec, *, conv_impl: str = 'auto') -> ApplyFn:
   """
   graphdef, abstract_params, abstract_stats = _abstract_split(spec, _layers.resolve_conv_impl(conv_impl))
   input_shape = tuple(spec.input_shape)
+  if compute_dtype is not None:
+    compute_dtype = jnp.dtype(compute_dtype)
+    if not jnp.issubdtype(compute_dtype, jnp.floating):
+      raise ValueError(f'compute_dtype must be a floating dtype (e.g. jnp.bfloat16), got {compute_dtype}')
+  to_compute = (lambda tree: tree) if compute_dtype is None else (lambda tree: jax.tree.map(
+      lambda a: a.astype(compute_dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a,
+      tree))
 
   def apply_fn(params: Params, batch_stats: BatchStats, x: jax.Array, *, train: bool,
                example_mask: Optional[jax.Array] = None, gates: Optional[dict] = None,
                dense_lowrank: Optional[dict] = None) -> tuple[jax.Array, BatchStats]:
+    if compute_dtype is not None:
+      params, gates, dense_lowrank = to_compute((params, gates, dense_lowrank))
     params_state = _to_state(abstract_params, params, 'params')
     stats_state = _to_state(abstract_stats, batch_stats, 'batch_stats')
     model = nnx.merge(graphdef, params_state, stats_state)
-    x = jnp.asarray(x).astype(jnp.float32)
+    x = jnp.asarray(x).astype(jnp.float32 if compute_dtype is None else compute_dtype)
     x = x.reshape((x.shape[0],) + input_shape)
     if example_mask is not None and jnp.shape(example_mask) != (x.shape[0],):
       raise ValueError(f'example_mask must have shape ({x.shape[0]},), got '
@@ -406,7 +421,9 @@ def make_apply(spec, *, conv_impl: str = 'auto') -> ApplyFn:
                          f'{type(spec).__name__}')
       logits, inputs = model(x, train=bool(train), example_mask=example_mask,
                              dense_lowrank=dense_lowrank, **extra)
-      return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), inputs
+      inputs = jax.tree.map(lambda a: a.astype(jnp.float32), inputs)
+      return (logits.astype(jnp.float32), nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
+              inputs)
     if gates is None:
       logits = model(x, train=bool(train), example_mask=example_mask)
     elif not isinstance(model, (_ConvNet, _ResNet)):
@@ -414,17 +431,18 @@ def make_apply(spec, *, conv_impl: str = 'auto') -> ApplyFn:
                        f'{type(spec).__name__}')
     else:
       logits = model(x, train=bool(train), example_mask=example_mask, gates=gates)
-    return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    return logits.astype(jnp.float32), nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
   return apply_fn
 
 
 def build(spec, key: PRNGKey, *, conv_impl: str = 'auto',
-          kernel_init_fn: Optional[_layers.KernelInit] = None
+          kernel_init_fn: Optional[_layers.KernelInit] = None, compute_dtype: Any = None
           ) -> tuple[ApplyFn, Params, BatchStats]:
   """Build the model of `spec`: `(apply_fn, params, batch_stats)`.
 
-  See `make_apply` for `apply_fn` and `init_params` for the initial state.
+  See `make_apply` for `apply_fn` (and `compute_dtype`) and `init_params` for the
+  initial state (float32 parameters).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -436,4 +454,4 @@ def build(spec, key: PRNGKey, *, conv_impl: str = 'auto',
     (2, 62)
   """
   params, batch_stats = init_params(spec, key, kernel_init_fn=kernel_init_fn)
-  return make_apply(spec, conv_impl=conv_impl), params, batch_stats
+  return make_apply(spec, conv_impl=conv_impl, compute_dtype=compute_dtype), params, batch_stats

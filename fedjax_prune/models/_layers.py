@@ -233,6 +233,10 @@ class BatchNorm(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool,
                example_mask: Optional[jax.Array] = None) -> jax.Array:
+    # Statistics and normalisation in float32 whatever the compute dtype (bf16 moments
+    # lose the variance of large activations); the output keeps the input's dtype.
+    compute_dtype = x.dtype
+    x = x.astype(jnp.float32)
     if self.mode == 'batch_static' or train:
       mean, var, count = masked_moments(x, example_mask)
       if self.mode == 'batch_running':
@@ -245,6 +249,7 @@ class BatchNorm(nnx.Module):
         self.var[...] = new_var
     else:
       mean, var = self.mean[...], self.var[...]
-    inv = lax.rsqrt(var + BN_EPSILON) * self.scale[...]
-    return (x - _channel_view(mean, x.ndim)) * _channel_view(inv, x.ndim) + _channel_view(
-        self.bias[...], x.ndim)
+    inv = lax.rsqrt(var + BN_EPSILON) * self.scale[...].astype(jnp.float32)
+    y = (x - _channel_view(mean, x.ndim)) * _channel_view(inv, x.ndim) + _channel_view(
+        self.bias[...].astype(jnp.float32), x.ndim)
+    return y.astype(compute_dtype)
