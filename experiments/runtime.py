@@ -205,13 +205,8 @@ def run_clock_start(meta: dict | None = None) -> float:
 
 def timing_meta(start: float, timings: dict) -> dict:
   """Checkpoint meta that lets a resumed run continue the clock (`run_clock_start`) and
-  report the strategy calibration it did not repeat (`resumed_timings`)."""
+  report the strategy calibration it did not repeat (`checkpointed_strategy`)."""
   return {"wall_time_s": time.perf_counter() - start, "strategy_timings_s": timings}
-
-
-def resumed_timings(meta: dict) -> dict:
-  """The strategy calibration timings the resumed run measured (empty for older checkpoints)."""
-  return dict(meta.get("strategy_timings_s") or {})
 
 
 def round_record(metrics: dict, round_idx: int, start_time: float) -> dict:
@@ -285,7 +280,8 @@ def checkpointed_strategy(env: Env) -> tuple[federated.Strategy, dict] | None:
   meta = env.checkpoint.latest_meta()
   if not meta or not meta.get("strategy"):
     return None  # a checkpoint from before strategies were saved: choose as a fresh run
-  return federated.Strategy.from_name(meta["strategy"]), resumed_timings(meta)
+  # The calibration timings of the run that chose it (absent in older checkpoints).
+  return federated.Strategy.from_name(meta["strategy"]), dict(meta.get("strategy_timings_s") or {})
 
 
 def choose_strategy(env: Env, spec, params, batch_stats,

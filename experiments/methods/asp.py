@@ -155,7 +155,7 @@ def run(config, env: runtime.Env) -> dict:
       True, 0, 0, 0)  # for l1_filter: still_prune = not yet pruned
   dense_sizes = size_record(dense_spec, config.clients_per_round)
   dense_per_round = dense_sizes["bytes_up"] + dense_sizes["bytes_down"]
-  spec, cum_bytes, start_round, strategy_name, meta = dense_spec, 0, 0, None, {}
+  spec, cum_bytes, start_round, meta = dense_spec, 0, 0, {}
 
   def template(meta):
     s = structured.spec_from_json(meta["spec"])
@@ -169,16 +169,14 @@ def run(config, env: runtime.Env) -> dict:
     start_round, state, meta = restored
     spec = structured.spec_from_json(meta["spec"])
     search = auto_structured.AutoStructuredState(**meta["search"])
-    cum_bytes, strategy_name = int(meta["cum_bytes"]), meta.get("strategy")
+    cum_bytes = int(meta["cum_bytes"])
     env.metrics.truncate_to_round(start_round)
     env.log(f"resumed from the checkpoint after round {start_round} (architecture {spec})")
 
-  if strategy_name is None:
-    algorithm_for = lambda apply_fn, schedule: build.build_algorithm(config, apply_fn, schedule)
-    strategy, timings = runtime.choose_strategy(env, dense_spec, params, batch_stats,
-                                                algorithm_for, runtime.cohort_for(env, 0))
-  else:
-    strategy, timings = federated.Strategy.from_name(strategy_name), runtime.resumed_timings(meta)
+  # A resumed run gets the checkpoint's strategy (runtime.choose_strategy).
+  algorithm_for = lambda apply_fn, schedule: build.build_algorithm(config, apply_fn, schedule)
+  strategy, timings = runtime.choose_strategy(env, dense_spec, params, batch_stats,
+                                              algorithm_for, runtime.cohort_for(env, 0))
   env.log(f"client execution: {strategy.name}")
   built = _Built(config, env, spec, strategy)
   if state is None:

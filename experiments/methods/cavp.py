@@ -192,7 +192,7 @@ def run(config, env: runtime.Env) -> dict:
       env.checkpoint.save(round_idx + 1, state, {
           "spec": structured.spec_to_json(spec),
           "original_spec": structured.spec_to_json(original_spec), "rebuilds": rebuilds,
-          "wall_time_s": time.perf_counter() - start})
+          **runtime.timing_meta(start, {})})
     progress.update(1)
     progress.set_postfix(loss=f"{record['train_loss']:.3f}",
                          acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")

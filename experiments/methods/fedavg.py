@@ -95,8 +95,8 @@ def run(config, env: runtime.Env) -> dict:
   # Large dense kernels trained as factors: dense runs only (pruning adds masks).
   lowrank = build.build_lowrank(config, spec, params, data.train.max_examples) if prune_round is None else None
 
-  # The state template needs no compiled round, so restore first: a resumed run reuses
-  # the checkpoint's client-execution strategy (another one would sum in another order).
+  # The state template needs no compiled round, so restore first (runtime.choose_strategy
+  # then gives a resumed run the checkpoint's client-execution strategy).
   base_alg = algorithm_for(build.build_apply(spec, data.normalize, "lax"), None)
   state = base_alg.init(jax.tree.map(jnp.copy, params), jax.random.key(config.seeds.init),
                         batch_stats=batch_stats)
@@ -107,19 +107,16 @@ def run(config, env: runtime.Env) -> dict:
                                        f"builds {spec!r}")
     return jax.eval_shape(prune, state, density) if meta.get("pruned") else state
 
-  start_round, pruned, strategy_name, meta = 0, False, None, {}
+  start_round, pruned, meta = 0, False, {}
   restored = env.checkpoint.restore(template)
   if restored is not None:
     start_round, state, meta = restored
-    pruned, strategy_name = bool(meta.get("pruned")), meta.get("strategy")
+    pruned = bool(meta.get("pruned"))
     env.metrics.truncate_to_round(start_round)
     env.log(f"resumed from the checkpoint after round {start_round}")
 
-  if strategy_name is None:
-    strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats, algorithm_for,
-                                                runtime.cohort_for(env, 0), lowrank=lowrank)
-  else:
-    strategy, timings = federated.Strategy.from_name(strategy_name), runtime.resumed_timings(meta)
+  strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats, algorithm_for,
+                                              runtime.cohort_for(env, 0), lowrank=lowrank)
   schedule = strategy.schedule(build.build_schedule(config))
   env.log(f"client execution: {strategy.name}")
   apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl, build.compute_dtype(config))
