@@ -74,9 +74,6 @@ def _capacity_tuple(config, path) -> tuple[float, ...]:
 def validate(config) -> None:
   method = config.get("method")
   build._require(method in METHODS, "method", method, f"one of {METHODS}")
-  # ScaleFL's early-exit model (models.make_early_exit_apply) computes in float32 only.
-  build._require(method != "scalefl" or build.compute_dtype(config) is None, "model.compute_dtype",
-                 config.model.get("compute_dtype"), "'float32' with method='scalefl'")
   if "hetero" not in config:
     raise build.ConfigError("config field 'hetero' is missing (see experiments/methods/hetero.py)")
   _capacity_tuple(config, "hetero.capacities")
@@ -281,7 +278,8 @@ def run(config, env: runtime.Env) -> dict:
   if config.method == "scalefl":
     exit_stages = tuple(range(1, len(spec.stage_widths)))
     params, batch_stats = models.init_early_exit_params(spec, exit_stages, init_key)
-    make_raw = lambda conv_impl: models.make_early_exit_apply(spec, exit_stages, conv_impl=conv_impl)
+    make_raw = lambda conv_impl: models.make_early_exit_apply(spec, exit_stages, conv_impl=conv_impl,
+                                                              compute_dtype=compute_dtype)
   else:
     params, batch_stats = models.init_params(spec, init_key)
     make_raw = lambda conv_impl: models.make_apply(spec, conv_impl=conv_impl,

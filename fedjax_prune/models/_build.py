@@ -336,6 +336,18 @@ def _to_state(abstract_state: nnx.State, pure: Any, what: str) -> nnx.State:
   return jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
 
 
+def mixed_precision(compute_dtype: Any) -> tuple[Any, Callable]:
+  """(input dtype, cast) of a model computing in `compute_dtype` (see `make_apply`):
+  `cast(tree)` casts a pytree's floating leaves to it; None = float32, cast = identity."""
+  if compute_dtype is None:
+    return jnp.float32, lambda tree: tree
+  dtype = jnp.dtype(compute_dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f'compute_dtype must be a floating dtype (e.g. jnp.bfloat16), got {dtype}')
+  return dtype, lambda tree: jax.tree.map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
+
+
 def make_apply(spec, *, conv_impl: str = 'auto', compute_dtype: Any = None) -> ApplyFn:
   """The pure apply function of the model of `spec` (no parameters created).
 
@@ -387,23 +399,16 @@ def make_apply(spec, *, conv_impl: str = 'auto', compute_dtype: Any = None) -> A
   """
   graphdef, abstract_params, abstract_stats = _abstract_split(spec, _layers.resolve_conv_impl(conv_impl))
   input_shape = tuple(spec.input_shape)
-  if compute_dtype is not None:
-    compute_dtype = jnp.dtype(compute_dtype)
-    if not jnp.issubdtype(compute_dtype, jnp.floating):
-      raise ValueError(f'compute_dtype must be a floating dtype (e.g. jnp.bfloat16), got {compute_dtype}')
-  to_compute = (lambda tree: tree) if compute_dtype is None else (lambda tree: jax.tree.map(
-      lambda a: a.astype(compute_dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a,
-      tree))
+  input_dtype, to_compute = mixed_precision(compute_dtype)
 
   def apply_fn(params: Params, batch_stats: BatchStats, x: jax.Array, *, train: bool,
                example_mask: Optional[jax.Array] = None, gates: Optional[dict] = None,
                dense_lowrank: Optional[dict] = None) -> tuple[jax.Array, BatchStats]:
-    if compute_dtype is not None:
-      params, gates, dense_lowrank = to_compute((params, gates, dense_lowrank))
+    params, gates, dense_lowrank = to_compute((params, gates, dense_lowrank))
     params_state = _to_state(abstract_params, params, 'params')
     stats_state = _to_state(abstract_stats, batch_stats, 'batch_stats')
     model = nnx.merge(graphdef, params_state, stats_state)
-    x = jnp.asarray(x).astype(jnp.float32 if compute_dtype is None else compute_dtype)
+    x = jnp.asarray(x).astype(input_dtype)
     x = x.reshape((x.shape[0],) + input_shape)
     if example_mask is not None and jnp.shape(example_mask) != (x.shape[0],):
       raise ValueError(f'example_mask must have shape ({x.shape[0]},), got '

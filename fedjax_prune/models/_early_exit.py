@@ -11,7 +11,7 @@ is the last stage); the layers after it receive no gradient.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,11 +90,11 @@ def init_early_exit_params(spec: _specs.ResNetSpec, exit_stages: Sequence[int], 
 
 
 def make_early_exit_apply(spec: _specs.ResNetSpec, exit_stages: Sequence[int], *,
-                          conv_impl: str = 'auto') -> Callable:
+                          conv_impl: str = 'auto', compute_dtype: Any = None) -> Callable:
   """`apply_fn(params, batch_stats, x, *, train, example_mask=None) -> (logits [B, X, K], stats)`.
 
   X = len(exit_stages) + 1 (the exits in stage order, then the head). Same
-  conventions as `models.make_apply` otherwise.
+  conventions as `models.make_apply` otherwise (`compute_dtype` included).
   """
   stages = _check(spec, exit_stages)
   conv_impl = _layers.resolve_conv_impl(conv_impl)
@@ -103,15 +103,16 @@ def make_early_exit_apply(spec: _specs.ResNetSpec, exit_stages: Sequence[int], *
                                                  rngs=nnx.Rngs(params=jax.random.key(0))))
   graphdef, abstract_params, abstract_stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
   input_shape = tuple(spec.input_shape)
+  input_dtype, to_compute = _build.mixed_precision(compute_dtype)
 
   def apply_fn(params: Params, batch_stats: BatchStats, x: jax.Array, *, train: bool,
                example_mask: Optional[jax.Array] = None):
-    model = nnx.merge(graphdef, _build._to_state(abstract_params, params, 'params'),
+    model = nnx.merge(graphdef, _build._to_state(abstract_params, to_compute(params), 'params'),
                       _build._to_state(abstract_stats, batch_stats, 'batch_stats'))
-    x = jnp.asarray(x).astype(jnp.float32)
+    x = jnp.asarray(x).astype(input_dtype)
     x = x.reshape((x.shape[0],) + input_shape)
     logits = model(x, train=bool(train), example_mask=example_mask)
-    return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    return logits.astype(jnp.float32), nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
   return apply_fn
 
