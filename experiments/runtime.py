@@ -291,15 +291,16 @@ def choose_strategy(env: Env, spec, params, batch_stats,
   """Client-execution strategy: `config.strategy` by name, or 'auto' = time a 2-step round
   of each candidate (result cached on disk per model/cohort/batch shape).
 
+  A resumed run (the workdir holds a checkpoint: a fresh run has removed old ones)
+  reuses the strategy saved with it (another one would sum in another order) and
+  reports that run's calibration.
+
   Args:
     algorithm_for: (apply_fn, schedule) -> FedAlgorithm whose `init(params, key,
       batch_stats=...)` builds a server state for `params`; with `lowrank`, also
       (apply_fn, schedule, lowrank) for the '+lowrank' candidates.
     lowrank: the `LowRankDense` the run may use (`build.build_lowrank`); None = no
       '+lowrank' candidates.
-  A resumed run (the workdir holds a checkpoint: a fresh run has removed old ones)
-  reuses the strategy saved with it (another one would sum in another order) and
-  reports that run's calibration.
 
   Returns:
     (strategy, timings in seconds per candidate; {} when named).

@@ -5,27 +5,22 @@ jaxpr's GEMM dtypes); here: each driver passes the field through (a bf16 run dif
 from the float32 one by bf16 rounding only, and keeps float32 parameters in its
 checkpoints), and bad values are refused before anything is written.
 """
-import json
-import os
-
 import numpy as np
 import pytest
 
 from experiments import build, train
 from experiments.configs import fedavg_tiny
-from fedjax_prune import checkpoint
 from tests import test_cavp_resume, test_method_contract
+from tests.test_method_contract import _final_arrays, _records
 from tests.pruning import test_hetero
 
 
 def _params(workdir):
-  _, arrays, _ = checkpoint.read_arrays(os.path.join(workdir, train.CHECKPOINT_DIR))
-  return {k: v for k, v in arrays.items() if ".params" in k}
+  return {k: v for k, v in _final_arrays(workdir)[1].items() if ".params" in k}
 
 
 def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line)["train_loss"] for line in f]
+  return [r["train_loss"] for r in _records(workdir)]
 
 
 def test_fedavg_bf16_run_is_the_float32_run_up_to_bf16_rounding(tmp_path):

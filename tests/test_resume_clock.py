@@ -17,6 +17,7 @@ from experiments import train
 from experiments.configs import fedavg_tiny
 from fedjax_prune import checkpoint
 from tests import test_cavp_resume
+from tests.test_method_contract import _records
 from tests.pruning import test_hetero, test_sparse_baselines
 
 EARLIER_TIME_S = 1000.0
@@ -47,11 +48,6 @@ def _sparse():
 
 def _cavp():
   return test_cavp_resume.tiny_config()
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def _cut_back(workdir, keep_step):
