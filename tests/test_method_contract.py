@@ -20,17 +20,26 @@ switch on a sub-method (`sparse` over `config.sparse.method`, `hetero` over
      a phase is a run of rounds with the same model size (`params` record key,
      changed by structured/one-shot pruning and rebuilds);
   5. an invalid method-specific value raises `ConfigError` naming the field,
-     before anything is written to the workdir.
+     before anything is written to the workdir;
+  6. golden: the final params and the metrics/summary (timings aside) equal the ones
+     recorded in tests/goldens/methods/<case>.json before the Method redesign
+     (bit for bit on the CPU model that recorded them, else within float tolerance).
+     `FEDJAX_PRUNE_WRITE_GOLDENS=1 python -m pytest tests/test_method_contract.py -k golden`
+     re-records them (only for a deliberate change of results, said in the commit).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import platform
+import re
 import shutil
 
 import jax
+import numpy as np
 import pytest
 
 from experiments import build, methods, runtime, train
@@ -400,3 +409,79 @@ def test_invalid_method_field_is_named(name, tmp_path):
   with pytest.raises(build.ConfigError, match=rf"config\.{field}="):
     train.train_and_evaluate(case.bad_config(), workdir)
   assert not os.path.exists(workdir)
+
+
+# ----------------------------------------------------------------------------- goldens
+
+GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "goldens", "methods")
+WRITE_GOLDENS_ENV = "FEDJAX_PRUNE_WRITE_GOLDENS"
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _final_params(workdir) -> dict[str, np.ndarray]:
+  """The final checkpoint's parameter leaves keyed by their path below `params`
+  (so a renamed state container does not change the key)."""
+  _, arrays, _ = _final_arrays(workdir)
+  out = {}
+  for path, value in arrays.items():
+    found = re.search(r"\.params((\[[^\]]*\])+)$", path)  # ".params['dense_0']['kernel']"
+    if found:
+      out[found.group(1)] = value
+  assert out, f"no params leaves among {sorted(arrays)}"
+  return out
+
+
+def golden_of(workdir) -> dict:
+  """What a golden keeps of a run: hashes of the final params, records and summary (timings
+  aside), and readable values to compare within float tolerance on another CPU."""
+  params = _final_params(workdir)
+  digest = hashlib.sha256()
+  for path in sorted(params):
+    a = np.ascontiguousarray(params[path])
+    digest.update(f"{path}|{a.dtype}|{a.shape}|".encode())
+    digest.update(a.tobytes())
+  records = [json.loads(_without_timings(r)) for r in _records(workdir)]
+  summary = json.loads(_without_timings(_summary(workdir)))
+  return {
+      "cpu": _cpu_model(), "jax": jax.__version__,
+      "params_sha256": digest.hexdigest(),
+      "records_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
+      "summary_sha256": hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest(),
+      "param_sums": {p: float(np.asarray(v, np.float64).sum()) for p, v in sorted(params.items())
+                     if np.issubdtype(np.asarray(v).dtype, np.floating)},
+      "train_loss": [r["train_loss"] for r in records],
+      "test_accuracy": summary.get("test_accuracy"),
+  }
+
+
+@pytest.mark.parametrize("name", _params(FAST))
+def test_matches_golden(name, reference_runs):
+  case = CASES_BY_NAME[name]
+  workdir, _, _ = reference_runs(case)
+  got = golden_of(workdir)
+  path = os.path.join(GOLDEN_DIR, name.replace("/", "__") + ".json")
+  if os.environ.get(WRITE_GOLDENS_ENV):
+    os.makedirs(GOLDEN_DIR, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(got, f, indent=1, sort_keys=True)
+      f.write("\n")
+  with open(path) as f:
+    want = json.load(f)
+  if got["cpu"] == want["cpu"] and got["jax"] == want["jax"]:
+    for k in ("params_sha256", "records_sha256", "summary_sha256"):
+      assert got[k] == want[k], f"{name}: {k} differs from the golden"
+  else:  # another CPU or jax may round differently: the values within float tolerance
+    assert got["param_sums"].keys() == want["param_sums"].keys()
+    np.testing.assert_allclose(list(got["param_sums"].values()),
+                               list(want["param_sums"].values()), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-3, atol=1e-4)
