@@ -1,15 +1,14 @@
-"""What every method's experiment driver shares: the run environment.
+"""What every method's experiment code shares: the run environment and the `Run`.
 
-A method driver lives in `experiments/methods/<method>.py` and exposes
+A method's experiment code lives in `experiments/methods/<method>.py` and exposes
 
   validate(config) -> None          # its own config fields; raises build.ConfigError
-  run(config, env: Env) -> dict     # runs all rounds; returns the summary dict
+  build(config, env: Env) -> Run    # the method (a `federated.Method`) and how to run it
 
 `train.train_and_evaluate` validates the config, prepares the workdir, builds the
-data and the `Env`, dispatches on `config.method`, and writes `summary.json`.
-A driver writes one metrics record per round with `env.metrics.write(record)`,
-saves its state with `env.checkpoint.save(...)` every `config.checkpoint_every`
-rounds, and on start asks `env.checkpoint.restore(...)` whether to resume.
+data and the `Env`, dispatches on `config.method`, runs the one experiment loop
+(`train.run_rounds`: resume, rounds, records, evaluation, checkpoints) and writes
+`summary.json`.
 """
 from __future__ import annotations
 
@@ -143,6 +142,27 @@ class Env(NamedTuple):
   metrics: MetricsWriter
   checkpoint: Any                # a Checkpointer
   log: Callable[[str], None]
+  setup_start: float = 0.0       # time.perf_counter() when the run started (data, method setup)
+
+
+class Run(NamedTuple):
+  """What the experiment loop (`train.run_rounds`) runs: a method and how.
+
+  Attributes:
+    method: the `federated.Method`.
+    strategy: the client-execution strategy (`choose_strategy`).
+    timings: its calibration timings ({} when named).
+    train: the training `ClientData` the rounds sample from (env.data.train, or a
+      method's own view of it, e.g. CAVP's pooled client).
+    cohort: `cohort(round_idx) -> federated.Cohort`.
+    donate: donate the server state to the round (saves a model copy).
+  """
+  method: federated.Method
+  strategy: federated.Strategy
+  timings: dict
+  train: Any
+  cohort: Callable[[int], federated.Cohort]
+  donate: bool = True
 
 
 def cohort_for(env: Env, round_idx: int, *, clients_per_round: int | None = None) -> federated.Cohort:

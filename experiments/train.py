@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import jax
+import jax.numpy as jnp
 
 from experiments import build, methods, runtime
 from fedjax_prune import checkpoint as checkpoint_lib
-from fedjax_prune import federated
+from fedjax_prune import federated, structured
 
 CHECKPOINT_DIR = "checkpoints"
 # Test hook: seconds the checkpointer pauses mid-save (so a test can kill a run during a save).
@@ -163,6 +165,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
     # GPU/TPU runs, or once JAX has started (a notebook, a test session).
     federated.split_cpu_into_devices(config.get("cpu_devices", 0) or None)
   log = print
+  setup_start = time.perf_counter()
   data = build.build_data(config)
   num_clients = data.train.num_clients
   if config.clients_per_round > num_clients:
@@ -180,9 +183,10 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
                                   pause_after_write_s=float(os.environ.get(PAUSE_PER_ROUND_ENV) or 0))
   env = runtime.Env(config=config, workdir=workdir, data=data, mesh=mesh,
                     cohort_multiple=num_devices if mesh is not None else 1, metrics=metrics,
-                    checkpoint=checkpointer_for(config, workdir), log=log)
+                    checkpoint=checkpointer_for(config, workdir), log=log,
+                    setup_start=setup_start)
   try:
-    summary = driver.run(config, env)
+    summary = run_rounds(config, env, driver.build(config, env))
   finally:
     metrics.close()
   summary = {"method": method, **summary}
@@ -190,4 +194,102 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
   log(f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f}s, "
       f"test accuracy {summary.get('test_accuracy', float('nan')):.4f} "
       f"(local mean {summary.get('local_accuracy_mean', float('nan')):.4f}); results in {workdir}")
+  return summary
+
+
+def run_rounds(config, env: runtime.Env, run: runtime.Run) -> dict:
+  """The experiment loop, the one every method runs: restore or init, then per round
+  `before_round` -> the compiled round -> `after_round` -> record -> evaluation ->
+  metrics -> checkpoint; the round (and evaluator) compile once per architecture.
+
+  Returns the summary dict (without 'method', which `train_and_evaluate` adds).
+  """
+  method = run.method
+  initial = method.init()
+  initial_spec = structured.spec_to_json(initial.spec)
+
+  def template(meta):
+    saved = meta.get("initial_spec")
+    saved_spec = structured.spec_from_json(saved) if saved is not None else None
+    if saved_spec != initial.spec:
+      raise checkpoint_lib.CheckpointError(
+          f"it was saved with model spec {saved_spec!r}, this run builds {initial.spec!r}")
+    if method.template is None:
+      return initial.server
+    return method.template(initial, structured.spec_from_json(meta["spec"]), dict(meta["host"]))
+
+  start_round, meta = 0, {}
+  restored = env.checkpoint.restore(template)
+  if restored is not None:
+    start_round, server, meta = restored
+    state = method.resume(federated.MethodState(server, structured.spec_from_json(meta["spec"]),
+                                                dict(meta["host"])))
+    env.metrics.truncate_to_round(start_round)
+    env.log(f"resumed from the checkpoint after round {start_round}")
+  else:
+    # The round donates its state: give it buffers of its own (no leaf shared with the
+    # caller or repeated inside the state, e.g. one `()` mask array reused for several leaves).
+    state = initial._replace(server=jax.tree.map(jnp.copy, initial.server))
+
+  strategy = run.strategy
+  mesh = runtime.mesh_for(env, strategy)
+
+  def compile_for(spec):
+    round_fn = federated.make_round(method.algorithm(spec), execution=strategy.execution,
+                                    mesh=mesh, donate=run.donate)
+    return round_fn, method.evaluator(spec)
+
+  round_fn, evaluate = compile_for(state.spec)
+  train_root = jax.random.key(config.seeds.training)
+  init_key = jax.random.key(config.seeds.init)
+  config_json = json.loads(config.to_json_best_effort())
+  setup_time = time.perf_counter() - env.setup_start
+  progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
+  start = runtime.run_clock_start(meta)
+  eval_time = float(meta.get("eval_time_s", 0.0))
+  last_eval: dict = {}
+
+  def timed_eval(state, round_idx):
+    nonlocal eval_time
+    t0 = time.perf_counter()
+    out = evaluate(state, round_idx)
+    eval_time += time.perf_counter() - t0
+    return out
+
+  for round_idx in range(start_round, config.rounds):
+    spec = state.spec
+    state = method.before_round(state, round_idx, jax.random.fold_in(init_key, round_idx))
+    if state.spec != spec:  # a new architecture: compile its round once
+      round_fn, evaluate = compile_for(state.spec)
+    before = state
+    server, metrics = round_fn(state.server, run.train, run.cohort(round_idx),
+                               federated.round_key(train_root, round_idx))
+    state = state._replace(server=server)
+    record = runtime.round_record(metrics, round_idx, start)
+    spec = state.spec
+    state = method.after_round(state, round_idx, record)
+    if state.spec != spec:
+      round_fn, evaluate = compile_for(state.spec)
+    record.update(method.record(before, state, round_idx, record))
+    if runtime.is_eval_round(config, round_idx):
+      last_eval = timed_eval(state, round_idx)
+      record.update(last_eval)
+    env.metrics.write(record)
+    if runtime.is_checkpoint_round(config, round_idx):
+      env.checkpoint.save(round_idx + 1, state.server, {
+          "initial_spec": initial_spec, "spec": structured.spec_to_json(state.spec),
+          "host": state.host, "strategy": strategy.name, "config": config_json,
+          # Cohorts are a pure function of (sampling seed, round): this is the sampler's state.
+          "sampler": {"seed": config.seeds.sampling, "next_round": round_idx + 1},
+          "eval_time_s": eval_time, **runtime.timing_meta(start, run.timings)})
+    progress.update(1)
+    progress.set_postfix(loss=f"{record['train_loss']:.3f}",
+                         acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")
+  progress.close()
+  if not last_eval:  # resumed from the final checkpoint: evaluate the restored model
+    last_eval = timed_eval(state, config.rounds - 1)
+  summary = {"rounds": config.rounds, "wall_time_s": time.perf_counter() - start,
+             "setup_time_s": setup_time, "eval_time_s": eval_time, "strategy": strategy.name,
+             "strategy_timings_s": run.timings, "data": env.data.description, **last_eval}
+  summary.update(method.summary(state, last_eval))
   return summary

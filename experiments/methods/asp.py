@@ -24,12 +24,10 @@ bytes and the strategy.
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 
-from experiments import build, runtime
+from experiments import build as build_lib, runtime
 from fedjax_prune import accounting, federated, models, structured
 from fedjax_prune.pruning import auto_structured, l1_filter
 
@@ -47,7 +45,7 @@ def _field(config, path, default):
 
 
 def _bad(path, value, allowed):
-  raise build.ConfigError(f"config.{path}={value!r} is invalid: allowed {allowed}")
+  raise build_lib.ConfigError(f"config.{path}={value!r} is invalid: allowed {allowed}")
 
 
 def _check_int(config, path, default, lo):
@@ -91,11 +89,11 @@ def validate(config) -> None:
 def build_spec(config, data):
   """The dense starting spec on the data's input shape; `config.asp.widths` (if set)
   replaces the preset widths."""
-  spec = build.build_spec(config, data.input_shape, data.num_classes)
+  spec = build_lib.build_spec(config, data.input_shape, data.num_classes)
   widths = tuple(_field(config, "asp.widths", ()))
   name, kw = config.model.name, dict(num_classes=data.num_classes, input_shape=data.input_shape)
   if not widths:
-    if name == "asp_celeba_cnn":  # build.build_spec keeps the 84x84x3 preset input
+    if name == "asp_celeba_cnn":  # build_lib.build_spec keeps the 84x84x3 preset input
       return models.asp_celeba_cnn(**kw)
     return spec
   if name == "asp_femnist_cnn":
@@ -106,7 +104,7 @@ def build_spec(config, data):
     return models.asp_resnet(widths=widths, norm="batch_running", **kw)
   if name == "asp_inception":
     return models.asp_inception(widths=widths, **kw)
-  raise build.ConfigError(f"config.asp.widths is only supported for the asp_* models, not "
+  raise build_lib.ConfigError(f"config.asp.widths is only supported for the asp_* models, not "
                           f"{name!r}")
 
 
@@ -126,75 +124,49 @@ def size_record(spec, num_clients: int) -> dict:
           "bytes_up": up * num_clients, "bytes_down": down * num_clients}
 
 
-class _Built:
-  """The jitted round, the algorithm and the evaluator of one architecture."""
-
-  def __init__(self, config, env, spec, strategy):
-    self.spec = spec
-    apply_fn = build.build_apply(spec, env.data.normalize, strategy.conv_impl,
-                                 build.compute_dtype(config))
-    self.alg = build.build_algorithm(config, apply_fn)
-    self.round_fn = federated.make_round(self.alg, execution=strategy.execution,
-                                         mesh=runtime.mesh_for(env, strategy),
-                                         donate=True)
-    self.evaluate = runtime.make_evaluator(env, apply_fn)
-    self.sizes = size_record(spec, config.clients_per_round)
-
-  def init(self, config, params, batch_stats):
-    return self.alg.init(params, jax.random.key(config.seeds.init), batch_stats=batch_stats)
-
-
-def run(config, env: runtime.Env) -> dict:
-  method = config.get("method", "asp")
+def build(config, env: runtime.Env) -> runtime.Run:
+  method_name = config.get("method", "asp")
   data = env.data
   dense_spec = build_spec(config, data)
   init_key = jax.random.key(config.seeds.init)
   params, batch_stats = models.init_params(dense_spec, init_key)
-  policy = make_policy(config) if method == "asp" else None
-  search = policy.init() if policy is not None else auto_structured.AutoStructuredState(
-      True, 0, 0, 0)  # for l1_filter: still_prune = not yet pruned
+  policy = make_policy(config) if method_name == "asp" else None
   dense_sizes = size_record(dense_spec, config.clients_per_round)
   dense_per_round = dense_sizes["bytes_up"] + dense_sizes["bytes_down"]
-  spec, cum_bytes, start_round, meta = dense_spec, 0, 0, {}
-
-  def template(meta):
-    s = structured.spec_from_json(meta["spec"])
-    base = build.build_algorithm(config, build.build_apply(s, data.normalize, "lax"))
-    p, b = jax.eval_shape(lambda: models.init_params(s, jax.random.key(0)))
-    return jax.eval_shape(lambda: base.init(p, jax.random.key(0), batch_stats=b))
-
-  restored = env.checkpoint.restore(template)
-  state = None
-  if restored is not None:
-    start_round, state, meta = restored
-    spec = structured.spec_from_json(meta["spec"])
-    search = auto_structured.AutoStructuredState(**meta["search"])
-    cum_bytes = int(meta["cum_bytes"])
-    env.metrics.truncate_to_round(start_round)
-    env.log(f"resumed from the checkpoint after round {start_round} (architecture {spec})")
-
-  # A resumed run gets the checkpoint's strategy (runtime.choose_strategy).
-  algorithm_for = lambda apply_fn, schedule: build.build_algorithm(config, apply_fn, schedule)
-  strategy, timings = runtime.choose_strategy(env, dense_spec, params, batch_stats,
-                                              algorithm_for, runtime.cohort_for(env, 0))
-  env.log(f"client execution: {strategy.name}")
-  built = _Built(config, env, spec, strategy)
-  if state is None:
-    state = built.init(config, jax.tree.map(jnp.copy, params), batch_stats)
-  train_root = jax.random.key(config.seeds.training)
   ratio = float(_field(config, "l1_filter.ratio", 0.5))
   prune_round = _field(config, "l1_filter.prune_round", 0)
 
-  progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
-  start = runtime.run_clock_start(meta)
-  last_eval: dict = {}
-  search_rounds, rebuilds = 0, 0
-  for round_idx in range(start_round, config.rounds):
-    accepted = False
-    if method == "asp":
-      search, decision = policy.step(search, spec, jax.device_get(state.params),
-                                     jax.device_get(state.batch_stats), round_idx,
-                                     jax.random.fold_in(init_key, round_idx))
+  # A resumed run gets the checkpoint's strategy (runtime.choose_strategy).
+  algorithm_for = lambda apply_fn, schedule: build_lib.build_algorithm(config, apply_fn, schedule)
+  strategy, timings = runtime.choose_strategy(env, dense_spec, params, batch_stats,
+                                              algorithm_for, runtime.cohort_for(env, 0))
+  env.log(f"client execution: {strategy.name}")
+
+  def apply_for(spec):
+    return build_lib.build_apply(spec, data.normalize, strategy.conv_impl,
+                                 build_lib.compute_dtype(config))
+
+  def algorithm(spec):
+    return build_lib.build_algorithm(config, apply_for(spec))
+
+  def with_cache(state, **fields):
+    return state._replace(cache={"sizes": size_record(state.spec, config.clients_per_round),
+                                 "phase": "", "accepted": False, "search_rounds": 0,
+                                 "rebuilds": 0, **fields})
+
+  def init():
+    search = policy.init() if policy is not None else auto_structured.AutoStructuredState(
+        True, 0, 0, 0)  # for l1_filter: still_prune = not yet pruned
+    server = algorithm(dense_spec).init(params, init_key, batch_stats=batch_stats)
+    return with_cache(federated.MethodState(server, dense_spec,
+                                            {"search": search._asdict(), "cum_bytes": 0}))
+
+  def before_round(state, round_idx, key):
+    search = auto_structured.AutoStructuredState(**state.host["search"])
+    spec, accepted = state.spec, False
+    if policy is not None:
+      search, decision = policy.step(search, spec, jax.device_get(state.server.params),
+                                     jax.device_get(state.server.batch_stats), round_idx, key)
       phase = "search" if search.still_prune else "train"  # the step may end phase 1
       if decision.accepted:
         accepted, spec = True, decision.spec
@@ -202,48 +174,58 @@ def run(config, env: runtime.Env) -> dict:
     else:
       phase = "dense" if search.still_prune else "train"
       if search.still_prune and round_idx >= prune_round:
-        out = l1_filter.l1_filter_prune(spec, jax.device_get(state.params), ratio,
-                                        batch_stats=jax.device_get(state.batch_stats))
+        out = l1_filter.l1_filter_prune(spec, jax.device_get(state.server.params), ratio,
+                                        batch_stats=jax.device_get(state.server.batch_stats))
         accepted, spec, new_params, new_stats = True, out.spec, out.params, out.batch_stats
         search = search._replace(still_prune=False, num_accepted=1, last_decision_round=round_idx)
-    if accepted:  # new shapes: rebuild the model, re-jit the round once
-      built, rebuilds = _Built(config, env, spec, strategy), rebuilds + 1
-      state = built.init(config, new_params, new_stats)
+    cache = state.cache
+    state = state._replace(host={**state.host, "search": search._asdict()})
+    if accepted:  # new shapes: the loop compiles the round once for them
+      server = algorithm(spec).init(new_params, init_key, batch_stats=new_stats)
+      state = with_cache(state._replace(server=server, spec=spec),
+                         rebuilds=cache["rebuilds"] + 1, search_rounds=cache["search_rounds"])
       env.log(f"round {round_idx + 1}: architecture -> {structured.spec_to_json(spec)} "
-              f"({built.sizes['params']:,} params)")
-    search_rounds += phase == "search"
-    state, metrics = built.round_fn(state, data.train, runtime.cohort_for(env, round_idx),
-                                    federated.round_key(train_root, round_idx))
-    record = runtime.round_record(metrics, round_idx, start)
-    cum_bytes += built.sizes["bytes_up"] + built.sizes["bytes_down"]
-    record.update(built.sizes, phase=phase, accepted=int(accepted), cum_bytes=cum_bytes,
-                  dense_cum_bytes=dense_per_round * (round_idx + 1))
-    if runtime.is_eval_round(config, round_idx):
-      last_eval = built.evaluate(state.params, state.batch_stats)
-      record.update(last_eval)
-    env.metrics.write(record)
-    if runtime.is_checkpoint_round(config, round_idx):
-      env.checkpoint.save(round_idx + 1, state, {
-          "spec": structured.spec_to_json(spec), "search": search._asdict(),
-          "cum_bytes": cum_bytes, "strategy": strategy.name, **runtime.timing_meta(start, timings)})
-    progress.update(1)
-    progress.set_postfix(loss=f"{record['train_loss']:.3f}", params=built.sizes["params"],
-                         acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")
-  progress.close()
-  if not last_eval:
-    last_eval = built.evaluate(state.params, state.batch_stats)
-  dense_cum = dense_per_round * config.rounds
-  return {
-      "rounds": config.rounds, "wall_time_s": time.perf_counter() - start,
-      "strategy": strategy.name, "strategy_timings_s": timings,
-      "dense_params": dense_sizes["params"], "dense_flops": dense_sizes["flops"],
-      "params": built.sizes["params"], "flops": built.sizes["flops"],
-      "params_reduction": 1 - built.sizes["params"] / dense_sizes["params"],
-      "flops_reduction": 1 - built.sizes["flops"] / dense_sizes["flops"],
-      "spec": structured.spec_to_json(spec), "num_accepted": search.num_accepted,
-      "search_rounds_this_run": search_rounds, "rebuilds_this_run": rebuilds,
-      "cum_bytes": cum_bytes, "dense_cum_bytes": dense_cum,
-      "communication_ratio": dense_cum / cum_bytes if cum_bytes else float("nan"),
-      "bytes_per_round_final": built.sizes["bytes_up"] + built.sizes["bytes_down"],
-      "bytes_per_round_dense": dense_per_round, "data": data.description, **last_eval,
-  }
+              f"({state.cache['sizes']['params']:,} params)")
+      cache = state.cache
+    return state._replace(cache={**cache, "phase": phase, "accepted": accepted,
+                                 "search_rounds": cache["search_rounds"] + (phase == "search")})
+
+  def after_round(state, round_idx, metrics):
+    sizes = state.cache["sizes"]
+    cum = state.host["cum_bytes"] + sizes["bytes_up"] + sizes["bytes_down"]
+    return state._replace(host={**state.host, "cum_bytes": cum})
+
+  def record(before, after, round_idx, metrics):
+    c = after.cache
+    return {**c["sizes"], "phase": c["phase"], "accepted": int(c["accepted"]),
+            "cum_bytes": after.host["cum_bytes"], "dense_cum_bytes": dense_per_round * (round_idx + 1)}
+
+  def evaluator(spec):
+    evaluate = runtime.make_evaluator(env, apply_for(spec))
+    return lambda state, round_idx: evaluate(state.server.params, state.server.batch_stats)
+
+  def template(initial, spec, host):
+    p, b = jax.eval_shape(lambda: models.init_params(spec, jax.random.key(0)))
+    return jax.eval_shape(lambda: algorithm(spec).init(p, jax.random.key(0), batch_stats=b))
+
+  def summary(state, last_eval):
+    sizes, cum_bytes = state.cache["sizes"], state.host["cum_bytes"]
+    dense_cum = dense_per_round * config.rounds
+    return {
+        "dense_params": dense_sizes["params"], "dense_flops": dense_sizes["flops"],
+        "params": sizes["params"], "flops": sizes["flops"],
+        "params_reduction": 1 - sizes["params"] / dense_sizes["params"],
+        "flops_reduction": 1 - sizes["flops"] / dense_sizes["flops"],
+        "spec": structured.spec_to_json(state.spec),
+        "num_accepted": state.host["search"]["num_accepted"],
+        "search_rounds_this_run": state.cache["search_rounds"],
+        "rebuilds_this_run": state.cache["rebuilds"],
+        "cum_bytes": cum_bytes, "dense_cum_bytes": dense_cum,
+        "communication_ratio": dense_cum / cum_bytes if cum_bytes else float("nan"),
+        "bytes_per_round_final": sizes["bytes_up"] + sizes["bytes_down"],
+        "bytes_per_round_dense": dense_per_round}
+
+  method = federated.Method(init=init, algorithm=algorithm, evaluator=evaluator,
+                            before_round=before_round, after_round=after_round, record=record,
+                            summary=summary, template=template, resume=with_cache)
+  return runtime.Run(method, strategy, timings, data.train, lambda r: runtime.cohort_for(env, r))

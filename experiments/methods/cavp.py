@@ -24,15 +24,13 @@ model is refused) and the rebuild history of the summary.
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import build, runtime
-from fedjax_prune import accounting, checkpoint, federated, models, structured
+from experiments import build as build_lib, runtime
+from fedjax_prune import accounting, federated, models
 from fedjax_prune import data as data_lib
 from fedjax_prune.pruning import cavp as cavp_lib
 
@@ -41,34 +39,34 @@ THETA_OPTIMIZERS = ("sgd", "adam")
 
 
 def validate(config) -> None:
-  """Checks the `config.cavp` fields; raises build.ConfigError naming the field."""
-  build._choice(config, "cavp.mode", MODES)
-  build._choice(config, "cavp.structures", cavp_lib.STRUCTURES)
-  build._float_in(config, "cavp.gamma", 0.0)
-  build._float_in(config, "cavp.alpha", 0.0)
-  build._float_in(config, "cavp.beta", 0.0, 1.0)
-  build._choice(config, "cavp.theta_optimizer", THETA_OPTIMIZERS)
-  build._float_in(config, "cavp.theta_learning_rate", 0.0, lo_open=True)
-  build._float_in(config, "cavp.theta_init", 0.0, 1.0, lo_open=True)
-  build._choice(config, "cavp.unit_estimator", cavp_lib.ESTIMATORS[:2])
-  build._choice(config, "cavp.layer_estimator", cavp_lib.ESTIMATORS)
-  build._float_in(config, "cavp.prune_threshold", 0.0, 0.49)
-  build._float_in(config, "cavp.one_epsilon", 0.0, 0.49)
-  build._float_in(config, "cavp.final_threshold", 0.0, 1.0, lo_open=True)
-  build._float_in(config, "cavp.rho", 0.0)
-  build._int_in(config, "cavp.rebuild_every", 1)
-  per_example = build._get(config, "cavp.per_example")
-  build._require(isinstance(per_example, bool), "cavp.per_example", per_example, "True or False")
-  name = build._get(config, "model.name")
+  """Checks the `config.cavp` fields; raises build_lib.ConfigError naming the field."""
+  build_lib._choice(config, "cavp.mode", MODES)
+  build_lib._choice(config, "cavp.structures", cavp_lib.STRUCTURES)
+  build_lib._float_in(config, "cavp.gamma", 0.0)
+  build_lib._float_in(config, "cavp.alpha", 0.0)
+  build_lib._float_in(config, "cavp.beta", 0.0, 1.0)
+  build_lib._choice(config, "cavp.theta_optimizer", THETA_OPTIMIZERS)
+  build_lib._float_in(config, "cavp.theta_learning_rate", 0.0, lo_open=True)
+  build_lib._float_in(config, "cavp.theta_init", 0.0, 1.0, lo_open=True)
+  build_lib._choice(config, "cavp.unit_estimator", cavp_lib.ESTIMATORS[:2])
+  build_lib._choice(config, "cavp.layer_estimator", cavp_lib.ESTIMATORS)
+  build_lib._float_in(config, "cavp.prune_threshold", 0.0, 0.49)
+  build_lib._float_in(config, "cavp.one_epsilon", 0.0, 0.49)
+  build_lib._float_in(config, "cavp.final_threshold", 0.0, 1.0, lo_open=True)
+  build_lib._float_in(config, "cavp.rho", 0.0)
+  build_lib._int_in(config, "cavp.rebuild_every", 1)
+  per_example = build_lib._get(config, "cavp.per_example")
+  build_lib._require(isinstance(per_example, bool), "cavp.per_example", per_example, "True or False")
+  name = build_lib._get(config, "model.name")
   if name not in ("resnet20", "resnet56", "resnet18", "vgg11", "asp_femnist_cnn",
                   "asp_celeba_cnn", "leaf_femnist_cnn"):
-    raise build.ConfigError(f"config.model.name={name!r} is invalid for cavp: allowed a CNN or "
+    raise build_lib.ConfigError(f"config.model.name={name!r} is invalid for cavp: allowed a CNN or "
                             "ResNet (gates need conv filters / residual blocks)")
-  if build._get(config, "cavp.structures") != "units" and not name.startswith("resnet"):
-    raise build.ConfigError(f"config.cavp.structures={config.cavp.structures!r} is invalid for "
+  if build_lib._get(config, "cavp.structures") != "units" and not name.startswith("resnet"):
+    raise build_lib.ConfigError(f"config.cavp.structures={config.cavp.structures!r} is invalid for "
                             f"model {name!r}: allowed 'units' (layer gates need a ResNet)")
-  strategy = build._get(config, "strategy")
-  build._require(strategy != "auto", "strategy", strategy,
+  strategy = build_lib._get(config, "strategy")
+  build_lib._require(strategy != "auto", "strategy", strategy,
                  "a named strategy such as 'sequential+lax' (cavp rebuilds the model, so the "
                  "calibration of 'auto' would be stale)")
 
@@ -100,14 +98,13 @@ def _pooled_client(train: data_lib.ClientData) -> data_lib.ClientData:
                              jnp.asarray([x.shape[0]], jnp.int32))
 
 
-def run(config, env: runtime.Env) -> dict:
+def build(config, env: runtime.Env) -> runtime.Run:
   data, c = env.data, config.cavp
   options = _options(config)
   weights = cavp_lib.CostWeights(gamma=c.gamma, alpha=c.alpha, beta=c.beta)
-  spec = build.build_spec(config, data.input_shape, data.num_classes)
-  original_spec = spec
-  _, params, batch_stats = models.build(spec, jax.random.key(config.seeds.init))
-  reference = (accounting.flops(spec), accounting.param_count(spec))
+  original_spec = build_lib.build_spec(config, data.input_shape, data.num_classes)
+  _, params, batch_stats = models.build(original_spec, jax.random.key(config.seeds.init))
+  reference = (accounting.flops(original_spec), accounting.param_count(original_spec))
   strategy = runtime.named_strategy(env, config.strategy)
   cl = config.client
   weight_opt = (optax.sgd(cl.learning_rate, momentum=cl.momentum or None) if cl.optimizer == "sgd"
@@ -119,105 +116,85 @@ def run(config, env: runtime.Env) -> dict:
   centralised = c.mode == "centralised"
   train = _pooled_client(data.train) if centralised else data.train
   schedule = strategy.schedule(schedule)  # its step unrolling
-
-  def compile_for(spec):
-    # build_apply passes the gates through to the model.
-    apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl, build.compute_dtype(config))
-    alg = cavp_lib.cavp(apply_fn, weight_opt, theta_opt, schedule, options)
-    round_fn = federated.make_round(alg, execution=strategy.execution,
-                                    mesh=runtime.mesh_for(env, strategy))
-    evaluate = runtime.make_evaluator(env, _eval_apply(apply_fn))
-    return alg, round_fn, evaluate
-
-  alg, round_fn, evaluate = compile_for(spec)
-  theta = cavp_lib.init_theta(spec, options)
-  lam = cavp_lib.penalty_weights(spec, weights, structures=options.structures, reference=reference)
-  state = alg.init(params, jax.random.key(config.seeds.init), batch_stats, theta=theta, lam=lam)
-  train_root = jax.random.key(config.seeds.training)
   env.log(f"cavp ({c.mode}, {c.structures}): {reference[1]:,} params, {reference[0]:,} FLOPs")
 
-  def template(meta):
-    """Shapes of the CavpState of the architecture saved in `meta`."""
-    saved = meta.get("original_spec")
-    if saved is None or structured.spec_from_json(saved) != original_spec:
-      raise checkpoint.CheckpointError(
-          f"it was saved for the model {saved}, this run builds {original_spec!r}")
-    s = structured.spec_from_json(meta["spec"])
-    gates = cavp_lib.gate_template(s, options.structures, allow_empty=True)
+  def apply_for(spec):  # build_apply passes the gates through to the model
+    return build_lib.build_apply(spec, data.normalize, strategy.conv_impl,
+                                 build_lib.compute_dtype(config))
+
+  def algorithm(spec):
+    return cavp_lib.cavp(apply_for(spec), weight_opt, theta_opt, schedule, options)
+
+  def init():
+    theta = cavp_lib.init_theta(original_spec, options)
+    lam = cavp_lib.penalty_weights(original_spec, weights, structures=options.structures,
+                                   reference=reference)
+    server = algorithm(original_spec).init(params, jax.random.key(config.seeds.init), batch_stats,
+                                           theta=theta, lam=lam)
+    return federated.MethodState(server, original_spec, {"rebuilds": []})
+
+  def after_round(state, round_idx, metrics):
+    """Every `rebuild_every` rounds (not after the last) the pruned structures go physically."""
+    if (round_idx + 1) % c.rebuild_every or round_idx + 1 >= config.rounds:
+      return state
+    new_spec, server, report = cavp_lib.rebuild(state.spec, state.server, weights, options,
+                                                reference=reference)
+    state = state._replace(server=server)
+    if new_spec == state.spec:
+      return state
+    env.log(f"round {round_idx + 1}: removed {report.units_removed} units, blocks "
+            f"{list(report.blocks_removed)} -> {accounting.param_count(new_spec):,} params")
+    rebuilds = state.host["rebuilds"] + [{"round": round_idx + 1,
+                                          "units_removed": report.units_removed,
+                                          "blocks_removed": list(report.blocks_removed)}]
+    return state._replace(spec=new_spec, host={**state.host, "rebuilds": rebuilds})
+
+  def record(before, after, round_idx, metrics):
+    return {"params": accounting.param_count(after.spec), "flops": accounting.flops(after.spec)}
+
+  def evaluator(spec):
+    evaluate = runtime.make_evaluator(env, _eval_apply(apply_for(spec)))
+
+    def deterministic_eval(state, round_idx):
+      s = state.server
+      gates = cavp_lib.deterministic_gates(s.theta, s.alive, options.final_threshold)
+      return evaluate((s.params, gates), s.batch_stats)
+
+    return deterministic_eval
+
+  def template(initial, spec, host):
+    """Shapes of the CavpState of the architecture `spec`."""
+    gates = cavp_lib.gate_template(spec, options.structures, allow_empty=True)
     is_shape = lambda x: isinstance(x, tuple)
     shapes = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32), gates,
-                         is_leaf=is_shape)
-    p, b = jax.eval_shape(lambda: models.init_params(s, jax.random.key(0)))
-    return jax.eval_shape(lambda p, b, t: alg.init(p, jax.random.key(0), b, theta=t, lam=t),
+                          is_leaf=is_shape)
+    p, b = jax.eval_shape(lambda: models.init_params(spec, jax.random.key(0)))
+    return jax.eval_shape(lambda p, b, t: algorithm(spec).init(p, jax.random.key(0), b, theta=t, lam=t),
                           p, b, shapes)
 
-  start_round, rebuilds, meta = 0, [], {}
-  restored = env.checkpoint.restore(template)
-  if restored is not None:
-    start_round, state, meta = restored
-    spec = structured.spec_from_json(meta["spec"])
-    rebuilds = [dict(r) for r in meta["rebuilds"]]
-    env.metrics.truncate_to_round(start_round)
-    if spec != original_spec:
-      alg, round_fn, evaluate = compile_for(spec)
-    env.log(f"resumed from the checkpoint after round {start_round} "
-            f"({accounting.param_count(spec):,} params)")
+  def summary(state, last_eval):
+    """The deterministic network (theta >= final_threshold kept), built and evaluated ungated."""
+    spec = state.spec
+    final_gates = jax.device_get(cavp_lib.gate_stats(state.server.theta, state.server.alive, options))
+    final_spec, final_params, final_stats, _ = cavp_lib.finalize(spec, state.server, options)
+    final_eval = runtime.make_evaluator(env, apply_for(final_spec))(final_params, final_stats)
+    final_params_count, final_flops = accounting.param_count(final_spec), accounting.flops(final_spec)
+    return {
+        "mode": c.mode, "structures": c.structures,
+        "params_initial": reference[1], "flops_initial": reference[0],
+        "params": final_params_count, "flops": final_flops,
+        "params_reduction": 1.0 - final_params_count / reference[1],
+        "flops_reduction": 1.0 - final_flops / reference[0],
+        "gated_eval_before_finalize": last_eval,
+        **{f"gates_{k}": float(v) for k, v in final_gates.items()},
+        "final_inner_widths": [list(w) for w in getattr(final_spec, "inner_widths", ())],
+        "original_inner_widths": [list(w) for w in getattr(original_spec, "inner_widths", ())],
+        "final_spec": repr(final_spec), "rebuilds": state.host["rebuilds"], **final_eval}
 
-  def deterministic_eval(state):
-    gates = cavp_lib.deterministic_gates(state.theta, state.alive, options.final_threshold)
-    return evaluate((state.params, gates), state.batch_stats)
-
-  progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
-  start = runtime.run_clock_start(meta)
-  last_eval: dict = {}
-  for round_idx in range(start_round, config.rounds):
-    cohort = (federated.make_cohort([0]) if centralised else runtime.cohort_for(env, round_idx))
-    state, metrics = round_fn(state, train, cohort, federated.round_key(train_root, round_idx))
-    record = runtime.round_record(metrics, round_idx, start)
-    if (round_idx + 1) % c.rebuild_every == 0 and round_idx + 1 < config.rounds:
-      new_spec, state, report = cavp_lib.rebuild(spec, state, weights, options, reference=reference)
-      if new_spec != spec:
-        spec = new_spec
-        alg, round_fn, evaluate = compile_for(spec)
-        rebuilds.append({"round": round_idx + 1, "units_removed": report.units_removed,
-                         "blocks_removed": list(report.blocks_removed)})
-        env.log(f"round {round_idx + 1}: removed {report.units_removed} units, blocks "
-                f"{list(report.blocks_removed)} -> {accounting.param_count(spec):,} params")
-    record.update(params=accounting.param_count(spec), flops=accounting.flops(spec))
-    if runtime.is_eval_round(config, round_idx):
-      last_eval = deterministic_eval(state)
-      record.update(last_eval)
-    env.metrics.write(record)
-    if runtime.is_checkpoint_round(config, round_idx):
-      env.checkpoint.save(round_idx + 1, state, {
-          "spec": structured.spec_to_json(spec),
-          "original_spec": structured.spec_to_json(original_spec), "rebuilds": rebuilds,
-          **runtime.timing_meta(start, {})})
-    progress.update(1)
-    progress.set_postfix(loss=f"{record['train_loss']:.3f}",
-                         acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")
-  progress.close()
-  if not last_eval:  # resumed from the final checkpoint: evaluate the restored model
-    last_eval = deterministic_eval(state)
-  train_time = time.perf_counter() - start
-  final_gates = jax.device_get(cavp_lib.gate_stats(state.theta, state.alive, options))
-  final_spec, final_params, final_stats, _ = cavp_lib.finalize(spec, state, options)
-  final_apply = build.build_apply(final_spec, data.normalize, strategy.conv_impl,
-                                  build.compute_dtype(config))
-  final_eval = runtime.make_evaluator(env, final_apply)(final_params, final_stats)
-  final_params_count, final_flops = accounting.param_count(final_spec), accounting.flops(final_spec)
-  return {
-      "rounds": config.rounds, "wall_time_s": train_time, "strategy": strategy.name,
-      "mode": c.mode, "structures": c.structures,
-      "params_initial": reference[1], "flops_initial": reference[0],
-      "params": final_params_count, "flops": final_flops,
-      "params_reduction": 1.0 - final_params_count / reference[1],
-      "flops_reduction": 1.0 - final_flops / reference[0],
-      "gated_eval_before_finalize": last_eval,
-      **{f"gates_{k}": float(v) for k, v in final_gates.items()},
-      "final_inner_widths": [list(w) for w in getattr(final_spec, "inner_widths", ())],
-      "original_inner_widths": [list(w) for w in getattr(original_spec, "inner_widths", ())],
-      "final_spec": repr(final_spec), "rebuilds": rebuilds, "data": data.description,
-      **final_eval,
-  }
-
+  method = federated.Method(init=init, algorithm=algorithm, evaluator=evaluator,
+                            after_round=after_round, record=record, summary=summary,
+                            template=template)
+  cohort = ((lambda r: federated.make_cohort([0])) if centralised
+            else (lambda r: runtime.cohort_for(env, r)))
+  # The round does not donate: `cavp_lib.rebuild` slices the state it is given.
+  return runtime.Run(method, strategy, {}, train, cohort, donate=False)

@@ -15,12 +15,10 @@ evaluation sweeps over the client's local data, forward only).
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 
-from experiments import build, runtime
+from experiments import build as build_lib, runtime
 from experiments.methods import sparse as sparse_driver
 from fedjax_prune import accounting, masks as masks_lib, models
 from fedjax_prune.pruning import _sparse
@@ -32,24 +30,23 @@ BLOCK_ORDERS = ("input_to_output", "output_to_input")
 
 def validate(config) -> None:
   sparse_driver.validate_common(config)
-  build._int_in(config, "sparse.num_candidates", 1)
-  build._choice(config, "sparse.candidate_mode", fedtiny_lib.CANDIDATE_MODES)
-  build._choice(config, "sparse.bn_aggregation", fedtiny_lib.BN_AGGREGATIONS)
-  build._choice(config, "sparse.progressive", PROGRESSIVE)
-  build._int_in(config, "sparse.num_blocks", 1)
-  build._choice(config, "sparse.block_order", BLOCK_ORDERS)
+  build_lib._int_in(config, "sparse.num_candidates", 1)
+  build_lib._choice(config, "sparse.candidate_mode", fedtiny_lib.CANDIDATE_MODES)
+  build_lib._choice(config, "sparse.bn_aggregation", fedtiny_lib.BN_AGGREGATIONS)
+  build_lib._choice(config, "sparse.progressive", PROGRESSIVE)
+  build_lib._int_in(config, "sparse.num_blocks", 1)
+  build_lib._choice(config, "sparse.block_order", BLOCK_ORDERS)
 
 
-def run(config, env: runtime.Env) -> dict:
-  setup_start = time.perf_counter()
+def build(config, env: runtime.Env) -> runtime.Run:
   data, s = env.data, config.sparse
   spec = sparse_driver.spec_for(config, data)
-  init_fn = lambda key: models.init_params(spec, key)
-  params0, stats0 = init_fn(jax.random.key(config.seeds.init))
+  init_params = lambda key: models.init_params(spec, key)
+  params0, stats0 = init_params(jax.random.key(config.seeds.init))
   prunable = _sparse.prunable_filter(params0)
   num_layers = sum(_sparse.leaf_flags(params0, prunable))
   if s.progressive == "blockwise" and s.num_blocks > num_layers:
-    raise build.ConfigError(f"config.sparse.num_blocks={s.num_blocks} is invalid: allowed [1, {num_layers}] "
+    raise build_lib.ConfigError(f"config.sparse.num_blocks={s.num_blocks} is invalid: allowed [1, {num_layers}] "
                             "(the model's number of sparse layers)")
   if s.progressive == "blockwise":
     progressive = fedtiny_lib.Blockwise(fedtiny_lib.network_blocks(params0, prunable, s.num_blocks),
@@ -65,24 +62,29 @@ def run(config, env: runtime.Env) -> dict:
                                progressive=progressive, growth_batch_size=growth)
 
   strategy, timings = sparse_driver._choose(config, env, spec, params0, stats0, make_alg)
-  apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl, build.compute_dtype(config))
+  apply_fn = build_lib.build_apply(spec, data.normalize, strategy.conv_impl, build_lib.compute_dtype(config))
   alg = make_alg(apply_fn, schedule)
-  init_key = jax.random.key(config.seeds.init)
 
-  # Adaptive BN selection on round 0's cohort (forward passes only).
-  candidates = fedtiny_lib.make_candidates(init_fn, init_key, num_candidates=s.num_candidates,
-                                           density=s.density, distribution=s.distribution,
-                                           mode=s.candidate_mode, prunable=prunable)
-  select = jax.jit(fedtiny_lib.adaptive_bn_selection(
-      apply_fn, batch_size=config.eval_batch_size, bn_aggregation=s.bn_aggregation,
-      execution=strategy.execution, mesh=runtime.mesh_for(env, strategy)))
+  init_key = jax.random.key(config.seeds.init)
   cohort0 = runtime.cohort_for(env, 0)
-  result = select(candidates, data.train, cohort0, jax.random.fold_in(init_key, 1))
-  index = int(result.index)
-  losses = [float(v) for v in np.asarray(result.losses)]
-  env.log(f"adaptive BN selection: candidate {index} of {s.num_candidates}, losses {losses}")
-  params, batch_stats, masks = fedtiny_lib.take_candidate(candidates, index, result.batch_stats)
-  state = alg.init(params, init_key, batch_stats=batch_stats, masks=masks)
+
+  def init_fn():
+    """Adaptive BN selection on round 0's cohort (forward passes only)."""
+    candidates = fedtiny_lib.make_candidates(init_params, init_key, num_candidates=s.num_candidates,
+                                             density=s.density, distribution=s.distribution,
+                                             mode=s.candidate_mode, prunable=prunable)
+    select = jax.jit(fedtiny_lib.adaptive_bn_selection(
+        apply_fn, batch_size=config.eval_batch_size, bn_aggregation=s.bn_aggregation,
+        execution=strategy.execution, mesh=runtime.mesh_for(env, strategy)))
+    result = select(candidates, data.train, cohort0, jax.random.fold_in(init_key, 1))
+    index = int(result.index)
+    losses = [float(v) for v in np.asarray(result.losses)]
+    env.log(f"adaptive BN selection: candidate {index} of {s.num_candidates}, losses {losses}")
+    params, batch_stats, masks = fedtiny_lib.take_candidate(candidates, index, result.batch_stats)
+    state = alg.init(params, init_key, batch_stats=batch_stats, masks=masks)
+    return state, {"sparse_method": "fedtiny", "target_density": float(s.density),
+                   "abns_index": index, "abns_losses": losses,
+                   "abns_forward_examples_per_client": abns_forward}
 
   batch = config.client.batch_size
   slots = sparse_driver.optimizer_slots(config)
@@ -110,10 +112,7 @@ def run(config, env: runtime.Env) -> dict:
                                         local_steps=sparse_driver.mean_steps(record),
                                         optimizer_slots=slots, **kwargs)
 
-  extra = {"sparse_method": "fedtiny", "target_density": float(s.density), "abns_index": index,
-           "abns_losses": losses, "abns_forward_examples_per_client": abns_forward,
-           "strategy_timings_s": timings}
-  return sparse_driver.train_loop(config, env, spec=spec, alg=alg, state=state, apply_fn=apply_fn,
-                                  strategy=strategy, cost_fn=cost_fn, prunable=prunable,
-                                  extra_summary=extra,
-                                  setup_time_s=time.perf_counter() - setup_start)
+  method = sparse_driver.masked_method(config, env, spec=spec, alg=alg, init_fn=init_fn,
+                                      apply_fn=apply_fn, cost_fn=cost_fn, prunable=prunable,
+                                      params_template=params0)
+  return runtime.Run(method, strategy, timings, data.train, lambda r: runtime.cohort_for(env, r))

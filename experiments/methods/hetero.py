@@ -30,7 +30,6 @@ not in the backbone spec, so its level FLOPs leave them out).
 from __future__ import annotations
 
 import math
-import time
 from typing import Callable
 
 import jax
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import build, runtime
+from experiments import build as build_lib, runtime
 from fedjax_prune import accounting
 from fedjax_prune import data as data_lib
 from fedjax_prune import federated, models
@@ -60,54 +59,54 @@ def level_label(capacity: float) -> str:
 
 
 def _capacity_tuple(config, path) -> tuple[float, ...]:
-  value = build._get(config, path)
+  value = build_lib._get(config, path)
   try:
     caps = tuple(float(c) for c in value)
   except (TypeError, ValueError):
-    raise build.ConfigError(f"config.{path}={value!r} is invalid: allowed a tuple of floats in (0, 1]") from None
+    raise build_lib.ConfigError(f"config.{path}={value!r} is invalid: allowed a tuple of floats in (0, 1]") from None
   if not caps or any(not (math.isfinite(c) and 0 < c <= 1) for c in caps) or len(set(caps)) != len(caps):
-    raise build.ConfigError(f"config.{path}={value!r} is invalid: allowed a non-empty tuple of "
+    raise build_lib.ConfigError(f"config.{path}={value!r} is invalid: allowed a non-empty tuple of "
                             "distinct floats in (0, 1]")
   return caps
 
 
 def validate(config) -> None:
   method = config.get("method")
-  build._require(method in METHODS, "method", method, f"one of {METHODS}")
+  build_lib._require(method in METHODS, "method", method, f"one of {METHODS}")
   if "hetero" not in config:
-    raise build.ConfigError("config field 'hetero' is missing (see experiments/methods/hetero.py)")
+    raise build_lib.ConfigError("config field 'hetero' is missing (see experiments/methods/hetero.py)")
   _capacity_tuple(config, "hetero.capacities")
   if len(config.hetero.sweep):
     _capacity_tuple(config, "hetero.sweep")
-  build._choice(config, "hetero.assignment", ASSIGNMENTS)
-  build._choice(config, "hetero.fiarse_grad", fiarse_lib.GRADS)
-  build._choice(config, "hetero.layerwise", (True, False))
-  build._choice(config, "hetero.scaler", (True, False))
-  build._choice(config, "hetero.augment", (True, False))
-  build._float_in(config, "hetero.server_learning_rate", 0.0, lo_open=True)
-  build._int_in(config, "hetero.sweep_every", 0)
-  if build._choice(config, "hetero.repartition", ("", "balanced_dirichlet")):
-    build._float_in(config, "hetero.alpha", 0.0, lo_open=True)
-    n = build._int_in(config, "hetero.num_clients", 1)
+  build_lib._choice(config, "hetero.assignment", ASSIGNMENTS)
+  build_lib._choice(config, "hetero.fiarse_grad", fiarse_lib.GRADS)
+  build_lib._choice(config, "hetero.layerwise", (True, False))
+  build_lib._choice(config, "hetero.scaler", (True, False))
+  build_lib._choice(config, "hetero.augment", (True, False))
+  build_lib._float_in(config, "hetero.server_learning_rate", 0.0, lo_open=True)
+  build_lib._int_in(config, "hetero.sweep_every", 0)
+  if build_lib._choice(config, "hetero.repartition", ("", "balanced_dirichlet")):
+    build_lib._float_in(config, "hetero.alpha", 0.0, lo_open=True)
+    n = build_lib._int_in(config, "hetero.num_clients", 1)
     # The re-partitioned federation has n clients: refuse a larger cohort before any write.
     if config.clients_per_round > n:
-      raise build.ConfigError(f"config.clients_per_round={config.clients_per_round} exceeds "
+      raise build_lib.ConfigError(f"config.clients_per_round={config.clients_per_round} exceeds "
                               f"hetero.num_clients={n}: allowed [1, {n}]")
-  build._float_in(config, "hetero.scalefl_alpha", 0.0, 1.0)
-  build._float_in(config, "hetero.scalefl_temperature", 0.0, lo_open=True)
+  build_lib._float_in(config, "hetero.scalefl_alpha", 0.0, 1.0)
+  build_lib._float_in(config, "hetero.scalefl_temperature", 0.0, lo_open=True)
   if method != "fiarse" or config.hetero.layerwise:
-    build._require(config.model.name == "resnet18", "model.name", config.model.name,
+    build_lib._require(config.model.name == "resnet18", "model.name", config.model.name,
                    f"'resnet18' for {method}" + (" (layer-wise thresholds need ResNet stages)"
                                                  if method == "fiarse" else " (width/depth submodels)"))
   widths, depths = tuple(config.hetero.scalefl_widths), tuple(config.hetero.scalefl_depths)
   n = len(config.hetero.capacities)
   if widths or depths:
-    build._require(len(widths) == n and len(depths) == n and all(0 < w <= 1 for w in widths)
+    build_lib._require(len(widths) == n and len(depths) == n and all(0 < w <= 1 for w in widths)
                    and all(isinstance(d, int) and 1 <= d <= 4 for d in depths),
                    "hetero.scalefl_widths/scalefl_depths", (widths, depths),
                    f"both empty, or {n} widths in (0, 1] and {n} depths in [1, 4]")
   if method == "scalefl" and config.strategy == "auto":
-    raise build.ConfigError("config.strategy='auto' is invalid for scalefl: allowed a named strategy "
+    raise build_lib.ConfigError("config.strategy='auto' is invalid for scalefl: allowed a named strategy "
                             "such as 'sequential+tapgrad' (CPU) or 'vmap+lax' (GPU)")
 
 
@@ -150,7 +149,7 @@ def config_stage_exits(params) -> tuple[int, ...]:
   return tuple(sorted(int(k[4:]) for k in params if k.startswith("exit")))
 
 
-def make_level_evaluator(method, apply_fn: Callable, data: build.Data, batch_size: int):
+def make_level_evaluator(method, apply_fn: Callable, data: build_lib.Data, batch_size: int):
   """Jitted evaluators with a traced capacity (one compile for every size).
 
   Returns (eval_all(state, capacity) -> (central EvalSums, per-client EvalSums [N]),
@@ -246,7 +245,7 @@ def level_sizes(method_name: str, method, state, spec, capacities: tuple[float, 
   return level_params, level_flops
 
 
-def repartition_balanced(data: build.Data, num_clients: int, alpha: float, seed: int) -> build.Data:
+def repartition_balanced(data: build_lib.Data, num_clients: int, alpha: float, seed: int) -> build_lib.Data:
   """FIARSE's §4.8 federation: balanced Dirichlet on the pooled train and, separately, test data.
 
   Each client gets floor(N / n) train and floor(N_test / n) local-test examples
@@ -266,15 +265,15 @@ def repartition_balanced(data: build.Data, num_clients: int, alpha: float, seed:
                                    f"alpha={alpha}, {num_clients} clients]")
 
 
-def run(config, env: runtime.Env) -> dict:
+def build(config, env: runtime.Env) -> runtime.Run:
   h = config.hetero
   data = env.data
   if h.repartition == "balanced_dirichlet":
     data = repartition_balanced(data, h.num_clients, h.alpha, config.seeds.data)
-  spec = build.build_spec(config, data.input_shape, data.num_classes)
+  spec = build_lib.build_spec(config, data.input_shape, data.num_classes)
   strategy_name = config.strategy
   init_key = jax.random.key(config.seeds.init)
-  compute_dtype = build.compute_dtype(config)
+  compute_dtype = build_lib.compute_dtype(config)
   if config.method == "scalefl":
     exit_stages = tuple(range(1, len(spec.stage_widths)))
     params, batch_stats = models.init_early_exit_params(spec, exit_stages, init_key)
@@ -312,55 +311,31 @@ def run(config, env: runtime.Env) -> dict:
   c = config.client
   schedule = strategy.schedule(federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
                                                        num_steps=c.num_steps or None))
-  method = _method(config, apply_fn, params, schedule, train_transform)
-  round_fn = federated.make_round(method.algorithm, execution=strategy.execution,
-                                  mesh=runtime.mesh_for(env, strategy),
-                                  donate=True)
+  hetero = _method(config, apply_fn, params, schedule, train_transform)
   eval_apply = wrap(make_raw("lax"))
-  eval_all, eval_central = make_level_evaluator(method, eval_apply, data, config.eval_batch_size)
-  state = method.algorithm.init(jax.tree.map(jnp.copy, params), init_key, batch_stats=batch_stats)
-  train_root = jax.random.key(config.seeds.training)
-
-  start_round, meta = 0, {}
-  restored = env.checkpoint.restore(lambda meta: state)
-  if restored is not None:
-    start_round, state, meta = restored
-    env.metrics.truncate_to_round(start_round)
-    env.log(f"resumed from the checkpoint after round {start_round}")
-
   sweep = tuple(float(x) for x in h.sweep)
-  progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
-  start = runtime.run_clock_start(meta)
-  last_eval: dict = {}
-  eval_time = float(meta.get("eval_time_s", 0.0))
-  for round_idx in range(start_round, config.rounds):
-    state, metrics = round_fn(state, data.train, cohort(round_idx),
-                              federated.round_key(train_root, round_idx))
-    record = runtime.round_record(metrics, round_idx, start)
-    last = round_idx + 1 == config.rounds
-    if runtime.is_eval_round(config, round_idx):
+
+  def init():
+    server = hetero.algorithm.init(params, init_key, batch_stats=batch_stats)
+    return federated.MethodState(server, spec, {})
+
+  def evaluator(spec):
+    eval_all, eval_central = make_level_evaluator(hetero, eval_apply, data, config.eval_batch_size)
+
+    def evaluate(state, round_idx):
+      last = round_idx + 1 == config.rounds
       do_sweep = last or (h.sweep_every and (round_idx + 1) % h.sweep_every == 0)
-      t0 = time.perf_counter()
-      last_eval = evaluate_protocol(eval_all, eval_central, state, caps, client_caps,
-                                    sweep if do_sweep else ())
-      eval_time += time.perf_counter() - t0
-      record.update(last_eval)
-    env.metrics.write(record)
-    if runtime.is_checkpoint_round(config, round_idx):
-      env.checkpoint.save(round_idx + 1, state, {
-          "spec": repr(spec), "method": config.method, "strategy": strategy.name,
-          "eval_time_s": eval_time, **runtime.timing_meta(start, timings)})
-    progress.update(1)
-    progress.set_postfix(loss=f"{record['train_loss']:.3f}",
-                         acc=f"{last_eval.get('global', float('nan')):.3f}")
-  progress.close()
-  if not last_eval:  # resumed from the final checkpoint: evaluate the restored model
-    last_eval = evaluate_protocol(eval_all, eval_central, state, caps, client_caps, sweep)
-  level_params, level_flops = level_sizes(config.method, method, state, spec, caps,
-                                          layerwise=bool(h.layerwise))
-  return {
-      "rounds": config.rounds, "wall_time_s": time.perf_counter() - start,
-      "eval_time_s": eval_time, "strategy": strategy.name, "strategy_timings_s": timings,
-      "params": tree_lib.size(params), "capacities": caps, "level_params": level_params,
-      "level_flops": level_flops, "data": data.description, **last_eval,
-  }
+      return evaluate_protocol(eval_all, eval_central, state.server, caps, client_caps,
+                               sweep if do_sweep else ())
+
+    return evaluate
+
+  def summary(state, last_eval):
+    level_params, level_flops = level_sizes(config.method, hetero, state.server, spec, caps,
+                                            layerwise=bool(h.layerwise))
+    return {"params": tree_lib.size(params), "capacities": caps, "level_params": level_params,
+            "level_flops": level_flops, "data": data.description}
+
+  method = federated.Method(init=init, algorithm=lambda spec: hetero.algorithm,
+                            evaluator=evaluator, summary=summary)
+  return runtime.Run(method, strategy, timings, data.train, cohort)
