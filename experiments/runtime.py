@@ -200,6 +200,15 @@ def make_evaluator(env: Env, apply_fn: Callable) -> Callable[[Any, Any], dict]:
   return evaluate
 
 
+def model_fns(env: Env, strategy: federated.Strategy) -> federated.ModelFns:
+  """How this run builds and evaluates any architecture: the data's normalisation, the
+  strategy's convolution implementation, the config's compute precision, the run's test data."""
+  return federated.ModelFns(
+      apply_for=lambda spec: build.build_apply(spec, env.data.normalize, strategy.conv_impl,
+                                               build.compute_dtype(env.config)),
+      evaluate_with=lambda apply_fn: make_evaluator(env, apply_fn))
+
+
 def is_eval_round(config, round_idx: int) -> bool:
   """Whether round `round_idx` (0-based) ends with an evaluation: every `eval_every`, and the last."""
   return (round_idx + 1) % config.eval_every == 0 or round_idx + 1 == config.rounds

@@ -25,10 +25,9 @@ bytes and the strategy.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from experiments import build as build_lib, runtime
-from fedjax_prune import accounting, federated, models, structured
+from fedjax_prune import models
 from fedjax_prune.pruning import auto_structured, l1_filter
 
 _CONV_MODELS = ("leaf_femnist_cnn", "asp_femnist_cnn", "asp_celeba_cnn", "vgg11", "resnet18",
@@ -117,115 +116,25 @@ def make_policy(config):
       rounds_between_prunes=a("rounds_between_prunes", 1))
 
 
-def size_record(spec, num_clients: int) -> dict:
-  """Params, FLOPs and whole-cohort bytes of one round for a dense model of `spec`."""
-  up, down = accounting.round_bytes(spec, include_batch_stats=True)
-  return {"params": accounting.param_count(spec), "flops": accounting.flops(spec),
-          "bytes_up": up * num_clients, "bytes_down": down * num_clients}
-
-
 def build(config, env: runtime.Env) -> runtime.Run:
-  method_name = config.get("method", "asp")
+  """The ASP (`pruning.auto_structured.asp`) or L1-filter (`pruning.l1_filter.l1_filter`)
+  `Method` of `config`."""
   data = env.data
-  dense_spec = build_spec(config, data)
+  spec = build_spec(config, data)
   init_key = jax.random.key(config.seeds.init)
-  params, batch_stats = models.init_params(dense_spec, init_key)
-  policy = make_policy(config) if method_name == "asp" else None
-  dense_sizes = size_record(dense_spec, config.clients_per_round)
-  dense_per_round = dense_sizes["bytes_up"] + dense_sizes["bytes_down"]
-  ratio = float(_field(config, "l1_filter.ratio", 0.5))
-  prune_round = _field(config, "l1_filter.prune_round", 0)
-
+  params, batch_stats = models.init_params(spec, init_key)
   # A resumed run gets the checkpoint's strategy (runtime.choose_strategy).
   algorithm_for = lambda apply_fn, schedule: build_lib.build_algorithm(config, apply_fn, schedule)
-  strategy, timings = runtime.choose_strategy(env, dense_spec, params, batch_stats,
+  strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats,
                                               algorithm_for, runtime.cohort_for(env, 0))
   env.log(f"client execution: {strategy.name}")
-
-  def apply_for(spec):
-    return build_lib.build_apply(spec, data.normalize, strategy.conv_impl,
-                                 build_lib.compute_dtype(config))
-
-  def algorithm(spec):
-    return build_lib.build_algorithm(config, apply_for(spec))
-
-  def with_cache(state, **fields):
-    return state._replace(cache={"sizes": size_record(state.spec, config.clients_per_round),
-                                 "phase": "", "accepted": False, "search_rounds": 0,
-                                 "rebuilds": 0, **fields})
-
-  def init():
-    search = policy.init() if policy is not None else auto_structured.AutoStructuredState(
-        True, 0, 0, 0)  # for l1_filter: still_prune = not yet pruned
-    server = algorithm(dense_spec).init(params, init_key, batch_stats=batch_stats)
-    return with_cache(federated.MethodState(server, dense_spec,
-                                            {"search": search._asdict(), "cum_bytes": 0}))
-
-  def before_round(state, round_idx, key):
-    search = auto_structured.AutoStructuredState(**state.host["search"])
-    spec, accepted = state.spec, False
-    if policy is not None:
-      search, decision = policy.step(search, spec, jax.device_get(state.server.params),
-                                     jax.device_get(state.server.batch_stats), round_idx, key)
-      phase = "search" if search.still_prune else "train"  # the step may end phase 1
-      if decision.accepted:
-        accepted, spec = True, decision.spec
-        new_params, new_stats = decision.params, decision.batch_stats
-    else:
-      phase = "dense" if search.still_prune else "train"
-      if search.still_prune and round_idx >= prune_round:
-        out = l1_filter.l1_filter_prune(spec, jax.device_get(state.server.params), ratio,
-                                        batch_stats=jax.device_get(state.server.batch_stats))
-        accepted, spec, new_params, new_stats = True, out.spec, out.params, out.batch_stats
-        search = search._replace(still_prune=False, num_accepted=1, last_decision_round=round_idx)
-    cache = state.cache
-    state = state._replace(host={**state.host, "search": search._asdict()})
-    if accepted:  # new shapes: the loop compiles the round once for them
-      server = algorithm(spec).init(new_params, init_key, batch_stats=new_stats)
-      state = with_cache(state._replace(server=server, spec=spec),
-                         rebuilds=cache["rebuilds"] + 1, search_rounds=cache["search_rounds"])
-      env.log(f"round {round_idx + 1}: architecture -> {structured.spec_to_json(spec)} "
-              f"({state.cache['sizes']['params']:,} params)")
-      cache = state.cache
-    return state._replace(cache={**cache, "phase": phase, "accepted": accepted,
-                                 "search_rounds": cache["search_rounds"] + (phase == "search")})
-
-  def after_round(state, round_idx, metrics):
-    sizes = state.cache["sizes"]
-    cum = state.host["cum_bytes"] + sizes["bytes_up"] + sizes["bytes_down"]
-    return state._replace(host={**state.host, "cum_bytes": cum})
-
-  def record(before, after, round_idx, metrics):
-    c = after.cache
-    return {**c["sizes"], "phase": c["phase"], "accepted": int(c["accepted"]),
-            "cum_bytes": after.host["cum_bytes"], "dense_cum_bytes": dense_per_round * (round_idx + 1)}
-
-  def evaluator(spec):
-    evaluate = runtime.make_evaluator(env, apply_for(spec))
-    return lambda state, round_idx: evaluate(state.server.params, state.server.batch_stats)
-
-  def template(initial, spec, host):
-    p, b = jax.eval_shape(lambda: models.init_params(spec, jax.random.key(0)))
-    return jax.eval_shape(lambda: algorithm(spec).init(p, jax.random.key(0), batch_stats=b))
-
-  def summary(state, last_eval):
-    sizes, cum_bytes = state.cache["sizes"], state.host["cum_bytes"]
-    dense_cum = dense_per_round * config.rounds
-    return {
-        "dense_params": dense_sizes["params"], "dense_flops": dense_sizes["flops"],
-        "params": sizes["params"], "flops": sizes["flops"],
-        "params_reduction": 1 - sizes["params"] / dense_sizes["params"],
-        "flops_reduction": 1 - sizes["flops"] / dense_sizes["flops"],
-        "spec": structured.spec_to_json(state.spec),
-        "num_accepted": state.host["search"]["num_accepted"],
-        "search_rounds_this_run": state.cache["search_rounds"],
-        "rebuilds_this_run": state.cache["rebuilds"],
-        "cum_bytes": cum_bytes, "dense_cum_bytes": dense_cum,
-        "communication_ratio": dense_cum / cum_bytes if cum_bytes else float("nan"),
-        "bytes_per_round_final": sizes["bytes_up"] + sizes["bytes_down"],
-        "bytes_per_round_dense": dense_per_round}
-
-  method = federated.Method(init=init, algorithm=algorithm, evaluator=evaluator,
-                            before_round=before_round, after_round=after_round, record=record,
-                            summary=summary, template=template, resume=with_cache)
+  common = dict(spec=spec, params=params, batch_stats=batch_stats, key=init_key,
+                fedavg_for=lambda apply_fn: build_lib.build_algorithm(config, apply_fn),
+                model=runtime.model_fns(env, strategy), clients_per_round=config.clients_per_round,
+                log=env.log)
+  if config.get("method", "asp") == "asp":
+    method = auto_structured.asp(make_policy(config), **common)
+  else:
+    method = l1_filter.l1_filter(float(_field(config, "l1_filter.ratio", 0.5)),
+                                 _field(config, "l1_filter.prune_round", 0), **common)
   return runtime.Run(method, strategy, timings, data.train, lambda r: runtime.cohort_for(env, r))

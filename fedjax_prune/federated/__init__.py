@@ -18,7 +18,7 @@ from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalSta
                                            run_schedule_steps, softmax_cross_entropy,
                                            static_step_index, step_batch, StepBatches,
                                            waste_free_unroll)
-from fedjax_prune.federated._method import Method, MethodState
+from fedjax_prune.federated._method import ApplyFn, Method, MethodState, ModelFns, no_log
 from fedjax_prune.federated._lowrank import (FactoredKernel, LowRankDense, LowRankSum,
                                               worthwhile_lowrank_layers)
 from fedjax_prune.federated._strategy import (Strategy, candidate_strategies, select_strategy)

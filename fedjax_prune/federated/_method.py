@@ -46,6 +46,35 @@ class MethodState(NamedTuple):
   cache: Any = None
 
 
+class ApplyFn(Protocol):
+  """`apply_fn(params, batch_stats, x, *, train, example_mask=None, **kw) -> (logits, batch_stats)`."""
+
+  def __call__(self, params: Any, batch_stats: Any, x: jax.Array, *, train: bool,
+               **kwargs: Any) -> tuple[jax.Array, Any]: ...
+
+
+class ModelFns(NamedTuple):
+  """What a method builds per architecture, supplied by its caller.
+
+  A method that rebuilds its model (ASP, CAVP) needs the apply function and the
+  evaluation of every architecture it reaches; the caller decides how inputs are
+  normalised, which convolution implementation and precision run, and on which
+  test data models are evaluated.
+
+  Attributes:
+    apply_for: `apply_for(spec) -> ApplyFn`.
+    evaluate_with: `evaluate_with(apply_fn) -> evaluate(params, batch_stats) -> dict`
+      of host floats with at least 'test_accuracy' (compiled once per call).
+  """
+  apply_for: Callable[[Any], ApplyFn]
+  evaluate_with: Callable[[ApplyFn], Callable[[Any, Any], dict]]
+
+
+def no_log(message: str) -> None:
+  """The default `log` of method factories: say nothing."""
+  del message
+
+
 class BeforeRound(Protocol):
   def __call__(self, state: MethodState, round_idx: int, key: jax.Array) -> MethodState: ...
 

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
 
+import jax
 import numpy as np
 
-from fedjax_prune import accounting, models, structured
+from fedjax_prune import accounting, federated, models, structured
 from fedjax_prune.types import BatchStats, Params, PRNGKey
 
 TAILS = ('both', 'lower')
@@ -219,3 +220,139 @@ def auto_structured(*, k: float = 2.2, tails: str = 'both', max_patience: int = 
     return new_state, Decision(False, spec, params, batch_stats, keep, count)
 
   return AutoStructured(init, propose, step)
+
+
+# A between-rounds decision: (search state, spec, params, batch_stats, round_idx, key)
+# -> (search state, phase label of the round, Decision).
+DecideFn = Callable[[AutoStructuredState, Any, Params, BatchStats, int, PRNGKey],
+                    tuple[AutoStructuredState, str, Decision]]
+
+
+def round_sizes(spec, clients_per_round: int) -> dict:
+  """Params, FLOPs (batch 1) and whole-cohort bytes of one round of dense FedAvg on `spec`
+  (float32 model with its BatchNorm statistics, both ways)."""
+  up, down = accounting.round_bytes(spec, include_batch_stats=True)
+  return {"params": accounting.param_count(spec), "flops": accounting.flops(spec),
+          "bytes_up": up * clients_per_round, "bytes_down": down * clients_per_round}
+
+
+def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, spec,
+                      params: Params, batch_stats: BatchStats, key: PRNGKey,
+                      fedavg_for: Callable[[Any], federated.FedAlgorithm],
+                      model: federated.ModelFns, clients_per_round: int,
+                      log: Callable[[str], None] = federated.no_log) -> federated.Method:
+  """FedAvg whose architecture a host-side rule shrinks between rounds (ASP, L1 filter).
+
+  Before every round, `decide` looks at the aggregated model; an accepted decision's
+  smaller architecture (its params re-initialised or sliced by the rule) gets a fresh
+  FedAvg server state, and the round is compiled once for its shapes.
+
+  Args:
+    decide: the rule (`asp`'s search step, `l1_filter`'s one-shot prune).
+    initial_search: its starting state.
+    spec, params, batch_stats: the dense starting model.
+    key: the init key (server states of rebuilt models are initialised with it).
+    fedavg_for: `fedavg_for(apply_fn) -> FedAlgorithm`, the FedAvg-family algorithm.
+    model: apply function and evaluation per architecture.
+    clients_per_round: for the records' whole-cohort bytes.
+    log: receives one line per rebuild.
+
+  Returns:
+    The `Method`. Records: `params`, `flops`, `bytes_up`/`bytes_down` of the round,
+    `phase` (the rule's label), `accepted` (1 when the architecture changed before
+    this round), `cum_bytes` and `dense_cum_bytes` (the same for dense FedAvg).
+  """
+  dense_sizes = round_sizes(spec, clients_per_round)
+  dense_per_round = dense_sizes["bytes_up"] + dense_sizes["bytes_down"]
+
+  def algorithm(spec):
+    return fedavg_for(model.apply_for(spec))
+
+  def with_cache(state, **fields):
+    return state._replace(cache={"sizes": round_sizes(state.spec, clients_per_round),
+                                 "phase": "", "accepted": False, "search_rounds": 0,
+                                 "rebuilds": 0, **fields})
+
+  def init():
+    server = algorithm(spec).init(params, key, batch_stats=batch_stats)
+    return with_cache(federated.MethodState(server, spec, {"search": initial_search._asdict(),
+                                                           "cum_bytes": 0, "dense_cum_bytes": 0}))
+
+  def before_round(state, round_idx, round_key):
+    search = AutoStructuredState(**state.host["search"])
+    search, phase, decision = decide(search, state.spec, jax.device_get(state.server.params),
+                                     jax.device_get(state.server.batch_stats), round_idx, round_key)
+    cache = state.cache
+    state = state._replace(host={**state.host, "search": search._asdict()})
+    if decision.accepted:  # new shapes: the experiment loop compiles the round once for them
+      server = algorithm(decision.spec).init(decision.params, key, batch_stats=decision.batch_stats)
+      state = with_cache(state._replace(server=server, spec=decision.spec),
+                         rebuilds=cache["rebuilds"] + 1, search_rounds=cache["search_rounds"])
+      log(f"round {round_idx + 1}: architecture -> {structured.spec_to_json(decision.spec)} "
+          f"({state.cache['sizes']['params']:,} params)")
+      cache = state.cache
+    return state._replace(cache={**cache, "phase": phase, "accepted": decision.accepted,
+                                 "search_rounds": cache["search_rounds"] + (phase == "search")})
+
+  def after_round(state, round_idx, metrics):
+    sizes = state.cache["sizes"]
+    cum = state.host["cum_bytes"] + sizes["bytes_up"] + sizes["bytes_down"]
+    dense_cum = state.host["dense_cum_bytes"] + dense_per_round
+    return state._replace(host={**state.host, "cum_bytes": cum, "dense_cum_bytes": dense_cum})
+
+  def record(before, after, round_idx, metrics):
+    c = after.cache
+    return {**c["sizes"], "phase": c["phase"], "accepted": int(c["accepted"]),
+            "cum_bytes": after.host["cum_bytes"],
+            "dense_cum_bytes": after.host["dense_cum_bytes"]}
+
+  def evaluator(spec):
+    evaluate = model.evaluate_with(model.apply_for(spec))
+    return lambda state, round_idx: evaluate(state.server.params, state.server.batch_stats)
+
+  def template(initial, spec, host):
+    del initial, host
+    p, b = jax.eval_shape(lambda: models.init_params(spec, jax.random.key(0)))
+    return jax.eval_shape(lambda: algorithm(spec).init(p, jax.random.key(0), batch_stats=b))
+
+  def summary(state, last_eval):
+    del last_eval
+    sizes, cum_bytes = state.cache["sizes"], state.host["cum_bytes"]
+    dense_cum = state.host["dense_cum_bytes"]
+    return {
+        "dense_params": dense_sizes["params"], "dense_flops": dense_sizes["flops"],
+        "params": sizes["params"], "flops": sizes["flops"],
+        "params_reduction": 1 - sizes["params"] / dense_sizes["params"],
+        "flops_reduction": 1 - sizes["flops"] / dense_sizes["flops"],
+        "spec": structured.spec_to_json(state.spec),
+        "num_accepted": state.host["search"]["num_accepted"],
+        "search_rounds_this_run": state.cache["search_rounds"],
+        "rebuilds_this_run": state.cache["rebuilds"], "cum_bytes": cum_bytes,
+        "dense_cum_bytes": dense_cum,
+        "communication_ratio": dense_cum / cum_bytes if cum_bytes else float("nan"),
+        "bytes_per_round_final": sizes["bytes_up"] + sizes["bytes_down"],
+        "bytes_per_round_dense": dense_per_round}
+
+  return federated.Method(init=init, algorithm=algorithm, evaluator=evaluator,
+                          before_round=before_round, after_round=after_round, record=record,
+                          summary=summary, template=template, resume=with_cache)
+
+
+def asp(policy: AutoStructured, **kwargs) -> federated.Method:
+  """ASP end to end: FedAvg whose architecture `policy`'s search shrinks before rounds.
+
+  Phase 1 ('search' rounds): before each round the search step scores the
+  aggregated model's filters and may accept a smaller architecture (rebuilt,
+  re-initialised by default); phase 2 ('train' rounds): FedAvg on the found one.
+
+  Args:
+    policy: `auto_structured(...)`, the search rule and its options.
+    **kwargs: `rebuilding_fedavg`'s keyword arguments (spec, params, batch_stats, key,
+      fedavg_for, model, clients_per_round, log).
+  """
+
+  def decide(search, spec, params, batch_stats, round_idx, key):
+    search, decision = policy.step(search, spec, params, batch_stats, round_idx, key)
+    return search, ("search" if search.still_prune else "train"), decision  # may end phase 1
+
+  return rebuilding_fedavg(decide, policy.init(), **kwargs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 
-from fedjax_prune import structured
+from fedjax_prune import federated, structured
 from fedjax_prune.pruning import auto_structured
 from fedjax_prune.types import BatchStats, Params
 
@@ -60,3 +60,33 @@ def l1_filter_prune(spec, params: Params, ratio: float, *,
   """
   return structured.shrink(spec, params, l1_filter_keep(spec, params, ratio),
                            batch_stats=batch_stats)
+
+
+def l1_filter(ratio: float, prune_round: int, **kwargs) -> federated.Method:
+  """L1 filter pruning end to end: dense FedAvg for `prune_round` rounds ('dense'), then
+  every prunable conv loses `ratio` of its filters (smallest L1, surviving weights kept)
+  and FedAvg fine-tunes the smaller model ('train').
+
+  Args:
+    ratio: fraction of filters removed per prunable conv, in [0, 1).
+    prune_round: rounds of dense training before the prune.
+    **kwargs: `auto_structured.rebuilding_fedavg`'s keyword arguments.
+  """
+  if isinstance(prune_round, bool) or not isinstance(prune_round, int) or prune_round < 0:
+    raise ValueError(f"prune_round must be an int >= 0, got {prune_round!r}")
+
+  def decide(search, spec, params, batch_stats, round_idx, key):
+    del key
+    unchanged = auto_structured.Decision(False, spec, params, batch_stats, None, None)
+    if not search.still_prune:
+      return search, "train", unchanged
+    if round_idx < prune_round:
+      return search, "dense", unchanged
+    out = l1_filter_prune(spec, params, ratio, batch_stats=batch_stats)
+    search = search._replace(still_prune=False, num_accepted=1, last_decision_round=round_idx)
+    return search, "dense", auto_structured.Decision(True, out.spec, out.params, out.batch_stats,
+                                                     None, None)
+
+  # still_prune = not yet pruned
+  return auto_structured.rebuilding_fedavg(decide, auto_structured.AutoStructuredState(True, 0, 0, 0),
+                                           **kwargs)
