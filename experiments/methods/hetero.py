@@ -43,8 +43,9 @@ from fedjax_prune import data as data_lib
 from fedjax_prune import federated, models
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.pruning import fiarse as fiarse_lib
+from fedjax_prune.pruning import fedrolex as fedrolex_lib
+from fedjax_prune.pruning import heterofl as heterofl_lib
 from fedjax_prune.pruning import scalefl as scalefl_lib
-from fedjax_prune.pruning import _width_submodels as width_lib
 
 METHODS = ("fiarse", "heterofl", "fedrolex", "scalefl")
 ASSIGNMENTS = ("interleaved", "blocks")
@@ -135,7 +136,7 @@ def _method(config, apply_fn, params, schedule, train_transform):
   if config.method == "fiarse":
     return fiarse_lib.fiarse(apply_fn, opt, schedule, grad=h.fiarse_grad, layerwise=h.layerwise, **kw)
   if config.method in ("heterofl", "fedrolex"):
-    factory = width_lib.heterofl if config.method == "heterofl" else width_lib.fedrolex
+    factory = heterofl_lib.heterofl if config.method == "heterofl" else fedrolex_lib.fedrolex
     return factory(apply_fn, opt, schedule, scaler=h.scaler, **kw)
   widths, depths = tuple(h.scalefl_widths), tuple(h.scalefl_depths)
   if not widths:

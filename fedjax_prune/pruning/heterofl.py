@@ -1,8 +1,55 @@
 """HeteroFL: static width-prefix submodels with partial averaging (Diao et al., ICLR 2021).
 
-The implementation is shared with FedRolex and ScaleFL in `_width_submodels`.
+A width-r client trains the first ceil(r C) channels of every hidden layer of the
+one full-size global model (`width_masks` with offset 0: a static prefix); the server
+averages each coordinate over the clients that hold it; BatchNorm is static (batch
+statistics at train and test time); the scaler multiplies the classifier input by
+1/r in training. The submodel machinery is shared with FedRolex and ScaleFL
+(`_width_submodels.width_method`).
 """
-from fedjax_prune.pruning._width_submodels import (channel_keep, heterofl, keep_count, sqrt_widths,
-                                                   width_masks)
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import optax
+
+from fedjax_prune.federated import LocalSchedule, softmax_cross_entropy
+from fedjax_prune.pruning._hetero import HeteroMethod
+from fedjax_prune.pruning._width_submodels import (INPUT_KEYS, OUTPUT_KEYS, channel_keep, keep_count,
+                                                   sqrt_widths, width_masks, width_method)
 
 __all__ = ["channel_keep", "heterofl", "keep_count", "sqrt_widths", "width_masks"]
+
+
+def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
+             schedule: LocalSchedule, *, capacities: Sequence[float],
+             widths: Sequence[float] | None = None, scaler: bool = True,
+             server_learning_rate: float = 1.0, loss_fn: Callable = softmax_cross_entropy,
+             train_transform: Callable | None = None, input_keys: str = INPUT_KEYS,
+             output_keys: str = OUTPUT_KEYS) -> HeteroMethod:
+  """HeteroFL: static width-prefix submodels, partial averaging, static BN, scaler.
+
+  Args:
+    apply_fn: full-size model apply (use norm='batch_static').
+    client_optimizer: local optimizer.
+    schedule: local steps.
+    capacities: L capacity levels (parameter fractions, as FIARSE's).
+    widths: width ratio per level (default sqrt(capacity), so 1/4 -> width 1/2).
+    scaler: multiply the classifier input by 1/r in training (see module docstring).
+    server_learning_rate: applied to the averaged update (1.0 = HeteroFL's plain average).
+    loss_fn: per-example loss.
+    train_transform: per-batch augmentation.
+    input_keys: regex of top-level param keys reading the unsliced input (ResNet: stem).
+    output_keys: regex of top-level param keys producing the unsliced classes (ResNet: head).
+
+  Returns:
+    HeteroMethod with HeteroState.
+
+  References:
+    Diao, Ding, Tarokh, HeteroFL: Computation and Communication Efficient
+    Federated Learning for Heterogeneous Clients, ICLR 2021.
+  """
+  return width_method(apply_fn, client_optimizer, schedule, capacities=capacities, widths=widths,
+                      rolling=False, scaler=scaler, server_learning_rate=server_learning_rate,
+                      loss_fn=loss_fn, train_transform=train_transform, input_keys=input_keys,
+                      output_keys=output_keys)
