@@ -238,21 +238,6 @@ def timing_meta(start: float, timings: dict) -> dict:
   return {"wall_time_s": time.perf_counter() - start, "strategy_timings_s": timings}
 
 
-def round_record(metrics: dict, round_idx: int, start_time: float) -> dict:
-  """Host copy of a round's metrics (one device->host transfer) plus round number and wall time.
-
-  Raises FloatingPointError naming the round when the round reported non-finite values.
-  """
-  record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  record.update(round=round_idx + 1, wall_time=time.perf_counter() - start_time)
-  finite = record.pop("finite", 1.0)
-  if not finite:
-    raise FloatingPointError(
-        f"training diverged at round {round_idx + 1}: the loss or the parameters are not finite "
-        f"(train_loss={record.get('train_loss')}); lower the client learning rate")
-  return record
-
-
 def progress_bar(total: int, enabled: bool, initial: int = 0):
   from tqdm.auto import tqdm
   return tqdm(total=total, initial=initial, disable=not enabled, desc="rounds", unit="round")

@@ -186,7 +186,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
                     checkpoint=checkpointer_for(config, workdir), log=log,
                     setup_start=setup_start)
   try:
-    summary = run_rounds(config, env, driver.build(config, env))
+    summary = run_method(config, env, driver.build(config, env))
   finally:
     metrics.close()
   summary = {"method": method, **summary}
@@ -197,10 +197,11 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
   return summary
 
 
-def run_rounds(config, env: runtime.Env, run: runtime.Run) -> dict:
-  """The experiment loop, the one every method runs: restore or init, then per round
-  `before_round` -> the compiled round -> `after_round` -> record -> evaluation ->
-  metrics -> checkpoint; the round (and evaluator) compile once per architecture.
+def run_method(config, env: runtime.Env, run: runtime.Run) -> dict:
+  """The experiment loop, the one every method runs: restore or init, then the rounds of
+  `federated.run_rounds` (before_round -> the compiled round -> after_round -> record),
+  each followed by evaluation, the metrics record and the checkpoint; the round and the
+  evaluator compile once per architecture.
 
   Returns the summary dict (without 'method', which `train_and_evaluate` adds).
   """
@@ -233,46 +234,35 @@ def run_rounds(config, env: runtime.Env, run: runtime.Run) -> dict:
 
   strategy = run.strategy
   mesh = runtime.mesh_for(env, strategy)
+  compile_round = lambda alg: federated.make_round(alg, execution=strategy.execution, mesh=mesh,
+                                                   donate=run.donate)
+  evaluators = {}  # one compiled evaluator per architecture
 
-  def compile_for(spec):
-    round_fn = federated.make_round(method.algorithm(spec), execution=strategy.execution,
-                                    mesh=mesh, donate=run.donate)
-    return round_fn, method.evaluator(spec)
+  def evaluate(state, round_idx):
+    nonlocal eval_time
+    t0 = time.perf_counter()
+    key = repr(state.spec)
+    if key not in evaluators:
+      evaluators.clear()  # an old architecture is never evaluated again
+      evaluators[key] = method.evaluator(state.spec)
+    out = evaluators[key](state, round_idx)
+    eval_time += time.perf_counter() - t0
+    return out
 
-  round_fn, evaluate = compile_for(state.spec)
-  train_root = jax.random.key(config.seeds.training)
-  init_key = jax.random.key(config.seeds.init)
   config_json = json.loads(config.to_json_best_effort())
   setup_time = time.perf_counter() - env.setup_start
   progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
   start = runtime.run_clock_start(meta)
   eval_time = float(meta.get("eval_time_s", 0.0))
   last_eval: dict = {}
-
-  def timed_eval(state, round_idx):
-    nonlocal eval_time
-    t0 = time.perf_counter()
-    out = evaluate(state, round_idx)
-    eval_time += time.perf_counter() - t0
-    return out
-
-  for round_idx in range(start_round, config.rounds):
-    spec = state.spec
-    state = method.before_round(state, round_idx, jax.random.fold_in(init_key, round_idx))
-    if state.spec != spec:  # a new architecture: compile its round once
-      round_fn, evaluate = compile_for(state.spec)
-    before = state
-    server, metrics = round_fn(state.server, run.train, run.cohort(round_idx),
-                               federated.round_key(train_root, round_idx))
-    state = state._replace(server=server)
-    record = runtime.round_record(metrics, round_idx, start)
-    spec = state.spec
-    state = method.after_round(state, round_idx, record)
-    if state.spec != spec:
-      round_fn, evaluate = compile_for(state.spec)
-    record.update(method.record(before, state, round_idx, record))
+  rounds = federated.run_rounds(
+      method, state, train=run.train, cohort_fn=run.cohort,
+      train_root=jax.random.key(config.seeds.training), init_key=jax.random.key(config.seeds.init),
+      rounds=range(start_round, config.rounds), compile_round=compile_round)
+  for round_idx, state, record in rounds:
+    record.update(round=round_idx + 1, wall_time=time.perf_counter() - start)
     if runtime.is_eval_round(config, round_idx):
-      last_eval = timed_eval(state, round_idx)
+      last_eval = evaluate(state, round_idx)
       record.update(last_eval)
     env.metrics.write(record)
     if runtime.is_checkpoint_round(config, round_idx):
@@ -287,7 +277,7 @@ def run_rounds(config, env: runtime.Env, run: runtime.Run) -> dict:
                          acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")
   progress.close()
   if not last_eval:  # resumed from the final checkpoint: evaluate the restored model
-    last_eval = timed_eval(state, config.rounds - 1)
+    last_eval = evaluate(state, config.rounds - 1)
   summary = {"rounds": config.rounds, "wall_time_s": time.perf_counter() - start,
              "setup_time_s": setup_time, "eval_time_s": eval_time, "strategy": strategy.name,
              "strategy_timings_s": run.timings, "data": env.data.description, **last_eval}

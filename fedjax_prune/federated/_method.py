@@ -21,11 +21,11 @@ and may read the server state with `jax.device_get`; they never run per client.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
 import jax
 
-from fedjax_prune.federated._engine import FedAlgorithm
+from fedjax_prune.federated._engine import Cohort, FedAlgorithm, round_key
 
 
 class MethodState(NamedTuple):
@@ -153,3 +153,53 @@ class Method(NamedTuple):
   summary: Callable[[MethodState, dict], dict] = no_summary
   template: Callable[[MethodState, Any, dict], Any] | None = None
   resume: Callable[[MethodState], MethodState] = same_cache
+
+
+def host_metrics(metrics: dict, round_idx: int) -> dict:
+  """A round's metrics as host floats (one device->host transfer), without `finite`.
+
+  Raises FloatingPointError naming the round when the round reported non-finite values.
+  """
+  record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not record.pop("finite", 1.0):
+    raise FloatingPointError(
+        f"training diverged at round {round_idx + 1}: the loss or the parameters are not finite "
+        f"(train_loss={record.get('train_loss')}); lower the learning rate (client or server)")
+  return record
+
+
+def run_rounds(method: Method, state: MethodState, *, train: Any,
+               cohort_fn: Callable[[int], Cohort], train_root: jax.Array, init_key: jax.Array,
+               rounds: range, compile_round: Callable[[FedAlgorithm], Callable]
+               ) -> Iterator[tuple[int, MethodState, dict]]:
+  """The rounds of `method`, the one round loop of the library (module docstring).
+
+  Args:
+    method: the `Method`.
+    state: where the run stands (`method.init()` or a restored state).
+    train: the training `ClientData` (on device).
+    cohort_fn: `cohort_fn(round_idx) -> Cohort`.
+    train_root: root key of the rounds (`round_key(train_root, round_idx)` per round).
+    init_key: root of `before_round`'s keys (`fold_in(init_key, round_idx)`).
+    rounds: the 0-based rounds to run, e.g. `range(start, num_rounds)`.
+    compile_round: `compile_round(algorithm) -> round_fn` (e.g. `make_round` with an
+      execution strategy and mesh); called once per architecture.
+
+  Yields:
+    (round_idx, state after the round and `after_round`, record) per round, where
+    record = the round's host metrics + `method.record(...)`. Evaluation, logging and
+    checkpoints are the caller's (they run between two yields).
+  """
+  round_fn, compiled_spec = None, None
+  for round_idx in rounds:
+    state = method.before_round(state, round_idx, jax.random.fold_in(init_key, round_idx))
+    if round_fn is None or state.spec != compiled_spec:  # a new architecture: compile once
+      round_fn, compiled_spec = compile_round(method.algorithm(state.spec)), state.spec
+    before = state
+    server, metrics = round_fn(state.server, train, cohort_fn(round_idx),
+                               round_key(train_root, round_idx))
+    state = state._replace(server=server)
+    record = host_metrics(metrics, round_idx)
+    state = method.after_round(state, round_idx, record)
+    record.update(method.record(before, state, round_idx, record))
+    yield round_idx, state, record

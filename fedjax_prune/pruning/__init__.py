@@ -2,6 +2,8 @@
 from fedjax_prune.pruning import cavp  # complexity-aware variational unit/layer pruning (arXiv 2411.09127)
 from fedjax_prune.pruning import auto_structured  # ASP: automatic structured pruning (arXiv 2411.01759)
 from fedjax_prune.pruning import l1_filter  # fixed-ratio L1 filter pruning (Li et al. 2017)
+from fedjax_prune.pruning import base  # MaskRule and masked_fedavg, the one server of the sparse methods
+from fedjax_prune.pruning.base import MaskRule, masked_fedavg, no_prune
 from fedjax_prune.pruning import fedtiny  # FedTiny: adaptive BN selection + progressive prune-and-grow (ICDCS 2023)
 from fedjax_prune.pruning import feddst  # FedDST: client prune/regrow + mask voting (AAAI 2022)
 from fedjax_prune.pruning import prunefl  # PruneFL: one-client initial pruning + adaptive importance (TNNLS 2022)

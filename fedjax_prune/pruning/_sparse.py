@@ -1,68 +1,29 @@
-"""Pieces shared by FedTiny and the sparse-FL baselines (FedDST, PruneFL, LotteryFL, SNIP, SynFlow).
+"""Array pieces shared by FedTiny and the sparse-FL baselines (FedDST, PruneFL, LotteryFL,
+SNIP, SynFlow): budgets, selections, one-batch gradients.
 
 Every method here trains ONE global unstructured mask over the conv/dense kernels
 (biases and BatchNorm dense), at a global density that counts the dense
 entries against the budget (FedTiny's convention, METHODS.md §2.2):
-prunable entries kept = d * N_total - N_dense.
-
-The server state is `SparseState`; clients return `SparseSums` (pre-weighted by
-their example count, summed by the engine). Selections with a *traced* number
-of entries (cosine-annealed prune/grow counts) use `rank_select`, a stable
-sort, so one compiled round serves every adjustment.
+prunable entries kept = d * N_total - N_dense. Each is a `base.MaskRule` run by
+`base.masked_fedavg`. Selections with a *traced* number of entries
+(cosine-annealed prune/grow counts) use `rank_select`, a stable sort, so one
+compiled round serves every adjustment.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedjax_prune import masks as masks_lib
-from fedjax_prune import tree as tree_lib
-from fedjax_prune.federated import LocalMetrics, example_permutation, round_train_metrics
+from fedjax_prune.federated import example_permutation
 from fedjax_prune.masks._filters import path_str, static_bool, tree_like
 from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey, PyTree
 
 DISTRIBUTIONS = ("uniform", "erk")
-
-
-class SparseState(NamedTuple):
-  """Server state of a global-mask sparse FL method.
-
-  Attributes:
-    params: global parameters; entries outside `masks` are exactly 0.
-    batch_stats: global BatchNorm running statistics ({} without BN).
-    masks: bool tree, full-shape leaves for prunable kernels, `()` True otherwise.
-    round_idx: [] int32 number of completed rounds.
-    aux: method-specific pytree (LotteryFL: the initial weights and its prune
-      step; () for the others).
-  """
-  params: Params
-  batch_stats: BatchStats
-  masks: Masks
-  round_idx: jax.Array
-  aux: Any = ()
-
-
-class SparseSums(NamedTuple):
-  """One client's contribution, pre-weighted by `weight` (the engine sums these).
-
-  Attributes:
-    params: weight * client parameters after local training.
-    batch_stats: weight * client running statistics.
-    extra: method-specific sums (top-K gradients, mask votes, squared gradients).
-    weight: aggregation weight n_k.
-    num_clients: 1 per real client.
-    metrics: local training sums.
-  """
-  params: Params
-  batch_stats: BatchStats
-  extra: Any
-  weight: jax.Array
-  num_clients: jax.Array
-  metrics: LocalMetrics
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
@@ -103,11 +64,6 @@ def magnitude_masks(params: Params, densities: PyTree, prunable: Any) -> Masks:
   return masks_lib.topk(masks_lib.magnitude(params), densities, prunable)
 
 
-def global_density(masks: Masks, params: Params) -> jax.Array:
-  """Fraction of ALL parameter entries kept (dense leaves count as kept), float32 []."""
-  return masks_lib.density(masks, params)
-
-
 def rank_select(scores: jax.Array, k) -> jax.Array:
   """Bool mask of the `k` largest entries of `scores` (any shape); k may be traced.
 
@@ -119,9 +75,12 @@ def rank_select(scores: jax.Array, k) -> jax.Array:
   return chosen.reshape(scores.shape)
 
 
-def apply_masks(tree: PyTree, masks: Masks) -> PyTree:
-  """tree * masks (exact zeros outside)."""
-  return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), tree, masks)
+def full_masks(params: Params, prunable: Any) -> Masks:
+  """All-True masks: full shape on prunable leaves, `()` elsewhere (density 1)."""
+  flags = leaf_flags(params, prunable)
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, [jnp.ones(jnp.shape(p), bool) if f else jnp.ones((), bool)
+                                      for p, f in zip(leaves, flags)])
 
 
 def leaf_flags(params: Params, prunable: Any) -> list[bool]:
@@ -170,40 +129,10 @@ def random_batch_gradient(apply_fn: Callable, loss_fn: Callable, params: Params,
   return batch_gradient(apply_fn, loss_fn, params, batch_stats, data.x[idx], data.y[idx], mask)
 
 
-def finish_mean(total: PyTree, weight: jax.Array, fallback: PyTree) -> PyTree:
-  """total / weight, or `fallback` when no client had weight."""
-  ok = weight > 0
-  inv = jnp.where(ok, 1.0 / jnp.where(ok, weight, 1.0), 0.0)
-  return jax.tree.map(lambda t, f: jnp.where(ok, t * inv.astype(t.dtype), f), total, fallback)
-
-
-def averaged_model(sums: SparseSums, state) -> tuple[Params, BatchStats]:
-  """The example-weighted mean of the clients' params and BN statistics (the server's
-  own when no client had weight)."""
-  return (finish_mean(sums.params, sums.weight, state.params),
-          finish_mean(sums.batch_stats, sums.weight, state.batch_stats))
-
-
 def only_when(pred: jax.Array, fn: Callable[[], PyTree], like: PyTree) -> PyTree:
   """`fn()` when `pred`, else zeros shaped like `like` (a real branch: `pred` must not
   depend on the client, so it stays a `cond` under `vmap`)."""
   return jax.lax.cond(pred, lambda _: fn(), lambda _: jax.tree.map(jnp.zeros_like, like), None)
-
-
-def train_metrics(sums: SparseSums, params: Params, masks: Masks) -> dict:
-  """The round metrics every sparse method reports."""
-  return {
-      **round_train_metrics(sums.metrics, sums.num_clients),
-      "density": global_density(masks, params),
-      "finite": tree_lib.all_finite(params) & jnp.isfinite(sums.metrics.loss_sum),
-  }
-
-
-def client_sums(params: Params, batch_stats: BatchStats, extra: Any, weight: jax.Array,
-                metrics: LocalMetrics) -> SparseSums:
-  """Pre-weights a client's result (weight * params, weight * stats)."""
-  return SparseSums(tree_lib.scale(params, weight), tree_lib.scale(batch_stats, weight), extra,
-                    weight, jnp.ones((), jnp.float32), metrics)
 
 
 def keep_counts(masks: Masks, prunable_flags: list[bool]) -> list[int]:

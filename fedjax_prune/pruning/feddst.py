@@ -1,5 +1,8 @@
 """FedDST: federated dynamic sparse training with client prune/regrow and mask voting.
 
+A `base.MaskRule` (`client_prune_and_regrow`) run by `base.masked_fedavg`; `feddst_method`
+runs it end to end from magnitude masks of the initial weights (`fedtiny.sparse_setup`).
+
 Every `adjust_every` rounds (up to `adjust_end`) each sampled client, after its
 local training, prunes floor(f(t) a_l) of the active weights of smallest |w| in
 every sparse layer and regrows as many inactive positions of largest |g| (one
@@ -22,13 +25,77 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fedjax_prune import federated
 from fedjax_prune import masks as masks_lib
-from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalSchedule,
-                                    make_local_train, softmax_cross_entropy)
-from fedjax_prune.pruning import _sparse
-from fedjax_prune.pruning._sparse import SparseState, SparseSums, apply_masks, rank_select
-from fedjax_prune.pruning.fedtiny import adjust_counts, prune_and_grow, sparse_init
-from fedjax_prune.types import PRNGKey
+from fedjax_prune.federated import (FedAlgorithm, LocalSchedule, make_local_train,
+                                    softmax_cross_entropy)
+from fedjax_prune.pruning import _sparse, base
+from fedjax_prune.pruning._sparse import rank_select
+from fedjax_prune.pruning.fedtiny import adjust_counts, prune_and_grow, sparse_setup
+from fedjax_prune.types import BatchStats, Params, PRNGKey
+
+
+def client_prune_and_regrow(apply_fn: Callable, client_optimizer, post_adjust: LocalSchedule, *,
+                            prunable: Any, adjust_every: int = 10, adjust_end: int = 300,
+                            adjust_alpha: float = 0.2, growth_batch_size: int,
+                            loss_fn: Callable = softmax_cross_entropy,
+                            train_transform: Callable | None = None) -> base.MaskRule:
+  """FedDST's mask rule: clients prune/regrow and train on; the server votes by magnitude.
+
+  Client (adjustment rounds): `fedtiny.prune_and_grow` of its trained model with the
+  dense gradient of one random mini-batch, then `post_adjust` local steps under the
+  new mask; it uploads its model and mask (each masked coordinate is then averaged
+  over the clients holding it). Server (adjustment rounds): each layer keeps its a_l
+  largest |w| of that aggregate. Metrics: `density`, `adjusted`.
+  """
+  _sparse.check_int("adjust_every", adjust_every, 1)
+  _sparse.check_int("adjust_end", adjust_end, 1)
+  if not 0.0 <= adjust_alpha <= 1.0:
+    raise ValueError(f"adjust_alpha must be in [0, 1], got {adjust_alpha!r}")
+  flags = _sparse.leaf_flags(prunable, prunable)
+  post_train = make_local_train(apply_fn, client_optimizer, post_adjust, loss_fn=loss_fn,
+                                train_transform=train_transform)
+  is_adjustment = lambda t: masks_lib.should_update(t, adjust_every, begin=1, end=adjust_end)
+
+  def init(params: Params, key: PRNGKey, batch_stats: BatchStats | None = None) -> base.MaskState:
+    del key, batch_stats  # density 1 unless `masked_fedavg.init` is given masks
+    return base.MaskState(_sparse.full_masks(params, prunable))
+
+  def client(state: base.MaskState, local: base.Model, metrics, data, keys, round_idx):
+    k_grad, k_post = keys
+
+    def readjust(_):
+      g = _sparse.random_batch_gradient(apply_fn, loss_fn, local.params, local.batch_stats, data,
+                                        k_grad, growth_batch_size)
+      frac = masks_lib.cosine_fraction(round_idx, adjust_alpha, adjust_end)
+      counts = adjust_counts(state.masks, frac, flags)
+      new_masks = prune_and_grow(local.params, g, state.masks, counts, flags)
+      post, post_metrics = post_train(masks_lib.apply(local.params, new_masks), local.batch_stats,
+                                      data, k_post, masks=new_masks)
+      merged = jax.tree.map(jnp.add, metrics, post_metrics)
+      return base.Model(post.params, post.batch_stats), new_masks, merged
+
+    def keep(_):
+      return local, state.masks, metrics
+
+    model, masks, metrics = jax.lax.cond(is_adjustment(round_idx), readjust, keep, None)
+    return base.ClientResult(model, metrics, masks=masks)
+
+  def update(state: base.MaskState, model: base.Model, sums: base.CohortSums, round_idx):
+    adjust = is_adjustment(round_idx) & (sums.weight > 0)
+
+    def vote(_):
+      out = []
+      for w, m, f in zip(jax.tree.leaves(model.params), jax.tree.leaves(state.masks), flags):
+        out.append(rank_select(jnp.abs(w), jnp.sum(m, dtype=jnp.int32)) if f else m)
+      return jax.tree.unflatten(jax.tree.structure(state.masks), out)
+
+    masks = jax.lax.cond(adjust, vote, lambda _: state.masks, None)
+    metrics = {"density": masks_lib.density(masks, model.params),
+               "adjusted": adjust.astype(jnp.float32)}
+    return base.MaskState(masks), model, metrics
+
+  return base.MaskRule(init, update, client, client_keys=2)
 
 
 def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, prunable: Any,
@@ -36,7 +103,7 @@ def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pru
            post_adjust: LocalSchedule | None = None, growth_batch_size: int | None = None,
            loss_fn: Callable = softmax_cross_entropy,
            train_transform: Callable | None = None) -> FedAlgorithm:
-  """FedDST as a FedAlgorithm over `SparseState`.
+  """FedDST: `base.masked_fedavg` with `client_prune_and_regrow`.
 
   Args:
     apply_fn, client_optimizer, schedule, loss_fn, train_transform: as `fedavg`.
@@ -46,7 +113,7 @@ def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pru
     growth_batch_size: batch of the regrowth gradient (default schedule.batch_size).
 
   Returns:
-    FedAlgorithm; `init(params, key, batch_stats=None, masks=None)`.
+    FedAlgorithm over `base.MaskedFedAvgState`; `init(params, key, batch_stats=None, masks=None)`.
 
   Example:
     >>> import jax, optax
@@ -63,69 +130,39 @@ def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pru
     >>> int(state.round_idx), round(float(metrics["density"]), 1)
     (1, 0.5)
   """
-  _sparse.check_int("adjust_every", adjust_every, 1)
-  _sparse.check_int("adjust_end", adjust_end, 1)
-  if not 0.0 <= adjust_alpha <= 1.0:
-    raise ValueError(f"adjust_alpha must be in [0, 1], got {adjust_alpha!r}")
-  flags = _sparse.leaf_flags(prunable, prunable)
-  growth_batch = growth_batch_size or schedule.batch_size
-  local_train = make_local_train(apply_fn, client_optimizer, schedule, loss_fn=loss_fn,
-                                 train_transform=train_transform)
-  post_train = make_local_train(apply_fn, client_optimizer, post_adjust or schedule, loss_fn=loss_fn,
-                                train_transform=train_transform)
-  is_adjustment = lambda t: masks_lib.should_update(t, adjust_every, begin=1, end=adjust_end)
+  rule = client_prune_and_regrow(
+      apply_fn, client_optimizer, post_adjust or schedule, prunable=prunable,
+      adjust_every=adjust_every, adjust_end=adjust_end, adjust_alpha=adjust_alpha,
+      growth_batch_size=growth_batch_size or schedule.batch_size, loss_fn=loss_fn,
+      train_transform=train_transform)
+  return base.masked_fedavg(apply_fn, client_optimizer, schedule, rule, loss_fn=loss_fn,
+                            train_transform=train_transform)
 
-  init = sparse_init(prunable)
 
-  def client_update(state: SparseState, data, info: ClientInfo, key: PRNGKey) -> ClientOutput:
-    k_train, k_grad, k_post = jax.random.split(key, 3)
-    local, metrics = local_train(state.params, state.batch_stats, data, k_train, masks=state.masks)
+def feddst_method(run: base.SparseRun, *, density: float, distribution: str = "uniform",
+                  adjust_every: int = 10, adjust_end: int = 300, adjust_alpha: float = 0.2,
+                  post_adjust: LocalSchedule | None = None,
+                  growth_batch_size: int | None = None) -> federated.Method:
+  """FedDST end to end: magnitude masks of the initial weights at `density` (layer
+  allocation `distribution`), then `feddst` rounds.
 
-    def readjust(_):
-      g = _sparse.random_batch_gradient(apply_fn, loss_fn, local.params, local.batch_stats, data,
-                                        k_grad, growth_batch)
-      frac = masks_lib.cosine_fraction(state.round_idx, adjust_alpha, adjust_end)
-      counts = adjust_counts(state.masks, frac, flags)
-      new_masks = prune_and_grow(local.params, g, state.masks, counts, flags)
-      post, post_metrics = post_train(apply_masks(local.params, new_masks), local.batch_stats, data,
-                                      k_post, masks=new_masks)
-      merged = jax.tree.map(jnp.add, metrics, post_metrics)
-      return post.params, post.batch_stats, new_masks, merged
+  Returns:
+    The `Method` (`base.masked_method`'s records and summary); adjustment rounds add one
+    dense-gradient mini-batch to each client's cost.
+  """
+  prunable = _sparse.prunable_filter(run.params)
+  apply_fn = run.model.apply_for(run.spec)
+  alg = feddst(apply_fn, run.optimizer, run.schedule, prunable=prunable,
+               adjust_every=adjust_every, adjust_end=adjust_end, adjust_alpha=adjust_alpha,
+               post_adjust=post_adjust, growth_batch_size=growth_batch_size)
 
-    def keep(_):
-      return local.params, local.batch_stats, state.masks, metrics
+  def init_fn():
+    params, masks = sparse_setup(run.params, density, distribution=distribution, prunable=prunable)
+    state = alg.init(params, run.key, batch_stats=run.batch_stats, masks=masks)
+    return state, {"sparse_method": "feddst", "target_density": float(density)}
 
-    params, stats, masks, metrics = jax.lax.cond(is_adjustment(state.round_idx), readjust, keep, None)
-    weight = info.num_examples.astype(jnp.float32)
-    votes = jax.tree.map(lambda m: weight * m.astype(jnp.float32), masks)
-    return ClientOutput(_sparse.client_sums(params, stats, votes, weight, metrics))
+  def extra_cost(round_idx, masks, record):
+    return dict(dense_grad_batches=1) if record.get("adjusted", 0.0) else {}
 
-  def server_update(state: SparseState, outputs: ClientOutput, key: PRNGKey):
-    del key
-    sums: SparseSums = outputs.sums
-    dense_mean = _sparse.finish_mean(sums.params, sums.weight, state.params)
-
-    def leaf_mean(total, votes, mean, f):
-      if not f:
-        return mean
-      held = votes > 0
-      return jnp.where(held, total / jnp.where(held, votes, 1.0), 0.0)
-
-    params = jax.tree.map(leaf_mean, sums.params, sums.extra, dense_mean,
-                          jax.tree.unflatten(jax.tree.structure(dense_mean), flags))
-    batch_stats = _sparse.finish_mean(sums.batch_stats, sums.weight, state.batch_stats)
-    adjust = is_adjustment(state.round_idx) & (sums.weight > 0)
-
-    def vote(_):
-      out = []
-      for w, m, f in zip(jax.tree.leaves(params), jax.tree.leaves(state.masks), flags):
-        out.append(rank_select(jnp.abs(w), jnp.sum(m, dtype=jnp.int32)) if f else m)
-      return jax.tree.unflatten(jax.tree.structure(state.masks), out)
-
-    masks = jax.lax.cond(adjust, vote, lambda _: state.masks, None)
-    params = apply_masks(params, masks)
-    metrics = _sparse.train_metrics(sums, params, masks)
-    metrics["adjusted"] = adjust.astype(jnp.float32)
-    return SparseState(params, batch_stats, masks, state.round_idx + 1, state.aux), metrics
-
-  return FedAlgorithm(init, client_update, server_update)
+  return base.masked_method(run, alg, init_fn, apply_fn=apply_fn, prunable=prunable,
+                            extra_cost=extra_cost)

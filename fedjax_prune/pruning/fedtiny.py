@@ -1,6 +1,6 @@
 """FedTiny: adaptive BN selection + progressive prune-and-grow (Huang et al., ICDCS 2023).
 
-Three pieces (METHODS.md §2):
+Read top to bottom as the algorithm (METHODS.md §2); `fedtiny_method` runs it end to end:
 
 1. Sparse setup (`sparse_setup`): unstructured masks on conv/dense kernels,
    biases and BN dense and counted in the budget, uniform or ERK layer
@@ -15,7 +15,8 @@ Three pieces (METHODS.md §2):
    every candidate with the pooled statistics; the lowest mean client loss wins.
    `bn_aggregation='affine'` reproduces the port's gap (BN statistics never
    aggregated: candidates are compared with their initial running statistics).
-3. Progressive prune-and-grow (`fedtiny`): every `adjust_every` rounds up to
+3. Progressive prune-and-grow (`progressive_prune_and_grow`, a `base.MaskRule`;
+   `fedtiny` = `base.masked_fedavg` with it): every `adjust_every` rounds up to
    `adjust_end`, with the cosine-annealed fraction f(t) = alpha/2 (1 + cos(pi t / T_end)),
    clients upload the top-K_l = floor(f(t) a_l) gradients (one mini-batch,
    dense gradient) among the INACTIVE positions of each adjusted layer; the
@@ -49,9 +50,9 @@ from fedjax_prune import federated
 from fedjax_prune import masks as masks_lib
 from fedjax_prune import models
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalSchedule,
-                                    make_local_train, softmax_cross_entropy)
-from fedjax_prune.pruning import _sparse
-from fedjax_prune.pruning._sparse import SparseState, SparseSums, apply_masks, rank_select
+                                    softmax_cross_entropy)
+from fedjax_prune.pruning import _sparse, base
+from fedjax_prune.pruning._sparse import rank_select
 from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey, PyTree
 
 CANDIDATE_MODES = ("seeds", "random_layerwise_density")
@@ -79,30 +80,7 @@ def sparse_setup(params: Params, density: float, *, distribution: str = "uniform
   prunable = _sparse.prunable_filter(params) if prunable is None else prunable
   densities = _sparse.layer_densities(params, density, distribution, prunable)
   masks = _sparse.magnitude_masks(params, densities, prunable)
-  return apply_masks(params, masks), masks
-
-
-def full_masks(params: Params, prunable: Any) -> Masks:
-  """All-True masks: full shape on prunable leaves, `()` elsewhere (density 1)."""
-  flags = _sparse.leaf_flags(params, prunable)
-  leaves, treedef = jax.tree.flatten(params)
-  return jax.tree.unflatten(treedef, [jnp.ones(jnp.shape(p), bool) if f else jnp.ones((), bool)
-                                      for p, f in zip(leaves, flags)])
-
-
-def sparse_init(prunable: Any) -> Callable:
-  """The `init` of a masked-FedAvg method: `init(params, key, batch_stats=None, masks=None)
-  -> SparseState` with the params masked (masks default to all-True) and no aux state."""
-
-  def init(params: Params, key: PRNGKey, batch_stats: BatchStats | None = None,
-           masks: Masks | None = None) -> SparseState:
-    del key  # deterministic: the masks come from the caller or are all-True
-    masks = full_masks(params, prunable) if masks is None else masks
-    masks_lib.check(params, masks)
-    return SparseState(apply_masks(params, masks), {} if batch_stats is None else batch_stats,
-                       masks, jnp.zeros((), jnp.int32), ())
-
-  return init
+  return masks_lib.apply(params, masks), masks
 
 
 # ----------------------------------------------------------------------------
@@ -195,7 +173,7 @@ def make_candidates(init_fn: Callable[[PRNGKey], tuple[Params, BatchStats]], key
         densities = random_layer_densities(params, density, jax.random.fold_in(ckey, 1),
                                            distribution=distribution, prunable=prune, spread=spread)
     masks = _sparse.magnitude_masks(params, densities, prune)
-    out.append((apply_masks(params, masks), stats, masks))
+    out.append((masks_lib.apply(params, masks), stats, masks))
   stack = lambda *xs: jnp.stack([jnp.asarray(x) for x in xs])
   return Candidates(*(jax.tree.map(stack, *[o[i] for o in out]) for i in range(3)))
 
@@ -505,12 +483,83 @@ def prune_and_grow(params: Params, grads: Params, masks: Masks, counts: list,
   return jax.tree.unflatten(jax.tree.structure(masks), out)
 
 
+def progressive_prune_and_grow(apply_fn: Callable, *, prunable: Any, adjust_every: int = 10,
+                               adjust_end: int = 300, adjust_alpha: float = 0.2,
+                               progressive: Progressive = AllLayers(), growth_batch_size: int,
+                               loss_fn: Callable = softmax_cross_entropy) -> base.MaskRule:
+  """FedTiny's mask rule: every ΔT rounds up to T_end, prune K_l smallest |w|, grow K_l
+  largest aggregated top-K |g| (module docstring, 3.).
+
+  Client: after local training, on adjustment rounds, the dense gradient of one random
+  mini-batch, kept at the top-K_l inactive positions of each adjusted layer (uploaded,
+  example-weighted). Server: `prune_and_grow` on the aggregate with the mean top-K gradients.
+
+  Args: as `fedtiny` (`growth_batch_size` required). Metrics: `density`, `adjusted`,
+  `adjust_fraction`, `adjusted_block` (-1 when none), `mask_changes` (grown entries).
+  """
+  _sparse.check_int("adjust_every", adjust_every, 1)
+  _sparse.check_int("adjust_end", adjust_end, 1)
+  if not 0.0 <= adjust_alpha <= 1.0:
+    raise ValueError(f"adjust_alpha must be in [0, 1], got {adjust_alpha!r}")
+  flags = _sparse.leaf_flags(prunable, prunable)
+  block_ids = _block_ids(prunable, prunable, progressive)
+  num_blocks = max(block_ids) + 1 if any(f for f in flags) else 1
+  reverse = isinstance(progressive, Blockwise) and progressive.reverse
+
+  def is_adjustment(round_idx):
+    return masks_lib.should_update(round_idx, adjust_every, begin=1, end=adjust_end)
+
+  def counts_for(masks, round_idx):
+    frac = masks_lib.cosine_fraction(round_idx, adjust_alpha, adjust_end)
+    r = jnp.maximum(round_idx // adjust_every - 1, 0)
+    b = r % num_blocks
+    b = num_blocks - 1 - b if reverse else b
+    in_block = [jnp.asarray(i == b) if i >= 0 else False for i in block_ids]
+    return adjust_counts(masks, frac, in_block), frac, b
+
+  def init(params: Params, key: PRNGKey, batch_stats: BatchStats | None = None) -> base.MaskState:
+    del key, batch_stats  # density 1 unless `masked_fedavg.init` is given masks
+    return base.MaskState(_sparse.full_masks(params, prunable))
+
+  def client(state: base.MaskState, local: base.Model, metrics, data, keys, round_idx):
+    def topk_grads():
+      g = _sparse.random_batch_gradient(apply_fn, loss_fn, local.params, local.batch_stats, data,
+                                        keys[0], growth_batch_size)
+      counts, _, _ = counts_for(state.masks, round_idx)
+      return topk_inactive(g, state.masks, counts, flags)
+
+    grads = _sparse.only_when(is_adjustment(round_idx), topk_grads, local.params)
+    return base.ClientResult(local, metrics, grads)
+
+  def update(state: base.MaskState, model: base.Model, sums: base.CohortSums, round_idx):
+    adjust = is_adjustment(round_idx) & (sums.weight > 0)
+    counts, frac, block = counts_for(state.masks, round_idx)
+
+    def adjusted(_):
+      zeros = jax.tree.map(jnp.zeros_like, model.params)
+      gbar = federated.finish_weighted_mean(sums.stats, sums.weight, zeros)
+      return prune_and_grow(model.params, gbar, state.masks, counts, flags)
+
+    masks = jax.lax.cond(adjust, adjusted, lambda _: state.masks, None)
+    changed = sum((jnp.sum(m != o, dtype=jnp.int32) for m, o, f in
+                   zip(jax.tree.leaves(masks), jax.tree.leaves(state.masks), flags) if f),
+                  jnp.zeros((), jnp.int32))
+    metrics = {"density": masks_lib.density(masks, model.params),
+               "adjusted": adjust.astype(jnp.float32),
+               "adjust_fraction": jnp.where(adjust, frac, 0.0),
+               "adjusted_block": jnp.where(adjust, block, -1).astype(jnp.float32),
+               "mask_changes": (changed // 2).astype(jnp.float32)}
+    return base.MaskState(masks), model, metrics
+
+  return base.MaskRule(init, update, client, client_keys=1)
+
+
 def fedtiny(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, prunable: Any,
             adjust_every: int = 10, adjust_end: int = 300, adjust_alpha: float = 0.2,
             progressive: Progressive = AllLayers(), growth_batch_size: int | None = None,
             loss_fn: Callable = softmax_cross_entropy,
             train_transform: Callable | None = None) -> FedAlgorithm:
-  """FedTiny's federated training with progressive prune-and-grow (after ABNS).
+  """FedTiny's federated training: `masked_fedavg` with `progressive_prune_and_grow`.
 
   Args:
     apply_fn: model apply function.
@@ -528,8 +577,8 @@ def fedtiny(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
     train_transform: per-batch augmentation.
 
   Returns:
-    FedAlgorithm over `SparseState`; `init(params, key, batch_stats=None, masks=None)`
-    (masks None = density 1, e.g. for timing).
+    FedAlgorithm over `base.MaskedFedAvgState`; `init(params, key, batch_stats=None,
+    masks=None)` (masks None = density 1, e.g. for timing).
 
   Example:
     >>> import jax, optax
@@ -546,65 +595,90 @@ def fedtiny(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
     >>> int(state.round_idx)
     1
   """
-  _sparse.check_int("adjust_every", adjust_every, 1)
-  _sparse.check_int("adjust_end", adjust_end, 1)
-  if not 0.0 <= adjust_alpha <= 1.0:
-    raise ValueError(f"adjust_alpha must be in [0, 1], got {adjust_alpha!r}")
-  flags = _sparse.leaf_flags(prunable, prunable)
-  block_ids = _block_ids(prunable, prunable, progressive)
-  num_blocks = max(block_ids) + 1 if any(f for f in flags) else 1
-  reverse = isinstance(progressive, Blockwise) and progressive.reverse
-  growth_batch = growth_batch_size or schedule.batch_size
-  local_train = make_local_train(apply_fn, client_optimizer, schedule, loss_fn=loss_fn,
-                                 train_transform=train_transform)
+  rule = progressive_prune_and_grow(
+      apply_fn, prunable=prunable, adjust_every=adjust_every, adjust_end=adjust_end,
+      adjust_alpha=adjust_alpha, progressive=progressive,
+      growth_batch_size=growth_batch_size or schedule.batch_size, loss_fn=loss_fn)
+  return base.masked_fedavg(apply_fn, client_optimizer, schedule, rule, loss_fn=loss_fn,
+                            train_transform=train_transform)
 
-  def is_adjustment(round_idx):
-    return masks_lib.should_update(round_idx, adjust_every, begin=1, end=adjust_end)
 
-  def counts_for(masks, round_idx):
-    frac = masks_lib.cosine_fraction(round_idx, adjust_alpha, adjust_end)
-    r = jnp.maximum(round_idx // adjust_every - 1, 0)
-    b = r % num_blocks
-    b = num_blocks - 1 - b if reverse else b
-    in_block = [jnp.asarray(i == b) if i >= 0 else False for i in block_ids]
-    return adjust_counts(masks, frac, in_block), frac, b
+# ----------------------------------------------------------------------------
+# End to end.
 
-  init = sparse_init(prunable)
 
-  def client_update(state: SparseState, data, info: ClientInfo, key: PRNGKey) -> ClientOutput:
-    train_key, grad_key = jax.random.split(key)
-    local, metrics = local_train(state.params, state.batch_stats, data, train_key, masks=state.masks)
-    weight = info.num_examples.astype(jnp.float32)
+def fedtiny_method(run: base.SparseRun, *, density: float, distribution: str = "uniform",
+                   num_candidates: int = 1, candidate_mode: str = "seeds",
+                   bn_aggregation: str = "statistics", abns_cohort: federated.Cohort,
+                   abns_batch_size: int, execution: federated.Execution = federated.Sequential(),
+                   mesh=None, progressive: Progressive = AllLayers(), adjust_every: int = 10,
+                   adjust_end: int = 300, adjust_alpha: float = 0.2,
+                   growth_batch_size: int | None = None) -> federated.Method:
+  """FedTiny end to end: adaptive BN selection on one cohort, then `fedtiny` rounds.
 
-    def topk_grads():
-      g = _sparse.random_batch_gradient(apply_fn, loss_fn, local.params, local.batch_stats, data,
-                                        grad_key, growth_batch)
-      counts, _, _ = counts_for(state.masks, state.round_idx)
-      return jax.tree.map(lambda t: t * weight, topk_inactive(g, state.masks, counts, flags))
+  Args:
+    run: the `base.SparseRun` (model, clients' training, data, accounting).
+    density, distribution: the candidates' global density and layer allocation.
+    num_candidates, candidate_mode: C and how candidates differ (`make_candidates`).
+    bn_aggregation: `adaptive_bn_selection`'s option.
+    abns_cohort: the cohort that runs the selection (round 0's).
+    abns_batch_size: the selection's forward batch size.
+    execution, mesh: how the selection runs its clients (`federated.run_clients`).
+    progressive, adjust_every, adjust_end, adjust_alpha, growth_batch_size: `fedtiny`'s.
 
-    grads = _sparse.only_when(is_adjustment(state.round_idx), topk_grads, state.params)
-    return ClientOutput(_sparse.client_sums(local.params, local.batch_stats, grads, weight, metrics))
+  Returns:
+    The `Method` (`base.masked_method`'s records and summary, plus the summary's
+    `abns_index`, `abns_losses`, `abns_forward_examples_per_client`). Client costs:
+    sparse local training every round; adjustment rounds add one dense-gradient
+    mini-batch for the adjusted layers and the top-K buffer/upload (K = sum_l
+    floor(f(t) a_l) over those layers); round 1 adds the selection (C statistics
+    sweeps + C evaluation sweeps over the client's data, forward only).
+  """
+  prunable = _sparse.prunable_filter(run.params)
+  apply_fn = run.model.apply_for(run.spec)
+  alg = fedtiny(apply_fn, run.optimizer, run.schedule, prunable=prunable,
+                adjust_every=adjust_every, adjust_end=adjust_end, adjust_alpha=adjust_alpha,
+                progressive=progressive, growth_batch_size=growth_batch_size)
+  ids = np.asarray(abns_cohort.client_ids)[np.asarray(abns_cohort.active)]
+  abns_examples = float(np.mean(np.asarray(run.train.num_examples)[ids]))
+  sweeps = 2 if bn_aggregation == "statistics" else 1
+  abns_forward = int(round(sweeps * num_candidates * abns_examples))
 
-  def server_update(state: SparseState, outputs: ClientOutput, key: PRNGKey):
-    del key
-    sums: SparseSums = outputs.sums
-    params, batch_stats = _sparse.averaged_model(sums, state)
-    adjust = is_adjustment(state.round_idx) & (sums.weight > 0)
-    counts, frac, block = counts_for(state.masks, state.round_idx)
+  def init_fn():
+    """Adaptive BN selection on `abns_cohort` (forward passes only)."""
+    candidates = make_candidates(lambda key: models.init_params(run.spec, key), run.key,
+                                 num_candidates=num_candidates, density=density,
+                                 distribution=distribution, mode=candidate_mode, prunable=prunable)
+    select = jax.jit(adaptive_bn_selection(apply_fn, batch_size=abns_batch_size,
+                                           bn_aggregation=bn_aggregation, execution=execution,
+                                           mesh=mesh))
+    result = select(candidates, run.train, abns_cohort, jax.random.fold_in(run.key, 1))
+    index = int(result.index)
+    losses = [float(v) for v in np.asarray(result.losses)]
+    run.log(f"adaptive BN selection: candidate {index} of {num_candidates}, losses {losses}")
+    params, batch_stats, masks = take_candidate(candidates, index, result.batch_stats)
+    state = alg.init(params, run.key, batch_stats=batch_stats, masks=masks)
+    return state, {"sparse_method": "fedtiny", "target_density": float(density),
+                   "abns_index": index, "abns_losses": losses,
+                   "abns_forward_examples_per_client": abns_forward}
 
-    def adjusted(_):
-      gbar = _sparse.finish_mean(sums.extra, sums.weight, jax.tree.map(jnp.zeros_like, params))
-      return prune_and_grow(params, gbar, state.masks, counts, flags)
+  flags = _sparse.leaf_flags(run.params, prunable)
+  paths = _sparse.leaf_paths(run.params)
+  blocks = progressive.blocks if isinstance(progressive, Blockwise) else None
 
-    masks = jax.lax.cond(adjust, adjusted, lambda _: state.masks, None)
-    params = apply_masks(params, masks)
-    changed = sum((jnp.sum(m != o, dtype=jnp.int32) for m, o, f in
-                   zip(jax.tree.leaves(masks), jax.tree.leaves(state.masks), flags) if f),
-                  jnp.zeros((), jnp.int32))
-    metrics = _sparse.train_metrics(sums, params, masks)
-    metrics.update(adjusted=adjust.astype(jnp.float32), adjust_fraction=jnp.where(adjust, frac, 0.0),
-                   adjusted_block=jnp.where(adjust, block, -1).astype(jnp.float32),
-                   mask_changes=(changed // 2).astype(jnp.float32))
-    return SparseState(params, batch_stats, masks, state.round_idx + 1, state.aux), metrics
+  def extra_cost(round_idx, masks, record):
+    kwargs: dict = {}
+    if record.get("adjusted", 0.0):
+      frac = masks_lib.cosine_fraction(round_idx, adjust_alpha, adjust_end)
+      block = int(record["adjusted_block"])
+      layers = [p for p, f in zip(paths, flags) if f and (blocks is None or p in blocks[block])]
+      leaves = dict(zip(paths, jax.tree.leaves(masks)))
+      topk = sum(int(np.floor(np.float32(frac) * np.float32(leaves[p].sum()))) for p in layers)
+      kwargs = dict(dense_grad_batches=1, dense_grad_layers=base.layer_names(layers),
+                    topk_entries=topk)
+    if round_idx == 0:
+      kwargs["forward_examples"] = abns_forward
+    return kwargs
 
-  return FedAlgorithm(init, client_update, server_update)
+  return base.masked_method(run, alg, init_fn, apply_fn=apply_fn, prunable=prunable,
+                            extra_cost=extra_cost)

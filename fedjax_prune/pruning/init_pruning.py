@@ -1,9 +1,12 @@
-"""Pruning at initialisation: SNIP and SynFlow masks (then trained with masked FedAvg).
+"""Pruning at initialisation: SNIP and SynFlow masks, then masked FedAvg with them fixed.
 
 Both select ONE global top-k over the prunable kernels, with the keep count of a
 global density that counts the dense biases/BN entries (FedTiny's budget), so
-layers compete. Host-side functions (call them once before training; they jit
-their own gradient internally only through `jax.grad`, evaluated eagerly).
+layers compete. `snip_masks` / `synflow_masks` are host-side (called once, before
+training); `snip` / `synflow` are the `base.MaskRule`s that choose them at `init` and
+never change them; `snip_method` / `synflow_method` run them end to end through
+`base.masked_fedavg` with FedAvg's server step (`optax.sgd(1.0)` on the mean
+pseudo-gradient, as `federated.fedavg`).
 
 References:
   Lee, Ajanthan, Torr. "SNIP: Single-shot Network Pruning based on Connection
@@ -16,11 +19,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
+from fedjax_prune import federated
 from fedjax_prune import masks as masks_lib
 from fedjax_prune.federated import softmax_cross_entropy
-from fedjax_prune.pruning import _sparse
-from fedjax_prune.pruning.fedtiny import full_masks
+from fedjax_prune.pruning import _sparse, base
 from fedjax_prune.types import BatchStats, Masks, Params
 
 
@@ -84,11 +89,11 @@ def synflow_masks(apply_fn: Callable, params: Params, batch_stats: BatchStats,
     def flow(p):
       logits, _ = apply_fn(p, batch_stats, ones, train=False)
       return jnp.sum(logits)
-    masked = _sparse.apply_masks(abs_params, masks)
+    masked = masks_lib.apply(abs_params, masks)
     grads = jax.grad(flow)(masked)
     return masks_lib.taylor(masked, grads)
 
-  masks = full_masks(params, prunable)  # full shapes from the start: one compile
+  masks = _sparse.full_masks(params, prunable)  # full shapes from the start: one compile
   for i in range(1, num_iterations + 1):
     scores = scores_fn(masks)
     if not all(bool(jnp.all(jnp.isfinite(s))) for s in jax.tree.leaves(scores)):
@@ -96,3 +101,54 @@ def synflow_masks(apply_fn: Callable, params: Params, batch_stats: BatchStats,
     d = final if i == num_iterations else final ** (i / num_iterations)
     masks = masks_lib.global_topk(scores, d, prunable)
   return masks
+
+
+def snip(apply_fn: Callable, x: jax.Array, y: jax.Array, *, density: float, prunable: Any,
+         loss_fn: Callable = softmax_cross_entropy) -> base.MaskRule:
+  """SNIP as a rule: `snip_masks` on the mini-batch (x, y) at `init`, fixed after."""
+  return base.fixed_masks(lambda params, batch_stats: snip_masks(
+      apply_fn, params, batch_stats, x, y, density=density, prunable=prunable, loss_fn=loss_fn))
+
+
+def synflow(apply_fn: Callable, input_shape: tuple[int, ...], *, density: float, prunable: Any,
+            num_iterations: int = 100) -> base.MaskRule:
+  """SynFlow as a rule: `synflow_masks` at `init` (data-free), fixed after."""
+  _sparse.check_int("num_iterations", num_iterations, 1)
+  return base.fixed_masks(lambda params, batch_stats: synflow_masks(
+      apply_fn, params, batch_stats, input_shape, density=density, prunable=prunable,
+      num_iterations=num_iterations))
+
+
+def _init_method(run: base.SparseRun, name: str, density: float,
+                 rule_for: Callable[[Callable, Any], base.MaskRule]) -> federated.Method:
+  prunable = _sparse.prunable_filter(run.params)
+  apply_fn = run.model.apply_for(run.spec)
+  alg = base.masked_fedavg(apply_fn, run.optimizer, run.schedule, rule_for(apply_fn, prunable),
+                           server_optimizer=optax.sgd(1.0))
+
+  def init_fn():
+    state = alg.init(run.params, run.key, batch_stats=run.batch_stats)
+    return state, {"sparse_method": name, "target_density": float(density)}
+
+  return base.masked_method(run, alg, init_fn, apply_fn=apply_fn, prunable=prunable)
+
+
+def snip_method(run: base.SparseRun, *, density: float) -> federated.Method:
+  """SNIP end to end: the mask of one mini-batch of client 0 (its first `batch_size`
+  examples: SNIP needs data at pruning time), then masked FedAvg. Returns the `Method`
+  (`base.masked_method`'s records and summary)."""
+  n0 = int(np.asarray(run.train.num_examples)[0])
+  size = max(1, min(n0, run.schedule.batch_size, run.train.x.shape[1]))
+  x, y = run.train.x[0, :size], run.train.y[0, :size]
+  return _init_method(run, "snip", density, lambda apply_fn, prunable: snip(
+      apply_fn, x, y, density=density, prunable=prunable))
+
+
+def synflow_method(run: base.SparseRun, *, density: float, input_shape: tuple[int, ...],
+                   num_iterations: int = 100) -> federated.Method:
+  """SynFlow end to end: the data-free mask (`num_iterations` steps, an all-ones input of
+  `input_shape`), then masked FedAvg. Returns the `Method` (`base.masked_method`'s records
+  and summary)."""
+  input_shape = tuple(input_shape)
+  return _init_method(run, "synflow", density, lambda apply_fn, prunable: synflow(
+      apply_fn, input_shape, density=density, prunable=prunable, num_iterations=num_iterations))

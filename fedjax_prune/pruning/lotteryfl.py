@@ -1,6 +1,7 @@
 """LotteryFL (global-ticket variant): federated iterative magnitude pruning with rewinding.
 
-Masked FedAvg; after every `prune_every`-th round, while fewer than
+A `base.MaskRule` (`magnitude_rewind`) run by `base.masked_fedavg` from the dense model;
+`lotteryfl_method` runs it end to end. After every `prune_every`-th round, while fewer than
 `num_prune_steps` pruning steps have been taken and the cohort's mean local
 training accuracy of that round is at least `accuracy_threshold`, the server
 prunes every sparse layer by magnitude of the aggregate (nested: only active
@@ -44,27 +45,83 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_prune import federated
 from fedjax_prune import masks as masks_lib
-from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalSchedule,
-                                    make_local_train, softmax_cross_entropy)
-from fedjax_prune.pruning import _sparse
-from fedjax_prune.pruning._sparse import SparseState, SparseSums, apply_masks, rank_select
-from fedjax_prune.pruning.fedtiny import full_masks
+from fedjax_prune.federated import FedAlgorithm, LocalSchedule, softmax_cross_entropy
+from fedjax_prune.pruning import _sparse, base
+from fedjax_prune.pruning._sparse import rank_select
 from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey, PyTree
 
 
-class LotteryAux(NamedTuple):
-  """LotteryFL's extra server state: rewinding point and pruning progress."""
+class LotteryState(NamedTuple):
+  """LotteryFL's rule state: the masks, the rewinding point and the pruning progress."""
+  masks: Masks
   init_params: Params
   init_batch_stats: BatchStats
   prune_step: jax.Array  # [] int32 pruning steps taken
+
+
+def magnitude_rewind(*, prunable: Any, densities: PyTree, prune_every: int = 10,
+                     num_prune_steps: int = 5, accuracy_threshold: float = 0.0) -> base.MaskRule:
+  """LotteryFL's mask rule: prune by magnitude of the aggregate, rewind the survivors.
+
+  After round t with (t + 1) % prune_every == 0, while steps remain and the cohort's
+  mean local training accuracy is >= `accuracy_threshold`, step s prunes every layer
+  to density d_l^(s / num_prune_steps) (only active weights compete) and rewinds the
+  model to `init`'s weights and BN statistics under the new masks. Args: as
+  `lotteryfl`. Metrics: `density`, `pruned`.
+  """
+  _sparse.check_int("prune_every", prune_every, 1)
+  _sparse.check_int("num_prune_steps", num_prune_steps, 1)
+  if not 0.0 <= accuracy_threshold <= 1.0:
+    raise ValueError(f"accuracy_threshold must be in [0, 1], got {accuracy_threshold!r}")
+  flags = _sparse.leaf_flags(prunable, prunable)
+  dens = jax.tree.leaves(densities)
+  if len(dens) != len(flags):
+    raise ValueError(f"densities must have one float per parameter leaf ({len(flags)}), got {len(dens)}")
+
+  def init(params: Params, key: PRNGKey, batch_stats: BatchStats | None = None) -> LotteryState:
+    del key
+    batch_stats = {} if batch_stats is None else batch_stats
+    return LotteryState(_sparse.full_masks(params, prunable), params, batch_stats,
+                        jnp.zeros((), jnp.int32))
+
+  def update(state: LotteryState, model: base.Model, sums: base.CohortSums, round_idx):
+    accuracy = sums.metrics.correct_sum / jnp.maximum(sums.metrics.num_examples, 1.0)
+    prune = (masks_lib.should_update(round_idx + 1, prune_every, begin=1)
+             & (state.prune_step < num_prune_steps) & (accuracy >= accuracy_threshold)
+             & (sums.weight > 0))
+    step = state.prune_step + 1
+    exponent = step.astype(jnp.float32) / num_prune_steps
+
+    def pruned(_):
+      out = []
+      for w, m, d, f in zip(jax.tree.leaves(model.params), jax.tree.leaves(state.masks), dens,
+                            flags):
+        if not f:
+          out.append(m)
+          continue
+        final = max(1, math.floor(d * w.size + 0.5))  # the exact target count, as masks.topk
+        target = jnp.floor(jnp.float32(d) ** exponent * w.size + 0.5).astype(jnp.int32)
+        k = jnp.where(step >= num_prune_steps, final, jnp.maximum(target, final))
+        out.append(rank_select(jnp.where(m, jnp.abs(w), -jnp.inf), k) & m)
+      masks = jax.tree.unflatten(jax.tree.structure(state.masks), out)
+      # Rewind the survivors (and BN statistics) to the initial values: the lottery ticket.
+      return masks, base.Model(masks_lib.apply(state.init_params, masks), state.init_batch_stats)
+
+    masks, model = jax.lax.cond(prune, pruned, lambda _: (state.masks, model), None)
+    new = state._replace(masks=masks, prune_step=jnp.where(prune, step, state.prune_step))
+    return new, model, {"density": masks_lib.density(masks, model.params),
+                        "pruned": prune.astype(jnp.float32)}
+
+  return base.MaskRule(init, update)
 
 
 def lotteryfl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, prunable: Any,
               densities: PyTree, prune_every: int = 10, num_prune_steps: int = 5,
               accuracy_threshold: float = 0.0, loss_fn: Callable = softmax_cross_entropy,
               train_transform: Callable | None = None) -> FedAlgorithm:
-  """LotteryFL (global-ticket variant) over `SparseState` with `LotteryAux`.
+  """LotteryFL (global-ticket variant): `base.masked_fedavg` with `magnitude_rewind`.
 
   Args:
     apply_fn, client_optimizer, schedule, loss_fn, train_transform: as `fedavg`.
@@ -76,8 +133,8 @@ def lotteryfl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, 
     accuracy_threshold: mean local training accuracy needed to prune (0 = always).
 
   Returns:
-    FedAlgorithm; `init(params, key, batch_stats=None, masks=None)` stores the
-    rewinding point (the initial params).
+    FedAlgorithm over `base.MaskedFedAvgState` with a `LotteryState`; `init(params, key,
+    batch_stats=None, masks=None)` stores the rewinding point (the initial params).
 
   Example:
     >>> import jax, optax
@@ -94,63 +151,27 @@ def lotteryfl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, 
     >>> int(metrics["pruned"]), round(float(metrics["density"]), 1)
     (1, 0.5)
   """
-  _sparse.check_int("prune_every", prune_every, 1)
-  _sparse.check_int("num_prune_steps", num_prune_steps, 1)
-  if not 0.0 <= accuracy_threshold <= 1.0:
-    raise ValueError(f"accuracy_threshold must be in [0, 1], got {accuracy_threshold!r}")
-  flags = _sparse.leaf_flags(prunable, prunable)
-  dens = jax.tree.leaves(densities)
-  if len(dens) != len(flags):
-    raise ValueError(f"densities must have one float per parameter leaf ({len(flags)}), got {len(dens)}")
-  local_train = make_local_train(apply_fn, client_optimizer, schedule, loss_fn=loss_fn,
-                                 train_transform=train_transform)
+  rule = magnitude_rewind(prunable=prunable, densities=densities, prune_every=prune_every,
+                          num_prune_steps=num_prune_steps, accuracy_threshold=accuracy_threshold)
+  return base.masked_fedavg(apply_fn, client_optimizer, schedule, rule, loss_fn=loss_fn,
+                            train_transform=train_transform)
 
-  def init(params: Params, key: PRNGKey, batch_stats: BatchStats | None = None,
-           masks: Masks | None = None) -> SparseState:
-    del key
-    batch_stats = {} if batch_stats is None else batch_stats
-    masks = full_masks(params, prunable) if masks is None else masks
-    masks_lib.check(params, masks)
-    aux = LotteryAux(params, batch_stats, jnp.zeros((), jnp.int32))
-    return SparseState(apply_masks(params, masks), batch_stats, masks, jnp.zeros((), jnp.int32), aux)
 
-  def client_update(state: SparseState, data, info: ClientInfo, key: PRNGKey) -> ClientOutput:
-    local, metrics = local_train(state.params, state.batch_stats, data, key, masks=state.masks)
-    weight = info.num_examples.astype(jnp.float32)
-    return ClientOutput(_sparse.client_sums(local.params, local.batch_stats, (), weight, metrics))
+def lotteryfl_method(run: base.SparseRun, *, density: float, distribution: str = "uniform",
+                     prune_every: int = 10, num_prune_steps: int = 5,
+                     accuracy_threshold: float = 0.0) -> federated.Method:
+  """LotteryFL end to end: `lotteryfl` from the dense model towards the layer densities of
+  `density` (allocation `distribution`). Returns the `Method` (`base.masked_method`'s
+  records and summary)."""
+  prunable = _sparse.prunable_filter(run.params)
+  apply_fn = run.model.apply_for(run.spec)
+  alg = lotteryfl(apply_fn, run.optimizer, run.schedule, prunable=prunable,
+                  densities=_sparse.layer_densities(run.params, density, distribution, prunable),
+                  prune_every=prune_every, num_prune_steps=num_prune_steps,
+                  accuracy_threshold=accuracy_threshold)
 
-  def server_update(state: SparseState, outputs: ClientOutput, key: PRNGKey):
-    del key
-    sums: SparseSums = outputs.sums
-    aux: LotteryAux = state.aux
-    params, batch_stats = _sparse.averaged_model(sums, state)
-    accuracy = sums.metrics.correct_sum / jnp.maximum(sums.metrics.num_examples, 1.0)
-    prune = (masks_lib.should_update(state.round_idx + 1, prune_every, begin=1)
-             & (aux.prune_step < num_prune_steps) & (accuracy >= accuracy_threshold)
-             & (sums.weight > 0))
-    step = aux.prune_step + 1
-    exponent = step.astype(jnp.float32) / num_prune_steps
+  def init_fn():
+    state = alg.init(run.params, run.key, batch_stats=run.batch_stats)
+    return state, {"sparse_method": "lotteryfl", "target_density": float(density)}
 
-    def pruned(_):
-      out = []
-      for w, m, d, f in zip(jax.tree.leaves(params), jax.tree.leaves(state.masks), dens, flags):
-        if not f:
-          out.append(m)
-          continue
-        final = max(1, math.floor(d * w.size + 0.5))  # the exact target count, as masks.topk
-        target = jnp.floor(jnp.float32(d) ** exponent * w.size + 0.5).astype(jnp.int32)
-        k = jnp.where(step >= num_prune_steps, final, jnp.maximum(target, final))
-        out.append(rank_select(jnp.where(m, jnp.abs(w), -jnp.inf), k) & m)
-      masks = jax.tree.unflatten(jax.tree.structure(state.masks), out)
-      # Rewind the survivors (and BN statistics) to the initial values: the lottery ticket.
-      return masks, apply_masks(aux.init_params, masks), aux.init_batch_stats
-
-    masks, params, batch_stats = jax.lax.cond(prune, pruned,
-                                              lambda _: (state.masks, params, batch_stats), None)
-    params = apply_masks(params, masks)
-    new_aux = aux._replace(prune_step=jnp.where(prune, step, aux.prune_step))
-    metrics = _sparse.train_metrics(sums, params, masks)
-    metrics["pruned"] = prune.astype(jnp.float32)
-    return SparseState(params, batch_stats, masks, state.round_idx + 1, new_aux), metrics
-
-  return FedAlgorithm(init, client_update, server_update)
+  return base.masked_method(run, alg, init_fn, apply_fn=apply_fn, prunable=prunable)

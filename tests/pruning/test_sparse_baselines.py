@@ -1,6 +1,7 @@
 """Sparse-FL baselines (FedDST, PruneFL, LotteryFL, SNIP, SynFlow) and the experiment drivers."""
 import json
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,8 @@ import pytest
 from experiments import build, train
 from experiments.configs import fedavg_synthetic, fedtiny_cifar10
 from fedjax_prune import data as data_lib
-from fedjax_prune import federated, masks, testing
-from fedjax_prune.pruning import _sparse, feddst, init_pruning, lotteryfl, prunefl
+from fedjax_prune import federated, masks, models, testing
+from fedjax_prune.pruning import _sparse, base, feddst, init_pruning, lotteryfl, prunefl
 from fedjax_prune.pruning import fedtiny as ft
 
 SCHED = federated.LocalSchedule(batch_size=4)
@@ -122,6 +123,88 @@ def test_snip_and_synflow_reach_target_density():
   with pytest.raises(ValueError, match="num_iterations must be an int >= 1"):
     init_pruning.synflow_masks(apply_fn, params, {}, (6,), density=DENSITY, prunable=prunable,
                                num_iterations=0)
+
+
+# ----------------------------------------------------------------------------
+# The MaskRule vocabulary and the one masked FedAvg.
+
+
+def test_masked_fedavg_with_fedavgs_server_step_is_fedavg_bit_for_bit():
+  apply_fn, params, data, _ = _problem()
+  ours = base.masked_fedavg(apply_fn, optax.sgd(0.2), SCHED, base.no_prune(),
+                            server_optimizer=optax.sgd(1.0))
+  ref = federated.fedavg(apply_fn, optax.sgd(0.2), SCHED)
+  a, _ = _rounds(ours, ours.init(params, jax.random.key(0)), data, 2)
+  b, _ = _rounds(ref, ref.init(params, jax.random.key(0), masks=federated.dense_masks(params)),
+                 data, 2)
+  for x, y in zip(jax.tree.leaves(a[-1].params), jax.tree.leaves(b[-1].params)):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+class _CountState(NamedTuple):
+  masks: object
+  seen: jax.Array  # sum over rounds of the cohort's summed client statistic
+
+
+def _counting_rule(prunable):
+  """A toy rule: every client sends 1 (uploaded as n_k); the server keeps the running total of
+  the cohort's sums and prunes nothing."""
+
+  def init(params, key, batch_stats=None):
+    del key, batch_stats
+    return _CountState(_sparse.full_masks(params, prunable), jnp.zeros((), jnp.float32))
+
+  def client(state, local, metrics, data, keys, round_idx):
+    assert keys.shape == (1,)  # client_keys=1: one key for the hook, besides training's
+    return base.ClientResult(local, metrics, jnp.ones((), jnp.float32))
+
+  def update(state, model, sums, round_idx):
+    return state._replace(seen=state.seen + sums.stats), model, {"stat_sum": sums.stats}
+
+  return base.MaskRule(init, update, client, client_keys=1)
+
+
+def test_rule_hooks_see_example_weighted_client_statistics():
+  apply_fn, params, data, prunable = _problem()
+  alg = base.masked_fedavg(apply_fn, optax.sgd(0.2), SCHED, _counting_rule(prunable))
+  state = alg.init(params, jax.random.key(0))
+  assert state.rule.masks is None and state.rule_state().masks is state.masks
+  history, metrics = _rounds(alg, state, data, 2)
+  total = float(np.sum(np.asarray(data.num_examples)))  # each client sends n_k * 1
+  assert float(metrics["stat_sum"]) == total
+  assert float(history[-1].rule.seen) == 2 * total
+  masks.check(history[-1].params, history[-1].masks)
+  bad = base.MaskRule(lambda p, k, b=None: base.MaskState(_sparse.full_masks(p, prunable)),
+                      client_keys=-1)
+  with pytest.raises(ValueError, match="client_keys must be an int >= 0"):
+    base.masked_fedavg(apply_fn, optax.sgd(0.2), SCHED, bad)
+
+
+def test_library_method_runs_without_the_experiments_package():
+  spec = models.mlp(input_shape=(6,), hidden=(16,), num_classes=3)
+  params, batch_stats = models.init_params(spec, jax.random.key(0))
+  data = testing.tiny_client_data(num_clients=4, sizes=(8, 12, 6, 9))
+  model = federated.ModelFns(apply_for=models.make_apply,
+                             evaluate_with=lambda apply_fn: lambda p, s: {"test_accuracy": 0.0})
+  run = base.SparseRun(spec=spec, params=params, batch_stats=batch_stats, key=jax.random.key(1),
+                       optimizer=optax.sgd(0.2), schedule=SCHED, model=model, train=data,
+                       clients_per_round=4, rounds=3, optimizer_slots=0)
+  method = feddst.feddst_method(run, density=DENSITY, adjust_every=1, adjust_end=3)
+  state = method.init()
+  round_fn = federated.make_round(method.algorithm(spec), execution=federated.Vmap())
+  cohort = federated.make_cohort(range(4))
+  for r in range(3):
+    before = state
+    server, metrics = round_fn(state.server, data, cohort, jax.random.key(10 + r))
+    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    state = method.after_round(state._replace(server=server), r, record)
+    record.update(method.record(before, state, r, record))
+    assert record["adjusted"] == float(r >= 1)
+    assert record["client_training_flops"] > 0 and record["bytes_up"] > 0
+    assert record["density"] == pytest.approx(DENSITY, abs=0.02)
+  summary = method.summary(state, {})
+  assert summary["sparse_method"] == "feddst" and summary["params"] < summary["dense_params"]
+  assert summary["density"] == pytest.approx(record["density"])
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""One library-level contract over every `federated.Method`, driven by `federated.run_rounds`.
+
+Each method is built from its tiny contract config (tests/test_method_contract.py) by its
+experiments module's `build(config, env)`; the rounds then run through the library's round
+loop alone (no workdir, metrics file or checkpoint). For every method:
+
+  1. the round compiles once per architecture (`compile_round` is called once per spec);
+  2. padding the cohort with inactive clients changes nothing (bit for bit under the
+     sequential execution; a vectorised sum over more clients may add in another order);
+  3. the order of the cohort does not matter (up to float summation order);
+  4. another training key gives another model;
+  5. masks stay consistent: every state's masks pass `masks.check` against its params,
+     and a masked-out parameter is exactly zero.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import build, methods, runtime
+from fedjax_prune import federated
+from fedjax_prune import masks as masks_lib
+from tests import test_method_contract as contract
+
+
+def _env(config) -> runtime.Env:
+  return runtime.Env(config=config, workdir="", data=build.build_data(config), mesh=None,
+                     cohort_multiple=1, metrics=None, checkpoint=runtime.NoCheckpoints(),
+                     log=lambda message: None)
+
+
+def _build(name):
+  config = contract.CASES_BY_NAME[name].config()
+  env = _env(config)
+  driver = methods.DRIVERS[config.get("method", "fedavg")]
+  driver.validate(config)
+  return config, driver.build(config, env)
+
+
+def _padded(cohort: federated.Cohort, extra: int) -> federated.Cohort:
+  ids = np.asarray(cohort.client_ids)
+  return federated.Cohort(np.concatenate([ids, np.zeros(extra, ids.dtype)]),
+                          np.concatenate([np.asarray(cohort.active), np.zeros(extra, bool)]),
+                          np.concatenate([np.asarray(cohort.capacity), np.ones(extra, np.float32)]))
+
+
+def _permuted(cohort: federated.Cohort) -> federated.Cohort:
+  order = np.arange(len(cohort.client_ids))[::-1]
+  return federated.Cohort(*(np.asarray(field)[order] for field in cohort))
+
+
+def _drive(config, run: runtime.Run, compile_round, *, cohort_fn=None, training_seed=None,
+           num_rounds=None):
+  """The rounds through `federated.run_rounds`; returns (final state, records, specs after
+  each round). Checks every state's masks on the way (contract item 5)."""
+  state = run.method.init()
+  state = state._replace(server=jax.tree.map(jax.numpy.copy, state.server))  # donated
+  seed = config.seeds.training if training_seed is None else training_seed
+  records, specs = [], []
+  for _, state, record in federated.run_rounds(
+      run.method, state, train=run.train, cohort_fn=cohort_fn or run.cohort,
+      train_root=jax.random.key(seed), init_key=jax.random.key(config.seeds.init),
+      rounds=range(num_rounds or config.rounds), compile_round=compile_round):
+    records.append(record)
+    specs.append(repr(state.spec))
+    masks = getattr(state.server, "masks", None)
+    if masks is not None:
+      masks_lib.check(state.server.params, masks)
+      for p, m in zip(jax.tree.leaves(state.server.params), jax.tree.leaves(masks)):
+        assert not np.any(np.asarray(p)[~np.broadcast_to(np.asarray(m), np.shape(p))]), \
+            "a masked-out parameter is not zero"
+  return state, records, specs
+
+
+def _params(state):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.server.params))]
+
+
+@pytest.mark.parametrize("name", contract._params(contract.FAST))
+def test_method_contract(name):
+  config, run = _build(name)
+  compiled = {}  # one round function per algorithm object: cohorts of new shapes retrace it
+
+  def compile_round(alg):
+    if id(alg) not in compiled:
+      compiled[id(alg)] = (alg, federated.make_round(alg, execution=run.strategy.execution,
+                                                     donate=run.donate))
+    return compiled[id(alg)][1]
+
+  calls = []
+  reference, records, specs = _drive(config, run, lambda alg: calls.append(alg) or compile_round(alg))
+  # 1. at most one compilation per architecture (a phase that keeps the shapes adds none).
+  architectures = {repr(run.method.init().spec), *specs}
+  assert 1 <= len(calls) <= len(architectures), (len(calls), architectures)
+  # 2. padding clients are no-ops: the same model, bit for bit when clients run one after
+  # another (a vectorised sum over more clients may add in another order).
+  padded, padded_records, _ = _drive(config, run, compile_round,
+                                     cohort_fn=lambda r: _padded(run.cohort(r), 2))
+  exact = isinstance(run.strategy.execution, federated.Sequential)
+  for a, b in zip(_params(reference), _params(padded)):
+    if exact:
+      np.testing.assert_array_equal(a, b)
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose([r["train_loss"] for r in records],
+                             [r["train_loss"] for r in padded_records], rtol=1e-5)
+  # 3. cohort order: the same model up to float summation order, after one round (over
+  # more rounds a tiny model amplifies the order's rounding, as any two summation orders).
+  first, _, _ = _drive(config, run, compile_round, num_rounds=1)
+  permuted, _, _ = _drive(config, run, compile_round, num_rounds=1,
+                          cohort_fn=lambda r: _permuted(run.cohort(r)))
+  for a, b in zip(_params(first), _params(permuted)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # 4. another training key: another model.
+  other, _, _ = _drive(config, run, compile_round, training_seed=config.seeds.training + 1)
+  assert any(not np.array_equal(a, b) for a, b in zip(_params(reference), _params(other)))
