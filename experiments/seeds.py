@@ -105,11 +105,6 @@ def run_seeds(config, seeds, workdir: str | None = None, *, log=print) -> dict:
   state_K = _stack(states)
   del states
   train_roots_K = jnp.stack([jax.random.key(c.seeds.training) for c in configs])
-
-  round_fn = federated.make_round(alg, execution=strategy.execution)  # jitted; vmap traces through
-  round_K = jax.jit(jax.vmap(round_fn, in_axes=(0, None, 0, 0)), donate_argnums=(0,),
-                    compiler_options=federated.round_compiler_options())
-  round_keys_K = jax.jit(jax.vmap(federated.round_key, in_axes=(0, None)))
   central = jax.jit(jax.vmap(federated.make_evaluate(apply_fn, batch_size=config.eval_batch_size),
                              in_axes=(0, 0, None, None)))
   per_client = jax.jit(jax.vmap(
@@ -132,6 +127,22 @@ def run_seeds(config, seeds, workdir: str | None = None, *, log=print) -> dict:
                   "local_accuracy_p10": float(np.percentile(acc, 10))})
     return out
 
+  sizes = {"params": accounting.param_count(spec), "flops": accounting.flops(spec)}
+  # The K seeds as one Method over a stacked server state: the library's round loop
+  # (`federated.run_rounds`) runs the vmapped round, one cohort and round key per seed.
+  method = federated.Method(
+      init=lambda: federated.MethodState(state_K, spec, {}), algorithm=lambda spec: alg,
+      evaluator=lambda spec: lambda state, round_idx: {},
+      record=lambda before, after, round_idx, metrics: dict(sizes))
+
+  def compile_round(alg):
+    round_fn = federated.make_round(alg, execution=strategy.execution)  # vmap traces through
+    return jax.jit(jax.vmap(round_fn, in_axes=(0, None, 0, 0)), donate_argnums=(0,),
+                   compiler_options=federated.round_compiler_options())
+
+  num_clients = data.train.num_clients
+  cohorts_K = lambda round_idx: _stack([federated.make_cohort(data_lib.sample_uniform(
+      num_clients, config.clients_per_round, c.seeds.sampling, round_idx)) for c in configs])
   writers = []
   if workdir is not None:
     for s in seeds:
@@ -140,32 +151,27 @@ def run_seeds(config, seeds, workdir: str | None = None, *, log=print) -> dict:
       if os.path.exists(path):
         os.remove(path)
       writers.append(runtime.MetricsWriter(path))
-  sizes = {"params": accounting.param_count(spec), "flops": accounting.flops(spec)}
-  num_clients = data.train.num_clients
   start = time.perf_counter()
   last: list[dict] = [{} for _ in seeds]
+  state = method.init()
   try:
-    for round_idx in range(config.rounds):
-      ids = [data_lib.sample_uniform(num_clients, config.clients_per_round, c.seeds.sampling,
-                                     round_idx) for c in configs]
-      cohort_K = _stack([federated.make_cohort(i) for i in ids])
-      state_K, metrics_K = round_K(state_K, data.train, cohort_K,
-                                   round_keys_K(train_roots_K, round_idx))
-      metrics_K = jax.device_get(metrics_K)
+    rounds = federated.run_rounds(
+        method, state, train=data.train, cohort_fn=cohorts_K, train_root=train_roots_K,
+        init_key=jax.random.key(config.seeds.init), rounds=range(config.rounds),
+        compile_round=compile_round, key_fn=jax.jit(jax.vmap(federated.round_key, in_axes=(0, None))))
+    for round_idx, state, record in rounds:
       evaluated = (round_idx + 1) % config.eval_every == 0 or round_idx + 1 == config.rounds
-      evals = evaluate(state_K) if evaluated else None
+      evals = evaluate(state.server) if evaluated else None
       wall = time.perf_counter() - start
       for k, s in enumerate(seeds):
-        record = {name: float(v[k]) for name, v in metrics_K.items()}
-        if not record.pop("finite", 1.0):
-          raise FloatingPointError(f"seed {s} diverged at round {round_idx + 1}: the loss or the "
-                                   "parameters are not finite; lower the client learning rate")
-        record.update(round=round_idx + 1, wall_time=wall, **sizes)
+        seed_record = {name: (v[k] if isinstance(v, list) else v) for name, v in record.items()}
+        seed_record.update(round=round_idx + 1, wall_time=wall)
         if evals is not None:
           last[k] = evals[k]
-          record.update(evals[k])
+          seed_record.update(evals[k])
         if writers:
-          writers[k].write(record)
+          writers[k].write(seed_record)
+    state_K = state.server
     jax.block_until_ready(state_K)
   finally:
     for w in writers:

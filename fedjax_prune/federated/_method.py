@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
 import jax
+import numpy as np
 
 from fedjax_prune.federated._engine import Cohort, FedAlgorithm, round_key
 
@@ -158,10 +159,12 @@ class Method(NamedTuple):
 def host_metrics(metrics: dict, round_idx: int) -> dict:
   """A round's metrics as host floats (one device->host transfer), without `finite`.
 
+  Metrics of a round vectorised over runs (a leading seed axis) become lists of floats.
   Raises FloatingPointError naming the round when the round reported non-finite values.
   """
-  record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not record.pop("finite", 1.0):
+  record = {k: (v.tolist() if np.ndim(v) else float(v))
+            for k, v in jax.device_get(metrics).items()}
+  if not np.all(record.pop("finite", 1.0)):
     raise FloatingPointError(
         f"training diverged at round {round_idx + 1}: the loss or the parameters are not finite "
         f"(train_loss={record.get('train_loss')}); lower the learning rate (client or server)")
@@ -170,7 +173,8 @@ def host_metrics(metrics: dict, round_idx: int) -> dict:
 
 def run_rounds(method: Method, state: MethodState, *, train: Any,
                cohort_fn: Callable[[int], Cohort], train_root: jax.Array, init_key: jax.Array,
-               rounds: range, compile_round: Callable[[FedAlgorithm], Callable]
+               rounds: range, compile_round: Callable[[FedAlgorithm], Callable],
+               key_fn: Callable[[jax.Array, int], jax.Array] = round_key
                ) -> Iterator[tuple[int, MethodState, dict]]:
   """The rounds of `method`, the one round loop of the library (module docstring).
 
@@ -184,6 +188,8 @@ def run_rounds(method: Method, state: MethodState, *, train: Any,
     rounds: the 0-based rounds to run, e.g. `range(start, num_rounds)`.
     compile_round: `compile_round(algorithm) -> round_fn` (e.g. `make_round` with an
       execution strategy and mesh); called once per architecture.
+    key_fn: `key_fn(train_root, round_idx)`, the round's key (`round_key`; a run
+      vectorised over seeds passes it vmapped over stacked roots).
 
   Yields:
     (round_idx, state after the round and `after_round`, record) per round, where
@@ -197,7 +203,7 @@ def run_rounds(method: Method, state: MethodState, *, train: Any,
       round_fn, compiled_spec = compile_round(method.algorithm(state.spec)), state.spec
     before = state
     server, metrics = round_fn(state.server, train, cohort_fn(round_idx),
-                               round_key(train_root, round_idx))
+                               key_fn(train_root, round_idx))
     state = state._replace(server=server)
     record = host_metrics(metrics, round_idx)
     state = method.after_round(state, round_idx, record)
