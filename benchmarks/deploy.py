@@ -4,8 +4,9 @@
   python benchmarks/deploy.py --summary workdir/asp_femnist/summary.json   # the found architecture
   python benchmarks/deploy.py --smoke                          # tiny (CI)
 
-The paper's Android claims (inference time -50 %, throughput x2, METHODS.md
-§1.1) measured on this machine's CPU instead (no Android code exists, A1.6):
+The paper's Android claims (inference time -50 %, throughput x2: arXiv 2411.01759
+and a summary of it) measured on this machine's CPU instead (the official code
+has no Android code):
 
   * the pruned model is cut out of the dense one with `structured.shrink`
     (the largest-L1 filters of every conv, as many as the found architecture

@@ -10,7 +10,7 @@ bool leaves broadcastable to the parameter (full shape = unstructured,
 means "not pruned".
 
 FLOPs convention (TensorFlow profiler "float_ops" at batch 1, as used by the
-automatic-structured-pruning paper, METHODS.md §1.4):
+automatic-structured-pruning paper's code, github.com/NguyenThaiVu/prune_fl_project):
 
   * conv / dense: 2 FLOPs per multiply-accumulate (MAC);
   * BiasAdd: 1 per output element (only for layers with a bias);

@@ -77,10 +77,11 @@ def all_finite(tree: PyTree) -> jax.Array:
   One fused read per leaf: `x - x` is 0 for finite x and NaN for inf or NaN, so
   its sum is NaN exactly when some entry is not finite, and it cannot overflow
   (XLA's algebraic simplifier rewrites `x - x` to 0 for integer types only).
-  `all(isfinite(x))` first writes a bool array: in the FedAvg server update of the
-  LEAF CNN on CPU it cost 4 ms of 5.5 (a bool array written, then reduced), this
-  form fuses into the update's own pass. (`x * 0` was as good alone, but XLA:CPU
-  then wrote out a 26 MB array of zeros to multiply by.)
+  `all(isfinite(x))` first writes a bool array and then reduces it, most of the
+  FedAvg server update of the LEAF CNN on CPU; this form fuses into the update's own
+  pass. (`x * 0` fused as well, but XLA:CPU then wrote out an array of zeros to
+  multiply by.) Timings: docs/results/engine.md ("Earlier on 2026-11-23 (02:12
+  UTC)", item 2, and "Figures moved out of the library's docstrings").
   """
   flags = [jnp.isfinite(jnp.sum(x - x)) for x in jax.tree.leaves(tree)
            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]

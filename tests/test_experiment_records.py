@@ -14,6 +14,7 @@ import pytest
 from experiments import build, plot, sweep, train
 from experiments.configs import fedavg_synthetic, fedtiny_cifar10, fiarse_cifar10
 from experiments.methods import hetero
+from fedjax_prune.pruning import _hetero as hetero_lib
 from fedjax_prune import accounting, checkpoint, federated, models
 from tests.pruning import test_hetero, test_sparse_baselines
 
@@ -182,7 +183,8 @@ def test_width_levels_count_their_submodel(method):
   schedule = federated.LocalSchedule(batch_size=4, num_steps=1)
   method_obj = hetero._method(c, models.make_apply(spec, conv_impl="lax"), params, schedule, None)
   state = method_obj.algorithm.init(params, jax.random.key(0), batch_stats=batch_stats)
-  level_params, level_flops = hetero.level_sizes(method, method_obj, state, spec, (1.0, 0.25))
+  level_params, level_flops = hetero_lib.level_sizes(
+      lambda s, cap: hetero_lib.submodel_level_masks(method_obj, s, cap), state, spec, (1.0, 0.25))
   shapes, _ = models.param_shapes(spec)
   full = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
   assert level_params[0] == full

@@ -3,7 +3,7 @@
 Command:
   python -m experiments.main --config experiments/configs/asp_celeba_cnn.py --workdir workdir/asp_celeba_cnn
 
-Setting (METHODS.md §1.3): 500 rounds, 50 clients/round, 5 local epochs,
+Setting (the paper's official code): 500 rounds, 50 clients/round, 5 local epochs,
 batch 32, Adam lr 1e-3, k = 2.0, MAX_PRUNED_ROUND 50, patience 3.
 Data: CelebA (84x84x3, gender) is not in ../shared/data and experiments/build.py
 has no CelebA entry yet, so this config runs the paper's CelebA model and

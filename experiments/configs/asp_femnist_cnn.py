@@ -3,7 +3,7 @@
 Command:
   python -m experiments.main --config experiments/configs/asp_femnist_cnn.py --workdir workdir/asp_femnist
 
-Setting (METHODS.md §1.3, official notebook `fl_cnn_prune_femnist.ipynb`): CNN
+Setting (official notebook `fl_cnn_prune_femnist.ipynb`): CNN
 [32, 64] (conv5x5 valid -> pool -> conv5x5 valid -> pool -> GAP -> 62), 500
 rounds, 50 clients/round, 5 local epochs, batch 32, Adam lr 1e-3, k = 2.2 (both
 tails), MAX_PRUNED_ROUND 50, patience 3, re-initialise on every accepted prune.
@@ -21,7 +21,7 @@ import ml_collections
 
 
 def asp_fields(k: float = 2.2, max_pruned_round: int = 50) -> ml_collections.ConfigDict:
-  """The ASP knobs with the official code's defaults (METHODS.md §1.2-1.3)."""
+  """The ASP knobs with the official code's defaults."""
   return ml_collections.ConfigDict(dict(
       k=k, tails="both", max_patience=3, max_pruned_round=max_pruned_round,
       reinit_on_prune=True, rounds_between_prunes=1, widths=()))

@@ -3,7 +3,7 @@
 Command:
   python -m experiments.main --config experiments/configs/asp_inception_celeba.py --workdir workdir/asp_incep_celeba
 
-Setting (METHODS.md §1.3): widths as FEMNIST, 500 rounds, 50 clients/round,
+Setting (the paper's official code): widths as FEMNIST, 500 rounds, 50 clients/round,
 5 local epochs, batch 32, Adam lr 1e-3, k = 2.4, MAX_PRUNED_ROUND 100,
 patience 3. Runs on the synthetic 2-class stand-in until CelebA is wired into
 experiments/build.py (see asp_celeba_cnn.py). Expected runtime: ~3 h on a

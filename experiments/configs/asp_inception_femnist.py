@@ -3,7 +3,7 @@
 Command:
   python -m experiments.main --config experiments/configs/asp_inception_femnist.py --workdir workdir/asp_incep_femnist
 
-Setting (METHODS.md §1.3-1.4): widths [32, 16,16,16, 32,32,32, 96, 96]
+Setting (the paper's official code): widths [32, 16,16,16, 32,32,32, 96, 96]
 (246,236 params, 31,010,894 FLOPs), 500 rounds, 10 clients/round, 5 local
 epochs, batch 32, Adam lr 1e-3, k = 2.5, MAX_PRUNED_ROUND 100, patience 3.
 Expected runtime: ~4x the FEMNIST CNN per client step (~5 h on a 2-core CPU at

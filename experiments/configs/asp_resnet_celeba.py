@@ -3,7 +3,7 @@
 Command:
   python -m experiments.main --config experiments/configs/asp_resnet_celeba.py --workdir workdir/asp_resnet_celeba
 
-Setting (METHODS.md §1.3): 500 rounds, 50 clients/round, 5 local epochs,
+Setting (the paper's official code): 500 rounds, 50 clients/round, 5 local epochs,
 batch 32, Adam lr 1e-3, k = 2.0, MAX_PRUNED_ROUND 50, patience 3. Runs on the
 synthetic 2-class stand-in until CelebA is wired into experiments/build.py (see
 asp_celeba_cnn.py). Expected runtime: ~1 h on a 2-core CPU. Paper (real

@@ -3,12 +3,12 @@
 Command:
   python -m experiments.main --config experiments/configs/asp_resnet_femnist.py --workdir workdir/asp_resnet_femnist
 
-Setting (METHODS.md §1.3-1.4): stem conv3x3/2 (16) -> BN -> pool, two blocks of
+Setting (the paper's official code): stem conv3x3/2 (16) -> BN -> pool, two blocks of
 inner widths 32 and 64 (stride 2, residual width 16, 1x1 shortcuts), flatten ->
 62; 500 rounds, 10 clients/round, 5 local epochs, batch 32, Adam lr 1e-3,
 k = 2.5, MAX_PRUNED_ROUND 100, patience 3; BN running statistics averaged by
 FedAvg. Expected runtime: ~1-2 h on a 2-core CPU. The official repo prints no
-FEMNIST ResNet result (METHODS.md §1.6 has CelebA only).
+FEMNIST ResNet result (only a CelebA one).
 """
 from experiments.configs import asp_femnist_cnn
 

@@ -24,7 +24,7 @@ Expected runtime / result:
   * 'resnet20' / 'resnet56' full settings (160 epochs-worth of rounds, SGD
     0.1 momentum 0.9, batch 128): not run here; on one H100-class GPU roughly
     10 / 30 minutes on this 8k-image subset (estimate, unmeasured). The paper
-    reports (no readable numbers, METHODS.md §3.5) that combined pruning beats
+    reports (in its abstract; no numbers could be read) that combined pruning beats
     unit-only and layer-only pruning at matched accuracy.
   * 'cpu' (10 rounds x 40 steps of batch 32, rebuild every 5 rounds): 14-22
     minutes per run measured on a 2-core CPU shared with ~5 other jobs (load

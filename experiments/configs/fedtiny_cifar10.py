@@ -1,4 +1,4 @@
-"""FedTiny on CIFAR-10 (paper settings, METHODS.md §2.5), ResNet-18 or VGG-11.
+"""FedTiny on CIFAR-10 (the authors' FedPruning library settings), ResNet-18 or VGG-11.
 
 Command (arg = model: 'resnet18' or 'vgg11'):
   python -m experiments.main --config experiments/configs/fedtiny_cifar10.py:resnet18 \

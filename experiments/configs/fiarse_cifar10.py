@@ -1,16 +1,17 @@
-"""FIARSE on CIFAR-10/100 with ResNet-18 (paper settings, METHODS.md §4.6).
+"""FIARSE on CIFAR-10/100 with ResNet-18 (paper settings: the official README commands).
 
 Command (arg = 'cifar10' or 'cifar100'; append ',5' for the five capacity levels):
   python -m experiments.main --config experiments/configs/fiarse_cifar10.py:cifar10 \
       --workdir workdir/fiarse_c10 --config.hetero.fiarse_grad=masked
 
-Setting (§4.6): ResNet-18 with static BN, 100 clients, 10 per round, 800 rounds,
+Setting (README commands, argparse defaults): ResNet-18 with static BN, 100 clients, 10 per round, 800 rounds,
 100 local SGD iterations of batch 20, lr 0.1, server lr 1.0, capacities
 {1, 1/4, 1/16, 1/64} (25 clients each; ',5' gives {1, .64, .36, .16, .04}),
-balanced Dirichlet alpha = 0.3 train and local-test partitions (§4.8),
+balanced Dirichlet alpha = 0.3 train and local-test partitions (as its code),
 RandomCrop + flip, evaluation with batch 20 every 20 rounds plus the
 1 ... 1/256 sweep every 100 rounds. CIFAR-100 in the README uses the layer-wise
-variant (`--config.hetero.layerwise=True`, ambiguity A4.5).
+variant (`--config.hetero.layerwise=True`; whether the paper's table used it is
+not known).
 Data: a PFLlib-format folder (`train/K.npz`, `test/K.npz`, K = 0..99) in
 `data.data_dir`; with `hetero.repartition='balanced_dirichlet'` (default here)
 the driver pools its train and its test files and re-partitions each with
@@ -18,7 +19,7 @@ FIARSE's balanced Dirichlet (alpha = hetero.alpha), so any 100-client PFLlib
 CIFAR folder holding the whole dataset works.
 Expected runtime: not measured; roughly 8 000 client-iterations of ResNet-18
 per 10 rounds -> a few GPU-hours on one H100 for 800 rounds.
-Expected result (paper table, §4.10, CIFAR-10): Local 77.04, Model 1/64..1:
+Expected result (paper's main table, CIFAR-10; docs/results/fiarse.md): Local 77.04, Model 1/64..1:
 73.12 / 77.20 / 77.24 / 82.04, Global 73.75 (CIFAR-100: Local 41.76, Global 38.63).
 The same file drives the baselines: --config.method=heterofl|fedrolex|scalefl.
 """

@@ -8,7 +8,7 @@ Command:
 Data: ../shared/data/cifar10 (20 clients of PFLlib's Dirichlet alpha = 0.3
 CIFAR-10 split; 8,265 train / 2,767 test images; each client's own test files
 are its local test set, their union the global test set; no re-partition).
-Reduced from §4.6: ResNet-18 at width 1/8 (8/16/32/64 channels, static BN),
+Reduced from fiarse_cifar10.py: ResNet-18 at width 1/8 (8/16/32/64 channels, static BN),
 5 of 20 clients per round, 10 local SGD steps of batch 20 (lr 0.1), 30 rounds,
 capacities {1, 1/4, 1/16, 1/64} (5 clients each), crop+flip, eval batch 20 once
 at the end; the 1 ... 1/256 sweep is off (`--config.hetero.sweep_every=30` with

@@ -1,11 +1,11 @@
-"""scalefl on CIFAR-10/100 with ResNet-18 in FIARSE's setting (METHODS.md §4.6, §5).
+"""scalefl on CIFAR-10/100 with ResNet-18 in FIARSE's setting (its README commands).
 
 Command:
   python -m experiments.main --config experiments/configs/scalefl_cifar10.py:cifar10 --workdir workdir/scalefl_c10
 
 Same setting, data and evaluation as experiments/configs/fiarse_cifar10.py (see
-its docstring; not measured at full scale here). Paper table (§4.10, CIFAR-10)
-for this baseline: see METHODS.md §4.10.
+its docstring; not measured at full scale here). Paper table (FIARSE's main
+table, CIFAR-10) for this baseline: docs/results/fiarse.md, section "Paper".
 """
 from experiments.configs import fiarse_cifar10
 

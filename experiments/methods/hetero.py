@@ -4,18 +4,18 @@
 
   capacities        capacity levels (fractions of the parameters), e.g. (1, 1/4, 1/16, 1/64)
   assignment        'interleaved' (client i -> level i mod L) or 'blocks' (equal contiguous
-                    groups); which clients FIARSE's code gives which size is not recorded
-                    in METHODS.md (inferred option)
+                    groups); which clients FIARSE's code gives which size was not
+                    determined (inferred option)
   fiarse_grad       'masked' (released code) or 'tcb' (TCB-GD surrogate)
   layerwise         FIARSE: one threshold per stage group
   server_learning_rate
   scaler            HeteroFL/FedRolex/ScaleFL: 1/r on the classifier input in training
   augment           RandomCrop(32, pad 4) + horizontal flip on the training batches
-  sweep             extra global-test sizes (§4.9: 1 ... 1/256), evaluated every sweep_every rounds
+  sweep             extra global-test sizes (FIARSE's code: 1 ... 1/256), evaluated every sweep_every rounds
   scalefl_alpha, scalefl_temperature, scalefl_widths, scalefl_depths  (inferred ScaleFL options;
                     empty widths/depths = `scalefl.scalefl_levels`)
 
-Evaluation (METHODS.md §4.9), every `eval_every` rounds and at the end, with
+Evaluation (FIARSE's `server.py`), every `eval_every` rounds and at the end, with
 `eval_batch_size` (20 = FIARSE's; static BN uses the batch's statistics):
   model_<s>   mean local-test accuracy of the clients whose capacity is s, on the size-s submodel
   local       mean over all clients of their own-size submodel's local-test accuracy
@@ -30,7 +30,6 @@ not in the backbone spec, so its level FLOPs leave them out).
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +37,9 @@ import numpy as np
 import optax
 
 from experiments import build as build_lib, runtime
-from fedjax_prune import accounting
 from fedjax_prune import data as data_lib
 from fedjax_prune import federated, models
-from fedjax_prune import tree as tree_lib
+from fedjax_prune.pruning import _hetero as hetero_lib
 from fedjax_prune.pruning import fiarse as fiarse_lib
 from fedjax_prune.pruning import fedrolex as fedrolex_lib
 from fedjax_prune.pruning import heterofl as heterofl_lib
@@ -49,14 +47,6 @@ from fedjax_prune.pruning import scalefl as scalefl_lib
 
 METHODS = ("fiarse", "heterofl", "fedrolex", "scalefl")
 ASSIGNMENTS = ("interleaved", "blocks")
-
-
-def level_label(capacity: float) -> str:
-  """'1', '1/4', '1/64' for reciprocal integers, else '0.64'."""
-  if capacity == 1.0:
-    return "1"
-  inv = 1.0 / capacity
-  return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"{capacity:g}"
 
 
 def _capacity_tuple(config, path) -> tuple[float, ...]:
@@ -111,15 +101,6 @@ def validate(config) -> None:
                             "such as 'sequential+tapgrad' (CPU) or 'vmap+lax' (GPU)")
 
 
-def client_capacities(num_clients: int, capacities: tuple[float, ...], assignment: str) -> np.ndarray:
-  """[N] float32 capacity of every client (equal group sizes when L divides N)."""
-  levels = np.asarray(capacities, np.float32)
-  idx = np.arange(num_clients)
-  if assignment == "interleaved":
-    return levels[idx % len(levels)]
-  return levels[idx * len(levels) // num_clients]
-
-
 def _augment(x, key):
   """RandomCrop(pad 4) + horizontal flip on raw images (black padding, as torchvision on PIL)."""
   crop_key, flip_key = jax.random.split(key)
@@ -150,104 +131,8 @@ def config_stage_exits(params) -> tuple[int, ...]:
   return tuple(sorted(int(k[4:]) for k in params if k.startswith("exit")))
 
 
-def make_level_evaluator(method, apply_fn: Callable, data: build_lib.Data, batch_size: int):
-  """Jitted evaluators with a traced capacity (one compile for every size).
-
-  Returns (eval_all(state, capacity) -> (central EvalSums, per-client EvalSums [N]),
-  eval_central(state, capacity) -> central EvalSums).
-  """
-
-  def submodel_apply(state, capacity):
-    params, exit_idx = method.submodel(state, capacity)
-
-    def apply(p, bs, x, *, train, example_mask=None):
-      logits, stats = apply_fn(p, bs, x, train=train, example_mask=example_mask)
-      if logits.ndim == 3:  # early-exit model: [B, X, K] -> the submodel's exit
-        logits = jnp.take(logits, exit_idx, axis=1)
-      return logits, stats
-
-    return params, apply
-
-  # Test data enter as arguments (closed-over arrays would be constant-folded at compile time).
-  def eval_central(state, capacity, test_x, test_y):
-    params, apply = submodel_apply(state, capacity)
-    return federated.make_evaluate(apply, batch_size=batch_size)(params, state.batch_stats, test_x, test_y)
-
-  def eval_all(state, capacity, test_x, test_y, test_clients):
-    params, apply = submodel_apply(state, capacity)
-    local = federated.make_evaluate_clients(apply, batch_size=batch_size)(
-        params, state.batch_stats, test_clients)
-    return eval_central(state, capacity, test_x, test_y), local
-
-  all_jit, central_jit = jax.jit(eval_all), jax.jit(eval_central)
-  return (lambda state, cap: all_jit(state, cap, data.test_x, data.test_y, data.test_clients),
-          lambda state, cap: central_jit(state, cap, data.test_x, data.test_y))
-
-
-def evaluate_protocol(eval_all, eval_central, state, capacities, client_caps, sweep) -> dict:
-  """The §4.9 columns as a flat dict (host floats)."""
-  out, global_accs = {}, []
-  own_acc = np.full(client_caps.shape, np.nan)
-  for cap in capacities:
-    central, local = eval_all(state, jnp.float32(cap))
-    c = central.means()
-    label = level_label(cap)
-    out[f"global_{label}"] = float(c["accuracy"])
-    global_accs.append(float(c["accuracy"]))
-    # Test rows beyond the N train clients (test-only clients) have no capacity: ignored.
-    n = np.asarray(local.num_examples)[:client_caps.shape[0]]
-    acc = np.where(n > 0, np.asarray(local.correct_sum)[:n.shape[0]] / np.maximum(n, 1), np.nan)
-    mine = np.abs(client_caps - cap) < 1e-6
-    own_acc[mine] = acc[mine]
-    out[f"model_{label}"] = float(np.nanmean(acc[mine])) if np.any(mine & (n > 0)) else float("nan")
-  out["local"] = float(np.nanmean(own_acc))
-  out["global"] = float(np.mean(global_accs))
-  for cap in sweep:
-    out[f"sweep_{level_label(cap)}"] = float(eval_central(state, jnp.float32(cap)).means()["accuracy"])
-  # The generic keys train.py prints.
-  out["test_accuracy"], out["local_accuracy_mean"] = out["global"], out["local"]
-  return out
-
-
-def level_masks(method_name: str, method, state, capacities: tuple[float, ...], level: int, *,
-                layerwise: bool = False):
-  """Host bool masks of level `level`'s submodel of `state`'s global model.
-
-  FIARSE keeps |x| >= tau of the level (`fiarse.thresholds` / `submodel_masks`, default
-  maskable leaves, as `_method` builds it); the width/depth submodels do not depend on
-  the weights, so the submodel of an all-ones model is the mask (1 kept, 0 dropped):
-  the extraction that evaluation uses, not a copy of it.
-  """
-  params = jax.device_get(state.params)
-  if method_name == "fiarse":
-    maskable = fiarse_lib.default_maskable(params)
-    tau_LxG = fiarse_lib.thresholds(params, capacities, maskable, layerwise=layerwise)
-    masks = fiarse_lib.submodel_masks(params, tau_LxG[level], maskable, layerwise=layerwise)
-  else:
-    ones = jax.tree.map(jnp.ones_like, state.params)
-    masks, _ = method.submodel(state._replace(params=ones), jnp.float32(capacities[level]))
-  return jax.tree.map(lambda m: np.asarray(m) != 0, jax.device_get(masks))
-
-
-def level_sizes(method_name: str, method, state, spec, capacities: tuple[float, ...], *,
-                layerwise: bool = False) -> tuple[list[int], list[int]]:
-  """(kept parameters, FLOPs at batch 1) of every capacity level's submodel, host ints.
-
-  Parameters count every leaf of the state (ScaleFL's exits included); FLOPs walk the
-  backbone `spec`, so leaves outside it (ScaleFL's exits) are left out of its masks.
-  """
-  params = jax.device_get(state.params)
-  backbone = models.param_shapes(spec)[0].keys()
-  level_params, level_flops = [], []
-  for level in range(len(capacities)):
-    masks = level_masks(method_name, method, state, capacities, level, layerwise=layerwise)
-    level_params.append(accounting.param_count(None, masks, params=params))
-    level_flops.append(accounting.flops(spec, {k: v for k, v in masks.items() if k in backbone}))
-  return level_params, level_flops
-
-
 def repartition_balanced(data: build_lib.Data, num_clients: int, alpha: float, seed: int) -> build_lib.Data:
-  """FIARSE's §4.8 federation: balanced Dirichlet on the pooled train and, separately, test data.
+  """FIARSE's federation (its `data/data_utils.py`): balanced Dirichlet on the pooled train and, separately, test data.
 
   Each client gets floor(N / n) train and floor(N_test / n) local-test examples
   (independent class priors for the two splits, as FIARSE's code); the global
@@ -292,7 +177,7 @@ def build(config, env: runtime.Env) -> runtime.Run:
 
   train_transform = _augment if h.augment else None
   caps = tuple(float(x) for x in h.capacities)
-  client_caps = client_capacities(data.train.num_clients, caps, h.assignment)
+  client_caps = hetero_lib.client_capacities(data.train.num_clients, caps, h.assignment)
 
   def cohort(round_idx):
     ids = data_lib.sample_uniform(data.train.num_clients, config.clients_per_round,
@@ -313,30 +198,20 @@ def build(config, env: runtime.Env) -> runtime.Run:
   schedule = strategy.schedule(federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
                                                        num_steps=c.num_steps or None))
   hetero = _method(config, apply_fn, params, schedule, train_transform)
-  eval_apply = wrap(make_raw("lax"))
-  sweep = tuple(float(x) for x in h.sweep)
-
-  def init():
-    server = hetero.algorithm.init(params, init_key, batch_stats=batch_stats)
-    return federated.MethodState(server, spec, {})
-
-  def evaluator(spec):
-    eval_all, eval_central = make_level_evaluator(hetero, eval_apply, data, config.eval_batch_size)
-
-    def evaluate(state, round_idx):
-      last = round_idx + 1 == config.rounds
-      do_sweep = last or (h.sweep_every and (round_idx + 1) % h.sweep_every == 0)
-      return evaluate_protocol(eval_all, eval_central, state.server, caps, client_caps,
-                               sweep if do_sweep else ())
-
-    return evaluate
-
-  def summary(state, last_eval):
-    level_params, level_flops = level_sizes(config.method, hetero, state.server, spec, caps,
-                                            layerwise=bool(h.layerwise))
-    return {"params": tree_lib.size(params), "capacities": caps, "level_params": level_params,
-            "level_flops": level_flops, "data": data.description}
-
-  method = federated.Method(init=init, algorithm=lambda spec: hetero.algorithm,
-                            evaluator=evaluator, summary=summary)
+  common = dict(spec=spec, params=params, batch_stats=batch_stats, key=init_key,
+                eval_apply=wrap(make_raw("lax")),
+                test=hetero_lib.LevelTest(data.test_x, data.test_y, data.test_clients,
+                                          config.eval_batch_size),
+                client_caps=client_caps, capacities=caps, sweep=tuple(float(x) for x in h.sweep),
+                sweep_every=h.sweep_every, num_rounds=config.rounds)
+  if config.method == "fiarse":
+    method = fiarse_lib.fiarse_method(hetero, layerwise=bool(h.layerwise), **common)
+  else:
+    factory = {"heterofl": heterofl_lib.heterofl_method, "fedrolex": fedrolex_lib.fedrolex_method,
+               "scalefl": scalefl_lib.scalefl_method}[config.method]
+    method = factory(hetero, **common)
+  if h.repartition:  # the summary names the federation the run trained on
+    summary = method.summary
+    method = method._replace(summary=lambda state, last_eval: {
+        **summary(state, last_eval), "data": data.description})
   return runtime.Run(method, strategy, timings, data.train, cohort)

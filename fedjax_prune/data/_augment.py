@@ -19,7 +19,7 @@ import numpy as np
 
 from fedjax_prune.types import PRNGKey
 
-# FIARSE / common CIFAR-10 statistics (METHODS §4.8).
+# FIARSE / common CIFAR-10 statistics (FIARSE's official code).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
@@ -139,7 +139,7 @@ def center_crop_resize(x_BxHxWxC: jax.Array, crop: tuple[int, int] = (5, 20),
                        size: int = 28) -> jax.Array:
   """Crops rows and columns [crop[0], crop[1]) and resizes bilinearly to size x size.
 
-  The ASP FEMNIST preprocessing (METHODS §1.5): rows/cols 5..19 (15 x 15) back
+  The ASP FEMNIST preprocessing (the ASP paper's code): rows/cols 5..19 (15 x 15) back
   to 28 x 28. Uses `jax.image.resize(..., 'bilinear', antialias=False)`, which
   samples at half-pixel centres (src = (dst + 0.5) * in / out - 0.5) and
   renormalises the weights of in-bounds taps at the borders; for upsampling
@@ -218,7 +218,7 @@ def identity_augmentation() -> Augmentation:
 def cifar_augmentation(mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, *,
                        padding: int = 4, flip: bool = True,
                        cutout_size: int | None = None) -> Augmentation:
-  """FIARSE's CIFAR pipeline: RandomCrop(pad 4) + HorizontalFlip + normalise (METHODS §4.8).
+  """FIARSE's CIFAR pipeline: RandomCrop(pad 4) + HorizontalFlip + normalise (its code).
 
   Args:
     mean: per-channel mean of [0, 1] images.
@@ -249,7 +249,7 @@ def cifar_augmentation(mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float
 
 
 def femnist_asp_augmentation(crop: tuple[int, int] = (5, 20), size: int = 28) -> Augmentation:
-  """ASP's FEMNIST preprocessing (METHODS §1.5): centre crop + bilinear resize, train and eval.
+  """ASP's FEMNIST preprocessing (its code): centre crop + bilinear resize, train and eval.
 
   No random augmentation; dtype is preserved (scale uint8 in the model).
   """

@@ -8,13 +8,13 @@ stacked `ClientData`. Unless stated otherwise, the parts are disjoint, cover eve
 example, and each client's order was shuffled once at partition time (client
 loaders then read in order, as FIARSE's `shuffle=False` loaders do).
 
-Per-client test sets (local evaluation, METHODS §4.8): call the same partitioner
+Per-client test sets (local evaluation, as FIARSE's code): call the same partitioner
 separately on the test labels, with a different seed, e.g.
 `dirichlet(y_test, n, alpha, seed + 1)`; the union of the test parts is the whole
 test split, i.e. the server's global test set. For balanced Dirichlet,
 `balanced_dirichlet_train_test` does this and optionally reuses the train class
 priors (`share_priors=True`); FIARSE's code draws independent priors (the
-default, ambiguity A4.3).
+default; probably unintended there, kept for a faithful replication).
 
 References:
   McMahan et al., Communication-Efficient Learning of Deep Networks from
@@ -345,7 +345,7 @@ def _rank_within_group(groups, num_groups):
 def balanced_dirichlet(labels, num_clients: int, alpha: float, seed: int, *,
                        num_classes: int | None = None,
                        class_priors: np.ndarray | None = None) -> Parts:
-  """FIARSE's balanced Dirichlet split (METHODS §4.8): equal sizes, skewed labels.
+  """FIARSE's balanced Dirichlet split (its `data/data_utils.py`): equal sizes, skewed labels.
 
   Every client gets exactly m = floor(N / n) examples. Each client draws a class
   prior p_i ~ Dir(alpha * 1_K). Then, repeatedly, a uniformly random client that

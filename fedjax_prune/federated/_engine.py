@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_prune.data import ClientData, client_slice, pad_cohort
 from fedjax_prune.federated import _keys, _lowrank
-from fedjax_prune.types import PRNGKey, PyTree
+from fedjax_prune.types import BatchStats, Metrics, Params, PRNGKey, PyTree
 
 CLIENT_AXIS = "clients"
 
@@ -92,21 +92,54 @@ class ClientOutput(NamedTuple):
   per_client: PyTree = ()
 
 
+class InitFn(Protocol):
+  """`init(params, key, batch_stats=None, **kwargs) -> ServerState`.
+
+  The server state is the algorithm's own pytree (a NamedTuple of arrays). Keyword
+  arguments beyond `batch_stats` are the algorithm's own (e.g. `fedavg`'s `masks`).
+  """
+
+  def __call__(self, params: Params, key: PRNGKey, /, batch_stats: BatchStats | None = None,
+               **kwargs: Any) -> PyTree: ...
+
+
+class ClientUpdateFn(Protocol):
+  """`client_update(server_state, data, info, key) -> ClientOutput`, for ONE client.
+
+  `data` is the client's `ClientData` slice (x [E, ...], y [E], num_examples []),
+  `info` its `ClientInfo`, `key` = fold_in(client_root, client_id).
+  """
+
+  def __call__(self, server_state: PyTree, data: ClientData, info: ClientInfo, key: PRNGKey,
+               /) -> ClientOutput: ...
+
+
+class ServerUpdateFn(Protocol):
+  """`server_update(server_state, outputs, key) -> (ServerState, Metrics)`.
+
+  `outputs.sums` are summed over the cohort and `outputs.per_client` leaves are [C, ...].
+  """
+
+  def __call__(self, server_state: PyTree, outputs: ClientOutput, key: PRNGKey,
+               /) -> tuple[PyTree, Metrics]: ...
+
+
 class FedAlgorithm(NamedTuple):
   """A federated algorithm as three pure functions (the optax pattern).
 
   Attributes:
-    init: `init(params, key, batch_stats=None) -> ServerState`.
+    init: `init(params, key, batch_stats=None) -> ServerState` (`InitFn`).
     client_update: `client_update(server_state, data, info, key) -> ClientOutput`
       for ONE client: `data` is its `ClientData` slice (x [E, ...], y [E],
-      num_examples []), `info` its `ClientInfo`, `key` = fold_in(client_root, client_id).
+      num_examples []), `info` its `ClientInfo`, `key` = fold_in(client_root, client_id)
+      (`ClientUpdateFn`).
     server_update: `server_update(server_state, outputs, key) -> (ServerState, Metrics)`
       where `outputs.sums` are summed over the cohort and `outputs.per_client`
-      leaves are [C, ...].
+      leaves are [C, ...] (`ServerUpdateFn`).
   """
-  init: Callable
-  client_update: Callable
-  server_update: Callable
+  init: InitFn
+  client_update: ClientUpdateFn
+  server_update: ServerUpdateFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +176,9 @@ def round_key(root_key: PRNGKey, round_idx) -> PRNGKey:
   """The key of round `round_idx` from the run's root key: `fold_in(root_key, round_idx)`.
 
   Jitted because it runs on the host once per round: an eager `fold_in` costs
-  ~65 us of dispatch on CPU (measured), as much as a whole round of a small
-  model; the jitted call ~7 us. Same keys either way.
+  about as much dispatch on CPU as a whole round of a small model, the jitted call
+  about a tenth of that (docs/results/engine.md, "Earlier: status at 2026-11-23, 04:00
+  UTC", item 1). Same keys either way.
   """
   return _keys.fold_in(root_key, round_idx)
 
@@ -186,8 +220,9 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
     def body(total, xs):
       # No branch on `active`: a lax.cond here cost a copy of every summed leaf per
       # client and kept the masking, weighting and running sum from fusing into one
-      # pass (with the per-step branches, ~7 % of the thunk time of an 8-client LEAF
-      # CNN round in an XLA:CPU profile). Padding clients train zero steps.
+      # pass (with the per-step branches, a measurable share of an 8-client LEAF CNN
+      # round in an XLA:CPU profile: docs/results/engine.md, "Figures moved out of
+      # the library's docstrings"). Padding clients train zero steps.
       out = one_client(*xs)
       return jax.tree.map(jnp.add, total, _lowrank.densify_sums(out.sums)), out.per_client
 
@@ -230,7 +265,7 @@ def _pad_cohort(cohort: Cohort, multiple: int) -> Cohort:
                 jnp.concatenate([cohort.capacity, jnp.ones((pad,), cohort.capacity.dtype)]))
 
 
-def run_clients(client_update: Callable, server_state, dataset: ClientData, cohort: Cohort,
+def run_clients(client_update: ClientUpdateFn, server_state, dataset: ClientData, cohort: Cohort,
                 client_root: PRNGKey, *, execution: Execution | None = None,
                 mesh: Mesh | None = None) -> ClientOutput:
   """Runs `client_update` for every cohort member and reduces their sums.
@@ -293,8 +328,9 @@ def default_execution(platform: str | None = None) -> Execution:
   CPU: `Sequential()` (a loop over clients in the compiled round; on 2 cores it
   beat vmap and chunked strategies for conv nets and MLPs, docs/results/engine.md).
   GPU/TPU: `Chunked(128)`, i.e. `vmap` over up to 128 clients at a time: on an H100
-  it ran at most 14 % slower than a full `vmap` at 512 clients, with a quarter of its
-  activation memory, while `Sequential()` was 2-83x slower there. For the fastest
+  it ran close to a full `vmap` at 512 clients, with a quarter of its activation
+  memory, while `Sequential()` was several times slower there
+  (docs/results/engine.md, "Figures moved out of the library's docstrings"). For the fastest
   strategy of a given workload, time the candidates (`select_strategy`; the
   experiments' `strategy='auto'`).
   """
@@ -311,8 +347,9 @@ def round_compiler_options(platform: str | None = None) -> dict | None:
   On CPU: copy insertion with region analysis. Without it XLA:CPU copies every
   loop-carried weight that a matmul or convolution reads, once per local step,
   since it cannot prove the reads come before the in-place update (the LEAF CNN:
-  a 26 MB copy per step). Measured on 2 cores (benchmarks/engine.py, 8 clients):
-  the sequential round 7-13 % faster, with the same results. Elsewhere: None.
+  a copy of its dense kernel per step). Without these copies the sequential round is
+  faster on 2 cores, with the same results (benchmarks/engine.py, 8 clients:
+  docs/results/engine.md, "Earlier on 2026-11-23 (02:12 UTC)", item 1). Elsewhere: None.
   """
   platform = jax.default_backend() if platform is None else platform
   if platform == "cpu":
@@ -362,7 +399,8 @@ def make_round(alg: FedAlgorithm, *, execution: Execution | None = None, mesh: M
 
     def jitted(server_state, dataset, cohort, round_key):
       # Tried top-level first: JAX itself tells a nested call apart (checking the
-      # arguments for tracers here cost ~4 us of host time per round).
+      # arguments for tracers here cost host time every round: docs/results/engine.md,
+      # "Current status").
       try:
         return top_level(server_state, dataset, cohort, round_key)
       except ValueError as err:
@@ -379,7 +417,8 @@ def make_round(alg: FedAlgorithm, *, execution: Execution | None = None, mesh: M
     # Inside jit an out-of-range index is clamped, not an error: a bad client id or an
     # example count above the padded length would silently train the wrong data. So
     # both are checked here on the host, where they are concrete: the cohort's ids
-    # when they are a numpy array (make_cohort's; ~2 us), the counts once per dataset.
+    # when they are a numpy array (make_cohort's; cheap: docs/results/engine.md, "Figures
+    # moved out of the library's docstrings"), the counts once per dataset.
     check_cohort_ids(cohort, dataset.x.shape[0])
     counts = dataset.num_examples
     if not (checked_counts and checked_counts[0] is counts) and not isinstance(counts, jax.core.Tracer):
@@ -409,8 +448,9 @@ def make_round(alg: FedAlgorithm, *, execution: Execution | None = None, mesh: M
     # The round returns the server state replicated over the mesh; placing round 1's
     # (single-device) state the same way keeps one compilation for every round.
     # A state that is already replicated (every later round's) is passed as is: a
-    # device_put of it copies nothing but cost ~85 us of host time per round for a
-    # 10-leaf state (measured on CPU), the sharding check ~2 us.
+    # device_put of it copies nothing but costs host time every round, far more than
+    # the sharding check (docs/results/engine.md, "Earlier: status at 2026-11-23,
+    # 04:00 UTC", item 3, and "Figures moved out of the library's docstrings").
     leaves = jax.tree.leaves(server_state)
     if all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
            and x.sharding == replicated for x in leaves):
@@ -464,10 +504,10 @@ def split_cpu_into_devices(num_devices: int | None = None) -> int | None:
   """Exposes the host CPU to JAX as `num_devices` devices (default: one per usable core).
 
   Why: on CPU one client step already spreads each op over all cores, but with
-  poor parallel efficiency (measured on 2 cores: 1.5 cores busy on average for the
-  LEAF CNN step). Sharding the client axis over one CPU device per core runs
-  different clients on different cores at once: the LEAF CNN round ran 1.3x
-  faster on 2 cores (benchmarks/engine.py, docs/results/engine.md). Results equal
+  poor parallel efficiency. Sharding the client axis over one CPU device per core
+  runs different clients on different cores at once, and the LEAF CNN round ran
+  faster so on 2 cores (benchmarks/engine.py; docs/results/engine.md, "Earlier on
+  2026-11-23: the in-graph round beats a loop of jitted steps on CPU", item 1). Results equal
   the unsharded round up to float summation order.
 
   Must be called before JAX runs anything (it sets `jax_num_cpu_devices`). It

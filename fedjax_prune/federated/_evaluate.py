@@ -15,6 +15,7 @@ import numpy as np
 
 from fedjax_prune.data import ClientData
 from fedjax_prune.federated._local import count_correct, softmax_cross_entropy
+from fedjax_prune.federated._method import ApplyFn
 
 
 class EvalSums(NamedTuple):
@@ -73,7 +74,7 @@ def _eval_padded(apply_fn, loss_fn, params, batch_stats, x, y, num_examples, bat
   return sums
 
 
-def make_evaluate(apply_fn: Callable, *, batch_size: int = 512, loss_fn: Callable = softmax_cross_entropy,
+def make_evaluate(apply_fn: ApplyFn, *, batch_size: int = 512, loss_fn: Callable = softmax_cross_entropy,
                   eval_transform: Callable | None = None) -> Callable:
   """Evaluation of one model on a central test set.
 
@@ -100,7 +101,7 @@ def make_evaluate(apply_fn: Callable, *, batch_size: int = 512, loss_fn: Callabl
   return evaluate
 
 
-def make_evaluate_clients(apply_fn: Callable, *, batch_size: int = 128,
+def make_evaluate_clients(apply_fn: ApplyFn, *, batch_size: int = 128,
                           loss_fn: Callable = softmax_cross_entropy,
                           eval_transform: Callable | None = None,
                           clients_per_chunk: int = 16, per_client_params: bool = False) -> Callable:

@@ -28,6 +28,7 @@ from fedjax_prune.federated._lowrank import (LowRankDense, LowRankSum, check_opt
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, make_local_train,
                                            proximal_penalty, round_train_metrics,
                                            softmax_cross_entropy)
+from fedjax_prune.federated._method import ApplyFn
 from fedjax_prune.types import BatchStats, Masks, Params
 
 
@@ -41,8 +42,9 @@ class ServerState(NamedTuple):
     masks: pruning masks (bool pytree broadcastable to params) the clients train
       under and the server applies after its update; None for dense training
       (`init` without masks): nothing is masked then, which saves a pass over the
-      model per client (~2 % of a one-client LEAF CNN round on CPU; all-True
-      masks, e.g. `dense_masks(params)`, give the same results at that cost).
+      model per client (docs/results/engine.md, "Earlier: status at 2026-11-23,
+      05:30 UTC", item 3; all-True masks, e.g. `dense_masks(params)`, give the
+      same results at that cost).
     round_idx: [] int32 number of completed rounds.
   """
   params: Params
@@ -66,7 +68,7 @@ def dense_masks(params: Params) -> Masks:
   return jax.tree.map(lambda _: jnp.ones((), bool), params)
 
 
-def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
+def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
            schedule: LocalSchedule, *, server_optimizer: optax.GradientTransformation | None = None,
            prox_mu: float = 0.0, loss_fn: Callable = softmax_cross_entropy,
            train_transform: Callable | None = None, uniform_weights: bool = False,
@@ -87,7 +89,8 @@ def fedavg(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     report_update_norm: add `update_norm`, the L2 norm of the mean client delta, to
       the round's metrics. Off by default: it is one more read of the model per
       round (XLA then writes the summed delta out instead of fusing it into the
-      parameter update), ~3 % of a one-client LEAF CNN round on 2 CPU cores.
+      parameter update; docs/results/engine.md, "Earlier: status at 2026-11-23,
+      05:30 UTC", item 2).
     lowrank: optional `LowRankDense`: clients train those dense kernels as factors
       (`make_local_train`), hand them to the engine as `LowRankSum`s, and the cohort's
       delta of each is one GEMM over the stacked factors. Needs SGD clients

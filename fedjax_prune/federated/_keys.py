@@ -6,9 +6,9 @@ client splits it into shuffle and augmentation keys, each epoch's shuffle key is
 `fold_in`, and the epoch's permutation sorts `uniform` noise. JAX computes each of
 these with its Threefry-2x32 primitive, which XLA:CPU runs as a 5-iteration `while`
 loop (JAX lowers it rolled on CPU) inside a nested call: a handful of tiny kernel
-launches per iteration. For a small model that is most of a one-client round:
-measured on 2 CPU cores, logistic regression's one-step local training took 72 us
-with `jax.random` and 41 us with the functions here (docs/results/engine.md).
+launches per iteration. For a small model that is most of a one-client round
+(logistic regression's one-step local training on 2 CPU cores, with `jax.random`
+and with the functions here: docs/results/engine.md, "Current status").
 
 The functions here compute the same Threefry-2x32 hash written out with `jnp`
 integer ops (20 rounds, straight-line), which XLA fuses into one elementwise kernel,

@@ -35,9 +35,10 @@ class Strategy:
   its `LowRankDense` with `lowrank_dense`; dense FedAvg with SGD clients only).
 
   On CPU split into one device per core (`split_cpu_into_devices`), sharding runs
-  clients on different cores at once: a large gain for compute-bound models
-  (LEAF CNN 1.3x, MLP 2.7x on 2 cores) and a loss for tiny dispatch-bound ones at
-  small cohorts (logistic regression, 8 clients: 0.7x), so callers time both.
+  clients on different cores at once: a large gain for compute-bound models (the
+  LEAF CNN, an MLP) and a loss for tiny dispatch-bound ones at small cohorts
+  (logistic regression, 8 clients), so callers time both (docs/results/engine.md,
+  "Figures moved out of the library's docstrings").
   """
   execution: Execution
   conv_impl: str = "lax"
@@ -122,19 +123,21 @@ def candidate_strategies(*, cohort_size: int, has_conv: bool, backend: str | Non
 
   With `lowrank=True` (the caller's workload allows `LowRankDense`: SGD-client dense
   FedAvg and a dense kernel worth factoring), '+lowrank' variants are added: on CPU of
-  the sequential candidates before them (LEAF CNN on 2 cores: one client 1.15x, eight
-  clients 1.1x faster), on accelerators of every vectorised candidate.
+  the sequential candidates before them (faster for the LEAF CNN on 2 cores, one
+  client and eight: docs/results/engine.md, "Earlier: status at 2026-11-23, 06:57
+  UTC"), on accelerators of every vectorised candidate.
 
   With `unroll` > 1 (e.g. `waste_free_unroll(data.num_examples, schedule)`), on CPU
   the first sequential candidate is also tried with that many local steps written
-  out before the step loop: measured on 2 cores, one client of the LEAF CNN ran
-  9-12 % faster so and an MLP 8 %, but logistic regression 40 % slower (many tiny
-  steps: XLA's thunk executor then pays its concurrency overhead per op), hence a
-  candidate, not a default.
+  out before the step loop: on 2 cores one client of the LEAF CNN and of an MLP ran
+  faster so, but logistic regression slower (many tiny steps: XLA's thunk executor
+  then pays its concurrency overhead per op), hence a candidate, not a default
+  (docs/results/engine.md, "Earlier: status at 2026-11-23, 05:30 UTC", item 1).
 
-  On CPU: vmap of lax convolutions (grouped convolutions, measured 4-9x slower
+  On CPU: vmap of lax convolutions (grouped convolutions, several times slower
   than a loop) is never tried, nor lax convolutions inside the in-graph loop
-  (their gradients are ~20-100x slower in XLA:CPU loop bodies; 'tapgrad' is
+  (their gradients are one to two orders of magnitude slower in XLA:CPU loop
+  bodies; timings in docs/results/engine.md; 'tapgrad' is
   the same convolution with loop-safe gradients), and full vmap only for small cohorts (its memory
   grows with the cohort); chunked im2col is tried at small chunk sizes.
   On accelerators: full vmap and chunks of 32/128 with both conv lowerings.

@@ -87,4 +87,5 @@ __all__ = [
     'block_has_shortcut_conv', 'build', 'cifar_resnet', 'conv2d', 'conv_output_hw', 'default_kernel_init',
     'global_avg_pool', 'init_params', 'leaf_femnist_cnn', 'make_apply', 'masked_moments',
     'max_pool', 'mlp', 'padding_pairs', 'param_shapes', 'pool_output_hw', 'resnet18', 'resnet20', 'resnet56', 'vgg11',
+    'resolve_conv_impl',
 ]

@@ -1,14 +1,16 @@
 """A convolution whose gradients are layout-canonical forward convolutions ("tapgrad").
 
 Why: on XLA:CPU (jax 0.10), the weight-gradient convolution that autodiff emits
-for `lax.conv_general_dilated` runs ~100x slower inside a loop body
-(`lax.scan`/`while`) than at top level (measured here: 450 ms vs 4.3 ms for
-the LEAF FEMNIST conv2 at batch 32), and so does the input-gradient (transposed) convolution (62 ms vs 2.9 ms), while
-a plain NHWC x HWIO forward convolution is equally fast in both places. Local
+for `lax.conv_general_dilated` runs one to two orders of magnitude slower inside a
+loop body (`lax.scan`/`while`) than at top level, and so does the input-gradient
+(transposed) convolution, while a plain NHWC x HWIO forward convolution is equally
+fast in both places (the LEAF FEMNIST conv2 at batch 32: docs/results/engine.md,
+"LEAF FEMNIST CNN"). Local
 training is a `lax.scan` over steps, so every in-graph client loop hit this.
 This conv computes both gradients as explicit forward convolutions with
 canonical layouts (transposes done by hand, which are cheap): values are
-identical to autodiff's, and the weight gradient takes 5.8 ms in a loop.
+identical to autodiff's, and the weight gradient is fast in a loop too
+(docs/results/engine.md, "Figures moved out of the library's docstrings").
 """
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ def _kernel_grad(x, dy, kernel_shape, stride, pads):
   rhs = dy.transpose(1, 2, 0, 3)   # [Ho, Wo, B, co]
   # The spatial padding goes into the convolution, not a jnp.pad: XLA:CPU's
   # convolution kernel pads on the fly, and an explicit padded copy made this
-  # gradient 1.5x slower (LEAF CNN conv2: 5.3 ms vs 3.5 ms, batch 32).
+  # gradient slower (docs/results/engine.md, "Earlier on 2026-11-23: the in-graph
+  # round beats a loop of jitted steps on CPU", item 2).
   out = lax.conv_general_dilated(lhs, rhs, window_strides=(1, 1), padding=pads,
                                  rhs_dilation=stride, dimension_numbers=_DIMS)
   return out[:, :kh, :kw, :].transpose(1, 2, 0, 3)  # [kh, kw, ci, co]

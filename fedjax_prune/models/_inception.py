@@ -1,4 +1,4 @@
-"""Inception-style CNN of the automatic-structured-pruning paper (METHODS.md §1.4).
+"""Inception-style CNN of the automatic-structured-pruning paper (arXiv 2411.01759).
 
 stem conv3x3(c0, stride 2, VALID) -> ReLU -> naive inception modules (parallel
 conv1x1 / conv3x3 / conv5x5, stride 1, SAME, ReLU each, channel concat in that
@@ -96,7 +96,7 @@ class InceptionSpec:
 def asp_inception(widths: tuple[int, ...] = (32, 16, 16, 16, 32, 32, 32, 96, 96),
                   num_classes: int = 62, input_shape: tuple[int, int, int] = (28, 28, 1),
                   dense_width: int = 50) -> InceptionSpec:
-  """Inception-style model of the automatic-structured-pruning paper (METHODS.md §1.4).
+  """Inception-style model of the automatic-structured-pruning paper (arXiv 2411.01759).
 
   widths = [c0, a1, b1, c1, a2, b2, c2, d, e]. 246,236 parameters for FEMNIST
   (28x28x1, 62 classes), 243,752 for CelebA (84x84x3, 2 classes).

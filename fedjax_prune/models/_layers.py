@@ -9,15 +9,16 @@ Conv implementations (`conv_impl`):
     of the input concatenated along channels in (i, j, c) order -- the order of
     `kernel.reshape(kh * kw * ci, co)` -- and one matmul. Under `jax.vmap`
     over per-client kernels this is a batched GEMM instead of a grouped
-    convolution (faster on CPU, see PERFORMANCE.md; measure on other backends).
+    convolution (faster on CPU: docs/results/engine.md, "Figures moved out of the
+    library's docstrings"; measure on other backends).
   * `'tapgrad'`: `lax.conv_general_dilated` forward with a custom VJP whose
     input and weight gradients are layout-canonical forward convolutions
     (`_conv_grad`); same values, fast inside XLA:CPU loop bodies.
   * `'auto'` (the default of `models.build`/`make_apply`): `'tapgrad'` when JAX's
     default backend is the CPU, `'lax'` elsewhere (`resolve_conv_impl`). Inside
     the compiled round's step loop XLA:CPU lowers `'lax'` convolution gradients
-    to slow naive loops: a one-client LEAF CNN round took 0.97 s with `'lax'`
-    vs 0.07–0.08 s with `'tapgrad'` (2-core CPU, 4 steps of batch 32).
+    to slow naive loops, an order of magnitude slower for a one-client LEAF CNN
+    round (docs/results/engine.md, "Earlier: status at 2026-11-23, 04:00 UTC", item 2).
 
 Initialisation lives in `_build.init_params` (PyTorch-default kernels
 U(+-1/sqrt(fan_in)), zero biases, BN scale 1 / bias 0, running mean 0 / var 1);

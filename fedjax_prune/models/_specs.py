@@ -385,7 +385,7 @@ def leaf_femnist_cnn(num_classes: int = 62, widths: tuple[int, int] = (32, 64),
 
 def asp_femnist_cnn(widths: tuple[int, int] = (32, 64), num_classes: int = 62,
                     input_shape: tuple[int, int, int] = (28, 28, 1)) -> ConvNetSpec:
-  """FEMNIST CNN of the automatic-structured-pruning paper (METHODS.md §1.4).
+  """FEMNIST CNN of the automatic-structured-pruning paper (arXiv 2411.01759).
 
   conv5x5(valid) -> ReLU -> pool2 -> conv5x5(valid) -> ReLU -> pool2 -> GAP ->
   dense(62). 56,126 parameters at widths (32, 64).
@@ -398,7 +398,7 @@ def asp_femnist_cnn(widths: tuple[int, int] = (32, 64), num_classes: int = 62,
 
 def asp_celeba_cnn(widths: tuple[int, ...] = (32, 32, 32, 32), num_classes: int = 2,
                    input_shape: tuple[int, int, int] = (84, 84, 3)) -> ConvNetSpec:
-  """CelebA CNN of the automatic-structured-pruning paper (METHODS.md §1.4).
+  """CelebA CNN of the automatic-structured-pruning paper (arXiv 2411.01759).
 
   4 x [conv5x5(same) -> ReLU -> pool2] (84 -> 42 -> 21 -> 10 -> 5, floor) ->
   flatten -> dense(2). 80,930 parameters at widths 4 x 32.
@@ -419,7 +419,7 @@ def vgg11(num_classes: int = 10, norm: str = 'batch_running',
   without BN), then flatten (1x1x512 on 32x32 inputs) and one dense layer
   512 -> classes. This is the CIFAR head used by HeteroFL-style code, not
   torchvision's 7x7-avgpool + 4096-4096 ImageNet classifier (the FedTiny port's
-  choice is unverified, METHODS.md §2.6).
+  choice is unverified).
 
   Args:
     num_classes: number of logits.
@@ -445,7 +445,7 @@ def _scaled(width: int, multiplier: float) -> int:
 
 def resnet18(num_classes: int = 10, norm: str = 'batch_running', width_multiplier: float = 1.0,
              input_shape: tuple[int, int, int] = (32, 32, 3)) -> ResNetSpec:
-  """CIFAR ResNet-18 exactly as METHODS.md §4.7 (FIARSE `resnet.py`).
+  """CIFAR ResNet-18 exactly as FIARSE's `fiarse/model/resnet.py` (github.com/HarliWu/FIARSE).
 
   conv3x3(3 -> 64, stride 1, no bias) -> BN -> ReLU -> 4 stages x 2 BasicBlocks
   (widths 64/128/256/512, strides 1/2/2/2) -> GAP -> Linear(512 -> C, bias).
@@ -516,7 +516,7 @@ def resnet56(**kwargs) -> ResNetSpec:
 def asp_resnet(widths: tuple[int, ...] = (16, 32, 64), num_classes: int = 2,
                input_shape: tuple[int, int, int] = (84, 84, 3),
                norm: str = 'batch_running') -> ResNetSpec:
-  """ResNet-style model of the automatic-structured-pruning paper (METHODS.md §1.4).
+  """ResNet-style model of the automatic-structured-pruning paper (arXiv 2411.01759).
 
   widths = [c0, c1, ..., cn]: stem conv3x3(c0, stride 2, same, bias) -> BN ->
   ReLU -> max-pool 2; then for each c_i (i >= 1) one block of inner width c_i,

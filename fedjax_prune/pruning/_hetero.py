@@ -19,9 +19,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from fedjax_prune import federated
+from fedjax_prune import accounting, federated, models
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.federated import ClientOutput, CountedSum, FedAlgorithm, LocalMetrics
 from fedjax_prune.masks._filters import path_str
@@ -101,7 +102,7 @@ def default_maskable(params: Params) -> PyTree:
   """FIARSE's maskable set: every parameter except BatchNorm scale/bias (static bools).
 
   Conv kernels, dense kernels and dense biases (the classifier's included) are
-  ranked together (METHODS.md §4.2); BN affine parameters are always dense.
+  ranked together (FIARSE's official code); BN affine parameters are always dense.
   """
   return jax.tree_util.tree_map_with_path(lambda p, _: not is_norm_path(p), params)
 
@@ -158,3 +159,187 @@ def check_optimizer(optimizer: Any) -> optax.GradientTransformation:
   if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
     raise TypeError(f"client_optimizer must be an optax GradientTransformation, got {optimizer!r}")
   return optimizer
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def level_label(capacity: float) -> str:
+  """'1', '1/4', '1/64' for reciprocal integers, else '0.64' (metric names per level)."""
+  if capacity == 1.0:
+    return "1"
+  inv = 1.0 / capacity
+  return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"{capacity:g}"
+
+
+def client_capacities(num_clients: int, capacities: Sequence[float], assignment: str) -> np.ndarray:
+  """[N] float32 capacity of every client: 'interleaved' (client i -> level i mod L) or
+  'blocks' (equal contiguous groups; equal group sizes when L divides N)."""
+  levels = np.asarray(capacities, np.float32)
+  idx = np.arange(num_clients)
+  if assignment == "interleaved":
+    return levels[idx % len(levels)]
+  if assignment == "blocks":
+    return levels[idx * len(levels) // num_clients]
+  raise ValueError(f"assignment must be 'interleaved' or 'blocks', got {assignment!r}")
+
+
+class LevelTest(NamedTuple):
+  """The test data of the per-level evaluation.
+
+  Attributes:
+    x, y: the global test set [T, ...], [T].
+    clients: every client's local test set (`ClientData`, clients aligned with training).
+    batch_size: evaluation batch size (static BN normalises with each batch's statistics).
+  """
+  x: jax.Array
+  y: jax.Array
+  clients: Any
+  batch_size: int
+
+
+def make_level_evaluator(method: HeteroMethod, apply_fn: Callable, test: LevelTest):
+  """Jitted evaluators with a traced capacity (one compile for every size).
+
+  Returns (eval_all(state, capacity) -> (central EvalSums, per-client EvalSums [N]),
+  eval_central(state, capacity) -> central EvalSums).
+  """
+
+  def submodel_apply(state, capacity):
+    params, exit_idx = method.submodel(state, capacity)
+
+    def apply(p, bs, x, *, train, example_mask=None):
+      logits, stats = apply_fn(p, bs, x, train=train, example_mask=example_mask)
+      if logits.ndim == 3:  # early-exit model: [B, X, K] -> the submodel's exit
+        logits = jnp.take(logits, exit_idx, axis=1)
+      return logits, stats
+
+    return params, apply
+
+  # Test data enter as arguments (closed-over arrays would be constant-folded at compile time).
+  def eval_central(state, capacity, test_x, test_y):
+    params, apply = submodel_apply(state, capacity)
+    return federated.make_evaluate(apply, batch_size=test.batch_size)(
+        params, state.batch_stats, test_x, test_y)
+
+  def eval_all(state, capacity, test_x, test_y, test_clients):
+    params, apply = submodel_apply(state, capacity)
+    local = federated.make_evaluate_clients(apply, batch_size=test.batch_size)(
+        params, state.batch_stats, test_clients)
+    return eval_central(state, capacity, test_x, test_y), local
+
+  all_jit, central_jit = jax.jit(eval_all), jax.jit(eval_central)
+  return (lambda state, cap: all_jit(state, cap, test.x, test.y, test.clients),
+          lambda state, cap: central_jit(state, cap, test.x, test.y))
+
+
+def evaluate_levels(eval_all, eval_central, state, capacities, client_caps, sweep) -> dict:
+  """The per-level evaluation protocol (FIARSE's `server.py`) as a flat dict of host floats.
+
+  model_<s>: mean local-test accuracy of the clients whose capacity is s, on the size-s
+  submodel; local: mean over all clients of their own-size submodel's local-test
+  accuracy; global_<s>: size-s submodel on the global test set, `global` their mean;
+  sweep_<s>: size-s submodel on the global test set for the extra sizes `sweep`.
+  """
+  out, global_accs = {}, []
+  own_acc = np.full(client_caps.shape, np.nan)
+  for cap in capacities:
+    central, local = eval_all(state, jnp.float32(cap))
+    c = central.means()
+    label = level_label(cap)
+    out[f"global_{label}"] = float(c["accuracy"])
+    global_accs.append(float(c["accuracy"]))
+    # Test rows beyond the N train clients (test-only clients) have no capacity: ignored.
+    n = np.asarray(local.num_examples)[:client_caps.shape[0]]
+    acc = np.where(n > 0, np.asarray(local.correct_sum)[:n.shape[0]] / np.maximum(n, 1), np.nan)
+    mine = np.abs(client_caps - cap) < 1e-6
+    own_acc[mine] = acc[mine]
+    out[f"model_{label}"] = float(np.nanmean(acc[mine])) if np.any(mine & (n > 0)) else float("nan")
+  out["local"] = float(np.nanmean(own_acc))
+  out["global"] = float(np.mean(global_accs))
+  for cap in sweep:
+    out[f"sweep_{level_label(cap)}"] = float(eval_central(state, jnp.float32(cap)).means()["accuracy"])
+  # The generic keys every method reports.
+  out["test_accuracy"], out["local_accuracy_mean"] = out["global"], out["local"]
+  return out
+
+
+def submodel_level_masks(method: HeteroMethod, state: HeteroState, capacity: float):
+  """Host bool masks of the size-`capacity` submodel: the submodel of an all-ones model
+  (1 kept, 0 dropped), the extraction evaluation uses (width/depth submodels do not
+  depend on the weights)."""
+  ones = jax.tree.map(jnp.ones_like, state.params)
+  masks, _ = method.submodel(state._replace(params=ones), jnp.float32(capacity))
+  return jax.tree.map(lambda m: np.asarray(m) != 0, jax.device_get(masks))
+
+
+def level_sizes(level_masks: Callable[[HeteroState, float], Any], state: HeteroState, spec,
+                capacities: Sequence[float]) -> tuple[list[int], list[int]]:
+  """(kept parameters, FLOPs at batch 1) of every capacity level's submodel, host ints.
+
+  Parameters count every leaf of the state (ScaleFL's exits included); FLOPs walk the
+  backbone `spec`, so leaves outside it (ScaleFL's exits) are left out of its masks.
+  """
+  params = jax.device_get(state.params)
+  backbone = models.param_shapes(spec)[0].keys()
+  level_params, level_flops = [], []
+  for cap in capacities:
+    masks = level_masks(state, cap)
+    level_params.append(accounting.param_count(None, masks, params=params))
+    level_flops.append(accounting.flops(spec, {k: v for k, v in masks.items() if k in backbone}))
+  return level_params, level_flops
+
+
+def submodel_method(hetero: HeteroMethod, *, spec, params: Params, batch_stats: BatchStats,
+                    key: jax.Array, eval_apply: Callable, test: LevelTest,
+                    client_caps: np.ndarray, capacities: Sequence[float],
+                    sweep: Sequence[float] = (), sweep_every: int = 0, num_rounds: int = 0,
+                    level_masks: Callable[[HeteroState, float], Any] | None = None
+                    ) -> federated.Method:
+  """A model-heterogeneous method end to end: nothing runs between rounds (every client's
+  submodel is derived inside the compiled round); evaluation per capacity level.
+
+  Args:
+    hetero: the method's `HeteroMethod` (algorithm + evaluation submodel).
+    spec, params, batch_stats: the full-size model.
+    key: the init key.
+    eval_apply: the full-size apply function evaluation runs (any conv implementation).
+    test: the test data (`LevelTest`).
+    client_caps: [N] capacity of every client (`client_capacities`).
+    capacities: the L levels.
+    sweep: extra sizes evaluated on the global test set every `sweep_every` rounds
+      (0 = only at round `num_rounds`, the last).
+    level_masks: `(state, capacity) -> host bool masks` of a level's submodel, for the
+      summary's per-level sizes (default `submodel_level_masks`).
+
+  Returns:
+    The `Method`; its summary has `params` (full model), `capacities`, `level_params`,
+    `level_flops`.
+  """
+  caps = tuple(float(c) for c in capacities)
+  sweep = tuple(float(c) for c in sweep)
+  masks_fn = level_masks or (lambda state, cap: submodel_level_masks(hetero, state, cap))
+
+  def init():
+    server = hetero.algorithm.init(params, key, batch_stats=batch_stats)
+    return federated.MethodState(server, spec, {})
+
+  def evaluator(spec):
+    eval_all, eval_central = make_level_evaluator(hetero, eval_apply, test)
+
+    def evaluate(state, round_idx):
+      last = round_idx + 1 == num_rounds
+      do_sweep = last or (sweep_every and (round_idx + 1) % sweep_every == 0)
+      return evaluate_levels(eval_all, eval_central, state.server, caps, client_caps,
+                             sweep if do_sweep else ())
+
+    return evaluate
+
+  def summary(state, last_eval):
+    del last_eval
+    level_params, level_flops = level_sizes(masks_fn, state.server, spec, caps)
+    return {"params": tree_lib.size(params),
+            "capacities": caps, "level_params": level_params, "level_flops": level_flops}
+
+  return federated.Method(init=init, algorithm=lambda spec: hetero.algorithm,
+                          evaluator=evaluator, summary=summary)

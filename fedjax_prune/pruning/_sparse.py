@@ -3,7 +3,7 @@ SNIP, SynFlow): budgets, selections, one-batch gradients.
 
 Every method here trains ONE global unstructured mask over the conv/dense kernels
 (biases and BatchNorm dense), at a global density that counts the dense
-entries against the budget (FedTiny's convention, METHODS.md §2.2):
+entries against the budget (FedTiny's convention):
 prunable entries kept = d * N_total - N_dense. Each is a `base.MaskRule` run by
 `base.masked_fedavg`. Selections with a *traced* number of entries
 (cosine-annealed prune/grow counts) use `rank_select`, a stable sort, so one

@@ -12,7 +12,7 @@ phase 2 is plain FedAvg on the found architecture. Everything here is
 host-side, between rounds, on concrete arrays; the round itself stays
 `federated.fedavg` + `federated.make_round`.
 
-Prunable layers (METHODS.md §1.2): every conv of a plain CNN and of the
+Prunable layers (the official code's `prunable_conv` layers): every conv of a plain CNN and of the
 Inception-style model; in a ResNet the stem and the first conv of every block.
 A ResNet stage's residual stream behind a projection shortcut is a separate
 channel group in `structured`; in the paper's ResNet every block's stream has
@@ -21,10 +21,11 @@ as the stem (`couple_streams_to_stem`, default True), chosen by the group's
 own L1 norm; other stream groups are scored by the rule. Dense layers are
 never pruned.
 
-Deviations, documented: clients get a fresh Adam state (the Keras code leaks
-moments between clients, A1.5); the filter kept when the rule would keep none
-is the one whose score is nearest the mean (the code only keeps the count,
-which is all that matters with re-initialisation).
+Deviations, documented: clients get a fresh Adam state (the Keras code reuses one
+compiled client model for the whole round, so Adam moments leak between clients);
+the filter kept when the rule would keep none is the one whose score is nearest
+the mean (the code only keeps the count, which is all that matters with
+re-initialisation).
 
 References:
   Nguyen, Le, Avila, "Automatic Structured Pruning for Efficient Architecture
@@ -148,12 +149,14 @@ def auto_structured(*, k: float = 2.2, tails: str = 'both', max_patience: int = 
   Args:
     k: STD_THRESHOLD_PRUNE (2.2 FEMNIST CNN, 2.0 CelebA CNN/ResNet, 2.5 FEMNIST
       ResNet/Inception, 2.4 CelebA Inception).
-    tails: 'both' (the code) or 'lower' (A1.1).
+    tails: 'both' (the code) or 'lower' (inferred: one summary of the paper speaks
+      of filters below a bound).
     max_patience: MAX_PRUNE_PATIENCE, consecutive rejected candidates that end the search.
     max_pruned_round: MAX_PRUNED_ROUND; the search ends at the first round past it.
     reinit_on_prune: re-initialise the accepted architecture (the code) or keep
-      the surviving filters' weights (A1.2).
-    rounds_between_prunes: rounds between pruning decisions (A1.3; the code: 1).
+      the surviving filters' weights (inferred: the paper's text may describe this).
+    rounds_between_prunes: rounds between pruning decisions (the code: 1; inferred
+      option: whether the paper trains several rounds between prunes is not known).
     couple_streams_to_stem: ResNet stream groups keep the stem's count (`prunable_groups`).
     init_fn: `(spec, key) -> (params, batch_stats)` for re-initialisation.
 

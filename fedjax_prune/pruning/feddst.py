@@ -10,7 +10,7 @@ mini-batch, dense gradient; RigL-style, regrown weights start at 0), then keeps
 training `post_adjust` local steps under its new mask. It uploads its weights
 and mask. The server averages each coordinate over the clients that hold it
 (example-weighted) and re-derives the global mask layer by layer as the a_l
-largest |w| of that aggregate ("mask voting" by magnitude, METHODS.md §5), so
+largest |w| of that aggregate ("mask voting" by magnitude, as FedDST's `dst.py`), so
 every layer keeps its density. Outside adjustment rounds it is masked FedAvg.
 f(t) = alpha/2 (1 + cos(pi t / T_end)) as in FedTiny (FedDST's code default alpha 0.01).
 

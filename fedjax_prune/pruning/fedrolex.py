@@ -11,12 +11,14 @@ from typing import Callable, Sequence
 
 import optax
 
+from fedjax_prune import federated
 from fedjax_prune.federated import LocalSchedule, softmax_cross_entropy
+from fedjax_prune.pruning import _hetero
 from fedjax_prune.pruning._hetero import HeteroMethod
 from fedjax_prune.pruning._width_submodels import (INPUT_KEYS, OUTPUT_KEYS, channel_keep, width_masks,
                                                    width_method)
 
-__all__ = ["channel_keep", "fedrolex", "width_masks"]
+__all__ = ["fedrolex_method", "channel_keep", "fedrolex", "width_masks"]
 
 
 def fedrolex(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
@@ -37,3 +39,15 @@ def fedrolex(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
                       rolling=True, scaler=scaler, server_learning_rate=server_learning_rate,
                       loss_fn=loss_fn, train_transform=train_transform, input_keys=input_keys,
                       output_keys=output_keys)
+
+
+def fedrolex_method(hetero: HeteroMethod, **kwargs) -> federated.Method:
+  """FedRolex end to end: `fedrolex(...)`'s algorithm, evaluated per capacity level. Nothing runs
+  between rounds (every client's submodel is derived inside the compiled round).
+
+  Args:
+    hetero: `fedrolex(...)`.
+    **kwargs: `_hetero.submodel_method`'s keyword arguments (spec, params, batch_stats,
+      key, eval_apply, test, client_caps, capacities, sweep, sweep_every, num_rounds).
+  """
+  return _hetero.submodel_method(hetero, **kwargs)

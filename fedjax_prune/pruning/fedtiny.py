@@ -1,6 +1,8 @@
 """FedTiny: adaptive BN selection + progressive prune-and-grow (Huang et al., ICDCS 2023).
 
-Read top to bottom as the algorithm (METHODS.md §2); `fedtiny_method` runs it end to end:
+Read top to bottom as the algorithm; `fedtiny_method` runs it end to end. What the paper
+leaves open follows "the port", the authors' group's later re-implementation
+(github.com/FedPruning/FedPruning, module `fedtiny`, last at commit e301307):
 
 1. Sparse setup (`sparse_setup`): unstructured masks on conv/dense kernels,
    biases and BN dense and counted in the budget, uniform or ERK layer
@@ -28,7 +30,7 @@ Read top to bottom as the algorithm (METHODS.md §2); `fedtiny_method` runs it e
    input->output order (or reversed); `AllLayers()` is the port's behaviour.
 
 Deviation notes (each an option or documented choice): BN statistics are
-exact per-client batch-pooled moments (the port's EMA is replaced, §2.3); the
+exact per-client batch-pooled moments (the port's EMA is replaced); the
 growth gradient uses one random local mini-batch after local training
 (`growth_data_mode='batch'`); K is per layer (port), not global.
 
@@ -324,7 +326,7 @@ def adaptive_bn_selection(apply_fn: Callable, *, batch_size: int, bn_aggregation
       return total / jnp.maximum(data.num_examples.astype(jnp.float32), 1.0)
 
     losses_K = jax.vmap(one)(cands.params, cands.batch_stats)
-    # A plain mean over clients (port, §2.3 step 6): each client counts once.
+    # A plain mean over clients (as the port's candidate selection): each client counts once.
     return ClientOutput((losses_K, jnp.ones((), jnp.float32)))
 
   def select(cands: Candidates, dataset, cohort: federated.Cohort, key: PRNGKey) -> ABNSResult:

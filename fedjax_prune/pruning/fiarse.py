@@ -8,9 +8,9 @@ each client reads its tau as a vmapped scalar and re-evaluates the mask on its
 *current* weights inside every local step (tau fixed during local training), so
 a weight that shrinks below tau drops out. The server averages each coordinate
 over the clients whose update touched it (delta != 0) and applies it with a
-server learning rate (METHODS.md §4.2).
+server learning rate (as the official code's `fiarse/server.py`).
 
-Two gradients (METHODS.md §4.3):
+Two gradients (the official code's `Bern` autograd function):
   * `'masked'`: g * m -- what the released code computes (its surrogate backward
     hangs off a bool tensor and never runs); use it to reproduce the paper table.
   * `'tcb'`: the TCB-GD surrogate g * m * (1 + 2 tau |x| / (|x| + tau)^2), as a
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_prune import federated
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalSchedule,
                                     make_local_train, softmax_cross_entropy)
 from fedjax_prune.masks._filters import path_str
@@ -43,9 +44,9 @@ from fedjax_prune.pruning._hetero import HeteroMethod, HeteroState, default_mask
 from fedjax_prune.types import Masks, Params, PyTree
 
 GRADS = ("masked", "tcb")
-FOUR_LEVELS = (1.0, 1 / 4, 1 / 16, 1 / 64)        # METHODS.md §4.6, 25 clients each
-FIVE_LEVELS = (1.0, 0.64, 0.36, 0.16, 0.04)      # METHODS.md §4.6, 20 clients each
-SWEEP_LEVELS = tuple(1.0 / 2 ** i for i in range(0, 9))  # 1 ... 1/256 (§4.9 extra sweep)
+FOUR_LEVELS = (1.0, 1 / 4, 1 / 16, 1 / 64)        # the official README's 4 sizes, 25 clients each
+FIVE_LEVELS = (1.0, 0.64, 0.36, 0.16, 0.04)      # the official README's 5 sizes, 20 clients each
+SWEEP_LEVELS = tuple(1.0 / 2 ** i for i in range(0, 9))  # 1 ... 1/256 (the official extra sweep)
 
 _STAGE_KEY = re.compile(r"^(stage\d+)_block\d+$")
 
@@ -256,7 +257,8 @@ def fiarse(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     local_train = make_local_train(sub_apply, client_optimizer, schedule, loss_fn=loss_fn,
                                    train_transform=train_transform)
     local, metrics = local_train(state.params, state.batch_stats, data, key)
-    # Partial averaging counts the coordinates this client's update touched (A4.1).
+    # Partial averaging counts the coordinates this client's update touched (delta != 0, as
+    # the official code; mask membership differs only for exact-zero updates).
     present = jax.tree.map(lambda a, b: a != b, state.params, local.params)
     return _hetero.client_output(state, local.params, local.batch_stats, present, metrics)
 
@@ -292,3 +294,31 @@ def _traced_thresholds(params: Params, capacity, maskable: PyTree, layerwise: bo
     k = jnp.floor(cap * n + 1e-3).astype(jnp.int32)  # float32: tolerate round-off of c * n
     out.append(jnp.where(k > 0, v[jnp.clip(n - k, 0, n - 1)], jnp.inf))
   return jnp.stack(out)
+
+
+def fiarse_method(hetero: HeteroMethod, *, layerwise: bool = False,
+                  maskable_fn: Callable[[Params], PyTree] = default_maskable,
+                  **kwargs) -> federated.Method:
+  """FIARSE end to end: `fiarse(...)`'s algorithm, evaluated per capacity level.
+
+  Nothing runs between rounds: each client's importance-aware submodel (|x| >= the
+  level's threshold) is derived inside the compiled round. A level's size in the
+  summary counts the entries its threshold keeps on the final global model.
+
+  Args:
+    hetero: `fiarse(...)`.
+    layerwise, maskable_fn: as given to `fiarse` (the level masks use the same).
+    **kwargs: `_hetero.submodel_method`'s keyword arguments (spec, params, batch_stats,
+      key, eval_apply, test, client_caps, capacities, sweep, sweep_every, num_rounds).
+  """
+  capacities = tuple(float(c) for c in kwargs["capacities"])
+
+  def level_masks(state, capacity):
+    params = jax.device_get(state.params)
+    maskable = maskable_fn(params)
+    tau_LxG = thresholds(params, capacities, maskable, layerwise=layerwise)
+    masks = submodel_masks(params, tau_LxG[capacities.index(float(capacity))], maskable,
+                           layerwise=layerwise)
+    return jax.tree.map(lambda m: np.asarray(m) != 0, jax.device_get(masks))
+
+  return _hetero.submodel_method(hetero, level_masks=level_masks, **kwargs)

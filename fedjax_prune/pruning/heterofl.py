@@ -13,12 +13,14 @@ from typing import Callable, Sequence
 
 import optax
 
+from fedjax_prune import federated
 from fedjax_prune.federated import LocalSchedule, softmax_cross_entropy
+from fedjax_prune.pruning import _hetero
 from fedjax_prune.pruning._hetero import HeteroMethod
 from fedjax_prune.pruning._width_submodels import (INPUT_KEYS, OUTPUT_KEYS, channel_keep, keep_count,
                                                    sqrt_widths, width_masks, width_method)
 
-__all__ = ["channel_keep", "heterofl", "keep_count", "sqrt_widths", "width_masks"]
+__all__ = ["heterofl_method", "channel_keep", "heterofl", "keep_count", "sqrt_widths", "width_masks"]
 
 
 def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
@@ -53,3 +55,15 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
                       rolling=False, scaler=scaler, server_learning_rate=server_learning_rate,
                       loss_fn=loss_fn, train_transform=train_transform, input_keys=input_keys,
                       output_keys=output_keys)
+
+
+def heterofl_method(hetero: HeteroMethod, **kwargs) -> federated.Method:
+  """HeteroFL end to end: `heterofl(...)`'s algorithm, evaluated per capacity level. Nothing runs
+  between rounds (every client's submodel is derived inside the compiled round).
+
+  Args:
+    hetero: `heterofl(...)`.
+    **kwargs: `_hetero.submodel_method`'s keyword arguments (spec, params, batch_stats,
+      key, eval_apply, test, client_caps, capacities, sweep, sweep_every, num_rounds).
+  """
+  return _hetero.submodel_method(hetero, **kwargs)

@@ -10,7 +10,7 @@ the surviving weights (and BN statistics) to their initial values (lottery
 ticket rewinding). After the last step layer l has exactly its target density d_l.
 
 Deviation (documented; per-client tickets not implemented). LotteryFL as
-published (METHODS.md §5, partly inferred there; the authors' code was not read)
+published (from background knowledge, partly inferred; the authors' code was not read)
 is personalised:
   * every client k keeps its OWN mask m_k (and the shared initial weights);
   * a sampled client receives the global weights restricted to m_k, checks its

@@ -3,8 +3,9 @@
 Use with `models.make_early_exit_apply` / `models.build_early_exit`. A level is a
 (width r, depth d) pair: the client trains stages 1..d at width r and the exits up to
 d, distilling its deepest exit into the earlier ones. The level rule
-(`scalefl_levels`), the distillation loss form and weights are inferred (METHODS.md §5)
-and exposed as options. Shared width machinery in `_width_submodels.width_method`.
+(`scalefl_levels`), the distillation loss form and weights are inferred (the
+paper's method section and code were not read) and exposed as options. Shared
+width machinery in `_width_submodels.width_method`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_prune import federated
 from fedjax_prune.federated import LocalSchedule
 from fedjax_prune.masks._filters import path_str
 from fedjax_prune.pruning import _hetero
@@ -23,7 +25,7 @@ from fedjax_prune.pruning._hetero import HeteroMethod
 from fedjax_prune.pruning._width_submodels import _EXIT, depth_masks, leaf_stages, width_method
 from fedjax_prune.types import Params
 
-__all__ = ["depth_masks", "leaf_stages", "scalefl", "scalefl_levels", "self_distillation_loss",
+__all__ = ["scalefl_method", "depth_masks", "leaf_stages", "scalefl", "scalefl_levels", "self_distillation_loss",
            "stage_param_fractions"]
 
 
@@ -132,7 +134,8 @@ def scalefl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
   References:
     Ilhan, Su, Liu, ScaleFL: Resource-Adaptive Federated Learning with
     Heterogeneous Clients, CVPR 2023. The level rule, the distillation form and
-    its weights are inferred (METHODS.md §5): options, not the paper's numbers.
+    its weights are inferred (the paper's method section and code were not read):
+    options, not the paper's numbers.
   """
   if any(not 1 <= int(d) <= num_exits for d in depths):
     raise ValueError(f"depths must lie in [1, num_exits={num_exits}], got {tuple(depths)}")
@@ -143,3 +146,15 @@ def scalefl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
                                                          temperature=temperature),
       exit_index_for_depth=lambda d: jnp.asarray(d, jnp.int32) - 1,
       train_transform=train_transform)
+
+
+def scalefl_method(hetero: HeteroMethod, **kwargs) -> federated.Method:
+  """ScaleFL end to end: `scalefl(...)`'s algorithm, evaluated per capacity level. Nothing runs
+  between rounds (every client's submodel is derived inside the compiled round).
+
+  Args:
+    hetero: `scalefl(...)`.
+    **kwargs: `_hetero.submodel_method`'s keyword arguments (spec, params, batch_stats,
+      key, eval_apply, test, client_caps, capacities, sweep, sweep_every, num_rounds).
+  """
+  return _hetero.submodel_method(hetero, **kwargs)

@@ -12,5 +12,6 @@ from fedjax_prune.structured._shrink import (Keep, Shrunk, group_l1, groups, kee
                                              keep_masks, shrink, slice_like)
 from fedjax_prune.structured._spec import spec_from_json, spec_to_json
 
-__all__ = ['Group', 'Keep', 'Shrunk', 'group_l1', 'groups', 'keep_indices', 'keep_masks', 'shrink',
-           'slice_like', 'spec_from_json', 'spec_to_json']
+__all__ = ['Group', 'Keep', 'Shrunk', 'drop_blocks', 'drop_blocks_spec', 'droppable_blocks',
+           'group_l1', 'groups', 'keep_indices', 'keep_masks', 'shrink', 'slice_like',
+           'spec_from_json', 'spec_to_json']
