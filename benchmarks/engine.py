@@ -51,6 +51,7 @@ import optax  # noqa: E402
 import _common  # noqa: E402
 from _common import matmul_ceiling  # noqa: E402,F401  (kept: tests and callers import it from here)
 from fedjax_prune import accounting, federated, models  # noqa: E402
+from fedjax_prune.federated import _local  # noqa: E402
 from fedjax_prune.data import ClientData, client_slice  # noqa: E402
 
 
@@ -100,7 +101,7 @@ def loop_round(spec, params, data: ClientData, steps: int, batch: int, conv_impl
 def shuffled_loop_round(spec, params, data: ClientData, steps: int, batch: int, conv_impl: str,
                         batch_stats=None, compute_dtype=None) -> Callable[[], object]:
   """The loop doing the engine round's work: each client's batches come from its
-  own shuffled examples under the engine's keys (`federated.step_batch`, the
+  own shuffled examples under the engine's keys (`federated._local.step_batch`, the
   gather inside the jitted step), the loss is masked per example and the
   clients are averaged by example count. Same result as `engine_round`'s first
   round up to float order; one more dispatch per client (its keys and
@@ -116,17 +117,17 @@ def shuffled_loop_round(spec, params, data: ClientData, steps: int, batch: int, 
   def client_setup(client_root, client_id, num_examples):
     # the engine's own key derivations (bit-identical to jax.random's, faster on CPU)
     shuffle_key, augment_key = federated.keys.split(federated.keys.fold_in(client_root, client_id))
-    return shuffle_key, augment_key, federated.plan_step_batches(shuffle_key, num_examples, max_examples,
-                                                                 schedule)
+    return shuffle_key, augment_key, _local.plan_step_batches(shuffle_key, num_examples, max_examples,
+                                                              schedule)
 
   @jax.jit
   def step(p, s, o, client: ClientData, keys, real_step):
     shuffle_key, augment_key, plan = keys
-    x, y, mask, _ = federated.step_batch(client, real_step, shuffle_key, augment_key, schedule, plan)
+    x, y, mask, _ = _local.step_batch(client, real_step, shuffle_key, augment_key, schedule, plan)
 
     def loss(p):
       logits, new_s = apply_fn(p, s, x, train=True, example_mask=mask)
-      return federated.masked_batch_loss(federated.softmax_cross_entropy, logits, y, mask)[0], new_s
+      return _local.masked_batch_loss(federated.softmax_cross_entropy, logits, y, mask)[0], new_s
 
     g, s = jax.grad(loss, has_aux=True)(p)
     u, o = opt.update(g, o, p)
@@ -141,7 +142,7 @@ def shuffled_loop_round(spec, params, data: ClientData, steps: int, batch: int, 
   ids = [jnp.int32(c) for c in range(cohort)]
   weights = [jnp.float32(n / np.sum(data.num_examples)) for n in np.asarray(data.num_examples)]
   # each client runs its own real steps only (a client with fewer examples, fewer batches)
-  real_steps = [[jnp.int32(i) for i in range(int(federated.num_real_steps(n, max_examples, schedule)))]
+  real_steps = [[jnp.int32(i) for i in range(int(_local.num_real_steps(n, max_examples, schedule)))]
                 for n in np.asarray(data.num_examples)]
   jax.block_until_ready((clients, client_root, ids, real_steps, weights, zeros))
 
@@ -159,7 +160,7 @@ def shuffled_loop_round(spec, params, data: ClientData, steps: int, batch: int, 
 
 
 def flax_linen_loop_round(data: ClientData, steps: int, batch: int) -> Callable[[], object]:
-  """The PERFORMANCE.md reference: a jitted flax.linen LEAF CNN step (nn.Conv +
+  """The flax.linen reference: a jitted flax.linen LEAF CNN step (nn.Conv +
   nn.max_pool) called from a Python loop over clients, as a user would write it
   (a closure running one round)."""
   import flax.linen as nn

@@ -80,16 +80,6 @@ def _options(config) -> cavp_lib.Options:
       final_threshold=c.final_threshold, rho=c.rho)
 
 
-def _eval_apply(apply_fn):
-  """Evaluation apply taking `(params, gates)` as its params (one jit for every gate value)."""
-
-  def fn(params_and_gates, batch_stats, x, *, train, example_mask=None):
-    params, gates = params_and_gates
-    return apply_fn(params, batch_stats, x, train=train, example_mask=example_mask, gates=gates)
-
-  return fn
-
-
 def _pooled_client(train: data_lib.ClientData) -> data_lib.ClientData:
   """All clients' real training examples as one client [1, N, ...]."""
   mask = np.asarray(train.mask)
@@ -99,102 +89,33 @@ def _pooled_client(train: data_lib.ClientData) -> data_lib.ClientData:
 
 
 def build(config, env: runtime.Env) -> runtime.Run:
+  """The `pruning.cavp.cavp_method` of `config` (centralised: one pooled client)."""
   data, c = env.data, config.cavp
   options = _options(config)
-  weights = cavp_lib.CostWeights(gamma=c.gamma, alpha=c.alpha, beta=c.beta)
-  original_spec = build_lib.build_spec(config, data.input_shape, data.num_classes)
-  _, params, batch_stats = models.build(original_spec, jax.random.key(config.seeds.init))
-  reference = (accounting.flops(original_spec), accounting.param_count(original_spec))
+  spec = build_lib.build_spec(config, data.input_shape, data.num_classes)
+  _, params, batch_stats = models.build(spec, jax.random.key(config.seeds.init))
   strategy = runtime.named_strategy(env, config.strategy)
   cl = config.client
   weight_opt = (optax.sgd(cl.learning_rate, momentum=cl.momentum or None) if cl.optimizer == "sgd"
                 else optax.adam(cl.learning_rate))
   theta_opt = (optax.sgd(c.theta_learning_rate) if c.theta_optimizer == "sgd"
                else optax.adam(c.theta_learning_rate))
-  schedule = federated.LocalSchedule(batch_size=cl.batch_size, num_epochs=cl.num_epochs,
-                                     num_steps=cl.num_steps or None)
-  centralised = c.mode == "centralised"
-  train = _pooled_client(data.train) if centralised else data.train
-  schedule = strategy.schedule(schedule)  # its step unrolling
-  env.log(f"cavp ({c.mode}, {c.structures}): {reference[1]:,} params, {reference[0]:,} FLOPs")
-
-  def apply_for(spec):  # build_apply passes the gates through to the model
-    return build_lib.build_apply(spec, data.normalize, strategy.conv_impl,
-                                 build_lib.compute_dtype(config))
-
-  def algorithm(spec):
-    return cavp_lib.cavp(apply_for(spec), weight_opt, theta_opt, schedule, options)
-
-  def init():
-    theta = cavp_lib.init_theta(original_spec, options)
-    lam = cavp_lib.penalty_weights(original_spec, weights, structures=options.structures,
-                                   reference=reference)
-    server = algorithm(original_spec).init(params, jax.random.key(config.seeds.init), batch_stats,
-                                           theta=theta, lam=lam)
-    return federated.MethodState(server, original_spec, {"rebuilds": []})
-
-  def after_round(state, round_idx, metrics):
-    """Every `rebuild_every` rounds (not after the last) the pruned structures go physically."""
-    if (round_idx + 1) % c.rebuild_every or round_idx + 1 >= config.rounds:
-      return state
-    new_spec, server, report = cavp_lib.rebuild(state.spec, state.server, weights, options,
-                                                reference=reference)
-    state = state._replace(server=server)
-    if new_spec == state.spec:
-      return state
-    env.log(f"round {round_idx + 1}: removed {report.units_removed} units, blocks "
-            f"{list(report.blocks_removed)} -> {accounting.param_count(new_spec):,} params")
-    rebuilds = state.host["rebuilds"] + [{"round": round_idx + 1,
-                                          "units_removed": report.units_removed,
-                                          "blocks_removed": list(report.blocks_removed)}]
-    return state._replace(spec=new_spec, host={**state.host, "rebuilds": rebuilds})
-
-  def record(before, after, round_idx, metrics):
-    return {"params": accounting.param_count(after.spec), "flops": accounting.flops(after.spec)}
-
-  def evaluator(spec):
-    evaluate = runtime.make_evaluator(env, _eval_apply(apply_for(spec)))
-
-    def deterministic_eval(state, round_idx):
-      s = state.server
-      gates = cavp_lib.deterministic_gates(s.theta, s.alive, options.final_threshold)
-      return evaluate((s.params, gates), s.batch_stats)
-
-    return deterministic_eval
-
-  def template(initial, spec, host):
-    """Shapes of the CavpState of the architecture `spec`."""
-    gates = cavp_lib.gate_template(spec, options.structures, allow_empty=True)
-    is_shape = lambda x: isinstance(x, tuple)
-    shapes = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32), gates,
-                          is_leaf=is_shape)
-    p, b = jax.eval_shape(lambda: models.init_params(spec, jax.random.key(0)))
-    return jax.eval_shape(lambda p, b, t: algorithm(spec).init(p, jax.random.key(0), b, theta=t, lam=t),
-                          p, b, shapes)
-
-  def summary(state, last_eval):
-    """The deterministic network (theta >= final_threshold kept), built and evaluated ungated."""
-    spec = state.spec
-    final_gates = jax.device_get(cavp_lib.gate_stats(state.server.theta, state.server.alive, options))
-    final_spec, final_params, final_stats, _ = cavp_lib.finalize(spec, state.server, options)
-    final_eval = runtime.make_evaluator(env, apply_for(final_spec))(final_params, final_stats)
-    final_params_count, final_flops = accounting.param_count(final_spec), accounting.flops(final_spec)
-    return {
-        "mode": c.mode, "structures": c.structures,
-        "params_initial": reference[1], "flops_initial": reference[0],
-        "params": final_params_count, "flops": final_flops,
-        "params_reduction": 1.0 - final_params_count / reference[1],
-        "flops_reduction": 1.0 - final_flops / reference[0],
-        "gated_eval_before_finalize": last_eval,
-        **{f"gates_{k}": float(v) for k, v in final_gates.items()},
-        "final_inner_widths": [list(w) for w in getattr(final_spec, "inner_widths", ())],
-        "original_inner_widths": [list(w) for w in getattr(original_spec, "inner_widths", ())],
-        "final_spec": repr(final_spec), "rebuilds": state.host["rebuilds"], **final_eval}
-
-  method = federated.Method(init=init, algorithm=algorithm, evaluator=evaluator,
-                            after_round=after_round, record=record, summary=summary,
-                            template=template)
-  cohort = ((lambda r: federated.make_cohort([0])) if centralised
-            else (lambda r: runtime.cohort_for(env, r)))
-  # The round does not donate: `cavp_lib.rebuild` slices the state it is given.
+  schedule = strategy.schedule(federated.LocalSchedule(  # the strategy's step unrolling
+      batch_size=cl.batch_size, num_epochs=cl.num_epochs, num_steps=cl.num_steps or None))
+  env.log(f"cavp ({c.mode}, {c.structures}): {accounting.param_count(spec):,} params, "
+          f"{accounting.flops(spec):,} FLOPs")
+  method = cavp_lib.cavp_method(
+      spec=spec, params=params, batch_stats=batch_stats, key=jax.random.key(config.seeds.init),
+      model=runtime.model_fns(env, strategy), weight_optimizer=weight_opt,
+      theta_optimizer=theta_opt, schedule=schedule, options=options,
+      weights=cavp_lib.CostWeights(gamma=c.gamma, alpha=c.alpha, beta=c.beta),
+      rebuild_every=c.rebuild_every, num_rounds=config.rounds, log=env.log)
+  summary = method.summary
+  method = method._replace(summary=lambda state, last_eval: {
+      "mode": c.mode, **summary(state, last_eval)})
+  if c.mode == "centralised":
+    train, cohort = _pooled_client(data.train), lambda r: federated.make_cohort([0])
+  else:
+    train, cohort = data.train, lambda r: runtime.cohort_for(env, r)
+  # The round does not donate its state (as before the Method redesign).
   return runtime.Run(method, strategy, {}, train, cohort, donate=False)

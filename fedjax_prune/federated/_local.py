@@ -7,6 +7,14 @@ real steps (those holding at least one real example): its trip count is a traced
 number, so a client with few examples pays for few steps, padded steps are never
 executed (no per-step branch), and under `vmap` the loop runs the cohort's
 longest client while finished clients keep their state (a `select`).
+
+That loop exists once, `run_local`. Each kind of local training is a `LocalVariant`
+of it, split as FedJAX splits a client update (client_init / client_step /
+client_final): `make_local_train`'s dense variant (optionally masked, optionally
+penalised as FedProx is), its low-rank variant (dense kernels held as factors,
+`_lowrank`) and CAVP's joint weight + gate step (`pruning.cavp`). A variant writes
+one step; the loop owns the batches, the metrics and the step loop. The batching
+helpers here are private to the package (`federated` exports what a user needs).
 """
 from __future__ import annotations
 
@@ -352,12 +360,90 @@ PenaltyFn = Callable[[Params, Any], jax.Array]
 TransformFn = Callable[[jax.Array, PRNGKey], jax.Array]
 
 
+class StepInput(NamedTuple):
+  """What `run_local` hands a variant's `client_step` at one real local step."""
+  x: jax.Array          # [B, ...] the step's examples (after the schedule's train_transform)
+  y: jax.Array          # [B] their targets
+  mask: jax.Array       # [B] bool, False for padding positions
+  real_step: jax.Array  # [] int32: the client's real step 0, 1, ...
+  step: jax.Array       # [] int32: its padded-layout index (`static_step_index`)
+  key: PRNGKey | None   # fold_in(step-key root, step) if `LocalVariant.step_keys`, else None
+
+
+class LocalVariant(NamedTuple):
+  """One kind of local training, split as FedJAX splits a client update; `run_local` runs it.
+
+  `inputs` is the per-call pytree given to `run_local` (the server's params, masks,
+  penalty anchor, ...): loop-invariant, so the step reads it instead of carrying it.
+
+  Attributes:
+    client_init: `(inputs) -> state`, the step state before the first step.
+    client_step: `(inputs, state, batch: StepInput) -> (state, loss_sum, correct)`: one
+      real local step, with its batch's summed loss and correct count (`LocalMetrics`).
+    client_final: `(inputs, state, num_steps) -> result`, from the state after the
+      client's last real step; `num_steps` [] int32 is how many it took.
+    step_keys: `client_step` gets a key per step (`StepInput.key`), from a third key
+      split off the client's key beside the shuffle and augmentation keys.
+  """
+  client_init: Callable[[Any], Any]
+  client_step: Callable[[Any, Any, StepInput], tuple[Any, jax.Array, jax.Array]]
+  client_final: Callable[[Any, Any, jax.Array], Any]
+  step_keys: bool = False
+
+
+def run_local(variant: LocalVariant, inputs: Any, data: ClientData, key: PRNGKey,
+              schedule: LocalSchedule, train_transform: TransformFn | None = None
+              ) -> tuple[Any, LocalMetrics]:
+  """Trains one client with `variant`: the one local-training loop of the library.
+
+  The client's key splits into shuffle and augmentation keys (and the variant's
+  step-key root); every real step's batch is planned before the loop
+  (`plan_step_batches`); `client_step` runs for the client's real steps only
+  (`run_schedule_steps`: a traced trip count, the schedule's written-out first steps,
+  or its differentiable scan), so a padded step never runs and under `vmap` a
+  finished client keeps its state (a `select`).
+
+  Returns:
+    (client_final(inputs, state, num_steps), LocalMetrics summed over the steps).
+  """
+  max_examples = data.x.shape[0]
+  shuffle_key, augment_key, *step_key_root = _keys.split(key, 3 if variant.step_keys else 2)
+  del key
+  state = variant.client_init(inputs)
+  plan = plan_step_batches(shuffle_key, data.num_examples, max_examples, schedule)
+
+  def train_step(carry, real_step):
+    state, metrics = carry
+    x, y, mask, step = step_batch(data, real_step, shuffle_key, augment_key, schedule, plan,
+                                  train_transform)
+    step_key = _keys.fold_in(step_key_root[0], step) if variant.step_keys else None
+    state, loss_sum, correct = variant.client_step(
+        inputs, state, StepInput(x, y, mask, real_step, step, step_key))
+    return state, metrics.add_step(loss_sum, correct, mask)
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (state, LocalMetrics(zero, zero, zero, zero))
+  state, metrics = run_schedule_steps(train_step, init, data.num_examples, max_examples, schedule)
+  num_steps = num_real_steps(data.num_examples, max_examples, schedule)
+  return variant.client_final(inputs, state, num_steps), metrics
+
+
+def optimizer_step(optimizer: optax.GradientTransformation, grads: PyTree, opt_state: Any,
+                   params: PyTree) -> tuple[PyTree, Any]:
+  """(params, opt_state) after one `optimizer` step on `grads`."""
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
 def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation,
                      schedule: LocalSchedule, *, loss_fn: LossFn = softmax_cross_entropy,
                      train_transform: TransformFn | None = None,
                      penalty_fn: PenaltyFn | None = None,
                      lowrank: LowRankDense | None = None) -> Callable:
   """Builds `local_train` for one client (write one client; the engine maps it).
+
+  Plain, masked, penalised (FedProx) and low-rank local training are variants
+  (`LocalVariant`) of the one local-training loop, `run_local`.
 
   Args:
     apply_fn: `apply_fn(params, batch_stats, x, *, train, example_mask) -> (logits, batch_stats)`.
@@ -382,10 +468,13 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
     `ClientData` (x [E, ...], y [E], num_examples []). With `masks`, gradients
     and parameters are masked every step, so pruned weights stay exactly zero.
   """
-
   if lowrank is not None and penalty_fn is not None:
     raise ValueError("lowrank (factored dense kernels) cannot be combined with a penalty_fn: "
                      "the penalty's gradient on those kernels is not held as factors")
+  if lowrank is not None:
+    variant = _lowrank_variant(apply_fn, optimizer, schedule, loss_fn, lowrank)
+  else:
+    variant = _dense_variant(apply_fn, optimizer, loss_fn, penalty_fn)
 
   def local_train(params: Params, batch_stats: BatchStats, data: ClientData, key: PRNGKey, *,
                   masks: Masks | None = None, penalty_state: Any = None,
@@ -393,121 +482,137 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
     if lowrank is not None:
       if masks is not None:
         raise ValueError("lowrank (factored dense kernels) trains dense models: pass masks=None")
-      return _local_train_lowrank(apply_fn, optimizer, schedule, loss_fn, train_transform,
-                                  lowrank, params, batch_stats, data, key, opt_state)
-    max_examples = data.x.shape[0]
-    shuffle_key, augment_key = _keys.split(key)
-    del key
-    if masks is not None:
-      params = _apply_masks(params, masks)
-    if opt_state is None:
-      opt_state = optimizer.init(params)
-
-    def batch_loss(p, stats, x, y, mask):
-      logits, new_stats = apply_fn(p, stats, x, train=True, example_mask=mask)
-      loss, loss_sum, correct = masked_batch_loss(loss_fn, logits, y, mask)
-      if penalty_fn is not None:
-        loss = loss + penalty_fn(p, penalty_state)
-      return loss, (new_stats, loss_sum, correct)
-
-    grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
-
-    plan = plan_step_batches(shuffle_key, data.num_examples, max_examples, schedule)
-
-    def train_step(carry, real_step):
-      state, metrics = carry
-      x, y, mask, _ = step_batch(data, real_step, shuffle_key, augment_key, schedule, plan,
-                                 train_transform)
-      (_, (new_stats, loss_sum, correct)), grads = grad_fn(state.params, state.batch_stats, x, y, mask)
-      if masks is not None:
-        grads = _apply_masks(grads, masks)
-      updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-      new_params = optax.apply_updates(state.params, updates)
-      if masks is not None:
-        new_params = _apply_masks(new_params, masks)
-      return LocalState(new_params, new_stats, new_opt), metrics.add_step(loss_sum, correct, mask)
-
-    zero = jnp.zeros((), jnp.float32)
-    init = (LocalState(params, batch_stats, opt_state), LocalMetrics(zero, zero, zero, zero))
-    # Only the client's real steps run (a traced trip count): no per-step branch.
-    return run_schedule_steps(train_step, init, data.num_examples, max_examples, schedule)
+      # Factor rows: the most a client fills, or more (zero rows: a calibration round priced
+      # at a longer run's size).
+      rows = max(schedule.total_steps(data.x.shape[0]) * schedule.batch_size, lowrank.rows or 0)
+      inputs = _LowRankInputs(params, batch_stats, opt_state, rows)
+    else:
+      inputs = _DenseInputs(params, batch_stats, masks, penalty_state, opt_state)
+    return run_local(variant, inputs, data, key, schedule, train_transform)
 
   return local_train
 
 
-def _local_train_lowrank(apply_fn, optimizer, schedule: LocalSchedule, loss_fn: LossFn,
-                         train_transform: TransformFn | None, lowrank: LowRankDense,
-                         params: Params, batch_stats: BatchStats, data: ClientData, key: PRNGKey,
-                         opt_state: Any) -> tuple[LocalState, LocalMetrics]:
-  """`local_train` with the kernels of `lowrank.layers` held as server kernel + factors."""
-  max_examples = data.x.shape[0]
-  batch = schedule.batch_size
-  rows = schedule.total_steps(max_examples) * batch  # static: the most rows a client fills
-  rows = max(rows, lowrank.rows or 0)  # padded with zero rows to the run's size (calibration)
-  shuffle_key, augment_key = _keys.split(key)
-  del key
-  for name in lowrank.layers:
-    if name not in params or "kernel" not in params[name] or jnp.ndim(params[name]["kernel"]) != 2:
-      raise ValueError(f"lowrank layer {name!r} is not a dense layer of these params "
-                       f"(top-level entries: {sorted(params)})")
-  bases = {name: params[name]["kernel"] for name in lowrank.layers}
-  # Every parameter but the factored kernels: what the optimizer and the gradient see.
-  rest = {name: ({k: v for k, v in sub.items() if k != "kernel"} if name in bases else sub)
-          for name, sub in params.items()}
-  if opt_state is None:
-    opt_state = optimizer.init(rest)
-  # Factors: the layer inputs (left) and the raw output gradients (grads) of every step,
-  # one row per example; the kernel after t steps is base + left^T (row_weights(t) * grads).
-  # The buffers start as zeros. The barrier keeps XLA from treating them as
-  # constants: with constant zero factors under jit + vmap, XLA:CPU (jax 0.10.2)
-  # returned NaN gradients for the convolutions below them.
-  factors = jax.lax.optimization_barrier(
-      {name: (jnp.zeros((rows, w.shape[0]), w.dtype), jnp.zeros((rows, w.shape[1]), w.dtype))
-       for name, w in bases.items()})
+class _DenseInputs(NamedTuple):
+  params: Params
+  batch_stats: BatchStats
+  masks: Masks | None       # pruned weights and their gradients held at zero
+  penalty_state: Any        # penalty_fn's second argument (FedProx: the server's params)
+  opt_state: Any            # None: optimizer.init(params)
 
-  def full_params(p):
+
+def _dense_variant(apply_fn: Callable, optimizer: optax.GradientTransformation, loss_fn: LossFn,
+                   penalty_fn: PenaltyFn | None) -> LocalVariant:
+  """Every parameter trained by `optimizer`; optionally masked, optionally penalised."""
+
+  def batch_loss(p, stats, x, y, mask, penalty_state):
+    logits, new_stats = apply_fn(p, stats, x, train=True, example_mask=mask)
+    loss, loss_sum, correct = masked_batch_loss(loss_fn, logits, y, mask)
+    if penalty_fn is not None:
+      loss = loss + penalty_fn(p, penalty_state)
+    return loss, (new_stats, loss_sum, correct)
+
+  grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
+
+  def client_init(inputs: _DenseInputs) -> LocalState:
+    params = inputs.params if inputs.masks is None else _apply_masks(inputs.params, inputs.masks)
+    opt_state = optimizer.init(params) if inputs.opt_state is None else inputs.opt_state
+    return LocalState(params, inputs.batch_stats, opt_state)
+
+  def client_step(inputs: _DenseInputs, state: LocalState, batch: StepInput):
+    masks = inputs.masks
+    (_, (new_stats, loss_sum, correct)), grads = grad_fn(
+        state.params, state.batch_stats, batch.x, batch.y, batch.mask, inputs.penalty_state)
+    if masks is not None:
+      grads = _apply_masks(grads, masks)
+    new_params, new_opt = optimizer_step(optimizer, grads, state.opt_state, state.params)
+    if masks is not None:
+      new_params = _apply_masks(new_params, masks)
+    return LocalState(new_params, new_stats, new_opt), loss_sum, correct
+
+  return LocalVariant(client_init, client_step, lambda inputs, state, num_steps: state)
+
+
+class _LowRankInputs(NamedTuple):
+  params: Params
+  batch_stats: BatchStats
+  opt_state: Any  # of the parameters other than the factored kernels; None: optimizer.init
+  rows: int       # static: factor rows per client
+
+
+def _lowrank_variant(apply_fn: Callable, optimizer: optax.GradientTransformation,
+                     schedule: LocalSchedule, loss_fn: LossFn, lowrank: LowRankDense
+                     ) -> LocalVariant:
+  """The kernels of `lowrank.layers` held as server kernel + factors (`federated._lowrank`);
+  `optimizer` trains every other parameter."""
+  batch_size = schedule.batch_size
+
+  def bases_of(inputs: _LowRankInputs) -> dict:
+    return {name: inputs.params[name]["kernel"] for name in lowrank.layers}
+
+  def full_params(p, bases):
     return {name: ({**sub, "kernel": bases[name]} if name in bases else sub) for name, sub in p.items()}
 
-  def weighted(factors, steps_taken):
-    weights = row_weights(rows, batch, steps_taken, lowrank.learning_rate, lowrank.momentum)
+  def weighted(factors, steps_taken, rows):
+    weights = row_weights(rows, batch_size, steps_taken, lowrank.learning_rate, lowrank.momentum)
     return {name: (left, weights[:, None].astype(grads.dtype) * grads)
             for name, (left, grads) in factors.items()}
 
-  def batch_loss(p, probes, stats, factors, x, y, mask):
+  def batch_loss(p, probes, stats, factors, bases, x, y, mask):
     lowrank_in = {name: (left, right, probes[name]) for name, (left, right) in factors.items()}
-    logits, new_stats, inputs = apply_fn(full_params(p), stats, x, train=True, example_mask=mask,
-                                         dense_lowrank=lowrank_in)
+    logits, new_stats, layer_inputs = apply_fn(full_params(p, bases), stats, x, train=True,
+                                               example_mask=mask, dense_lowrank=lowrank_in)
     loss, loss_sum, correct = masked_batch_loss(loss_fn, logits, y, mask)
-    return loss, (new_stats, inputs, loss_sum, correct)
+    return loss, (new_stats, layer_inputs, loss_sum, correct)
 
   grad_fn = jax.value_and_grad(batch_loss, argnums=(0, 1), has_aux=True)
-  plan = plan_step_batches(shuffle_key, data.num_examples, max_examples, schedule)
 
-  def train_step(carry, real_step):
-    (p, stats, opt, factors), metrics = carry
-    x, y, mask, _ = step_batch(data, real_step, shuffle_key, augment_key, schedule, plan,
-                               train_transform)
-    probes = {name: jnp.zeros((batch, w.shape[1]), w.dtype) for name, w in bases.items()}
-    (_, (new_stats, inputs, loss_sum, correct)), (grads, probe_grads) = grad_fn(
-        p, probes, stats, weighted(factors, real_step), x, y, mask)
-    updates, new_opt = optimizer.update(grads, opt, p)
-    new_p = optax.apply_updates(p, updates)
-    # This step's kernel gradient is inputs^T probe_grads: append the pair as rows.
-    row = real_step * batch
+  def client_init(inputs: _LowRankInputs):
+    params = inputs.params
+    for name in lowrank.layers:
+      if name not in params or "kernel" not in params[name] or jnp.ndim(params[name]["kernel"]) != 2:
+        raise ValueError(f"lowrank layer {name!r} is not a dense layer of these params "
+                         f"(top-level entries: {sorted(params)})")
+    bases = bases_of(inputs)
+    # Every parameter but the factored kernels: what the optimizer and the gradient see.
+    rest = {name: ({k: v for k, v in sub.items() if k != "kernel"} if name in bases else sub)
+            for name, sub in params.items()}
+    opt_state = optimizer.init(rest) if inputs.opt_state is None else inputs.opt_state
+    # Factors: the layer inputs (left) and the raw output gradients (grads) of every step,
+    # one row per example; the kernel after t steps is base + left^T (row_weights(t) * grads).
+    # The buffers start as zeros. The barrier keeps XLA from treating them as
+    # constants: with constant zero factors under jit + vmap, XLA:CPU (jax 0.10.2)
+    # returned NaN gradients for the convolutions below them.
+    factors = jax.lax.optimization_barrier(
+        {name: (jnp.zeros((inputs.rows, w.shape[0]), w.dtype),
+                jnp.zeros((inputs.rows, w.shape[1]), w.dtype)) for name, w in bases.items()})
+    return rest, inputs.batch_stats, opt_state, factors
+
+  def client_step(inputs: _LowRankInputs, state, batch: StepInput):
+    p, stats, opt, factors = state
+    bases = bases_of(inputs)
+    probes = {name: jnp.zeros((batch_size, w.shape[1]), w.dtype) for name, w in bases.items()}
+    (_, (new_stats, layer_inputs, loss_sum, correct)), (grads, probe_grads) = grad_fn(
+        p, probes, stats, weighted(factors, batch.real_step, inputs.rows), bases, batch.x,
+        batch.y, batch.mask)
+    new_p, new_opt = optimizer_step(optimizer, grads, opt, p)
+    # This step's kernel gradient is layer_inputs^T probe_grads: append the pair as rows.
+    row = batch.real_step * batch_size
     new_factors = {
-        name: (jax.lax.dynamic_update_slice(left, inputs[name].astype(left.dtype), (row, 0)),
+        name: (jax.lax.dynamic_update_slice(left, layer_inputs[name].astype(left.dtype), (row, 0)),
                jax.lax.dynamic_update_slice(g, probe_grads[name].astype(g.dtype), (row, 0)))
         for name, (left, g) in factors.items()}
-    return (new_p, new_stats, new_opt, new_factors), metrics.add_step(loss_sum, correct, mask)
+    return (new_p, new_stats, new_opt, new_factors), loss_sum, correct
 
-  zero = jnp.zeros((), jnp.float32)
-  init = ((rest, batch_stats, opt_state, factors), LocalMetrics(zero, zero, zero, zero))
-  (p, stats, opt, factors), metrics = run_schedule_steps(train_step, init, data.num_examples,
-                                                         max_examples, schedule)
-  final = weighted(factors, num_real_steps(data.num_examples, max_examples, schedule))
-  trained = {name: ({**sub, "kernel": FactoredKernel(bases[name], *final[name])}
-                    if name in bases else sub) for name, sub in p.items()}
-  return LocalState(trained, stats, opt), metrics
+  def client_final(inputs: _LowRankInputs, state, num_steps: jax.Array) -> LocalState:
+    p, stats, opt, factors = state
+    bases = bases_of(inputs)
+    final = weighted(factors, num_steps, inputs.rows)
+    trained = {name: ({**sub, "kernel": FactoredKernel(bases[name], *final[name])}
+                      if name in bases else sub) for name, sub in p.items()}
+    return LocalState(trained, stats, opt)
+
+  return LocalVariant(client_init, client_step, client_final)
 
 
 def masked_batch_loss(loss_fn: LossFn, logits: jax.Array, y: jax.Array, mask_B: jax.Array

@@ -73,11 +73,13 @@ import optax
 from fedjax_prune import accounting, models
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
+from fedjax_prune import federated
 from fedjax_prune.federated import keys
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalMetrics,
-                                    LocalSchedule, count_correct, plan_step_batches,
-                                    round_train_metrics, masked_batch_loss, run_schedule_steps,
-                                    softmax_cross_entropy, step_batch)
+                                    LocalSchedule, count_correct, round_train_metrics,
+                                    softmax_cross_entropy)
+from fedjax_prune.federated._local import (LocalVariant, StepInput, masked_batch_loss,
+                                           optimizer_step, run_local)
 from fedjax_prune import structured
 from fedjax_prune.structured import _drop_blocks
 from fedjax_prune.types import BatchStats, Params, PRNGKey
@@ -462,6 +464,16 @@ class CavpSums(NamedTuple):
   metrics: LocalMetrics
 
 
+class _CavpInputs(NamedTuple):
+  """One client's inputs to `make_local_train`'s `local_train` (from the server state)."""
+  params: Params
+  batch_stats: BatchStats
+  theta: Gates
+  alive: Gates
+  lam: Gates
+  baseline: jax.Array
+
+
 def _broadcast(t, shape):
   return jnp.broadcast_to(t, shape)
 
@@ -475,8 +487,9 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
 
   Each step samples ξ ~ Bern(θ), takes an optimizer step on W with ∇_W of the
   sampled loss (+ prior), and a step on θ with the chosen estimator of
-  ∇_θ J, then projects θ (`project`). Batching and padding as
-  `federated.make_local_train` (padded steps never run).
+  ∇_θ J, then projects θ (`project`): a variant (`LocalVariant`) of the one
+  local-training loop (`federated._local.run_local`), so batching, padding
+  (padded steps never run) and metrics are `federated.make_local_train`'s.
 
   Returns:
     `local_train(params, batch_stats, theta, alive, lam, baseline, data, key)
@@ -536,42 +549,40 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
       diffs[path] = losses[0] - losses[1]
     return jax.tree_util.tree_map_with_path(lambda p, t: diffs.get(p, jnp.zeros_like(t)), theta)
 
+  def client_init(inputs: _CavpInputs):
+    return (inputs.params, inputs.batch_stats, inputs.theta, inputs.baseline,
+            weight_optimizer.init(inputs.params), theta_optimizer.init(inputs.theta))
+
+  def client_step(inputs: _CavpInputs, state, batch: StepInput):
+    params, stats, theta, baseline, w_opt, t_opt = state
+    x, y, mask, alive = batch.x, batch.y, batch.mask, inputs.alive
+    b = sample_gates(theta, alive, batch.key, batch_size=x.shape[0] if options.per_example else None)
+    (g_w, g_t), (new_stats, loss, loss_sum, correct) = grad_fn(
+        params, theta, stats, x, y, mask, b, alive, inputs.lam, baseline)
+    exact = two_point_grads(params, theta, stats, x, y, mask, b)
+    if exact is not None:
+      g_t = jax.tree_util.tree_map_with_path(
+          lambda p, g, e: e + g if _is_layer(p) else g, g_t, exact)
+    g_t = jax.tree.map(lambda g, a: jnp.where(a, g, 0.0), g_t, alive)
+    params, w_opt = optimizer_step(weight_optimizer, g_w, w_opt, params)
+    theta, t_opt = optimizer_step(theta_optimizer, g_t, t_opt, theta)
+    theta = project(theta, alive, options)
+    baseline = jnp.where(jnp.isnan(baseline), loss,
+                         options.baseline_decay * baseline + (1 - options.baseline_decay) * loss)
+    return (params, new_stats, theta, baseline, w_opt, t_opt), loss_sum, correct
+
+  def client_final(inputs: _CavpInputs, state, num_steps) -> LocalResult:
+    del inputs, num_steps
+    params, stats, theta, baseline, _, _ = state
+    return LocalResult(params, stats, theta, baseline)
+
+  # One gate sample per step, keyed by the step (`StepInput.key`).
+  variant = LocalVariant(client_init, client_step, client_final, step_keys=True)
+
   def local_train(params, batch_stats, theta, alive, lam, baseline, data: ClientData,
                   key: PRNGKey) -> tuple[LocalResult, LocalMetrics]:
-    max_examples = data.x.shape[0]
-    shuffle_key, augment_key, gate_key = keys.split(key, 3)
-    del key
-    plan = plan_step_batches(shuffle_key, data.num_examples, max_examples, schedule)
-    w_opt, t_opt = weight_optimizer.init(params), theta_optimizer.init(theta)
-
-    def step(carry, real_step):
-      (params, stats, theta, baseline, w_opt, t_opt), metrics = carry
-      x, y, mask, step_idx = step_batch(data, real_step, shuffle_key, augment_key, schedule,
-                                        plan, train_transform)
-      b = sample_gates(theta, alive, keys.fold_in(gate_key, step_idx),
-                       batch_size=x.shape[0] if options.per_example else None)
-      (g_w, g_t), (new_stats, loss, loss_sum, correct) = grad_fn(
-          params, theta, stats, x, y, mask, b, alive, lam, baseline)
-      exact = two_point_grads(params, theta, stats, x, y, mask, b)
-      if exact is not None:
-        g_t = jax.tree_util.tree_map_with_path(
-            lambda p, g, e: e + g if _is_layer(p) else g, g_t, exact)
-      g_t = jax.tree.map(lambda g, a: jnp.where(a, g, 0.0), g_t, alive)
-      w_updates, w_opt = weight_optimizer.update(g_w, w_opt, params)
-      params = optax.apply_updates(params, w_updates)
-      t_updates, t_opt = theta_optimizer.update(g_t, t_opt, theta)
-      theta = project(optax.apply_updates(theta, t_updates), alive, options)
-      baseline = jnp.where(jnp.isnan(baseline), loss,
-                           options.baseline_decay * baseline + (1 - options.baseline_decay) * loss)
-      return (params, new_stats, theta, baseline, w_opt, t_opt), metrics.add_step(loss_sum, correct,
-                                                                                  mask)
-
-    zero = jnp.zeros((), jnp.float32)
-    init = ((params, batch_stats, theta, baseline, w_opt, t_opt), LocalMetrics(zero, zero, zero, zero))
-    # Only the client's real steps run (federated.loop_real_steps: no per-step branch).
-    (params, stats, theta, baseline, _, _), metrics = run_schedule_steps(
-        step, init, data.num_examples, max_examples, schedule)
-    return LocalResult(params, stats, theta, baseline), metrics
+    return run_local(variant, _CavpInputs(params, batch_stats, theta, alive, lam, baseline), data,
+                     key, schedule, train_transform)
 
   return local_train
 
@@ -799,3 +810,116 @@ def finalize(spec, state: CavpState, options: Options = Options()
   new_spec, params, stats, _, _, report = remove_pruned(spec, state.params, state.batch_stats,
                                                         theta, alive)
   return new_spec, params, stats, report
+
+
+def gated_apply(apply_fn: Callable) -> Callable:
+  """`apply_fn` taking `(params, gates)` as its params, so that one compiled evaluation
+  serves every gate value."""
+
+  def fn(params_and_gates, batch_stats, x, *, train, example_mask=None):
+    params, gates = params_and_gates
+    return apply_fn(params, batch_stats, x, train=train, example_mask=example_mask, gates=gates)
+
+  return fn
+
+
+def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
+                model: federated.ModelFns, weight_optimizer: optax.GradientTransformation,
+                theta_optimizer: optax.GradientTransformation, schedule: federated.LocalSchedule,
+                options: Options, weights: CostWeights, rebuild_every: int, num_rounds: int,
+                log: Callable[[str], None] = federated.no_log) -> federated.Method:
+  """Complexity-aware training end to end: the joint (W, theta) rounds, a physical rebuild
+  without the pruned units/blocks every `rebuild_every` rounds, and the deterministic
+  network (theta >= `options.final_threshold`) built and evaluated at the end.
+
+  Args:
+    spec, params, batch_stats: the dense starting model.
+    key: the init key.
+    model: apply function and evaluation per architecture (the apply function must take
+      `gates=`, as `models.make_apply`'s does).
+    weight_optimizer, theta_optimizer, schedule, options: as `cavp`.
+    weights: the cost weights (gamma, alpha, beta) of `penalty_weights`.
+    rebuild_every: rounds between rebuilds (none after the last round).
+    num_rounds: the run's rounds.
+    log: receives one line per rebuild that removes something.
+
+  Returns:
+    The `Method`. Records: the current model's `params` and `flops`; evaluation uses the
+    deterministic gates (theta >= final_threshold, alive). Summary: the finalised
+    network's size and evaluation (`gated_eval_before_finalize` keeps the gated one),
+    gate statistics, widths and the rebuild history.
+  """
+  reference = (accounting.flops(spec), accounting.param_count(spec))
+  original_spec = spec
+
+  def algorithm(spec):
+    return cavp(model.apply_for(spec), weight_optimizer, theta_optimizer, schedule, options)
+
+  def init():
+    theta = init_theta(spec, options)
+    lam = penalty_weights(spec, weights, structures=options.structures, reference=reference)
+    server = algorithm(spec).init(params, key, batch_stats, theta=theta, lam=lam)
+    return federated.MethodState(server, spec, {"rebuilds": []})
+
+  def after_round(state, round_idx, metrics):
+    del metrics
+    if (round_idx + 1) % rebuild_every or round_idx + 1 >= num_rounds:
+      return state
+    new_spec, server, report = rebuild(state.spec, state.server, weights, options,
+                                       reference=reference)
+    state = state._replace(server=server)
+    if new_spec == state.spec:
+      return state
+    log(f"round {round_idx + 1}: removed {report.units_removed} units, blocks "
+        f"{list(report.blocks_removed)} -> {accounting.param_count(new_spec):,} params")
+    rebuilds = state.host["rebuilds"] + [{"round": round_idx + 1,
+                                          "units_removed": report.units_removed,
+                                          "blocks_removed": list(report.blocks_removed)}]
+    return state._replace(spec=new_spec, host={**state.host, "rebuilds": rebuilds})
+
+  def record(before, after, round_idx, metrics):
+    del before, round_idx, metrics
+    return {"params": accounting.param_count(after.spec), "flops": accounting.flops(after.spec)}
+
+  def evaluator(spec):
+    evaluate = model.evaluate_with(gated_apply(model.apply_for(spec)))
+
+    def deterministic_eval(state, round_idx):
+      del round_idx
+      s = state.server
+      gates = deterministic_gates(s.theta, s.alive, options.final_threshold)
+      return evaluate((s.params, gates), s.batch_stats)
+
+    return deterministic_eval
+
+  def template(initial, spec, host):
+    """Shapes of the CavpState of the architecture `spec`."""
+    del initial, host
+    gates = gate_template(spec, options.structures, allow_empty=True)
+    shapes = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32), gates,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    p, b = jax.eval_shape(lambda: models.init_params(spec, jax.random.key(0)))
+    return jax.eval_shape(
+        lambda p, b, t: algorithm(spec).init(p, jax.random.key(0), b, theta=t, lam=t), p, b, shapes)
+
+  def summary(state, last_eval):
+    """The deterministic network (theta >= final_threshold kept), built and evaluated ungated."""
+    final_gates = jax.device_get(gate_stats(state.server.theta, state.server.alive, options))
+    final_spec, final_params, final_stats, _ = finalize(state.spec, state.server, options)
+    final_eval = model.evaluate_with(model.apply_for(final_spec))(final_params, final_stats)
+    count, final_flops = accounting.param_count(final_spec), accounting.flops(final_spec)
+    return {
+        "structures": options.structures,
+        "params_initial": reference[1], "flops_initial": reference[0],
+        "params": count, "flops": final_flops,
+        "params_reduction": 1.0 - count / reference[1],
+        "flops_reduction": 1.0 - final_flops / reference[0],
+        "gated_eval_before_finalize": last_eval,
+        **{f"gates_{k}": float(v) for k, v in final_gates.items()},
+        "final_inner_widths": [list(w) for w in getattr(final_spec, "inner_widths", ())],
+        "original_inner_widths": [list(w) for w in getattr(original_spec, "inner_widths", ())],
+        "final_spec": repr(final_spec), "rebuilds": state.host["rebuilds"], **final_eval}
+
+  return federated.Method(init=init, algorithm=algorithm, evaluator=evaluator,
+                          after_round=after_round, record=record, summary=summary,
+                          template=template)

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from fedjax_prune import federated, testing
+from fedjax_prune.federated import _local
 from fedjax_prune.data import ClientData, client_slice, from_client_lists, to_device
 
 SCHEDULE = federated.LocalSchedule(batch_size=4, num_epochs=2)
@@ -279,9 +280,9 @@ def test_batches_visit_each_real_example_once_per_epoch(num_steps):
   total = schedule.total_steps(max_e)
   seen = []
   for s in range(total):
-    idx, mask = federated.batch_indices(key, jnp.asarray(s), jnp.asarray(n), max_e, schedule)
-    perms = federated.epoch_permutations(key, jnp.asarray(n), max_e, schedule)
-    idx2, mask2 = federated.batch_indices(key, jnp.asarray(s), jnp.asarray(n), max_e, schedule, perms)
+    idx, mask = _local.batch_indices(key, jnp.asarray(s), jnp.asarray(n), max_e, schedule)
+    perms = _local.epoch_permutations(key, jnp.asarray(n), max_e, schedule)
+    idx2, mask2 = _local.batch_indices(key, jnp.asarray(s), jnp.asarray(n), max_e, schedule, perms)
     np.testing.assert_array_equal(idx, idx2); np.testing.assert_array_equal(mask, mask2)
     seen.extend(np.asarray(idx)[np.asarray(mask)].tolist())
   assert all(i < n for i in seen)
@@ -299,22 +300,22 @@ def test_planned_step_batches_are_the_per_step_batches(n):
   schedule = federated.LocalSchedule(batch_size=4, num_epochs=3)
   max_e, key = 12, jax.random.key(5)
   data = ClientData(jnp.arange(max_e, dtype=jnp.float32)[:, None], jnp.arange(max_e), jnp.int32(n))
-  plan = federated.plan_step_batches(key, data.num_examples, max_e, schedule)
+  plan = _local.plan_step_batches(key, data.num_examples, max_e, schedule)
   assert plan.indices.shape == plan.mask.shape == (schedule.total_steps(max_e), 4)
-  real = int(federated.num_real_steps(data.num_examples, max_e, schedule))
+  real = int(_local.num_real_steps(data.num_examples, max_e, schedule))
   for t in range(real):
-    step = federated.static_step_index(jnp.int32(t), data.num_examples, max_e, schedule)
-    idx, mask = federated.batch_indices(key, step, data.num_examples, max_e, schedule)
+    step = _local.static_step_index(jnp.int32(t), data.num_examples, max_e, schedule)
+    idx, mask = _local.batch_indices(key, step, data.num_examples, max_e, schedule)
     np.testing.assert_array_equal(plan.indices[t], idx)
     np.testing.assert_array_equal(plan.mask[t], mask)
     # step_batch gives the same batch from the plan, the permutations or nothing
-    outs = [federated.step_batch(data, jnp.int32(t), key, key, schedule, p)
-            for p in (plan, federated.epoch_permutations(key, data.num_examples, max_e, schedule), None)]
+    outs = [_local.step_batch(data, jnp.int32(t), key, key, schedule, p)
+            for p in (plan, _local.epoch_permutations(key, data.num_examples, max_e, schedule), None)]
     for out in outs[1:]:
       for a, b in zip(outs[0], out):
         np.testing.assert_array_equal(a, b)
-  assert federated.plan_step_batches(key, data.num_examples, max_e,
-                                     federated.LocalSchedule(batch_size=4, num_steps=5)) is None
+  assert _local.plan_step_batches(key, data.num_examples, max_e,
+                                  federated.LocalSchedule(batch_size=4, num_steps=5)) is None
 
 
 def test_evaluate_matches_direct_computation():
@@ -497,12 +498,12 @@ def test_loop_real_steps_runs_exactly_the_traced_number_of_steps(unroll, num_ste
   def step(log, t):
     return log.at[t].set(t + 1)
 
-  run = jax.jit(lambda n: federated.loop_real_steps(step, jnp.zeros(8, jnp.int32), n, unroll))
+  run = jax.jit(lambda n: _local.loop_real_steps(step, jnp.zeros(8, jnp.int32), n, unroll))
   expected = [t + 1 if t < num_steps else 0 for t in range(8)]
   np.testing.assert_array_equal(run(jnp.int32(num_steps)), expected)
   if num_steps <= unroll:  # a static bound within the written-out steps: no loop compiled
-    bounded = jax.jit(lambda n: federated.loop_real_steps(step, jnp.zeros(8, jnp.int32), n, unroll,
-                                                          max_steps=unroll))
+    bounded = jax.jit(lambda n: _local.loop_real_steps(step, jnp.zeros(8, jnp.int32), n, unroll,
+                                                       max_steps=unroll))
     np.testing.assert_array_equal(bounded(jnp.int32(num_steps)), expected)
     assert ("while" in str(bounded.lower(jnp.int32(0)).as_text())) == (unroll == 1)
 
@@ -513,14 +514,14 @@ def test_real_steps_are_exactly_the_padded_layout_steps_that_hold_an_example(num
   max_examples = 12  # padded layout: 3 steps per epoch, 6 in all
   n = jnp.int32(num_examples)
   key = jax.random.key(0)
-  holds_example = [bool(jnp.any(federated.batch_indices(key, jnp.int32(s), n, max_examples, schedule)[1]))
+  holds_example = [bool(jnp.any(_local.batch_indices(key, jnp.int32(s), n, max_examples, schedule)[1]))
                    for s in range(schedule.total_steps(max_examples))]
-  real = int(federated.num_real_steps(n, max_examples, schedule))
-  mapped = [int(federated.static_step_index(jnp.int32(t), n, max_examples, schedule))
+  real = int(_local.num_real_steps(n, max_examples, schedule))
+  mapped = [int(_local.static_step_index(jnp.int32(t), n, max_examples, schedule))
             for t in range(real)]
   assert mapped == [s for s, holds in enumerate(holds_example) if holds]
   steps_mode = federated.LocalSchedule(batch_size=4, num_steps=5)
-  assert int(federated.num_real_steps(n, max_examples, steps_mode)) == (5 if num_examples else 0)
+  assert int(_local.num_real_steps(n, max_examples, steps_mode)) == (5 if num_examples else 0)
 
 
 def test_local_training_counts_only_real_steps():
