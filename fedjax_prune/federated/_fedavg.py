@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_prune.masks import _ops as masks_lib
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.federated._engine import ClientInfo, ClientOutput, FedAlgorithm
 from fedjax_prune.federated._lowrank import (LowRankDense, LowRankSum, check_optimizer_is_sgd,
@@ -155,7 +156,7 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
     updates, opt_state = server_optimizer.update(mean_delta, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if state.masks is not None:
-      params = jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, state.masks)
+      params = masks_lib.apply(params, state.masks)
     batch_stats = jax.tree.map(lambda s, old: jnp.where(has_weight, s * inv, old),
                                sums.batch_stats, state.batch_stats)
     metrics = {

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_prune.masks import _ops as masks_lib
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
 from fedjax_prune.federated import _keys
@@ -515,7 +516,7 @@ def _dense_variant(apply_fn: Callable, optimizer: optax.GradientTransformation, 
   grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
   def client_init(inputs: _DenseInputs) -> LocalState:
-    params = inputs.params if inputs.masks is None else _apply_masks(inputs.params, inputs.masks)
+    params = inputs.params if inputs.masks is None else masks_lib.apply(inputs.params, inputs.masks)
     opt_state = optimizer.init(params) if inputs.opt_state is None else inputs.opt_state
     return LocalState(params, inputs.batch_stats, opt_state)
 
@@ -524,10 +525,10 @@ def _dense_variant(apply_fn: Callable, optimizer: optax.GradientTransformation, 
     (_, (new_stats, loss_sum, correct)), grads = grad_fn(
         state.params, state.batch_stats, batch.x, batch.y, batch.mask, inputs.penalty_state)
     if masks is not None:
-      grads = _apply_masks(grads, masks)
+      grads = masks_lib.apply(grads, masks)
     new_params, new_opt = optimizer_step(optimizer, grads, state.opt_state, state.params)
     if masks is not None:
-      new_params = _apply_masks(new_params, masks)
+      new_params = masks_lib.apply(new_params, masks)
     return LocalState(new_params, new_stats, new_opt), loss_sum, correct
 
   return LocalVariant(client_init, client_step, lambda inputs, state, num_steps: state)
@@ -645,10 +646,6 @@ def first_argmax(logits: jax.Array) -> jax.Array:
   top = jnp.max(logits, axis=-1, keepdims=True)
   index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
   return jnp.min(jnp.where(logits == top, index, num_classes), axis=-1)
-
-
-def _apply_masks(tree: PyTree, masks: Masks) -> PyTree:
-  return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), tree, masks)
 
 
 def proximal_penalty(mu: float) -> PenaltyFn:

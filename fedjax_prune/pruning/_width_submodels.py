@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_prune.masks import _ops as masks_lib
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalSchedule,
                                     make_local_train, softmax_cross_entropy)
 from fedjax_prune.masks._filters import path_str
@@ -123,10 +124,6 @@ def depth_masks(params: Params, depth) -> Masks:
   return jax.tree.map(lambda s: jnp.asarray(s, jnp.int32) <= d, leaf_stages(params))
 
 
-def _apply_masks(params: Params, masks: Masks) -> Params:
-  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, masks)
-
-
 def _scale_outputs(params: Params, factor, output_keys: str) -> Params:
   """Classifier kernels * factor (the Scaler on the classifier input)."""
   out = re.compile(output_keys)
@@ -147,7 +144,7 @@ def sqrt_widths(capacities: Sequence[float]) -> tuple[float, ...]:
 
 def _submodel_apply(apply_fn, masks, ratio, scaler: bool, output_keys: str):
   def apply(params, batch_stats, x, *, train, example_mask=None):
-    p = _apply_masks(params, masks)
+    p = masks_lib.apply(params, masks)
     if scaler and train:
       p = _scale_outputs(p, 1.0 / ratio, output_keys)
     return apply_fn(p, batch_stats, x, train=train, example_mask=example_mask)
@@ -210,9 +207,9 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
     offset = jnp.maximum(state.round_idx - 1, 0) if rolling else 0
     masks = width_masks(state.params, ratio, offset, input_keys=input_keys, output_keys=output_keys)
     if depths_L is None:
-      return _apply_masks(state.params, masks), jnp.zeros((), jnp.int32)
+      return masks_lib.apply(state.params, masks), jnp.zeros((), jnp.int32)
     depth = depths_L[level]
     masks = jax.tree.map(jnp.logical_and, masks, depth_masks(state.params, depth))
-    return _apply_masks(state.params, masks), exit_index_for_depth(depth)
+    return masks_lib.apply(state.params, masks), exit_index_for_depth(depth)
 
   return HeteroMethod(FedAlgorithm(init, client_update, server_update), submodel)
