@@ -1,4 +1,4 @@
-"""Method drivers: `config.method` -> module with `validate(config)` and `run(config, env)`.
+"""Method experiment code: `config.method` -> module with `validate(config)` and `build(config, env) -> runtime.Run`.
 
 A plain dict (no global registration): add a line here when a method lands.
 """
