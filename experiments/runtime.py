@@ -155,14 +155,12 @@ class Run(NamedTuple):
     train: the training `ClientData` the rounds sample from (env.data.train, or a
       method's own view of it, e.g. CAVP's pooled client).
     cohort: `cohort(round_idx) -> federated.Cohort`.
-    donate: donate the server state to the round (saves a model copy).
   """
   method: federated.Method
   strategy: federated.Strategy
   timings: dict
   train: Any
   cohort: Callable[[int], federated.Cohort]
-  donate: bool = True
 
 
 def cohort_for(env: Env, round_idx: int, *, clients_per_round: int | None = None) -> federated.Cohort:

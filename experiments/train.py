@@ -234,8 +234,9 @@ def run_method(config, env: runtime.Env, run: runtime.Run) -> dict:
 
   strategy = run.strategy
   mesh = runtime.mesh_for(env, strategy)
+  # The round donates the server state it is given (saves a model copy).
   compile_round = lambda alg: federated.make_round(alg, execution=strategy.execution, mesh=mesh,
-                                                   donate=run.donate)
+                                                   donate=True)
   evaluators = {}  # one compiled evaluator per architecture
 
   def evaluate(state, round_idx):

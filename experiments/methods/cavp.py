@@ -117,5 +117,4 @@ def build(config, env: runtime.Env) -> runtime.Run:
     train, cohort = _pooled_client(data.train), lambda r: federated.make_cohort([0])
   else:
     train, cohort = data.train, lambda r: runtime.cohort_for(env, r)
-  # The round does not donate its state (as before the Method redesign).
-  return runtime.Run(method, strategy, {}, train, cohort, donate=False)
+  return runtime.Run(method, strategy, {}, train, cohort)
