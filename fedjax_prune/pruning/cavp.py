@@ -464,16 +464,6 @@ class CavpSums(NamedTuple):
   metrics: LocalMetrics
 
 
-class _CavpInputs(NamedTuple):
-  """One client's inputs to `make_local_train`'s `local_train` (from the server state)."""
-  params: Params
-  batch_stats: BatchStats
-  theta: Gates
-  alive: Gates
-  lam: Gates
-  baseline: jax.Array
-
-
 def _broadcast(t, shape):
   return jnp.broadcast_to(t, shape)
 
@@ -549,11 +539,11 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
       diffs[path] = losses[0] - losses[1]
     return jax.tree_util.tree_map_with_path(lambda p, t: diffs.get(p, jnp.zeros_like(t)), theta)
 
-  def client_init(inputs: _CavpInputs):
+  def client_init(inputs: CavpState):
     return (inputs.params, inputs.batch_stats, inputs.theta, inputs.baseline,
             weight_optimizer.init(inputs.params), theta_optimizer.init(inputs.theta))
 
-  def client_step(inputs: _CavpInputs, state, batch: StepInput):
+  def client_step(inputs: CavpState, state, batch: StepInput):
     params, stats, theta, baseline, w_opt, t_opt = state
     x, y, mask, alive = batch.x, batch.y, batch.mask, inputs.alive
     b = sample_gates(theta, alive, batch.key, batch_size=x.shape[0] if options.per_example else None)
@@ -571,7 +561,7 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
                          options.baseline_decay * baseline + (1 - options.baseline_decay) * loss)
     return (params, new_stats, theta, baseline, w_opt, t_opt), loss_sum, correct
 
-  def client_final(inputs: _CavpInputs, state, num_steps) -> LocalResult:
+  def client_final(inputs: CavpState, state, num_steps) -> LocalResult:
     del inputs, num_steps
     params, stats, theta, baseline, _, _ = state
     return LocalResult(params, stats, theta, baseline)
@@ -581,8 +571,9 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
 
   def local_train(params, batch_stats, theta, alive, lam, baseline, data: ClientData,
                   key: PRNGKey) -> tuple[LocalResult, LocalMetrics]:
-    return run_local(variant, _CavpInputs(params, batch_stats, theta, alive, lam, baseline), data,
-                     key, schedule, train_transform)
+    # The server state's fields are the loop's fixed inputs (round_idx unused: no leaf).
+    inputs = CavpState(params, batch_stats, theta, alive, lam, baseline, round_idx=None)
+    return run_local(variant, inputs, data, key, schedule, train_transform)
 
   return local_train
 
