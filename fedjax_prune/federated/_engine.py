@@ -63,13 +63,27 @@ def make_cohort(client_ids, *, capacity=None, multiple: int = 1) -> Cohort:
   """Builds a host-side Cohort, padded with inactive clients to a multiple.
 
   Args:
-    client_ids: [C] sampled client indices.
+    client_ids: [C] sampled client indices: integers, distinct (each client's key
+      is derived from its id, so a repeated id would train the same client twice
+      with the same key).
     capacity: optional [C] capacities (default all 1.0).
     multiple: pad C up to a multiple of this (e.g. the device count).
+
+  Raises:
+    ValueError: empty cohort, non-integer or repeated ids, capacity of another shape.
   """
-  ids = np.asarray(client_ids, np.int32).reshape(-1)
-  if ids.size == 0:
+  raw = np.asarray(client_ids).reshape(-1)
+  if raw.size == 0:
     raise ValueError("empty cohort: a round needs at least one client")
+  if raw.dtype == bool or not np.issubdtype(raw.dtype, np.integer):
+    raise ValueError(f"cohort client ids must be integers, got dtype {raw.dtype} "
+                     f"({raw[:8].tolist()}); a float id would be truncated to another client")
+  ids = raw.astype(np.int32)
+  values, counts = np.unique(ids, return_counts=True)
+  if (counts > 1).any():
+    raise ValueError(f"cohort client ids {values[counts > 1].tolist()} appear more than once: "
+                     "each client trains once per round with a key derived from its id "
+                     "(sample without replacement)")
   cap = np.ones(ids.shape, np.float32) if capacity is None else np.asarray(capacity, np.float32)
   if cap.shape != ids.shape:
     raise ValueError(f"capacity has shape {cap.shape}, expected {ids.shape} (one per client)")

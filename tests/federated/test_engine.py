@@ -384,6 +384,15 @@ def test_select_strategy_compiles_every_candidate_then_times_them_in_turns(tmp_p
 def test_bad_inputs_give_clear_errors():
   with pytest.raises(ValueError, match="empty cohort"):
     federated.make_cohort([])
+  # A float id was truncated to another client; a repeated id trained one client twice
+  # with one key (issue 29).
+  with pytest.raises(ValueError, match=r"must be integers.*float64"):
+    federated.make_cohort(np.array([0.0, 1.7]))
+  with pytest.raises(ValueError, match=r"ids \[2\] appear more than once"):
+    federated.make_cohort([2, 0, 2])
+  with pytest.raises(ValueError, match="must be integers"):
+    federated.make_cohort(np.array([True, False]))
+  assert federated.make_cohort(np.array([3, 1], np.int64), multiple=4).client_ids.tolist() == [3, 1, 3, 3]
   with pytest.raises(ValueError, match="batch_size"):
     federated.LocalSchedule(batch_size=0)
   with pytest.raises(ValueError, match="num_epochs"):
