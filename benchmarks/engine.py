@@ -50,7 +50,7 @@ import optax  # noqa: E402
 
 import _common  # noqa: E402
 from _common import matmul_ceiling  # noqa: E402,F401  (kept: tests and callers import it from here)
-from fedjax_prune import accounting, federated, models  # noqa: E402
+from fedjax_prune import accounting, federated, models, performance  # noqa: E402
 from fedjax_prune.federated import _local  # noqa: E402
 from fedjax_prune.data import ClientData, client_slice  # noqa: E402
 
@@ -205,14 +205,15 @@ def engine_round(spec, params, data, steps, batch, strategy, *, batch_stats=None
   """A closure running one compiled engine round; rounds are chained.
 
   With `mesh`, the cohort is sharded over its devices (on CPU: one device per core,
-  see `federated.split_cpu_into_devices`)."""
+  see `performance.split_cpu_into_devices`)."""
   del steps  # the schedule (1 epoch of `steps` full batches) follows from the data
   apply_fn = models.make_apply(spec, conv_impl=strategy.conv_impl, compute_dtype=compute_dtype)
   if remat:
     apply_fn = _common.remat_apply(apply_fn)
   alg = _common.fedavg_for(strategy, apply_fn, params, federated.LocalSchedule(batch_size=batch),
                           data.x.shape[1])
-  round_fn = federated.make_round(alg, execution=strategy.execution, donate=donate, mesh=mesh)
+  round_fn = federated.make_round(alg, execution=strategy.execution, donate=donate, mesh=mesh,
+                                  compiler_options=performance.round_compiler_options())
   state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
   if donate:  # the round deletes what it is given: never hand it the shared initial params
     state = jax.tree.map(jnp.copy, state)
@@ -230,12 +231,12 @@ def engine_round(spec, params, data, steps, batch, strategy, *, batch_stats=None
   return run
 
 
-def _strategies(arg: str, cohort: int, has_conv: bool, unroll: int = 1) -> list[federated.Strategy]:
+def _strategies(arg: str, cohort: int, has_conv: bool, unroll: int = 1) -> list[performance.Strategy]:
   if arg == "auto":
-    return federated.candidate_strategies(cohort_size=cohort, has_conv=has_conv, unroll=unroll)
+    return performance.candidate_strategies(cohort_size=cohort, has_conv=has_conv, unroll=unroll)
   out = []
   for name in arg.split(","):
-    s = federated.Strategy.from_name(name)
+    s = performance.Strategy.from_name(name)
     if not has_conv and s.conv_impl != "lax":
       continue  # conv lowerings mean nothing without convs
     if isinstance(s.execution, federated.Chunked) and s.execution.size >= cohort and cohort > 1:
@@ -401,7 +402,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--strategies", default="auto",
-                      help="'auto' (federated.candidate_strategies) or names like vmap+lax,chunked32+lax")
+                      help="'auto' (performance.candidate_strategies) or names like vmap+lax,chunked32+lax")
   parser.add_argument("--loop-impls", default="", help="conv lowerings of the loop baseline (default: all on "
                       "CPU, lax on accelerators)")
   parser.add_argument("--max-loop-cohort", type=int, default=0, help="skip the loop baseline above this")
@@ -430,7 +431,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.cpu_devices < 0:
     parser.error(f"--cpu-devices must be >= 0, got {args.cpu_devices}")
-  federated.split_cpu_into_devices(args.cpu_devices or None)  # before JAX starts; no-op on GPU
+  performance.split_cpu_into_devices(args.cpu_devices or None)  # before JAX starts; no-op on GPU
   backend = jax.default_backend()
   cpu_meshes = [None]
   if backend == "cpu" and jax.device_count() > 1 and args.cpu_devices != 1:

@@ -42,17 +42,17 @@ import numpy as np  # noqa: E402
 
 import _common  # noqa: E402
 from engine import make_data, model_specs  # noqa: E402
-from fedjax_prune import accounting, federated, models  # noqa: E402
+from fedjax_prune import accounting, federated, models, performance  # noqa: E402
 
 
 def _strategies(backend: str, chunk: int, smoke: bool = False, has_conv: bool = True,
-                lowrank: bool = False) -> list[federated.Strategy]:
+                lowrank: bool = False) -> list[performance.Strategy]:
   # On CPU, vmapped convs use im2col (lax convs would become grouped convs) and
   # in-graph loops 'tapgrad'; on accelerators XLA's own convolutions.
   vmap_impl, loop_impl = ("im2col", "tapgrad") if (backend == "cpu" and has_conv) else ("lax", "lax")
-  out = [federated.Strategy(federated.Vmap(), vmap_impl),
-         federated.Strategy(federated.Chunked(chunk), vmap_impl),
-         federated.Strategy(federated.Sequential(), loop_impl)]
+  out = [performance.Strategy(federated.Vmap(), vmap_impl),
+         performance.Strategy(federated.Chunked(chunk), vmap_impl),
+         performance.Strategy(federated.Sequential(), loop_impl)]
   out = [out[0], out[2]] if smoke else out  # smoke: the two ends, fewer compiles
   if lowrank:  # the same strategies with big dense kernels held as factors
     out += [dataclasses.replace(s, lowrank=True) for s in out]
@@ -66,7 +66,8 @@ def _build_round(spec, strategy, batch, remat, steps):
   alg = _common.fedavg_for(strategy, apply_fn, params, federated.LocalSchedule(batch_size=batch),
                           steps * batch)
   state = alg.init(params, jax.random.key(1), batch_stats=batch_stats)
-  return federated.make_round(alg, execution=strategy.execution, donate=True), state
+  return federated.make_round(alg, execution=strategy.execution, donate=True,
+                              compiler_options=performance.round_compiler_options()), state
 
 
 def compiled_memory(spec, strategy, cohort, steps, batch, remat=False) -> dict:
@@ -163,7 +164,7 @@ def main(argv=None):
                 command="python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:]))
   for remat in ([False, True] if args.remat else [False]):
     # '+lowrank' variants only where some dense kernel is worth factoring (not the smoke model).
-    lowrank = args.lowrank and bool(federated.worthwhile_lowrank_layers(
+    lowrank = args.lowrank and bool(performance.worthwhile_lowrank_layers(
         models.param_shapes(spec)[0], args.steps * args.batch))
     for strategy in _strategies(backend, chunk, args.smoke, not isinstance(spec, models.MLPSpec),
                                 lowrank):
@@ -193,7 +194,7 @@ def main(argv=None):
     # The device's peak_bytes_in_use is the process's maximum so far and cannot be reset: run
     # the smallest predicted peak first, so that each run's peak can exceed the earlier ones.
     for predicted, c, s in sorted(plans, key=lambda plan: plan[0]):
-      strategy = federated.Strategy.from_name(s["strategy"])
+      strategy = performance.Strategy.from_name(s["strategy"])
       v = verify_run(spec, strategy, c, args.steps, args.batch, s["remat"])
       v["predicted_peak_bytes"] = predicted
       v["peak_is_an_earlier_runs"] = (v["peak_before"] is not None

@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import _common  # noqa: E402
-from fedjax_prune import data as data_lib, federated, models, tree  # noqa: E402
+from fedjax_prune import data as data_lib, federated, models, performance, tree  # noqa: E402
 
 
 BF16_COMPUTE = "bf16_compute"  # mixed precision through the model, not a matmul-precision setting
@@ -48,7 +48,8 @@ def train(spec, strategy, train_data, test_x, test_y, cohort, rounds, batch, lr,
   evaluate = federated.make_evaluate(norm_apply, batch_size=256)
   num_clients = train_data.x.shape[0]
   with _common.precision_scope(precision):
-    round_fn = federated.make_round(alg, execution=strategy.execution)
+    round_fn = federated.make_round(alg, execution=strategy.execution,
+                                    compiler_options=performance.round_compiler_options())
     eval_fn = jax.jit(lambda p, s: evaluate(p, s, test_x, test_y).means())
     state = alg.init(params, jax.random.key(1), batch_stats=batch_stats)
     root, times, metrics = jax.random.key(2), [], None
@@ -86,9 +87,9 @@ def main(argv=None):
   if args.smoke:
     spec = models.leaf_femnist_cnn(num_classes=10, widths=(4, 8), dense_width=32)
     num_clients, cohort, rounds = 8, 2, 3
-  strategy = (federated.Strategy(federated.Sequential(), "tapgrad") if cpu else
-              federated.Strategy(federated.Vmap(), "lax")) if args.strategy == "auto" else \
-      federated.Strategy.from_name(args.strategy)
+  strategy = (performance.Strategy(federated.Sequential(), "tapgrad") if cpu else
+              performance.Strategy(federated.Vmap(), "lax")) if args.strategy == "auto" else \
+      performance.Strategy.from_name(args.strategy)
   train_np, test_np = data_lib.synthetic_images(num_clients, seed=0, num_classes=10,
                                                 examples_per_client=(64, 64) if not args.smoke else (16, 16),
                                                 test_examples_per_client=8)

@@ -26,16 +26,17 @@ import optax  # noqa: E402
 
 import _common  # noqa: E402
 from engine import make_data  # noqa: E402
-from fedjax_prune import accounting, federated, models  # noqa: E402
+from fedjax_prune import accounting, federated, models, performance  # noqa: E402
 
 
-def round_time(spec, data, strategy: federated.Strategy, batch: int, steps: int,
+def round_time(spec, data, strategy: performance.Strategy, batch: int, steps: int,
                repeats: int) -> tuple[float, float]:
   """(first, median) seconds of one chained FedAvg round of `spec`."""
   params, stats = models.init_params(spec, jax.random.key(0))
   alg = federated.fedavg(models.make_apply(spec, conv_impl=strategy.conv_impl),
                          optax.adam(1e-3), federated.LocalSchedule(batch_size=batch, num_steps=steps))
-  round_fn = federated.make_round(alg, execution=strategy.execution)
+  round_fn = federated.make_round(alg, execution=strategy.execution,
+                                  compiler_options=performance.round_compiler_options())
   cohort = federated.make_cohort(list(range(data.x.shape[0])))
   box = [alg.init(params, jax.random.key(1), batch_stats=stats)]
   key = jax.random.key(2)  # made once, outside the timed call
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
                 / accounting.training_flops(small, args.batch))
   rows = []
   for name in args.strategies.split(","):
-    strategy = federated.Strategy.from_name(name)
+    strategy = performance.Strategy.from_name(name)
     _, t_dense = round_time(dense, data, strategy, args.batch, args.steps, args.repeats)
     _, t_small = round_time(small, data, strategy, args.batch, args.steps, args.repeats)
     speedup = t_dense / t_small

@@ -33,7 +33,7 @@ import optax  # noqa: E402
 
 import _common  # noqa: E402
 from engine import make_data  # noqa: E402
-from fedjax_prune import accounting, federated, models  # noqa: E402
+from fedjax_prune import accounting, federated, models, performance  # noqa: E402
 
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
 
@@ -55,7 +55,8 @@ def make_runner(spec, strategy, data, batch, masks=None):
   """A closure running one chained FedAvg round of `spec` on `data` (compiles on first call)."""
   apply_fn, params, batch_stats = models.build(spec, jax.random.key(0), conv_impl=strategy.conv_impl)
   alg = federated.fedavg(apply_fn, optax.sgd(0.01), federated.LocalSchedule(batch_size=batch))
-  round_fn = federated.make_round(alg, execution=strategy.execution)
+  round_fn = federated.make_round(alg, execution=strategy.execution,
+                                  compiler_options=performance.round_compiler_options())
   state = alg.init(params, jax.random.key(1), batch_stats=batch_stats, masks=masks)
   cohort = federated.make_cohort(np.arange(data.x.shape[0]))
   holder = [state]
@@ -74,10 +75,10 @@ def _first_call(run) -> float:
   return time.perf_counter() - t
 
 
-def default_strategy(has_conv=True) -> federated.Strategy:
+def default_strategy(has_conv=True) -> performance.Strategy:
   if jax.default_backend() == "cpu":
-    return federated.Strategy(federated.Sequential(), "tapgrad" if has_conv else "lax")
-  return federated.Strategy(federated.Vmap(), "lax")
+    return performance.Strategy(federated.Sequential(), "tapgrad" if has_conv else "lax")
+  return performance.Strategy(federated.Vmap(), "lax")
 
 
 def main(argv=None):
@@ -98,7 +99,7 @@ def main(argv=None):
   densities = [float(d) for d in args.densities.split(",")]
   if args.smoke:
     cohort, args.steps, args.batch, args.repeats, densities = 2, 2, 8, 1, [1.0, 0.25]
-  strategy = default_strategy() if args.strategy == "auto" else federated.Strategy.from_name(args.strategy)
+  strategy = default_strategy() if args.strategy == "auto" else performance.Strategy.from_name(args.strategy)
   dense_spec = scaled_spec(args.model, 1.0, args.smoke)
   data = make_data(dense_spec, cohort, args.steps, args.batch, dense_spec.num_classes)
   _, dense_params, _ = models.build(dense_spec, jax.random.key(0))

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import _common  # noqa: E402
 from engine import make_data  # noqa: E402
-from fedjax_prune import federated, models  # noqa: E402
+from fedjax_prune import federated, models, performance  # noqa: E402
 
 
 def spec_for(model: str, smoke: bool):
@@ -47,18 +47,19 @@ def spec_for(model: str, smoke: bool):
   raise ValueError(f"unknown model {model!r}")
 
 
-def default_strategy(spec) -> federated.Strategy:
+def default_strategy(spec) -> performance.Strategy:
   has_conv = not isinstance(spec, models.MLPSpec)
   if jax.default_backend() == "cpu":
-    return federated.Strategy(federated.Sequential(), "tapgrad" if has_conv else "lax")
-  return federated.Strategy(federated.Vmap(), "lax")
+    return performance.Strategy(federated.Sequential(), "tapgrad" if has_conv else "lax")
+  return performance.Strategy(federated.Vmap(), "lax")
 
 
 def round_time(spec, strategy, cohort, steps, batch, repeats, mesh=None) -> tuple[float, float]:
   apply_fn, params, batch_stats = models.build(spec, jax.random.key(0), conv_impl=strategy.conv_impl)
   alg = _common.fedavg_for(strategy, apply_fn, params, federated.LocalSchedule(batch_size=batch),
                           steps * batch)
-  round_fn = federated.make_round(alg, execution=strategy.execution, mesh=mesh)
+  round_fn = federated.make_round(alg, execution=strategy.execution, mesh=mesh,
+                                  compiler_options=performance.round_compiler_options())
   state = alg.init(params, jax.random.key(1), batch_stats=batch_stats)
   data = make_data(spec, cohort, steps, batch, spec.num_classes)
   if mesh is not None:
@@ -93,7 +94,7 @@ def cohort_sweep(spec, strategy, cohorts, steps, batch, repeats) -> list[dict]:
 def _worker(args) -> None:
   """Runs inside a subprocess with D fake devices; prints one JSON line."""
   spec = spec_for(args.model, args.smoke)
-  strategy = default_strategy(spec) if args.strategy == "auto" else federated.Strategy.from_name(args.strategy)
+  strategy = default_strategy(spec) if args.strategy == "auto" else performance.Strategy.from_name(args.strategy)
   d = jax.device_count()
   mesh = federated.client_mesh(jax.devices()[:d])
   first, t = round_time(spec, strategy, d * args.per_device, args.steps, args.batch, args.repeats, mesh)
@@ -212,7 +213,7 @@ def main(argv=None):
     _worker(args)
     return None
   spec = spec_for(args.model, args.smoke)
-  strategy = default_strategy(spec) if args.strategy == "auto" else federated.Strategy.from_name(args.strategy)
+  strategy = default_strategy(spec) if args.strategy == "auto" else performance.Strategy.from_name(args.strategy)
   cohorts = [int(c) for c in args.cohorts.split(",")] if args.cohorts else (
       [1, 2, 4, 8, 16] if backend == "cpu" else [8, 16, 32, 64, 128, 256, 512, 1024])
   device_counts = [int(d) for d in args.devices.split(",")]

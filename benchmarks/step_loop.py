@@ -34,7 +34,7 @@ import optax  # noqa: E402
 
 import _common  # noqa: E402
 from engine import make_data  # noqa: E402
-from fedjax_prune import federated, models  # noqa: E402
+from fedjax_prune import federated, models, performance  # noqa: E402
 
 
 def step_programs(spec, conv_impl: str, batches_x, batches_y, params, learning_rate: float = 0.01):
@@ -58,7 +58,7 @@ def step_programs(spec, conv_impl: str, batches_x, batches_y, params, learning_r
       p = jitted_step(p, x, y)
     return p
 
-  options = federated.round_compiler_options()
+  options = performance.round_compiler_options()
   fori = jax.jit(lambda p, xs, ys: jax.lax.fori_loop(0, steps, lambda t, p: step(p, xs[t], ys[t]), p),
                  compiler_options=options)
 

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from fedjax_prune import data as data_lib
-from fedjax_prune import federated, models
+from fedjax_prune import federated, models, performance
 
 MODELS = ("mlp", "leaf_femnist_cnn", "asp_femnist_cnn", "asp_celeba_cnn", "vgg11", "resnet18",
           "resnet20", "resnet56", "asp_resnet", "asp_inception")
@@ -109,7 +109,7 @@ def validate(config) -> None:
   strategy = _get(config, "strategy")
   if strategy != "auto":
     try:
-      federated.Strategy.from_name(strategy)
+      performance.Strategy.from_name(strategy)
     except ValueError as e:
       raise ConfigError(f"config.strategy={strategy!r} is invalid: allowed 'auto' or a name like "
                         "'sequential+lax', 'vmap+im2col', 'chunked4+im2col'") from e
@@ -232,7 +232,7 @@ def build_algorithm(config, apply_fn, schedule=None, lowrank=None) -> federated.
   return federated.fedprox(apply_fn, client_opt, schedule, mu=a.prox_mu)
 
 
-def build_lowrank(config, spec, params, max_examples: int) -> federated.LowRankDense | None:
+def build_lowrank(config, spec, params, max_examples: int) -> performance.LowRankDense | None:
   """The `LowRankDense` a '+lowrank' strategy may use for this dense run, or None when the
   run cannot (clients not SGD, FedProx, a model without `dense_lowrank`) or no dense
   kernel is cheaper as factors over the clients' rows (steps x batch)."""
@@ -242,9 +242,9 @@ def build_lowrank(config, spec, params, max_examples: int) -> federated.LowRankD
     return None
   schedule = build_schedule(config)
   rows = schedule.total_steps(int(max_examples)) * schedule.batch_size
-  layers = federated.worthwhile_lowrank_layers(params, rows)
+  layers = performance.worthwhile_lowrank_layers(params, rows)
   # rows: a short calibration round then pays the correction cost of the full run's factors.
-  return (federated.LowRankDense(layers, float(c.learning_rate), rows=rows,
+  return (performance.LowRankDense(layers, float(c.learning_rate), rows=rows,
                                  momentum=float(c.momentum or 0.0)) if layers else None)
 
 

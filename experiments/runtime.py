@@ -25,7 +25,7 @@ import numpy as np
 from experiments import build
 from fedjax_prune import _files
 from fedjax_prune import data as data_lib
-from fedjax_prune import federated
+from fedjax_prune import federated, performance
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -157,7 +157,7 @@ class Run(NamedTuple):
     cohort: `cohort(round_idx) -> federated.Cohort`.
   """
   method: federated.Method
-  strategy: federated.Strategy
+  strategy: performance.Strategy
   timings: dict
   train: Any
   cohort: Callable[[int], federated.Cohort]
@@ -198,7 +198,7 @@ def make_evaluator(env: Env, apply_fn: Callable) -> Callable[[Any, Any], dict]:
   return evaluate
 
 
-def model_fns(env: Env, strategy: federated.Strategy) -> federated.ModelFns:
+def model_fns(env: Env, strategy: performance.Strategy) -> federated.ModelFns:
   """How this run builds and evaluates any architecture: the data's normalisation, the
   strategy's convolution implementation, the config's compute precision, the run's test data."""
   return federated.ModelFns(
@@ -241,13 +241,13 @@ def progress_bar(total: int, enabled: bool, initial: int = 0):
   return tqdm(total=total, initial=initial, disable=not enabled, desc="rounds", unit="round")
 
 
-def named_strategy(env: Env, name: str) -> federated.Strategy:
+def named_strategy(env: Env, name: str) -> performance.Strategy:
   """`config.strategy` by name; with a mesh (config.shard_clients) it is sharded."""
-  strategy = federated.Strategy.from_name(name)
+  strategy = performance.Strategy.from_name(name)
   return dataclasses.replace(strategy, sharded=strategy.sharded or env.mesh is not None)
 
 
-def mesh_for(env: Env, strategy: federated.Strategy):
+def mesh_for(env: Env, strategy: performance.Strategy):
   """The mesh a round with `strategy` runs on: env.mesh when the strategy is sharded."""
   if strategy.sharded and env.mesh is None:
     raise ValueError(f"strategy {strategy.name!r} is sharded but this run has no device mesh "
@@ -256,12 +256,12 @@ def mesh_for(env: Env, strategy: federated.Strategy):
 
 
 def auto_candidates(*, cohort_size: int, has_conv: bool, unroll: int, lowrank: bool,
-                    has_mesh: bool, backend: str | None = None) -> list[federated.Strategy]:
-  """The strategies `strategy='auto'` times: `federated.candidate_strategies`, and with a
+                    has_mesh: bool, backend: str | None = None) -> list[performance.Strategy]:
+  """The strategies `strategy='auto'` times: `performance.candidate_strategies`, and with a
   device mesh their sharded variants (on CPU next to the unsharded ones, on accelerators
   instead of them).
 
-  On CPU a device of a sharded round has one core (`federated.split_cpu_into_devices`), so
+  On CPU a device of a sharded round has one core (`performance.split_cpu_into_devices`), so
   two kinds of candidate are timed unsharded only: written-out local steps (they overlap
   one step's tail with the next step's head on the cores of a device; measured: no gain
   sharded), and a conv net's clients vectorised with `vmap`/chunks (on one core that only
@@ -270,13 +270,13 @@ def auto_candidates(*, cohort_size: int, has_conv: bool, unroll: int, lowrank: b
   calibration).
   """
   backend = backend or jax.default_backend()
-  candidates = federated.candidate_strategies(cohort_size=cohort_size, has_conv=has_conv,
+  candidates = performance.candidate_strategies(cohort_size=cohort_size, has_conv=has_conv,
                                               backend=backend, unroll=unroll, lowrank=lowrank)
   if not has_mesh:
     return candidates
   on_cpu = backend == "cpu"
 
-  def worth_sharding(s: federated.Strategy) -> bool:
+  def worth_sharding(s: performance.Strategy) -> bool:
     if not on_cpu:
       return True
     return s.unroll == 1 and not (has_conv and not isinstance(s.execution, federated.Sequential))
@@ -287,19 +287,19 @@ def auto_candidates(*, cohort_size: int, has_conv: bool, unroll: int, lowrank: b
   return sharded + candidates if on_cpu else sharded
 
 
-def checkpointed_strategy(env: Env) -> tuple[federated.Strategy, dict] | None:
+def checkpointed_strategy(env: Env) -> tuple[performance.Strategy, dict] | None:
   """(strategy, calibration timings) saved with the workdir's latest checkpoint, or None."""
   meta = env.checkpoint.latest_meta()
   if not meta or not meta.get("strategy"):
     return None  # a checkpoint from before strategies were saved: choose as a fresh run
   # The calibration timings of the run that chose it (absent in older checkpoints).
-  return federated.Strategy.from_name(meta["strategy"]), dict(meta.get("strategy_timings_s") or {})
+  return performance.Strategy.from_name(meta["strategy"]), dict(meta.get("strategy_timings_s") or {})
 
 
 def choose_strategy(env: Env, spec, params, batch_stats,
                     algorithm_for: Callable[..., federated.FedAlgorithm],
                     cohort: federated.Cohort, *,
-                    lowrank: federated.LowRankDense | None = None) -> tuple[federated.Strategy, dict]:
+                    lowrank: performance.LowRankDense | None = None) -> tuple[performance.Strategy, dict]:
   """Client-execution strategy: `config.strategy` by name, or 'auto' = time a 2-step round
   of each candidate (result cached on disk per model/cohort/batch shape).
 
@@ -338,7 +338,7 @@ def choose_strategy(env: Env, spec, params, batch_stats,
       alg = algorithm_for(apply_fn, strategy.schedule(short), lowrank)
     else:
       alg = algorithm_for(apply_fn, strategy.schedule(short))
-    round_fn = federated.make_round(alg, execution=strategy.execution, mesh=mesh_for(env, strategy))
+    round_fn = strategy.make_round(alg, mesh=mesh_for(env, strategy))
     state = alg.init(params, jax.random.key(0), batch_stats=batch_stats)
 
     def run():
@@ -358,5 +358,5 @@ def choose_strategy(env: Env, spec, params, batch_stats,
          f"|mesh={env.mesh.size if env.mesh is not None else 0}"
          f"|lowrank={','.join(lowrank.layers) + f'@{lowrank.rows}' if lowrank is not None else ''}")
   env.log(f"choosing the client execution among {len(candidates)} strategies (timings cached in {cache_path})")
-  return federated.select_strategy(run_round_for, candidates, cache_path=cache_path,
+  return performance.select_strategy(run_round_for, candidates, cache_path=cache_path,
                                    cache_key=key, log=env.log)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import build, runtime
-from fedjax_prune import accounting, federated, models
+from fedjax_prune import accounting, federated, models, performance
 from fedjax_prune import data as data_lib
 
 SEED_STRIDE = 1000
@@ -93,7 +93,7 @@ def run_seeds(config, seeds, workdir: str | None = None, *, log=print) -> dict:
     strategy_name = config.strategy
   else:  # no calibration here: the seed axis is vmapped anyway, so vmap the clients too
     strategy_name = "vmap+im2col" if build.has_conv(spec) else "vmap+lax"
-  strategy = federated.Strategy.from_name(strategy_name)
+  strategy = performance.Strategy.from_name(strategy_name)
   apply_fn = build.build_apply(spec, data.normalize, strategy.conv_impl, build.compute_dtype(config))
   alg = build.build_algorithm(config, apply_fn)
 
@@ -138,7 +138,7 @@ def run_seeds(config, seeds, workdir: str | None = None, *, log=print) -> dict:
   def compile_round(alg):
     round_fn = federated.make_round(alg, execution=strategy.execution)  # vmap traces through
     return jax.jit(jax.vmap(round_fn, in_axes=(0, None, 0, 0)), donate_argnums=(0,),
-                   compiler_options=federated.round_compiler_options())
+                   compiler_options=performance.round_compiler_options())
 
   num_clients = data.train.num_clients
   cohorts_K = lambda round_idx: _stack([federated.make_cohort(data_lib.sample_uniform(

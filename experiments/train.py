@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from experiments import build, methods, runtime
 from fedjax_prune import checkpoint as checkpoint_lib
-from fedjax_prune import federated, structured
+from fedjax_prune import federated, performance, structured
 
 CHECKPOINT_DIR = "checkpoints"
 # Test hook: seconds the checkpointer pauses mid-save (so a test can kill a run during a save).
@@ -163,7 +163,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
     # One CPU device per core, so that a sharded cohort runs different clients on
     # different cores at once (1.3x on 2 cores, docs/results/engine.md). No effect on
     # GPU/TPU runs, or once JAX has started (a notebook, a test session).
-    federated.split_cpu_into_devices(config.get("cpu_devices", 0) or None)
+    performance.split_cpu_into_devices(config.get("cpu_devices", 0) or None)
   log = print
   setup_start = time.perf_counter()
   data = build.build_data(config)
@@ -235,8 +235,7 @@ def run_method(config, env: runtime.Env, run: runtime.Run) -> dict:
   strategy = run.strategy
   mesh = runtime.mesh_for(env, strategy)
   # The round donates the server state it is given (saves a model copy).
-  compile_round = lambda alg: federated.make_round(alg, execution=strategy.execution, mesh=mesh,
-                                                   donate=True)
+  compile_round = lambda alg: strategy.make_round(alg, mesh=mesh, donate=True)
   evaluators = {}  # one compiled evaluator per architecture
 
   def evaluate(state, round_idx):

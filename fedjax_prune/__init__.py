@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 # Importing these brings in JAX, Flax and optax, nothing heavier: orbax (checkpoint),
 # tensorflow_datasets and h5py (data loaders) are imported inside the functions that
 # need them. Importing fedjax_prune does not initialise a JAX backend.
-from fedjax_prune import (data, federated, masks, models, pruning, structured, accounting, checkpoint,
-                          tree, types)
+from fedjax_prune import (data, federated, masks, models, performance, pruning, structured, accounting,
+                          checkpoint, tree, types)
 
 __all__ = [
     "__version__",
@@ -21,6 +21,7 @@ __all__ = [
     "federated",
     "masks",
     "models",
+    "performance",
     "pruning",
     "structured",
     "tree",

@@ -65,7 +65,7 @@ def test_shuffled_loop_baseline_computes_the_engine_round(model):
   _, params, batch_stats = models.build(spec, jax.random.key(0))
   data = engine.make_data(spec, 3, 2, 8, spec.num_classes)
   data = data._replace(num_examples=jnp.asarray([16, 11, 5], jnp.int32))  # unequal, a partial batch
-  strategy = engine.federated.Strategy.from_name("sequential+lax")
+  strategy = engine.performance.Strategy.from_name("sequential+lax")
   params_engine = engine.engine_round(spec, params, data, 2, 8, strategy, batch_stats=batch_stats)().params
   params_loop, _ = engine.shuffled_loop_round(spec, params, data, 2, 8, "lax", batch_stats)()
   bare_loop, _ = engine.loop_round(spec, params, data, 2, 8, "lax", batch_stats)()

@@ -6,7 +6,7 @@ import pytest
 
 from experiments import build, train
 from experiments.configs import fedavg_synthetic
-from fedjax_prune import federated
+from fedjax_prune import performance
 
 
 def tiny_config():
@@ -142,7 +142,7 @@ def test_auto_candidates_shard_only_what_can_win_on_a_one_core_device():
                      "sequential+im2col+sharded"]
   # ... and everything is timed unsharded, vectorised conv rounds included
   unsharded = [n for n in conv if not n.endswith("+sharded")]
-  assert unsharded == [s.name for s in federated.candidate_strategies(
+  assert unsharded == [s.name for s in performance.candidate_strategies(
       cohort_size=10, has_conv=True, backend="cpu", unroll=2, lowrank=True)]
   assert {"vmap+im2col", "chunked2+im2col", "chunked4+im2col"} <= set(unsharded)
   # a dense model's vectorised rounds can win sharded (dispatch-bound): kept
@@ -158,16 +158,15 @@ def test_auto_candidates_shard_only_what_can_win_on_a_one_core_device():
 
 def test_named_strategy_is_sharded_exactly_when_the_run_has_a_mesh():
   from experiments import runtime
-  from fedjax_prune import federated
   env = runtime.Env(config=None, workdir="", data=None, mesh="a mesh", cohort_multiple=4,
                     metrics=None, checkpoint=None, log=print)
   strategy = runtime.named_strategy(env, "sequential+lax")
   assert strategy.sharded and runtime.mesh_for(env, strategy) == "a mesh"
   alone = env._replace(mesh=None, cohort_multiple=1)
   assert not runtime.named_strategy(alone, "sequential+lax").sharded
-  assert runtime.mesh_for(alone, federated.Strategy.from_name("vmap+lax")) is None
+  assert runtime.mesh_for(alone, performance.Strategy.from_name("vmap+lax")) is None
   with pytest.raises(ValueError, match="no device mesh"):
-    runtime.mesh_for(alone, federated.Strategy.from_name("vmap+lax+sharded"))
+    runtime.mesh_for(alone, performance.Strategy.from_name("vmap+lax+sharded"))
 
 
 def test_build_lowrank_only_for_runs_it_reproduces():

@@ -11,7 +11,8 @@ import fedjax_prune
 from fedjax_prune import federated
 
 PACKAGES = ["fedjax_prune"] + [f"fedjax_prune.{name}" for name in
-                               ("data", "federated", "masks", "models", "pruning", "structured")]
+                               ("data", "federated", "masks", "models", "performance", "pruning",
+                                "structured")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,8 +39,8 @@ def test_all_lists_exactly_the_reexported_names(name):
 
 
 def test_top_level_imports_the_subpackages():
-  for sub in ("data", "federated", "masks", "models", "pruning", "structured", "accounting",
-              "checkpoint", "tree", "types"):
+  for sub in ("data", "federated", "masks", "models", "performance", "pruning", "structured",
+              "accounting", "checkpoint", "tree", "types"):
     assert sub in fedjax_prune.__all__
     assert getattr(fedjax_prune, sub) is importlib.import_module(f"fedjax_prune.{sub}")
   with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:

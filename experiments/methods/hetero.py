@@ -38,7 +38,7 @@ import optax
 
 from experiments import build as build_lib, runtime
 from fedjax_prune import data as data_lib
-from fedjax_prune import federated, models
+from fedjax_prune import federated, models, performance
 from fedjax_prune.pruning import _hetero as hetero_lib
 from fedjax_prune.pruning import fiarse as fiarse_lib
 from fedjax_prune.pruning import fedrolex as fedrolex_lib
@@ -191,7 +191,7 @@ def build(config, env: runtime.Env) -> runtime.Run:
                                                        train_transform).algorithm
     strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats, algorithm_for, cohort(0))
   else:
-    strategy = federated.Strategy.from_name(strategy_name)
+    strategy = performance.Strategy.from_name(strategy_name)
   env.log(f"{config.method}: client execution {strategy.name}, capacities {caps}")
   apply_fn = wrap(make_raw(strategy.conv_impl))
   c = config.client

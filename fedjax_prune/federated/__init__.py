@@ -1,4 +1,7 @@
-"""The federated engine: algorithms as pure functions, one compiled round over a client axis."""
+"""The federated engine: algorithms as pure functions, one compiled round over a client axis.
+
+Speed machinery (strategy choice by measurement, CPU devices per core, compiler options,
+low-rank client kernels) lives in `fedjax_prune.performance`."""
 from fedjax_prune.federated import _keys as keys  # jax.random's split/fold_in/uniform, fused on CPU
 from fedjax_prune.federated._aggregate import (CountedSum, counted_contribution, finish_counted_mean,
                                                finish_weighted_mean, weighted_contribution)
@@ -6,8 +9,7 @@ from fedjax_prune.federated._engine import (CLIENT_AXIS, Chunked, ClientInfo, Cl
                                             ClientUpdateFn, Cohort, Execution, FedAlgorithm, InitFn,
                                             Sequential, ServerUpdateFn, Vmap, client_mesh,
                                             default_execution, make_cohort, make_round,
-                                            round_compiler_options, round_key, run_clients,
-                                            split_cpu_into_devices, split_round_key, usable_cpu_cores)
+                                            round_key, run_clients, split_round_key)
 from fedjax_prune.federated._evaluate import EvalSums, make_evaluate, make_evaluate_clients
 from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks, fedadam, fedavg,
                                             fedavgm, fedprox, fedyogi)
@@ -17,9 +19,6 @@ from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalSta
                                            waste_free_unroll)
 from fedjax_prune.federated._method import (ApplyFn, Method, MethodState, ModelFns, host_metrics,
                                              no_log, run_rounds)
-from fedjax_prune.federated._lowrank import (FactoredKernel, LowRankDense, LowRankSum,
-                                              worthwhile_lowrank_layers)
-from fedjax_prune.federated._strategy import (Strategy, candidate_strategies, select_strategy)
 
 __all__ = [
     "keys",
@@ -46,12 +45,9 @@ __all__ = [
     "default_execution",
     "make_cohort",
     "make_round",
-    "round_compiler_options",
     "round_key",
     "run_clients",
-    "split_cpu_into_devices",
     "split_round_key",
-    "usable_cpu_cores",
     # evaluation
     "EvalSums",
     "make_evaluate",
@@ -84,13 +80,4 @@ __all__ = [
     "host_metrics",
     "no_log",
     "run_rounds",
-    # low-rank client updates
-    "FactoredKernel",
-    "LowRankDense",
-    "LowRankSum",
-    "worthwhile_lowrank_layers",
-    # client-execution strategy selection
-    "Strategy",
-    "candidate_strategies",
-    "select_strategy",
 ]

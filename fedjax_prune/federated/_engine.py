@@ -23,7 +23,6 @@ Client execution strategies (all give the same result up to float summation orde
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
@@ -32,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_prune.data import ClientData, client_slice, pad_cohort
-from fedjax_prune.federated import _keys, _lowrank
+from fedjax_prune.federated import _keys
 from fedjax_prune.types import BatchStats, Metrics, Params, PRNGKey, PyTree
 
 CLIENT_AXIS = "clients"
@@ -98,8 +97,9 @@ class ClientOutput(NamedTuple):
   Attributes:
     sums: pytree summed over the cohort in-graph (pre-weight it yourself, e.g.
       `n_k * delta_k` and `n_k`); padding clients contribute exactly zero. A
-      `LowRankSum(left, right)` leaf is summed as the dense matrix left^T right
-      (under `Vmap` one GEMM over every client's rows).
+      leaf with methods `dense()` and `sum_over_clients()` is summed its own way:
+      `performance.LowRankSum(left, right)` as the dense matrix left^T right (under
+      `Vmap` one GEMM over every client's rows).
     per_client: pytree returned stacked along the client axis [C, ...].
   """
   sums: PyTree
@@ -201,6 +201,25 @@ def _zeros_like_struct(struct):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), struct)
 
 
+def _sums_its_own_way(x: Any) -> bool:
+  """A `ClientOutput.sums` leaf that adds up as a dense array it does not hold (e.g.
+  `performance.LowRankSum`): it has `dense()` (one client's value) and
+  `sum_over_clients()` (the sum over the leading client axis of stacked leaves)."""
+  return hasattr(x, "sum_over_clients") and hasattr(x, "dense")
+
+
+def _densify_sums(sums: Any) -> Any:
+  """One client's `sums` with each leaf that sums its own way replaced by its dense value."""
+  return jax.tree.map(lambda x: x.dense() if _sums_its_own_way(x) else x, sums,
+                      is_leaf=_sums_its_own_way)
+
+
+def _sum_stacked(sums_C: Any) -> Any:
+  """The sum over the leading client axis of stacked `sums` [C, ...]."""
+  return jax.tree.map(lambda x: x.sum_over_clients() if _sums_its_own_way(x) else jnp.sum(x, axis=0),
+                      sums_C, is_leaf=_sums_its_own_way)
+
+
 def _masked_sums(active, sums):
   return jax.tree.map(lambda x: jnp.where(active, x, jnp.zeros((), x.dtype)), sums)
 
@@ -225,10 +244,10 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
   keys_C = jax.vmap(lambda i: _keys.fold_in(client_root, i))(ids_C)
   if isinstance(execution, Vmap):
     outs = jax.vmap(one_client)(ids_C, active_C, capacity_C, keys_C)
-    return ClientOutput(_lowrank.sum_stacked(outs.sums), outs.per_client)
+    return ClientOutput(_sum_stacked(outs.sums), outs.per_client)
 
   if isinstance(execution, Sequential):
-    sums_struct = jax.eval_shape(lambda *xs: _lowrank.densify_sums(one_client(*xs).sums),
+    sums_struct = jax.eval_shape(lambda *xs: _densify_sums(one_client(*xs).sums),
                                  ids_C[0], active_C[0], capacity_C[0], keys_C[0])
 
     def body(total, xs):
@@ -238,7 +257,7 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
       # round in an XLA:CPU profile: docs/results/engine.md, "Figures moved out of
       # the library's docstrings"). Padding clients train zero steps.
       out = one_client(*xs)
-      return jax.tree.map(jnp.add, total, _lowrank.densify_sums(out.sums)), out.per_client
+      return jax.tree.map(jnp.add, total, _densify_sums(out.sums)), out.per_client
 
     total, per_client = jax.lax.scan(body, _zeros_like_struct(sums_struct),
                                      (ids_C, active_C, capacity_C, keys_C))
@@ -250,13 +269,13 @@ def _run_local_cohort(client_update, server_state, dataset: ClientData, client_r
       raise ValueError(f"cohort of {num_clients} is not a multiple of the chunk size {size}")
     chunks = lambda a: a.reshape((num_clients // size, size) + a.shape[1:])
     vmapped = jax.vmap(one_client)
-    sums_struct = jax.eval_shape(lambda *xs: _lowrank.sum_stacked(vmapped(*xs).sums),
+    sums_struct = jax.eval_shape(lambda *xs: _sum_stacked(vmapped(*xs).sums),
                                  ids_C[:size], active_C[:size], capacity_C[:size], keys_C[:size])
     zero_sums = _zeros_like_struct(sums_struct)
 
     def body(total, xs):
       out = vmapped(*xs)
-      chunk_sum = _lowrank.sum_stacked(out.sums)
+      chunk_sum = _sum_stacked(out.sums)
       return jax.tree.map(jnp.add, total, chunk_sum), out.per_client
 
     total, per_client = jax.lax.scan(body, zero_sums,
@@ -345,45 +364,29 @@ def default_execution(platform: str | None = None) -> Execution:
   it ran close to a full `vmap` at 512 clients, with a quarter of its activation
   memory, while `Sequential()` was several times slower there
   (docs/results/engine.md, "Figures moved out of the library's docstrings"). For the fastest
-  strategy of a given workload, time the candidates (`select_strategy`; the
+  strategy of a given workload, time the candidates (`performance.select_strategy`; the
   experiments' `strategy='auto'`).
   """
   platform = jax.default_backend() if platform is None else platform
   return Sequential() if platform == "cpu" else Chunked(128)
 
 
-def round_compiler_options(platform: str | None = None) -> dict | None:
-  """XLA compiler options for a compiled round on `platform` (default: JAX's default backend).
-
-  Pass them to `jax.jit(..., compiler_options=...)` when you jit a round yourself
-  (e.g. a `vmap` over seeds); `make_round` already does.
-
-  On CPU: copy insertion with region analysis. Without it XLA:CPU copies every
-  loop-carried weight that a matmul or convolution reads, once per local step,
-  since it cannot prove the reads come before the in-place update (the LEAF CNN:
-  a copy of its dense kernel per step). Without these copies the sequential round is
-  faster on 2 cores, with the same results (benchmarks/engine.py, 8 clients:
-  docs/results/engine.md, "Earlier on 2026-11-23 (02:12 UTC)", item 1). Elsewhere: None.
-  """
-  platform = jax.default_backend() if platform is None else platform
-  if platform == "cpu":
-    return {"xla_cpu_copy_insertion_use_region_analysis": True}
-  return None
-
-
 def make_round(alg: FedAlgorithm, *, execution: Execution | None = None, mesh: Mesh | None = None,
-               donate: bool = False) -> Callable:
+               donate: bool = False, compiler_options: dict | None = None) -> Callable:
   """Builds the jitted round of `alg`.
 
   Args:
     alg: the FedAlgorithm.
     execution: client-execution strategy (module docstring); None = `default_execution()`
       for the mesh's platform (Sequential on CPU, Chunked(128) on accelerators);
-      `select_strategy` times candidates.
+      `performance.select_strategy` times candidates.
     mesh: optional 1-D device mesh with axis 'clients' to shard the cohort.
     donate: donate the server state's buffers to the round (saves a model copy;
       the state passed in is then deleted, so never reuse it, nor the params
       given to `alg.init`, which the first state holds as is).
+    compiler_options: XLA options for the round's jit (None: JAX's defaults). On CPU
+      `performance.round_compiler_options()` makes the sequential round faster with
+      the same results; `performance.Strategy.make_round` passes them.
 
   Returns:
     `round_fn(server_state, dataset, cohort, round_key) -> (server_state, metrics)`,
@@ -402,13 +405,13 @@ def make_round(alg: FedAlgorithm, *, execution: Execution | None = None, mesh: M
 
   donate_argnums = (0,) if donate else ()
   nestable = jax.jit(round_fn, donate_argnums=donate_argnums)
-  options = round_compiler_options(platform)
-  if options is None:
+  options = compiler_options
+  if not options:
     jitted = nestable
   else:
     # JAX takes compiler options on a top-level jit only: called inside a caller's
     # jit, vmap or scan (vmap over seeds, a scan over rounds), the round is the plain
-    # jit and the caller's own jit sets the options (`round_compiler_options()`).
+    # jit and the caller's own jit sets the options.
     top_level = jax.jit(round_fn, donate_argnums=donate_argnums, compiler_options=options)
 
     def jitted(server_state, dataset, cohort, round_key):
@@ -504,47 +507,6 @@ def check_example_counts(num_examples: Any, max_examples: int) -> None:
     raise ValueError(f"dataset.num_examples of clients {bad[:8].tolist()} "
                      f"({counts[bad[:8]].tolist()}) are outside [0, {max_examples}], the "
                      f"padded example axis of dataset.x {max_examples} long")
-
-
-def usable_cpu_cores() -> int:
-  """CPU cores this process may run on (its affinity mask), at least 1."""
-  try:
-    return max(1, len(os.sched_getaffinity(0)))
-  except AttributeError:  # not Linux
-    return max(1, os.cpu_count() or 1)
-
-
-def split_cpu_into_devices(num_devices: int | None = None) -> int | None:
-  """Exposes the host CPU to JAX as `num_devices` devices (default: one per usable core).
-
-  Why: on CPU one client step already spreads each op over all cores, but with
-  poor parallel efficiency. Sharding the client axis over one CPU device per core
-  runs different clients on different cores at once, and the LEAF CNN round ran
-  faster so on 2 cores (benchmarks/engine.py; docs/results/engine.md, "Earlier on
-  2026-11-23: the in-graph round beats a loop of jitted steps on CPU", item 1). Results equal
-  the unsharded round up to float summation order.
-
-  Must be called before JAX runs anything (it sets `jax_num_cpu_devices`). It
-  changes nothing, and returns None, when the backends are already initialised
-  or when XLA_FLAGS already forces a host device count (tests do).
-
-  Args:
-    num_devices: CPU devices to create (>= 1); None = `usable_cpu_cores()`.
-
-  Returns:
-    The CPU device count set, or None when left unchanged.
-  """
-  if num_devices is None:
-    num_devices = usable_cpu_cores()
-  if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
-    raise ValueError(f"num_devices must be an int >= 1 or None, got {num_devices!r}")
-  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    return None
-  try:
-    jax.config.update("jax_num_cpu_devices", num_devices)
-  except RuntimeError:  # backends already initialised: keep what exists
-    return None
-  return num_devices
 
 
 def client_mesh(devices=None) -> Mesh:

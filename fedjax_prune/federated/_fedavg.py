@@ -15,7 +15,7 @@ References:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +24,14 @@ import optax
 from fedjax_prune.masks import _ops as masks_lib
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.federated._engine import ClientInfo, ClientOutput, FedAlgorithm
-from fedjax_prune.federated._lowrank import (LowRankDense, LowRankSum, check_optimizer_is_sgd,
-                                              is_factored_kernel)
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, make_local_train,
                                            proximal_penalty, round_train_metrics,
                                            softmax_cross_entropy)
 from fedjax_prune.federated._method import ApplyFn
 from fedjax_prune.types import BatchStats, Masks, Params
+
+if TYPE_CHECKING:
+  from fedjax_prune.performance import LowRankDense
 
 
 class ServerState(NamedTuple):
@@ -97,7 +98,7 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
       delta of each is one GEMM over the stacked factors. Needs SGD clients
       (`client_optimizer` must update as `optax.sgd(lowrank.learning_rate,
       momentum=lowrank.momentum or None)`, else ValueError), no FedProx and no masks;
-      `federated.worthwhile_lowrank_layers` picks the layers. A pure speed option: the
+      `performance.worthwhile_lowrank_layers` picks the layers. A pure speed option: the
       same rounds up to float rounding.
 
   Returns:
@@ -120,7 +121,7 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
   if lowrank is not None and prox_mu > 0:
     raise ValueError("lowrank cannot be combined with FedProx (prox_mu > 0)")
   if lowrank is not None:
-    check_optimizer_is_sgd(client_optimizer, lowrank)
+    lowrank.check_optimizer(client_optimizer)
   server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
   penalty = proximal_penalty(prox_mu) if prox_mu > 0 else None
   local_train = make_local_train(apply_fn, client_optimizer, schedule, loss_fn=loss_fn,
@@ -173,12 +174,12 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
 
 
 def _weighted_delta(server: Params, client: Params, weight: jax.Array) -> Params:
-  """weight * (server - client) per leaf; a factored client kernel base + left^T right gives
-  the `LowRankSum(weight * left, -right)` (its base is the server kernel)."""
+  """weight * (server - client) per leaf; a client kernel held as factors over the server
+  kernel (`performance.FactoredKernel`) gives its own `weighted_delta` (a `LowRankSum`)."""
 
   def one(server_leaf, client_leaf):
-    if is_factored_kernel(client_leaf):
-      return LowRankSum(client_leaf.left * weight.astype(client_leaf.left.dtype), -client_leaf.right)
+    if hasattr(client_leaf, "weighted_delta"):
+      return client_leaf.weighted_delta(weight)
     return (server_leaf - client_leaf) * weight.astype(server_leaf.dtype)
 
   return jax.tree.map(one, server, client)

@@ -12,14 +12,14 @@ That loop exists once, `run_local`. Each kind of local training is a `LocalVaria
 of it, split as FedJAX splits a client update (client_init / client_step /
 client_final): `make_local_train`'s dense variant (optionally masked, optionally
 penalised as FedProx is), its low-rank variant (dense kernels held as factors,
-`_lowrank`) and CAVP's joint weight + gate step (`pruning.cavp`). A variant writes
+`performance.LowRankDense`) and CAVP's joint weight + gate step (`pruning.cavp`). A variant writes
 one step; the loop owns the batches, the metrics and the step loop. The batching
 helpers here are private to the package (`federated` exports what a user needs).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +30,10 @@ from fedjax_prune.masks import _ops as masks_lib
 from fedjax_prune import tree as tree_lib
 from fedjax_prune.data import ClientData
 from fedjax_prune.federated import _keys
-from fedjax_prune.federated._lowrank import FactoredKernel, LowRankDense, row_weights
 from fedjax_prune.types import BatchStats, Masks, Params, PRNGKey, PyTree
+
+if TYPE_CHECKING:
+  from fedjax_prune.performance import LowRankDense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,7 +458,7 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
     penalty_fn: optional regulariser `(params, penalty_state) -> []` added to the
       mean batch loss (FedProx's proximal term, variational pruning costs...).
     lowrank: optional `LowRankDense`: the kernels of its layers are trained by SGD at
-      its learning rate and momentum and held as factors (`federated._lowrank`): the
+      its learning rate and momentum and held as factors (`performance.LowRankDense`): the
       returned params hold a `FactoredKernel(base, left, right)` for each, and
       `optimizer` (its state, `opt_state`) covers the other parameters only. Needs an
       apply_fn that takes `dense_lowrank` (`models.make_apply` of an MLPSpec or
@@ -473,7 +475,7 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
     raise ValueError("lowrank (factored dense kernels) cannot be combined with a penalty_fn: "
                      "the penalty's gradient on those kernels is not held as factors")
   if lowrank is not None:
-    variant = _lowrank_variant(apply_fn, optimizer, schedule, loss_fn, lowrank)
+    variant = lowrank.local_variant(apply_fn, optimizer, schedule, loss_fn)
   else:
     variant = _dense_variant(apply_fn, optimizer, loss_fn, penalty_fn)
 
@@ -483,10 +485,7 @@ def make_local_train(apply_fn: Callable, optimizer: optax.GradientTransformation
     if lowrank is not None:
       if masks is not None:
         raise ValueError("lowrank (factored dense kernels) trains dense models: pass masks=None")
-      # Factor rows: the most a client fills, or more (zero rows: a calibration round priced
-      # at a longer run's size).
-      rows = max(schedule.total_steps(data.x.shape[0]) * schedule.batch_size, lowrank.rows or 0)
-      inputs = _LowRankInputs(params, batch_stats, opt_state, rows)
+      inputs = lowrank.local_inputs(params, batch_stats, opt_state, schedule, data.x.shape[0])
     else:
       inputs = _DenseInputs(params, batch_stats, masks, penalty_state, opt_state)
     return run_local(variant, inputs, data, key, schedule, train_transform)
@@ -532,88 +531,6 @@ def _dense_variant(apply_fn: Callable, optimizer: optax.GradientTransformation, 
     return LocalState(new_params, new_stats, new_opt), loss_sum, correct
 
   return LocalVariant(client_init, client_step, lambda inputs, state, num_steps: state)
-
-
-class _LowRankInputs(NamedTuple):
-  params: Params
-  batch_stats: BatchStats
-  opt_state: Any  # of the parameters other than the factored kernels; None: optimizer.init
-  rows: int       # static: factor rows per client
-
-
-def _lowrank_variant(apply_fn: Callable, optimizer: optax.GradientTransformation,
-                     schedule: LocalSchedule, loss_fn: LossFn, lowrank: LowRankDense
-                     ) -> LocalVariant:
-  """The kernels of `lowrank.layers` held as server kernel + factors (`federated._lowrank`);
-  `optimizer` trains every other parameter."""
-  batch_size = schedule.batch_size
-
-  def bases_of(inputs: _LowRankInputs) -> dict:
-    return {name: inputs.params[name]["kernel"] for name in lowrank.layers}
-
-  def full_params(p, bases):
-    return {name: ({**sub, "kernel": bases[name]} if name in bases else sub) for name, sub in p.items()}
-
-  def weighted(factors, steps_taken, rows):
-    weights = row_weights(rows, batch_size, steps_taken, lowrank.learning_rate, lowrank.momentum)
-    return {name: (left, weights[:, None].astype(grads.dtype) * grads)
-            for name, (left, grads) in factors.items()}
-
-  def batch_loss(p, probes, stats, factors, bases, x, y, mask):
-    lowrank_in = {name: (left, right, probes[name]) for name, (left, right) in factors.items()}
-    logits, new_stats, layer_inputs = apply_fn(full_params(p, bases), stats, x, train=True,
-                                               example_mask=mask, dense_lowrank=lowrank_in)
-    loss, loss_sum, correct = masked_batch_loss(loss_fn, logits, y, mask)
-    return loss, (new_stats, layer_inputs, loss_sum, correct)
-
-  grad_fn = jax.value_and_grad(batch_loss, argnums=(0, 1), has_aux=True)
-
-  def client_init(inputs: _LowRankInputs):
-    params = inputs.params
-    for name in lowrank.layers:
-      if name not in params or "kernel" not in params[name] or jnp.ndim(params[name]["kernel"]) != 2:
-        raise ValueError(f"lowrank layer {name!r} is not a dense layer of these params "
-                         f"(top-level entries: {sorted(params)})")
-    bases = bases_of(inputs)
-    # Every parameter but the factored kernels: what the optimizer and the gradient see.
-    rest = {name: ({k: v for k, v in sub.items() if k != "kernel"} if name in bases else sub)
-            for name, sub in params.items()}
-    opt_state = optimizer.init(rest) if inputs.opt_state is None else inputs.opt_state
-    # Factors: the layer inputs (left) and the raw output gradients (grads) of every step,
-    # one row per example; the kernel after t steps is base + left^T (row_weights(t) * grads).
-    # The buffers start as zeros. The barrier keeps XLA from treating them as
-    # constants: with constant zero factors under jit + vmap, XLA:CPU (jax 0.10.2)
-    # returned NaN gradients for the convolutions below them.
-    factors = jax.lax.optimization_barrier(
-        {name: (jnp.zeros((inputs.rows, w.shape[0]), w.dtype),
-                jnp.zeros((inputs.rows, w.shape[1]), w.dtype)) for name, w in bases.items()})
-    return rest, inputs.batch_stats, opt_state, factors
-
-  def client_step(inputs: _LowRankInputs, state, batch: StepInput):
-    p, stats, opt, factors = state
-    bases = bases_of(inputs)
-    probes = {name: jnp.zeros((batch_size, w.shape[1]), w.dtype) for name, w in bases.items()}
-    (_, (new_stats, layer_inputs, loss_sum, correct)), (grads, probe_grads) = grad_fn(
-        p, probes, stats, weighted(factors, batch.real_step, inputs.rows), bases, batch.x,
-        batch.y, batch.mask)
-    new_p, new_opt = optimizer_step(optimizer, grads, opt, p)
-    # This step's kernel gradient is layer_inputs^T probe_grads: append the pair as rows.
-    row = batch.real_step * batch_size
-    new_factors = {
-        name: (jax.lax.dynamic_update_slice(left, layer_inputs[name].astype(left.dtype), (row, 0)),
-               jax.lax.dynamic_update_slice(g, probe_grads[name].astype(g.dtype), (row, 0)))
-        for name, (left, g) in factors.items()}
-    return (new_p, new_stats, new_opt, new_factors), loss_sum, correct
-
-  def client_final(inputs: _LowRankInputs, state, num_steps: jax.Array) -> LocalState:
-    p, stats, opt, factors = state
-    bases = bases_of(inputs)
-    final = weighted(factors, num_steps, inputs.rows)
-    trained = {name: ({**sub, "kernel": FactoredKernel(bases[name], *final[name])}
-                      if name in bases else sub) for name, sub in p.items()}
-    return LocalState(trained, stats, opt)
-
-  return LocalVariant(client_init, client_step, client_final)
 
 
 def masked_batch_loss(loss_fn: LossFn, logits: jax.Array, y: jax.Array, mask_B: jax.Array

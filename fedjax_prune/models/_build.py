@@ -393,7 +393,7 @@ def make_apply(spec, *, conv_impl: str = 'auto', compute_dtype: Any = None) -> A
         layer's input [B, in]}. With zero probes, the gradients with respect to
         the probes and those inputs give each layer's kernel gradient as the
         factor pair input^T probe_grad: local SGD can then keep a client's kernel
-        as the server kernel plus factors (`federated.LowRankDense`).
+        as the server kernel plus factors (`performance.LowRankDense`).
     Pure: compose freely with jit, vmap (over params, batch_stats and x
     together), grad (use `has_aux`), lax.scan and lax.map.
   """

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_prune import federated, testing
+from fedjax_prune import federated, performance, testing
 from fedjax_prune.federated import _local
 from fedjax_prune.data import ClientData, client_slice, from_client_lists, to_device
 
@@ -20,9 +20,11 @@ def _problem():
   return apply_fn, params, data
 
 
-def _run(alg, params, data, cohort_ids, execution, rounds=2, mesh=None, seed=7):
+def _run(alg, params, data, cohort_ids, execution, rounds=2, mesh=None, seed=7,
+         compiler_options=None):
   state = alg.init(params, jax.random.key(1))
-  round_fn = federated.make_round(alg, execution=execution, mesh=mesh)
+  round_fn = federated.make_round(alg, execution=execution, mesh=mesh,
+                                  compiler_options=compiler_options)
   cohort = federated.make_cohort(cohort_ids)
   metrics = None
   for r in range(rounds):
@@ -363,15 +365,15 @@ def test_select_strategy_compiles_every_candidate_then_times_them_in_turns(tmp_p
       time.sleep(seconds)
     return run
 
-  candidates = [federated.Strategy.from_name(n) for n in ("vmap+lax", "sequential+lax", "chunked2+lax")]
+  candidates = [performance.Strategy.from_name(n) for n in ("vmap+lax", "sequential+lax", "chunked2+lax")]
   cache = str(tmp_path / "cache.json")
-  best, timings = federated.select_strategy(run_round_for, candidates, cache_path=cache, repeats=3)
+  best, timings = performance.select_strategy(run_round_for, candidates, cache_path=cache, repeats=3)
   names = [c.name for c in candidates]
   assert calls == names + names * 3  # compiled (first call) all, then 3 turns
   assert best.name != "vmap+lax" and timings["vmap+lax"] > 5 * timings[best.name]
   calls.clear()
   lines = []
-  assert federated.select_strategy(run_round_for, candidates, cache_path=cache, log=lines.append)[0] == best
+  assert performance.select_strategy(run_round_for, candidates, cache_path=cache, log=lines.append)[0] == best
   assert calls == []  # a cache hit times nothing, and says it is one
   assert len(lines) == 1 and "cached choice" in lines[0] and best.name in lines[0]
   # Written atomically with open()'s mode (a shared cache must be readable), no temp files left.
@@ -421,7 +423,7 @@ def test_unrolled_local_steps_give_the_same_round(execution):
   apply_fn, params, data = _problem()
   rolled = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
   a, metrics_a = _run(rolled, params, data, [0, 1, 2], execution)
-  strategy = federated.Strategy.from_name("sequential+lax+unroll3")
+  strategy = performance.Strategy.from_name("sequential+lax+unroll3")
   assert strategy.unroll == 3 and strategy.name == "sequential+lax+unroll3"
   for schedule in [strategy.schedule(SCHEDULE), dataclasses.replace(SCHEDULE, unroll=8)]:
     unrolled = federated.fedavg(apply_fn, optax.sgd(0.1), schedule)
@@ -447,8 +449,8 @@ def test_waste_free_unroll_is_the_fewest_real_steps_of_a_client_with_examples():
   with pytest.raises(ValueError, match="limit"):
     federated.waste_free_unroll(np.array([5]), epochs, limit=0)
   # On CPU, 'auto' also times the first sequential candidate with that many steps written out.
-  plain = federated.candidate_strategies(cohort_size=8, has_conv=True, backend="cpu")
-  with_unroll = federated.candidate_strategies(cohort_size=8, has_conv=True, backend="cpu", unroll=4)
+  plain = performance.candidate_strategies(cohort_size=8, has_conv=True, backend="cpu")
+  with_unroll = performance.candidate_strategies(cohort_size=8, has_conv=True, backend="cpu", unroll=4)
   expected = [plain[0].name, plain[0].name + "+unroll4"] + [s.name for s in plain[1:]]
   assert [s.name for s in with_unroll] == expected
   assert with_unroll[1].schedule(epochs).unroll == 4 and plain[0].schedule(epochs).unroll == 1
@@ -546,13 +548,13 @@ def test_local_training_counts_only_real_steps():
 def test_strategy_names_round_trip_including_sharding():
   for name in ["sequential+lax", "vmap+im2col", "chunked8+im2col", "sequential+tapgrad+unroll4",
                "sequential+tapgrad+unroll4+sharded", "vmap+lax+sharded"]:
-    assert federated.Strategy.from_name(name).name == name
-  assert federated.Strategy.from_name("vmap+lax+sharded").sharded
-  assert not federated.Strategy.from_name("vmap+lax").sharded
+    assert performance.Strategy.from_name(name).name == name
+  assert performance.Strategy.from_name("vmap+lax+sharded").sharded
+  assert not performance.Strategy.from_name("vmap+lax").sharded
   with pytest.raises(ValueError, match="must look like"):
-    federated.Strategy.from_name("sharded")
+    performance.Strategy.from_name("sharded")
   with pytest.raises(ValueError, match="sharded must be a bool"):
-    federated.Strategy(federated.Vmap(), sharded=1)
+    performance.Strategy(federated.Vmap(), sharded=1)
 
 
 def test_split_cpu_into_devices_in_a_fresh_process_and_not_after_jax_started():
@@ -560,12 +562,12 @@ def test_split_cpu_into_devices_in_a_fresh_process_and_not_after_jax_started():
   import subprocess
   import sys
   # This process already runs JAX: nothing changes, and it says so.
-  assert federated.split_cpu_into_devices(3) is None
+  assert performance.split_cpu_into_devices(3) is None
   with pytest.raises(ValueError, match="num_devices"):
-    federated.split_cpu_into_devices(0)
+    performance.split_cpu_into_devices(0)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  code = ("import jax\nfrom fedjax_prune import federated\n"
-          "print(federated.split_cpu_into_devices(3), jax.device_count('cpu'))")
+  code = ("import jax\nfrom fedjax_prune import performance\n"
+          "print(performance.split_cpu_into_devices(3), jax.device_count('cpu'))")
   out = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cpu"},
                        capture_output=True, text=True, check=True, timeout=120)
   assert out.stdout.split() == ["3", "3"]
@@ -593,28 +595,39 @@ def test_differentiable_schedule_gives_the_same_training_and_a_gradient_through_
     federated.LocalSchedule(batch_size=2, differentiable=1)
 
 
-def test_round_compiler_options_change_no_value(monkeypatch):
-  """The CPU copy-insertion option of `make_round` is a pure performance knob: the same
+def test_round_compiler_options_change_no_value():
+  """The CPU copy-insertion option (`performance.round_compiler_options`, which
+  `Strategy.make_round` passes to `make_round`) is a pure performance knob: the same
   round compiled without it gives bit-identical state and metrics."""
-  assert federated.round_compiler_options("cpu") == {
+  assert performance.round_compiler_options("cpu") == {
       "xla_cpu_copy_insertion_use_region_analysis": True}
-  assert federated.round_compiler_options("gpu") is None
+  assert performance.round_compiler_options("gpu") is None
   apply_fn, params, data = _problem()
   alg = federated.fedavg(apply_fn, optax.adam(0.05), SCHEDULE)
-  with_option, m1 = _run(alg, params, data, [0, 1, 2], federated.Sequential())
-  from fedjax_prune.federated import _engine
-  monkeypatch.setattr(_engine, "round_compiler_options", lambda platform=None: None)
+  with_option, m1 = _run(alg, params, data, [0, 1, 2], federated.Sequential(),
+                         compiler_options=performance.round_compiler_options("cpu"))
   without, m2 = _run(alg, params, data, [0, 1, 2], federated.Sequential())
   for a, b in zip(jax.tree.leaves((with_option, m1)), jax.tree.leaves((without, m2))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Strategy.make_round is make_round with the strategy's execution and those options.
+  strategy = performance.Strategy.from_name("sequential+lax")
+  state = alg.init(params, jax.random.key(1))
+  cohort = federated.make_cohort([0, 1, 2])
+  for r in range(2):
+    state, m3 = strategy.make_round(alg)(state, data, cohort,
+                                         federated.round_key(jax.random.key(7), r))
+  for a, b in zip(jax.tree.leaves((with_option, m1)), jax.tree.leaves((state, m3))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="is sharded: pass the device mesh"):
+    performance.Strategy.from_name("sequential+lax+sharded").make_round(alg)
 
 
 def test_round_nests_in_a_callers_scan_with_the_same_result():
-  """The round carries CPU compiler options, which JAX allows on a top-level jit only:
-  called inside a caller's jit/scan it must still work and give the same rounds."""
+  """A round with compiler options, which JAX allows on a top-level jit only: called
+  inside a caller's jit/scan it must still work and give the same rounds."""
   apply_fn, params, data = _problem()
   alg = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
-  round_fn = federated.make_round(alg)
+  round_fn = federated.make_round(alg, compiler_options=performance.round_compiler_options("cpu"))
   cohort = federated.make_cohort([0, 2])
   root = jax.random.key(7)
   state = alg.init(params, jax.random.key(1))

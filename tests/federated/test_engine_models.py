@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_prune import federated, models, testing
+from fedjax_prune import federated, models, performance, testing
 from fedjax_prune.data import from_client_lists, to_device
 
 
@@ -32,7 +32,7 @@ def _round(spec, data, strategy, rounds=1, epochs=1):
   return state, metrics
 
 
-STRATEGIES = [federated.Strategy.from_name(n) for n in
+STRATEGIES = [performance.Strategy.from_name(n) for n in
               ("sequential+tapgrad", "sequential+lax", "sequential+im2col", "vmap+im2col",
                "chunked2+tapgrad")]
 
@@ -83,10 +83,10 @@ def test_vmapped_lax_convolutions_agree_without_batchnorm():
   """
   spec, data = _conv_problem("none")
   reference, _ = _round(spec, data, STRATEGIES[0])
-  state, _ = _round(spec, data, federated.Strategy.from_name("vmap+lax"))
+  state, _ = _round(spec, data, performance.Strategy.from_name("vmap+lax"))
   testing.assert_trees_close(state.params, reference.params, rtol=1e-5, atol=1e-6)
 
 
 def test_cpu_candidates_never_include_vmapped_lax_convolutions():
-  names = [s.name for s in federated.candidate_strategies(cohort_size=8, has_conv=True, backend="cpu")]
+  names = [s.name for s in performance.candidate_strategies(cohort_size=8, has_conv=True, backend="cpu")]
   assert "vmap+lax" not in names and "sequential+lax" not in names and "sequential+tapgrad" in names

@@ -1,4 +1,4 @@
-"""Factored dense client kernels (`federated.LowRankDense`): same rounds as dense SGD."""
+"""Factored dense client kernels (`performance.LowRankDense`): same rounds as dense SGD."""
 import dataclasses
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_prune import federated, models, testing
+from fedjax_prune import federated, models, performance, testing
 from fedjax_prune.data import from_client_lists, to_device
 
 LR = 0.05
@@ -46,7 +46,7 @@ MLP = models.mlp(input_shape=(10,), hidden=(16, 12), num_classes=4)
 def test_factored_dense_kernels_give_the_dense_rounds(execution, schedule):
   apply_fn, params, stats, data = _problem(CONVNET)
   dense_state, dense_metrics = _round(apply_fn, params, stats, data, schedule, execution, None)
-  lowrank = federated.LowRankDense(("dense_0", "dense_1"), LR)
+  lowrank = performance.LowRankDense(("dense_0", "dense_1"), LR)
   state, metrics = _round(apply_fn, params, stats, data, schedule, execution, lowrank)
   testing.assert_trees_close(state.params, dense_state.params, rtol=2e-5, atol=2e-6)
   np.testing.assert_allclose(metrics["train_loss"], dense_metrics["train_loss"], rtol=1e-5)
@@ -57,7 +57,7 @@ def test_factored_dense_kernels_give_the_dense_rounds(execution, schedule):
 def test_mlp_and_one_factored_layer_with_sharded_cohort():
   apply_fn, params, stats, data = _problem(MLP, sizes=(6, 2, 11))
   schedule = federated.LocalSchedule(batch_size=4, num_epochs=1)
-  lowrank = federated.LowRankDense(("dense_1",), LR)
+  lowrank = performance.LowRankDense(("dense_1",), LR)
   mesh = federated.client_mesh(jax.devices()[:2]) if jax.device_count() >= 2 else None
   alg = federated.fedavg(apply_fn, optax.sgd(LR), schedule, lowrank=lowrank)
   dense_alg = federated.fedavg(apply_fn, optax.sgd(LR), schedule)
@@ -75,15 +75,15 @@ def test_client_kernel_is_base_plus_factors_and_matches_dense_local_training():
   one = jax.tree.map(lambda a: a[1], data)  # 13 examples: 4 steps, the last partial
   dense = federated.make_local_train(apply_fn, optax.sgd(LR), schedule)
   factored = federated.make_local_train(apply_fn, optax.sgd(LR), schedule,
-                                        lowrank=federated.LowRankDense(("dense_0",), LR))
+                                        lowrank=performance.LowRankDense(("dense_0",), LR))
   ref, ref_metrics = jax.jit(dense)(params, stats, one, jax.random.key(4))
   got, metrics = jax.jit(factored)(params, stats, one, jax.random.key(4))
   kernel = got.params["dense_0"]["kernel"]
-  assert isinstance(kernel, federated.FactoredKernel)
+  assert isinstance(kernel, performance.FactoredKernel)
   assert kernel.left.shape == (16, params["dense_0"]["kernel"].shape[0])  # 4 steps x batch 4 rows
   np.testing.assert_array_equal(kernel.base, params["dense_0"]["kernel"])  # the server kernel
-  got_params = jax.tree.map(lambda x: x.dense() if isinstance(x, federated.FactoredKernel) else x,
-                            got.params, is_leaf=lambda x: isinstance(x, federated.FactoredKernel))
+  got_params = jax.tree.map(lambda x: x.dense() if isinstance(x, performance.FactoredKernel) else x,
+                            got.params, is_leaf=lambda x: isinstance(x, performance.FactoredKernel))
   testing.assert_trees_close(got_params, ref.params, rtol=2e-5, atol=2e-6)
   assert float(metrics.num_steps) == float(ref_metrics.num_steps) == 4.0
   # The partial last batch's padding rows contribute nothing (zero output gradients).
@@ -91,7 +91,7 @@ def test_client_kernel_is_base_plus_factors_and_matches_dense_local_training():
   # More rows than the schedule fills (a calibration round priced at a longer run's size):
   # zero rows, the same kernel.
   padded = federated.make_local_train(apply_fn, optax.sgd(LR), schedule,
-                                      lowrank=federated.LowRankDense(("dense_0",), LR, rows=40))
+                                      lowrank=performance.LowRankDense(("dense_0",), LR, rows=40))
   got40, _ = jax.jit(padded)(params, stats, one, jax.random.key(4))
   kernel40 = got40.params["dense_0"]["kernel"]
   assert kernel40.left.shape[0] == 40
@@ -102,7 +102,8 @@ def test_client_kernel_is_base_plus_factors_and_matches_dense_local_training():
 def test_lowrank_sum_reduction_is_one_gemm_of_the_stacked_factors():
   left = jax.random.normal(jax.random.key(0), (3, 5, 4))
   right = jax.random.normal(jax.random.key(1), (3, 5, 2))
-  summed = federated._lowrank.sum_stacked({"w": federated.LowRankSum(left, right), "b": jnp.ones((3, 2))})
+  from fedjax_prune.federated import _engine
+  summed = _engine._sum_stacked({"w": performance.LowRankSum(left, right), "b": jnp.ones((3, 2))})
   expected = sum(left[c].T @ right[c] for c in range(3))
   np.testing.assert_allclose(summed["w"], expected, rtol=1e-5)
   np.testing.assert_allclose(summed["b"], 3.0 * np.ones(2))
@@ -111,17 +112,17 @@ def test_lowrank_sum_reduction_is_one_gemm_of_the_stacked_factors():
 def test_worthwhile_layers_follow_the_memory_rule():
   shapes, _ = models.param_shapes(models.leaf_femnist_cnn())
   # 4 steps x 32 rows: the 3136x2048 kernel pays off, the 2048x62 logits layer does not.
-  assert federated.worthwhile_lowrank_layers(shapes, 128) == ("dense_0",)
+  assert performance.worthwhile_lowrank_layers(shapes, 128) == ("dense_0",)
   # 50 epochs of many steps: nothing is cheaper as factors.
-  assert federated.worthwhile_lowrank_layers(shapes, 20000) == ()
+  assert performance.worthwhile_lowrank_layers(shapes, 20000) == ()
   with pytest.raises(ValueError, match="rows"):
-    federated.worthwhile_lowrank_layers(shapes, 0)
+    performance.worthwhile_lowrank_layers(shapes, 0)
 
 
 def test_lowrank_rejects_what_it_cannot_do_exactly():
   apply_fn, params, stats, data = _problem(CONVNET)
   schedule = federated.LocalSchedule(batch_size=4)
-  lowrank = federated.LowRankDense(("dense_0",), LR)
+  lowrank = performance.LowRankDense(("dense_0",), LR)
   with pytest.raises(ValueError, match="FedProx"):
     federated.fedavg(apply_fn, optax.sgd(LR), schedule, lowrank=lowrank, prox_mu=0.1)
   with pytest.raises(ValueError, match="masks"):
@@ -129,16 +130,16 @@ def test_lowrank_rejects_what_it_cannot_do_exactly():
         params, None, masks=federated.dense_masks(params))
   with pytest.raises(ValueError, match="not a dense layer"):
     local = federated.make_local_train(apply_fn, optax.sgd(LR), schedule,
-                                       lowrank=federated.LowRankDense(("conv_0",), LR))
+                                       lowrank=performance.LowRankDense(("conv_0",), LR))
     local(params, stats, jax.tree.map(lambda a: a[0], data), jax.random.key(0))
   with pytest.raises(ValueError, match="learning_rate"):
-    federated.LowRankDense(("dense_0",), 0.0)
+    performance.LowRankDense(("dense_0",), 0.0)
   with pytest.raises(ValueError, match="tuple of layer names"):
-    federated.LowRankDense("dense_0", LR)
+    performance.LowRankDense("dense_0", LR)
   with pytest.raises(ValueError, match="rows"):
-    federated.LowRankDense(("dense_0",), LR, rows=0)
+    performance.LowRankDense(("dense_0",), LR, rows=0)
   with pytest.raises(ValueError, match="momentum"):
-    federated.LowRankDense(("dense_0",), LR, momentum=1.0)
+    performance.LowRankDense(("dense_0",), LR, momentum=1.0)
   resnet_apply, resnet_params, resnet_stats = models.build(
       models.cifar_resnet(depth=8, num_classes=3, width_multiplier=0.25), jax.random.key(0))
   with pytest.raises(ValueError, match="MLPSpec and ConvNetSpec"):
@@ -161,7 +162,7 @@ def test_fedavg_lowrank_refuses_a_client_optimizer_that_is_not_its_sgd(optimizer
   another optimizer would silently make the run differ from the dense one it stands for."""
   apply_fn, *_ = _problem(MLP)
   schedule = federated.LocalSchedule(batch_size=4)
-  lowrank = federated.LowRankDense(("dense_0",), LR)
+  lowrank = performance.LowRankDense(("dense_0",), LR)
   if accepted:
     federated.fedavg(apply_fn, optimizer, schedule, lowrank=lowrank)
   else:
@@ -172,7 +173,7 @@ def test_fedavg_lowrank_refuses_a_client_optimizer_that_is_not_its_sgd(optimizer
 def test_fedavg_lowrank_with_momentum_accepts_the_matching_momentum_sgd():
   apply_fn, *_ = _problem(MLP)
   schedule = federated.LocalSchedule(batch_size=4)
-  lowrank = federated.LowRankDense(("dense_0",), LR, momentum=0.9)
+  lowrank = performance.LowRankDense(("dense_0",), LR, momentum=0.9)
   federated.fedavg(apply_fn, optax.sgd(LR, momentum=0.9), schedule, lowrank=lowrank)
   for other in (optax.sgd(LR), optax.sgd(LR, momentum=0.5), optax.sgd(LR, momentum=0.9, nesterov=True)):
     with pytest.raises(ValueError, match="momentum=0.9"):
@@ -180,31 +181,31 @@ def test_fedavg_lowrank_with_momentum_accepts_the_matching_momentum_sgd():
 
 
 def test_strategy_names_and_candidates_with_lowrank():
-  s = federated.Strategy.from_name("sequential+tapgrad+unroll4+lowrank+sharded")
+  s = performance.Strategy.from_name("sequential+tapgrad+unroll4+lowrank+sharded")
   assert (s.unroll, s.lowrank, s.sharded, s.conv_impl) == (4, True, True, "tapgrad")
   assert s.name == "sequential+tapgrad+unroll4+lowrank+sharded"
-  assert federated.Strategy.from_name("vmap+lax+lowrank").name == "vmap+lax+lowrank"
-  cpu = [c.name for c in federated.candidate_strategies(cohort_size=8, has_conv=True, backend="cpu",
+  assert performance.Strategy.from_name("vmap+lax+lowrank").name == "vmap+lax+lowrank"
+  cpu = [c.name for c in performance.candidate_strategies(cohort_size=8, has_conv=True, backend="cpu",
                                                          unroll=4, lowrank=True)]
   assert cpu[:4] == ["sequential+tapgrad", "sequential+tapgrad+unroll4",
                      "sequential+tapgrad+lowrank", "sequential+tapgrad+unroll4+lowrank"]
-  assert not any(c.lowrank for c in federated.candidate_strategies(
+  assert not any(c.lowrank for c in performance.candidate_strategies(
       cohort_size=8, has_conv=True, backend="cpu", unroll=4))
-  gpu = [c.name for c in federated.candidate_strategies(cohort_size=512, has_conv=True, backend="gpu",
+  gpu = [c.name for c in performance.candidate_strategies(cohort_size=512, has_conv=True, backend="gpu",
                                                          lowrank=True)]
   assert "vmap+im2col+lowrank" in gpu and "chunked128+lax+lowrank" in gpu
   shapes, _ = models.param_shapes(models.leaf_femnist_cnn())
-  assert s.lowrank_dense(shapes, 128, 0.1) == federated.LowRankDense(("dense_0",), 0.1)
-  assert federated.Strategy.from_name("vmap+lax").lowrank_dense(shapes, 128, 0.1) is None
+  assert s.lowrank_dense(shapes, 128, 0.1) == performance.LowRankDense(("dense_0",), 0.1)
+  assert performance.Strategy.from_name("vmap+lax").lowrank_dense(shapes, 128, 0.1) is None
   with pytest.raises(ValueError, match="no dense kernel"):
     s.lowrank_dense(shapes, 20000, 0.1)  # so many rows that no kernel is worth factoring
 
 
 def test_row_weights_known_values():
-  w = federated._lowrank.row_weights(6, 2, jnp.asarray(2), 0.1, 0.5)
+  w = performance._lowrank.row_weights(6, 2, jnp.asarray(2), 0.1, 0.5)
   # step 0 entered 2 updates (1 + 0.5), step 1 one, step 2 none yet
   np.testing.assert_allclose(w, [-0.15, -0.15, -0.1, -0.1, 0.0, 0.0], rtol=1e-6)
-  np.testing.assert_allclose(federated._lowrank.row_weights(6, 2, jnp.asarray(3), 0.1, 0.0),
+  np.testing.assert_allclose(performance._lowrank.row_weights(6, 2, jnp.asarray(3), 0.1, 0.0),
                              [-0.1] * 6, rtol=1e-6)
 
 
@@ -224,9 +225,9 @@ def test_momentum_sgd_factors_give_the_dense_momentum_rounds(execution):
     return state.params
 
   dense = run(None)
-  factored = run(federated.LowRankDense(("dense_0",), LR, momentum=0.9))
+  factored = run(performance.LowRankDense(("dense_0",), LR, momentum=0.9))
   testing.assert_trees_close(factored, dense, rtol=2e-5, atol=2e-6)
   # Momentum mattered: plain SGD (dense, or factors with plain SGD) gives another model.
-  plain = run(federated.LowRankDense(("dense_0",), LR), momentum=0.0)
+  plain = run(performance.LowRankDense(("dense_0",), LR), momentum=0.0)
   testing.assert_trees_close(plain, run(None, momentum=0.0), rtol=2e-5, atol=2e-6)
   assert float(jnp.max(jnp.abs(plain["dense_0"]["kernel"] - dense["dense_0"]["kernel"]))) > 1e-4

@@ -17,15 +17,24 @@ kernels. Exact (same SGD trajectory up to float rounding), for layers trained by
 was added) at a constant learning rate, without masks or a penalty on their kernel.
 
 `LowRankSum` is how a client hands such a delta to the engine: a `ClientOutput.sums`
-leaf that the engine sums over the cohort as the dense matrix `sum_k left_k^T right_k`.
+leaf that the engine sums over the cohort as the dense matrix `sum_k left_k^T right_k`
+(its `sum_over_clients`). The engine core knows none of this: `federated.fedavg(...,
+lowrank=LowRankDense(...))` asks the `LowRankDense` for its local-training variant
+(`local_variant`, a `federated` `LocalVariant`), and the engine sums any leaf that has
+`dense()` and `sum_over_clients()` its own way.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from fedjax_prune.federated._local import (LocalSchedule, LocalState, LocalVariant, LossFn, StepInput,
+                                           masked_batch_loss, optimizer_step)
+from fedjax_prune.types import BatchStats, Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +76,23 @@ class LowRankDense:
     if self.rows is not None and (not isinstance(self.rows, int) or isinstance(self.rows, bool)
                                   or self.rows < 1):
       raise ValueError(f"rows must be None or an int >= 1, got {self.rows!r}")
+
+  def check_optimizer(self, optimizer: Any) -> None:
+    """Raises ValueError unless `optimizer` is this SGD (`check_optimizer_is_sgd`)."""
+    check_optimizer_is_sgd(optimizer, self)
+
+  def local_variant(self, apply_fn: Callable, optimizer: optax.GradientTransformation,
+                    schedule: LocalSchedule, loss_fn: LossFn) -> LocalVariant:
+    """The local-training variant (`federated.make_local_train(..., lowrank=self)`)."""
+    return _lowrank_variant(apply_fn, optimizer, schedule, loss_fn, self)
+
+  def local_inputs(self, params: Params, batch_stats: BatchStats, opt_state: Any,
+                   schedule: LocalSchedule, max_examples: int) -> "_LowRankInputs":
+    """The variant's inputs for one client whose padded example axis is `max_examples`."""
+    # Factor rows: the most a client fills, or more (zero rows: a calibration round priced
+    # at a longer run's size).
+    rows = max(schedule.total_steps(max_examples) * schedule.batch_size, self.rows or 0)
+    return _LowRankInputs(params, batch_stats, opt_state, rows)
 
 
 def check_optimizer_is_sgd(optimizer: Any, lowrank: LowRankDense) -> None:
@@ -123,7 +149,7 @@ class LowRankSum(NamedTuple):
   """A [in, out] matrix held as `left^T @ right` (left [R, in], right [R, out]).
 
   As a leaf of `ClientOutput.sums`, the engine adds it up over the cohort as dense
-  matrices (under `Vmap` one GEMM over all clients' rows: `lowrank_sum_stacked`).
+  matrices (under `Vmap` one GEMM over all clients' rows: `sum_over_clients`).
   """
   left: jax.Array
   right: jax.Array
@@ -131,6 +157,11 @@ class LowRankSum(NamedTuple):
   def dense(self) -> jax.Array:
     """The [in, out] matrix."""
     return self.left.T @ self.right
+
+  def sum_over_clients(self) -> jax.Array:
+    """Stacked over clients (left [C, R, in], right [C, R, out]): the [in, out] sum of
+    their dense matrices, as one GEMM contracting clients and rows."""
+    return jnp.einsum("cri,cro->io", self.left, self.right)
 
 
 class FactoredKernel(NamedTuple):
@@ -147,6 +178,11 @@ class FactoredKernel(NamedTuple):
     """The [in, out] kernel."""
     return self.base + self.left.T @ self.right
 
+  def weighted_delta(self, weight: jax.Array) -> LowRankSum:
+    """weight * (base - kernel) = `LowRankSum(weight * left, -right)`: a client's
+    pre-weighted FedAvg delta from the server kernel `base`, without forming it."""
+    return LowRankSum(self.left * weight.astype(self.left.dtype), -self.right)
+
 
 def is_factored_kernel(x: Any) -> bool:
   return isinstance(x, FactoredKernel)
@@ -154,24 +190,6 @@ def is_factored_kernel(x: Any) -> bool:
 
 def is_lowrank_sum(x: Any) -> bool:
   return isinstance(x, LowRankSum)
-
-
-def densify_sums(sums: Any) -> Any:
-  """`sums` of one client with each `LowRankSum` leaf replaced by its dense matrix."""
-  return jax.tree.map(lambda x: x.dense() if is_lowrank_sum(x) else x, sums,
-                      is_leaf=is_lowrank_sum)
-
-
-def sum_stacked(sums_C: Any) -> Any:
-  """The sum over the leading client axis of stacked `sums` [C, ...]: a `LowRankSum` with
-  left [C, R, in] and right [C, R, out] becomes one GEMM contracting clients and rows."""
-
-  def reduce(x):
-    if is_lowrank_sum(x):
-      return jnp.einsum("cri,cro->io", x.left, x.right)
-    return jnp.sum(x, axis=0)
-
-  return jax.tree.map(reduce, sums_C, is_leaf=is_lowrank_sum)
 
 
 def worthwhile_lowrank_layers(params: Mapping, rows: int, *, min_saving: float = 2.0) -> tuple[str, ...]:
@@ -198,3 +216,85 @@ def worthwhile_lowrank_layers(params: Mapping, rows: int, *, min_saving: float =
     if len(shape) == 2 and shape[0] * shape[1] >= min_saving * rows * (shape[0] + shape[1]):
       out.append(name)
   return tuple(out)
+
+
+class _LowRankInputs(NamedTuple):
+  params: Params
+  batch_stats: BatchStats
+  opt_state: Any  # of the parameters other than the factored kernels; None: optimizer.init
+  rows: int       # static: factor rows per client
+
+
+def _lowrank_variant(apply_fn: Callable, optimizer: optax.GradientTransformation,
+                     schedule: LocalSchedule, loss_fn: LossFn, lowrank: LowRankDense
+                     ) -> LocalVariant:
+  """The kernels of `lowrank.layers` held as server kernel + factors (module docstring);
+  `optimizer` trains every other parameter."""
+  batch_size = schedule.batch_size
+
+  def bases_of(inputs: _LowRankInputs) -> dict:
+    return {name: inputs.params[name]["kernel"] for name in lowrank.layers}
+
+  def full_params(p, bases):
+    return {name: ({**sub, "kernel": bases[name]} if name in bases else sub) for name, sub in p.items()}
+
+  def weighted(factors, steps_taken, rows):
+    weights = row_weights(rows, batch_size, steps_taken, lowrank.learning_rate, lowrank.momentum)
+    return {name: (left, weights[:, None].astype(grads.dtype) * grads)
+            for name, (left, grads) in factors.items()}
+
+  def batch_loss(p, probes, stats, factors, bases, x, y, mask):
+    lowrank_in = {name: (left, right, probes[name]) for name, (left, right) in factors.items()}
+    logits, new_stats, layer_inputs = apply_fn(full_params(p, bases), stats, x, train=True,
+                                               example_mask=mask, dense_lowrank=lowrank_in)
+    loss, loss_sum, correct = masked_batch_loss(loss_fn, logits, y, mask)
+    return loss, (new_stats, layer_inputs, loss_sum, correct)
+
+  grad_fn = jax.value_and_grad(batch_loss, argnums=(0, 1), has_aux=True)
+
+  def client_init(inputs: _LowRankInputs):
+    params = inputs.params
+    for name in lowrank.layers:
+      if name not in params or "kernel" not in params[name] or jnp.ndim(params[name]["kernel"]) != 2:
+        raise ValueError(f"lowrank layer {name!r} is not a dense layer of these params "
+                         f"(top-level entries: {sorted(params)})")
+    bases = bases_of(inputs)
+    # Every parameter but the factored kernels: what the optimizer and the gradient see.
+    rest = {name: ({k: v for k, v in sub.items() if k != "kernel"} if name in bases else sub)
+            for name, sub in params.items()}
+    opt_state = optimizer.init(rest) if inputs.opt_state is None else inputs.opt_state
+    # Factors: the layer inputs (left) and the raw output gradients (grads) of every step,
+    # one row per example; the kernel after t steps is base + left^T (row_weights(t) * grads).
+    # The buffers start as zeros. The barrier keeps XLA from treating them as
+    # constants: with constant zero factors under jit + vmap, XLA:CPU (jax 0.10.2)
+    # returned NaN gradients for the convolutions below them.
+    factors = jax.lax.optimization_barrier(
+        {name: (jnp.zeros((inputs.rows, w.shape[0]), w.dtype),
+                jnp.zeros((inputs.rows, w.shape[1]), w.dtype)) for name, w in bases.items()})
+    return rest, inputs.batch_stats, opt_state, factors
+
+  def client_step(inputs: _LowRankInputs, state, batch: StepInput):
+    p, stats, opt, factors = state
+    bases = bases_of(inputs)
+    probes = {name: jnp.zeros((batch_size, w.shape[1]), w.dtype) for name, w in bases.items()}
+    (_, (new_stats, layer_inputs, loss_sum, correct)), (grads, probe_grads) = grad_fn(
+        p, probes, stats, weighted(factors, batch.real_step, inputs.rows), bases, batch.x,
+        batch.y, batch.mask)
+    new_p, new_opt = optimizer_step(optimizer, grads, opt, p)
+    # This step's kernel gradient is layer_inputs^T probe_grads: append the pair as rows.
+    row = batch.real_step * batch_size
+    new_factors = {
+        name: (jax.lax.dynamic_update_slice(left, layer_inputs[name].astype(left.dtype), (row, 0)),
+               jax.lax.dynamic_update_slice(g, probe_grads[name].astype(g.dtype), (row, 0)))
+        for name, (left, g) in factors.items()}
+    return (new_p, new_stats, new_opt, new_factors), loss_sum, correct
+
+  def client_final(inputs: _LowRankInputs, state, num_steps: jax.Array) -> LocalState:
+    p, stats, opt, factors = state
+    bases = bases_of(inputs)
+    final = weighted(factors, num_steps, inputs.rows)
+    trained = {name: ({**sub, "kernel": FactoredKernel(bases[name], *final[name])}
+                      if name in bases else sub) for name, sub in p.items()}
+    return LocalState(trained, stats, opt)
+
+  return LocalVariant(client_init, client_step, client_final)

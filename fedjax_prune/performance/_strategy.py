@@ -17,11 +17,14 @@ import time
 from typing import Callable, Sequence
 
 import jax
+from jax.sharding import Mesh
 
 from fedjax_prune import _files
-from fedjax_prune.federated._engine import Chunked, Execution, Sequential, Vmap
+from fedjax_prune.federated._engine import (Chunked, Execution, FedAlgorithm, Sequential, Vmap,
+                                            make_round)
 from fedjax_prune.federated._local import LocalSchedule
-from fedjax_prune.federated._lowrank import LowRankDense, worthwhile_lowrank_layers
+from fedjax_prune.performance._cpu import round_compiler_options
+from fedjax_prune.performance._lowrank import LowRankDense, worthwhile_lowrank_layers
 from fedjax_prune.models._layers import CONV_IMPLS  # the concrete lowerings ('auto' resolves to one)
 
 
@@ -30,7 +33,7 @@ class Strategy:
   """A client-execution strategy: how clients are mapped, how convs are lowered, how
   many local steps are written out before the step loop (`LocalSchedule.unroll`;
   apply it with `strategy.schedule(schedule)`), and whether the cohort is sharded
-  over the caller's device mesh (`make_round(..., mesh=mesh if strategy.sharded else None)`),
+  over the caller's device mesh (`strategy.make_round(alg, mesh=mesh)`),
   and whether large dense kernels are trained as factors (`lowrank`: the method builds
   its `LowRankDense` with `lowrank_dense`; dense FedAvg with SGD clients only).
 
@@ -62,6 +65,18 @@ class Strategy:
     label = {Vmap: "vmap", Sequential: "sequential"}.get(type(ex), f"chunked{getattr(ex, 'size', '')}")
     return (f"{label}+{self.conv_impl}" + (f"+unroll{self.unroll}" if self.unroll > 1 else "")
             + ("+lowrank" if self.lowrank else "") + ("+sharded" if self.sharded else ""))
+
+  def make_round(self, alg: FedAlgorithm, *, mesh: Mesh | None = None, donate: bool = False
+                 ) -> Callable:
+    """`federated.make_round(alg)` with this strategy's execution, `mesh` when the
+    strategy is sharded (else no mesh), and `round_compiler_options` for its platform."""
+    if self.sharded and mesh is None:
+      raise ValueError(f"strategy {self.name!r} is sharded: pass the device mesh "
+                       "(federated.client_mesh())")
+    mesh = mesh if self.sharded else None
+    platform = mesh.devices.flat[0].platform if mesh is not None else None
+    return make_round(alg, execution=self.execution, mesh=mesh, donate=donate,
+                      compiler_options=round_compiler_options(platform))
 
   def schedule(self, schedule: LocalSchedule) -> LocalSchedule:
     """`schedule` with this strategy's step unrolling (results are unchanged)."""
