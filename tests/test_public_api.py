@@ -61,3 +61,6 @@ def test_fed_algorithm_fields_are_typed_by_protocols():
   for protocol in (federated.InitFn, federated.ClientUpdateFn, federated.ServerUpdateFn,
                    federated.ApplyFn):
     assert typing.get_type_hints(protocol.__call__)  # the annotations resolve
+  # One apply-function type: what models build is what algorithms take.
+  from fedjax_prune import models, types
+  assert federated.ApplyFn is models.ApplyFn is types.ApplyFn

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from fedjax_prune.federated._engine import Cohort, FedAlgorithm, round_key
+from fedjax_prune.types import ApplyFn
 
 
 class MethodState(NamedTuple):
@@ -45,13 +46,6 @@ class MethodState(NamedTuple):
   spec: Any
   host: dict
   cache: Any = None
-
-
-class ApplyFn(Protocol):
-  """`apply_fn(params, batch_stats, x, *, train, example_mask=None, **kw) -> (logits, batch_stats)`."""
-
-  def __call__(self, params: Any, batch_stats: Any, x: jax.Array, *, train: bool,
-               **kwargs: Any) -> tuple[jax.Array, Any]: ...
 
 
 class ModelFns(NamedTuple):

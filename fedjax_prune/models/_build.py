@@ -20,9 +20,7 @@ from flax import nnx
 from fedjax_prune.models import _inception
 from fedjax_prune.models import _layers
 from fedjax_prune.models import _specs
-from fedjax_prune.types import BatchStats, Params, PRNGKey
-
-ApplyFn = Callable[..., tuple[jax.Array, BatchStats]]
+from fedjax_prune.types import ApplyFn, BatchStats, Params, PRNGKey
 
 
 # ----------------------------------------------------------------------------

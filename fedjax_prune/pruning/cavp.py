@@ -609,7 +609,8 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
          theta_optimizer: optax.GradientTransformation, schedule: LocalSchedule,
          options: Options = Options(), *, loss_fn: Callable = softmax_cross_entropy,
          train_transform: Optional[Callable] = None,
-         uniform_weights: bool = False) -> FedAlgorithm:
+         uniform_weights: bool = False, spec=None, weights: Optional[CostWeights] = None,
+         reference: Optional[tuple[int, int]] = None) -> FedAlgorithm:
   """Complexity-aware variational unit/layer pruning as a `FedAlgorithm`.
 
   Centralised (the paper): a dataset with ONE client holding all the data and
@@ -628,10 +629,16 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
     loss_fn: per-example loss `(logits [B, K], y [B]) -> [B]`.
     train_transform: per-batch augmentation `(x, key) -> x`.
     uniform_weights: average clients equally instead of by example count.
+    spec, weights, reference: the model spec, cost weights and reference (FLOPs,
+      params) that give `init` its default θ (`init_theta(spec, options)`) and λ
+      (`penalty_weights(spec, weights, structures=options.structures,
+      reference=reference)`), so that `init(params, key, batch_stats)` needs nothing
+      else, as every algorithm's init does.
 
   Returns:
-    FedAlgorithm with `init(params, key, batch_stats=None, *, theta, lam,
-    alive=None) -> CavpState`.
+    FedAlgorithm with `init(params, key, batch_stats=None, *, theta=None, lam=None,
+    alive=None) -> CavpState` (θ, λ given explicitly override the defaults; without
+    `spec`/`weights` they are required).
 
   Example:
     >>> import jax, optax
@@ -640,11 +647,10 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
     >>> spec = models.ConvNetSpec(input_shape=(8, 8, 1), convs=(models.ConvSpec(features=4),),
     ...                           num_classes=3, head='gap')
     >>> apply_fn, params, stats = models.build(spec, jax.random.key(0))
-    >>> theta = cavp_lib.init_theta(spec)
-    >>> lam = cavp_lib.penalty_weights(spec, cavp_lib.CostWeights(gamma=0.1))
     >>> alg = cavp_lib.cavp(apply_fn, optax.sgd(0.1), optax.sgd(0.1),
-    ...                     federated.LocalSchedule(batch_size=4))
-    >>> state = alg.init(params, jax.random.key(1), stats, theta=theta, lam=lam)
+    ...                     federated.LocalSchedule(batch_size=4), spec=spec,
+    ...                     weights=cavp_lib.CostWeights(gamma=0.1))
+    >>> state = alg.init(params, jax.random.key(1), stats)
     >>> sorted(state.theta)
     ['conv_0']
   """
@@ -652,8 +658,17 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
                                  loss_fn=loss_fn, train_transform=train_transform)
 
   def init(params: Params, key: PRNGKey, batch_stats: Optional[BatchStats] = None, *,
-           theta: Gates, lam: Gates, alive: Optional[Gates] = None) -> CavpState:
+           theta: Optional[Gates] = None, lam: Optional[Gates] = None,
+           alive: Optional[Gates] = None) -> CavpState:
     del key  # deterministic: the model's init and θ_init hold all the state
+    if theta is None:
+      if spec is None:
+        raise ValueError("cavp init needs theta=, or cavp(..., spec=) for the default θ")
+      theta = init_theta(spec, options)
+    if lam is None:
+      if spec is None or weights is None:
+        raise ValueError("cavp init needs lam=, or cavp(..., spec=, weights=) for the default λ")
+      lam = penalty_weights(spec, weights, structures=options.structures, reference=reference)
     alive = jax.tree.map(lambda t: jnp.ones(jnp.shape(t), bool), theta) if alive is None else alive
     theta = project(theta, alive, options)
     return CavpState(params, {} if batch_stats is None else batch_stats, theta, alive, lam,
@@ -844,12 +859,11 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
   original_spec = spec
 
   def algorithm(spec):
-    return cavp(model.apply_for(spec), weight_optimizer, theta_optimizer, schedule, options)
+    return cavp(model.apply_for(spec), weight_optimizer, theta_optimizer, schedule, options,
+                spec=spec, weights=weights, reference=reference)
 
   def init():
-    theta = init_theta(spec, options)
-    lam = penalty_weights(spec, weights, structures=options.structures, reference=reference)
-    server = algorithm(spec).init(params, key, batch_stats, theta=theta, lam=lam)
+    server = algorithm(spec).init(params, key, batch_stats)
     return federated.MethodState(server, spec, {"rebuilds": []})
 
   def after_round(state, round_idx, metrics):
