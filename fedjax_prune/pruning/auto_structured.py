@@ -274,7 +274,7 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
   def with_cache(state, **fields):
     return state._replace(cache={"sizes": round_sizes(state.spec, clients_per_round),
                                  "phase": "", "accepted": False, "search_rounds": 0,
-                                 "rebuilds": 0, **fields})
+                                 "rebuilds": 0, "keep": None, **fields})
 
   def init():
     server = algorithm(spec).init(params, key, batch_stats=batch_stats)
@@ -289,8 +289,11 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
     state = state._replace(host={**state.host, "search": search._asdict()})
     if decision.accepted:  # new shapes: the experiment loop compiles the round once for them
       server = algorithm(decision.spec).init(decision.params, key, batch_stats=decision.batch_stats)
+      # `keep`: the filters the rebuild kept of the previous architecture, per group
+      # (`structured.keep_masks(previous spec, keep)` is the equivalent mask).
       state = with_cache(state._replace(server=server, spec=decision.spec),
-                         rebuilds=cache["rebuilds"] + 1, search_rounds=cache["search_rounds"])
+                         rebuilds=cache["rebuilds"] + 1, search_rounds=cache["search_rounds"],
+                         keep=decision.keep)
       log(f"round {round_idx + 1}: architecture -> {structured.spec_to_json(decision.spec)} "
           f"({state.cache['sizes']['params']:,} params)")
       cache = state.cache

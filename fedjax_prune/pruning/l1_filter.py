@@ -82,10 +82,11 @@ def l1_filter(ratio: float, prune_round: int, **kwargs) -> federated.Method:
       return search, "train", unchanged
     if round_idx < prune_round:
       return search, "dense", unchanged
-    out = l1_filter_prune(spec, params, ratio, batch_stats=batch_stats)
+    keep = l1_filter_keep(spec, params, ratio)
+    out = structured.shrink(spec, params, keep, batch_stats=batch_stats)
     search = search._replace(still_prune=False, num_accepted=1, last_decision_round=round_idx)
     return search, "dense", auto_structured.Decision(True, out.spec, out.params, out.batch_stats,
-                                                     None, None)
+                                                     keep, None)
 
   # still_prune = not yet pruned
   return auto_structured.rebuilding_fedavg(decide, auto_structured.AutoStructuredState(True, 0, 0, 0),
