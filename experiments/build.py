@@ -109,10 +109,13 @@ def validate(config) -> None:
   strategy = _get(config, "strategy")
   if strategy != "auto":
     try:
-      performance.Strategy.from_name(strategy)
+      named = performance.Strategy.from_name(strategy)
     except ValueError as e:
       raise ConfigError(f"config.strategy={strategy!r} is invalid: allowed 'auto' or a name like "
                         "'sequential+lax', 'vmap+im2col', 'chunked4+im2col'") from e
+    if named.sharded and not config.get("shard_clients", False):
+      raise ConfigError(f"config.strategy={strategy!r} shards the cohort over devices, which needs "
+                        "config.shard_clients=True: set it, or drop '+sharded'")
 
 
 class Data(NamedTuple):

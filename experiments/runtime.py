@@ -5,17 +5,17 @@ A method's experiment code lives in `experiments/methods/<method>.py` and expose
   validate(config) -> None          # its own config fields; raises build.ConfigError
   build(config, env: Env) -> Run    # the method (a `federated.Method`) and how to run it
 
-`train.train_and_evaluate` validates the config, prepares the workdir, builds the
-data and the `Env`, dispatches on `config.method`, runs the one experiment loop
-(`train.run_rounds`: resume, rounds, records, evaluation, checkpoints) and writes
-`summary.json`.
+`train.train_and_evaluate` validates the config, checks the workdir (reading only),
+builds the data, the `Env` and, dispatching on `config.method`, the `Run`; only then
+does it lock and write the workdir, run the one experiment loop (`train.run_method`:
+resume, rounds, records, evaluation, checkpoints) and write `summary.json`. `build`
+must therefore write nothing (its `env.metrics` is None).
 """
 from __future__ import annotations
 
 import dataclasses
 
 import json
-import os
 import time
 from typing import Any, Callable, NamedTuple, Protocol
 
@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from experiments import build
+from experiments import workdir as workdir_lib
 from fedjax_prune import _files
 from fedjax_prune import data as data_lib
 from fedjax_prune import federated, performance
@@ -69,18 +70,16 @@ class MetricsWriter:
       time.sleep(self._pause)
 
   def truncate_to_round(self, num_rounds: int) -> None:
-    """Drops records of rounds after `num_rounds` (used when resuming from a checkpoint)."""
+    """Drops records of rounds after `num_rounds` (used when resuming from a checkpoint).
+
+    Raises workdir.WorkdirError naming the line when a line that may hold a record of
+    rounds 1..num_rounds is unreadable (`workdir.metrics_up_to`); the file is kept.
+    """
+    kept, bad_line = workdir_lib.metrics_up_to(self.path, num_rounds)
+    if bad_line is not None:
+      raise workdir_lib.WorkdirError(f"line {bad_line} of {self.path!r} is not a metrics record; "
+                                     f"the records of rounds 1-{num_rounds} must be kept")
     self._file.close()
-    kept = []
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:
-            break  # a line cut short by a kill: drop it and everything after
-          if record.get("round", 0) <= num_rounds:
-            kept.append(line if line.endswith("\n") else line + "\n")
     _files.write_atomic(self.path, lambda f: f.writelines(kept))
     self._file = open(self.path, "a")
     if self._tb is not None:
@@ -139,7 +138,7 @@ class Env(NamedTuple):
   data: build.Data
   mesh: Any                      # jax Mesh over local devices, or None
   cohort_multiple: int           # cohorts are padded to a multiple of this (device count)
-  metrics: MetricsWriter
+  metrics: MetricsWriter          # None while the method is built (`build` writes nothing)
   checkpoint: Any                # a Checkpointer
   log: Callable[[str], None]
   setup_start: float = 0.0       # time.perf_counter() when the run started (data, method setup)
@@ -325,9 +324,10 @@ def choose_strategy(env: Env, spec, params, batch_stats,
   if config.strategy != "auto":
     strategy = named_strategy(env, config.strategy)
     if strategy.lowrank and lowrank is None:
-      raise ValueError(f"config.strategy={config.strategy!r}: '+lowrank' (dense kernels trained as "
-                       "factors) needs a dense FedAvg-family run with SGD clients and an "
-                       "MLP/ConvNet with a dense layer worth factoring; this run is not one")
+      raise build.ConfigError(f"config.strategy={config.strategy!r}: '+lowrank' (dense kernels "
+                              "trained as factors) needs a dense FedAvg-family run with SGD clients "
+                              "and an MLP/ConvNet with a dense layer worth factoring; this run is "
+                              "not one")
     return strategy, {}
   short = federated.LocalSchedule(batch_size=config.client.batch_size, num_steps=2)
 

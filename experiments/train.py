@@ -9,9 +9,19 @@ Writes to `workdir`:
                   `checkpoint_every` rounds (fedjax_prune.checkpoint; 0 = none)
   tensorboard/    TensorBoard scalars when `config.tensorboard` (needs tensorboardX)
   summary.json    final metrics, model size/FLOPs, chosen strategy and timings
+  run.lock        while the run is alive: its pid and host (`experiments.workdir.lock`);
+                  another run on the workdir is refused, a dead run's lock taken over
+
+A refused run writes nothing: the config, the workdir (read only), the data, the
+method with its client-execution strategy and the checkpoint to resume from are
+checked and built in memory first; only then is the workdir locked and written.
 
 `resume=True` continues from the latest checkpoint; on CPU the final parameters
-and metrics (wall times aside) are bit-identical to an uninterrupted run.
+and metrics (wall times aside) are bit-identical to an uninterrupted run. A workdir
+without a checkpoint (a run killed before its first save, or never started) starts
+from round 0, so a restart loop may always pass resume=True. Fields that do not
+change results (`workdir.RESULT_NEUTRAL_FIELDS`: progress, tensorboard, eval and
+checkpoint cadence) may differ on resume; any other difference is refused, named.
 """
 from __future__ import annotations
 
@@ -19,11 +29,13 @@ import json
 import os
 import shutil
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from experiments import build, methods, runtime
+from experiments import workdir as workdir_lib
 from fedjax_prune import checkpoint as checkpoint_lib
 from fedjax_prune import federated, performance, structured
 
@@ -71,56 +83,80 @@ def checkpointer_for(config, workdir: str):
                                      keep=config.get("checkpoint_keep", 3), pause_mid_save_s=pause)
 
 
-def _read_config_json(path: str):
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError:
-      return None
+def _saved_config(workdir: str, checkpoints: checkpoint_lib.Checkpointer):
+  """The config JSON of the run in `workdir` (config.json, else the latest checkpoint's),
+  False when the workdir names none, None when config.json is not JSON."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        return json.load(f)
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+  meta = checkpoints.latest_meta()
+  return meta.get("config", False) if meta else False
 
 
-def check_workdir(config, workdir: str, overwrite: bool, resume: bool = False) -> None:
-  """Raises if `prepare_workdir` would refuse the workdir; reads only, writes nothing.
+def check_workdir(config, workdir: str, overwrite: bool, resume: bool = False, *,
+                  holding_lock: bool = False) -> bool:
+  """Raises if the workdir cannot take this run; reads only, writes nothing.
 
-  A fresh run (resume=False) of the same config restarts a finished run (summary.json
-  present) but refuses an unfinished one that has checkpoints unless overwrite (pass
-  resume=True to continue it); a workdir holding a different config is refused
-  unless overwrite.
+  A workdir whose run is alive (its lock held) is refused. A fresh run (resume=False)
+  of the same config restarts a finished run (summary.json present) but refuses an
+  unfinished one that has checkpoints unless overwrite (pass resume=True to continue
+  it); a workdir holding a different config is refused unless overwrite, naming the
+  fields (those in `workdir.RESULT_NEUTRAL_FIELDS` may differ).
+
+  Args:
+    holding_lock: the caller holds the workdir's lock (`workdir.lock`): skip that check.
+
+  Returns:
+    Whether the run continues from a checkpoint (resume=True and the workdir holds
+    one); resume=True without one starts from round 0.
   """
   if resume and overwrite:
     raise ValueError("resume=True and overwrite=True exclude each other: resume continues the run "
                      "in the workdir, overwrite deletes it")
-  config_json = json.loads(config.to_json_best_effort())
-  path = os.path.join(workdir, "config.json")
+  if resume and not config.get("checkpoint_every", 0):
+    raise build.ConfigError("cannot resume with config.checkpoint_every=0: the run keeps no "
+                            "checkpoints (set checkpoint_every >= 1)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"workdir {workdir!r} exists and is not a directory")
-  if os.path.exists(path) and not overwrite:
-    if _read_config_json(path) != config_json:
-      raise FileExistsError(f"workdir {workdir!r} holds a run with a different config; "
-                            "choose another workdir or pass --overwrite")
-  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  has_checkpoints = bool(checkpoint_lib.Checkpointer(ckpt_dir).steps())
+  if not holding_lock:
+    workdir_lib.check_not_locked(workdir)
+  checkpoints = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
+  has_checkpoints = bool(checkpoints.steps())
+  if not overwrite:
+    saved = _saved_config(workdir, checkpoints)
+    if saved is None:
+      raise FileExistsError(f"workdir {workdir!r} holds a config.json that is not valid JSON; "
+                            "choose another workdir or pass --overwrite to replace the run")
+    if saved is not False:
+      now = json.loads(config.to_json_best_effort())
+      differences = workdir_lib.config_differences(saved, now, {"method": "fedavg", **_RUN_FIELDS})
+      if differences:
+        more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+        raise FileExistsError(
+            f"workdir {workdir!r} holds a run with a different config "
+            f"({'; '.join(differences[:3])}{more}); choose another workdir, rerun with the "
+            "workdir's values, or pass --overwrite to replace that run")
   finished = os.path.exists(os.path.join(workdir, "summary.json"))
-  if resume:
-    if not config.get("checkpoint_every", 0):
-      raise build.ConfigError("cannot resume with config.checkpoint_every=0: the run keeps no "
-                              "checkpoints (set checkpoint_every >= 1)")
-    if not os.path.exists(path) or not has_checkpoints:
-      raise FileNotFoundError(f"cannot resume: workdir {workdir!r} holds no checkpoint "
-                              f"(looked in {ckpt_dir!r}); run without --resume to start it")
-  elif has_checkpoints and not overwrite and not finished:
+  if not resume and has_checkpoints and not overwrite and not finished:
     raise FileExistsError(f"workdir {workdir!r} holds checkpoints of an unfinished run with this "
                           "config; pass --resume to continue it or --overwrite to start over")
+  return resume and has_checkpoints
 
 
 def prepare_workdir(config, workdir: str, overwrite: bool, resume: bool = False) -> None:
   """Creates workdir and writes its config.json, after `check_workdir`'s checks.
 
-  Every check happens before anything is written or deleted, so a refused call
-  leaves the workdir intact. A fresh run clears the workdir's old metrics and
-  summary (and the checkpoints of a finished or overwritten run).
+  Call it holding the workdir's lock (`workdir.lock`). Every check happens before
+  anything is written or deleted, so a refused call leaves the workdir intact. A run
+  that continues from a checkpoint keeps metrics.jsonl (the loop cuts it to the
+  checkpoint); any other run clears the workdir's old metrics and summary (and the
+  checkpoints of a finished, overwritten or checkpoint-less resumed run).
   """
-  check_workdir(config, workdir, overwrite, resume)
+  from_checkpoint = check_workdir(config, workdir, overwrite, resume, holding_lock=True)
   config_json = json.loads(config.to_json_best_effort())
   path = os.path.join(workdir, "config.json")
   finished = os.path.exists(os.path.join(workdir, "summary.json"))
@@ -129,14 +165,56 @@ def prepare_workdir(config, workdir: str, overwrite: bool, resume: bool = False)
     runtime.write_json_atomic(path, config_json)
   except OSError as e:
     raise OSError(e.errno, f"cannot write to workdir {workdir!r}: {e.strerror or e}") from e
-  if resume:
-    return  # the driver truncates metrics.jsonl to the restored round
+  if from_checkpoint:
+    return
   for name in ("metrics.jsonl", "summary.json"):
     if os.path.exists(os.path.join(workdir, name)):
       os.remove(os.path.join(workdir, name))
   for name in (CHECKPOINT_DIR, "tensorboard"):  # a restart must not resume old checkpoints
-    if (overwrite or finished) and os.path.isdir(os.path.join(workdir, name)):
+    if (overwrite or finished or resume) and os.path.isdir(os.path.join(workdir, name)):
       shutil.rmtree(os.path.join(workdir, name))
+
+
+def _check_runnable_here(config, env: runtime.Env, strategy, *, saved: bool) -> None:
+  """Raises, before anything is written, when this machine cannot run `strategy` (the
+  checkpoint's when `saved`, else the config's): a sharded one without a device mesh."""
+  try:
+    runtime.mesh_for(env, strategy)
+  except ValueError:
+    here = (f"this run has no device mesh ({jax.local_device_count()} device(s), "
+            f"config.shard_clients={config.get('shard_clients', False)}, "
+            f"clients_per_round={config.clients_per_round}; a mesh needs 2 to clients_per_round "
+            "devices)")
+    if saved:
+      raise checkpoint_lib.CheckpointError(
+          f"cannot resume here: the checkpoint in {env.workdir!r} runs the clients as "
+          f"{strategy.name!r}, sharded over several devices, and {here}; resume on a machine "
+          "with several devices, or pass --overwrite to start over") from None
+    raise build.ConfigError(f"config.strategy={strategy.name!r} shards the cohort over "
+                            f"devices, but {here}; choose an unsharded strategy or 'auto'"
+                            ) from None
+
+
+def _divergence_advice(config) -> str:
+  """Which learning rates to lower: the clients', and the server's where its step can
+  overshoot (a plain average of the clients' models cannot)."""
+  client = f"config.client.learning_rate (now {config.client.learning_rate})"
+  method = config.get("method", "fedavg")
+  if method in ("fedavg", "asp", "l1_filter"):
+    a = config.algorithm
+    if a.name in ("fedavg", "fedprox") and a.server_learning_rate <= 1.0:
+      return (f"lower {client}: the server step only averages the clients' models "
+              f"({a.name}, server_learning_rate={a.server_learning_rate})")
+    return (f"lower config.algorithm.server_learning_rate (now {a.server_learning_rate}, the "
+            f"{a.name} server step) or {client}")
+  hetero = ("fiarse", "heterofl", "fedrolex", "scalefl")
+  if method in hetero and config.hetero.server_learning_rate > 1.0:
+    return (f"lower config.hetero.server_learning_rate (now {config.hetero.server_learning_rate}) "
+            f"or {client}")
+  if method == "cavp":
+    return (f"lower {client} or config.cavp.theta_learning_rate "
+            f"(now {config.cavp.theta_learning_rate})")
+  return f"lower {client}"
 
 
 def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume: bool = False) -> dict:
@@ -146,7 +224,13 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
     config: ml_collections ConfigDict (see experiments/configs/).
     workdir: output directory (see the module docstring).
     overwrite: replace a workdir that holds another run (or checkpoints of this one).
-    resume: continue from the workdir's latest checkpoint.
+    resume: continue from the workdir's latest checkpoint (from round 0 without one).
+
+  Raises:
+    build.ConfigError, FileExistsError, NotADirectoryError, workdir.WorkdirError,
+    checkpoint.CheckpointError, data.DataError (a bad config, workdir, checkpoint or data
+    file: nothing written), OSError (disk full, permissions), FloatingPointError
+    (training diverged; names the learning rates to lower).
   """
   build.validate(config)
   validate_run_fields(config)
@@ -156,9 +240,10 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
                             f"{tuple(methods.DRIVERS)}")
   driver = methods.DRIVERS[method]
   driver.validate(config)
-  # Nothing is written before every check that can fail has passed: the workdir's
-  # (read-only) checks first, then the data and the checks that need it, then the write.
-  check_workdir(config, workdir, overwrite, resume)
+  # Nothing is written before every check that can refuse the run has passed: the
+  # workdir's (read-only) checks, then the data, the method, its strategy and the
+  # checkpoint to resume from, built in memory; only then the lock and the writes.
+  from_checkpoint = check_workdir(config, workdir, overwrite, resume)
   if config.get("shard_clients", False):
     # One CPU device per core, so that a sharded cohort runs different clients on
     # different cores at once (1.3x on 2 cores, docs/results/engine.md). No effect on
@@ -171,43 +256,75 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False, resume:
   if config.clients_per_round > num_clients:
     raise build.ConfigError(f"config.clients_per_round={config.clients_per_round} exceeds the "
                             f"dataset's {num_clients} clients: allowed [1, {num_clients}]")
-  prepare_workdir(config, workdir, overwrite, resume)
   num_devices = jax.local_device_count()
   # Shard only when every device gets a client: a cohort smaller than the device count
   # would leave devices idle and (on CPU, one device per core) run slower than unsharded
   # (measured: 1 client on 2 CPU devices 0.53x of a loop, unsharded 0.82x).
   mesh = (federated.client_mesh()
           if (config.shard_clients and 1 < num_devices <= config.clients_per_round) else None)
-  tb_dir = os.path.join(workdir, "tensorboard") if config.get("tensorboard", False) else None
-  metrics = runtime.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), tensorboard_dir=tb_dir,
-                                  pause_after_write_s=float(os.environ.get(PAUSE_PER_ROUND_ENV) or 0))
+  # A fresh run must not see the checkpoints it is about to delete (the strategy
+  # choice and the restore read them).
   env = runtime.Env(config=config, workdir=workdir, data=data, mesh=mesh,
-                    cohort_multiple=num_devices if mesh is not None else 1, metrics=metrics,
-                    checkpoint=checkpointer_for(config, workdir), log=log,
-                    setup_start=setup_start)
-  try:
-    summary = run_method(config, env, driver.build(config, env))
-  finally:
-    metrics.close()
-  summary = {"method": method, **summary}
-  runtime.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+                    cohort_multiple=num_devices if mesh is not None else 1, metrics=None,
+                    checkpoint=(checkpointer_for(config, workdir) if from_checkpoint
+                                else runtime.NoCheckpoints()),
+                    log=log, setup_start=setup_start)
+  saved = runtime.checkpointed_strategy(env) if from_checkpoint else None
+  if saved is not None:
+    _check_runnable_here(config, env, saved[0], saved=True)
+  elif config.strategy != "auto":
+    _check_runnable_here(config, env, runtime.named_strategy(env, config.strategy), saved=False)
+  run = driver.build(config, env)
+  _check_runnable_here(config, env, run.strategy, saved=saved is not None)
+  start = start_state(env, run)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if start.restored:
+    _, bad_line = workdir_lib.metrics_up_to(metrics_path, start.round)
+    if bad_line is not None:
+      raise workdir_lib.WorkdirError(
+          f"cannot resume: line {bad_line} of {metrics_path!r} is not a metrics record, and the "
+          f"checkpoint covers rounds 1-{start.round} (the line may hold one of them); repair or "
+          "delete that line, or pass --overwrite to start over")
+  elif resume:
+    log(f"no checkpoint in workdir {workdir!r}: starting the run from round 0")
+  with workdir_lib.lock(workdir, log):
+    prepare_workdir(config, workdir, overwrite, resume)
+    tb_dir = os.path.join(workdir, "tensorboard") if config.get("tensorboard", False) else None
+    pause = float(os.environ.get(PAUSE_PER_ROUND_ENV) or 0)
+    metrics = runtime.MetricsWriter(metrics_path, tensorboard_dir=tb_dir, pause_after_write_s=pause)
+    env = env._replace(metrics=metrics, checkpoint=checkpointer_for(config, workdir))
+    try:
+      if start.restored:
+        metrics.truncate_to_round(start.round)  # checked above: keeps every record it covers
+        log(f"resumed from the checkpoint after round {start.round}")
+      summary = run_method(config, env, run, start)
+    except FloatingPointError as e:
+      generic = str(e).rsplit("; lower the learning rate", 1)[0]
+      raise FloatingPointError(f"{generic}; {_divergence_advice(config)}") from e
+    finally:
+      metrics.close()
+    summary = {"method": method, **summary}
+    runtime.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   log(f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f}s, "
       f"test accuracy {summary.get('test_accuracy', float('nan')):.4f} "
       f"(local mean {summary.get('local_accuracy_mean', float('nan')):.4f}); results in {workdir}")
   return summary
 
 
-def run_method(config, env: runtime.Env, run: runtime.Run) -> dict:
-  """The experiment loop, the one every method runs: restore or init, then the rounds of
-  `federated.run_rounds` (before_round -> the compiled round -> after_round -> record),
-  each followed by evaluation, the metrics record and the checkpoint; the round and the
-  evaluator compile once per architecture.
+class Start(NamedTuple):
+  """Where a run starts (`start_state`)."""
+  round: int                         # rounds already done: the checkpoint's, or 0
+  state: federated.MethodState
+  meta: dict                         # the checkpoint's meta ({} for a fresh start)
+  initial_spec: dict                 # JSON of method.init()'s spec (saved with each checkpoint)
+  restored: bool                     # whether it comes from a checkpoint
 
-  Returns the summary dict (without 'method', which `train_and_evaluate` adds).
-  """
+
+def start_state(env: runtime.Env, run: runtime.Run) -> Start:
+  """The latest checkpoint of `env.checkpoint` (checked against the run's method and
+  spec), or the method's initial state; reads only (raises CheckpointError)."""
   method = run.method
   initial = method.init()
-  initial_spec = structured.spec_to_json(initial.spec)
 
   def template(meta):
     saved = meta.get("initial_spec")
@@ -219,18 +336,35 @@ def run_method(config, env: runtime.Env, run: runtime.Run) -> dict:
       return initial.server
     return method.template(initial, structured.spec_from_json(meta["spec"]), dict(meta["host"]))
 
-  start_round, meta = 0, {}
+  initial_spec = structured.spec_to_json(initial.spec)
   restored = env.checkpoint.restore(template)
   if restored is not None:
     start_round, server, meta = restored
     state = method.resume(federated.MethodState(server, structured.spec_from_json(meta["spec"]),
                                                 dict(meta["host"])))
-    env.metrics.truncate_to_round(start_round)
-    env.log(f"resumed from the checkpoint after round {start_round}")
-  else:
-    # The round donates its state: give it buffers of its own (no leaf shared with the
-    # caller or repeated inside the state, e.g. one `()` mask array reused for several leaves).
-    state = initial._replace(server=jax.tree.map(jnp.copy, initial.server))
+    return Start(start_round, state, meta, initial_spec, True)
+  # The round donates its state: give it buffers of its own (no leaf shared with the
+  # caller or repeated inside the state, e.g. one `()` mask array reused for several leaves).
+  state = initial._replace(server=jax.tree.map(jnp.copy, initial.server))
+  return Start(0, state, {}, initial_spec, False)
+
+
+def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None = None) -> dict:
+  """The experiment loop, the one every method runs: from `start` (default: `start_state`,
+  cutting the metrics to a restored round), the rounds of `federated.run_rounds`
+  (before_round -> the compiled round -> after_round -> record), each followed by
+  evaluation, the metrics record and the checkpoint; the round and the evaluator compile
+  once per architecture.
+
+  Returns the summary dict (without 'method', which `train_and_evaluate` adds).
+  """
+  method = run.method
+  if start is None:
+    start = start_state(env, run)
+    if start.restored:
+      env.metrics.truncate_to_round(start.round)
+      env.log(f"resumed from the checkpoint after round {start.round}")
+  start_round, state, meta, initial_spec = start.round, start.state, start.meta, start.initial_spec
 
   strategy = run.strategy
   mesh = runtime.mesh_for(env, strategy)
@@ -252,7 +386,7 @@ def run_method(config, env: runtime.Env, run: runtime.Run) -> dict:
   config_json = json.loads(config.to_json_best_effort())
   setup_time = time.perf_counter() - env.setup_start
   progress = runtime.progress_bar(config.rounds, config.progress, initial=start_round)
-  start = runtime.run_clock_start(meta)
+  clock_start = runtime.run_clock_start(meta)
   eval_time = float(meta.get("eval_time_s", 0.0))
   last_eval: dict = {}
   rounds = federated.run_rounds(
@@ -260,7 +394,7 @@ def run_method(config, env: runtime.Env, run: runtime.Run) -> dict:
       train_root=jax.random.key(config.seeds.training), init_key=jax.random.key(config.seeds.init),
       rounds=range(start_round, config.rounds), compile_round=compile_round)
   for round_idx, state, record in rounds:
-    record.update(round=round_idx + 1, wall_time=time.perf_counter() - start)
+    record.update(round=round_idx + 1, wall_time=time.perf_counter() - clock_start)
     if runtime.is_eval_round(config, round_idx):
       last_eval = evaluate(state, round_idx)
       record.update(last_eval)
@@ -271,14 +405,14 @@ def run_method(config, env: runtime.Env, run: runtime.Run) -> dict:
           "host": state.host, "strategy": strategy.name, "config": config_json,
           # Cohorts are a pure function of (sampling seed, round): this is the sampler's state.
           "sampler": {"seed": config.seeds.sampling, "next_round": round_idx + 1},
-          "eval_time_s": eval_time, **runtime.timing_meta(start, run.timings)})
+          "eval_time_s": eval_time, **runtime.timing_meta(clock_start, run.timings)})
     progress.update(1)
     progress.set_postfix(loss=f"{record['train_loss']:.3f}",
                          acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}")
   progress.close()
   if not last_eval:  # resumed from the final checkpoint: evaluate the restored model
     last_eval = evaluate(state, config.rounds - 1)
-  summary = {"rounds": config.rounds, "wall_time_s": time.perf_counter() - start,
+  summary = {"rounds": config.rounds, "wall_time_s": time.perf_counter() - clock_start,
              "setup_time_s": setup_time, "eval_time_s": eval_time, "strategy": strategy.name,
              "strategy_timings_s": run.timings, "data": env.data.description, **last_eval}
   summary.update(method.summary(state, last_eval))

@@ -20,22 +20,25 @@ re-wrapped with `jax.random.wrap_key_data`).
 Preemption safety: a checkpoint is written into a hidden temporary directory
 (`.tmp-step_...`) and made visible with one `os.rename`, which is atomic on POSIX
 file systems, so a kill at any moment leaves either the previous checkpoint or the
-new one; leftover temporaries are ignored and removed by the next save. Old
-checkpoints are first renamed away (`.del-...`) and then deleted, so a kill while
-pruning never leaves a half-deleted `step_*` directory.
+new one; leftover temporaries are ignored and removed by the next save (a save that
+fails, disk full included, removes its own). Old checkpoints are first renamed away
+(`.del-...`) and then deleted, so a kill while pruning never leaves a half-deleted
+`step_*` directory.
 
 Restore reads `meta.json` first and calls `template_fn(meta)` for the state's
 structure (shapes may depend on meta, e.g. a structured-pruning width spec), then
 checks the template against the manifest and only then reads the arrays; every
 leaf's CRC32 is verified. Any mismatch or unreadable file raises `CheckpointError`
-naming the file and the problem.
+naming the file, the leaf by its pytree path (`params/dense_0/kernel`) and the problem.
 
 This module does host-side I/O only; nothing here is jitted.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import time
 import zlib
@@ -56,6 +59,13 @@ class CheckpointError(RuntimeError):
   """A checkpoint is corrupt, unreadable or does not match the run (names the file)."""
 
 
+# What to do about it (appended to the messages).
+_FIX_CORRUPT = ("; delete that checkpoint directory to resume from the one before, or start over "
+                "(--overwrite)")
+_FIX_MISMATCH = ("; resume with the config the checkpoint was saved with, or start over "
+                 "(--overwrite)")
+
+
 def _is_key(x) -> bool:
   dtype = getattr(x, "dtype", None)
   return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
@@ -70,6 +80,45 @@ def _jsonable(x):
 
 def _step_dir(directory: str, step: int) -> str:
   return os.path.join(directory, f"{_PREFIX}{step:08d}")
+
+
+def _leaf_name(keystr_path: str) -> str:
+  """A leaf's pytree path as messages show it: "['params']['dense_0']['kernel']" (or
+  ".params['dense_0']['kernel']", "[0]") -> 'params/dense_0/kernel'."""
+  parts = re.findall(r"\.(\w+)|\['([^']*)'\]|\[(\d+)\]", keystr_path)
+  return "/".join(a or b or c for a, b, c in parts) or keystr_path
+
+
+# tensorstore (under orbax) reports OS failures as ValueError('RESOURCE_EXHAUSTED: ...
+# [os_error_code=28]'), not OSError.
+_STATUS_ERRNO = {"RESOURCE_EXHAUSTED": errno.ENOSPC, "PERMISSION_DENIED": errno.EACCES}
+
+
+def _os_errno(e: BaseException) -> int | None:
+  """The errno behind an OS failure, whether raised as OSError or by tensorstore."""
+  if isinstance(e, OSError):
+    return e.errno
+  text = str(e)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return int(code.group(1))
+  return next((n for status, n in _STATUS_ERRNO.items() if text.startswith(status)), None)
+
+
+def _remove_settled(path: str, *, settle_s: float = 0.2, timeout_s: float = 2.0) -> None:
+  """Removes the directory `path`, and again while writes still in flight recreate it.
+
+  When one array write of an orbax save fails (disk full), orbax raises at once while
+  tensorstore's other writes go on in its threads and recreate their directories.
+  """
+  shutil.rmtree(path, ignore_errors=True)
+  deadline = quiet_since = time.monotonic()
+  deadline += timeout_s
+  while time.monotonic() < deadline and time.monotonic() - quiet_since < settle_s:
+    time.sleep(0.02)
+    if os.path.exists(path):
+      shutil.rmtree(path, ignore_errors=True)
+      quiet_since = time.monotonic()
 
 
 def _fsync_dir(path: str) -> None:
@@ -178,8 +227,9 @@ class Checkpointer:
     """Saves `state` and `meta` as checkpoint `step`, atomically; prunes to the last `keep`.
 
     Raises:
-      OSError naming the directory when it cannot be written (e.g. disk full); the
-      previous checkpoints are left untouched.
+      OSError naming the directory when it cannot be written (disk full, permissions;
+      also when orbax reports it as another error); the previous checkpoints are left
+      untouched and the temporary directory removed, whatever the failure.
     """
     import orbax.checkpoint as ocp  # heavy import, only when checkpointing
 
@@ -213,10 +263,13 @@ class Checkpointer:
         os.rename(_step_dir(self.directory, old), doomed)
         shutil.rmtree(doomed, ignore_errors=True)
       self._remove_leftovers()
-    except OSError as e:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise OSError(e.errno, f"cannot save checkpoint {step} in {self.directory!r}: "
-                    f"{e.strerror or e}") from e
+    except BaseException as e:  # also orbax's errors and KeyboardInterrupt: no temporary left
+      _remove_settled(tmp)
+      code = _os_errno(e)
+      if code is None:
+        raise
+      reason = e.strerror if isinstance(e, OSError) and e.strerror else os.strerror(code)
+      raise OSError(code, f"cannot save checkpoint {step} in {self.directory!r}: {reason}") from e
 
   # -- restore ---------------------------------------------------------------
 
@@ -227,12 +280,14 @@ class Checkpointer:
       with open(meta_path) as f:
         record = json.load(f)
     except FileNotFoundError:
-      raise CheckpointError(f"checkpoint {path!r} is corrupt: {_META} is missing") from None
+      raise CheckpointError(f"checkpoint {path!r} is corrupt: {_META} is missing"
+                            f"{_FIX_CORRUPT}") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise CheckpointError(f"checkpoint file {meta_path!r} is corrupt or unreadable: {e}") from None
+      raise CheckpointError(f"checkpoint file {meta_path!r} is corrupt or unreadable: {e}"
+                            f"{_FIX_CORRUPT}") from None
     if not isinstance(record, dict) or not {"step", "meta", "manifest"} <= set(record):
       raise CheckpointError(f"checkpoint file {meta_path!r} is corrupt: expected the keys "
-                            "'step', 'meta' and 'manifest'")
+                            f"'step', 'meta' and 'manifest'{_FIX_CORRUPT}")
     if record.get("format") != _FORMAT:
       raise CheckpointError(f"checkpoint file {meta_path!r} has format {record.get('format')!r}, "
                             f"this version reads format {_FORMAT}")
@@ -262,7 +317,8 @@ class Checkpointer:
     try:
       template = template_fn(record["meta"])
     except CheckpointError as e:  # the driver found meta incompatible (e.g. another spec)
-      raise CheckpointError(f"checkpoint {meta_path!r} does not match this run: {e}") from None
+      raise CheckpointError(f"checkpoint {meta_path!r} does not match this run: {e}"
+                            f"{_FIX_MISMATCH}") from None
     expected, treedef = _template_entries(template)
     manifest = record["manifest"]
     self._check_manifest(meta_path, manifest, expected)
@@ -271,8 +327,8 @@ class Checkpointer:
     for entry, like in zip(manifest, jax.tree_util.tree_leaves(template)):
       host = arrays[entry["name"]]
       if zlib.crc32(np.ascontiguousarray(host).tobytes()) != entry["crc32"]:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt: leaf {entry['path']} fails its "
-                              "CRC32 check")
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: leaf {_leaf_name(entry['path'])} "
+                              f"fails its CRC32 check{_FIX_CORRUPT}")
       # Device arrays where the template has them; host (numpy) leaves keep their dtype
       # (jnp.asarray would turn a float64 into float32 without x64).
       is_host = isinstance(like, (np.ndarray, np.generic, int, float, bool))
@@ -287,17 +343,19 @@ class Checkpointer:
     if len(manifest) != len(expected):
       saved = {e["path"] for e in manifest}
       wanted = {e["path"] for e in expected}
-      detail = (f"missing {sorted(wanted - saved)[:3]}, unexpected {sorted(saved - wanted)[:3]}"
+      detail = (f"missing {sorted(map(_leaf_name, wanted - saved))[:3]}, "
+                f"unexpected {sorted(map(_leaf_name, saved - wanted))[:3]}"
                 if saved != wanted else "")
       raise CheckpointError(f"checkpoint {meta_path!r} does not match this run: it has "
-                            f"{len(manifest)} arrays, the run's state has {len(expected)} {detail}")
+                            f"{len(manifest)} arrays, the run's state has {len(expected)} {detail}"
+                            f"{_FIX_MISMATCH}")
     for saved, want in zip(manifest, expected):
       for field in ("path", "shape", "dtype", "key_impl"):
         if saved.get(field) != want.get(field):
           raise CheckpointError(
-              f"checkpoint {meta_path!r} does not match this run: leaf {want['path']} has "
-              f"{field} {saved.get(field)!r} in the checkpoint but {want.get(field)!r} in the run "
-              "(a different model/spec or config?)")
+              f"checkpoint {meta_path!r} does not match this run: leaf {_leaf_name(want['path'])} "
+              f"has {field} {saved.get(field)!r} in the checkpoint but {want.get(field)!r} in the "
+              f"run (a different model/spec or config?){_FIX_MISMATCH}")
 
   @staticmethod
   def _read_arrays(path: str, manifest: list) -> dict[str, np.ndarray]:
@@ -308,19 +366,25 @@ class Checkpointer:
     state_path = os.path.abspath(os.path.join(path, _STATE))
     if not os.path.isdir(state_path):
       raise CheckpointError(f"checkpoint {path!r} is corrupt: the array directory {_STATE}/ "
-                            "is missing")
+                            f"is missing{_FIX_CORRUPT}")
     restore_args = {e["name"]: ocp.RestoreArgs(restore_type=np.ndarray) for e in manifest}
     try:
       arrays = ocp.PyTreeCheckpointer().restore(
           state_path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
-      raise CheckpointError(f"checkpoint arrays in {state_path!r} are corrupt or unreadable: "
-                            f"{type(e).__name__}: {str(e)[:300]}") from e
+      # Their messages name the stored leaf_00001: say which pytree leaf that is.
+      names = {m["name"]: _leaf_name(m["path"]) for m in manifest}
+      text = re.sub(r"leaf_\d{5}", lambda m: names.get(m.group(0), m.group(0)), str(e))
+      damaged = [names[n] for n in dict.fromkeys(re.findall(r"leaf_\d{5}", str(e))) if n in names]
+      which = f" (leaf {', '.join(damaged)})" if damaged else ""
+      text = text if len(text) <= 300 else text[:300] + "..."
+      raise CheckpointError(f"checkpoint arrays in {state_path!r} are corrupt or unreadable"
+                            f"{which}: {type(e).__name__}: {text}{_FIX_CORRUPT}") from e
     for e in manifest:
       host = arrays.get(e["name"]) if isinstance(arrays, dict) else None
       if host is None or list(np.shape(host)) != e["shape"] or np.asarray(host).dtype.name != e["dtype"]:
-        raise CheckpointError(f"checkpoint {state_path!r} is corrupt: leaf {e['path']} is missing "
-                              "or has the wrong shape/dtype")
+        raise CheckpointError(f"checkpoint {state_path!r} is corrupt: leaf {_leaf_name(e['path'])} "
+                              f"is missing or has the wrong shape/dtype{_FIX_CORRUPT}")
     return {k: np.asarray(v) for k, v in arrays.items()}
 
 

@@ -191,14 +191,15 @@ def test_resume_with_another_spec_is_refused(tmp_path, finished):
 
 
 @pytest.mark.slow
-def test_kill_before_the_first_checkpoint_then_resume_says_so(tmp_path):
+def test_kill_before_the_first_checkpoint_then_resume_starts_over(tmp_path, reference):
+  """A restart loop that always passes --resume recovers a run killed before its first save."""
   workdir = str(tmp_path / "run")
   proc = _start(workdir, **{train.PAUSE_PER_ROUND_ENV: 5.0})
   _wait_for(lambda: _metric_lines(workdir) >= 1, proc, "round 1")
   _kill(proc)
-  with pytest.raises(FileNotFoundError, match="cannot resume.*holds no checkpoint"):
-    train.train_and_evaluate(fedavg_tiny.get_config(), workdir, resume=True)
-  assert _metric_lines(workdir) == 1  # nothing lost
+  result = _run(workdir, "--resume")
+  assert "starting the run from round 0" in result.stdout
+  assert_bit_identical(workdir, reference)
 
 
 def test_restored_arrays_are_numpy_equal_to_saved(finished):

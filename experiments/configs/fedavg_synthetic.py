@@ -15,6 +15,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   c = ml_collections.ConfigDict()
+  c.method = "fedavg"  # the FedAvg family; derived configs set their method (asp, cavp, ...)
   c.seeds = ml_collections.ConfigDict(dict(init=0, sampling=1, training=2, data=3))
   c.data = ml_collections.ConfigDict(dict(
       name="synthetic", num_clients=100, num_classes=10, examples_per_client=(40, 120),

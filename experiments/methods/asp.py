@@ -95,14 +95,18 @@ def build_spec(config, data):
     if name == "asp_celeba_cnn":  # build_lib.build_spec keeps the 84x84x3 preset input
       return models.asp_celeba_cnn(**kw)
     return spec
-  if name == "asp_femnist_cnn":
-    return models.asp_femnist_cnn(widths=widths, **kw)
-  if name == "asp_celeba_cnn":
-    return models.asp_celeba_cnn(widths=widths, **kw)
-  if name == "asp_resnet":
-    return models.asp_resnet(widths=widths, norm="batch_running", **kw)
-  if name == "asp_inception":
-    return models.asp_inception(widths=widths, **kw)
+  try:
+    if name == "asp_femnist_cnn":
+      return models.asp_femnist_cnn(widths=widths, **kw)
+    if name == "asp_celeba_cnn":
+      return models.asp_celeba_cnn(widths=widths, **kw)
+    if name == "asp_resnet":
+      return models.asp_resnet(widths=widths, norm="batch_running", **kw)
+    if name == "asp_inception":
+      return models.asp_inception(widths=widths, **kw)
+  except ValueError as e:  # the model factory's checks of the widths (e.g. too many convs)
+    raise build_lib.ConfigError(f"config.asp.widths={widths!r} is invalid for {name} on "
+                                f"{tuple(data.input_shape)} inputs: {e}") from e
   raise build_lib.ConfigError(f"config.asp.widths is only supported for the asp_* models, not "
                           f"{name!r}")
 

@@ -1,5 +1,5 @@
 """Federated datasets: the stacked client format, loaders, partitioners, sampling."""
-from fedjax_prune.data._client_data import ClientData, client_slice, from_client_lists, to_device
+from fedjax_prune.data._client_data import ClientData, DataError, client_slice, from_client_lists, to_device
 from fedjax_prune.data._federated import (FederatedDataset, PooledData, central_test_set, from_partition,
                                           normalize_cifar10, normalize_cifar100, normalize_tokens,
                                           normalize_unit, pool, pooled)
@@ -24,6 +24,7 @@ from fedjax_prune.data._sampling import proportional as sample_proportional, uni
 __all__ = [
     # the stacked client format
     "ClientData",
+    "DataError",
     "client_slice",
     "from_client_lists",
     "to_device",

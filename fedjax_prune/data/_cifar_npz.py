@@ -25,6 +25,7 @@ import zipfile
 
 import numpy as np
 
+from fedjax_prune.data._client_data import DataError
 from fedjax_prune.data._federated import FederatedDataset, assemble, normalize_cifar10, normalize_unit
 
 _CLIENT_FILE = re.compile(r"^(\d+)\.npz$")
@@ -41,8 +42,8 @@ def read_pfllib_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: not a readable npz, no `data` dict with `x`/`y`, x not
-      [n, C, H, W] in [-1, 1] on the k/255 grid, or x/y lengths differ.
+    DataError (a ValueError): not a readable npz, no `data` dict with `x`/`y`, x
+      not [n, C, H, W] in [-1, 1] on the k/255 grid, or x/y lengths differ.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -50,29 +51,29 @@ def read_pfllib_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   with open(path, "rb") as f:
     magic = f.read(4)
   if magic != b"PK\x03\x04":  # Refuse anything but a zip (npz) archive before unpickling.
-    raise ValueError(f"{path}: not an npz (zip) archive (corrupt file?)")
+    raise DataError(f"{path}: not an npz (zip) archive (corrupt file?)")
   try:
     # Own the file handle: np.load leaks it when the zip directory is truncated.
     with open(path, "rb") as f, np.load(f, allow_pickle=True) as npz:  # Trusted PFLlib output (module doc).
       keys = list(npz.files)
       data = npz["data"] if "data" in keys else None
   except (OSError, EOFError, zipfile.BadZipFile, ValueError, pickle.UnpicklingError) as e:
-    raise ValueError(f"{path}: cannot read npz (corrupt or truncated file?): {type(e).__name__}: {e}") from e
+    raise DataError(f"{path}: cannot read npz (corrupt or truncated file?): {type(e).__name__}: {e}") from e
   if data is None:
-    raise ValueError(f"{path}: no key 'data' (keys: {keys})")
+    raise DataError(f"{path}: no key 'data' (keys: {keys})")
   data = data.item() if data.dtype == object and data.shape == () else data
   if not isinstance(data, dict) or "x" not in data or "y" not in data:
-    raise ValueError(f"{path}: 'data' must be a dict with keys 'x' and 'y'")
+    raise DataError(f"{path}: 'data' must be a dict with keys 'x' and 'y'")
   x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"])
   if x.ndim != 4 or x.shape[1] not in (1, 3):
-    raise ValueError(f"{path}: image shape mismatch: 'x' has shape {x.shape}, expected [n, C, H, W] with C in (1, 3)")
+    raise DataError(f"{path}: image shape mismatch: 'x' has shape {x.shape}, expected [n, C, H, W] with C in (1, 3)")
   if y.ndim != 1 or len(y) != len(x):
-    raise ValueError(f"{path}: 'y' has shape {y.shape}, expected [{len(x)}]")
+    raise DataError(f"{path}: 'y' has shape {y.shape}, expected [{len(x)}]")
   if y.size and y.dtype.kind not in "iu":
-    raise ValueError(f"{path}: labels 'y' must be integers, got {y.dtype}")
+    raise DataError(f"{path}: labels 'y' must be integers, got {y.dtype}")
   q = np.round((x * 0.5 + 0.5) * 255.0)
   if x.size and (np.abs(x).max() > 1 + 1e-4 or np.abs((q / 255.0 - 0.5) / 0.5 - x).max() > 1e-3):
-    raise ValueError(f"{path}: 'x' is not PFLlib-normalised pixels ((p/255 - 0.5)/0.5 in [-1, 1])")
+    raise DataError(f"{path}: 'x' is not PFLlib-normalised pixels ((p/255 - 0.5)/0.5 in [-1, 1])")
   return np.clip(q, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1), y.astype(np.int32)
 
 
@@ -113,7 +114,7 @@ def load_pfllib_npz(directory: str | os.PathLike, *, num_classes: int | None = N
         with open(config, encoding="utf-8") as f:
           num_classes = int(json.load(f).get("num_classes", 10))
       except (ValueError, OSError, TypeError) as e:
-        raise ValueError(f"{config}: cannot read 'num_classes': {e}") from e
+        raise DataError(f"{config}: cannot read 'num_classes': {e}") from e
   train_files = _client_files(os.path.join(directory, "train"))
   test_files = _client_files(os.path.join(directory, "test"))
   if not train_files:

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_prune.data._client_data import ClientData, from_client_lists
+from fedjax_prune.data import _client_data
+from fedjax_prune.data._client_data import ClientData, DataError, from_client_lists
 
 EMPTY_CLIENT_POLICIES = ("drop", "error", "keep")
 
@@ -266,7 +267,9 @@ def from_partition(data: PooledData, parts: Sequence[jax.typing.ArrayLike], *,
     idx = idx.astype(np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= m):
       raise ValueError(f"{what}[{k}]: index {idx.min() if idx.min() < 0 else idx.max()} out of range [0, {m})")
-    return src.x[idx], np.asarray(src.y[idx], np.int32)
+    y = np.asarray(src.y[idx])
+    _client_data.check_labels(y, src.num_classes, where=f"{what}[{k}] (client {client_ids[k]!r})")
+    return src.x[idx], y.astype(np.int32)
 
   train = {cid: gather(data, ix, "parts", k) for k, (cid, ix) in enumerate(zip(client_ids, parts))}
   test_table = None
@@ -287,14 +290,8 @@ def check_empty_policy(empty_clients: str) -> None:
 
 
 def check_labels(y: np.ndarray, num_classes: int, *, source: str, client: str, split: str) -> None:
-  """Raises ValueError naming the client if a label lies outside [0, num_classes)."""
-  if y.size == 0:
-    return
-  lo, hi = int(y.min()), int(y.max())
-  if lo < 0 or hi >= num_classes:
-    bad = lo if lo < 0 else hi
-    raise ValueError(f"{source}: client {client!r} ({split}) has label {bad} outside "
-                     f"[0, {num_classes}) (num_classes={num_classes})")
+  """Raises DataError naming the client unless its labels are integers in [0, num_classes)."""
+  _client_data.check_labels(y, num_classes, where=f"{source}: client {client!r} ({split})")
 
 
 def assemble(train: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -324,10 +321,10 @@ def assemble(train: Mapping[str, tuple[np.ndarray, np.ndarray]],
   for split, table in (("train", train), ("test", test or {})):
     for cid, (x, y) in table.items():
       if tuple(x.shape[1:]) != input_shape:
-        raise ValueError(f"{source}: client {cid!r} ({split}) has example shape {tuple(x.shape[1:])}, "
-                         f"expected {input_shape}")
+        raise DataError(f"{source}: client {cid!r} ({split}) has example shape {tuple(x.shape[1:])}, "
+                        f"expected {input_shape}")
       if len(x) != len(y):
-        raise ValueError(f"{source}: client {cid!r} ({split}) has {len(x)} inputs but {len(y)} labels")
+        raise DataError(f"{source}: client {cid!r} ({split}) has {len(x)} inputs but {len(y)} labels")
       check_labels(np.asarray(y), num_classes, source=source, client=cid, split=split)
 
   ids = list(train)
@@ -335,15 +332,15 @@ def assemble(train: Mapping[str, tuple[np.ndarray, np.ndarray]],
   if empty:
     shown = ", ".join(repr(c) for c in empty[:5]) + (", ..." if len(empty) > 5 else "")
     if empty_clients == "error":
-      raise ValueError(f"{source}: {len(empty)} client(s) have zero train examples ({shown}); "
-                       "pass empty_clients='drop' or 'keep'")
+      raise DataError(f"{source}: {len(empty)} client(s) have zero train examples ({shown}); "
+                      "pass empty_clients='drop' or 'keep'")
     if empty_clients == "drop":
       warnings.warn(f"{source}: dropping {len(empty)} client(s) with zero train examples ({shown})",
                     stacklevel=3)
       dropped = set(empty)
       ids = [cid for cid in ids if cid not in dropped]
   if not ids:
-    raise ValueError(f"{source}: no clients with train examples")
+    raise DataError(f"{source}: no clients with train examples")
 
   train_cd = from_client_lists([train[c][0] for c in ids],
                                [np.asarray(train[c][1], np.int32) for c in ids],
@@ -379,7 +376,7 @@ def quantize_unit(x: np.ndarray, *, source: str, tolerance: float = 1e-4) -> np.
   """
   x = np.asarray(x, np.float32)
   if x.size and (x.min() < -tolerance or x.max() > 1 + tolerance):
-    raise ValueError(f"{source}: pixel values in [{x.min()}, {x.max()}], expected [0, 1]")
+    raise DataError(f"{source}: pixel values in [{x.min()}, {x.max()}], expected [0, 1]")
   q = np.clip(np.round(x * 255.0), 0, 255)
   if x.size == 0 or np.abs(q / 255.0 - x).max() <= tolerance:
     return q.astype(np.uint8)

@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fedjax_prune.data import _shakespeare
+from fedjax_prune.data._client_data import DataError
 from fedjax_prune.data._federated import (FederatedDataset, assemble, normalize_tokens, normalize_unit,
                                           quantize_tables)
 
@@ -67,8 +68,8 @@ def read_leaf_json(path: str | os.PathLike) -> dict[str, Any]:
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: corrupt/truncated JSON or gzip, or a missing/inconsistent field
-      (the message names the file and the field or user).
+    DataError (a ValueError): corrupt/truncated JSON or gzip, or a missing/inconsistent
+      field (the message names the file and the field or user).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -80,29 +81,29 @@ def read_leaf_json(path: str | os.PathLike) -> dict[str, Any]:
   except (ValueError, EOFError, OSError, zlib.error) as e:
     # json.JSONDecodeError and UnicodeDecodeError are ValueErrors; a truncated
     # gzip stream raises EOFError, a bad header gzip.BadGzipFile (an OSError).
-    raise ValueError(f"{path}: cannot parse LEAF JSON (corrupt or truncated file?): "
+    raise DataError(f"{path}: cannot parse LEAF JSON (corrupt or truncated file?): "
                      f"{type(e).__name__}: {e}") from e
   if not isinstance(obj, dict):
-    raise ValueError(f"{path}: expected a JSON object with 'users' and 'user_data', got {type(obj).__name__}")
+    raise DataError(f"{path}: expected a JSON object with 'users' and 'user_data', got {type(obj).__name__}")
   for field, kind in (("users", list), ("user_data", dict)):
     if field not in obj:
-      raise ValueError(f"{path}: missing field {field!r}")
+      raise DataError(f"{path}: missing field {field!r}")
     if not isinstance(obj[field], kind):
-      raise ValueError(f"{path}: field {field!r} must be a {kind.__name__}, got {type(obj[field]).__name__}")
+      raise DataError(f"{path}: field {field!r} must be a {kind.__name__}, got {type(obj[field]).__name__}")
   users, user_data = obj["users"], obj["user_data"]
   num_samples = obj.get("num_samples")
   if num_samples is not None and len(num_samples) != len(users):
-    raise ValueError(f"{path}: 'num_samples' has {len(num_samples)} entries but 'users' has {len(users)}")
+    raise DataError(f"{path}: 'num_samples' has {len(num_samples)} entries but 'users' has {len(users)}")
   for k, user in enumerate(users):
     if user not in user_data:
-      raise ValueError(f"{path}: user {user!r} is listed in 'users' but missing from 'user_data'")
+      raise DataError(f"{path}: user {user!r} is listed in 'users' but missing from 'user_data'")
     rec = user_data[user]
     if not isinstance(rec, dict) or "x" not in rec or "y" not in rec:
-      raise ValueError(f"{path}: user_data[{user!r}] must have fields 'x' and 'y'")
+      raise DataError(f"{path}: user_data[{user!r}] must have fields 'x' and 'y'")
     if len(rec["x"]) != len(rec["y"]):
-      raise ValueError(f"{path}: user {user!r} has {len(rec['x'])} inputs 'x' but {len(rec['y'])} labels 'y'")
+      raise DataError(f"{path}: user {user!r} has {len(rec['x'])} inputs 'x' but {len(rec['y'])} labels 'y'")
     if num_samples is not None and num_samples[k] != len(rec["y"]):
-      raise ValueError(f"{path}: user {user!r}: num_samples says {num_samples[k]} but 'y' has {len(rec['y'])}")
+      raise DataError(f"{path}: user {user!r}: num_samples says {num_samples[k]} but 'y' has {len(rec['y'])}")
   return obj
 
 
@@ -136,7 +137,7 @@ def _kind(rec: _Record, user: str) -> str | None:
     return "features"
   if isinstance(x0, str):
     return "text" if isinstance(y0, str) else "image_files"
-  raise ValueError(f"{rec['file']}: user {user!r}: unsupported LEAF example type {type(x0).__name__} "
+  raise DataError(f"{rec['file']}: user {user!r}: unsupported LEAF example type {type(x0).__name__} "
                    "(supported: lists of numbers, image file names, text)")
 
 
@@ -147,7 +148,7 @@ def _labels(rec: _Record, user: str) -> np.ndarray:
   if y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0):
     y = y.astype(np.int64)
   if y.dtype.kind not in "iu" or y.ndim != 1:
-    raise ValueError(f"{rec['file']}: user {user!r}: labels 'y' must be integers, got {y.dtype} shape {y.shape}")
+    raise DataError(f"{rec['file']}: user {user!r}: labels 'y' must be integers, got {y.dtype} shape {y.shape}")
   return y.astype(np.int32)
 
 
@@ -189,7 +190,7 @@ def _load_image(image_dir: str, name: str, size: int, center_crop: bool, where: 
     with Image.open(path) as img:
       return _resize_pil(img, size, center_crop)
   except OSError as e:
-    raise ValueError(f"{where}: cannot decode image {path}: {e}") from e
+    raise DataError(f"{where}: cannot decode image {path}: {e}") from e
 
 
 def _convert(kind: str, rec: _Record, user: str, *, image_shape, image_dir, image_size, center_crop,
@@ -201,25 +202,25 @@ def _convert(kind: str, rec: _Record, user: str, *, image_shape, image_dir, imag
     try:
       x = np.asarray(rec["x"], np.float32)
     except (ValueError, TypeError) as e:
-      raise ValueError(f"{where}: 'x' rows are not equal-length lists of numbers ({e})") from e
+      raise DataError(f"{where}: 'x' rows are not equal-length lists of numbers ({e})") from e
     if len(rec["x"]) == 0:
       x = np.zeros((0, size), np.float32)
     if x.ndim != 2 or x.shape[1] != size:
-      raise ValueError(f"{where}: image shape mismatch: 'x' has {x.shape[1:] if x.ndim > 1 else '?'} values "
+      raise DataError(f"{where}: image shape mismatch: 'x' has {x.shape[1:] if x.ndim > 1 else '?'} values "
                        f"per example, expected {size} for shape {tuple(image_shape)}")
     return x.reshape((-1,) + tuple(image_shape)), y
   if kind == "image_files":
     if image_dir is None:
-      raise ValueError(f"{where}: LEAF examples are image file names (CelebA); pass image_dir")
+      raise DataError(f"{where}: LEAF examples are image file names (CelebA); pass image_dir")
     shape = (0, image_size, image_size, 3)
     imgs = [_load_image(image_dir, name, image_size, center_crop, where) for name in rec["x"]]
     return (np.stack(imgs) if imgs else np.zeros(shape, np.uint8)), y
   # text
   if any(len(s) != seq_len for s in rec["x"]):
     bad = next(len(s) for s in rec["x"] if len(s) != seq_len)
-    raise ValueError(f"{where}: text input of length {bad}, expected {seq_len} (like the first example)")
+    raise DataError(f"{where}: text input of length {bad}, expected {seq_len} (like the first example)")
   if any(not isinstance(c, str) or len(c) != 1 for c in rec["y"]):
-    raise ValueError(f"{where}: text targets 'y' must be single characters")
+    raise DataError(f"{where}: text targets 'y' must be single characters")
   x = _shakespeare.encode_text("".join(rec["x"])).reshape(-1, seq_len)
   y = _shakespeare.encode_text("".join(rec["y"])).astype(np.int32)
   return x, y
@@ -300,9 +301,9 @@ def load_leaf(directory_or_dirs: str | os.PathLike | Sequence[str | os.PathLike]
         kinds.setdefault(k, (rec["file"], user))
   if len(kinds) > 1:
     detail = "; ".join(f"{k} in {f} (user {u!r})" for k, (f, u) in kinds.items())
-    raise ValueError(f"LEAF data mixes example kinds: {detail}")
+    raise DataError(f"LEAF data mixes example kinds: {detail}")
   if not kinds:
-    raise ValueError(f"LEAF data in {dirs} has no examples")
+    raise DataError(f"LEAF data in {dirs} has no examples")
   (kind, (first_file, first_user)), = kinds.items()
 
   seq_len = 0

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from fedjax_prune.data._client_data import DataError
 from fedjax_prune.data._federated import FederatedDataset, assemble, normalize_tokens
 from fedjax_prune.data._tff_h5 import read_tff_h5
 
@@ -118,7 +119,7 @@ def decode_snippets(path: str, raw: Mapping[str, Mapping[str, np.ndarray]]) -> d
     try:
       out[cid] = [s.decode("utf-8") for s in np.asarray(row["snippets"]).reshape(-1)]
     except (UnicodeDecodeError, AttributeError) as e:
-      raise ValueError(f"{path}: client {cid!r} field 'snippets' must hold UTF-8 byte strings: {e}") from e
+      raise DataError(f"{path}: client {cid!r} field 'snippets' must hold UTF-8 byte strings: {e}") from e
   return out
 
 

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from fedjax_prune.data._client_data import DataError, check_labels
 from fedjax_prune.data._federated import FederatedDataset, assemble, normalize_unit, quantize_tables
 
 EMNIST_FIELDS = ("label", "pixels")
@@ -37,8 +38,8 @@ def read_tff_h5(path: str | os.PathLike, fields: tuple[str, ...] | None = None) 
 
   Raises:
     FileNotFoundError: the file does not exist.
-    ValueError: the file is not readable HDF5, has no `examples` group, or a
-      client lacks a field (the message names the file, client and field).
+    DataError (a ValueError): the file is not readable HDF5, has no `examples` group,
+      or a client lacks a field (the message names the file, client and field).
   """
   import h5py  # pylint: disable=g-import-not-at-top
 
@@ -48,17 +49,17 @@ def read_tff_h5(path: str | os.PathLike, fields: tuple[str, ...] | None = None) 
   try:
     f = h5py.File(path, "r")
   except OSError as e:
-    raise ValueError(f"{path}: not a readable HDF5 file (corrupt or truncated?): {e}") from e
+    raise DataError(f"{path}: not a readable HDF5 file (corrupt or truncated?): {e}") from e
   out: dict[str, dict[str, np.ndarray]] = {}
   with f:
     if "examples" not in f:
-      raise ValueError(f"{path}: no 'examples' group; expected the TFF layout examples/<client>/<field> "
+      raise DataError(f"{path}: no 'examples' group; expected the TFF layout examples/<client>/<field> "
                        f"(top-level keys: {list(f.keys())[:10]})")
     group = f["examples"]
     try:
       client_ids = list(group.keys())
     except (OSError, RuntimeError) as e:
-      raise ValueError(f"{path}: cannot list clients of 'examples' (corrupt file?): {e}") from e
+      raise DataError(f"{path}: cannot list clients of 'examples' (corrupt file?): {e}") from e
     for cid in client_ids:
       try:
         cgroup = group[cid]
@@ -66,22 +67,23 @@ def read_tff_h5(path: str | os.PathLike, fields: tuple[str, ...] | None = None) 
         row = {}
         for name in names:
           if name not in cgroup:
-            raise ValueError(f"{path}: client {cid!r} has no field {name!r} (has {sorted(cgroup.keys())})")
+            raise DataError(f"{path}: client {cid!r} has no field {name!r} (has {sorted(cgroup.keys())})")
           row[name] = np.asarray(cgroup[name][()])
       except (OSError, RuntimeError, KeyError) as e:
-        raise ValueError(f"{path}: cannot read client {cid!r} (corrupt or truncated file?): {e}") from e
+        raise DataError(f"{path}: cannot read client {cid!r} (corrupt or truncated file?): {e}") from e
       out[cid] = row
   return out
 
 
-def _emnist_table(path: str, raw: dict[str, dict[str, np.ndarray]]):
+def _emnist_table(path: str, raw: dict[str, dict[str, np.ndarray]], num_classes: int):
   table = {}
   for cid, row in raw.items():
     pixels, label = row["pixels"], np.asarray(row["label"]).reshape(-1)
     if pixels.ndim != 3 or pixels.shape[1:] != (28, 28):
-      raise ValueError(f"{path}: client {cid!r} field 'pixels' has shape {pixels.shape}, expected [n, 28, 28]")
+      raise DataError(f"{path}: client {cid!r} field 'pixels' has shape {pixels.shape}, expected [n, 28, 28]")
     if len(pixels) != len(label):
-      raise ValueError(f"{path}: client {cid!r} has {len(pixels)} 'pixels' rows but {len(label)} labels")
+      raise DataError(f"{path}: client {cid!r} has {len(pixels)} 'pixels' rows but {len(label)} labels")
+    check_labels(label, num_classes, where=f"{path}: client {cid!r} field 'label'")
     table[cid] = (np.asarray(pixels, np.float32)[..., None], label.astype(np.int32))
   return table
 
@@ -112,7 +114,7 @@ def load_tff_h5(train_path: str | os.PathLike, test_path: str | os.PathLike | No
   raw_train = read_tff_h5(train_path)
   raw_test = read_tff_h5(test_path) if test_path is not None else None
   if not raw_train:
-    raise ValueError(f"{train_path}: 'examples' holds no clients")
+    raise DataError(f"{train_path}: 'examples' holds no clients")
   fields = set(next(iter(raw_train.values())))
   if "snippets" in fields:
     from fedjax_prune.data import _shakespeare  # pylint: disable=g-import-not-at-top
@@ -121,7 +123,7 @@ def load_tff_h5(train_path: str | os.PathLike, test_path: str | os.PathLike | No
         _shakespeare.decode_snippets(os.fspath(test_path), raw_test) if raw_test is not None else None,
         empty_clients=empty_clients, source=train_path)
   if not set(EMNIST_FIELDS) <= fields:
-    raise ValueError(f"{train_path}: unknown TFF layout with fields {sorted(fields)}; expected "
+    raise DataError(f"{train_path}: unknown TFF layout with fields {sorted(fields)}; expected "
                      f"{list(EMNIST_FIELDS)} (EMNIST) or ['snippets'] (Shakespeare)")
   if num_classes is None:
     num_classes = 10 if "digitsonly" in os.path.basename(train_path) else 62
@@ -129,9 +131,9 @@ def load_tff_h5(train_path: str | os.PathLike, test_path: str | os.PathLike | No
     for cid, row in raw.items():
       missing = [k for k in EMNIST_FIELDS if k not in row]
       if missing:
-        raise ValueError(f"{path}: client {cid!r} has no field {missing[0]!r}")
-  train = _emnist_table(train_path, raw_train)
-  test = _emnist_table(os.fspath(test_path), raw_test) if raw_test is not None else None
+        raise DataError(f"{path}: client {cid!r} has no field {missing[0]!r}")
+  train = _emnist_table(train_path, raw_train, num_classes)
+  test = _emnist_table(os.fspath(test_path), raw_test, num_classes) if raw_test is not None else None
   if test is None:
     (train,) = quantize_tables([train], source=train_path)
   else:
