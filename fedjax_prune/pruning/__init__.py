@@ -4,6 +4,9 @@ from fedjax_prune.pruning import auto_structured  # ASP: automatic structured pr
 from fedjax_prune.pruning import l1_filter  # fixed-ratio L1 filter pruning (Li et al. 2017)
 from fedjax_prune.pruning import base  # MaskRule and masked_fedavg, the one server of the sparse methods
 from fedjax_prune.pruning.base import MaskRule, masked_fedavg, no_prune
+# the submodel-method vocabulary (FIARSE, HeteroFL, FedRolex, ScaleFL)
+from fedjax_prune.pruning._hetero import (HeteroMethod, HeteroState, LevelTest, client_capacities,
+                                          submodel_method)
 from fedjax_prune.pruning import one_shot  # FedAvg family + one-shot global magnitude pruning
 from fedjax_prune.pruning import fedtiny  # FedTiny: adaptive BN selection + progressive prune-and-grow (ICDCS 2023)
 from fedjax_prune.pruning import feddst  # FedDST: client prune/regrow + mask voting (AAAI 2022)
@@ -21,6 +24,12 @@ __all__ = [
     "MaskRule",
     "masked_fedavg",
     "no_prune",
+    # the submodel-method vocabulary
+    "HeteroMethod",
+    "HeteroState",
+    "LevelTest",
+    "client_capacities",
+    "submodel_method",
     # one module per method
     "auto_structured",
     "cavp",
