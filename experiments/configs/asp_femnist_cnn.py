@@ -6,7 +6,8 @@ Command:
 Setting (official notebook `fl_cnn_prune_femnist.ipynb`): CNN
 [32, 64] (conv5x5 valid -> pool -> conv5x5 valid -> pool -> GAP -> 62), 500
 rounds, 50 clients/round, 5 local epochs, batch 32, Adam lr 1e-3, k = 2.2 (both
-tails), MAX_PRUNED_ROUND 50, patience 3, re-initialise on every accepted prune.
+tails), MAX_PRUNED_ROUND 50, patience 3, re-initialise on every accepted prune,
+glorot_uniform kernels (Keras' default, as the official code).
 Data: the LEAF FEMNIST samples in ../shared/data/femnist (300 writers, natural
 by-writer split; the paper used TFF's 3,400 writers with a centre-crop).
 
@@ -21,10 +22,10 @@ import ml_collections
 
 
 def asp_fields(k: float = 2.2, max_pruned_round: int = 50) -> ml_collections.ConfigDict:
-  """The ASP knobs with the official code's defaults."""
+  """The ASP knobs with the official code's defaults (Keras' glorot_uniform kernels)."""
   return ml_collections.ConfigDict(dict(
       k=k, tails="both", max_patience=3, max_pruned_round=max_pruned_round,
-      reinit_on_prune=True, rounds_between_prunes=1, widths=()))
+      reinit_on_prune=True, rounds_between_prunes=1, widths=(), kernel_init="glorot_uniform"))
 
 
 def paper_training(c, *, rounds: int = 500, clients_per_round: int = 50) -> None:

@@ -15,7 +15,9 @@ after; 'dense'/'train' for l1_filter), `params`, `flops` (batch 1,
 fedjax_prune.accounting), `bytes_up` / `bytes_down` of the whole cohort this
 round (dense float32 model incl. BN running statistics), `cum_bytes` (up +
 down since round 1), `dense_cum_bytes` (the same for FedAvg on the dense model)
-and `accepted` (1 when the architecture changed before this round).
+and `accepted` (1 when the architecture changed before this round), and the
+dead-channel diagnostic on 64 training examples (`active_channels`: the fraction of
+conv channels that fire; `active_channels_min`: the least active layer's).
 
 Checkpoints hold the FedAvg ServerState of the current architecture; `meta`
 holds the spec as JSON (`structured.spec_to_json`), so a resumed run rebuilds
@@ -25,6 +27,7 @@ bytes and the strategy.
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from experiments import build as build_lib, runtime
 from fedjax_prune import models
@@ -58,6 +61,7 @@ def validate(config) -> None:
   if config.model.name not in _CONV_MODELS:
     _bad("model.name", config.model.name, f"a conv model for structured pruning: {_CONV_MODELS}")
   method = config.get("method", "asp")
+  _check_kernel_init(config)
   widths = _field(config, "asp.widths", ())
   if not isinstance(widths, (tuple, list)) or not all(
       isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
@@ -74,15 +78,38 @@ def validate(config) -> None:
   k = _field(config, "asp.k", 2.2)
   if isinstance(k, bool) or not isinstance(k, (int, float)) or not k >= 0:
     _bad("asp.k", k, "a number >= 0")
-  tails = _field(config, "asp.tails", "both")
-  if tails not in auto_structured.TAILS:
-    _bad("asp.tails", tails, f"one of {auto_structured.TAILS}")
+  tails = _field(config, "asp.tails", None)
+  if tails is not None and tails not in auto_structured.TAILS:
+    _bad("asp.tails", tails, f"one of {auto_structured.TAILS} or None (by asp.reinit_on_prune)")
   _check_int(config, "asp.max_patience", 3, 1)
   _check_int(config, "asp.max_pruned_round", 50, 0)
   _check_int(config, "asp.rounds_between_prunes", 1, 1)
   reinit = _field(config, "asp.reinit_on_prune", True)
   if not isinstance(reinit, bool):
     _bad("asp.reinit_on_prune", reinit, "True or False")
+  if tails == "both" and not reinit:
+    raise build_lib.ConfigError(
+        "config.asp.tails='both' with config.asp.reinit_on_prune=False is refused: keeping the "
+        "weights while removing the largest-L1 filters (the upper tail) kills the network; set "
+        "config.asp.tails='lower' (or None) to keep the weights, or reinit_on_prune=True")
+
+
+def _check_kernel_init(config) -> None:
+  kernel_init = _field(config, "asp.kernel_init", "default")
+  if kernel_init not in KERNEL_INITS:
+    _bad("asp.kernel_init", kernel_init, f"one of {tuple(KERNEL_INITS)}")
+
+
+# How conv/dense kernels are initialised (the dense start and every re-initialisation):
+# 'default' the library's PyTorch rule, 'glorot_uniform' the Keras default of the official code.
+KERNEL_INITS = {"default": None, "glorot_uniform": jax.nn.initializers.glorot_uniform}
+
+
+def init_fn(config):
+  """`(spec, key) -> (params, batch_stats)` with config.asp.kernel_init."""
+  make = KERNEL_INITS[_field(config, "asp.kernel_init", "default")]
+  kernel_init_fn = None if make is None else make()
+  return lambda spec, key: models.init_params(spec, key, kernel_init_fn=kernel_init_fn)
 
 
 def build_spec(config, data):
@@ -111,13 +138,21 @@ def build_spec(config, data):
                           f"{name!r}")
 
 
+def probe_batch(train, size: int = 64):
+  """The dead-channel diagnostic's batch: the first `size` training examples, taken one
+  per client in turn (so a few writers do not make up the whole batch)."""
+  x, n = np.asarray(train.x), np.asarray(train.num_examples)
+  order = [(e, c) for e in range(x.shape[1]) for c in range(x.shape[0]) if e < n[c]]
+  return jax.numpy.asarray(np.stack([x[c, e] for e, c in order[:size]]))
+
+
 def make_policy(config):
   """ASP as the driver uses it (a library AutoStructured)."""
   a = lambda name, default: _field(config, f"asp.{name}", default)
   return auto_structured.auto_structured(
-      k=float(a("k", 2.2)), tails=a("tails", "both"), max_patience=a("max_patience", 3),
+      k=float(a("k", 2.2)), tails=a("tails", None), max_patience=a("max_patience", 3),
       max_pruned_round=a("max_pruned_round", 50), reinit_on_prune=a("reinit_on_prune", True),
-      rounds_between_prunes=a("rounds_between_prunes", 1))
+      rounds_between_prunes=a("rounds_between_prunes", 1), init_fn=init_fn(config))
 
 
 def build(config, env: runtime.Env) -> runtime.Run:
@@ -126,7 +161,7 @@ def build(config, env: runtime.Env) -> runtime.Run:
   data = env.data
   spec = build_spec(config, data)
   init_key = jax.random.key(config.seeds.init)
-  params, batch_stats = models.init_params(spec, init_key)
+  params, batch_stats = init_fn(config)(spec, init_key)
   # A resumed run gets the checkpoint's strategy (runtime.choose_strategy).
   algorithm_for = lambda apply_fn, schedule: build_lib.build_algorithm(config, apply_fn, schedule)
   strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats,
@@ -135,7 +170,7 @@ def build(config, env: runtime.Env) -> runtime.Run:
   common = dict(spec=spec, params=params, batch_stats=batch_stats, key=init_key,
                 fedavg_for=lambda apply_fn: build_lib.build_algorithm(config, apply_fn),
                 model=runtime.model_fns(env, strategy), clients_per_round=config.clients_per_round,
-                log=env.log)
+                probe_x=probe_batch(data.train), log=env.log)
   if config.get("method", "asp") == "asp":
     method = auto_structured.asp(make_policy(config), **common)
   else:

@@ -6,7 +6,8 @@ filters inside [mu - k sigma, mu + k sigma] of that layer's scores (population
 std; option: lower tail only), at least one, and builds the candidate
 architecture. The candidate is accepted only if it has fewer parameters; then
 the model is rebuilt (re-initialised by default, as the code does, or with the
-surviving weights) and the round re-jitted once. Three consecutive rejected
+surviving weights, then pruning the lower tail only: keeping the weights while
+removing the upper tail kills the network) and the round re-jitted once. Three consecutive rejected
 candidates (patience) or passing `max_pruned_round` end the search (phase 1);
 phase 2 is plain FedAvg on the found architecture. Everything here is
 host-side, between rounds, on concrete arrays; the round itself stays
@@ -139,7 +140,7 @@ def top_keep(scores: np.ndarray, n: int) -> np.ndarray:
   return keep
 
 
-def auto_structured(*, k: float = 2.2, tails: str = 'both', max_patience: int = 3,
+def auto_structured(*, k: float = 2.2, tails: Optional[str] = None, max_patience: int = 3,
                     max_pruned_round: int = 50, reinit_on_prune: bool = True,
                     rounds_between_prunes: int = 1, couple_streams_to_stem: bool = True,
                     init_fn: Callable[[Any, PRNGKey], tuple[Params, BatchStats]] = models.init_params
@@ -150,7 +151,11 @@ def auto_structured(*, k: float = 2.2, tails: str = 'both', max_patience: int = 
     k: STD_THRESHOLD_PRUNE (2.2 FEMNIST CNN, 2.0 CelebA CNN/ResNet, 2.5 FEMNIST
       ResNet/Inception, 2.4 CelebA Inception).
     tails: 'both' (the code) or 'lower' (inferred: one summary of the paper speaks
-      of filters below a bound).
+      of filters below a bound); None (default) = 'both' with re-initialisation,
+      'lower' when the surviving weights are kept. Keeping the weights with 'both' is
+      refused: the upper tail holds the most active filters, and removing them round
+      after round killed the network (on FEMNIST every kept channel of conv_1 was dead
+      by round 9, so the model output its bias and the search froze: docs/results/asp.md).
     max_patience: MAX_PRUNE_PATIENCE, consecutive rejected candidates that end the search.
     max_pruned_round: MAX_PRUNED_ROUND; the search ends at the first round past it.
     reinit_on_prune: re-initialise the accepted architecture (the code) or keep
@@ -181,8 +186,15 @@ def auto_structured(*, k: float = 2.2, tails: str = 'both', max_patience: int = 
   """
   if not (isinstance(k, (int, float)) and not isinstance(k, bool) and k >= 0):
     raise ValueError(f'k must be a number >= 0, got {k!r}')
+  if tails is None:
+    tails = 'both' if reinit_on_prune else 'lower'
   if tails not in TAILS:
-    raise ValueError(f'tails must be one of {TAILS}, got {tails!r}')
+    raise ValueError(f'tails must be one of {TAILS} or None, got {tails!r}')
+  if tails == 'both' and not reinit_on_prune:
+    raise ValueError("tails='both' with reinit_on_prune=False removes the filters of largest L1 "
+                     "norm (the upper tail) and keeps training the rest, which killed the network "
+                     "in practice; keep the weights with tails='lower' (the default then), or "
+                     "re-initialise with reinit_on_prune=True")
   for name, value, lo in (('max_patience', max_patience, 1), ('max_pruned_round', max_pruned_round, 0),
                           ('rounds_between_prunes', rounds_between_prunes, 1)):
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -243,6 +255,7 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
                       params: Params, batch_stats: BatchStats, key: PRNGKey,
                       fedavg_for: Callable[[Any], federated.FedAlgorithm],
                       model: federated.ModelFns, clients_per_round: int,
+                      probe_x: Optional[Any] = None,
                       log: Callable[[str], None] = federated.no_log) -> federated.Method:
   """FedAvg whose architecture a host-side rule shrinks between rounds (ASP, L1 filter).
 
@@ -258,14 +271,20 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
     fedavg_for: `fedavg_for(apply_fn) -> FedAlgorithm`, the FedAvg-family algorithm.
     model: apply function and evaluation per architecture.
     clients_per_round: for the records' whole-cohort bytes.
+    probe_x: optional [B, ...] batch of training inputs: each record then carries the
+      dead-channel diagnostic of the round's model on it (`structured.channel_activity`:
+      `active_channels`, `active_channels_min`). A search that kills channels (they get
+      no gradient, their L1 norms freeze) shows there first.
     log: receives one line per rebuild.
 
   Returns:
     The `Method`. Records: `params`, `flops`, `bytes_up`/`bytes_down` of the round,
     `phase` (the rule's label), `accepted` (1 when the architecture changed before
-    this round), `cum_bytes` and `dense_cum_bytes` (the same for dense FedAvg).
+    this round), `cum_bytes` and `dense_cum_bytes` (the same for dense FedAvg), and with
+    `probe_x` the channel activity.
   """
   dense_sizes = round_sizes(spec, clients_per_round)
+  activity_of = {}  # one compiled diagnostic per architecture
   dense_per_round = dense_sizes["bytes_up"] + dense_sizes["bytes_down"]
 
   def algorithm(spec):
@@ -306,11 +325,21 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
     dense_cum = state.host["dense_cum_bytes"] + dense_per_round
     return state._replace(host={**state.host, "cum_bytes": cum, "dense_cum_bytes": dense_cum})
 
+  def channel_record(state) -> dict:
+    if probe_x is None:
+      return {}
+    name = repr(state.spec)
+    if name not in activity_of:
+      activity_of[name] = structured.channel_activity(model.apply_for(state.spec))
+    s = state.server
+    activity = activity_of[name](s.params, s.batch_stats, probe_x, jax.random.key(0))
+    return structured.activity_summary(activity, s.params)
+
   def record(before, after, round_idx, metrics):
     c = after.cache
     return {**c["sizes"], "phase": c["phase"], "accepted": int(c["accepted"]),
             "cum_bytes": after.host["cum_bytes"],
-            "dense_cum_bytes": after.host["dense_cum_bytes"]}
+            "dense_cum_bytes": after.host["dense_cum_bytes"], **channel_record(after)}
 
   def evaluator(spec):
     evaluate = model.evaluate_with(model.apply_for(spec))

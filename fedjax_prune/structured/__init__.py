@@ -4,14 +4,16 @@ Shape-changing pruning happens between phases, on the host: `shrink` returns a
 smaller spec plus sliced params / BatchNorm statistics / optimizer state; the
 model is rebuilt from the spec (`models.make_apply`) and the round re-jitted
 once. `keep_masks` gives the equivalent masks on the dense model (for the
-surgery contract and for accounting); `group_l1` the per-filter L1 scores.
+surgery contract and for accounting); `group_l1` the per-filter L1 scores;
+`channel_activity` which conv channels still fire (dead channels stop an L1 search).
 """
+from fedjax_prune.structured._activity import activity_summary, channel_activity
 from fedjax_prune.structured._drop_blocks import droppable_blocks, drop_blocks, drop_blocks_spec
 from fedjax_prune.structured._graph import Group
 from fedjax_prune.structured._shrink import (Keep, Shrunk, group_l1, groups, keep_indices,
                                              keep_masks, shrink, slice_like)
 from fedjax_prune.structured._spec import spec_from_json, spec_to_json
 
-__all__ = ['Group', 'Keep', 'Shrunk', 'drop_blocks', 'drop_blocks_spec', 'droppable_blocks',
+__all__ = ['Group', 'Keep', 'Shrunk', 'activity_summary', 'channel_activity', 'drop_blocks', 'drop_blocks_spec', 'droppable_blocks',
            'group_l1', 'groups', 'keep_indices', 'keep_masks', 'shrink', 'slice_like',
            'spec_from_json', 'spec_to_json']

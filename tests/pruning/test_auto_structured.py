@@ -77,10 +77,18 @@ def test_accept_resets_patience_reinit_vs_inherit():
   want, _ = models.init_params(d.spec, key)  # the faithful default: fresh weights
   for a, b in zip(jax.tree.leaves(d.params), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
+  # Inheriting the weights prunes the lower tail only (issue 23): conv_0's largest filter
+  # (L1 20, the upper tail) stays, and conv_1 keeps its three largest. With both tails
+  # (the old default here) it was removed, and round after round of removing the most
+  # active filters killed the network on FEMNIST.
   inherit = asp_lib.auto_structured(k=1.0, reinit_on_prune=False)
   _, d2 = inherit.step(inherit.init(), spec, params, stats, 1, key)
+  assert [c.features for c in d2.spec.convs] == [5, 3]
+  np.testing.assert_array_equal(d2.params["conv_0"]["kernel"], np.asarray(params["conv_0"]["kernel"]))
   np.testing.assert_array_equal(d2.params["conv_1"]["kernel"],
-                                np.asarray(params["conv_1"]["kernel"])[:, :, :4, 1:3])
+                                np.asarray(params["conv_1"]["kernel"])[:, :, :, 1:4])
+  with pytest.raises(ValueError, match=r"upper tail.*tails='lower'"):
+    asp_lib.auto_structured(k=1.0, tails="both", reinit_on_prune=False)
 
 
 def test_rounds_between_prunes():
@@ -110,7 +118,7 @@ def test_resnet_streams_follow_the_stem_count():
 def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="k must be"):
     asp_lib.auto_structured(k=-1.0)
-  with pytest.raises(ValueError, match="tails must be one of"):
+  with pytest.raises(ValueError, match="tails must be one of.*or None"):
     asp_lib.auto_structured(tails="upper")
   with pytest.raises(ValueError, match="max_patience must be an int >= 1"):
     asp_lib.auto_structured(max_patience=0)
@@ -206,6 +214,38 @@ def test_driver_rejects_bad_asp_fields(tmp_path):
   c.model.name = "mlp"
   with pytest.raises(build.ConfigError, match="config.model.name='mlp' is invalid"):
     train.train_and_evaluate(c, str(tmp_path / "run"))
+  c = _tiny_asp_config()
+  c.asp.reinit_on_prune = False  # with tails='both' (asp_fields'): the network-killing combination
+  with pytest.raises(build.ConfigError, match=r"tails='both' with config.asp.reinit_on_prune=False"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  c = _tiny_asp_config()
+  c.asp.kernel_init = "he_normal"
+  with pytest.raises(build.ConfigError, match=r"config.asp.kernel_init='he_normal' is invalid"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # refused before anything was written
+
+
+def test_asp_kernel_init_glorot_is_the_keras_rule():
+  """config.asp.kernel_init='glorot_uniform' (the faithful configs'): every kernel
+  U(+-sqrt(6 / (fan_in + fan_out))), the Keras default of the official code."""
+  from experiments.configs import asp_femnist_cnn
+  from experiments.methods import asp as asp_driver
+  config = asp_femnist_cnn.get_config()
+  assert config.asp.kernel_init == "glorot_uniform"
+  spec = models.asp_femnist_cnn()
+  params, _ = asp_driver.init_fn(config)(spec, jax.random.key(0))
+  for name in ("conv_0", "conv_1", "dense_0"):
+    kernel = np.asarray(params[name]["kernel"])
+    fan_in, fan_out = np.prod(kernel.shape[:-1]), kernel.shape[-1]
+    if kernel.ndim == 4:
+      fan_out *= np.prod(kernel.shape[:2])  # Keras: receptive field x output channels
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit, name
+  # The library's default (the PyTorch rule) draws conv_1 within 1/sqrt(fan_in) = 0.035,
+  # glorot within sqrt(6 / (800 + 1600)) = 0.05: the option changes the start.
+  default, _ = models.init_params(spec, jax.random.key(0))
+  assert np.abs(np.asarray(default["conv_1"]["kernel"])).max() <= 1 / np.sqrt(800) + 1e-7
+  assert np.abs(np.asarray(params["conv_1"]["kernel"])).max() > 0.045
 
 
 @pytest.mark.slow  # ~40 s: a run plus a resume
