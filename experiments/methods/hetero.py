@@ -9,7 +9,8 @@
   fiarse_grad       'masked' (released code) or 'tcb' (TCB-GD surrogate)
   layerwise         FIARSE: one threshold per stage group
   server_learning_rate
-  scaler            HeteroFL/FedRolex/ScaleFL: 1/r on the classifier input in training
+  scaler            HeteroFL/FedRolex/ScaleFL: 1/r on the classifier input, in training and in
+                    the evaluated submodel alike
   augment           RandomCrop(32, pad 4) + horizontal flip on the training batches
   sweep             extra global-test sizes (FIARSE's code: 1 ... 1/256), evaluated every sweep_every rounds
   scalefl_alpha, scalefl_temperature, scalefl_widths, scalefl_depths  (inferred ScaleFL options;

@@ -23,7 +23,11 @@ clients holding it.
 Scaler (HeteroFL): multiply features by 1/r during training only. HeteroFL puts
 it before every BatchNorm, where batch statistics cancel it exactly (up to BN's
 epsilon); here it scales the input of the classifier(s) instead (option
-`scaler`, inferred placement), implemented as classifier kernel / r in train mode.
+`scaler`, inferred placement), implemented as classifier kernel / r, and so it is
+applied identically when a width-r submodel is evaluated (`submodel`): an earlier
+version scaled in training only, so an evaluated width-1/8 model's logits were r times
+its trained signal plus the head bias (8x too influential), which collapsed FedRolex at
+1/64 to one class (docs/results/fiarse.md).
 
 ScaleFL adds depth: a level is (width r, depth d = number of stages); the
 client trains stages 1..d and the exits up to d, with self-distillation from
@@ -143,9 +147,10 @@ def sqrt_widths(capacities: Sequence[float]) -> tuple[float, ...]:
 
 
 def _submodel_apply(apply_fn, masks, ratio, scaler: bool, output_keys: str):
+  """A client's forward pass of its width-`ratio` submodel (what `submodel` evaluates)."""
   def apply(params, batch_stats, x, *, train, example_mask=None):
     p = masks_lib.apply(params, masks)
-    if scaler and train:
+    if scaler:
       p = _scale_outputs(p, 1.0 / ratio, output_keys)
     return apply_fn(p, batch_stats, x, train=train, example_mask=example_mask)
   return apply
@@ -206,10 +211,13 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
     # FedRolex: the window of the last round trained (inferred).
     offset = jnp.maximum(state.round_idx - 1, 0) if rolling else 0
     masks = width_masks(state.params, ratio, offset, input_keys=input_keys, output_keys=output_keys)
+    if depths_L is not None:
+      masks = jax.tree.map(jnp.logical_and, masks, depth_masks(state.params, depths_L[level]))
+    params = masks_lib.apply(state.params, masks)
+    if scaler:  # as in training (`_submodel_apply`): the same forward pass
+      params = _scale_outputs(params, 1.0 / ratio, output_keys)
     if depths_L is None:
-      return masks_lib.apply(state.params, masks), jnp.zeros((), jnp.int32)
-    depth = depths_L[level]
-    masks = jax.tree.map(jnp.logical_and, masks, depth_masks(state.params, depth))
-    return masks_lib.apply(state.params, masks), exit_index_for_depth(depth)
+      return params, jnp.zeros((), jnp.int32)
+    return params, exit_index_for_depth(depths_L[level])
 
   return HeteroMethod(FedAlgorithm(init, client_update, server_update), submodel)

@@ -37,7 +37,8 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     schedule: local steps.
     capacities: L capacity levels (parameter fractions, as FIARSE's).
     widths: width ratio per level (default sqrt(capacity), so 1/4 -> width 1/2).
-    scaler: multiply the classifier input by 1/r in training (see module docstring).
+    scaler: multiply the classifier input by 1/r, in training and in the evaluated
+      submodel alike (`_width_submodels` module docstring).
     server_learning_rate: applied to the averaged update (1.0 = HeteroFL's plain average).
     loss_fn: per-example loss.
     train_transform: per-batch augmentation.

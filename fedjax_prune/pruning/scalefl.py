@@ -123,7 +123,7 @@ def scalefl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     widths: width ratio per level (see `scalefl_levels` for the default rule).
     depths: number of stages per level (1..X); the level's exit is depth - 1.
     num_exits: X.
-    scaler: 1/r on the classifier inputs in training.
+    scaler: 1/r on the classifier inputs, in training and in the evaluated submodel alike.
     distill_alpha, temperature: self-distillation (`self_distillation_loss`).
     server_learning_rate: applied to the averaged update.
     train_transform: per-batch augmentation.

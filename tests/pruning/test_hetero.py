@@ -72,6 +72,32 @@ def test_masked_full_model_equals_sliced_model(key):
   np.testing.assert_allclose(np.asarray(big_out), np.asarray(small_out), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("factory", [heterofl.heterofl, fedrolex.fedrolex])
+def test_evaluated_submodel_is_the_trained_forward_pass(key, factory):
+  """A width-r submodel evaluates as its clients trained it, the Scaler included (issue 24):
+  the scaler used to scale the classifier by 1/r in training only, so the evaluated logits
+  were r x the trained signal plus the head bias (8x too influential at r = 1/8)."""
+  from fedjax_prune.pruning import _width_submodels
+  spec = _tiny_resnet(1 / 8)
+  apply_fn, params, stats = models.build(spec, key)
+  caps = (1.0, 1 / 4, 1 / 64)
+  method = factory(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=4),
+                   capacities=caps)
+  state = method.algorithm.init(params, key, stats)
+  # After round 1: FedRolex evaluates the window round 1 trained, offset 0 (HeteroFL: always 0).
+  state = state._replace(round_idx=jnp.asarray(1, jnp.int32))
+  # batch-static BN: the same normalisation in train and eval mode
+  x = jax.random.normal(jax.random.fold_in(key, 1), (6, 8, 8, 3))
+  for cap, ratio in zip(caps, _width_submodels.sqrt_widths(caps)):
+    masks = _width_submodels.width_masks(state.params, ratio, 0)
+    trained = _width_submodels._submodel_apply(apply_fn, masks, ratio, True, heterofl.OUTPUT_KEYS)
+    want = trained(state.params, state.batch_stats, x, train=True)[0]
+    sub_params, _ = method.submodel(state, cap)
+    got = apply_fn(sub_params, state.batch_stats, x, train=False)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5,
+                               err_msg=f"capacity {cap}")
+
+
 def test_ownership_partial_averaging_round(key):
   """Each coordinate moves by the mean update of the clients holding it; others stay put."""
   apply_fn, params, data = testing.tiny_problem(key)   # dense_0 [6, 8], dense_1 [8, 3]
