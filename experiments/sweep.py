@@ -114,13 +114,15 @@ def expand(config, sweep_fn: Callable | None) -> list[Run]:
 
 
 def run_status(run: Run, workdir: str) -> str:
-  """'done' (summary.json of this config), 'resume' (checkpoints of this config) or 'new'."""
+  """'done' (summary.json of this config), 'resume' (checkpoints of this config) or 'new';
+  "this config" ignores the fields that do not change results (`train.config_differences`)."""
   config_path = os.path.join(workdir, "config.json")
   same = False
   if os.path.exists(config_path):
     with open(config_path) as f:
       try:
-        same = json.load(f) == json.loads(run.config.to_json_best_effort())
+        # As train does: result-neutral fields (progress, eval cadence, ...) may differ.
+        same = not train.config_differences(json.load(f), run.config)
       except json.JSONDecodeError:
         same = False
   if not same:

@@ -132,8 +132,7 @@ def check_workdir(config, workdir: str, overwrite: bool, resume: bool = False, *
       raise FileExistsError(f"workdir {workdir!r} holds a config.json that is not valid JSON; "
                             "choose another workdir or pass --overwrite to replace the run")
     if saved is not False:
-      now = json.loads(config.to_json_best_effort())
-      differences = workdir_lib.config_differences(saved, now, {"method": "fedavg", **_RUN_FIELDS})
+      differences = config_differences(saved, config)
       if differences:
         more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
         raise FileExistsError(
@@ -145,6 +144,13 @@ def check_workdir(config, workdir: str, overwrite: bool, resume: bool = False, *
     raise FileExistsError(f"workdir {workdir!r} holds checkpoints of an unfinished run with this "
                           "config; pass --resume to continue it or --overwrite to start over")
   return resume and has_checkpoints
+
+
+def config_differences(saved: dict, config) -> list[str]:
+  """The fields in which `config` would run differently from the `saved` config.json (the
+  result-neutral run fields aside, absent fields as their defaults), one line each."""
+  now = json.loads(config.to_json_best_effort())
+  return workdir_lib.config_differences(saved, now, {"method": "fedavg", **_RUN_FIELDS})
 
 
 def prepare_workdir(config, workdir: str, overwrite: bool, resume: bool = False) -> None:

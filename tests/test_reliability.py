@@ -65,8 +65,9 @@ def one_error_line(capsys) -> str:
   return err
 
 
-def tiny(**fields):
-  c = fedavg_tiny.get_config()
+def overridden(c, **fields):
+  """`c` with each dotted `path=value` of `fields` set (types not checked: bad values are
+  what these tests pass)."""
   for path, value in fields.items():
     *parents, name = path.split(".")
     node = c
@@ -75,6 +76,10 @@ def tiny(**fields):
     with node.ignore_type():
       node[name] = value
   return c
+
+
+def tiny(**fields):
+  return overridden(fedavg_tiny.get_config(), **fields)
 
 
 @pytest.fixture(scope="module")
@@ -159,14 +164,7 @@ def test_checks_after_the_data_run_before_the_workdir_is_touched(tmp_path, confi
 
 def _asp_tiny(**fields):
   from experiments.configs import asp_tiny
-  c = asp_tiny.get_config()
-  for path, value in fields.items():
-    *parents, name = path.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[name] = value
-  return c
+  return overridden(asp_tiny.get_config(), **fields)
 
 
 def _fedtiny(**fields):

@@ -41,6 +41,32 @@ def test_config_files_sweeps_expand():
     assert len(sweep.expand(config, fn)) >= 2
 
 
+def test_config_files_sweeps_expand_and_validate():
+  """Every run of the ASP converged sweep (issue 23) expands and passes its driver's checks."""
+  path = os.path.join("experiments", "configs", "asp_femnist_converged.py")
+  from experiments.configs import asp_femnist_converged
+  runs = sweep.expand(asp_femnist_converged.get_config(), sweep.load_sweep_fn(path))
+  assert len(runs) == 9 and len({r.name for r in runs}) == 9
+  assert sum(r.config.asp.max_pruned_round == 0 for r in runs) == 3  # the dense runs
+
+
+def test_run_status_ignores_result_neutral_fields(tmp_path):
+  """A finished run is 'done' for a sweep whose config differs only in fields that do not
+  change results (progress, eval cadence), as `train` resumes it; any other field: 'new'."""
+  run = sweep.Run("r", {}, tiny())
+  workdir = tmp_path / "r"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(run.config.to_json_best_effort())
+  (workdir / "summary.json").write_text("{}")
+  assert sweep.run_status(run, str(workdir)) == "done"
+  neutral = tiny()
+  neutral.progress, neutral.eval_every = not neutral.progress, 2
+  assert sweep.run_status(run._replace(config=neutral), str(workdir)) == "done"
+  other = tiny()
+  other.client.learning_rate = 0.5
+  assert sweep.run_status(run._replace(config=other), str(workdir)) == "new"
+
+
 @pytest.mark.parametrize("sweep_fn,message", [
     (None, "defines no sweep\\(add\\) function"),
     (lambda add: None, "added no runs: the sweep is empty"),
