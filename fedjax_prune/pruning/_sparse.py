@@ -64,14 +64,21 @@ def magnitude_masks(params: Params, densities: PyTree, prunable: Any) -> Masks:
   return masks_lib.topk(masks_lib.magnitude(params), densities, prunable)
 
 
-def rank_select(scores: jax.Array, k) -> jax.Array:
+def rank_select(scores: jax.Array, k, key: PRNGKey | None = None) -> jax.Array:
   """Bool mask of the `k` largest entries of `scores` (any shape); k may be traced.
 
-  Ties go to the lower flat index (stable sort), as in `masks.topk`.
+  Ties go to the lower flat index (stable sort), as in `masks.topk`; with `key`, ties
+  are broken uniformly at random instead (the entries are ranked in a random order,
+  then stably sorted), so that e.g. many zero scores do not all favour the first rows.
   """
   flat = scores.reshape(-1)
-  order = jnp.argsort(flat, descending=True, stable=True)
-  chosen = jnp.zeros(flat.shape, bool).at[order].set(jnp.arange(flat.shape[0]) < k)
+  n = flat.shape[0]
+  if key is None:
+    order = jnp.argsort(flat, descending=True, stable=True)
+  else:
+    shuffle = jax.random.permutation(key, n)
+    order = shuffle[jnp.argsort(flat[shuffle], descending=True, stable=True)]
+  chosen = jnp.zeros(flat.shape, bool).at[order].set(jnp.arange(n) < k)
   return chosen.reshape(scores.shape)
 
 

@@ -7,7 +7,7 @@ NamedTuple with a `masks` field (bool leaves broadcastable to the params, see
 
   init(params, key, batch_stats) -> S          the masks a run starts from (SNIP, SynFlow:
                                                computed here; others: all kept, or given)
-  update(state, model, sums, round_idx)        on the server after aggregation: the new
+  update(state, model, sums, round_idx, key)   on the server after aggregation: the new
       -> (S, model, metrics)                   masks (prune, grow, vote), the model (a
                                                rewind), the rule's round metrics
   client(state, local, metrics, data, keys,    on each client after its local training:
@@ -98,9 +98,9 @@ def keep_client(state, local: Model, metrics: LocalMetrics, data, keys, round_id
   return ClientResult(local, metrics)
 
 
-def keep_masks(state, model: Model, sums: CohortSums, round_idx):
+def keep_masks(state, model: Model, sums: CohortSums, round_idx, key: PRNGKey):
   """The `update` of a rule whose masks never change after `init` (SNIP, SynFlow, dense)."""
-  del sums, round_idx
+  del sums, round_idx, key
   return state, model, {}
 
 
@@ -109,9 +109,10 @@ class MaskRule(NamedTuple):
 
   Attributes:
     init: `init(params, key, batch_stats) -> S`, S a NamedTuple with a `masks` field.
-    update: `update(state, model, sums, round_idx) -> (S, Model, metrics dict)` on the
-      server: `model` is the cohort's average (before masking), `sums` the cohort's
-      `CohortSums`, `round_idx` the round just trained (0-based, traced).
+    update: `update(state, model, sums, round_idx, key) -> (S, Model, metrics dict)` on
+      the server: `model` is the cohort's average (before masking), `sums` the cohort's
+      `CohortSums`, `round_idx` the round just trained (0-based, traced), `key` the
+      round's server key (e.g. to break ties at random).
     client: `client(state, local, metrics, data, keys, round_idx) -> ClientResult` on
       each client after local training (`keys`: [client_keys] PRNG keys, or None).
     client_keys: number of PRNG keys `client` takes; the client's key is split into
@@ -275,10 +276,9 @@ def masked_fedavg(apply_fn: Callable, optimizer: optax.GradientTransformation,
                                                         state.batch_stats)), ()
 
   def server_update(state: MaskedFedAvgState, outputs: ClientOutput, key: PRNGKey):
-    del key
     sums: CohortSums = outputs.sums
     model, opt_state = aggregate(state, sums)
-    new, model, rule_metrics = rule.update(state.rule_state(), model, sums, state.round_idx)
+    new, model, rule_metrics = rule.update(state.rule_state(), model, sums, state.round_idx, key)
     params = masks_lib.apply(model.params, new.masks)
     metrics = {**round_train_metrics(sums.metrics, sums.num_clients),
                "finite": tree_lib.all_finite(params) & jnp.isfinite(sums.metrics.loss_sum),

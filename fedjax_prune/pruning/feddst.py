@@ -81,7 +81,8 @@ def client_prune_and_regrow(apply_fn: Callable, client_optimizer, post_adjust: L
     model, masks, metrics = jax.lax.cond(is_adjustment(round_idx), readjust, keep, None)
     return base.ClientResult(model, metrics, masks=masks)
 
-  def update(state: base.MaskState, model: base.Model, sums: base.CohortSums, round_idx):
+  def update(state: base.MaskState, model: base.Model, sums: base.CohortSums, round_idx, key):
+    del key  # no random choice on the server
     adjust = is_adjustment(round_idx) & (sums.weight > 0)
 
     def vote(_):

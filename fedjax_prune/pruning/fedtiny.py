@@ -449,7 +449,9 @@ def adjust_counts(masks: Masks, fraction: jax.Array, in_block: list) -> list:
 def topk_inactive(grads: Params, masks: Masks, counts: list, prunable_flags: list[bool]) -> Params:
   """Client upload: per prunable leaf keep the counts_l largest |g| among INACTIVE positions.
 
-  Active positions and non-prunable leaves are zeroed (never uploaded).
+  Active positions and non-prunable leaves are zeroed (never uploaded). Ties need no
+  random break here: tied zero gradients upload as zeros whichever are chosen; the
+  server breaks the growth ties (`prune_and_grow`).
   """
   leaves, treedef = jax.tree.flatten(grads)
   out = []
@@ -464,15 +466,20 @@ def topk_inactive(grads: Params, masks: Masks, counts: list, prunable_flags: lis
 
 
 def prune_and_grow(params: Params, grads: Params, masks: Masks, counts: list,
-                   prunable_flags: list[bool]) -> Masks:
+                   prunable_flags: list[bool], key: PRNGKey | None = None) -> Masks:
   """Server rule: per layer prune counts_l smallest-|w| active, grow counts_l largest-|g| inactive.
 
   The number of active entries of every layer is unchanged. Positions pruned in
-  this step are regrown only if too few inactive positions exist (score -1).
+  this step are regrown only if too few inactive positions exist (score -1). With
+  `key`, ties in the growth scores are broken at random: when fewer than counts_l
+  inactive positions have a nonzero averaged gradient (dead ReLUs at density 0.01),
+  the rest are drawn uniformly among the zero-gradient ones, not the lowest indices.
   """
+  leaves = jax.tree.leaves(params)
+  keys = [None] * len(leaves) if key is None else list(jax.random.split(key, len(leaves)))
   out = []
-  for w, g, m, k, f in zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(masks),
-                           counts, prunable_flags):
+  for w, g, m, k, f, leaf_key in zip(leaves, jax.tree.leaves(grads), jax.tree.leaves(masks),
+                                     counts, prunable_flags, keys):
     if not f:
       out.append(m)
       continue
@@ -480,7 +487,7 @@ def prune_and_grow(params: Params, grads: Params, masks: Masks, counts: list,
     neg_inf = jnp.array(-jnp.inf, w.dtype)
     keep = rank_select(jnp.where(m, jnp.abs(w), neg_inf), active - k) & m
     grow_score = jnp.where(keep, neg_inf, jnp.where(m, -1.0, jnp.abs(g)))
-    grow = rank_select(grow_score, k) & ~keep
+    grow = rank_select(grow_score, k, leaf_key) & ~keep
     out.append(keep | grow)
   return jax.tree.unflatten(jax.tree.structure(masks), out)
 
@@ -533,14 +540,14 @@ def progressive_prune_and_grow(apply_fn: Callable, *, prunable: Any, adjust_ever
     grads = _sparse.only_when(is_adjustment(round_idx), topk_grads, local.params)
     return base.ClientResult(local, metrics, grads)
 
-  def update(state: base.MaskState, model: base.Model, sums: base.CohortSums, round_idx):
+  def update(state: base.MaskState, model: base.Model, sums: base.CohortSums, round_idx, key):
     adjust = is_adjustment(round_idx) & (sums.weight > 0)
     counts, frac, block = counts_for(state.masks, round_idx)
 
     def adjusted(_):
       zeros = jax.tree.map(jnp.zeros_like, model.params)
       gbar = federated.finish_weighted_mean(sums.stats, sums.weight, zeros)
-      return prune_and_grow(model.params, gbar, state.masks, counts, flags)
+      return prune_and_grow(model.params, gbar, state.masks, counts, flags, key)
 
     masks = jax.lax.cond(adjust, adjusted, lambda _: state.masks, None)
     changed = sum((jnp.sum(m != o, dtype=jnp.int32) for m, o, f in

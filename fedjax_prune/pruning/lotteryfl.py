@@ -86,7 +86,8 @@ def magnitude_rewind(*, prunable: Any, densities: PyTree, prune_every: int = 10,
     return LotteryState(_sparse.full_masks(params, prunable), params, batch_stats,
                         jnp.zeros((), jnp.int32))
 
-  def update(state: LotteryState, model: base.Model, sums: base.CohortSums, round_idx):
+  def update(state: LotteryState, model: base.Model, sums: base.CohortSums, round_idx, key):
+    del key  # no random choice on the server
     accuracy = sums.metrics.correct_sum / jnp.maximum(sums.metrics.num_examples, 1.0)
     prune = (masks_lib.should_update(round_idx + 1, prune_every, begin=1)
              & (state.prune_step < num_prune_steps) & (accuracy >= accuracy_threshold)

@@ -145,7 +145,8 @@ def adaptive_importance(apply_fn: Callable, *, prunable: Any, batch_size: int,
     sq = _sparse.only_when(is_adjustment(round_idx), importance, local.params)
     return base.ClientResult(local, metrics, sq)
 
-  def update(state: base.MaskState, model: base.Model, sums: base.CohortSums, round_idx):
+  def update(state: base.MaskState, model: base.Model, sums: base.CohortSums, round_idx, key):
+    del key  # no random choice on the server
     adjust = is_adjustment(round_idx) & (sums.weight > 0)
 
     def reselect(_):

@@ -126,6 +126,28 @@ def test_prune_and_grow_hand_computed():
   np.testing.assert_array_equal(up["w"], np.float32([[0.0, 0.0], [0.0, -0.9]]))
 
 
+def test_growth_ties_are_broken_at_random_not_by_index():
+  """Issue 25: with only 2 inactive positions of nonzero averaged gradient and K = 6 to
+  grow, the other 4 are drawn among the zero-gradient ties at random (keyed), not taken
+  from the lowest flat indices; the nonzero ones always win."""
+  n = 64
+  w = jnp.concatenate([jnp.linspace(1.0, 2.0, 8), jnp.zeros(n - 8)])  # 8 active, large
+  m = jnp.arange(n) < 8
+  g = jnp.zeros(n).at[40].set(0.5).at[50].set(-0.7)  # two inactive positions with a gradient
+  counts = [jnp.int32(6)]
+  grown = []
+  for seed in range(4):
+    new = np.asarray(ft.prune_and_grow({"w": w}, {"w": g}, {"w": m}, counts, [True],
+                                       jax.random.key(seed))["w"])
+    assert new.sum() == 8 and new[40] and new[50]  # same count; real gradients first
+    assert new[:8].sum() == 2 and new[6:8].all()  # the 6 smallest |w| pruned, the 2 largest kept
+    grown.append(tuple(np.flatnonzero(new[8:]) + 8))
+  assert len(set(grown)) > 1  # another key, other tie winners
+  assert any(max(set(t) - {40, 50}) > 12 for t in grown)  # not just the lowest indices
+  by_index = np.asarray(ft.prune_and_grow({"w": w}, {"w": g}, {"w": m}, counts, [True])["w"])
+  np.testing.assert_array_equal(np.flatnonzero(by_index[8:]) + 8, [8, 9, 10, 11, 40, 50])
+
+
 def test_topk_only_touches_inactive_positions(key):
   k1, k2 = jax.random.split(key)
   grads = {"a": jax.random.normal(k1, (8, 6)), "b": jnp.ones((6,))}

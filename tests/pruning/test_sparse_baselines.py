@@ -158,7 +158,8 @@ def _counting_rule(prunable):
     assert keys.shape == (1,)  # client_keys=1: one key for the hook, besides training's
     return base.ClientResult(local, metrics, jnp.ones((), jnp.float32))
 
-  def update(state, model, sums, round_idx):
+  def update(state, model, sums, round_idx, key):
+    del key
     return state._replace(seen=state.seen + sums.stats), model, {"stat_sum": sums.stats}
 
   return base.MaskRule(init, update, client, client_keys=1)
