@@ -43,8 +43,12 @@ def base_config(model: str = "resnet18", cpu: bool = False) -> ml_collections.Co
       # FedTiny
       num_candidates=5, candidate_mode="seeds", bn_aggregation="statistics",
       progressive="blockwise", num_blocks=4, block_order="input_to_output",
-      # FedDST: local steps after the client's prune/regrow (0 = the normal schedule again)
+      # FedDST: extra local steps after the client's prune/regrow (0 = none: every method
+      # trains the same local steps per round)
       post_adjust_steps=0,
+      # Baselines start from FedTiny's candidate `init_candidate` (0: the init key's weights,
+      # also FedTiny's candidate 0; set the index FedTiny selected to compare at equal start)
+      init_candidate=0,
       # PruneFL
       prunefl_init_iterations=5, prunefl_adjust_every=50, importance_batches=1,
       # LotteryFL

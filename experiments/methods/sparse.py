@@ -24,7 +24,7 @@ import optax
 
 from experiments import build as build_lib, runtime
 from fedjax_prune import federated, models
-from fedjax_prune.pruning import _sparse, base, feddst, init_pruning, lotteryfl, prunefl
+from fedjax_prune.pruning import _sparse, base, feddst, fedtiny, init_pruning, lotteryfl, prunefl
 
 METHODS = ("feddst", "prunefl", "lotteryfl", "snip", "synflow", "dense")
 VGG11_WIDTHS = (64, 128, 256, 256, 512, 512, 512, 512)
@@ -48,6 +48,8 @@ def validate_common(config) -> None:
 def validate(config) -> None:
   validate_common(config)
   method = build_lib._choice(config, "sparse.method", METHODS)
+  if "init_candidate" in config.sparse:
+    build_lib._int_in(config, "sparse.init_candidate", 0)
   if method == "feddst":
     build_lib._int_in(config, "sparse.post_adjust_steps", 0)
   if method == "prunefl":
@@ -117,7 +119,10 @@ def build(config, env: runtime.Env) -> runtime.Run:
   data, s = env.data, config.sparse
   method = s.method
   spec = spec_for(config, data)
-  params, batch_stats = models.init_params(spec, jax.random.key(config.seeds.init))
+  # Equal starting weights: FedTiny's candidate `init_candidate` (0: the init key's own, which
+  # is also FedTiny's candidate 0).
+  init_key = fedtiny.candidate_key(jax.random.key(config.seeds.init), s.get("init_candidate", 0))
+  params, batch_stats = models.init_params(spec, init_key)
   prunable = _sparse.prunable_filter(params)
   opt = client_optimizer(config)
   density = float(s.density)

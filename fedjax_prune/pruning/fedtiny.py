@@ -135,6 +135,13 @@ def random_layer_densities(params: Params, density: float, key: PRNGKey, *,
   return jax.tree.unflatten(treedef, out)
 
 
+def candidate_key(key: PRNGKey, index: int) -> PRNGKey:
+  """The init key of candidate `index` of `make_candidates(init_fn, key, ...)`: `key` itself
+  for candidate 0, fold_in(key, index) for the others. A baseline started from
+  `init_fn(candidate_key(key, c))` starts from FedTiny's candidate c's weights."""
+  return key if index == 0 else jax.random.fold_in(key, index)
+
+
 def make_candidates(init_fn: Callable[[PRNGKey], tuple[Params, BatchStats]], key: PRNGKey, *,
                     num_candidates: int, density: float, distribution: str = "uniform",
                     mode: str = "seeds", prunable: Any = None, spread: float = 0.5) -> Candidates:
@@ -142,12 +149,13 @@ def make_candidates(init_fn: Callable[[PRNGKey], tuple[Params, BatchStats]], key
 
   Args:
     init_fn: `init_fn(key) -> (params, batch_stats)` of the model.
-    key: PRNG key; candidate c uses fold_in(key, c).
+    key: PRNG key: candidate 0 has the weights of `init_fn(key)` (what a baseline started
+      from `key` trains), candidate c > 0 those of `init_fn(fold_in(key, c))`.
     num_candidates: C >= 1.
     density: global density (dense entries counted).
     distribution: 'uniform' or 'erk' base layer densities.
     mode: 'seeds' (each candidate re-initialised, same layer densities; the port)
-      or 'random_layerwise_density' (the weights of fold_in(key, 0), candidate 0
+      or 'random_layerwise_density' (the weights of `init_fn(key)`, candidate 0
       with the base densities, the others random allocations of the same budget).
     prunable: static filter (default kernels with ndim >= 2).
     spread: log-range of the random density factors (random_layerwise_density).
@@ -159,9 +167,11 @@ def make_candidates(init_fn: Callable[[PRNGKey], tuple[Params, BatchStats]], key
   if mode not in CANDIDATE_MODES:
     raise ValueError(f"candidate mode must be one of {CANDIDATE_MODES}, got {mode!r}")
   out = []
-  shared = init_fn(jax.random.fold_in(key, 0))
+  # Candidate 0 starts where every baseline does (an earlier fold_in(key, 0) gave FedTiny other
+  # starting weights than the methods it is compared with: a confound larger than the gap).
+  shared = init_fn(candidate_key(key, 0))
   for c in range(num_candidates):
-    ckey = jax.random.fold_in(key, c)
+    ckey = candidate_key(key, c)
     if mode == "seeds":
       params, stats = shared if c == 0 else init_fn(ckey)
       prune = _sparse.prunable_filter(params) if prunable is None else prunable

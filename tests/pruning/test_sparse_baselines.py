@@ -65,6 +65,54 @@ def test_feddst_keeps_layer_densities_and_moves_masks():
   assert float(metrics["density"]) == pytest.approx(float(masks.density(m, params)))
 
 
+def test_sparse_methods_train_equal_local_steps_per_round():
+  """Issue 25's budget confound: by default FedDST's adjustment rounds train no more local
+  steps than FedTiny's or than its own other rounds (it reused the whole schedule after the
+  prune/regrow: ~20 % more SGD over a table); an explicit post_adjust adds its steps."""
+  apply_fn, params, data, prunable = _problem()
+  params, m = ft.sparse_setup(params, DENSITY, prunable=prunable)
+  kw = dict(prunable=prunable, adjust_every=2, adjust_end=6, adjust_alpha=0.5)
+  run = lambda alg: _round_metrics(alg, params, m, data, 4)
+  dst_metrics = run(feddst.feddst(apply_fn, optax.sgd(0.2), SCHED, **kw))
+  adjusted = [float(mt["adjusted"]) for mt in dst_metrics]
+  assert adjusted == [0.0, 0.0, 1.0, 0.0]  # should_update(begin=1, every=2): round index 2
+  dst = [float(mt["local_steps"]) for mt in dst_metrics]
+  tiny = [float(mt["local_steps"]) for mt in run(ft.fedtiny(apply_fn, optax.sgd(0.2), SCHED, **kw))]
+  assert dst == tiny and len(set(dst)) == 1, (dst, tiny)
+  extra = [float(mt["local_steps"]) for mt in run(feddst.feddst(
+      apply_fn, optax.sgd(0.2), SCHED, **kw,
+      post_adjust=federated.LocalSchedule(batch_size=4, num_steps=2)))]
+  assert [e - d for e, d in zip(extra, dst)] == [2.0 * data.num_clients * a for a in adjusted]
+
+
+def _round_metrics(alg, params, m, data, num):
+  state = alg.init(params, jax.random.key(0), masks=m)
+  round_fn = federated.make_round(alg, execution=federated.Vmap())
+  out = []
+  for t in range(num):
+    state, metrics = round_fn(state, data, federated.make_cohort(range(data.num_clients)),
+                              jax.random.key(t))
+    out.append(metrics)
+  return out
+
+
+def test_fedtiny_candidate_zero_starts_from_the_baselines_weights():
+  """Issue 25's init confound: FedTiny's candidate 0 has the weights `init_fn(key)` every
+  baseline starts from (it was init_fn(fold_in(key, 0))); candidate c those of
+  init_fn(candidate_key(key, c)), which the sparse configs' init_candidate offers baselines."""
+  spec = models.mlp(input_shape=(6,), hidden=(16,), num_classes=3)
+  init_fn = lambda k: models.init_params(spec, k)
+  key = jax.random.key(3)
+  cands = ft.make_candidates(init_fn, key, num_candidates=3, density=0.5)
+  for c in range(3):
+    want, _ = init_fn(ft.candidate_key(key, c))
+    got = jax.tree.map(lambda x: np.asarray(x)[c], cands.params)
+    kept = jax.tree.map(lambda x: np.asarray(x)[c], cands.masks)
+    for g, w, k in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(kept)):
+      np.testing.assert_array_equal(g, np.where(k, np.asarray(w), 0.0))
+  assert ft.candidate_key(key, 0) is key
+
+
 def test_prunefl_initial_pruning_and_adaptive_rounds_reach_target():
   apply_fn, params, data, prunable = _problem()
   flags = _sparse.leaf_flags(params, prunable)
