@@ -70,7 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # The three user parameters (cavp.CostWeights): accuracy vs pruning,
       # layer vs unit, FLOPs vs params.
       gamma=1.0, alpha=1.0, beta=0.5,
-      theta_optimizer="adam", theta_learning_rate=0.02 if cpu else 0.01, theta_init=0.9,
+      # θ by projected SGD (METHODS.md §3.3; issue 26): Adam normalised every coordinate, so
+      # the cost weights λ_g barely mattered, and its state restarted every round (each
+      # round's first step was lr * sign(g)). The rate is a placeholder until the γ sweep.
+      theta_optimizer="sgd", theta_learning_rate=0.1,
+      theta_init=0.9,
       unit_estimator="straight_through", layer_estimator="straight_through", per_example=False,
       prune_threshold=0.05, one_epsilon=0.02, final_threshold=0.5, rho=0.0,
       rebuild_every=5 if cpu else 10))

@@ -1,0 +1,68 @@
+"""CAVP's θ updates on outcome (issue 26): with frozen weights on a task built so that one
+unit carries the label and the other nothing, projected SGD on θ raises the useful unit's
+keep-probability with λ = 0 (and with a small λ), sends the useless one to 0 under a moderate
+λ, and the gates end in {0, 1}. A sign error in the loss part of an estimator fails these."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_prune import data as data_lib
+from fedjax_prune import federated, models
+from fedjax_prune.pruning import cavp
+
+EXAMPLES = 256
+
+
+def _task():
+  """x in R^2 (one 1x1 'pixel', two channels), y = [x0 > 0]; a 1x1 conv copies x0 to unit 0
+  and x1 (noise) to unit 1; the head reads unit 0 only: gating unit 0 off loses the label,
+  unit 1 is useless (no outgoing weight)."""
+  spec = models.ConvNetSpec(input_shape=(1, 1, 2), num_classes=2, head="gap",
+                            convs=(models.ConvSpec(features=2, kernel=(1, 1)),))
+  apply_fn, params, stats = models.build(spec, jax.random.key(0))
+  params["conv_0"]["kernel"] = jnp.eye(2).reshape(1, 1, 2, 2)
+  params["conv_0"]["bias"] = jnp.zeros(2)
+  params["dense_0"]["kernel"] = jnp.array([[-4.0, 4.0], [0.0, 0.0]])  # unit 1 reaches nothing
+  params["dense_0"]["bias"] = jnp.array([1.0, 0.0])
+  x = jax.random.normal(jax.random.key(1), (EXAMPLES, 1, 1, 2))
+  y = (x[:, 0, 0, 0] > 0).astype(jnp.int32)
+  data = data_lib.ClientData(x, y, jnp.int32(EXAMPLES))
+  return spec, apply_fn, params, stats, data
+
+
+def _train_theta(estimator, lam_value, steps, theta_init=0.5, lr=0.5):
+  """θ after `steps` local steps of projected SGD with frozen weights (one client)."""
+  spec, apply_fn, params, stats, data = _task()
+  options = cavp.Options(structures="units", theta_init=theta_init, unit_estimator=estimator,
+                         prune_threshold=0.0)
+  local = cavp.make_local_train(apply_fn, optax.sgd(0.0), optax.sgd(lr),
+                                federated.LocalSchedule(batch_size=32, num_steps=steps), options)
+  theta = cavp.init_theta(spec, options)
+  alive = jax.tree.map(lambda t: jnp.ones(t.shape, bool), theta)
+  lam = jax.tree.map(lambda t: jnp.full(t.shape, lam_value, jnp.float32), theta)
+  out, _ = jax.jit(local)(params, stats, theta, alive, lam, jnp.float32(jnp.nan), data,
+                          jax.random.key(2))
+  return np.asarray(out.theta["conv_0"]), (apply_fn, params, stats, data)
+
+
+@pytest.mark.parametrize("estimator", ["straight_through", "reinforce"])
+def test_useful_unit_theta_rises_without_and_with_a_small_penalty(estimator):
+  for lam in (0.0, 0.02):
+    theta, _ = _train_theta(estimator, lam, steps=40)
+    assert theta[0] > 0.75, (estimator, lam, theta)  # the loss part's sign: keep what helps
+    if lam > 0:
+      assert theta[1] < 0.5, (estimator, lam, theta)  # nothing but the penalty acts on unit 1
+
+
+@pytest.mark.parametrize("estimator", ["straight_through", "reinforce"])
+def test_theta_converges_to_zero_or_one_and_keeps_the_ungated_accuracy(estimator):
+  theta, (apply_fn, params, stats, data) = _train_theta(estimator, 0.02, steps=150)
+  np.testing.assert_allclose(theta, [1.0, 0.0], atol=0.02)
+  gates = {"conv_0": jnp.asarray(cavp.deterministic_gates(
+      {"conv_0": jnp.asarray(theta)}, {"conv_0": jnp.ones(2, bool)})["conv_0"], jnp.float32)}
+  gated = apply_fn(params, stats, data.x, train=False, gates=gates)[0]
+  ungated = apply_fn(params, stats, data.x, train=False)[0]
+  accuracy = lambda logits: float(jnp.mean(jnp.argmax(logits, -1) == data.y))
+  assert accuracy(ungated) > 0.9 and accuracy(gated) == accuracy(ungated)
