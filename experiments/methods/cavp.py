@@ -88,6 +88,14 @@ def _pooled_client(train: data_lib.ClientData) -> data_lib.ClientData:
                              jnp.asarray([x.shape[0]], jnp.int32))
 
 
+def _recalibration_sample(train, size: int):
+  """Up to `size` training inputs, evenly over the pooled examples (for the finalised
+  network's BatchNorm recalibration)."""
+  x, _ = data_lib.pool(train)
+  step = max(1, x.shape[0] // size)
+  return x[::step][:size]
+
+
 def build(config, env: runtime.Env) -> runtime.Run:
   """The `pruning.cavp.cavp_method` of `config` (centralised: one pooled client)."""
   data, c = env.data, config.cavp
@@ -109,7 +117,8 @@ def build(config, env: runtime.Env) -> runtime.Run:
       model=runtime.model_fns(env, strategy), weight_optimizer=weight_opt,
       theta_optimizer=theta_opt, schedule=schedule, options=options,
       weights=cavp_lib.CostWeights(gamma=c.gamma, alpha=c.alpha, beta=c.beta),
-      rebuild_every=c.rebuild_every, num_rounds=config.rounds, log=env.log)
+      rebuild_every=c.rebuild_every, num_rounds=config.rounds,
+      recalibration_x=_recalibration_sample(data.train, 1024), log=env.log)
   summary = method.summary
   method = method._replace(summary=lambda state, last_eval: {
       "mode": c.mode, **summary(state, last_eval)})

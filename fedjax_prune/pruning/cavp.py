@@ -818,6 +818,45 @@ def finalize(spec, state: CavpState, options: Options = Options()
   return new_spec, params, stats, report
 
 
+def recalibrate_batch_stats(apply_fn: Callable, params: Params, batch_stats: BatchStats,
+                            x: jax.Array, *, gates: Optional[Gates] = None, batch_size: int = 256,
+                            num_steps: int = 100) -> BatchStats:
+  """BatchNorm running statistics re-estimated on inputs `x` [N, ...] (params unchanged).
+
+  During training the statistics were collected with units on only with probability θ;
+  the deterministic network (every gate with θ >= final_threshold fully on, `finalize`)
+  sees other activations. `num_steps` train-mode forward passes over batches of `x`
+  (cycled) move the momentum averages to the new distribution: the old values keep a
+  weight of BN_MOMENTUM ** num_steps (0.9 ** 100 ~ 3e-5).
+
+  Args:
+    apply_fn: the model's apply (with `gates=` when `gates` is given).
+    params, batch_stats: the model.
+    x: [N, ...] training inputs (on the server: a sample the clients' statistics stand for).
+    gates: optional gate values (e.g. `deterministic_gates`); None = ungated.
+    batch_size: examples per pass (<= N).
+    num_steps: passes.
+
+  Returns:
+    The recalibrated batch statistics ({} when the model has none).
+  """
+  if not jax.tree.leaves(batch_stats):
+    return batch_stats
+  x = jnp.asarray(x)
+  size = min(int(batch_size), x.shape[0])
+  num_batches = x.shape[0] // size
+  batches = x[:num_batches * size].reshape((num_batches, size) + x.shape[1:])
+  extra = {} if gates is None else {"gates": gates}
+
+  @jax.jit
+  def run(stats):
+    def step(stats, i):
+      return apply_fn(params, stats, batches[i % num_batches], train=True, **extra)[1], None
+    return jax.lax.scan(step, stats, jnp.arange(num_steps))[0]
+
+  return run(batch_stats)
+
+
 def gated_apply(apply_fn: Callable) -> Callable:
   """`apply_fn` taking `(params, gates)` as its params, so that one compiled evaluation
   serves every gate value."""
@@ -833,6 +872,7 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
                 model: federated.ModelFns, weight_optimizer: optax.GradientTransformation,
                 theta_optimizer: optax.GradientTransformation, schedule: federated.LocalSchedule,
                 options: Options, weights: CostWeights, rebuild_every: int, num_rounds: int,
+                recalibration_x: Optional[jax.Array] = None,
                 log: Callable[[str], None] = federated.no_log) -> federated.Method:
   """Complexity-aware training end to end: the joint (W, theta) rounds, a physical rebuild
   without the pruned units/blocks every `rebuild_every` rounds, and the deterministic
@@ -847,6 +887,10 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
     weights: the cost weights (gamma, alpha, beta) of `penalty_weights`.
     rebuild_every: rounds between rebuilds (none after the last round).
     num_rounds: the run's rounds.
+    recalibration_x: optional [N, ...] training inputs: the finalised network's BatchNorm
+      statistics are re-estimated on them before it is evaluated
+      (`recalibrate_batch_stats`; the summary keeps `eval_before_bn_recalibration`). In the
+      federated mode this pooled sample stands for statistics the clients would compute.
     log: receives one line per rebuild that removes something.
 
   Returns:
@@ -911,7 +955,14 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
     """The deterministic network (theta >= final_threshold kept), built and evaluated ungated."""
     final_gates = jax.device_get(gate_stats(state.server.theta, state.server.alive, options))
     final_spec, final_params, final_stats, _ = finalize(state.spec, state.server, options)
-    final_eval = model.evaluate_with(model.apply_for(final_spec))(final_params, final_stats)
+    final_apply = model.apply_for(final_spec)
+    recalibrated = {}
+    if recalibration_x is not None:  # BN statistics of the deterministic network
+      recalibrated = {"eval_before_bn_recalibration":
+                      model.evaluate_with(final_apply)(final_params, final_stats)}
+      final_stats = recalibrate_batch_stats(final_apply, final_params, final_stats,
+                                            recalibration_x)
+    final_eval = model.evaluate_with(final_apply)(final_params, final_stats)
     count, final_flops = accounting.param_count(final_spec), accounting.flops(final_spec)
     return {
         "structures": options.structures,
@@ -923,7 +974,8 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
         **{f"gates_{k}": float(v) for k, v in final_gates.items()},
         "final_inner_widths": [list(w) for w in getattr(final_spec, "inner_widths", ())],
         "original_inner_widths": [list(w) for w in getattr(original_spec, "inner_widths", ())],
-        "final_spec": repr(final_spec), "rebuilds": state.host["rebuilds"], **final_eval}
+        "final_spec": repr(final_spec), "rebuilds": state.host["rebuilds"],
+        "bn_recalibrated": recalibration_x is not None, **recalibrated, **final_eval}
 
   return federated.Method(init=init, algorithm=algorithm, evaluator=evaluator,
                           after_round=after_round, record=record, summary=summary,

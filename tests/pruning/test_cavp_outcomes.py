@@ -66,3 +66,20 @@ def test_theta_converges_to_zero_or_one_and_keeps_the_ungated_accuracy(estimator
   ungated = apply_fn(params, stats, data.x, train=False)[0]
   accuracy = lambda logits: float(jnp.mean(jnp.argmax(logits, -1) == data.y))
   assert accuracy(ungated) > 0.9 and accuracy(gated) == accuracy(ungated)
+
+
+def test_bn_recalibration_gives_the_statistics_of_the_network_it_runs():
+  """After training with stochastic gates, the deterministic network's BatchNorm statistics
+  are re-estimated (issue 26): on a conv(identity) -> BN model the running mean and variance
+  become the data's."""
+  spec = models.ConvNetSpec(input_shape=(1, 1, 3), num_classes=2, head="gap", norm="batch_running",
+                            convs=(models.ConvSpec(features=3, kernel=(1, 1), norm=True, bias=False),))
+  apply_fn, params, stats = models.build(spec, jax.random.key(0))
+  params["conv_0"]["kernel"] = jnp.eye(3).reshape(1, 1, 3, 3)
+  x = 2.0 + 3.0 * jax.random.normal(jax.random.key(1), (512, 1, 1, 3))
+  new = cavp.recalibrate_batch_stats(apply_fn, params, stats, x, batch_size=512, num_steps=150)
+  flat = np.asarray(x).reshape(-1, 3)
+  np.testing.assert_allclose(new["bn_0"]["mean"], flat.mean(0), rtol=1e-3)
+  np.testing.assert_allclose(new["bn_0"]["var"], flat.var(0), rtol=1e-2)
+  assert not np.allclose(np.asarray(stats["bn_0"]["mean"]), flat.mean(0))  # it did change them
+  assert cavp.recalibrate_batch_stats(apply_fn, params, {}, x) == {}
