@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from fedjax_prune import data as data_lib
-from fedjax_prune import federated, testing
+from fedjax_prune import federated, models, testing
 from fedjax_prune.pruning import _hetero, fiarse
 
 
@@ -192,3 +192,35 @@ def test_capacity_levels_of_the_paper():
   assert fiarse.FOUR_LEVELS == (1.0, 0.25, 0.0625, 0.015625)
   assert fiarse.FIVE_LEVELS == (1.0, 0.64, 0.36, 0.16, 0.04)
   assert fiarse.SWEEP_LEVELS[0] == 1.0 and fiarse.SWEEP_LEVELS[-1] == 1 / 256
+
+
+@pytest.mark.parametrize("grad", ["masked", "tcb"])
+def test_a_weight_pushed_below_tau_during_local_training_stops_updating(grad):
+  """The client's mask is |w| >= tau on its *current* weights at every step (issue 24): a
+  weight that local SGD pushes below its level's threshold drops out of the submodel and
+  gets no further update, while the weights above tau keep training. (An implementation
+  that fixed the mask at the start of the round would keep moving it.)"""
+  spec = models.mlp(input_shape=(4,), hidden=(), num_classes=2)
+  apply_fn, params, stats = models.build(spec, jax.random.key(0))
+  params = {"dense_0": {"kernel": jnp.array([[1.0, 0.9], [0.8, 0.1], [0.05, 0.04], [0.03, 0.02]]),
+                        "bias": jnp.array([0.7, 0.01])}}
+  # Capacity 1/2 of 10 entries: the 5 largest |x| (1.0, 0.9, 0.8, 0.7, 0.1) -> tau = 0.1, so
+  # kernel[1, 1] sits on the threshold. Every example is x = e_1 with label 0: SGD lowers
+  # kernel[1, 1] (feature 1 -> class 1) below tau in the first step and raises kernel[1, 0].
+  x = jnp.tile(jnp.array([[0.0, 1.0, 0.0, 0.0]]), (8, 1))
+  data = data_lib.ClientData(x[None], jnp.zeros((1, 8), jnp.int32), jnp.array([8], jnp.int32))
+  info = federated.ClientInfo(jnp.int32(0), jnp.int32(8), jnp.bool_(True), jnp.float32(0.5))
+
+  def local_kernel(steps):
+    method = fiarse.fiarse(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=8, num_steps=steps),
+                           capacities=(1.0, 0.5), grad=grad)
+    state = method.algorithm.init(params, jax.random.key(1), stats)
+    out = method.algorithm.client_update(state, data_lib.client_slice(data, 0), info,
+                                         jax.random.key(2))
+    delta = out.sums.update.total["dense_0"]["kernel"]
+    return np.asarray(params["dense_0"]["kernel"] - delta)  # the client's trained kernel
+
+  one, five = local_kernel(1), local_kernel(5)
+  assert 0.0 < one[1, 1] < 0.1  # pushed below tau by the first step
+  assert five[1, 1] == one[1, 1]  # ... and not updated after it
+  assert five[1, 0] > one[1, 0] > 0.8  # the weights above tau keep training
