@@ -141,9 +141,14 @@ def build_spec(config, data):
 def probe_batch(train, size: int = 64):
   """The dead-channel diagnostic's batch: the first `size` training examples, taken one
   per client in turn (so a few writers do not make up the whole batch)."""
-  x, n = np.asarray(train.x), np.asarray(train.num_examples)
-  order = [(e, c) for e in range(x.shape[1]) for c in range(x.shape[0]) if e < n[c]]
-  return jax.numpy.asarray(np.stack([x[c, e] for e, c in order[:size]]))
+  n = np.asarray(train.num_examples)
+  picked = []  # (client, example): example 0 of every client, then example 1, ...
+  for e in range(int(n.max())):
+    picked += [(c, e) for c in np.flatnonzero(n > e)[:size - len(picked)]]
+    if len(picked) == size:
+      break
+  clients, examples = (np.asarray(v) for v in zip(*picked))
+  return jax.numpy.asarray(np.asarray(train.x)[clients, examples])
 
 
 def make_policy(config):
