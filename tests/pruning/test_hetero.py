@@ -10,6 +10,7 @@ import pytest
 
 from fedjax_prune import federated, models, testing
 from fedjax_prune.pruning import fedrolex, heterofl, scalefl
+from tests._checks import assert_counted_accuracy
 
 
 def _kept(size, ratio, offset=0):
@@ -209,13 +210,21 @@ def _tiny_driver_config(method):
 def test_driver_smoke_fiarse(tmp_path):
   from experiments import train
   workdir = str(tmp_path / "run")
-  summary = train.train_and_evaluate(_tiny_driver_config("fiarse"), workdir)
+  config = _tiny_driver_config("fiarse")
+  summary = train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   assert [r["round"] for r in records] == [1, 2]
-  for key_ in ("local", "global", "model_1", "model_1/4", "global_1/4", "sweep_1/256"):
-    assert 0.0 <= summary[key_] <= 1.0, key_
+  # Global metrics count over the pooled test set; the full-size sweep entry is global_1.
+  for key_ in ("global_1", "global_1/4", "sweep_1", "sweep_1/256"):
+    assert_counted_accuracy(summary[key_], config)
+  assert summary["sweep_1"] == summary["global_1"]
   np.testing.assert_allclose(summary["global"], (summary["global_1"] + summary["global_1/4"]) / 2)
+  # 4 clients with 4 local test examples, interleaved over 2 levels: each level's Model metric
+  # is the mean of two k/4 accuracies, and Local the mean over all four.
+  for key_ in ("model_1", "model_1/4"):
+    assert summary[key_] * 8 == pytest.approx(round(summary[key_] * 8)), key_
+  np.testing.assert_allclose(summary["local"], (summary["model_1"] + summary["model_1/4"]) / 2)
 
 
 def test_driver_rejects_bad_hetero_fields(tmp_path):
@@ -250,5 +259,7 @@ def test_driver_smoke_width_methods(tmp_path, shared_data_dir, method):
   c.hetero.sweep = ()
   c.strategy = "sequential+tapgrad"
   summary = train.train_and_evaluate(c, str(tmp_path / method))
-  assert 0.0 <= summary["local"] <= 1.0 and 0.0 <= summary["global"] <= 1.0
+  for key_ in ("global_1", "global_1/4"):
+    assert_counted_accuracy(summary[key_], c)
+  np.testing.assert_allclose(summary["global"], (summary["global_1"] + summary["global_1/4"]) / 2)
   assert summary["model_1/4"] == summary["model_1/4"]  # not nan: every level has clients
