@@ -46,6 +46,8 @@ from experiments import build, methods, runtime, train
 from experiments.configs import asp_tiny, cavp_cifar10, fedavg_tiny
 from experiments.configs import fedtiny_cifar10, fiarse_cifar10
 from fedjax_prune import checkpoint
+from fedjax_prune.pruning._hetero import level_label
+from tests._checks import assert_counted_accuracy
 
 ROUNDS = 4
 RESUME_AFTER = 2
@@ -347,7 +349,15 @@ def test_runs_and_records_every_round(name, reference_runs):
     assert math.isfinite(r["train_loss"]), r
   written = _summary(workdir)
   assert written["method"] == case.config().get("method", "fedavg") == summary["method"]
-  assert math.isfinite(written["test_accuracy"]) and 0.0 <= written["test_accuracy"] <= 1.0
+  # Accuracies are counts over the pooled test set; a submodel method reports the mean of
+  # its levels' global accuracies.
+  if "capacities" in written:
+    levels = [written[f"global_{level_label(c)}"] for c in written["capacities"]]
+    np.testing.assert_allclose(written["test_accuracy"], np.mean(levels), rtol=1e-6)
+    for accuracy in levels:
+      assert_counted_accuracy(accuracy, case.config())
+  else:
+    assert_counted_accuracy(written["test_accuracy"], case.config())
   assert written["rounds"] == ROUNDS
   ckpt_dir = os.path.join(workdir, train.CHECKPOINT_DIR)
   if case.checkpoints:
