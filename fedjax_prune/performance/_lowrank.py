@@ -184,14 +184,6 @@ class FactoredKernel(NamedTuple):
     return LowRankSum(self.left * weight.astype(self.left.dtype), -self.right)
 
 
-def is_factored_kernel(x: Any) -> bool:
-  return isinstance(x, FactoredKernel)
-
-
-def is_lowrank_sum(x: Any) -> bool:
-  return isinstance(x, LowRankSum)
-
-
 def worthwhile_lowrank_layers(params: Mapping, rows: int, *, min_saving: float = 2.0) -> tuple[str, ...]:
   """The dense layers whose kernels are cheaper as factors over `rows` rows.
 
