@@ -301,3 +301,44 @@ def test_torch_peer_smoke(tmp_path):
   for k in one:
     assert torch.allclose(one[k], two[k], atol=1e-6)
     assert not torch.equal(one[k], state[k])
+
+
+def test_paper_scale_script_lists_existing_configs_and_refuses_unknown_names(tmp_path):
+  script = os.path.join(BENCH, "paper_scale.sh")
+  assert subprocess.run(["bash", "-n", script]).returncode == 0
+  listed = subprocess.run(["bash", script, "--list"], capture_output=True, text=True, check=True)
+  names = dict(line.split() for line in listed.stdout.splitlines())
+  assert set(names) == {"asp", "fiarse", "fedtiny", "cavp"}
+  repo = os.path.dirname(BENCH)
+  assert all(os.path.isfile(os.path.join(repo, path)) for path in names.values())
+  env = dict(os.environ, OUT=str(tmp_path))
+  bad = subprocess.run(["bash", script, "nope"], env=env, capture_output=True, text=True)
+  assert bad.returncode == 2 and "unknown NAME 'nope'" in bad.stderr
+  missing = subprocess.run(["bash", script, "asp"], capture_output=True, text=True,
+                           env=dict(env, PACK=str(tmp_path / "absent.tar.gz")))
+  assert missing.returncode == 2 and "does not exist" in missing.stderr
+  assert os.listdir(tmp_path) == []  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_paper_scale_slices_pack_and_continue_elsewhere(tmp_path):
+  """A slice that runs out of time exits 3; a finished sweep is packed into $OUT, and
+  unpacked into another workdir (a fresh device lease) the next slice finds it done."""
+  script = os.path.join(BENCH, "paper_scale.sh")
+  config = os.path.join("experiments", "configs", "fedavg_tiny.py")
+  base = dict(os.environ, PYTHON=sys.executable)
+  run = lambda env: subprocess.run(["bash", script, config, "--config.rounds=3"],
+                                   capture_output=True, text=True, env=dict(base, **env))
+  cut = run({"SLICE_S": "1", "WORKDIR": str(tmp_path / "a")})
+  assert cut.returncode == 3 and "run the same command again" in cut.stdout, cut.stderr
+  out = tmp_path / "out"
+  out.mkdir()
+  done = run({"SLICE_S": "300", "WORKDIR": str(tmp_path / "a"), "OUT": str(out)})
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert sorted(os.listdir(out)) == ["paper_fedavg_tiny.tar.gz", "paper_fedavg_tiny_summary.md"]
+  again = run({"SLICE_S": "300", "WORKDIR": str(tmp_path / "b"),
+               "PACK": str(out / "paper_fedavg_tiny.tar.gz")})
+  assert again.returncode == 0, again.stdout + again.stderr
+  rows = json.loads((tmp_path / "b" / "sweep_summary.json").read_text())
+  assert [r["status"] for r in rows] == ["skipped (done)"] * 2
+  assert [r["rounds"] for r in rows] == [3, 3]
