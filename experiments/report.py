@@ -1,0 +1,172 @@
+"""Tables from a sweep's workdirs, the way docs/results/ reports them (REPRODUCE.md).
+
+  python -m experiments.report workdir/asp_femnist_converged400
+  python -m experiments.report workdir/sweep --rounds 50,100,200,400 --out table.md
+
+Runs that differ only in their seeds (`seeds.*`) form one group; each group gets one row:
+how many runs finished (and how many are still running, with the round they reached), the
+final test accuracy as mean ± sample std over the finished runs, the convergence tail (the
+gain over the last 20 % of rounds, REPRODUCE.md §1), params and FLOPs (mean), the cumulative
+communication ratio against dense when the method records it, and the mean test accuracy at
+the chosen rounds (the curve). A group is named by the config fields that set it apart from
+the other groups (read from each run's `config.json`, so hashed run names do not matter).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+
+from experiments import plot
+
+SEED_PREFIX = "seeds."
+TAIL_FRACTION = 0.2  # REPRODUCE.md: converged when the last 20 % of rounds gain < 1 point
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = json.dumps(value, sort_keys=True)  # hashable, comparable
+  return flat
+
+
+def load_config(workdir: str) -> dict:
+  """The run's config.json, flattened to {'dotted.key': JSON text}."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir!r} has no config.json (not an experiments workdir)")
+  with open(path) as f:
+    return _flatten(json.load(f))
+
+
+def group_runs(workdirs: list[str]) -> list[tuple[str, list[str]]]:
+  """[(group label, [workdir, ...])] in first-seen order; a group = runs equal but for seeds.
+
+  The label lists the non-seed fields whose values differ between runs (`k=v, ...`);
+  one group only, or no differing field, is labelled 'all'.
+  """
+  configs = {w: load_config(w) for w in workdirs}
+  keys = sorted(set().union(*configs.values()))
+  varying = [k for k in keys if not k.startswith(SEED_PREFIX)
+             and len({configs[w].get(k) for w in workdirs}) > 1]
+  groups: dict[tuple, list[str]] = {}
+  for w in workdirs:
+    groups.setdefault(tuple(configs[w].get(k) for k in varying), []).append(w)
+  labelled = []
+  for values, members in groups.items():
+    label = ", ".join(f"{k}={json.loads(v) if v is not None else None}"
+                      for k, v in zip(varying, values)) or "all"
+    labelled.append((label, members))
+  return labelled
+
+
+def accuracy_curve(run: dict) -> dict[int, float]:
+  """{round: test_accuracy} over the records that evaluated."""
+  return {int(r["round"]): float(r["test_accuracy"]) for r in run["records"]
+          if r.get("test_accuracy") is not None}
+
+
+def tail_gain(curve: dict[int, float], rounds: int) -> float | None:
+  """Accuracy gained over the last TAIL_FRACTION of `rounds` (None without both ends)."""
+  if not curve:
+    return None
+  start = rounds - int(round(TAIL_FRACTION * rounds))
+  before = [r for r in curve if r <= start]
+  if not before or max(curve) < rounds:
+    return None
+  return curve[max(curve)] - curve[max(before)]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float] | None:
+  if not values:
+    return None
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def summarise_group(workdirs: list[str], rounds_at: list[int]) -> dict:
+  """One group's row: finished/running counts, accuracy mean ± std, tail, size, curve."""
+  runs = [plot.load_run(w) for w in workdirs]
+  done = [r for r in runs if r["summary"]]
+  running = [r for r in runs if not r["summary"]]
+  acc = _mean_std([float(r["summary"]["test_accuracy"]) for r in done])
+  tails = [t for r in done
+           if (t := tail_gain(accuracy_curve(r), int(r["summary"].get("rounds", 0)))) is not None]
+  ratios = [float(r["summary"]["communication_ratio"]) for r in done
+            if r["summary"].get("communication_ratio") is not None]
+  curves = [accuracy_curve(r) for r in done]
+  return {
+      "finished": len(done),
+      "running": [(r["name"], r["records"][-1]["round"] if r["records"] else 0) for r in running],
+      "test_accuracy": acc,
+      "tail_gain_max": max(tails) if tails else None,
+      "params": _mean_std([float(plot.final_value(r, "params")) for r in done
+                           if plot.final_value(r, "params") is not None]),
+      "flops": _mean_std([float(plot.final_value(r, "flops")) for r in done
+                          if plot.final_value(r, "flops") is not None]),
+      "communication_ratio": _mean_std(ratios),
+      "curve": {t: _mean_std([c[t] for c in curves if t in c]) for t in rounds_at},
+  }
+
+
+def _fmt_acc(ms) -> str:
+  if ms is None:
+    return "–"
+  mean, std = ms
+  return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _fmt_num(ms, digits: int = 0) -> str:
+  return "–" if ms is None else f"{ms[0]:,.{digits}f}"
+
+
+def markdown(rows: list[tuple[str, dict]], rounds_at: list[int]) -> str:
+  """The groups as a markdown table (accuracy as mean ± sample std over finished runs)."""
+  head = ["group", "finished", "test accuracy", "last-20 % gain", "params", "FLOPs",
+          "comm. ratio"] + [f"@{t}" for t in rounds_at]
+  lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for label, row in rows:
+    finished = str(row["finished"]) + "".join(f" (+{name[:24]}… at {r})" if len(name) > 24
+                                              else f" (+{name} at {r})"
+                                              for name, r in row["running"])
+    tail = "–" if row["tail_gain_max"] is None else f"{100 * row['tail_gain_max']:+.1f} pt"
+    cells = [label, finished, _fmt_acc(row["test_accuracy"]), tail, _fmt_num(row["params"]),
+             _fmt_num(row["flops"]), _fmt_num(row["communication_ratio"], 2)]
+    cells += [_fmt_acc(row["curve"][t]) for t in rounds_at]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def report(paths: list[str], rounds_at: list[int]) -> str:
+  workdirs = plot.find_runs(paths)
+  rows = [(label, summarise_group(members, rounds_at))
+          for label, members in group_runs(workdirs)]
+  return markdown(rows, rounds_at)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("paths", nargs="+", help="workdirs, or sweep roots holding them")
+  parser.add_argument("--rounds", default="", help="comma-separated rounds for the curve columns")
+  parser.add_argument("--out", default=None, help="also write the table to this file")
+  args = parser.parse_args(argv)
+  try:
+    rounds_at = [int(t) for t in args.rounds.split(",") if t.strip()]
+  except ValueError:
+    parser.error(f"--rounds must be comma-separated integers, got {args.rounds!r}")
+  try:
+    table = report(args.paths, rounds_at)
+  except (FileNotFoundError, ValueError) as e:
+    parser.exit(2, f"error: {e}\n")
+  print(table)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(table + "\n")
+
+
+if __name__ == "__main__":
+  main()
