@@ -99,7 +99,7 @@ class MemoryEstimate(NamedTuple):
 
 def _is_spec(value: Any) -> bool:
   return isinstance(value, (models.MLPSpec, models.ConvNetSpec, models.ResNetSpec,
-                            models.InceptionSpec))
+                            models.InceptionSpec) + models.TEXT_SPECS)
 
 
 def _path_keys(path) -> tuple[str, ...]:
@@ -408,6 +408,8 @@ def layer_costs(spec: models.ModelSpec, masks: Optional[Masks] = None, *,
   Returns:
     The operations in forward order.
   """
+  if isinstance(spec, models.TEXT_SPECS):  # LSTM / transformer: text_layer_costs (end of file)
+    return text_layer_costs(spec, masks, include_softmax=include_softmax)
   if not _is_spec(spec):
     raise ValueError(f'spec must be an MLPSpec, ConvNetSpec, ResNetSpec or InceptionSpec, got {type(spec)}')
   if isinstance(bn_flops_per_element, bool) or not isinstance(bn_flops_per_element, int) or (
@@ -740,3 +742,175 @@ def client_round_cost(spec: models.ModelSpec, masks: Optional[Masks] = None, *, 
   upload = model_bytes + topk_entries * (dtype_bytes + index_bytes) + upload_dense_values * dtype_bytes
   return ClientRoundCost(training_flops=int(flops_total), peak_memory=int(memory),
                          upload=int(upload), download=int(model_bytes))
+
+
+# ----------------------------------------------------------------------------
+# Text models (models.LSTMSpec, models.TransformerSpec; `layer_costs` dispatches here).
+#
+# Costs of one example = one window of T = spec.seq_len tokens, same conventions as above
+# (2 FLOPs per MAC, 1 per bias add and per residual add, 0 for activation functions and,
+# like BatchNorm, for LayerNorm unless `norm_flops_per_element` is given):
+#   * embedding lookups: 0 (a gather); the transformer's position add: T x d;
+#   * LSTM layer, per step: 2 x 4H x (in + H) MAC FLOPs, 4H to add the input and the
+#     recurrent projections, 4H bias adds, 4H for the cell update (f c, i g, their sum,
+#     o tanh(c)); sigmoid/tanh 0; times T steps;
+#   * attention, per head and block, as computed (the full T x T square, masked
+#     afterwards): q k^T 2 T^2 dh, scaling T^2, softmax 5 T^2 (as the output softmax),
+#     weights x v 2 T^2 dh; q/k/v/out projections and the FFN as dense layers over T
+#     positions; two residual adds of T x d (none for a branch whose every output is
+#     masked: a dropped block);
+#   * the final LayerNorm, head and softmax (5 V) at the last position only (the
+#     models' output), at all T with all_positions=True. Then every term is T times a
+#     per-token cost: `text_flops_per_token` = that FLOPs count / T, exactly.
+# Masks: a matmul costs its kept kernel entries whose input is alive (as `_Walk.dense`); an
+# LSTM unit is alive when any of its 4 gate columns (kernel, recurrent kernel or bias) keeps
+# an entry, a q/k/v/FFN column when its kernel column (reading alive inputs) or bias keeps
+# one; a head's attention costs count when any of its value columns is alive, with q k^T over
+# the head dims alive in both q and k. So `structured.text_keep_masks` masks give the FLOPs
+# of the shrunk spec.
+
+
+def _text_dense(masks, keys, alive_in: np.ndarray, out: int, positions: int
+                ) -> tuple[LayerCost, np.ndarray]:
+  """A dense layer over `positions` positions: (row, alive outputs)."""
+  shape = (alive_in.shape[0], out)
+  live = _full_mask(masks, keys + ('kernel',), shape) & alive_in[:, None]
+  bias_kept = _full_mask(masks, keys + ('bias',), (out,))
+  alive = live.any(axis=0) | bias_kept
+  macs = positions * int(live.sum())
+  params = _kept(masks, keys + ('kernel',), shape) + _kept(masks, keys + ('bias',), (out,))
+  flops = 2 * macs + positions * int((alive & bias_kept).sum())
+  return LayerCost('/'.join(keys), 'dense', (positions, out), params, flops, 2 * macs,
+                   positions * int(alive.sum())), alive
+
+
+def _text_norm(masks, keys, width: int, positions: int, per_element: int) -> LayerCost:
+  alive = int((_full_mask(masks, keys + ('scale',), (width,))
+               | _full_mask(masks, keys + ('bias',), (width,))).sum())
+  params = _kept(masks, keys + ('scale',), (width,)) + _kept(masks, keys + ('bias',), (width,))
+  return LayerCost('/'.join(keys), 'norm', (positions, width), params,
+                   per_element * positions * alive, 0, positions * alive)
+
+
+def _residual_add(name: str, branch_alive: np.ndarray, positions: int) -> LayerCost:
+  """A residual add costs positions x d unless its branch is entirely removed (a dropped block)."""
+  out = positions * branch_alive.shape[0] if branch_alive.any() else 0
+  return LayerCost(name, 'add', (positions, branch_alive.shape[0]), 0, out, 0, out)
+
+
+def _lstm_costs(spec, masks, positions: int) -> list[LayerCost]:
+  t, v = spec.seq_len, spec.vocab_size
+  rows = [LayerCost('embed', 'embed', (t, spec.embed_dim),
+                    _kept(masks, ('embed', 'embedding'), (v, spec.embed_dim)), 0, 0,
+                    t * spec.embed_dim)]
+  alive_in = np.ones(spec.embed_dim, bool)
+  for l, h in enumerate(spec.hidden):
+    keys = (f'lstm_{l}',)
+    kernel = _full_mask(masks, keys + ('kernel',), (alive_in.shape[0], 4 * h))
+    recurrent = _full_mask(masks, keys + ('recurrent_kernel',), (h, 4 * h))
+    bias = _full_mask(masks, keys + ('bias',), (4 * h,))
+    col_any = (kernel & alive_in[:, None]).any(axis=0) | recurrent.any(axis=0) | bias
+    alive = col_any.reshape(4, h).any(axis=0)
+    cols = np.tile(alive, 4)
+    n = int(alive.sum())
+    macs = int((kernel & alive_in[:, None] & cols[None, :]).sum()
+               + (recurrent & alive[:, None] & cols[None, :]).sum())
+    step = 2 * macs + 4 * n + int((bias & cols).sum()) + 4 * n
+    params = (_kept(masks, keys + ('kernel',), kernel.shape)
+              + _kept(masks, keys + ('recurrent_kernel',), recurrent.shape)
+              + _kept(masks, keys + ('bias',), bias.shape))
+    # Kept for the backward pass per step: the 4 gates, c and h of the alive units.
+    rows.append(LayerCost(keys[0], 'lstm', (t, h), params, t * step, t * 2 * macs, t * 6 * n))
+    alive_in = alive
+  row, _ = _text_dense(masks, ('head',), alive_in, v, positions)
+  return rows + [row]
+
+
+def _transformer_costs(spec, masks, positions: int, per_element: int) -> list[LayerCost]:
+  t, d, v = spec.seq_len, spec.d_model, spec.vocab_size
+  rows = [LayerCost('embed', 'embed', (t, d), _kept(masks, ('embed', 'embedding'), (v, d)), 0, 0,
+                    t * d),
+          LayerCost('pos_embed', 'add', (t, d), _kept(masks, ('pos_embed', 'embedding'), (t, d)),
+                    t * d, 0, t * d)]
+  stream = np.ones(d, bool)  # the residual stream is not pruned
+  for l, (heads, dh, ffn) in enumerate(spec.blocks):
+    b = f'block_{l}'
+    rows.append(_text_norm(masks, (b, 'ln_1'), d, t, per_element))
+    alive = {}
+    for name in ('query', 'key', 'value'):
+      row, alive[name] = _text_dense(masks, (b, 'attn', name), stream, heads * dh, t)
+      rows.append(row)
+    qk = (alive['query'] & alive['key']).reshape(heads, dh).sum(axis=1)
+    vdims = alive['value'].reshape(heads, dh).sum(axis=1)
+    live_heads = vdims > 0
+    macs = t * t * int(qk[live_heads].sum() + vdims.sum())
+    flops = 2 * macs + 6 * t * t * int(live_heads.sum())  # + scaling and softmax of the scores
+    rows.append(LayerCost(f'{b}/attn/scores', 'attention', (heads, t, t), 0, flops, 2 * macs,
+                          t * t * int(live_heads.sum())))
+    row, branch = _text_dense(masks, (b, 'attn', 'out'), alive['value'], d, t)
+    rows += [row, _residual_add(f'{b}/add_1', branch, t),
+             _text_norm(masks, (b, 'ln_2'), d, t, per_element)]
+    row, hidden = _text_dense(masks, (b, 'ffn', 'dense_0'), stream, ffn, t)
+    rows += [row, LayerCost(f'{b}/ffn/gelu', 'gelu', (t, ffn), 0, 0, 0, t * int(hidden.sum()))]
+    row, branch = _text_dense(masks, (b, 'ffn', 'dense_1'), hidden, d, t)
+    rows += [row, _residual_add(f'{b}/add_2', branch, t)]
+  rows.append(_text_norm(masks, ('ln_f',), d, positions, per_element))
+  row, _ = _text_dense(masks, ('head',), stream, v, positions)
+  return rows + [row]
+
+
+def text_layer_costs(spec: models.TextSpec, masks: Optional[Masks] = None, *,
+                     all_positions: bool = False, include_softmax: bool = True,
+                     norm_flops_per_element: int = 0) -> tuple[LayerCost, ...]:
+  """Per-operation costs of a text model on one example of `spec.seq_len` tokens.
+
+  Conventions in the comment above this section; `layer_costs(spec)` calls this.
+
+  Args:
+    spec: an LSTMSpec or TransformerSpec.
+    masks: optional mask tree (concrete arrays).
+    all_positions: head (and final LayerNorm, softmax) at every position, as
+      `apply_fn(..., all_positions=True)`; default: the last position only.
+    include_softmax: append the output softmax (5 x V per output position).
+    norm_flops_per_element: FLOPs per LayerNorm output element (default 0).
+
+  Returns:
+    The operations in forward order.
+  """
+  if not isinstance(spec, models.TEXT_SPECS):
+    raise ValueError(f'spec must be an LSTMSpec or TransformerSpec, got {type(spec)}')
+  if isinstance(norm_flops_per_element, bool) or not isinstance(norm_flops_per_element, int) or (
+      norm_flops_per_element < 0):
+    raise ValueError(f'norm_flops_per_element must be an int >= 0, got {norm_flops_per_element!r}')
+  _check_mask_paths(masks, _shape_tree(spec, False))
+  positions = spec.seq_len if all_positions else 1
+  if isinstance(spec, models.LSTMSpec):
+    rows = _lstm_costs(spec, masks, positions)
+  else:
+    rows = _transformer_costs(spec, masks, positions, norm_flops_per_element)
+  if include_softmax:
+    rows.append(LayerCost('softmax', 'softmax', (positions, spec.vocab_size), 0,
+                          5 * positions * spec.vocab_size, 0, positions * spec.vocab_size))
+  return tuple(rows)
+
+
+def text_flops(spec: models.TextSpec, masks: Optional[Masks] = None, *, all_positions: bool = False,
+               include_softmax: bool = True, norm_flops_per_element: int = 0) -> int:
+  """Inference FLOPs of a text model on one example (a window of `seq_len` tokens).
+
+  `flops(spec)` equals `text_flops(spec)` (the last position's logits, what the models
+  output by default). Args as `text_layer_costs`.
+  """
+  return sum(row.flops for row in text_layer_costs(
+      spec, masks, all_positions=all_positions, include_softmax=include_softmax,
+      norm_flops_per_element=norm_flops_per_element))
+
+
+def text_flops_per_token(spec: models.TextSpec, masks: Optional[Masks] = None, *,
+                         include_softmax: bool = True, norm_flops_per_element: int = 0) -> int:
+  """FLOPs per token when every position is predicted (language-model convention):
+  `text_flops(spec, all_positions=True) / seq_len`, an exact integer (every cost is T
+  times a per-position cost)."""
+  total = text_flops(spec, masks, all_positions=True, include_softmax=include_softmax,
+                     norm_flops_per_element=norm_flops_per_element)
+  return total // spec.seq_len

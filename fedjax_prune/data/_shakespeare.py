@@ -176,6 +176,12 @@ def shakespeare_from_snippets(train: Mapping[str, Sequence[str]],
       if isinstance(snippets, str):
         raise ValueError(f"{source}: client {cid!r} ({split}) snippets must be a list of strings, got one str")
       out[cid] = windows(snippets)
+      if split == "train" and empty_clients == "error" and len(out[cid][1]) == 0:
+        # Name the cause: one window needs seq_len characters plus the target after them.
+        chars = len(client_text(snippets, separator=separator, collapse_spaces=collapse_spaces))
+        raise DataError(f"{source}: client {cid!r} (train) has {chars} characters, fewer than one "
+                        f"window needs (seq_len + 1 = {seq_len + 1}), so zero train examples; pass "
+                        "empty_clients='drop' or 'keep', a smaller seq_len, or pad_lines=True")
     return out
 
   train_t = table("train", train)

@@ -37,7 +37,9 @@ batch_stats ('batch_running' only): the same paths as every BN, with leaves
 
 Presets: `mlp`, `leaf_femnist_cnn`, `asp_femnist_cnn`, `asp_celeba_cnn`,
 `vgg11`, `resnet18`, `cifar_resnet` (`resnet20`, `resnet56`), `asp_resnet`,
-`asp_inception`. Initialisation, conv implementations and
+`asp_inception`; text (models/_text.py, token ids [B, T] in, next-token logits
+[B, V] out): `leaf_shakespeare_lstm` (LSTMSpec), `shakespeare_transformer`
+(TransformerSpec). Initialisation, conv implementations and
 BatchNorm conventions are documented in `_layers` (module docstring).
 """
 from fedjax_prune.models._build import ApplyFn
@@ -78,6 +80,13 @@ from fedjax_prune.models._specs import resnet20
 from fedjax_prune.models._specs import resnet56
 from fedjax_prune.models._specs import ResNetSpec
 from fedjax_prune.models._specs import vgg11
+from fedjax_prune.models._text import check_text_inputs
+from fedjax_prune.models._text import leaf_shakespeare_lstm
+from fedjax_prune.models._text import LSTMSpec
+from fedjax_prune.models._text import shakespeare_transformer
+from fedjax_prune.models._text import TEXT_SPECS
+from fedjax_prune.models._text import TextSpec
+from fedjax_prune.models._text import TransformerSpec
 
 __all__ = [
     'InceptionSpec', 'asp_inception',
@@ -88,4 +97,6 @@ __all__ = [
     'global_avg_pool', 'init_params', 'leaf_femnist_cnn', 'make_apply', 'masked_moments',
     'max_pool', 'mlp', 'padding_pairs', 'param_shapes', 'pool_output_hw', 'resnet18', 'resnet20', 'resnet56', 'vgg11',
     'resolve_conv_impl',
+    'LSTMSpec', 'TEXT_SPECS', 'TextSpec', 'TransformerSpec', 'check_text_inputs',
+    'leaf_shakespeare_lstm', 'shakespeare_transformer',
 ]

@@ -20,6 +20,7 @@ from flax import nnx
 from fedjax_prune.models import _inception
 from fedjax_prune.models import _layers
 from fedjax_prune.models import _specs
+from fedjax_prune.models import _text
 from fedjax_prune.types import ApplyFn, BatchStats, Params, PRNGKey
 
 
@@ -233,6 +234,8 @@ def param_shapes(spec) -> tuple[Params, BatchStats]:
   Costs no FLOPs and no memory (use it for full-size models in tests and for
   accounting).
   """
+  if isinstance(spec, _text.TEXT_SPECS):  # text models: models/_text.py
+    return _text.param_shapes(spec)
   _, params_state, stats_state = _abstract_split(spec, 'lax')
   return nnx.to_pure_dict(params_state), nnx.to_pure_dict(stats_state)
 
@@ -303,6 +306,10 @@ def init_params(spec, key: PRNGKey, *,
     (params, batch_stats): plain nested dicts of float32 arrays; batch_stats is
     `{}` unless `spec.norm == 'batch_running'`.
   """
+  if isinstance(spec, _text.TEXT_SPECS):  # text models: models/_text.py
+    if kernel_init_fn is not None:
+      raise ValueError('kernel_init_fn is not supported for text models (LSTMSpec, TransformerSpec)')
+    return _text.init_params(spec, key)
   if kernel_init_fn is None:
     if type(spec) not in _MODULES:
       raise ValueError(f'spec must be an MLPSpec, ConvNetSpec, ResNetSpec or InceptionSpec, got {type(spec)}')
@@ -394,7 +401,11 @@ def make_apply(spec, *, conv_impl: str = 'auto', compute_dtype: Any = None) -> A
         as the server kernel plus factors (`performance.LowRankDense`).
     Pure: compose freely with jit, vmap (over params, batch_stats and x
     together), grad (use `has_aux`), lax.scan and lax.map.
+    Text models (LSTMSpec, TransformerSpec): `_text.make_apply` (token ids in,
+    next-token logits out; conv_impl unused).
   """
+  if isinstance(spec, _text.TEXT_SPECS):
+    return _text.make_apply(spec, compute_dtype=compute_dtype)
   graphdef, abstract_params, abstract_stats = _abstract_split(spec, _layers.resolve_conv_impl(conv_impl))
   input_shape = tuple(spec.input_shape)
   input_dtype, to_compute = mixed_precision(compute_dtype)
