@@ -12,7 +12,7 @@ from typing import Any
 from fedjax_prune import models
 
 _TYPES = {cls.__name__: cls for cls in (models.MLPSpec, models.ConvNetSpec, models.ResNetSpec,
-                                        models.InceptionSpec)}
+                                        models.InceptionSpec) + models.TEXT_SPECS}
 
 
 def spec_to_json(spec) -> dict[str, Any]:

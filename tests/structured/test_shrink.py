@@ -1,4 +1,6 @@
 """Surgery contract: shrunk model == masked dense model, accounting agrees, state slices alike."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,7 +206,9 @@ def test_coupled_group_disagreement_and_identity_collapse_raise():
 
 
 def test_spec_json_round_trip():
-  for spec in MODELS.values():
-    assert structured.spec_from_json(structured.spec_to_json(spec)) == spec
+  text = (models.leaf_shakespeare_lstm(), models.shakespeare_transformer(),
+          models.TransformerSpec(vocab_size=7, seq_len=6, d_model=8, blocks=((2, 3, 10), (0, 4, 0))))
+  for spec in (*MODELS.values(), *text):
+    assert structured.spec_from_json(json.loads(json.dumps(structured.spec_to_json(spec)))) == spec
   with pytest.raises(ValueError, match="unknown"):
     structured.spec_from_json({"type": "Transformer"})
