@@ -914,3 +914,97 @@ def text_flops_per_token(spec: models.TextSpec, masks: Optional[Masks] = None, *
   total = text_flops(spec, masks, all_positions=True, include_softmax=include_softmax,
                      norm_flops_per_element=norm_flops_per_element)
   return total // spec.seq_len
+
+
+# ----------------------------------------------------------------------------
+# Sparse FL client cost, term by term (FedTiny vs the baselines, issue 25).
+
+
+class CostTerms(NamedTuple):
+  """One client's cost in one round of sparse FL, term by term (`client_cost_terms`).
+
+  Attributes:
+    compute: FLOPs per term: 'local_training', 'dense_gradient', 'forward_only'.
+    memory: bytes per term: 'weights', 'gradients', 'optimizer', 'masks', 'activations',
+      'dense_gradient', 'topk_buffer'.
+  """
+  compute: dict
+  memory: dict
+
+  @property
+  def total_compute(self) -> int:
+    """= `client_round_cost(...).training_flops`."""
+    return sum(self.compute.values())
+
+  @property
+  def total_memory(self) -> int:
+    """= `client_round_cost(...).peak_memory`."""
+    return sum(self.memory.values())
+
+
+def client_cost_terms(spec: models.ModelSpec, masks: Optional[Masks] = None, *, batch_size: int,
+                      local_steps: int, optimizer_slots: int = 0, dense_grad_batches: int = 0,
+                      dense_grad_layers: Optional[Sequence[str]] = None, forward_examples: int = 0,
+                      topk_entries: int = 0, dtype_bytes: int = 4) -> CostTerms:
+  """`client_round_cost`'s training FLOPs and peak memory split into their terms.
+
+  With F(m) = 2 x kept MACs at batch 1 under masks m and B = batch_size (the arguments are
+  `client_round_cost`'s; the totals are equal):
+
+    compute  local_training  local_steps x 3 F(m) B   (sparse forward + two backward passes)
+             dense_gradient  dense_grad_batches x B x (2 F(m) + F_dense(L))   (L =
+                             dense_grad_layers, every conv/dense layer when None)
+             forward_only    forward_examples x F(m)
+    memory   weights         kept parameters + BN running statistics (`training_memory`)
+             gradients       one value per kept parameter
+             optimizer       optimizer_slots values per kept parameter
+             masks           one bit per mask element
+             activations     one batch of B examples: input + every alive intermediate output
+             dense_gradient  the dense gradient of L (kernels and biases), when
+                             dense_grad_batches > 0
+             topk_buffer     topk_entries x (dtype_bytes + index bytes)
+
+  What each method charges per round (its `extra_cost` in `pruning/`), so a claim such as
+  FedTiny's -95.91 % compute / -94.01 % memory can be recomputed term by term:
+    dense FedAvg  masks None: local_training and every memory term of the dense model.
+    FedTiny       + dense_gradient of the adjusted block's layers and topk_buffer (K =
+                  sum_l floor(f(t) a_l) over them) in adjustment rounds; forward_only in
+                  round 0 (adaptive BN selection: C statistics + C evaluation sweeps).
+    FedDST        + dense_gradient of every layer in adjustment rounds (no top-K buffer).
+    PruneFL       + importance_batches dense gradients of every layer in adjustment rounds
+                  (its one-client initial pruning is reported apart, not per round).
+    LotteryFL     local training under its current masks (dense until its first prune).
+    SNIP, SynFlow local training at the target density (the mask is computed once).
+  None of these charges the server, and `activations` does not shrink with unstructured
+  sparsity (only with channels that no kept weight reaches).
+
+  Returns:
+    CostTerms of Python ints.
+  """
+  # The same arguments, checked the same way (bad values and unknown layers raise there).
+  client_round_cost(spec, masks, batch_size=batch_size, local_steps=local_steps,
+                    optimizer_slots=optimizer_slots, dense_grad_batches=dense_grad_batches,
+                    dense_grad_layers=dense_grad_layers, forward_examples=forward_examples,
+                    topk_entries=topk_entries, dtype_bytes=dtype_bytes)
+  forward = sum(row.mac_flops for row in layer_costs(spec, masks, include_softmax=False))
+  dense_rows = [r for r in layer_costs(spec, None, include_softmax=False) if r.mac_flops]
+  if dense_grad_layers is not None:
+    dense_rows = [r for r in dense_rows if r.name in set(dense_grad_layers)]
+  compute = {
+      'local_training': local_steps * 3 * forward * batch_size,
+      'dense_gradient': dense_grad_batches * batch_size * (
+          2 * forward + sum(r.mac_flops for r in dense_rows)),
+      'forward_only': forward_examples * forward,
+  }
+  train = training_memory(spec, batch_size, optimizer_slots=optimizer_slots, masks=masks,
+                          dtype_bytes=dtype_bytes)
+  shapes = _leaves_with_keys(_shape_tree(spec, False))
+  index_bytes = _index_bytes(max(math.prod(s) for _, s in shapes))
+  memory = {
+      'weights': train.params, 'gradients': train.grads, 'optimizer': train.optimizer,
+      'masks': train.masks, 'activations': train.activations,
+      'dense_gradient': (dtype_bytes * sum(r.params for r in dense_rows)
+                         if dense_grad_batches else 0),
+      'topk_buffer': topk_entries * (dtype_bytes + index_bytes),
+  }
+  return CostTerms({k: int(v) for k, v in compute.items()}, {k: int(v) for k, v in memory.items()})

@@ -7,10 +7,12 @@ Command:
 Reduced from the paper setting (fedtiny_cifar10.py): the 20-client PFLlib split in
 ../shared/data/cifar10 (Dirichlet 0.3, 8,265 train / 2,767 test images), VGG-11 at
 1/8 width (conv widths 8..64, 145,554 parameters), ERK layer densities, 20 rounds of
-5 clients x 4 local steps of batch 32, SGD lr 0.05, ΔT = 4, T_end = 16, C = 3
-candidates, 3 blocks; evaluation after the last round.
+5 clients x 4 local steps of batch 32, SGD lr 0.05, C = 3 candidates, 3 blocks, the
+paper's schedule scaled to 20 rounds (ΔT = 1, T_end = 12: 11 adjustment rounds, each block
+adjusted 3-4 times); evaluation after the last round.
 Expected runtime: 1-3 minutes on a 2-core CPU shared with other jobs (measured
-35-180 s of rounds under load 5-20). Expected result (3 seeds, docs/results/fedtiny.md):
+35-180 s of rounds under load 5-20). Expected result (3 seeds, docs/results/fedtiny.md,
+measured with the earlier ΔT = 4, T_end = 16 schedule that adjusted each block about once):
 test accuracy 0.29-0.34 at density 0.05 and 0.14-0.17 at 0.01 (chance 0.10),
 density exactly the target throughout.
 """

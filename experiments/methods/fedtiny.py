@@ -2,7 +2,8 @@
 BN selection on round 0's cohort, then progressive prune-and-grow).
 
 Config fields (config.sparse, shared with the baselines' driver `sparse.py`):
-density, distribution, adjust_every (ΔT), adjust_end (T_end), adjust_alpha (α),
+density, distribution, adjust_every (ΔT), adjust_end (T_end; both 0: the paper's 10 / 300
+per 500 rounds scaled to config.rounds, `sparse.adjust_schedule`), adjust_alpha (α),
 growth_batch_size (0 = client batch), num_candidates (C), candidate_mode
 ('seeds' | 'random_layerwise_density'), bn_aggregation ('statistics' | 'affine':
 the port's gap), progressive ('blockwise' | 'all_layers': the port's mode),
@@ -32,6 +33,15 @@ def validate(config) -> None:
   build_lib._choice(config, "sparse.progressive", PROGRESSIVE)
   build_lib._int_in(config, "sparse.num_blocks", 1)
   build_lib._choice(config, "sparse.block_order", BLOCK_ORDERS)
+  adjust_schedule(config)
+
+
+def adjust_schedule(config) -> tuple[int, int]:
+  """FedTiny's (ΔT, T_end): `sparse.adjust_schedule`, a scaled one adjusting each block
+  (config.sparse.num_blocks; 1 with 'all_layers') at least 3 times."""
+  s = config.sparse
+  blocks = s.num_blocks if s.progressive == "blockwise" else 1
+  return sparse_driver.adjust_schedule(config, num_blocks=blocks, min_adjustments=3)
 
 
 def build(config, env: runtime.Env) -> runtime.Run:
@@ -49,7 +59,10 @@ def build(config, env: runtime.Env) -> runtime.Run:
                                         reverse=s.block_order == "output_to_input")
   else:
     progressive = fedtiny_lib.AllLayers()
-  options = dict(progressive=progressive, adjust_every=s.adjust_every, adjust_end=s.adjust_end,
+  adjust_every, adjust_end = adjust_schedule(config)
+  env.log(f"adjustment schedule: every {adjust_every} rounds before round {adjust_end} "
+          f"({fedtiny_lib.num_adjustments(adjust_every, adjust_end)} adjustments)")
+  options = dict(progressive=progressive, adjust_every=adjust_every, adjust_end=adjust_end,
                  adjust_alpha=s.adjust_alpha, growth_batch_size=s.growth_batch_size or None)
   opt = sparse_driver.client_optimizer(config)
   algorithm_for = lambda apply_fn, schedule: fedtiny_lib.fedtiny(apply_fn, opt, schedule,

@@ -36,8 +36,8 @@ def validate_common(config) -> None:
     raise build_lib.ConfigError("config field 'sparse' is missing (see experiments/configs/sparse_cifar10.py)")
   build_lib._float_in(config, "sparse.density", 0.0, 1.0, lo_open=True)
   build_lib._choice(config, "sparse.distribution", _sparse.DISTRIBUTIONS)
-  build_lib._int_in(config, "sparse.adjust_every", 1)
-  build_lib._int_in(config, "sparse.adjust_end", 1)
+  build_lib._int_in(config, "sparse.adjust_every", 0)
+  build_lib._int_in(config, "sparse.adjust_end", 0)
   build_lib._float_in(config, "sparse.adjust_alpha", 0.0, 1.0)
   build_lib._int_in(config, "sparse.growth_batch_size", 0)
   if config.model.name not in ("vgg11", "resnet18", "mlp"):
@@ -50,6 +50,8 @@ def validate(config) -> None:
   method = build_lib._choice(config, "sparse.method", METHODS)
   if "init_candidate" in config.sparse:
     build_lib._int_in(config, "sparse.init_candidate", 0)
+  if method in ("feddst", "prunefl"):  # the methods with an adjustment schedule
+    adjust_schedule(config)
   if method == "feddst":
     build_lib._int_in(config, "sparse.post_adjust_steps", 0)
   if method == "prunefl":
@@ -69,6 +71,29 @@ def validate(config) -> None:
     build_lib._float_in(config, "sparse.lottery_accuracy_threshold", 0.0, 1.0)
   if method == "synflow":
     build_lib._int_in(config, "sparse.synflow_iterations", 1)
+
+
+def adjust_schedule(config, *, num_blocks: int = 1, min_adjustments: int = 1) -> tuple[int, int]:
+  """(adjust_every, adjust_end) of config.sparse (FedTiny's ΔT and T_end, also FedDST's and
+  PruneFL's last round): as given, or, with both 0, the paper's 10 / 300 per 500 rounds
+  scaled to config.rounds (`fedtiny.scaled_schedule`: the same rounds for every method;
+  ConfigError when they are too few for each of `num_blocks` blocks to be adjusted
+  `min_adjustments` times)."""
+  s = config.sparse
+  every, end = s.adjust_every, s.adjust_end
+  if every == 0 and end == 0:
+    try:
+      return fedtiny.scaled_schedule(config.rounds, num_blocks=num_blocks,
+                                     min_adjustments=min_adjustments)
+    except ValueError as e:
+      raise build_lib.ConfigError(
+          f"config.sparse.adjust_every=0 and adjust_end=0 scale the schedule to "
+          f"config.rounds={config.rounds}, but {e}") from None
+  if every == 0 or end == 0:
+    raise build_lib.ConfigError(
+        f"config.sparse.adjust_every={every} and adjust_end={end} are invalid: both >= 1, "
+        "or both 0 (the paper's schedule scaled to config.rounds)")
+  return every, end
 
 
 def spec_for(config, data: build_lib.Data):
@@ -130,12 +155,14 @@ def build(config, env: runtime.Env) -> runtime.Run:
   # PruneFL's per-output-unit floor (our default 1; 0 = the paper's global top-k). Older
   # configs without the field get the default.
   prunefl_floor = int(s.get("prunefl_min_per_output", 1))
+  scheduled = method in ("feddst", "prunefl")  # the methods with an adjustment schedule
+  adjust_every, adjust_end = adjust_schedule(config) if scheduled else (None, None)
   post = (federated.LocalSchedule(batch_size=config.client.batch_size, num_steps=s.post_adjust_steps)
           if method == "feddst" and s.post_adjust_steps else None)
   options = {
-      "feddst": dict(adjust_every=s.adjust_every, adjust_end=s.adjust_end,
+      "feddst": dict(adjust_every=adjust_every, adjust_end=adjust_end,
                      adjust_alpha=s.adjust_alpha, growth_batch_size=growth),
-      "prunefl": dict(adjust_every=s.prunefl_adjust_every, adjust_end=s.adjust_end,
+      "prunefl": dict(adjust_every=s.prunefl_adjust_every, adjust_end=adjust_end,
                       importance_batches=s.importance_batches, min_per_output=prunefl_floor),
       "lotteryfl": dict(prune_every=s.lottery_prune_every, num_prune_steps=s.lottery_steps,
                         accuracy_threshold=s.lottery_accuracy_threshold),

@@ -3,7 +3,7 @@
 A `base.MaskRule` (`client_prune_and_regrow`) run by `base.masked_fedavg`; `feddst_method`
 runs it end to end from magnitude masks of the initial weights (`fedtiny.sparse_setup`).
 
-Every `adjust_every` rounds (up to `adjust_end`) each sampled client, after its
+Every `adjust_every` rounds (before `adjust_end`, as FedTiny) each sampled client, after its
 local training, prunes floor(f(t) a_l) of the active weights of smallest |w| in
 every sparse layer and regrows as many inactive positions of largest |g| (one
 mini-batch, dense gradient; RigL-style, regrown weights start at 0), then keeps
@@ -31,7 +31,8 @@ from fedjax_prune.federated import (FedAlgorithm, LocalSchedule, make_local_trai
                                     softmax_cross_entropy)
 from fedjax_prune.pruning import _sparse, base
 from fedjax_prune.pruning._sparse import rank_select
-from fedjax_prune.pruning.fedtiny import adjust_counts, prune_and_grow, sparse_setup
+from fedjax_prune.pruning.fedtiny import (adjust_counts, adjustment_round, prune_and_grow,
+                                          sparse_setup)
 from fedjax_prune.types import BatchStats, Params, PRNGKey
 
 
@@ -56,7 +57,8 @@ def client_prune_and_regrow(apply_fn: Callable, client_optimizer, post_adjust: L
   flags = _sparse.leaf_flags(prunable, prunable)
   post_train = None if post_adjust is None else make_local_train(
       apply_fn, client_optimizer, post_adjust, loss_fn=loss_fn, train_transform=train_transform)
-  is_adjustment = lambda t: masks_lib.should_update(t, adjust_every, begin=1, end=adjust_end)
+  # FedTiny's rounds (0 < t < T_end, t % ΔT == 0): both methods adjust in the same rounds.
+  is_adjustment = lambda t: adjustment_round(t, adjust_every, adjust_end)
 
   def init(params: Params, key: PRNGKey, batch_stats: BatchStats | None = None) -> base.MaskState:
     del key, batch_stats  # density 1 unless `masked_fedavg.init` is given masks
@@ -112,7 +114,8 @@ def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pru
   Args:
     apply_fn, client_optimizer, schedule, loss_fn, train_transform: as `fedavg`.
     prunable: static bool filter with the params' structure.
-    adjust_every, adjust_end, adjust_alpha: readjustment period, last round, initial fraction.
+    adjust_every, adjust_end, adjust_alpha: readjustment period, T_end (readjustments at
+      0 < t < T_end, FedTiny's rounds), initial fraction.
     post_adjust: local schedule run after a client's prune/regrow, on top of `schedule`
       (extra training in adjustment rounds, counted in the records' `local_steps`);
       None (default): none, so every sparse method trains the same local steps per round

@@ -19,7 +19,8 @@ leaves open follows "the port", the authors' group's later re-implementation
    aggregated: candidates are compared with their initial running statistics).
 3. Progressive prune-and-grow (`progressive_prune_and_grow`, a `base.MaskRule`;
    `fedtiny` = `base.masked_fedavg` with it): every `adjust_every` rounds up to
-   `adjust_end`, with the cosine-annealed fraction f(t) = alpha/2 (1 + cos(pi t / T_end)),
+   `adjust_end` (exclusive: f(T_end) = 0 would change nothing), with the cosine-annealed
+   fraction f(t) = alpha/2 (1 + cos(pi t / T_end)),
    clients upload the top-K_l = floor(f(t) a_l) gradients (one mini-batch,
    dense gradient) among the INACTIVE positions of each adjusted layer; the
    server prunes the K_l active weights of smallest |w| (FedAvg aggregate)
@@ -437,6 +438,70 @@ def _block_ids(params: Params, prunable: Any, progressive: Progressive) -> list[
   return ids
 
 
+# The paper's schedule (METHODS.md §2.5): ΔT 10 and T_end 300 for T = 500 rounds.
+PAPER_ROUNDS, PAPER_ADJUST_EVERY, PAPER_ADJUST_END = 500, 10, 300
+
+
+def adjustment_round(round_idx: Any, adjust_every: int, adjust_end: int) -> bool | jax.Array:
+  """Whether round t adjusts the mask: t % ΔT == 0 and 0 < t < T_end.
+
+  The port also "adjusts" at t = T_end, where f(T_end) = 0 prunes and grows nothing but
+  the clients still compute (and are charged) a dense gradient; that no-op is skipped.
+  Python bool for an int round, a bool scalar for a traced one.
+  """
+  # (T_end < 2: no round has 0 < t < T_end; `& False` keeps a Python bool a Python bool.)
+  return (masks_lib.should_update(round_idx, adjust_every, begin=1, end=max(adjust_end - 1, 1))
+          & (adjust_end >= 2))
+
+
+def num_adjustments(adjust_every: int, adjust_end: int) -> int:
+  """Number of adjustment rounds (`adjustment_round`) of a schedule: (T_end - 1) // ΔT."""
+  return max(0, (adjust_end - 1) // adjust_every)
+
+
+def scaled_schedule(rounds: int, *, num_blocks: int = 1, min_adjustments: int = 3
+                    ) -> tuple[int, int]:
+  """The paper's adjustment schedule scaled to a run of `rounds` rounds: (ΔT, T_end).
+
+  ΔT = max(1, floor(T * 10 / 500)) and T_end = floor(T * 300 / 500) keep the paper's
+  ratios (ΔT 10, T_end 300 at T = 500; exact whenever T is a multiple of 50). A
+  `Blockwise` schedule with `num_blocks` blocks adjusts block r mod num_blocks at the
+  r-th of the `num_adjustments(ΔT, T_end)` adjustment rounds, so every block is adjusted
+  at least num_adjustments // num_blocks times (29 // 4 = 7 in the paper's setting).
+
+  Args:
+    rounds: T, the run's rounds (>= 1).
+    num_blocks: blocks of the progressive schedule (1 for `AllLayers`).
+    min_adjustments: adjustments every block must get (>= 1).
+
+  Returns:
+    (adjust_every, adjust_end), Python ints.
+
+  Raises:
+    ValueError: when T is too small for every block to be adjusted `min_adjustments`
+      times (the message gives the smallest T that is enough).
+  """
+  _sparse.check_int("rounds", rounds, 1)
+  _sparse.check_int("num_blocks", num_blocks, 1)
+  _sparse.check_int("min_adjustments", min_adjustments, 1)
+
+  def schedule(t):
+    return (max(1, t * PAPER_ADJUST_EVERY // PAPER_ROUNDS), t * PAPER_ADJUST_END // PAPER_ROUNDS)
+
+  every, end = schedule(rounds)
+  per_block = num_adjustments(every, end) // num_blocks
+  if per_block < min_adjustments:
+    enough = rounds + 1
+    while num_adjustments(*schedule(enough)) // num_blocks < min_adjustments:
+      enough += 1
+    raise ValueError(
+        f"rounds={rounds} is too few to adjust each of {num_blocks} block(s) {min_adjustments} "
+        f"times: the scaled schedule (adjust_every={every}, adjust_end={end}) has "
+        f"{num_adjustments(every, end)} adjustment rounds, {per_block} per block; use rounds >= "
+        f"{enough} or fewer blocks")
+  return every, end
+
+
 def adjust_counts(masks: Masks, fraction: jax.Array, in_block: list) -> list:
   """K_l = floor(f * a_l) for adjusted layers, 0 for the others (a_l = active entries).
 
@@ -526,7 +591,7 @@ def progressive_prune_and_grow(apply_fn: Callable, *, prunable: Any, adjust_ever
   reverse = isinstance(progressive, Blockwise) and progressive.reverse
 
   def is_adjustment(round_idx):
-    return masks_lib.should_update(round_idx, adjust_every, begin=1, end=adjust_end)
+    return adjustment_round(round_idx, adjust_every, adjust_end)
 
   def counts_for(masks, round_idx):
     frac = masks_lib.cosine_fraction(round_idx, adjust_alpha, adjust_end)
@@ -586,7 +651,8 @@ def fedtiny(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
     schedule: LocalSchedule.
     prunable: static bool filter with the params' structure (e.g.
       `masks.by_ndim(params)`); only its structure and flags are used.
-    adjust_every: ΔT, rounds between adjustments (adjust at t % ΔT == 0, 0 < t <= T_end).
+    adjust_every: ΔT, rounds between adjustments (adjust at t % ΔT == 0, 0 < t < T_end;
+      `scaled_schedule(T)` gives the paper's ΔT and T_end scaled to a run of T rounds).
     adjust_end: T_end.
     adjust_alpha: α, initial prune/grow fraction.
     progressive: `AllLayers()` (port) or `Blockwise(blocks, reverse)`; with

@@ -7,7 +7,7 @@ import pytest
 
 from fedjax_prune import data as data_lib
 from fedjax_prune import federated, masks, models, testing
-from fedjax_prune.pruning import _sparse
+from fedjax_prune.pruning import _sparse, base
 from fedjax_prune.pruning import fedtiny as ft
 
 SCHED = federated.LocalSchedule(batch_size=4)
@@ -255,3 +255,81 @@ def test_network_order_and_bad_blocks():
     _sparse.sparse_budget(p, 1e-4, prune)
   with pytest.raises(ValueError, match="adjust_every must be an int >= 1"):
     ft.fedtiny(apply_fn, optax.sgd(0.1), SCHED, prunable=prune, adjust_every=0)
+
+
+# ----------------------------------------------------------------------------
+# The adjustment schedule scaled to a run's rounds (issue 25).
+
+
+def test_scaled_schedule_keeps_the_paper_ratios():
+  assert ft.scaled_schedule(500) == ft.scaled_schedule(500, num_blocks=4) == (10, 300)
+  assert ft.scaled_schedule(1000, num_blocks=4) == (20, 600)
+  assert ft.scaled_schedule(150, num_blocks=4) == (3, 90)
+  assert ft.scaled_schedule(20, num_blocks=3) == (1, 12)  # ΔT never below 1
+  # f(T_end) = 0 adjusts nothing: the rounds are 0 < t < T_end (29 of them at T = 500).
+  assert ft.num_adjustments(10, 300) == 29
+  assert [t for t in range(20) if ft.adjustment_round(t, 4, 16)] == [4, 8, 12]
+  assert not ft.adjustment_round(300, 10, 300) and ft.adjustment_round(290, 10, 300)
+  with pytest.raises(ValueError, match=r"rounds=20 is too few to adjust each of 4 block\(s\) 3 "
+                                       r"times.*11 adjustment rounds, 2 per block; use rounds >= 22"):
+    ft.scaled_schedule(20, num_blocks=4)
+  assert ft.scaled_schedule(22, num_blocks=4) == (1, 13)  # the bound the message names
+  with pytest.raises(ValueError, match="num_blocks must be an int >= 1"):
+    ft.scaled_schedule(500, num_blocks=0)
+
+
+def _adjustments_per_block(num_blocks, rounds, adjust_every, adjust_end):
+  """Runs the real rule's server update for `rounds` rounds (one kernel per block, random
+  aggregated gradients, one lax.scan) and returns, per block, the rounds it reported as
+  adjusted and the rounds in which its mask really changed (asserting that no other
+  block's mask changed then). Which block a round adjusts does not depend on the layers'
+  sizes, so one 32x64 kernel per block (205 active at density 0.1) stands in for a model."""
+  params = {f"dense_{b}": {"kernel": jax.random.normal(jax.random.key(b), (32, 64))}
+            for b in range(num_blocks)}
+  prunable = masks.by_ndim(params)
+  blocks = ft.network_blocks(params, prunable, num_blocks)
+  assert blocks == tuple((f"dense_{b}/kernel",) for b in range(num_blocks))
+  rule = ft.progressive_prune_and_grow(None, prunable=prunable, adjust_every=adjust_every,
+                                       adjust_end=adjust_end, progressive=ft.Blockwise(blocks),
+                                       growth_batch_size=1)
+  params, m = ft.sparse_setup(params, 0.1, prunable=prunable)
+
+  def step(state, t):
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.fold_in(jax.random.key(1), t),
+                                                     p.shape), params)
+    sums = base.CohortSums(params, {}, grads, None, jnp.ones(()), jnp.ones(()), None)
+    new, _, metrics = rule.update(state, base.Model(params, {}), sums, t, jax.random.key(t))
+    moved = jnp.stack([jnp.any(a != b) for a, b in zip(jax.tree.leaves(new.masks),
+                                                       jax.tree.leaves(state.masks))])
+    return new, (metrics["adjusted"], metrics["adjusted_block"], moved)
+
+  _, (adjusted, block, moved) = jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(rounds)))(
+      base.MaskState(m))
+  adjusted, block, moved = np.asarray(adjusted), np.asarray(block), np.asarray(moved)
+  reported, changed = [0] * num_blocks, [0] * num_blocks
+  for t in range(rounds):
+    if adjusted[t]:
+      reported[int(block[t])] += 1
+    for b in np.flatnonzero(moved[t]):
+      assert adjusted[t] and block[t] == b, f"round {t}: block {b} changed outside its turn"
+      changed[b] += 1
+  return reported, changed
+
+
+@pytest.mark.parametrize("config_name", [
+    "fedtiny_cifar10_cpu", pytest.param("fedtiny_cifar10_converged", marks=pytest.mark.slow)])
+def test_cpu_configs_adjust_every_block_at_least_three_times(config_name):
+  """Issue 25: the CPU configs' schedule (ΔT 4, T_end 16 before) adjusted each block about
+  once; scaled to their rounds, the real rule now adjusts every block >= 3 times (counted
+  from its reports and from the masks that really moved, not from the formula)."""
+  import importlib
+  from experiments.methods import fedtiny as fedtiny_driver
+  from experiments.methods import sparse as sparse_driver
+  config = importlib.import_module(f"experiments.configs.{config_name}").get_config()
+  num_blocks = config.sparse.num_blocks
+  every, end = fedtiny_driver.adjust_schedule(config)
+  assert (every, end) == ft.scaled_schedule(config.rounds, num_blocks=num_blocks)
+  reported, changed = _adjustments_per_block(num_blocks, config.rounds, every, end)
+  assert min(reported) >= 3 and min(changed) >= 3, (reported, changed)
+  # FedDST readjusts in the same rounds (equal terms).
+  assert sparse_driver.adjust_schedule(config) == (every, end)

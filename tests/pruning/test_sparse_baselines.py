@@ -437,3 +437,79 @@ def test_column_floor_hand_computed():
                                             [True, False, True]])
   assert chosen[1] is None
   assert _sparse.floor_count((3, 3, 2, 5), 2) == 10 and _sparse.floor_count((2, 5), 0) == 0
+
+
+# ----------------------------------------------------------------------------
+# Client cost, term by term (issue 25: FedTiny's compute / memory claims).
+
+
+def test_client_cost_terms_hand_count():
+  """MLP 4 -> 3 -> 2 (kernels 4x3 and 3x2 with biases), kernel masks keeping 6 of 12 and 3
+  of 6 with every hidden unit reached: F(m) = 2 x (6 + 3) = 18 FLOPs per example, the dense
+  F = 2 x (12 + 6) = 36. B = 5, 2 local steps, momentum (1 slot), float32."""
+  from fedjax_prune import accounting
+  spec = models.mlp(input_shape=(4,), hidden=(3,), num_classes=2)
+  m = {"dense_0": {"kernel": np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], bool),
+                   "bias": np.ones((), bool)},
+       "dense_1": {"kernel": np.array([[1, 0], [0, 1], [1, 0]], bool), "bias": np.ones((), bool)}}
+  kept = 6 + 3 + 3 + 2  # kept kernel entries + the (dense) biases
+  activations = 4 + 3 + 3 + 2  # per example: input, dense_0 out, its ReLU, logits
+  common = dict(batch_size=5, local_steps=2, optimizer_slots=1)
+  # FedTiny's adjustment round: the dense gradient of the adjusted block (dense_1: 6 + 2
+  # entries) on one batch, a top-K buffer of 2 (value + a 1-byte index into <= 12 positions),
+  # and 7 forward-only examples (as ABNS adds in round 0).
+  fedtiny_like = dict(dense_grad_batches=1, dense_grad_layers=["dense_1"], topk_entries=2,
+                      forward_examples=7)
+  terms = accounting.client_cost_terms(spec, m, **common, **fedtiny_like)
+  assert terms.compute == {"local_training": 2 * 3 * 18 * 5,
+                           "dense_gradient": 1 * 5 * (2 * 18 + 2 * 6),
+                           "forward_only": 7 * 18}
+  assert terms.memory == {"weights": 4 * kept, "gradients": 4 * kept, "optimizer": 4 * kept,
+                          "masks": 2 + 1,  # ceil(12 / 8) + ceil(6 / 8) bitmap bytes
+                          "activations": 4 * 5 * activations,
+                          "dense_gradient": 4 * (6 + 2), "topk_buffer": 2 * (4 + 1)}
+  total = accounting.client_round_cost(spec, m, **common, **fedtiny_like)
+  assert (terms.total_compute, terms.total_memory) == (total.training_flops, total.peak_memory)
+  # FedDST's adjustment round: every layer's dense gradient, no top-K buffer.
+  dst = accounting.client_cost_terms(spec, m, **common, dense_grad_batches=1)
+  assert dst.compute["dense_gradient"] == 5 * (2 * 18 + 36)
+  assert dst.memory["dense_gradient"] == 4 * (12 + 3 + 6 + 2) and dst.memory["topk_buffer"] == 0
+  # Dense FedAvg: everything at density 1, no mask bits.
+  dense = accounting.client_cost_terms(spec, None, **common)
+  assert dense.compute == {"local_training": 2 * 3 * 36 * 5, "dense_gradient": 0,
+                           "forward_only": 0}
+  assert dense.memory["weights"] == 4 * (12 + 3 + 6 + 2) and dense.memory["masks"] == 0
+  assert dense.memory["activations"] == terms.memory["activations"]  # sparsity does not shrink them
+  with pytest.raises(ValueError, match="dense_grad_layers .* are not conv/dense layers"):
+    accounting.client_cost_terms(spec, m, **common, dense_grad_batches=1,
+                                 dense_grad_layers=["conv_9"])
+
+
+def test_converged_sweep_is_the_grid_on_equal_terms():
+  """experiments/configs/fedtiny_cifar10_converged.py (issue 25): dense x 3 seeds first, then
+  6 methods x 3 densities x 3 seeds, every run validated by its driver, all with the same
+  rounds, cohort, local schedule, optimizer and starting weights, no extra FedDST steps, and
+  FedTiny's adjustment rounds shared by FedDST."""
+  from experiments import sweep
+  from experiments.configs import fedtiny_cifar10_converged as converged
+  from experiments.methods import fedtiny as fedtiny_driver
+  from experiments.methods import sparse as sparse_driver
+  path = os.path.join("experiments", "configs", "fedtiny_cifar10_converged.py")
+  runs = sweep.expand(converged.get_config(), sweep.load_sweep_fn(path))
+  assert len(runs) == 3 + 6 * 3 * 3 == len({r.name for r in runs})
+  name = lambda c: c.method if c.method == "fedtiny" else c.sparse.method
+  assert [name(r.config) for r in runs[:3]] == ["dense"] * 3
+  cells = {(name(r.config), r.config.sparse.density, r.config.seeds.init) for r in runs[3:]}
+  assert cells == {(m, d, s) for m in converged.METHODS for d in (0.1, 0.05, 0.01)
+                   for s in (0, 1, 2)}
+  for r in runs:
+    c = r.config
+    assert c.seeds.init == c.seeds.sampling == c.seeds.training
+    assert (c.rounds, c.clients_per_round, c.client.to_dict(), c.model.to_dict(),
+            c.data.to_dict()) == (runs[0].config.rounds, runs[0].config.clients_per_round,
+                                  runs[0].config.client.to_dict(), runs[0].config.model.to_dict(),
+                                  runs[0].config.data.to_dict())
+    assert c.sparse.init_candidate == 0 and c.sparse.post_adjust_steps == 0
+  tiny = next(r.config for r in runs if r.config.method == "fedtiny")
+  dst = next(r.config for r in runs if name(r.config) == "feddst")
+  assert fedtiny_driver.adjust_schedule(tiny) == sparse_driver.adjust_schedule(dst) == (3, 90)
