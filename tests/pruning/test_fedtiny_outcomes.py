@@ -164,7 +164,7 @@ def test_fedtiny_at_density_0_1_keeps_90_percent_of_dense_accuracy():
   apply_fn = _apply_for(_spec())
   dense = _trained("dense")[-1]
   dense_accuracy = np.mean(_predict(apply_fn, dense.params, dense.batch_stats, test_x) == test_y)
-  assert dense_accuracy >= 0.9, f"the task must be learnable for the check to mean anything"
+  assert dense_accuracy >= 0.9, "the task must be learnable for the check to mean anything"
   tiny = _trained("fedtiny")[-1]
   assert float(masks_lib.density(tiny.masks, tiny.params)) == pytest.approx(DENSITY, abs=2e-3)
   predictions = _predict(apply_fn, tiny.params, tiny.batch_stats, test_x)
