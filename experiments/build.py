@@ -9,6 +9,7 @@ import math
 import os
 from typing import Any, Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -106,6 +107,7 @@ def validate(config) -> None:
     raise ConfigError(f"config.clients_per_round={cpr} exceeds data.num_clients={n}: allowed [1, {n}]")
   _int_in(config, "eval_every", 1)
   _int_in(config, "eval_batch_size", 1)
+  validate_robust(config)
   strategy = _get(config, "strategy")
   if strategy != "auto":
     try:
@@ -235,11 +237,161 @@ def build_algorithm(config, apply_fn, schedule=None, lowrank=None) -> federated.
   return federated.fedprox(apply_fn, client_opt, schedule, mu=a.prox_mu)
 
 
+# ----------------------------------------------------------------------------- robust FL (issue 28)
+# config.robust: aggregator ('mean', 'median', 'trimmed_mean', 'norm_bound', 'krum') and its
+# parameters; config.attack: kind, fraction of malicious clients, parameters. Both optional.
+
+ROBUST_AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bound", "krum")
+ATTACKS = ("none", "sign_flip", "scaled", "gaussian", "label_flip", "backdoor")
+# The view of each driver's sums (`federated.with_aggregator`).
+_FEDAVG_METHODS = ("fedavg", "asp", "l1_filter")
+_HETERO_METHODS = ("fiarse", "heterofl", "fedrolex", "scalefl")
+_MASKED_METHODS = ("fedtiny", "sparse")
+
+
+def robust_active(config) -> bool:
+  """Whether the run aggregates with something other than the mean or has attackers."""
+  r, a = config.get("robust"), config.get("attack")
+  return bool((r is not None and r.get("aggregator", "mean") != "mean")
+              or (a is not None and a.get("kind", "none") != "none" and a.get("fraction", 0.0) > 0))
+
+
+def validate_robust(config) -> None:
+  """Checks config.robust and config.attack (when present); ConfigError names the field."""
+  cpr = config.clients_per_round
+  if config.get("robust") is not None:
+    name = _choice(config, "robust.aggregator", ROBUST_AGGREGATORS)
+    if name == "trimmed_mean":
+      beta = _get(config, "robust.trim_fraction")
+      _require(isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 <= beta < 0.5,
+               "robust.trim_fraction", beta, "a number in [0, 0.5) (trimmed from EACH end)")
+    if name == "norm_bound":
+      _float_in(config, "robust.max_norm", 0.0, lo_open=True)
+    if name == "krum":
+      f = _int_in(config, "robust.krum_f", 0)
+      if cpr < 2 * f + 3:
+        raise ConfigError(f"config.robust.krum_f={f} is too large for clients_per_round={cpr}: "
+                          f"Krum needs clients_per_round >= 2 * krum_f + 3 (allowed krum_f in "
+                          f"[0, {max((cpr - 3) // 2, 0)}])")
+      _int_in(config, "robust.krum_m", 1, max(cpr - f, 1))
+  if config.get("attack") is not None:
+    kind = _choice(config, "attack.kind", ATTACKS)
+    fraction = _get(config, "attack.fraction")
+    _require(isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+             and 0 <= fraction <= 1, "attack.fraction", fraction,
+             "a number in [0, 1] (the fraction of clients that attack; more attackers than "
+             "clients is impossible)")
+    _int_in(config, "attack.seed", 0)
+    if kind == "scaled":
+      _float_in(config, "attack.scale", -1e30)
+    if kind == "gaussian":
+      _float_in(config, "attack.sigma", 0.0)
+    if kind == "backdoor":
+      _int_in(config, "attack.target", 0, (config.data.num_classes - 1)
+              if config.data.name == "synthetic" else None)
+      _int_in(config, "attack.trigger_size", 1)
+      _float_in(config, "attack.poison_fraction", 0.0, 1.0, lo_open=True)
+  if robust_active(config):
+    method = config.get("method", "fedavg")
+    known = _FEDAVG_METHODS + _HETERO_METHODS + _MASKED_METHODS + ("cavp",)
+    _require(method in known, "method", method, f"one of {known} with config.robust / config.attack")
+
+
+def build_aggregator(config) -> federated.Aggregator:
+  """The `federated.Aggregator` of config.robust (the mean without it)."""
+  r = config.get("robust")
+  name = "mean" if r is None else r.aggregator
+  if name == "median":
+    return federated.coordinate_median()
+  if name == "trimmed_mean":
+    return federated.trimmed_mean(float(r.trim_fraction))
+  if name == "norm_bound":
+    return federated.norm_bound(float(r.max_norm))
+  if name == "krum":
+    return federated.krum(int(r.krum_f), int(r.krum_m))
+  return federated.mean()
+
+
+def build_attack(config, num_classes: int) -> federated.Attack:
+  a = config.attack
+  if a.kind == "sign_flip":
+    return federated.sign_flip()
+  if a.kind == "scaled":
+    return federated.scaled_update(float(a.scale))
+  if a.kind == "gaussian":
+    return federated.gaussian_noise(float(a.sigma))
+  if a.kind == "label_flip":
+    return federated.label_flip(num_classes)
+  if a.kind == "backdoor":
+    return federated.backdoor(backdoor_trigger(config), int(a.target), float(a.poison_fraction))
+  return federated.no_attack()
+
+
+def backdoor_trigger(config) -> federated.Trigger:
+  return federated.Trigger(size=int(config.attack.trigger_size))
+
+
+def attackers(config, num_clients: int):
+  """[num_clients] bool: the run's malicious clients (a fixed set, from attack.seed)."""
+  a = config.get("attack")
+  if a is None or a.kind == "none":
+    return np.zeros(num_clients, bool)
+  return federated.choose_attackers(num_clients, float(a.fraction), int(a.seed))
+
+
+def robust_algorithm(config, data: Data, alg: federated.FedAlgorithm) -> federated.FedAlgorithm:
+  """`alg` (the method's round algorithm) with config.robust's aggregator and config.attack's
+  attackers; `alg` itself when neither is set."""
+  if not robust_active(config):
+    return alg
+  from fedjax_prune.pruning import _hetero, base  # the views of the pruning paths
+  method = config.get("method", "fedavg")
+  if method in _FEDAVG_METHODS:
+    view = federated.fedavg_view()
+  elif method in _HETERO_METHODS:
+    view = _hetero.counted_view()
+  elif method in _MASKED_METHODS:
+    view = base.aggregation_view()
+  else:  # cavp: sums of n_k * params
+    view = federated.weighted_view("params")
+  aggregator = build_aggregator(config)
+  if config.get("attack") is not None and config.attack.kind != "none":
+    attack = build_attack(config, data.num_classes)
+    bad = attackers(config, data.train.num_clients)
+    alg = federated.poison_data(alg, attack, bad)
+    aggregator = federated.with_attack(aggregator, attack, bad)
+  return federated.with_aggregator(alg, aggregator, view)
+
+
+def backdoor_evaluator(config, data: Data, apply_for: Callable):
+  """`asr(state) -> {'backdoor_asr': float}` on the central test set for a backdoor run
+  (models whose server state has params and batch_stats), else None."""
+  a = config.get("attack")
+  if a is None or a.kind != "backdoor" or config.get("method", "fedavg") == "cavp":
+    return None
+  evaluators = {}
+
+  def asr(state) -> dict:
+    key = repr(state.spec)
+    if key not in evaluators:
+      evaluators.clear()
+      evaluators[key] = jax.jit(federated.make_evaluate(apply_for(state.spec),
+                                                        batch_size=config.eval_batch_size))
+    server = state.server
+    return {"backdoor_asr": federated.attack_success_rate(
+        evaluators[key], server.params, server.batch_stats, data.test_x, data.test_y,
+        backdoor_trigger(config), int(a.target))}
+
+  return asr
+
+
 def build_lowrank(config, spec, params, max_examples: int) -> performance.LowRankDense | None:
   """The `LowRankDense` a '+lowrank' strategy may use for this dense run, or None when the
   run cannot (clients not SGD, FedProx, a model without `dense_lowrank`) or no dense
   kernel is cheaper as factors over the clients' rows (steps x batch)."""
   c, a = config.client, config.algorithm
+  if robust_active(config):  # the robust view reads each client's dense delta
+    return None
   if (c.optimizer != "sgd" or a.name == "fedprox"
       or not isinstance(spec, (models.MLPSpec, models.ConvNetSpec))):
     return None
@@ -252,7 +404,7 @@ def build_lowrank(config, spec, params, max_examples: int) -> performance.LowRan
 
 
 def has_conv(spec) -> bool:
-  return not isinstance(spec, models.MLPSpec)
+  return not isinstance(spec, (models.MLPSpec,) + models.TEXT_SPECS)
 
 
 def default_strategy_cache() -> str:

@@ -375,7 +375,10 @@ def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None =
   strategy = run.strategy
   mesh = runtime.mesh_for(env, strategy)
   # The round donates the server state it is given (saves a model copy).
-  compile_round = lambda alg: strategy.make_round(alg, mesh=mesh, donate=True)
+  # config.robust / config.attack (issue 28) wrap the method's round algorithm.
+  compile_round = lambda alg: strategy.make_round(build.robust_algorithm(config, env.data, alg),
+                                                  mesh=mesh, donate=True)
+  backdoor_asr = build.backdoor_evaluator(config, env.data, runtime.model_fns(env, strategy).apply_for)
   evaluators = {}  # one compiled evaluator per architecture
 
   def evaluate(state, round_idx):
@@ -386,6 +389,8 @@ def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None =
       evaluators.clear()  # an old architecture is never evaluated again
       evaluators[key] = method.evaluator(state.spec)
     out = evaluators[key](state, round_idx)
+    if backdoor_asr is not None:
+      out = {**out, **backdoor_asr(state)}
     eval_time += time.perf_counter() - t0
     return out
 

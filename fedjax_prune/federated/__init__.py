@@ -12,7 +12,14 @@ from fedjax_prune.federated._engine import (CLIENT_AXIS, Chunked, ClientInfo, Cl
                                             round_key, run_clients, split_round_key)
 from fedjax_prune.federated._evaluate import EvalSums, make_evaluate, make_evaluate_clients
 from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks, fedadam, fedavg,
-                                            fedavgm, fedprox, fedyogi)
+                                            fedavg_view, fedavgm, fedprox, fedyogi)
+from fedjax_prune.federated._robust import (Aggregator, Contribution, MeanSums, Stacked, SumsView,
+                                            coordinate_median, krum, mean, norm_bound,
+                                            trimmed_mean, weighted_view, with_aggregator)
+from fedjax_prune.federated._attacks import (Attack, Trigger, attack_success_rate, backdoor,
+                                             choose_attackers, gaussian_noise, label_flip,
+                                             no_attack, poison_data, scaled_update, sign_flip,
+                                             with_attack)
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, LocalState, count_correct,
                                            example_permutation, make_local_train, proximal_penalty,
                                            round_train_metrics, softmax_cross_entropy,
@@ -28,6 +35,32 @@ __all__ = [
     "finish_counted_mean",
     "finish_weighted_mean",
     "weighted_contribution",
+    # the aggregation hook and robust aggregators
+    "Aggregator",
+    "Contribution",
+    "MeanSums",
+    "Stacked",
+    "SumsView",
+    "coordinate_median",
+    "krum",
+    "mean",
+    "norm_bound",
+    "trimmed_mean",
+    "weighted_view",
+    "with_aggregator",
+    # attacks
+    "Attack",
+    "Trigger",
+    "attack_success_rate",
+    "backdoor",
+    "choose_attackers",
+    "gaussian_noise",
+    "label_flip",
+    "no_attack",
+    "poison_data",
+    "scaled_update",
+    "sign_flip",
+    "with_attack",
     # the engine
     "CLIENT_AXIS",
     "Chunked",
@@ -58,6 +91,7 @@ __all__ = [
     "dense_masks",
     "fedadam",
     "fedavg",
+    "fedavg_view",
     "fedavgm",
     "fedprox",
     "fedyogi",

@@ -23,6 +23,7 @@ import optax
 
 from fedjax_prune.masks import _ops as masks_lib
 from fedjax_prune import tree as tree_lib
+from fedjax_prune.federated import _keys, _robust
 from fedjax_prune.federated._engine import ClientInfo, ClientOutput, FedAlgorithm
 from fedjax_prune.federated._local import (LocalMetrics, LocalSchedule, make_local_train,
                                            proximal_penalty, round_train_metrics,
@@ -48,17 +49,20 @@ class ServerState(NamedTuple):
       05:30 UTC", item 3; all-True masks, e.g. `dense_masks(params)`, give the
       same results at that cost).
     round_idx: [] int32 number of completed rounds.
+    aggregator: the aggregator's state (`Aggregator.init(params)`; () for the mean and
+      the robust aggregators).
   """
   params: Params
   batch_stats: BatchStats
   opt_state: Any
   masks: Masks | None
   round_idx: jax.Array
+  aggregator: Any = ()
 
 
 class FedAvgSums(NamedTuple):
   """One client's contribution, pre-weighted (the engine sums these)."""
-  delta: Params           # weight * (w_server - w_client)
+  delta: Any              # the aggregator's sums (mean: weight * (w_server - w_client))
   batch_stats: BatchStats  # weight * client running stats
   weight: jax.Array       # aggregation weight (n_k, or 1 for uniform weighting)
   num_clients: jax.Array  # 1 per real client
@@ -74,7 +78,8 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
            schedule: LocalSchedule, *, server_optimizer: optax.GradientTransformation | None = None,
            prox_mu: float = 0.0, loss_fn: Callable = softmax_cross_entropy,
            train_transform: Callable | None = None, uniform_weights: bool = False,
-           report_update_norm: bool = False, lowrank: LowRankDense | None = None) -> FedAlgorithm:
+           report_update_norm: bool = False, lowrank: LowRankDense | None = None,
+           aggregator: _robust.Aggregator | None = None) -> FedAlgorithm:
   """FedAvg with a configurable server optimizer (FedAvgM/FedAdam/FedYogi) and FedProx.
 
   Args:
@@ -100,6 +105,11 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
       momentum=lowrank.momentum or None)`, else ValueError), no FedProx and no masks;
       `performance.worthwhile_lowrank_layers` picks the layers. A pure speed option: the
       same rounds up to float rounding.
+    aggregator: how the clients' updates w_server - w_client are aggregated
+      (`federated.Aggregator`; None: `mean()`, the example-weighted mean, op for op as
+      before). A robust one (median, trimmed mean, norm bound, Krum) gets every client
+      the same weight it has in the mean; its state is `ServerState.aggregator`. Not
+      with `lowrank`.
 
   Returns:
     FedAlgorithm whose state is `ServerState`.
@@ -122,6 +132,10 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
     raise ValueError("lowrank cannot be combined with FedProx (prox_mu > 0)")
   if lowrank is not None:
     lowrank.check_optimizer(client_optimizer)
+    if aggregator is not None:
+      raise ValueError("lowrank sums the clients' kernels as factors: it cannot be combined "
+                       "with an aggregator (leave aggregator=None)")
+  agg = _robust.mean() if aggregator is None else aggregator
   server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
   penalty = proximal_penalty(prox_mu) if prox_mu > 0 else None
   local_train = make_local_train(apply_fn, client_optimizer, schedule, loss_fn=loss_fn,
@@ -134,7 +148,8 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
     if lowrank is not None and masks is not None:
       raise ValueError("lowrank trains dense models: init without masks")
     return ServerState(params, {} if batch_stats is None else batch_stats,
-                       server_optimizer.init(params), masks, jnp.zeros((), jnp.int32))
+                       server_optimizer.init(params), masks, jnp.zeros((), jnp.int32),
+                       agg.init(params))
 
   def client_update(state: ServerState, data, info: ClientInfo, key: jax.Array) -> ClientOutput:
     local, metrics = local_train(state.params, state.batch_stats, data, key, masks=state.masks,
@@ -143,17 +158,27 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
     # weight 0, as it has under example weighting, instead of pulling the mean toward
     # the server model.
     weight = ((info.num_examples > 0) if uniform_weights else info.num_examples).astype(jnp.float32)
-    delta = _weighted_delta(state.params, local.params, weight)
     stats = tree_lib.scale(local.batch_stats, weight)
-    return ClientOutput(FedAvgSums(delta, stats, weight, jnp.ones((), jnp.float32), metrics))
+    if lowrank is not None:
+      delta = _weighted_delta(state.params, local.params, weight)
+      return ClientOutput(FedAvgSums(delta, stats, weight, jnp.ones((), jnp.float32), metrics))
+    # The aggregator's key is folded from the client's: training keeps the key itself.
+    out = agg.contribute(state.aggregator, tree_lib.sub(state.params, local.params), weight,
+                         None, info, _keys.fold_in(key, _robust.AGGREGATOR_STREAM))
+    return ClientOutput(FedAvgSums(out.sums, stats, weight, jnp.ones((), jnp.float32), metrics),
+                        out.per_client)
 
   def server_update(state: ServerState, outputs: ClientOutput, key: jax.Array):
-    del key
     sums: FedAvgSums = outputs.sums
     total = sums.weight
     has_weight = total > 0
     inv = jnp.where(has_weight, 1.0 / jnp.where(has_weight, total, 1.0), 0.0)
-    mean_delta = tree_lib.scale(sums.delta, inv)
+    agg_state, agg_metrics = state.aggregator, {}
+    if lowrank is not None:
+      mean_delta = tree_lib.scale(sums.delta, inv)
+    else:
+      mean_delta, agg_state, agg_metrics = agg.finish(
+          state.aggregator, _robust.Contribution(sums.delta, outputs.per_client), None, key)
     updates, opt_state = server_optimizer.update(mean_delta, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if state.masks is not None:
@@ -164,13 +189,37 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
         **round_train_metrics(sums.metrics, sums.num_clients),
         "finite": tree_lib.all_finite(params) & jnp.isfinite(sums.metrics.loss_sum),
     }
+    metrics.update(agg_metrics)
     if report_update_norm:
       # From the summed delta, not mean_delta: then mean_delta has one reader (the
       # optimizer) and is fused into the parameter update instead of written out.
-      metrics["update_norm"] = jnp.sqrt(tree_lib.squared_norm(sums.delta)) * inv
-    return ServerState(params, batch_stats, opt_state, state.masks, state.round_idx + 1), metrics
+      if aggregator is None:
+        total_delta = sums.delta if lowrank is not None else sums.delta.total
+        metrics["update_norm"] = jnp.sqrt(tree_lib.squared_norm(total_delta)) * inv
+      else:
+        metrics["update_norm"] = jnp.sqrt(tree_lib.squared_norm(mean_delta))
+    return ServerState(params, batch_stats, opt_state, state.masks, state.round_idx + 1,
+                       agg_state), metrics
 
   return FedAlgorithm(init, client_update, server_update)
+
+
+def fedavg_view() -> _robust.SumsView:
+  """Where `fedavg` (with its default aggregator) keeps a client's update: the `SumsView`
+  that runs a FedAvg-family algorithm under `federated.with_aggregator`."""
+
+  def read(state: ServerState, sums: FedAvgSums):
+    del state
+    w = sums.weight
+    inv = jnp.where(w > 0, 1.0 / jnp.where(w > 0, w, 1.0), 0.0)
+    return (tree_lib.scale(sums.delta.total, inv), w, None,
+            sums._replace(delta=sums.delta._replace(total=())))
+
+  def write(state: ServerState, rest: FedAvgSums, mean_delta: Params) -> FedAvgSums:
+    del state
+    return rest._replace(delta=rest.delta._replace(total=tree_lib.scale(mean_delta, rest.weight)))
+
+  return _robust.SumsView(read, write)
 
 
 def _weighted_delta(server: Params, client: Params, weight: jax.Array) -> Params:

@@ -140,6 +140,36 @@ def server_step(state: HeteroState, outputs: ClientOutput, server_learning_rate:
   return HeteroState(params, batch_stats, state.round_idx + 1, aux_fn(params)), metrics
 
 
+# --- robust aggregation (issue 28): the submodel methods' sums as an aggregator sees them ---
+
+
+def counted_view() -> federated.SumsView:
+  """The `federated.SumsView` of `client_output` / `server_step`: a client's update is its
+  delta where it holds a coordinate (`present` = its count), every real client weighs 1,
+  and the aggregate goes back as a count of 1 on every coordinate some client held (so
+  `server_step`'s partial averaging returns it, and its coverage metric is unchanged).
+  Run a submodel method robustly with `federated.with_aggregator(alg, aggregator,
+  counted_view())`."""
+
+  def read(state: HeteroState, sums: HeteroSums):
+    del state
+    count = sums.update.count
+    present = jax.tree.map(lambda c: c > 0, count)
+    return (sums.update.total, jnp.ones((), jnp.float32), present,
+            sums._replace(update=CountedSum((), count)))
+
+  def write(state: HeteroState, rest: HeteroSums, mean_delta: Params) -> HeteroSums:
+    del state
+    held = jax.tree.map(lambda c: c > 0, rest.update.count)
+    total = jax.tree.map(lambda d, h: jnp.where(h, d, jnp.zeros((), d.dtype)), mean_delta, held)
+    return rest._replace(update=CountedSum(total, jax.tree.map(
+        lambda h: h.astype(jnp.float32), held)))
+
+  return federated.SumsView(read, write)
+
+# --- end robust aggregation ---
+
+
 def init_state(params: Params, batch_stats: BatchStats | None, aux_fn: Callable[[Params], Any]
                ) -> HeteroState:
   return HeteroState(params, {} if batch_stats is None else batch_stats, jnp.zeros((), jnp.int32),

@@ -289,6 +289,23 @@ def masked_fedavg(apply_fn: Callable, optimizer: optax.GradientTransformation,
   return FedAlgorithm(init, client_update, server_update)
 
 
+# --- robust aggregation (issue 28): masked FedAvg's sums as an aggregator sees them ---
+
+
+def _steps_optimizer(state: MaskedFedAvgState) -> bool:
+  """Whether the clients uploaded n_k (w - w_k) for a server optimizer (else n_k w_k)."""
+  return not (type(state.opt_state) is tuple and not state.opt_state)
+
+
+def aggregation_view() -> federated.SumsView:
+  """The `federated.SumsView` of `masked_fedavg` (either upload form; with clients' own
+  masks a client holds the entries of its masks): run any `MaskRule` robustly with
+  `federated.with_aggregator(alg, aggregator, aggregation_view())`."""
+  return federated.weighted_view("params", votes_field="masks", delta=_steps_optimizer)
+
+# --- end robust aggregation ---
+
+
 # ----------------------------------------------------------------------------
 # End to end: a sparse method's `federated.Method` (host-side accounting around the round).
 
