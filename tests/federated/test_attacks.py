@@ -12,8 +12,8 @@ import pytest
 from experiments import build, train
 from experiments.configs import robust_tiny
 from fedjax_prune import federated, testing
-from fedjax_prune.data import ClientData, from_client_lists, to_device
-from tests.federated.test_robust import SHAPES, aggregate, random_stack
+from fedjax_prune.data import ClientData
+from tests.federated.test_robust import aggregate, random_stack
 
 SCHEDULE = federated.LocalSchedule(batch_size=4, num_epochs=1)
 

@@ -12,7 +12,6 @@ import pytest
 from experiments import build
 from experiments.configs import robust_tiny
 from fedjax_prune import federated, testing
-from fedjax_prune.federated import _robust
 from fedjax_prune.pruning import _hetero, base, fiarse
 
 SCHEDULE = federated.LocalSchedule(batch_size=4, num_epochs=1)
