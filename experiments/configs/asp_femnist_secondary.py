@@ -12,6 +12,9 @@ same starting weights and data order as that sweep's seed-0 runs):
   k sweep    FEMNIST CNN, faithful ASP (both tails, re-init), k in 1.5, 1.8, 2.0, 2.5 at 20
              clients/round; k = 2.2 is `asp_femnist_converged`'s asp_reinit run and dense its
              dense run. Smaller k keeps a narrower band around the mean L1, so prunes more.
+  inherit k  the inheritance variant (lower tail, weights kept) at k = 1.0 and 1.5: at k = 2.2
+             it accepted one prune (1 filter) and its search ended after 3 idle rounds, so
+             the lower tail needs a smaller k to prune at all.
   resnet     the paper's ResNet-style [16, 32, 64] (BN), 10 clients/round as the paper,
              k = 2.5, MAX_PRUNED_ROUND 100: dense (max_pruned_round = 0) and ASP.
   inception  the paper's Inception-style model, 10 clients/round, k = 2.5,
@@ -23,6 +26,7 @@ from experiments.configs import asp_femnist_converged
 
 SEED0 = {"seeds.init": 0, "seeds.training": 0, "seeds.sampling": 0}
 K_SWEEP = (1.5, 1.8, 2.0, 2.5)
+INHERIT_K = (1.0, 1.5)
 DEEP_MODELS = {
     "resnet": {"model.name": "asp_resnet", "model.norm": "batch_running"},
     "inception": {"model.name": "asp_inception"},
@@ -36,6 +40,8 @@ def get_config(arg: str | None = None):
 def sweep(add):
   for k in K_SWEEP:
     add(**{"asp.k": k, **SEED0})
+  for k in INHERIT_K:
+    add(**{"asp.k": k, "asp.reinit_on_prune": False, "asp.tails": "lower", **SEED0})
   for fields in DEEP_MODELS.values():
     deep = {**fields, "clients_per_round": 10, "asp.k": 2.5, **SEED0}
     add(**{**deep, "asp.max_pruned_round": 0})  # dense: the search ends before it starts
