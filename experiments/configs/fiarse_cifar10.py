@@ -45,7 +45,9 @@ def base_config(method: str = "fiarse") -> ml_collections.ConfigDict:
       optimizer="sgd", learning_rate=0.1, momentum=0.0, batch_size=20, num_epochs=1, num_steps=100))
   c.hetero = ml_collections.ConfigDict(dict(
       capacities=FOUR_LEVELS, assignment="interleaved", fiarse_grad="masked", layerwise=False,
-      server_learning_rate=1.0, scaler=True, augment=True, sweep=SWEEP, sweep_every=100,
+      server_learning_rate=1.0, scaler=True, fedrolex_eval_window="extraction",
+      fedrolex_eval_also=(), augment=True,
+      sweep=SWEEP, sweep_every=100,
       scalefl_alpha=0.5, scalefl_temperature=3.0, scalefl_widths=(), scalefl_depths=(),
       repartition="balanced_dirichlet", alpha=0.3, num_clients=100))
   c.rounds = 800

@@ -11,6 +11,12 @@
   server_learning_rate
   scaler            HeteroFL/FedRolex/ScaleFL: 1/r on the classifier input, in training and in
                     the evaluated submodel alike
+  fedrolex_eval_window  FedRolex: the channel window a width-r level is evaluated on:
+                    'extraction' (default; the window the official server extracts at
+                    evaluation time), 'last_round' (the window the last round trained) or
+                    'prefix' (`pruning.fedrolex` docstring, with the official code's lines)
+  fedrolex_eval_also    FedRolex: more windows evaluated on the same trained model, recorded
+                    as `<window>_<metric>` (e.g. ('last_round',) -> last_round_global_1/4)
   augment           RandomCrop(32, pad 4) + horizontal flip on the training batches
   sweep             extra global-test sizes (FIARSE's code: 1 ... 1/256), evaluated every sweep_every rounds
   scalefl_alpha, scalefl_temperature, scalefl_widths, scalefl_depths  (inferred ScaleFL options;
@@ -47,6 +53,8 @@ from fedjax_prune.pruning import heterofl as heterofl_lib
 from fedjax_prune.pruning import scalefl as scalefl_lib
 
 METHODS = ("fiarse", "heterofl", "fedrolex", "scalefl")
+# Models whose width submodels the drivers can express (ScaleFL's exits need ResNet stages).
+WIDTH_MODELS = ("resnet18", "leaf_femnist_cnn")
 ASSIGNMENTS = ("interleaved", "blocks")
 
 
@@ -74,6 +82,13 @@ def validate(config) -> None:
   build_lib._choice(config, "hetero.fiarse_grad", fiarse_lib.GRADS)
   build_lib._choice(config, "hetero.layerwise", (True, False))
   build_lib._choice(config, "hetero.scaler", (True, False))
+  build_lib._choice(config, "hetero.fedrolex_eval_window", fedrolex_lib.EVAL_WINDOWS)
+  also = build_lib._get(config, "hetero.fedrolex_eval_also")
+  build_lib._require(isinstance(also, (tuple, list)) and all(w in fedrolex_lib.EVAL_WINDOWS for w in also)
+                     and config.hetero.fedrolex_eval_window not in also and len(set(also)) == len(also),
+                     "hetero.fedrolex_eval_also", also,
+                     f"a tuple of distinct windows from {fedrolex_lib.EVAL_WINDOWS} other than "
+                     "hetero.fedrolex_eval_window")
   build_lib._choice(config, "hetero.augment", (True, False))
   build_lib._float_in(config, "hetero.server_learning_rate", 0.0, lo_open=True)
   build_lib._int_in(config, "hetero.sweep_every", 0)
@@ -86,7 +101,10 @@ def validate(config) -> None:
                               f"hetero.num_clients={n}: allowed [1, {n}]")
   build_lib._float_in(config, "hetero.scalefl_alpha", 0.0, 1.0)
   build_lib._float_in(config, "hetero.scalefl_temperature", 0.0, lo_open=True)
-  if method != "fiarse" or config.hetero.layerwise:
+  if method in ("heterofl", "fedrolex"):
+    build_lib._require(config.model.name in WIDTH_MODELS, "model.name", config.model.name,
+                       f"one of {WIDTH_MODELS} for {method} (width submodels)")
+  elif method != "fiarse" or config.hetero.layerwise:
     build_lib._require(config.model.name == "resnet18", "model.name", config.model.name,
                    f"'resnet18' for {method}" + (" (layer-wise thresholds need ResNet stages)"
                                                  if method == "fiarse" else " (width/depth submodels)"))
@@ -108,7 +126,16 @@ def _augment(x, key):
   return data_lib.random_flip(data_lib.random_crop(x, crop_key, 4), flip_key)
 
 
-def _method(config, apply_fn, params, schedule, train_transform):
+def width_keys(config, params) -> dict:
+  """The width methods' parameter-key regexes for `config.model` (ResNet: the defaults)."""
+  if config.model.name != "leaf_femnist_cnn":
+    return {}
+  dense = sorted(k for k in params if k.startswith("dense_"))
+  return dict(input_keys=r"^conv_0$", output_keys=f"^{dense[-1]}$", flatten_keys=r"^dense_0$")
+
+
+def _method(config, apply_fn, params, schedule, train_transform, eval_window=None):
+  """The method's `HeteroMethod` (`eval_window`: FedRolex's, default the config's)."""
   h, c = config.hetero, config.client
   opt = (optax.sgd(c.learning_rate, momentum=c.momentum or None) if c.optimizer == "sgd"
          else optax.adam(c.learning_rate))
@@ -117,9 +144,13 @@ def _method(config, apply_fn, params, schedule, train_transform):
             train_transform=train_transform)
   if config.method == "fiarse":
     return fiarse_lib.fiarse(apply_fn, opt, schedule, grad=h.fiarse_grad, layerwise=h.layerwise, **kw)
-  if config.method in ("heterofl", "fedrolex"):
-    factory = heterofl_lib.heterofl if config.method == "heterofl" else fedrolex_lib.fedrolex
-    return factory(apply_fn, opt, schedule, scaler=h.scaler, **kw)
+  if config.method == "heterofl":
+    return heterofl_lib.heterofl(apply_fn, opt, schedule, scaler=h.scaler,
+                                 **width_keys(config, params), **kw)
+  if config.method == "fedrolex":
+    return fedrolex_lib.fedrolex(apply_fn, opt, schedule, scaler=h.scaler,
+                                 eval_window=eval_window or h.fedrolex_eval_window,
+                                 **width_keys(config, params), **kw)
   widths, depths = tuple(h.scalefl_widths), tuple(h.scalefl_depths)
   if not widths:
     widths, depths = scalefl_lib.scalefl_levels(params, caps)
@@ -207,6 +238,11 @@ def build(config, env: runtime.Env) -> runtime.Run:
                 sweep_every=h.sweep_every, num_rounds=config.rounds)
   if config.method == "fiarse":
     method = fiarse_lib.fiarse_method(hetero, layerwise=bool(h.layerwise), **common)
+  elif config.method == "fedrolex" and len(h.fedrolex_eval_also):
+    # Same training; only the evaluated windows differ.
+    alternatives = {w: _method(config, apply_fn, params, schedule, train_transform, eval_window=w)
+                    for w in h.fedrolex_eval_also}
+    method = fedrolex_lib.fedrolex_method(hetero, alternatives=alternatives, **common)
   else:
     factory = {"heterofl": heterofl_lib.heterofl_method, "fedrolex": fedrolex_lib.fedrolex_method,
                "scalefl": scalefl_lib.scalefl_method}[config.method]

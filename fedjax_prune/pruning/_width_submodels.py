@@ -5,7 +5,8 @@ module is their common machinery (`width_method`).
 
 A width-r submodel keeps k = ceil(r * C) of the C channels of every hidden
 layer: HeteroFL the first k (a static prefix), FedRolex a window rolled with the
-round, indices {(t + j) mod C : j < k} in round t. The input image channels and
+round, indices {(t + j) mod C : j < k} in round t (evaluated on the window of
+`eval_window`, see `fedrolex`). The input image channels and
 the classifier outputs are never sliced. The submodel is expressed as channel
 *masks* over the full-size parameters (a kernel entry [.., i, o] is kept iff
 input channel i and output channel o are; BN scale and bias are masked too, so a
@@ -55,8 +56,10 @@ from fedjax_prune.pruning import _hetero
 from fedjax_prune.pruning._hetero import HeteroMethod, HeteroState
 from fedjax_prune.types import Masks, Params, PyTree
 
+EVAL_WINDOWS = ("extraction", "last_round", "prefix")  # FedRolex: which window a level is evaluated on
 INPUT_KEYS = r"^stem$"              # top-level keys whose kernel input dim is the image
 OUTPUT_KEYS = r"^(head|exit\d+)$"   # top-level keys whose output dim is the classes
+NO_KEYS = r"(?!)"                   # matches no key (no flattened-input layer)
 _STAGE = re.compile(r"^stage(\d+)_block\d+$")
 _EXIT = re.compile(r"^exit(\d+)$")
 
@@ -77,7 +80,7 @@ def channel_keep(size: int, ratio, offset=0) -> jax.Array:
 
 
 def width_masks(params: Params, ratio, offset=0, *, input_keys: str = INPUT_KEYS,
-                output_keys: str = OUTPUT_KEYS) -> Masks:
+                output_keys: str = OUTPUT_KEYS, flatten_keys: str = NO_KEYS) -> Masks:
   """Ownership masks of the width-`ratio` submodel (bool, broadcastable to params).
 
   Args:
@@ -86,11 +89,26 @@ def width_masks(params: Params, ratio, offset=0, *, input_keys: str = INPUT_KEYS
     offset: [] window offset (0 = prefix; the round index for FedRolex).
     input_keys: regex of top-level keys whose kernels read the (unsliced) input.
     output_keys: regex of top-level keys whose outputs are the (unsliced) classes.
+    flatten_keys: regex of top-level keys whose kernel input is a flattened [H, W, C]
+      feature map (the LEAF CNN's first dense layer): its channels are those of the last
+      conv kernel (4-D leaf, tree order), kept as that conv's outputs, at every position.
 
   Returns:
     Masks: kernels [..., ci, co] get [1, .., ci, co] masks, 1-D leaves [C] masks.
   """
-  inp, out = re.compile(input_keys), re.compile(output_keys)
+  inp, out, flat = re.compile(input_keys), re.compile(output_keys), re.compile(flatten_keys)
+  conv_outs = [np.shape(p)[-1] for p in jax.tree.leaves(params) if len(np.shape(p)) == 4]
+
+  def keep_inputs(top, ci):
+    if inp.search(top):
+      return jnp.ones((ci,), bool)
+    if flat.search(top):
+      if not conv_outs or ci % conv_outs[-1]:
+        raise ValueError(f"flatten_keys matched {top!r}, whose input size {ci} is not a multiple "
+                         f"of the last conv's output channels {conv_outs[-1:] or 'none'}")
+      # Flattening [H, W, C] puts the channel fastest: input i is channel i mod C.
+      return jnp.tile(channel_keep(conv_outs[-1], ratio, offset), ci // conv_outs[-1])
+    return channel_keep(ci, ratio, offset)
 
   def leaf(path, p):
     top = path_str(path).split("/")[0]
@@ -98,7 +116,7 @@ def width_masks(params: Params, ratio, offset=0, *, input_keys: str = INPUT_KEYS
     is_out = bool(out.search(top))
     if len(shape) >= 2:
       ci, co = shape[-2], shape[-1]
-      keep_in = jnp.ones((ci,), bool) if inp.search(top) else channel_keep(ci, ratio, offset)
+      keep_in = keep_inputs(top, ci)
       keep_out = jnp.ones((co,), bool) if is_out else channel_keep(co, ratio, offset)
       m = keep_in[:, None] & keep_out[None, :]
       return m.reshape((1,) * (len(shape) - 2) + (ci, co))
@@ -159,12 +177,21 @@ def _submodel_apply(apply_fn, masks, ratio, scaler: bool, output_keys: str):
 def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
                  schedule: LocalSchedule, *, capacities: Sequence[float],
                  widths: Sequence[float] | None = None, depths: Sequence[int] | None = None,
-                 rolling: bool = False, scaler: bool = True, server_learning_rate: float = 1.0,
+                 rolling: bool = False, eval_window: str = "extraction", scaler: bool = True,
+                 server_learning_rate: float = 1.0,
                  loss_fn_for_depth: Callable | None = None, exit_index_for_depth: Callable | None = None,
                  loss_fn: Callable = softmax_cross_entropy, train_transform: Callable | None = None,
-                 input_keys: str = INPUT_KEYS, output_keys: str = OUTPUT_KEYS) -> HeteroMethod:
-  """The shared HeteroFL / FedRolex / ScaleFL algorithm (see the public factories)."""
+                 input_keys: str = INPUT_KEYS, output_keys: str = OUTPUT_KEYS,
+                 flatten_keys: str = NO_KEYS) -> HeteroMethod:
+  """The shared HeteroFL / FedRolex / ScaleFL algorithm (see the public factories).
+
+  `eval_window` (rolling only; `fedrolex`'s docstring): the window offset a level is
+  evaluated on, 'extraction' = round_idx (the window the server would extract now),
+  'last_round' = round_idx - 1 (the window the last round trained), 'prefix' = 0.
+  """
   caps = _hetero.check_capacities(capacities)
+  if eval_window not in EVAL_WINDOWS:
+    raise ValueError(f"eval_window must be one of {EVAL_WINDOWS}, got {eval_window!r}")
   widths = sqrt_widths(caps) if widths is None else tuple(float(w) for w in widths)
   if len(widths) != len(caps) or not all(0 < w <= 1 for w in widths):
     raise ValueError(f"widths must give one ratio in (0, 1] per capacity level {caps}, got {widths}")
@@ -178,7 +205,7 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
 
   def ownership(params, level, offset):
     masks = width_masks(params, widths_L[level], offset, input_keys=input_keys,
-                        output_keys=output_keys)
+                        output_keys=output_keys, flatten_keys=flatten_keys)
     if depths_L is not None:
       masks = jax.tree.map(jnp.logical_and, masks, depth_masks(params, depths_L[level]))
     return masks
@@ -202,15 +229,22 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
     del key
     return _hetero.server_step(state, outputs, server_learning_rate, lambda p: ())
 
+  def _eval_offset(round_idx):
+    if eval_window == "extraction":  # the window `split_model` hands out after `step`
+      return round_idx
+    if eval_window == "last_round":
+      return jnp.maximum(round_idx - 1, 0)
+    return jnp.zeros((), jnp.int32)
+
   def submodel(state: HeteroState, capacity):
     """Level capacities use their configured (width, depth); others r = sqrt(capacity)."""
     cap = jnp.asarray(capacity, jnp.float32)
     level = _hetero.level_index(caps, cap)
     # Off-level sizes (the 1 ... 1/256 sweep) scale the nearest level's width: r ~ sqrt(size).
     ratio = jnp.minimum(widths_L[level] * jnp.sqrt(cap / jnp.asarray(caps, jnp.float32)[level]), 1.0)
-    # FedRolex: the window of the last round trained (inferred).
-    offset = jnp.maximum(state.round_idx - 1, 0) if rolling else 0
-    masks = width_masks(state.params, ratio, offset, input_keys=input_keys, output_keys=output_keys)
+    offset = _eval_offset(state.round_idx) if rolling else 0
+    masks = width_masks(state.params, ratio, offset, input_keys=input_keys, output_keys=output_keys,
+                        flatten_keys=flatten_keys)
     if depths_L is not None:
       masks = jax.tree.map(jnp.logical_and, masks, depth_masks(state.params, depths_L[level]))
     params = masks_lib.apply(state.params, masks)

@@ -17,7 +17,7 @@ from fedjax_prune import federated
 from fedjax_prune.federated import LocalSchedule, softmax_cross_entropy
 from fedjax_prune.pruning import _hetero
 from fedjax_prune.pruning._hetero import HeteroMethod
-from fedjax_prune.pruning._width_submodels import (INPUT_KEYS, OUTPUT_KEYS, channel_keep, keep_count,
+from fedjax_prune.pruning._width_submodels import (INPUT_KEYS, NO_KEYS, OUTPUT_KEYS, channel_keep, keep_count,
                                                    sqrt_widths, width_masks, width_method)
 
 __all__ = ["heterofl_method", "channel_keep", "heterofl", "keep_count", "sqrt_widths", "width_masks"]
@@ -28,7 +28,7 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
              widths: Sequence[float] | None = None, scaler: bool = True,
              server_learning_rate: float = 1.0, loss_fn: Callable = softmax_cross_entropy,
              train_transform: Callable | None = None, input_keys: str = INPUT_KEYS,
-             output_keys: str = OUTPUT_KEYS) -> HeteroMethod:
+             output_keys: str = OUTPUT_KEYS, flatten_keys: str = NO_KEYS) -> HeteroMethod:
   """HeteroFL: static width-prefix submodels, partial averaging, static BN, scaler.
 
   Args:
@@ -44,6 +44,8 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     train_transform: per-batch augmentation.
     input_keys: regex of top-level param keys reading the unsliced input (ResNet: stem).
     output_keys: regex of top-level param keys producing the unsliced classes (ResNet: head).
+    flatten_keys: regex of top-level param keys whose input is a flattened conv feature map
+      (LEAF CNN: dense_0); its inputs are kept by channel (`width_masks`).
 
   Returns:
     HeteroMethod with HeteroState.
@@ -55,7 +57,7 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
   return width_method(apply_fn, client_optimizer, schedule, capacities=capacities, widths=widths,
                       rolling=False, scaler=scaler, server_learning_rate=server_learning_rate,
                       loss_fn=loss_fn, train_transform=train_transform, input_keys=input_keys,
-                      output_keys=output_keys)
+                      output_keys=output_keys, flatten_keys=flatten_keys)
 
 
 def heterofl_method(hetero: HeteroMethod, **kwargs) -> federated.Method:

@@ -73,8 +73,12 @@ def test_masked_full_model_equals_sliced_model(key):
   np.testing.assert_allclose(np.asarray(big_out), np.asarray(small_out), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("factory", [heterofl.heterofl, fedrolex.fedrolex])
-def test_evaluated_submodel_is_the_trained_forward_pass(key, factory):
+@pytest.mark.parametrize("factory,offset", [
+    (heterofl.heterofl, 0),
+    (fedrolex.fedrolex, 1),                                                   # 'extraction'
+    (lambda *a, **k: fedrolex.fedrolex(*a, eval_window="last_round", **k), 0),
+])
+def test_evaluated_submodel_is_the_trained_forward_pass(key, factory, offset):
   """A width-r submodel evaluates as its clients trained it, the Scaler included (issue 24):
   the scaler used to scale the classifier by 1/r in training only, so the evaluated logits
   were r x the trained signal plus the head bias (8x too influential at r = 1/8)."""
@@ -85,18 +89,65 @@ def test_evaluated_submodel_is_the_trained_forward_pass(key, factory):
   method = factory(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=4),
                    capacities=caps)
   state = method.algorithm.init(params, key, stats)
-  # After round 1: FedRolex evaluates the window round 1 trained, offset 0 (HeteroFL: always 0).
+  # After round 1: HeteroFL evaluates its prefix (offset 0); FedRolex the window round 2 will
+  # train (offset 1, the official extraction) or, as an option, the one round 1 trained (0).
   state = state._replace(round_idx=jnp.asarray(1, jnp.int32))
   # batch-static BN: the same normalisation in train and eval mode
   x = jax.random.normal(jax.random.fold_in(key, 1), (6, 8, 8, 3))
   for cap, ratio in zip(caps, _width_submodels.sqrt_widths(caps)):
-    masks = _width_submodels.width_masks(state.params, ratio, 0)
+    masks = _width_submodels.width_masks(state.params, ratio, offset)
     trained = _width_submodels._submodel_apply(apply_fn, masks, ratio, True, heterofl.OUTPUT_KEYS)
     want = trained(state.params, state.batch_stats, x, train=True)[0]
     sub_params, _ = method.submodel(state, cap)
     got = apply_fn(sub_params, state.batch_stats, x, train=False)[0]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5,
                                err_msg=f"capacity {cap}")
+
+
+def _tiny_fedrolex(apply_fn, window):
+  return fedrolex.fedrolex(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=4),
+                           capacities=(1.0, 0.25), eval_window=window, input_keys=r"^dense_0$",
+                           output_keys=r"^dense_1$")
+
+
+def test_fedrolex_evaluation_windows(key):
+  """FedRolex's evaluated level-r window: 'extraction' (default) is the window the official
+  server's split_model extracts after round t's step (offset t), 'last_round' the one round t
+  trained (t - 1), 'prefix' units 0..k-1; width 1 keeps every unit under all three."""
+  apply_fn, params, _ = testing.tiny_problem(key)          # hidden width 8; 1/4 -> 4 units
+  x = jax.random.normal(jax.random.fold_in(key, 1), (5, 6))
+  logits_fn = jax.jit(lambda p: apply_fn(p, {}, x, train=False)[0])
+  kept, logits = {}, {}
+  for window in fedrolex.EVAL_WINDOWS:
+    method = _tiny_fedrolex(apply_fn, window)
+    state = method.algorithm.init(params, key)._replace(round_idx=jnp.asarray(3, jnp.int32))
+    sub, _ = method.submodel(state, 0.25)
+    kept[window] = np.flatnonzero(np.abs(np.asarray(sub["dense_0"]["kernel"])).sum(0)).tolist()
+    logits[window] = np.asarray(logits_fn(sub))
+    full, _ = method.submodel(state, 1.0)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(params)))
+  assert kept == {"extraction": [3, 4, 5, 6], "last_round": [2, 3, 4, 5], "prefix": [0, 1, 2, 3]}
+  assert np.abs(logits["extraction"] - logits["last_round"]).max() > 1e-3
+  with pytest.raises(ValueError, match="eval_window must be one of"):
+    _tiny_fedrolex(apply_fn, "all")
+
+
+def test_flattened_input_masks_follow_the_last_conv_channels():
+  """LEAF CNN: dense_0 reads the flattened [7, 7, 64] map; a width-r level keeps, at every
+  position, the channels conv_1 keeps (flattening puts the channel fastest)."""
+  params, _ = models.param_shapes(models.leaf_femnist_cnn(num_classes=62))
+  m = heterofl.width_masks(params, 0.5, 2, input_keys=r"^conv_0$", output_keys=r"^dense_1$",
+                           flatten_keys=r"^dense_0$")
+  conv_keep = np.asarray(m["conv_1"]["bias"])
+  np.testing.assert_array_equal(conv_keep, np.isin(np.arange(64), np.arange(2, 34)))
+  d0 = np.asarray(m["dense_0"]["kernel"])                    # [3136, 2048]
+  np.testing.assert_array_equal(d0[:, 2], np.tile(conv_keep, 49))   # hidden unit 2 is kept
+  assert not d0[:, 0].any()                                          # hidden unit 0 is not
+  np.testing.assert_array_equal(d0[2], np.isin(np.arange(2048), np.arange(2, 1026)))
+  assert np.asarray(m["conv_0"]["kernel"])[0, 0, 0, :].sum() == 16   # image channel kept
+  assert np.asarray(m["dense_1"]["bias"]).all()                      # classes never sliced
+  with pytest.raises(ValueError, match="not a multiple of the last conv"):
+    heterofl.width_masks(params, 0.5, flatten_keys=r"^conv_1$")   # 32 inputs, 64 channels
 
 
 def test_ownership_partial_averaging_round(key):
@@ -263,3 +314,26 @@ def test_driver_smoke_width_methods(tmp_path, shared_data_dir, method):
     assert_counted_accuracy(summary[key_], c)
   np.testing.assert_allclose(summary["global"], (summary["global_1"] + summary["global_1/4"]) / 2)
   assert summary["model_1/4"] == summary["model_1/4"]  # not nan: every level has clients
+
+
+def test_fedrolex_method_evaluates_alternative_windows_on_the_same_state(key):
+  """`alternatives` evaluates other windows of the same trained state: an alternative with the
+  default window reproduces every metric, 'last_round' differs below width 1 only."""
+  from fedjax_prune.pruning import _hetero
+  apply_fn, params, data = testing.tiny_problem(key)
+  x, y = data.x.reshape(-1, 6), data.y.reshape(-1)
+  caps = (1.0, 0.25)
+  method = fedrolex.fedrolex_method(
+      _tiny_fedrolex(apply_fn, "extraction"),
+      alternatives={"same": _tiny_fedrolex(apply_fn, "extraction"),
+                    "last_round": _tiny_fedrolex(apply_fn, "last_round")},
+      spec=models.mlp(input_shape=(6,), hidden=(8,), num_classes=3), params=params, batch_stats={},
+      key=key, eval_apply=apply_fn, test=_hetero.LevelTest(x, y, data, 4),
+      client_caps=np.asarray([1.0, 0.25, 0.25], np.float32), capacities=caps, num_rounds=10)
+  state = method.init()
+  state = state._replace(server=state.server._replace(round_idx=jnp.asarray(3, jnp.int32)))
+  out = method.evaluator(None)(state, 0)
+  for k in ("global_1", "global_1/4", "model_1/4", "local", "global"):
+    assert out[f"same_{k}"] == out[k], k
+  assert out["last_round_global_1"] == out["global_1"]
+  assert "last_round_global_1/4" in out and "same_test_accuracy" not in out

@@ -1,0 +1,76 @@
+"""FIARSE vs HeteroFL, FedRolex, ScaleFL and dense FedAvg on real CIFAR-10, sized to converge on CPU.
+
+Command (resumable; re-run it to continue, finished runs are skipped):
+  python -m experiments.sweep --config experiments/configs/fiarse_cifar10_converged.py \
+      --workdir workdir/fiarse_cifar10_converged
+  (the 1 ... 1/256 size sweep every 50 rounds, for curves: `...converged.py:sizes`)
+
+Data (§4.8): the 20 clients of ../shared/data/cifar10/fedlore_pfllib_dir0.3_100clients pooled
+(8,265 train / 2,767 test images) and re-partitioned with FIARSE's balanced Dirichlet
+(alpha 0.3) into 100 clients of 82 train and 27 local-test images (independent class priors
+for the two splits, as FIARSE's code); the global test set is the union of the local ones.
+Model: ResNet-18 (FIARSE's CIFAR variant, static BN) at width 1/8 (8/16/32/64 channels,
+176,402 parameters); the width methods' 1/64 level is width 1/8 of that (1/2/4/8 channels).
+Training: 10 of 100 clients per round, 8 local SGD steps of batch 20 (about 2 local epochs of a
+client's 82 images; the paper: 100 steps = 4 epochs of 500), lr 0.1, no momentum, server lr 1,
+crop + flip, 200 rounds (about 39 passes over the pooled data), capacities {1, 1/4, 1/16, 1/64}
+(25 clients each, interleaved). Evaluation (§4.9) every 20 rounds with batch 20: Model(s),
+Local, Global per level, plus the 1 ... 1/256 size sweep on the global test set at the end.
+FedRolex is evaluated on the official extraction window and, on the same trained model, on the
+last round's window (`last_round_*` metrics).
+
+Variants (per seed 0, 1, 2; init, sampling and training seeds all = the seed):
+  dense          method=heterofl with capacities (1,): every client trains the full model, so
+                 FedAvg with FIARSE's unweighted average (same driver, init, data order, records)
+  fiarse_masked  FIARSE, the released code's gradient
+  fiarse_tcb     FIARSE, the TCB-GD surrogate gradient
+  heterofl, fedrolex, scalefl
+Run the dense rows first and check convergence (last 20 % of rounds gain < 1 point,
+REPRODUCE.md) before reading the others; if not converged, raise `rounds` for all.
+Cost on the 2-core CPU: see docs/results/fiarse.md (measured per-round time x 200 rounds; the
+width methods run the full-width masked program for every client, so all variants cost about
+the same as dense); 18 runs.
+"""
+from experiments.configs import fiarse_cifar10
+
+FOUR_LEVELS = fiarse_cifar10.FOUR_LEVELS
+SIZE_SWEEP = fiarse_cifar10.SWEEP  # 1 ... 1/256
+
+VARIANTS = {
+    "dense": {"method": "heterofl", "hetero.capacities": (1.0,)},
+    "fiarse_masked": {"method": "fiarse", "hetero.fiarse_grad": "masked"},
+    "fiarse_tcb": {"method": "fiarse", "hetero.fiarse_grad": "tcb"},
+    "heterofl": {"method": "heterofl"},
+    "fedrolex": {"method": "fedrolex"},
+    "scalefl": {"method": "scalefl"},
+}
+
+
+def get_config(arg: str | None = None):
+  """arg: '' (default) or 'sizes' (the 1 ... 1/256 size sweep every 50 rounds, not only at the end)."""
+  if arg not in (None, "", "sizes"):
+    raise ValueError(f"config arg must be '' or 'sizes', got {arg!r}")
+  c = fiarse_cifar10.base_config("fiarse")
+  c.data.data_dir = "../shared/data/cifar10/fedlore_pfllib_dir0.3_100clients"
+  c.hetero.repartition = "balanced_dirichlet"
+  c.hetero.alpha = 0.3
+  c.hetero.num_clients = 100
+  c.hetero.capacities = FOUR_LEVELS
+  c.hetero.fedrolex_eval_also = ("last_round",)
+  c.hetero.sweep = SIZE_SWEEP
+  c.hetero.sweep_every = 50 if arg == "sizes" else 0  # 0: at the last round only
+  c.model.width_multiplier = 1 / 8
+  c.client.num_steps = 8
+  c.rounds = 200
+  c.clients_per_round = 10
+  c.eval_every = 20
+  c.checkpoint_every = 20
+  c.strategy = "sequential+tapgrad"
+  c.progress = False
+  return c
+
+
+def sweep(add):
+  for variant in VARIANTS.values():  # dense first: its convergence is checked before the rest
+    for seed in (0, 1, 2):
+      add(**{"seeds.init": seed, "seeds.training": seed, "seeds.sampling": seed, **variant})

@@ -1,0 +1,69 @@
+"""FIARSE vs HeteroFL, FedRolex and dense FedAvg on real FEMNIST with the LEAF CNN (second dataset).
+
+Command (resumable; re-run it to continue, finished runs are skipped):
+  python -m experiments.sweep --config experiments/configs/fiarse_femnist_converged.py \
+      --workdir workdir/fiarse_femnist_converged
+  (the 1 ... 1/256 size sweep every 50 rounds, for curves: `...converged.py:sizes`)
+
+Data: the three LEAF 5 % samples in ../shared/data/femnist merged by writer (300 writers with
+train data; natural by-writer split, each writer's own test samples are its local test set,
+the global test set their union; writers with test data only are left out of Local/Model).
+Model: the LEAF CNN (conv5x5 32 -> pool -> conv5x5 64 -> pool -> dense 2048 -> 62; 6.6 M
+parameters, no normalisation). Width submodels keep ceil(r C) channels of both convs and of the
+dense layer; the dense layer's flattened 7x7x64 input keeps the kept conv channels at every
+position (`heterofl.width_masks(flatten_keys=...)`); the image input and the 62 classes are never
+sliced; the Scaler multiplies the classifier input by 1/r in training and evaluation alike.
+Training: the REPRODUCE.md FEMNIST anchor (10 clients/round, 1 local epoch, batch 32, SGD 0.05;
+an independent FedAvg reached 0.73 at 100 and 0.80 at 200 rounds), 200 rounds, server lr 1,
+no augmentation, capacities {1, 1/4, 1/16, 1/64} interleaved over the writers.
+Evaluation (§4.9) every 20 rounds with batch 20 (no BN: the batch size does not matter), plus the
+1 ... 1/256 size sweep at the end; FedRolex also on the last round's window (`last_round_*`).
+
+Variants (per seed 0, 1, 2): dense (method=heterofl, capacities (1,) = FedAvg with FIARSE's
+unweighted average), fiarse_masked, fiarse_tcb, heterofl, fedrolex. ScaleFL is not run: its
+depth levels need a model with stages and early exits (the ResNets), which the LEAF CNN is not.
+Run the dense rows first and check convergence (REPRODUCE.md) before reading the others.
+"""
+from experiments.configs import fedavg_femnist, fiarse_cifar10
+
+VARIANTS = {
+    "dense": {"method": "heterofl", "hetero.capacities": (1.0,)},
+    "fiarse_masked": {"method": "fiarse", "hetero.fiarse_grad": "masked"},
+    "fiarse_tcb": {"method": "fiarse", "hetero.fiarse_grad": "tcb"},
+    "heterofl": {"method": "heterofl"},
+    "fedrolex": {"method": "fedrolex"},
+}
+
+
+def get_config(arg: str | None = None):
+  """arg: '' (default) or 'sizes' (the 1 ... 1/256 size sweep every 50 rounds, not only at the end)."""
+  if arg not in (None, "", "sizes"):
+    raise ValueError(f"config arg must be '' or 'sizes', got {arg!r}")
+  c = fiarse_cifar10.base_config("fiarse")
+  femnist = fedavg_femnist.get_config()
+  c.data = femnist.data
+  c.model.name = "leaf_femnist_cnn"
+  c.model.norm = "none"
+  c.client.learning_rate = 0.05
+  c.client.batch_size = 32
+  c.client.num_epochs = 1
+  c.client.num_steps = 0
+  c.hetero.repartition = ""
+  c.hetero.augment = False
+  c.hetero.capacities = fiarse_cifar10.FOUR_LEVELS
+  c.hetero.fedrolex_eval_also = ("last_round",)
+  c.hetero.sweep = fiarse_cifar10.SWEEP
+  c.hetero.sweep_every = 50 if arg == "sizes" else 0
+  c.rounds = 200
+  c.clients_per_round = 10
+  c.eval_every = 20
+  c.checkpoint_every = 20
+  c.strategy = "sequential+tapgrad"
+  c.progress = False
+  return c
+
+
+def sweep(add):
+  for variant in VARIANTS.values():  # dense first: its convergence is checked before the rest
+    for seed in (0, 1, 2):
+      add(**{"seeds.init": seed, "seeds.training": seed, "seeds.sampling": seed, **variant})
