@@ -5,6 +5,7 @@ Prints a table and writes JSON. All ratios come from one run on one machine.
   python benchmarks/engine.py                       # LEAF FEMNIST CNN + MLP + logistic, cohorts 1,8,32,128
   python benchmarks/engine.py --smoke               # tiny shapes, seconds (CI)
   python benchmarks/engine.py --models leaf_femnist_cnn,resnet18 --cohorts 8,32,128,512,1024   # GPU
+  python benchmarks/engine.py --models shakespeare_lstm,shakespeare_transformer --batch 10   # text
 
 Workload: FedAvg, plain SGD (lr 0.01), batch B, S local steps per client on
 random data (every step real), one round = all cohort clients + aggregation.
@@ -56,9 +57,14 @@ from fedjax_prune.data import ClientData, client_slice  # noqa: E402
 
 
 def make_data(spec, cohort: int, steps: int, batch: int, num_classes: int) -> ClientData:
-  """Random data of `cohort` clients with exactly `steps` full batches each."""
+  """Random data of `cohort` clients with exactly `steps` full batches each (text models:
+  uniform token ids in [0, vocab_size), windows of the model's context, int32)."""
   n = steps * batch
-  x = jax.random.uniform(jax.random.key(1), (cohort, n) + tuple(spec.input_shape))
+  if isinstance(spec, models.TEXT_SPECS):
+    x = jax.random.randint(jax.random.key(1), (cohort, n) + tuple(spec.input_shape), 0,
+                           spec.vocab_size, jnp.int32)
+  else:
+    x = jax.random.uniform(jax.random.key(1), (cohort, n) + tuple(spec.input_shape))
   y = jax.random.randint(jax.random.key(2), (cohort, n), 0, num_classes)
   return ClientData(x, y, jnp.full((cohort,), n, jnp.int32))
 
@@ -302,7 +308,7 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
   the flax.linen reference stays float32 and is then skipped."""
   _, params, batch_stats = models.build(spec, jax.random.key(0))
   step_flops = accounting.training_flops(spec, batch)
-  has_conv = not isinstance(spec, models.MLPSpec)
+  has_conv = not isinstance(spec, (models.MLPSpec,) + models.TEXT_SPECS)
   if loop_impls is None:
     loop_impls = ("lax", "im2col", "tapgrad") if has_conv else ("lax",)
   loop_impls = [i for i in loop_impls if has_conv or i == "lax"]
@@ -378,6 +384,13 @@ def model_specs(smoke: bool) -> dict:
       "mlp": models.mlp(input_shape=(28, 28, 1), hidden=(200, 200), num_classes=62),
       # Dispatch-bound: FedProx Synthetic-sized logistic regression (60 features, 10 classes).
       "logistic": models.mlp(input_shape=(60,), hidden=(), num_classes=10),
+      # Text (issue 27): LEAF's Shakespeare char-LSTM (2 x 256, 80-character windows, a
+      # sequential lax.scan of 80 steps) and the 4 x d 128 causal transformer, on token ids.
+      "shakespeare_lstm": (models.leaf_shakespeare_lstm() if not smoke
+                           else models.leaf_shakespeare_lstm(hidden=(16,), seq_len=8)),
+      "shakespeare_transformer": (models.shakespeare_transformer() if not smoke
+                                  else models.shakespeare_transformer(num_layers=1, d_model=16,
+                                                                      num_heads=2, seq_len=8)),
   }
 
 

@@ -18,8 +18,12 @@ from fedjax_prune import data as data_lib
 from fedjax_prune import federated, models, performance
 
 MODELS = ("mlp", "leaf_femnist_cnn", "asp_femnist_cnn", "asp_celeba_cnn", "vgg11", "resnet18",
-          "resnet20", "resnet56", "asp_resnet", "asp_inception")
-DATASETS = ("synthetic", "femnist_leaf", "cifar10_pfllib")
+          "resnet20", "resnet56", "asp_resnet", "asp_inception",
+          "shakespeare_lstm", "shakespeare_transformer")
+DATASETS = ("synthetic", "femnist_leaf", "cifar10_pfllib", "shakespeare", "synthetic_text")
+# Next-token models (token ids in, next-token logits out) and the datasets that feed them.
+TEXT_MODELS = ("shakespeare_lstm", "shakespeare_transformer")
+TEXT_DATASETS = ("shakespeare", "synthetic_text")
 ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox")
 OPTIMIZERS = ("sgd", "adam")
 NORMS = ("none", "batch_running", "batch_static")
@@ -78,6 +82,8 @@ def validate(config) -> None:
              and 1 <= epc[0] <= epc[1], "data.examples_per_client", epc, "a pair (lo, hi) with 1 <= lo <= hi")
     _int_in(config, "data.test_examples_per_client", 1)
     _float_in(config, "data.label_skew_alpha", 0.0, lo_open=True)
+  elif name == "synthetic_text":
+    n = _validate_synthetic_text(config)
   else:
     d = _get(config, "data.data_dir")
     _require(isinstance(d, str) and d != "", "data.data_dir", d,
@@ -85,8 +91,11 @@ def validate(config) -> None:
     for part in d.split(","):
       if not os.path.isdir(part):
         raise ConfigError(f"config.data.data_dir: {part!r} is not an existing directory")
+    if name == "shakespeare":
+      _validate_shakespeare(config)
     n = None
   _choice(config, "model.name", MODELS)
+  _validate_text_model(config)
   _choice(config, "model.norm", NORMS)
   compute_dtype(config)
   _float_in(config, "model.width_multiplier", 0.0, 1.0, lo_open=True)
@@ -142,9 +151,15 @@ def build_data(config) -> Data:
     num_classes, input_shape = config.data.num_classes, tuple(train.x.shape[2:])
     normalize = lambda x: x.astype(jnp.float32) / 255.0
     desc = f"synthetic images: {train.num_clients} clients"
+  elif name == "synthetic_text":
+    fd = synthetic_text(config)
+    train, test, num_classes, input_shape = fd.train, fd.test, fd.num_classes, tuple(fd.input_shape)
+    normalize, desc = fd.normalize_fn, fd.description
   else:
     dirs = [d for d in config.data.data_dir.split(",") if d]
-    if name == "femnist_leaf":
+    if name == "shakespeare":
+      fd = load_shakespeare(config, dirs[0])
+    elif name == "femnist_leaf":
       # Several LEAF source dirs are merged by writer (each writer from the first source listing it).
       fd = data_lib.load_leaf(dirs if len(dirs) > 1 else dirs[0])
     else:
@@ -159,6 +174,8 @@ def build_data(config) -> Data:
 
 def build_spec(config, input_shape, num_classes):
   m = config.model
+  if m.name in TEXT_MODELS:
+    return text_spec(config, input_shape, num_classes)
   if m.name == "mlp":
     return models.mlp(input_shape=input_shape, hidden=tuple(m.hidden), num_classes=num_classes)
   if m.name == "leaf_femnist_cnn":
@@ -178,6 +195,125 @@ def build_spec(config, input_shape, num_classes):
                                width_multiplier=m.width_multiplier, input_shape=input_shape)
   return models.resnet18(num_classes=num_classes, norm=m.norm, width_multiplier=m.width_multiplier,
                          input_shape=tuple(input_shape))
+
+
+# ----------------------------------------------------------------------------- text (issue 27)
+# Data: 'shakespeare' (TFF's LEAF Shakespeare files in data.data_dir; next character after
+# each 80-character window) and 'synthetic_text' (seeded, tiny: tests and smoke runs).
+# Models: 'shakespeare_lstm' (LEAF's char-LSTM, widths model.hidden, model.embed_dim) and
+# 'shakespeare_transformer' (model.num_layers x model.d_model, model.num_heads heads,
+# FFN width model.ffn_width, 0 = 4 d_model); vocabulary and context come from the data.
+
+# The synthetic text: this phrase repeated from a random offset per client, with a fraction
+# data.noise of its characters replaced by random letters of the phrase (the next-character
+# accuracy a model can reach is about 1 - noise).
+SYNTHETIC_PHRASE = "to be, or not to be: that is the question. "
+
+
+def _opt_int(config, path: str, default: int, lo: int) -> int:
+  node, *parts = config, *path.split(".")
+  for part in parts[:-1]:
+    node = node[part]
+  v = node.get(parts[-1], default)
+  _require(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo, path, v,
+           f"an integer in [{lo}, inf]")
+  return int(v)
+
+
+def _validate_synthetic_text(config) -> int:
+  n = _int_in(config, "data.num_clients", 1)
+  epc = _get(config, "data.examples_per_client")
+  _require(isinstance(epc, (tuple, list)) and len(epc) == 2 and all(isinstance(e, int) for e in epc)
+           and 1 <= epc[0] <= epc[1], "data.examples_per_client", epc,
+           "a pair (lo, hi) of window counts with 1 <= lo <= hi")
+  _int_in(config, "data.test_examples_per_client", 1)
+  _int_in(config, "data.seq_len", 1)
+  _float_in(config, "data.noise", 0.0, 1.0)
+  return n
+
+
+def _validate_shakespeare(config) -> None:
+  _opt_int(config, "data.max_windows_per_client", 0, 0)
+  _opt_int(config, "data.max_test_windows_per_client", 0, 0)
+  _opt_int(config, "data.stride", 1, 1)
+
+
+def _validate_text_model(config) -> None:
+  """Text models need token data and vice versa; their width fields are checked here."""
+  name, data = config.model.name, config.data.name
+  if (name in TEXT_MODELS) != (data in TEXT_DATASETS):
+    need = (f"token data (data.name in {TEXT_DATASETS})" if name in TEXT_MODELS
+            else f"a next-token model (model.name in {TEXT_MODELS})")
+    raise ConfigError(f"config.model.name={name!r} and config.data.name={data!r} do not fit: "
+                      f"the {'model' if name in TEXT_MODELS else 'data'} needs {need}")
+  if name == "shakespeare_lstm":
+    hidden = config.model.get("hidden", (256, 256))
+    _require(isinstance(hidden, (tuple, list)) and len(hidden) >= 1
+             and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden),
+             "model.hidden", hidden, "a non-empty tuple of LSTM widths >= 1")
+    _opt_int(config, "model.embed_dim", 8, 1)
+  elif name == "shakespeare_transformer":
+    _opt_int(config, "model.num_layers", 4, 1)
+    d_model = _opt_int(config, "model.d_model", 128, 1)
+    heads = _opt_int(config, "model.num_heads", 4, 1)
+    _opt_int(config, "model.ffn_width", 0, 0)
+    _require(d_model % heads == 0, "model.num_heads", heads,
+             f"a divisor of model.d_model={d_model} (head_dim = d_model // num_heads)")
+
+
+def text_spec(config, input_shape, num_classes):
+  """The text model of `config.model` for windows of `input_shape` = (T,) over `num_classes`
+  token ids (vocabulary = classes: the target is the next token)."""
+  m = config.model
+  kw = dict(vocab_size=int(num_classes), seq_len=int(input_shape[0]))
+  if m.name == "shakespeare_lstm":
+    return models.leaf_shakespeare_lstm(hidden=tuple(m.get("hidden", (256, 256))),
+                                        embed_dim=int(m.get("embed_dim", 8)), **kw)
+  return models.shakespeare_transformer(
+      num_layers=int(m.get("num_layers", 4)), d_model=int(m.get("d_model", 128)),
+      num_heads=int(m.get("num_heads", 4)), ffn_width=int(m.get("ffn_width", 0)) or None, **kw)
+
+
+def synthetic_text(config) -> data_lib.FederatedDataset:
+  """Seeded next-character data (`SYNTHETIC_PHRASE`), LEAF vocabulary, data.seq_len windows.
+
+  Client k's train text holds U(examples_per_client) windows, its test text
+  test_examples_per_client windows; both start at random offsets of the phrase.
+  """
+  d = config.data
+  rng = np.random.default_rng(config.seeds.data)
+  phrase = np.array(list(SYNTHETIC_PHRASE))
+  letters = np.unique(phrase)
+
+  def text(num_windows: int) -> str:
+    length = int(d.seq_len) + num_windows  # one window per character after the first T
+    chars = phrase[(rng.integers(len(phrase)) + np.arange(length)) % len(phrase)]
+    flip = rng.random(length) < d.noise
+    chars[flip] = rng.choice(letters, int(flip.sum()))
+    return "".join(chars)
+
+  lo, hi = d.examples_per_client
+  train = {f"client_{k:04d}": [text(int(rng.integers(lo, hi + 1)))] for k in range(d.num_clients)}
+  test = {cid: [text(int(d.test_examples_per_client))] for cid in train}
+  return data_lib.shakespeare_from_snippets(train, test, seq_len=int(d.seq_len),
+                                            source=f"synthetic text (noise {d.noise})")
+
+
+def load_shakespeare(config, directory: str) -> data_lib.FederatedDataset:
+  """TFF's Shakespeare (LEAF split by role, its train/test files) with the config's caps:
+  data.max_windows_per_client (train) and data.max_test_windows_per_client (test), evenly
+  spaced windows, 0 = all; data.stride between window starts (LEAF: 1). Clients whose train
+  text is shorter than one window are dropped (72 of 715 at seq_len 80)."""
+  d = config.data
+  cap, test_cap = d.get("max_windows_per_client", 0), d.get("max_test_windows_per_client", 0)
+  kw = dict(stride=int(d.get("stride", 1)), max_padded_bytes=None if cap else 2**31)
+  fd = data_lib.load_shakespeare(directory, max_windows_per_client=cap or None, **kw)
+  if test_cap != cap:  # the same clients (dropping depends on the train text only)
+    other = data_lib.load_shakespeare(directory, max_windows_per_client=test_cap or None, **kw)
+    assert other.client_ids == fd.client_ids
+    fd = fd._replace(test=other.test, description=f"{fd.description}; test at most "
+                     f"{test_cap or 'all'} windows per client")
+  return fd
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -210,10 +346,14 @@ def build_schedule(config) -> federated.LocalSchedule:
                                  num_steps=c.num_steps or None)
 
 
-def build_algorithm(config, apply_fn, schedule=None, lowrank=None) -> federated.FedAlgorithm:
+def build_algorithm(config, apply_fn, schedule=None, lowrank=None, *,
+                    data: Data | None = None) -> federated.FedAlgorithm:
   """The FedAvg-family algorithm of `config`; `lowrank` (from `build_lowrank`, used by
-  '+lowrank' strategies) trains large dense kernels as factors, same results."""
+  '+lowrank' strategies) trains large dense kernels as factors, same results. With
+  config.privacy / config.compression the aggregator is in the algorithm's path (its
+  state in `ServerState.aggregator`; `in_path_aggregator`, which needs `data`)."""
   c, a = config.client, config.algorithm
+  agg = in_path_aggregator(config, data)
   if c.optimizer == "sgd":
     client_opt = optax.sgd(c.learning_rate, momentum=c.momentum or None)
   else:
@@ -224,17 +364,18 @@ def build_algorithm(config, apply_fn, schedule=None, lowrank=None) -> federated.
     raise ValueError("a '+lowrank' strategy cannot run FedProx (its proximal term is not low-rank)")
   if a.name == "fedavg":
     return federated.fedavg(apply_fn, client_opt, schedule,
-                            server_optimizer=optax.sgd(a.server_learning_rate), lowrank=lowrank)
+                            server_optimizer=optax.sgd(a.server_learning_rate), lowrank=lowrank,
+                            aggregator=agg)
   if a.name == "fedavgm":
     return federated.fedavgm(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate,
-                             server_momentum=a.server_momentum, lowrank=lowrank)
+                             server_momentum=a.server_momentum, lowrank=lowrank, aggregator=agg)
   if a.name == "fedadam":
     return federated.fedadam(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate,
-                             lowrank=lowrank)
+                             lowrank=lowrank, aggregator=agg)
   if a.name == "fedyogi":
     return federated.fedyogi(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate,
-                             lowrank=lowrank)
-  return federated.fedprox(apply_fn, client_opt, schedule, mu=a.prox_mu)
+                             lowrank=lowrank, aggregator=agg)
+  return federated.fedprox(apply_fn, client_opt, schedule, mu=a.prox_mu, aggregator=agg)
 
 
 # ----------------------------------------------------------------------------- robust FL (issue 28)
@@ -295,6 +436,7 @@ def validate_robust(config) -> None:
     method = config.get("method", "fedavg")
     known = _FEDAVG_METHODS + _HETERO_METHODS + _MASKED_METHODS + ("cavp",)
     _require(method in known, "method", method, f"one of {known} with config.robust / config.attack")
+  validate_private(config)
 
 
 def build_aggregator(config) -> federated.Aggregator:
@@ -340,12 +482,26 @@ def attackers(config, num_clients: int):
 
 
 def robust_algorithm(config, data: Data, alg: federated.FedAlgorithm) -> federated.FedAlgorithm:
-  """`alg` (the method's round algorithm) with config.robust's aggregator and config.attack's
-  attackers; `alg` itself when neither is set."""
-  if not robust_active(config):
+  """`alg` (the method's round algorithm) with config.robust's aggregator, config.attack's
+  attackers, config.privacy's DP and config.compression's compression; `alg` itself when
+  none is set. The FedAvg family with privacy / compression has its aggregator in its
+  path already (`build_algorithm`): only the data side of an attack is added here."""
+  private = aggregation_active(config)
+  if not robust_active(config) and not private:
     return alg
   from fedjax_prune.pruning import _hetero, base  # the views of the pruning paths
   method = config.get("method", "fedavg")
+  attacked = config.get("attack") is not None and config.attack.kind != "none"
+  if private:
+    if attacked:
+      alg = federated.poison_data(alg, build_attack(config, data.num_classes),
+                                  attackers(config, data.train.num_clients))
+    if method in _FEDAVG_METHODS:
+      return alg
+    views = {**{m: _hetero.counted_view for m in _HETERO_METHODS},
+             **{m: base.aggregation_view for m in _MASKED_METHODS}}
+    view = views.get(method, lambda: federated.weighted_view("params"))()
+    return federated.with_aggregator(alg, full_aggregator(config, data), view)
   if method in _FEDAVG_METHODS:
     view = federated.fedavg_view()
   elif method in _HETERO_METHODS:
@@ -361,6 +517,158 @@ def robust_algorithm(config, data: Data, alg: federated.FedAlgorithm) -> federat
     alg = federated.poison_data(alg, attack, bad)
     aggregator = federated.with_attack(aggregator, attack, bad)
   return federated.with_aggregator(alg, aggregator, view)
+
+
+# ----------------------------------------------------------------------------- DP and compression (issue 28)
+# config.privacy: DP-FedAvg (noise_multiplier, clip_norm, delta; adaptive clipping with
+# target_quantile, clip_learning_rate, count_stddev (None: clients_per_round / 20)).
+# config.compression: bits (None: no quantisation), topk_fraction (None: every held
+# coordinate), error_feedback. Both optional; the records get `dp_epsilon` / `bytes_up`.
+
+
+def aggregation_active(config) -> bool:
+  """Whether config.privacy or config.compression is set."""
+  return config.get("privacy") is not None or config.get("compression") is not None
+
+
+def _optional(config, path, check):
+  if _get(config, path) is not None:
+    check()
+
+
+def validate_private(config) -> None:
+  """Checks config.privacy and config.compression (when present) and the method they run
+  with; ConfigError names the field."""
+  method = config.get("method", "fedavg")
+  stateful = []  # aggregator state the method's server state must hold
+  if config.get("privacy") is not None:
+    _float_in(config, "privacy.noise_multiplier", 0.0)
+    _float_in(config, "privacy.clip_norm", 0.0, lo_open=True)
+    delta = _float_in(config, "privacy.delta", 0.0, 1.0, lo_open=True)
+    _require(delta < 1.0, "privacy.delta", delta, "a number in (0, 1)")
+    adaptive = _get(config, "privacy.adaptive")
+    _require(isinstance(adaptive, bool), "privacy.adaptive", adaptive, "True or False")
+    if adaptive:
+      _float_in(config, "privacy.target_quantile", 0.0, 1.0)
+      _float_in(config, "privacy.clip_learning_rate", 0.0)
+      _optional(config, "privacy.count_stddev",
+                lambda: _float_in(config, "privacy.count_stddev", 0.0))
+      try:
+        build_dp(config)
+      except ValueError as e:
+        raise ConfigError(f"config.privacy.count_stddev={config.privacy.count_stddev!r} is "
+                          f"invalid for privacy.noise_multiplier="
+                          f"{config.privacy.noise_multiplier}: {e}") from None
+      stateful.append("privacy.adaptive")
+    r = config.get("robust")
+    if r is not None and r.get("aggregator", "mean") != "mean":
+      raise ConfigError(f"config.robust.aggregator={r.aggregator!r} cannot be combined with "
+                        "config.privacy (DP's noise is calibrated to a clipped sum): allowed "
+                        "'mean' with privacy")
+  if config.get("compression") is not None:
+    bits = _get(config, "compression.bits")
+    _require(bits is None or (isinstance(bits, int) and not isinstance(bits, bool)
+                              and 1 <= bits <= 32),
+             "compression.bits", bits, "an integer in [1, 32] or None (no quantisation)")
+    fraction = _get(config, "compression.topk_fraction")
+    _require(fraction is None or (isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+                                  and 0 < fraction <= 1),
+             "compression.topk_fraction", fraction, "a number in (0, 1] or None (send all)")
+    ef = _get(config, "compression.error_feedback")
+    _require(isinstance(ef, bool), "compression.error_feedback", ef, "True or False")
+    if ef:
+      stateful.append("compression.error_feedback")
+  if aggregation_active(config):
+    known = _FEDAVG_METHODS + _HETERO_METHODS + _MASKED_METHODS + ("cavp",)
+    _require(method in known, "method", method,
+             f"one of {known} with config.privacy / config.compression")
+    if stateful and method not in _FEDAVG_METHODS:
+      raise ConfigError(
+          f"config.{stateful[0]}=True is not supported yet with method {method!r}: its server "
+          "state has no slot for the aggregator's state (the adaptive clip norm, the "
+          f"error-feedback memory); supported with {_FEDAVG_METHODS}. Set "
+          f"config.{stateful[0]}=False (fixed clipping / no error feedback)")
+
+
+def build_dp(config, noise_on_present: bool = True) -> federated.Aggregator:
+  """`federated.dp_mean` of config.privacy (m = clients_per_round)."""
+  p = config.privacy
+  adaptive = bool(p.adaptive)
+  return federated.dp_mean(
+      float(p.noise_multiplier), float(p.clip_norm), expected_clients=config.clients_per_round,
+      target_quantile=float(p.target_quantile) if adaptive else None,
+      clip_learning_rate=float(p.clip_learning_rate) if adaptive else 0.2,
+      count_stddev=(None if not adaptive or p.count_stddev is None else float(p.count_stddev)),
+      noise_on_present=noise_on_present)
+
+
+def build_compression(config) -> federated.Compression:
+  c = config.compression
+  return federated.Compression(bits=None if c.bits is None else int(c.bits),
+                               topk_fraction=None if c.topk_fraction is None else float(c.topk_fraction))
+
+
+def full_aggregator(config, data: Data) -> federated.Aggregator:
+  """config.robust's aggregator, or config.privacy's DP mean, behind config.compression,
+  behind config.attack's update attack: an attacker transforms its update, compresses it,
+  then (DP) clips it."""
+  method = config.get("method", "fedavg")
+  if config.get("privacy") is not None:
+    # FedDST's clients prune and regrow on their own data: where they hold is private,
+    # so the noise goes on every coordinate.
+    own_masks = method == "sparse" and config.sparse.get("method") == "feddst"
+    agg = build_dp(config, noise_on_present=not own_masks)
+  else:
+    agg = build_aggregator(config)
+  if config.get("compression") is not None:
+    agg = federated.compressed(agg, build_compression(config),
+                               error_feedback=bool(config.compression.error_feedback),
+                               num_clients=data.train.num_clients)
+  if config.get("attack") is not None and config.attack.kind != "none":
+    agg = federated.with_attack(agg, build_attack(config, data.num_classes),
+                                attackers(config, data.train.num_clients))
+  return agg
+
+
+def in_path_aggregator(config, data: Data | None) -> federated.Aggregator | None:
+  """The aggregator `build_algorithm` puts in the FedAvg family's path: `full_aggregator`
+  with config.privacy / config.compression, else None (the default mean; config.robust
+  alone runs through `robust_algorithm`)."""
+  if not aggregation_active(config) or config.get("method", "fedavg") not in _FEDAVG_METHODS:
+    return None
+  if data is None:
+    raise ValueError("build_algorithm needs data= (the clients and classes) with "
+                     "config.privacy / config.compression")
+  return full_aggregator(config, data)
+
+
+def dp_epsilons(config, num_clients: int) -> list[float] | None:
+  """[rounds] epsilon after each round at config.privacy.delta (RDP accountant, sampling
+  probability clients_per_round / num_clients), or None without config.privacy."""
+  if config.get("privacy") is None:
+    return None
+  q = min(1.0, config.clients_per_round / num_clients)
+  return [float(e) for e in federated.epsilon_per_round(
+      float(config.privacy.noise_multiplier), q, int(config.rounds), float(config.privacy.delta))]
+
+
+def with_measured_bytes(config, method: federated.Method) -> federated.Method:
+  """With config.compression: `method` whose records carry the round's measured `bytes_up`
+  (the compressed aggregator's metric) and the method's own count of the uncompressed
+  upload as `bytes_up_uncompressed`; `method` itself otherwise."""
+  if config.get("compression") is None:
+    return method
+  record_fn = method.record
+
+  def record(before, after, round_idx, metrics):
+    out = dict(record_fn(before, after, round_idx, metrics))
+    if "bytes_up" in metrics:
+      if "bytes_up" in out:
+        out["bytes_up_uncompressed"] = out["bytes_up"]
+      out["bytes_up"] = metrics["bytes_up"]
+    return out
+
+  return method._replace(record=record)
 
 
 def backdoor_evaluator(config, data: Data, apply_for: Callable):
@@ -390,7 +698,7 @@ def build_lowrank(config, spec, params, max_examples: int) -> performance.LowRan
   run cannot (clients not SGD, FedProx, a model without `dense_lowrank`) or no dense
   kernel is cheaper as factors over the clients' rows (steps x batch)."""
   c, a = config.client, config.algorithm
-  if robust_active(config):  # the robust view reads each client's dense delta
+  if robust_active(config) or aggregation_active(config):  # an aggregator reads each delta
     return None
   if (c.optimizer != "sgd" or a.name == "fedprox"
       or not isinstance(spec, (models.MLPSpec, models.ConvNetSpec))):

@@ -217,3 +217,54 @@ def test_lowrank_strategy_reproduces_the_dense_run(tmp_path):
   assert factored["strategy"] == "sequential+lax+lowrank"
   assert factored["test_loss"] == pytest.approx(dense["test_loss"], rel=1e-4)
   assert factored["test_accuracy"] == pytest.approx(dense["test_accuracy"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- text (issue 27)
+
+
+def test_text_config_tiny_smoke(tmp_path):
+  from experiments.configs import fedavg_shakespeare
+  c = fedavg_shakespeare.get_config("tiny")
+  c.rounds, c.eval_every = 2, 1
+  summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    lines = [json.loads(l) for l in f]
+  assert [l["round"] for l in lines] == [1, 2]
+  # LEAF vocabulary (81) x 8 embedding, one LSTM layer of 16 (4 gates), the head.
+  lstm = 81 * 8 + (8 * 64 + 16 * 64 + 64) + (16 * 81 + 81)
+  assert summary["params"] == lstm and all(l["params"] == lstm for l in lines)
+  num_test = 8 * 8  # 8 clients x 8 test windows: accuracy is a count over them
+  for l in lines:
+    assert abs(l["test_accuracy"] * num_test - round(l["test_accuracy"] * num_test)) < 1e-4
+  assert lines[1]["train_loss"] < lines[0]["train_loss"]
+
+
+def test_text_model_and_data_must_fit(tmp_path):
+  from experiments.configs import fedavg_shakespeare
+  c = tiny_config()
+  c.model.name = "shakespeare_lstm"  # a next-token model on images
+  with pytest.raises(build.ConfigError, match="model.name='shakespeare_lstm' and "
+                     "config.data.name='synthetic' do not fit"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  c = fedavg_shakespeare.get_config("tiny,transformer")
+  c.model.num_heads = 3  # d_model 16
+  with pytest.raises(build.ConfigError, match="model.num_heads=3 is invalid: allowed a divisor"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_real_shakespeare_loads_with_the_caps():
+  import jax
+  from experiments.configs import fedavg_shakespeare
+  from fedjax_prune import models as models_lib
+  c = fedavg_shakespeare.get_config()
+  if not os.path.isdir(c.data.data_dir):
+    pytest.skip("no ../shared/data/shakespeare here")
+  c.data.max_windows_per_client, c.data.max_test_windows_per_client = 4, 2
+  with pytest.warns(UserWarning, match="dropping 72 client"):  # shorter than one window
+    data = build.build_data(c)
+  assert data.train.x.shape == (643, 4, 80) and data.input_shape == (80,) and data.num_classes == 81
+  assert data.test_clients.x.shape[1] == 2 and data.test_x.dtype == jax.numpy.uint8
+  assert int(data.train.x.max()) < 81 and int(data.train.y.max()) < 81
+  spec = build.build_spec(c, data.input_shape, data.num_classes)
+  assert spec == models_lib.leaf_shakespeare_lstm()  # LEAF's 2 x 256 LSTM on its vocabulary

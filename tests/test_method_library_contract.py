@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from experiments import build, methods, runtime
+from experiments.configs import fedavg_shakespeare
 from fedjax_prune import accounting, federated, structured
 from fedjax_prune import masks as masks_lib
 from tests import test_method_contract as contract
@@ -36,8 +37,13 @@ def _env(config) -> runtime.Env:
                      log=lambda message: None)
 
 
+# Text models (issue 27): ASP on the tiny LSTM of experiments/configs/fedavg_shakespeare.py
+# (synthetic text); its rebuild goes through the generic `structured` entry points.
+TEXT_CASES = {"asp/text_lstm": lambda: contract._common(fedavg_shakespeare.get_config("tiny,asp"))}
+
+
 def _build(name):
-  config = contract.CASES_BY_NAME[name].config()
+  config = TEXT_CASES[name]() if name in TEXT_CASES else contract.CASES_BY_NAME[name].config()
   env = _env(config)
   driver = methods.DRIVERS[config.get("method", "fedavg")]
   driver.validate(config)
@@ -128,7 +134,7 @@ def _params(state):
 
 # The rebuilds each case's run makes (contract item 7): ASP re-initialises what it keeps, the
 # L1 filter inherits it, CAVP removes dead gates; every other method keeps its architecture.
-REBUILD_KINDS = {"asp": {"keep"}, "l1_filter": {"keep+inherited"},
+REBUILD_KINDS = {"asp": {"keep"}, "asp/text_lstm": {"keep"}, "l1_filter": {"keep+inherited"},
                  "cavp/centralised": {"same function"}, "cavp/federated": {"same function"}}
 
 # In the default selection: one case per kind of method (one-shot masks, client-side
@@ -136,7 +142,8 @@ REBUILD_KINDS = {"asp": {"keep"}, "l1_filter": {"keep+inherited"},
 FAST = ("fedavg/fedavgm+prune", "sparse/feddst", "fiarse/masked", "sparse/dense")
 
 
-@pytest.mark.parametrize("name", contract._params(FAST))
+@pytest.mark.parametrize("name", contract._params(FAST) + [
+    pytest.param(name, marks=pytest.mark.slow) for name in TEXT_CASES])
 def test_method_contract(name):
   config, run = _build(name)
   compiled = {}  # one round function per algorithm object: cohorts of new shapes retrace it

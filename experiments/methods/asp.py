@@ -17,7 +17,12 @@ round (dense float32 model incl. BN running statistics), `cum_bytes` (up +
 down since round 1), `dense_cum_bytes` (the same for FedAvg on the dense model)
 and `accepted` (1 when the architecture changed before this round), and the
 dead-channel diagnostic on 64 training examples (`active_channels`: the fraction of
-conv channels that fire; `active_channels_min`: the least active layer's).
+conv channels that fire; `active_channels_min`: the least active layer's; conv models only).
+
+Text models (config.model.name 'shakespeare_lstm' / 'shakespeare_transformer'): the same
+rule per LSTM layer over its units and per transformer block over its heads and its FFN
+units (L1 of incoming kernels, `structured.group_l1`), rebuilt by `structured.shrink`
+(`pruning.auto_structured` module docstring); the L1-filter baseline prunes the same groups.
 
 Checkpoints hold the FedAvg ServerState of the current architecture; `meta`
 holds the spec as JSON (`structured.spec_to_json`), so a resumed run rebuilds
@@ -35,6 +40,8 @@ from fedjax_prune.pruning import auto_structured, l1_filter
 
 _CONV_MODELS = ("leaf_femnist_cnn", "asp_femnist_cnn", "asp_celeba_cnn", "vgg11", "resnet18",
                 "resnet20", "resnet56", "asp_resnet", "asp_inception")
+# Text models: the rule per LSTM layer's units / block's heads / block's FFN units.
+_MODELS = _CONV_MODELS + build_lib.TEXT_MODELS
 
 
 def _field(config, path, default):
@@ -58,10 +65,14 @@ def _check_int(config, path, default, lo):
 
 def validate(config) -> None:
   """Checks config.model.name and the config.asp / config.l1_filter fields."""
-  if config.model.name not in _CONV_MODELS:
-    _bad("model.name", config.model.name, f"a conv model for structured pruning: {_CONV_MODELS}")
+  if config.model.name not in _MODELS:
+    _bad("model.name", config.model.name, f"a conv or text model for structured pruning: {_MODELS}")
   method = config.get("method", "asp")
   _check_kernel_init(config)
+  if config.model.name in build_lib.TEXT_MODELS and _field(config, "asp.kernel_init",
+                                                           "default") != "default":
+    _bad("asp.kernel_init", _field(config, "asp.kernel_init", "default"),
+         "'default' for text models (their own LEAF / GPT-2 initialisation)")
   widths = _field(config, "asp.widths", ())
   if not isinstance(widths, (tuple, list)) or not all(
       isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
@@ -168,14 +179,17 @@ def build(config, env: runtime.Env) -> runtime.Run:
   init_key = jax.random.key(config.seeds.init)
   params, batch_stats = init_fn(config)(spec, init_key)
   # A resumed run gets the checkpoint's strategy (runtime.choose_strategy).
-  algorithm_for = lambda apply_fn, schedule: build_lib.build_algorithm(config, apply_fn, schedule)
+  algorithm_for = lambda apply_fn, schedule: build_lib.build_algorithm(config, apply_fn, schedule,
+                                                                       data=data)
   strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats,
                                               algorithm_for, runtime.cohort_for(env, 0))
   env.log(f"client execution: {strategy.name}")
+  # The dead-channel diagnostic reads conv activations; text models have none.
+  probe_x = None if isinstance(spec, models.TEXT_SPECS) else probe_batch(data.train)
   common = dict(spec=spec, params=params, batch_stats=batch_stats, key=init_key,
-                fedavg_for=lambda apply_fn: build_lib.build_algorithm(config, apply_fn),
+                fedavg_for=lambda apply_fn: build_lib.build_algorithm(config, apply_fn, data=data),
                 model=runtime.model_fns(env, strategy), clients_per_round=config.clients_per_round,
-                probe_x=probe_batch(data.train), log=env.log)
+                probe_x=probe_x, log=env.log)
   if config.get("method", "asp") == "asp":
     method = auto_structured.asp(make_policy(config), **common)
   else:

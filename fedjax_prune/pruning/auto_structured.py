@@ -22,6 +22,17 @@ as the stem (`couple_streams_to_stem`, default True), chosen by the group's
 own L1 norm; other stream groups are scored by the rule. Dense layers are
 never pruned.
 
+Text models (inferred: the paper names attention-head importance as its next
+step; no code exists): the same rule per group of `structured.groups(spec)`, i.e.
+per LSTM layer over its units, per transformer block over its heads and over its
+FFN units, each scored by `structured.group_l1` (= `text_group_l1`: L1 of a unit's
+incoming kernels, the 4 gate columns of kernel and recurrent kernel for an LSTM
+unit, the head's q/k/v columns for a head, the dense_0 column for an FFN unit);
+the rebuild is `structured.shrink` (= `text_shrink`). At least one unit / head /
+FFN unit stays per group (the rule's floor), so no block is removed whole. The
+embedding, position embedding, LayerNorms and head are never pruned (as the CNNs'
+dense layers).
+
 Deviations, documented: clients get a fresh Adam state (the Keras code reuses one
 compiled client model for the whole round, so Adam moments leak between clients);
 the filter kept when the rule would keep none is the one whose score is nearest
@@ -94,9 +105,13 @@ def prunable_groups(spec, *, couple_streams_to_stem: bool = True) -> tuple[list[
     (scored group names, {follower group: leader group}). Dense groups are
     never included; a ResNet's stream groups behind projection shortcuts
     follow the stem group when `couple_streams_to_stem` and as wide as it.
+    Text models (module docstring): every group of `structured.groups(spec)`,
+    none following another.
   """
   if isinstance(spec, models.MLPSpec):
     raise ValueError('ASP prunes conv filters; an MLPSpec has none (dense layers are never pruned)')
+  if isinstance(spec, models.TEXT_SPECS):  # every LSTM layer's units, every block's heads and FFN
+    return [grp.name for grp in structured.groups(spec)], {}
   scored, follows = [], {}
   groups = structured.groups(spec)
   stem = groups[0]

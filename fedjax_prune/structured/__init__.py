@@ -7,7 +7,9 @@ once. `keep_masks` gives the equivalent masks on the dense model (for the
 surgery contract and for accounting); `group_l1` the per-filter L1 scores;
 `channel_activity` which conv channels still fire (dead channels stop an L1 search).
 Text models (LSTM units, attention heads, FFN units, transformer blocks): `text_shrink`,
-`text_keep_masks`, `text_groups`, `text_group_l1` (`_text_shrink`).
+`text_keep_masks`, `text_groups`, `text_group_l1` (`_text_shrink`); the generic `shrink`,
+`keep_masks`, `groups`, `keep_indices`, `slice_like` and `group_l1` dispatch to them for
+text specs (whole blocks only through `text_shrink(..., drop_blocks=...)`).
 """
 from fedjax_prune.structured._activity import activity_summary, channel_activity
 from fedjax_prune.structured._drop_blocks import droppable_blocks, drop_blocks, drop_blocks_spec

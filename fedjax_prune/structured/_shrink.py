@@ -12,6 +12,11 @@ accounting of the shrunk spec equals the accounting of the masked dense one.
 Host-side only (numpy slicing on concrete arrays); never jit it. The model is
 rebuilt from the new spec and the round re-jitted once afterwards.
 
+Text models (LSTMSpec, TransformerSpec): `groups`, `keep_indices`, `slice_like`,
+`shrink`, `keep_masks` and `group_l1` hand them to the `text_*` functions of
+`_text_shrink` (same contract), so a method written against these entry points
+prunes LSTM units, attention heads and FFN units unchanged.
+
 `keep` is a tree keyed like the params (or a flat dict with '/'-joined keys)
 whose leaves are, per channel group (see `groups`), either a bool vector
 [width] (True = keep) or an int vector of kept indices. A group may be named
@@ -41,8 +46,21 @@ class Shrunk(NamedTuple):
   opt_state: Optional[PyTree]
 
 
+def _text():
+  """The text-model surgery (`_text_shrink` imports this module, so it is imported late)."""
+  from fedjax_prune.structured import _text_shrink
+  return _text_shrink
+
+
+def _is_text(spec) -> bool:
+  return isinstance(spec, models.TEXT_SPECS)
+
+
 def groups(spec) -> tuple[_graph.Group, ...]:
-  """The channel groups of `spec`, in forward order (`_graph` module docstring)."""
+  """The channel groups of `spec`, in forward order (`_graph` module docstring); for a
+  text model (LSTMSpec, TransformerSpec) its units / heads (`text_groups`)."""
+  if _is_text(spec):
+    return _text().text_groups(spec)
   return _graph.graph(spec).groups
 
 
@@ -58,6 +76,8 @@ def keep_indices(spec, keep: Keep) -> dict[str, np.ndarray]:
       length, keeps no channel, holds out-of-range or repeated indices, or when
       two producers of one group disagree.
   """
+  if _is_text(spec):
+    return _text().text_keep_indices(spec, keep)
   g = _graph.graph(spec)
   by_producer = {'/'.join(p): grp for grp in g.groups for p in grp.producers}
   chosen: dict[str, tuple[str, np.ndarray]] = {}
@@ -185,6 +205,8 @@ def slice_like(tree: PyTree, spec, keep: Keep) -> PyTree:
   Returns:
     The tree with the same structure and sliced leaves.
   """
+  if _is_text(spec):
+    return _text().text_slice_like(tree, spec, keep)
   plan = _plan(spec, keep_indices(spec, keep))
   params_abs, stats_abs = models.param_shapes(spec)
   structures = [jax.tree.structure(params_abs)]
@@ -211,8 +233,12 @@ def shrink(spec, params: Params, keep: Keep, *, batch_stats: Optional[BatchStats
            opt_state: Optional[PyTree] = None) -> Shrunk:
   """Removes the channels not in `keep`: the smaller spec and the sliced state.
 
+  Text models (LSTMSpec, TransformerSpec) go to `text_shrink` (units, heads, FFN
+  units; whole blocks only through `text_shrink(..., drop_blocks=...)`), so methods
+  that call `shrink` / `keep_masks` work on them unchanged.
+
   Args:
-    spec: a model spec of the zoo (MLP, ConvNet, ResNet, Inception).
+    spec: a model spec of the zoo (MLP, ConvNet, ResNet, Inception, LSTM, transformer).
     params: the model's params (concrete arrays; shapes must match `spec`).
     keep: kept channels per group (module docstring).
     batch_stats: optional BatchNorm running statistics, sliced like the BN params.
@@ -234,6 +260,11 @@ def shrink(spec, params: Params, keep: Keep, *, batch_stats: Optional[BatchStats
     >>> out.spec.convs[0].features, out.params['conv_1']['kernel'].shape
     (2, (5, 5, 2, 8))
   """
+  if _is_text(spec):
+    if batch_stats is not None and jax.tree.leaves(batch_stats):
+      raise ValueError('text models have no batch_stats; pass None or {}')
+    out = _text().text_shrink(spec, params, keep, opt_state=opt_state)
+    return out._replace(batch_stats=None if batch_stats is None else {})
   idx = keep_indices(spec, keep)
   params_abs, stats_abs = models.param_shapes(spec)
   _check_tree(params, params_abs, 'params')
@@ -258,8 +289,11 @@ def keep_masks(spec, keep: Keep) -> Masks:
   convs and (in, out) for denses; biases and BatchNorm scale/bias get [out]
   vectors. Applying them to the dense params (`masks.apply`) gives a model
   whose outputs equal the shrunk model's, and `accounting.param_count` /
-  `accounting.flops` of (spec, masks) equal those of the shrunk spec.
+  `accounting.flops` of (spec, masks) equal those of the shrunk spec. Text models:
+  `text_keep_masks`.
   """
+  if _is_text(spec):
+    return _text().text_keep_masks(spec, keep)
   idx = keep_indices(spec, keep)
   g = _graph.graph(spec)
   params_abs, _ = models.param_shapes(spec)
@@ -295,9 +329,13 @@ def group_l1(spec, params: Params) -> dict[str, np.ndarray]:
   A coupled group (ResNet stream) sums the L1 norms of all its producers.
   Biases are not included (as the ASP code and Li et al. 2017).
 
+  Text models: `text_group_l1` (per LSTM unit, attention head, FFN unit).
+
   Returns:
     {group name: float64 [width]}.
   """
+  if _is_text(spec):
+    return _text().text_group_l1(spec, params)
   result = {}
   for grp in groups(spec):
     total = np.zeros(grp.width)
