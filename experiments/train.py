@@ -364,7 +364,8 @@ def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None =
 
   Returns the summary dict (without 'method', which `train_and_evaluate` adds).
   """
-  method = run.method
+  # config.compression (issue 28): the round's measured `bytes_up` replaces the method's dense count.
+  method = build.with_measured_bytes(config, run.method)
   if start is None:
     start = start_state(env, run)
     if start.restored:
@@ -400,12 +401,15 @@ def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None =
   clock_start = runtime.run_clock_start(meta)
   eval_time = float(meta.get("eval_time_s", 0.0))
   last_eval: dict = {}
+  epsilons = build.dp_epsilons(config, env.data.train.num_clients)  # config.privacy: accountant
   rounds = federated.run_rounds(
       method, state, train=run.train, cohort_fn=run.cohort,
       train_root=jax.random.key(config.seeds.training), init_key=jax.random.key(config.seeds.init),
       rounds=range(start_round, config.rounds), compile_round=compile_round)
   for round_idx, state, record in rounds:
     record.update(round=round_idx + 1, wall_time=time.perf_counter() - clock_start)
+    if epsilons is not None:
+      record["dp_epsilon"] = epsilons[round_idx]
     if runtime.is_eval_round(config, round_idx):
       last_eval = evaluate(state, round_idx)
       record.update(last_eval)

@@ -40,7 +40,7 @@ def build(config, env: runtime.Env) -> runtime.Run:
   spec = build_lib.build_spec(config, data.input_shape, data.num_classes)
   _, params, batch_stats = models.build(spec, jax.random.key(config.seeds.init))
   algorithm_for = lambda apply_fn, schedule, lowrank=None: build_lib.build_algorithm(
-      config, apply_fn, schedule, lowrank=lowrank)
+      config, apply_fn, schedule, lowrank=lowrank, data=data)
   density = float(config.get("prune_density", 1.0))
   prune_round = config.get("prune_round", 0) if density < 1.0 else None
   # Large dense kernels trained as factors: dense runs only (pruning adds masks).
@@ -55,7 +55,7 @@ def build(config, env: runtime.Env) -> runtime.Run:
   apply_fn = build_lib.build_apply(spec, data.normalize, strategy.conv_impl,
                                    build_lib.compute_dtype(config))
   alg = build_lib.build_algorithm(config, apply_fn, strategy.schedule(build_lib.build_schedule(config)),
-                                  lowrank=lowrank if strategy.lowrank else None)
+                                  lowrank=lowrank if strategy.lowrank else None, data=data)
   method = one_shot.one_shot_magnitude(
       alg, spec=spec, params=params, batch_stats=batch_stats, key=jax.random.key(config.seeds.init),
       evaluate=runtime.make_evaluator(env, apply_fn), clients_per_round=config.clients_per_round,

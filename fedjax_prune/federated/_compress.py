@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -262,3 +262,134 @@ def bytes_up(update: PyTree, present: Any, config: Compression) -> jax.Array:
       positions = jnp.minimum(k * index_bytes, _ceil_div(m, 8))
       total += jnp.where(k < m, positions, 0)
   return total
+
+
+# ----------------------------------------------------------------------------
+# The aggregator wrapper (the engine's aggregation hook, `federated.Aggregator`).
+
+
+class CompressedState(NamedTuple):
+  """State of `compressed`.
+
+  Attributes:
+    inner: the inner aggregator's state.
+    residual: error-feedback memory, each leaf [num_clients, *param shape] (row i is
+      client i's), or () without error feedback.
+  """
+  inner: Any
+  residual: PyTree = ()
+
+
+class CompressedSums(NamedTuple):
+  """In-graph sums of `compressed`: the inner aggregator's, and [] float32 bytes sent."""
+  inner: Any
+  bytes_up: jax.Array
+
+
+class CompressedPerClient(NamedTuple):
+  """Stacked [C, ...] outputs of `compressed`.
+
+  Attributes:
+    inner: the inner aggregator's `per_client`.
+    residual: each client's new memory (() without error feedback).
+    client_id: [] int32 row of the memory.
+    writes: [] bool, the client sent (active and weight > 0): only these rows change.
+  """
+  inner: Any
+  residual: PyTree
+  client_id: jax.Array
+  writes: jax.Array
+
+
+def compressed(inner, config: Compression, *, error_feedback: bool = True,
+               num_clients: Optional[int] = None):
+  """`inner` (a `federated.Aggregator`) fed each client's compressed update.
+
+  On the client: the update u (over the coordinates it holds, `present`) is compressed
+  as `compress` does (top-k, then stochastic quantisation), with error feedback
+  C(u + e_i) and e_i' = u + e_i - C(u + e_i) when `error_feedback`, and what the server
+  decodes goes to `inner.contribute`. Compose with DP as `compressed(dp_mean(...))`:
+  compress first, then clip and noise (the clipped vector is what is summed). Robust
+  inner aggregators see the decoded updates.
+
+  The memory e is stacked [num_clients, ...] in the state: client i reads row i
+  (`ClientInfo.client_id`) inside the round, and `finish` scatters the new rows back;
+  padding and empty clients never write (their rows stay as they were). It costs
+  num_clients times the model in server memory and checkpoints.
+
+  Round metric `bytes_up`: the sum over the participating clients of `bytes_up(u,
+  present, config)` (values, positions and scales actually sent; pruned coordinates
+  cost nothing), as float32 (exact below 2^24 bytes per client).
+
+  Args:
+    inner: the aggregator the decoded updates go to (`federated.mean()`, `dp_mean`,
+      a robust one).
+    config: `Compression`.
+    error_feedback: keep each client's residual.
+    num_clients: number of clients in the dataset (the memory's rows); required with
+      `error_feedback`.
+
+  Returns:
+    A `federated.Aggregator` whose state is `CompressedState` (stateless when `inner` is
+    and without error feedback).
+
+  Raises:
+    ValueError: a bad `config`, or `error_feedback` without an int num_clients >= 1.
+
+  Example:
+    >>> import jax, optax
+    >>> from fedjax_prune import federated, testing
+    >>> apply_fn, params, data = testing.tiny_problem(jax.random.key(0))
+    >>> agg = federated.compressed(federated.mean(), federated.Compression(bits=4),
+    ...                            num_clients=3)
+    >>> alg = federated.fedavg(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=4),
+    ...                        aggregator=agg)
+    >>> state = alg.init(params, jax.random.key(1))
+    >>> state, metrics = federated.make_round(alg)(state, data, federated.make_cohort([0, 1, 2]),
+    ...                                           jax.random.key(2))
+    >>> float(metrics['bytes_up']) > 0
+    True
+  """
+  from fedjax_prune.federated._robust import Aggregator, Contribution  # no import cycle
+  check_compression(config)
+  if error_feedback and (isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer))
+                         or num_clients < 1):
+    raise ValueError(f'num_clients must be an int >= 1 with error_feedback (the rows of the '
+                     f'memory), got {num_clients!r}')
+
+  def init(params) -> CompressedState:
+    residual = (jax.tree.map(lambda x: jnp.zeros((num_clients,) + jnp.shape(x), jnp.result_type(x)),
+                             params) if error_feedback else ())
+    return CompressedState(inner.init(params), residual)
+
+  def contribute(state: CompressedState, update, weight, present, client, key):
+    compress_key, inner_key = jax.random.split(key)
+    held = True if present is None else present
+    writes = jnp.asarray(client.active, bool) & (jnp.asarray(weight) > 0)
+    residual = ()
+    if error_feedback:
+      mine = jax.tree.map(lambda r: r[client.client_id], state.residual)
+      residual, sent = compress_with_feedback(mine, update, held, compress_key, config)
+    else:
+      sent = compress(update, held, compress_key, config)
+    out = inner.contribute(state.inner, sent, weight, present, client, inner_key)
+    sent_bytes = bytes_up(update, held, config).astype(jnp.float32) * writes.astype(jnp.float32)
+    return Contribution(CompressedSums(out.sums, sent_bytes),
+                        CompressedPerClient(out.per_client, residual,
+                                            jnp.asarray(client.client_id, jnp.int32), writes))
+
+  def finish(state: CompressedState, summed, fallback, key):
+    sums: CompressedSums = summed.sums
+    per: CompressedPerClient = summed.per_client
+    mean, inner_state, metrics = inner.finish(state.inner, Contribution(sums.inner, per.inner),
+                                              fallback, key)
+    residual = state.residual
+    if error_feedback:
+      # Non-writers get an out-of-range row, which the scatter drops (padding clients
+      # repeat a real client's id: they must not overwrite its row).
+      rows = jnp.where(per.writes, per.client_id, num_clients)
+      residual = jax.tree.map(lambda r, new: r.at[rows].set(new.astype(r.dtype), mode='drop'),
+                              residual, per.residual)
+    return mean, CompressedState(inner_state, residual), {**metrics, 'bytes_up': sums.bytes_up}
+
+  return Aggregator(init, contribute, finish, inner.stacked)

@@ -108,8 +108,10 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
     aggregator: how the clients' updates w_server - w_client are aggregated
       (`federated.Aggregator`; None: `mean()`, the example-weighted mean, op for op as
       before). A robust one (median, trimmed mean, norm bound, Krum) gets every client
-      the same weight it has in the mean; its state is `ServerState.aggregator`. Not
-      with `lowrank`.
+      the same weight it has in the mean; its state is `ServerState.aggregator`
+      (`federated.dp_mean`'s clip norm, `federated.compressed`'s error-feedback memory).
+      With masks, a given aggregator is told each client holds the server's masks
+      (`present`). Not with `lowrank`.
 
   Returns:
     FedAlgorithm whose state is `ServerState`.
@@ -163,8 +165,11 @@ def fedavg(apply_fn: ApplyFn, client_optimizer: optax.GradientTransformation,
       delta = _weighted_delta(state.params, local.params, weight)
       return ClientOutput(FedAvgSums(delta, stats, weight, jnp.ones((), jnp.float32), metrics))
     # The aggregator's key is folded from the client's: training keeps the key itself.
+    # A given aggregator learns the coordinates the client holds (the server's masks,
+    # public: DP noise and compression use them); the default mean needs not.
+    present = state.masks if aggregator is not None else None
     out = agg.contribute(state.aggregator, tree_lib.sub(state.params, local.params), weight,
-                         None, info, _keys.fold_in(key, _robust.AGGREGATOR_STREAM))
+                         present, info, _keys.fold_in(key, _robust.AGGREGATOR_STREAM))
     return ClientOutput(FedAvgSums(out.sums, stats, weight, jnp.ones((), jnp.float32), metrics),
                         out.per_client)
 

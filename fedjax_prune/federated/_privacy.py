@@ -401,6 +401,131 @@ def finish_dp_mean(state: ClipState, sums: DPSums, key: PRNGKey, config: DPConfi
 
 
 # ----------------------------------------------------------------------------
+# The aggregator (the engine's aggregation hook, `federated.Aggregator`).
+
+
+class DPMeanSums(NamedTuple):
+  """The in-graph sums of `dp_mean` (one client's, or the cohort's).
+
+  Attributes:
+    update: sum of the participants' clipped updates.
+    below: [] sum of b_i - 1/2 (`quantile_contribution`).
+    clipped: [] number of participants whose update was clipped.
+    participants: [] number of participants.
+    released: () (noise on every coordinate) or per leaf the number of real clients
+      whose `present` covers each coordinate (its mask's shape).
+  """
+  update: PyTree
+  below: jax.Array
+  clipped: jax.Array
+  participants: jax.Array
+  released: PyTree = ()
+
+
+def dp_mean(noise_multiplier: float, clip_norm: float, expected_clients: float, *,
+            target_quantile: Optional[float] = None, clip_learning_rate: float = 0.2,
+            count_stddev: Optional[float] = None, noise_on_present: bool = True):
+  """DP-FedAvg as a `federated.Aggregator`: clip on the client, Gaussian noise on the server.
+
+  Client side (`contribute`): a participating client (active, weight > 0) contributes its
+  update clipped to L2 norm C over the coordinates it holds (`present`; all without), with
+  weight 1 whatever its example count (example weights would change the sensitivity);
+  padding and empty clients contribute exactly 0. Server side (`finish`): the sum gets
+  N(0, (z_update C)^2) noise on the released coordinates and is divided by the fixed
+  `expected_clients` m (`finish_dp_mean`); then, under adaptive clipping, C moves
+  towards the `target_quantile` of the update norms (`update_clip_norm`).
+
+  Released coordinates: with `noise_on_present` and clients that report `present`, those
+  covered by some real client's `present`; the algorithms report the server's current
+  mask there (`federated.fedavg(..., aggregator=)` with masks, masked FedAvg through
+  `pruning.base.aggregation_view`), the same for every client and public (the server
+  broadcast it), so the noise goes on the server's mask and nowhere else; coordinates
+  outside it are exactly 0 in every client's update and come back as `fallback`.
+  Without `present` (dense models): every coordinate. Pass `noise_on_present=False`
+  when `present` is private (clients' own data-dependent masks, FedDST): then every
+  coordinate gets noise. With submodels (`present` a client's width slice) the union of
+  the cohort's slices is released; the denominator stays m (coordinates held by few
+  clients are shrunk towards 0: the price of a public denominator).
+
+  State: () under fixed clipping (stateless: runs through `federated.with_aggregator`
+  on every algorithm), the `ClipState` under adaptive clipping. Round metrics:
+  `dp_clip_norm` (the C the clients clipped to this round) and `dp_clipped_fraction`
+  (the fraction of participants clipped; a diagnostic computed without noise, not
+  itself private). Accounting is on the host (`epsilon`, `epsilon_per_round` with
+  z = `noise_multiplier` and q = m / number of clients).
+
+  Args:
+    noise_multiplier: z >= 0 (the combined one under adaptive clipping).
+    clip_norm: C > 0 (the initial one under adaptive clipping).
+    expected_clients: m > 0, the expected clients per round (fixed denominator).
+    target_quantile: gamma in [0, 1] for adaptive clipping; None keeps C fixed.
+    clip_learning_rate: eta >= 0 of the geometric clip-norm update.
+    count_stddev: sigma_b (default m / 20 under adaptive clipping).
+    noise_on_present: noise only on the coordinates the clients' `present` covers.
+
+  Returns:
+    A `federated.Aggregator`.
+
+  Raises:
+    ValueError: a value out of range (`dp_config`), naming it.
+
+  Example:
+    >>> import jax, optax
+    >>> from fedjax_prune import federated, testing
+    >>> apply_fn, params, data = testing.tiny_problem(jax.random.key(0))
+    >>> agg = federated.dp_mean(1.0, 0.5, expected_clients=3, target_quantile=0.5,
+    ...                         count_stddev=1.0)
+    >>> alg = federated.fedavg(apply_fn, optax.sgd(0.1), federated.LocalSchedule(batch_size=4),
+    ...                        aggregator=agg)
+    >>> state = alg.init(params, jax.random.key(1))
+    >>> state, metrics = federated.make_round(alg)(state, data, federated.make_cohort([0, 1, 2]),
+    ...                                           jax.random.key(2))
+    >>> float(metrics['dp_clip_norm'])
+    0.5
+  """
+  from fedjax_prune.federated._robust import Aggregator, Contribution  # no import cycle
+  config = dp_config(noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                     expected_clients=expected_clients, target_quantile=target_quantile,
+                     clip_learning_rate=clip_learning_rate, count_stddev=count_stddev)
+  adaptive = config.target_quantile is not None
+
+  def init(params) -> Any:
+    del params
+    return init_clip_state(config) if adaptive else ()
+
+  def clip_state(state) -> ClipState:
+    return state if adaptive else ClipState(jnp.asarray(config.clip_norm, jnp.float32))
+
+  def contribute(state, update, weight, present, client, key) -> Any:
+    del key
+    active = jnp.asarray(client.active, bool)
+    part = (active & (jnp.asarray(weight) > 0)).astype(jnp.float32)
+    dp = dp_contribution(update, True if present is None else present, clip_state(state))
+    clipped = jax.tree.map(lambda x: x * part.astype(x.dtype), dp.update)
+    released = ()
+    if present is not None and noise_on_present:
+      present = tree_like(present, update, 'present')
+      released = jax.tree.map(
+          lambda p: jnp.asarray(p, bool).astype(jnp.float32) * active.astype(jnp.float32), present)
+    return Contribution(DPMeanSums(clipped, dp.below * part,
+                                   (dp.below < 0).astype(jnp.float32) * part, part, released))
+
+  def finish(state, summed, fallback, key):
+    sums: DPMeanSums = summed.sums
+    everywhere = isinstance(sums.released, tuple) and not sums.released
+    released = True if everywhere else jax.tree.map(lambda c: c > 0, sums.released)
+    used = clip_state(state)
+    new, mean = finish_dp_mean(used, DPSums(sums.update, sums.below), key, config, released)
+    if fallback is not None and not everywhere:
+      mean = jax.tree.map(lambda m, r, old: jnp.where(r, m, old), mean, released, fallback)
+    metrics = {'dp_clip_norm': used.clip_norm,
+               'dp_clipped_fraction': sums.clipped / jnp.maximum(sums.participants, 1.0)}
+    return mean, (new if adaptive else state), metrics
+
+  return Aggregator(init, contribute, finish)
+
+
+# ----------------------------------------------------------------------------
 # Accounting (host side, Python floats).
 
 

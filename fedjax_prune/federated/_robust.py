@@ -48,7 +48,10 @@ Algorithms whose factories do not take an aggregator are run with one through
 `with_aggregator(alg, aggregator, view)`: a `SumsView` says where a client's update sits
 in its `ClientOutput.sums` and how to hand the aggregate back to the algorithm's own
 server step (`weighted_view` for sums pre-weighted by n_k: FedAvg, masked FedAvg, CAVP;
-`pruning._hetero.counted_view` for the submodel methods).
+`pruning._hetero.counted_view` for the submodel methods). A stateful aggregator (adaptive
+DP clipping, error-feedback memory) needs a slot in the server state: an `aggregator`
+field (`federated.ServerState`, `pruning.base.MaskedFedAvgState`), filled by the wrapped
+algorithm's `init`.
 
 References:
   Yin et al., Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates,
@@ -442,13 +445,17 @@ class SumsView(NamedTuple):
 
 
 def weighted_view(field: str = "params", *, votes_field: str | None = None,
-                  delta: bool | Callable[[Any], bool] = False) -> SumsView:
+                  delta: bool | Callable[[Any], bool] = False,
+                  masks_field: str | None = None) -> SumsView:
   """The view of sums holding w_k * (client params) in `field` with the weight in `weight`
   (CAVP's, masked FedAvg's), or w_k * (server - client) when `delta` (FedAvg's
   `FedAvgSums.delta`; a callable decides from the server state).
 
   With `votes_field` (masked FedAvg's client masks, w_k * mask_k) a client holds the
   coordinates its votes cover; the server's per-entry mean divides by the votes there.
+  Without votes, `masks_field` names the server state's masks: every client holds the
+  coordinates of the server's mask (what it trained under; public, which DP's noise
+  placement relies on). Neither: every coordinate is held.
   """
 
   def is_delta(state) -> bool:
@@ -461,7 +468,10 @@ def weighted_view(field: str = "params", *, votes_field: str | None = None,
     update = values if is_delta(state) else jax.tree.map(
         lambda s, c: jnp.where(w > 0, s - c, jnp.zeros((), s.dtype)), state.params, values)
     votes = getattr(sums, votes_field) if votes_field else None
-    present = None if votes is None else jax.tree.map(lambda v: v > 0, votes)
+    if votes is not None:
+      present = jax.tree.map(lambda v: v > 0, votes)
+    else:
+      present = getattr(state, masks_field) if masks_field else None
     return update, w, present, sums._replace(**{field: ()})
 
   def write(state, rest, mean_update):
@@ -478,14 +488,18 @@ def weighted_view(field: str = "params", *, votes_field: str | None = None,
 
 
 def with_aggregator(alg: FedAlgorithm, aggregator: Aggregator, view: SumsView) -> FedAlgorithm:
-  """`alg` with its update aggregated by `aggregator` (the server state is unchanged).
+  """`alg` with its update aggregated by `aggregator`.
 
   For algorithms whose factory takes no aggregator (masked FedAvg's rules, the submodel
   methods, CAVP): each client's update is read out of its sums (`view.read`) and handed
   to `aggregator.contribute`; the server hands `aggregator.finish`'s result back through
   `view.write` to the algorithm's own server step (where nobody contributed: no change).
-  `mean()` reproduces the algorithm's own mean up to float rounding. Stateless
-  aggregators only (their state would need a slot in the algorithm's server state).
+  `mean()` reproduces the algorithm's own mean up to float rounding.
+
+  A stateful aggregator (`init(params)` has leaves: adaptive DP clipping, error-feedback
+  memory) keeps its state in the server state's `aggregator` field, which the wrapped
+  `init` fills; an algorithm whose state has no such field takes stateless aggregators
+  only (ValueError), and so does a state built by the unwrapped algorithm's `init`.
 
   Round metrics: the algorithm's and the aggregator's.
 
@@ -505,27 +519,49 @@ def with_aggregator(alg: FedAlgorithm, aggregator: Aggregator, view: SumsView) -
     1
   """
 
-  def check_stateless(params):
-    if jax.tree.leaves(jax.eval_shape(aggregator.init, params)):
-      raise ValueError("with_aggregator takes stateless aggregators (init(params) -> ()); "
-                       "give a stateful one to an algorithm with an aggregator slot "
-                       "(federated.fedavg(..., aggregator=...))")
+  def stateful(params) -> bool:
+    return bool(jax.tree.leaves(jax.eval_shape(aggregator.init, params)))
+
+  def init(params, key, *args, **kwargs):
+    state = alg.init(params, key, *args, **kwargs)
+    if stateful(state.params):
+      if "aggregator" not in getattr(type(state), "_fields", ()):
+        raise ValueError(
+            f"with_aggregator takes stateless aggregators (init(params) -> ()) for an algorithm "
+            f"whose server state ({type(state).__name__}) has no `aggregator` field; give a "
+            "stateful one to an algorithm with an aggregator slot (federated.fedavg(..., "
+            "aggregator=...), pruning.base.masked_fedavg(..., aggregator=...))")
+      state = state._replace(aggregator=aggregator.init(state.params))
+    return state
+
+  def agg_state(state):
+    """The aggregator's state held by `state` (checked against `aggregator.init`)."""
+    if not stateful(state.params):
+      return aggregator.init(state.params)  # no leaves: only its structure
+    held = getattr(state, "aggregator", ())
+    want = jax.eval_shape(aggregator.init, state.params)
+    if jax.tree.structure(held) != jax.tree.structure(want):
+      raise ValueError("the server state holds no state of this (stateful) aggregator: build it "
+                       "with the wrapped algorithm's init (with_aggregator(...).init)")
+    return held
 
   def client_update(state, data, info: ClientInfo, key: PRNGKey) -> ClientOutput:
-    check_stateless(state.params)
     out = alg.client_update(state, data, info, key)
     update, weight, present, rest = view.read(state, out.sums)
-    contribution = aggregator.contribute((), update, weight, present, info,
+    contribution = aggregator.contribute(agg_state(state), update, weight, present, info,
                                          _keys.fold_in(key, AGGREGATOR_STREAM))
     return ClientOutput((rest, contribution.sums), (out.per_client, contribution.per_client))
 
   def server_update(state, outputs: ClientOutput, key: PRNGKey):
     (rest, agg_sums), (inner_per_client, agg_per_client) = outputs.sums, outputs.per_client
-    result, _, agg_metrics = aggregator.finish((), Contribution(agg_sums, agg_per_client),
-                                               tree_lib.zeros_like(state.params),
-                                               _keys.fold_in(key, AGGREGATOR_STREAM))
+    old = agg_state(state)
+    result, new, agg_metrics = aggregator.finish(old, Contribution(agg_sums, agg_per_client),
+                                                 tree_lib.zeros_like(state.params),
+                                                 _keys.fold_in(key, AGGREGATOR_STREAM))
     sums = view.write(state, rest, result)
     new_state, metrics = alg.server_update(state, ClientOutput(sums, inner_per_client), key)
+    if jax.tree.leaves(old):
+      new_state = new_state._replace(aggregator=new)
     return new_state, {**metrics, **agg_metrics}
 
-  return FedAlgorithm(alg.init, client_update, server_update)
+  return FedAlgorithm(init, client_update, server_update)

@@ -161,6 +161,8 @@ class MaskedFedAvgState(NamedTuple):
     round_idx: [] int32 number of completed rounds.
     rule: the rule's other state (its state with `masks=None`; `rule_state` joins them).
     opt_state: the server optimizer's state (() without one).
+    aggregator: the state of `masked_fedavg`'s `aggregator` (() without one, and for
+      stateless ones).
   """
   params: Params
   batch_stats: BatchStats
@@ -168,6 +170,7 @@ class MaskedFedAvgState(NamedTuple):
   round_idx: jax.Array
   rule: Any = ()
   opt_state: Any = ()
+  aggregator: Any = ()
 
   def rule_state(self):
     """The rule's state S (with the masks)."""
@@ -187,7 +190,8 @@ def masked_fedavg(apply_fn: Callable, optimizer: optax.GradientTransformation,
                   schedule: LocalSchedule, rule: MaskRule, *,
                   server_optimizer: optax.GradientTransformation | None = None,
                   loss_fn: Callable = softmax_cross_entropy,
-                  train_transform: Callable | None = None) -> FedAlgorithm:
+                  train_transform: Callable | None = None,
+                  aggregator: federated.Aggregator | None = None) -> FedAlgorithm:
   """FedAvg of masked models whose masks a `MaskRule` chooses and changes.
 
   Args:
@@ -202,6 +206,11 @@ def masked_fedavg(apply_fn: Callable, optimizer: optax.GradientTransformation,
       `optax.sgd(1.0)` is the same mean up to float rounding). Not with client masks.
     loss_fn: per-example loss.
     train_transform: per-batch augmentation `(x, key) -> x`.
+    aggregator: None: the mean above, op for op. A `federated.Aggregator` (robust, DP,
+      compressed): each client's update (w - w_k) goes to it, holding the server's masks
+      (or, with clients' own masks, those), and its aggregate replaces the mean
+      (`federated.with_aggregator` over `aggregation_view()`); its state is
+      `MaskedFedAvgState.aggregator`, set by `init`.
 
   Returns:
     FedAlgorithm over `MaskedFedAvgState`; `init(params, key, batch_stats=None,
@@ -284,9 +293,11 @@ def masked_fedavg(apply_fn: Callable, optimizer: optax.GradientTransformation,
                "finite": tree_lib.all_finite(params) & jnp.isfinite(sums.metrics.loss_sum),
                **rule_metrics}
     return MaskedFedAvgState(params, model.batch_stats, new.masks, state.round_idx + 1,
-                             new._replace(masks=None), opt_state), metrics
+                             new._replace(masks=None), opt_state, state.aggregator), metrics
 
-  return FedAlgorithm(init, client_update, server_update)
+  alg = FedAlgorithm(init, client_update, server_update)
+  return alg if aggregator is None else federated.with_aggregator(alg, aggregator,
+                                                                  aggregation_view())
 
 
 # --- robust aggregation (issue 28): masked FedAvg's sums as an aggregator sees them ---
@@ -298,10 +309,11 @@ def _steps_optimizer(state: MaskedFedAvgState) -> bool:
 
 
 def aggregation_view() -> federated.SumsView:
-  """The `federated.SumsView` of `masked_fedavg` (either upload form; with clients' own
-  masks a client holds the entries of its masks): run any `MaskRule` robustly with
-  `federated.with_aggregator(alg, aggregator, aggregation_view())`."""
-  return federated.weighted_view("params", votes_field="masks", delta=_steps_optimizer)
+  """The `federated.SumsView` of `masked_fedavg` (either upload form; a client holds the
+  server's masks, or with clients' own masks the entries of its masks): run any
+  `MaskRule` robustly with `federated.with_aggregator(alg, aggregator, aggregation_view())`."""
+  return federated.weighted_view("params", votes_field="masks", delta=_steps_optimizer,
+                                 masks_field="masks")
 
 # --- end robust aggregation ---
 
@@ -352,8 +364,20 @@ def mean_steps(record: dict) -> int:
 
 
 def layer_names(paths) -> list[str]:
-  """'conv_0/kernel' -> 'conv_0' (the names of `accounting.layer_costs`)."""
-  return [p[:-len("/kernel")] if p.endswith("/kernel") else p for p in paths]
+  """'conv_0/kernel' -> 'conv_0' (the names of `accounting.layer_costs`), in order, once each.
+
+  An LSTM layer is one row of `layer_costs`: its 'lstm_0/kernel' and
+  'lstm_0/recurrent_kernel' both name 'lstm_0'.
+  """
+  names = []
+  for p in paths:
+    for suffix in ("/kernel", "/recurrent_kernel"):
+      if p.endswith(suffix):
+        p = p[:-len(suffix)]
+        break
+    if p not in names:
+      names.append(p)
+  return names
 
 
 def masked_method(run: SparseRun, algorithm: FedAlgorithm,

@@ -335,10 +335,17 @@ def test_library_arguments_are_checked():
     federated.norm_bound(0.0)
   apply_fn, params, data = testing.tiny_problem(jax.random.key(0))
   stateful = federated.mean()._replace(init=lambda p: jnp.zeros(()))
-  alg = federated.with_aggregator(federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE), stateful,
-                                  federated.fedavg_view())
+  fed = federated.fedavg(apply_fn, optax.sgd(0.1), SCHEDULE)
+  alg = federated.with_aggregator(fed, stateful, federated.fedavg_view())
+  # A state the unwrapped algorithm built holds no state of the aggregator ...
+  with pytest.raises(ValueError, match="wrapped algorithm's init"):
+    federated.make_round(alg)(fed.init(params, jax.random.key(1)), data,
+                              federated.make_cohort([0, 1]), jax.random.key(2))
+  # ... and a server state without an `aggregator` slot takes stateless aggregators only.
+  hetero = fiarse.fiarse(apply_fn, optax.sgd(0.1), SCHEDULE, capacities=(1.0, 0.25)).algorithm
   with pytest.raises(ValueError, match="stateless"):
-    _rounds(alg, params, data, [0, 1], rounds=1)
+    federated.with_aggregator(hetero, stateful, _hetero.counted_view()).init(params,
+                                                                            jax.random.key(1))
 
 
 # ----------------------------------------------------------------------------- configs

@@ -1,0 +1,79 @@
+"""Client-side pruning decisions (issue 28, item 5): votes by ASP's rule, tallies, keep sets."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_prune import federated, models, structured
+from fedjax_prune.pruning import auto_structured, client_votes
+
+
+@pytest.mark.parametrize("tails", ["both", "lower"])
+def test_a_clients_vote_is_asps_server_rule(tails):
+  rng = np.random.default_rng(0)
+  for trial in range(20):
+    scores = rng.gamma(2.0, size=int(rng.integers(2, 40)))
+    if trial == 0:
+      scores[:] = 1.0  # sigma = 0: every filter is on the mean
+    want = auto_structured.boundary_keep(scores, 1.0, tails)
+    got = jax.jit(lambda s: client_votes.boundary_vote(s, 1.0, tails))(jnp.asarray(scores))
+    np.testing.assert_array_equal(np.asarray(got), want)
+  # Nothing inside a k = 0 two-sided boundary: the filter nearest the mean is kept.
+  got = client_votes.boundary_vote(jnp.array([0.0, 1.0, 2.5, 10.0]), 0.0, "both")
+  np.testing.assert_array_equal(np.asarray(got), [False, False, True, False])
+
+
+def test_scores():
+  kernel = jnp.arange(24.0).reshape(2, 3, 4) - 10.0
+  np.testing.assert_allclose(client_votes.filter_l1(kernel),
+                             np.abs(np.asarray(kernel)).reshape(6, 4).sum(0))
+  grad = jnp.ones_like(kernel) * jnp.array([[[1.0, -1.0, 0.0, 2.0]]])
+  np.testing.assert_allclose(client_votes.filter_taylor(kernel, grad),
+                             np.abs((np.asarray(kernel) * np.asarray(grad)).reshape(6, 4).sum(0)))
+
+
+def test_tally_counts_participants_only_and_the_server_keeps_the_majority():
+  votes = {"conv_0": jnp.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]], bool)}
+  part = jnp.array([True, True, True, False])  # slot 3 pads: its vote for filter 3 never counts
+  counts = client_votes.tally(votes, part)
+  np.testing.assert_array_equal(np.asarray(counts["conv_0"]), [3, 2, 1, 0])
+  keep = client_votes.keep_from_votes(counts, 3)
+  np.testing.assert_array_equal(keep["conv_0"], [0, 1])          # > 1.5 of 3 voters
+  np.testing.assert_array_equal(client_votes.keep_from_votes(counts, 3, threshold=0.7)["conv_0"], [0])
+  # No filter reaches the threshold: the most voted one is kept (ASP keeps >= 1).
+  none = {"conv_0": jnp.array([1.0, 2.0, 2.0, 0.0])}
+  np.testing.assert_array_equal(client_votes.keep_from_votes(none, 5)["conv_0"], [1])
+
+
+def test_noised_tally_is_the_gaussian_mechanism_on_the_counts():
+  votes = {"a": jnp.ones((3, 5), bool), "b": jnp.zeros((3, 2), bool)}
+  part = jnp.ones(3, bool)
+  key = jax.random.key(4)
+  got = client_votes.tally(votes, part, key=key, noise_stddev=0.5)
+  exact = client_votes.tally(votes, part)
+  want = federated.add_gaussian_noise(exact, key, 0.5)
+  for name in votes:
+    np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))
+    assert np.all(np.asarray(got[name]) != np.asarray(exact[name]))
+  with pytest.raises(ValueError, match="key"):
+    client_votes.tally(votes, part, noise_stddev=1.0)
+
+
+def test_keep_sets_go_to_shrink():
+  spec = models.asp_femnist_cnn(widths=(4, 8))
+  _, params, _ = models.build(spec, jax.random.key(0))
+  votes = {"conv_0": jnp.array([[1, 0, 1, 1], [1, 0, 1, 0], [0, 0, 1, 1]], bool)}
+  keep = client_votes.keep_from_votes(client_votes.tally(votes, jnp.ones(3, bool)), 3)
+  out = structured.shrink(spec, params, keep)
+  assert out.spec.convs[0].features == 3
+  np.testing.assert_array_equal(out.params["conv_0"]["kernel"],
+                                np.asarray(params["conv_0"]["kernel"])[..., [0, 2, 3]])
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="tails"):
+    client_votes.boundary_vote(jnp.ones(3), 1.0, "upper")
+  with pytest.raises(ValueError, match="k must"):
+    client_votes.boundary_vote(jnp.ones(3), -1.0)
+  with pytest.raises(ValueError, match="threshold"):
+    client_votes.keep_from_votes({"a": np.ones(2)}, 3, threshold=1.0)
