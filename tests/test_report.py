@@ -9,16 +9,16 @@ from experiments import report
 
 
 def _run(root, name, *, k, seed, accs, params=100, finished=True, ratio=None):
-  """A fake workdir: config.json, metrics.jsonl with test_accuracy every 10 rounds."""
+  """A fake workdir: config.json, metrics.jsonl with test_accuracy every 5 rounds."""
   path = os.path.join(root, name)
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump({"asp": {"k": k}, "seeds": {"init": seed, "training": seed}, "rounds": 50}, f)
   with open(os.path.join(path, "metrics.jsonl"), "w") as f:
     for i, acc in enumerate(accs):
-      f.write(json.dumps({"round": 10 * (i + 1), "test_accuracy": acc, "params": params}) + "\n")
+      f.write(json.dumps({"round": 5 * (i + 1), "test_accuracy": acc, "params": params}) + "\n")
   if finished:
-    summary = {"test_accuracy": accs[-1], "rounds": 10 * len(accs), "params": params,
+    summary = {"test_accuracy": accs[-1], "rounds": 5 * len(accs), "params": params,
                "flops": 10 * params}
     if ratio is not None:
       summary["communication_ratio"] = ratio
@@ -29,24 +29,32 @@ def _run(root, name, *, k, seed, accs, params=100, finished=True, ratio=None):
 
 def test_groups_ignore_seeds_and_give_mean_std_tail_and_curve(tmp_path):
   root = str(tmp_path)
-  _run(root, "a0", k=2.2, seed=0, accs=[0.1, 0.2, 0.3, 0.4, 0.50], ratio=4.0)
-  _run(root, "a1", k=2.2, seed=1, accs=[0.1, 0.2, 0.3, 0.5, 0.60], ratio=6.0)
+  ramp = [0.1, 0.2, 0.3, 0.4] + [0.45] * 10  # rounds 5 ... 70
+  _run(root, "a0", k=2.2, seed=0, accs=ramp + [0.45, 0.46, 0.45, 0.48, 0.47, 0.50], ratio=4.0)
+  _run(root, "a1", k=2.2, seed=1, accs=ramp + [0.45, 0.45, 0.45, 0.50, 0.55, 0.60], ratio=6.0)
   _run(root, "a2", k=2.2, seed=2, accs=[0.1, 0.2], finished=False)
-  _run(root, "b0", k=1.5, seed=0, accs=[0.1, 0.2, 0.3, 0.4, 0.45], params=40)
+  _run(root, "b0", k=1.5, seed=0, accs=ramp + [0.45] * 6, params=40)
   groups = report.group_runs(report.plot.find_runs([root]))
   assert [(label, len(m)) for label, m in groups] == [("asp.k=2.2", 3), ("asp.k=1.5", 1)]
-  row = report.summarise_group(groups[0][1], [20, 50])
-  assert row["finished"] == 2 and row["running"] == [("a2", 20)]
+  row = report.summarise_group(groups[0][1], [10, 100])
+  assert row["finished"] == 2 and row["running"] == [("a2", 10)]
   mean, std = row["test_accuracy"]
   assert mean == pytest.approx(0.55) and std == pytest.approx(math.sqrt(0.005))  # sample std
-  assert row["tail_gain_max"] == pytest.approx(0.1)  # rounds 40 -> 50 of 50: 0.5 -> 0.6
+  # Tail of 100 rounds: the mean of the last 3 evaluations (rounds 90-100) minus that of
+  # the 3 up to round 80 (70-80); a1: 0.55 - 0.45 = 0.1 (a0: 0.4833 - 0.4533 = 0.03).
+  assert row["tail_gain_max"] == pytest.approx(0.1)
+  assert report.tail_gain(report.accuracy_curve(report.plot.load_run(groups[0][1][0])), 100) == (
+      pytest.approx(0.03))
   assert row["communication_ratio"][0] == pytest.approx(5.0)
-  assert row["curve"][50][0] == pytest.approx(0.55) and row["curve"][20][0] == pytest.approx(0.2)
+  assert row["curve"][100][0] == pytest.approx(0.55) and row["curve"][10][0] == pytest.approx(0.2)
   single = report.summarise_group(groups[1][1], [])
   assert single["test_accuracy"][0] == pytest.approx(0.45) and math.isnan(single["test_accuracy"][1])
-  table = report.report([root], [50])
-  assert "| asp.k=2.2 | 2 (+a2 at 20) | 0.550 ± 0.071 | +10.0 pt | 100 | 1,000 | 5.00 | 0.550 ± 0.071 |" in table
-  assert "| asp.k=1.5 | 1 | 0.450 |" in table
+  assert single["tail_gain_max"] == pytest.approx(0.0)
+  table = report.report([root], [100])
+  assert "| asp.k=2.2 | 2 (+a2 at 10) | 0.550 ± 0.071 | +10.0 pt | 100 | 1,000 | 5.00 | 0.550 ± 0.071 |" in table
+  assert "| asp.k=1.5 | 1 | 0.450 | +0.0 pt |" in table
+  # Too short a curve for two disjoint 3-evaluation ends: no tail claimed.
+  assert report.tail_gain({10: 0.1, 20: 0.2, 30: 0.3, 40: 0.4, 50: 0.5}, 50) is None
 
 
 def test_main_refuses_a_directory_without_runs(tmp_path, capsys):
