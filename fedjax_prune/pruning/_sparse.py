@@ -2,8 +2,9 @@
 SNIP, SynFlow): budgets, selections, one-batch gradients.
 
 Every method here trains ONE global unstructured mask over the conv/dense kernels
-(biases and BatchNorm dense), at a global density that counts the dense
-entries against the budget (FedTiny's convention):
+(biases and BatchNorm dense; text models: the LSTM / attention / FFN kernels and the
+head, embeddings and LayerNorm dense, `prunable_filter`), at a global density that
+counts the dense entries against the budget (FedTiny's convention):
 prunable entries kept = d * N_total - N_dense. Each is a `base.MaskRule` run by
 `base.masked_fedavg`. Selections with a *traced* number of entries
 (cosine-annealed prune/grow counts) use `rank_select`, a stable sort, so one
@@ -33,13 +34,27 @@ def check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def prunable_filter(params: Params) -> PyTree:
-  """Conv and dense kernels (ndim >= 2) are prunable; biases and BN stay dense."""
-  return masks_lib.by_ndim(params, 2)
+  """Conv and dense kernels (ndim >= 2) are prunable; biases, BN and LayerNorm stay dense.
+
+  Text models: the LSTM input and recurrent kernels, the attention / FFN kernels and
+  the output head are prunable; the token and position embedding tables (leaves named
+  'embedding') stay dense: a lookup is a gather, so pruning its entries saves no FLOPs
+  (`accounting` charges embeddings 0), and they are counted in the budget like biases.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: len(np.shape(p)) >= 2 and path_str(path).split("/")[-1] != "embedding",
+      params)
 
 
 def layer_densities(params: Params, density: float, distribution: str = "uniform",
                     prunable: Any = None) -> PyTree:
   """Per-leaf densities (Python floats) for a global density that counts dense entries.
+
+  ERK reads each prunable leaf's stored shape (as RigL and jaxpruner do): an LSTM's input
+  kernel [in, 4H] and recurrent kernel [H, 4H] are two dense layers of fan-in `in` resp.
+  H and fan-out 4H (the four gates' columns as one layer). LEAF's TensorFlow LSTM stores
+  them as one [in + H, 4H] matrix; split, the small input kernel of the first layer
+  (in = embed_dim) gets the higher ERK density of a thin layer.
 
   Args:
     params: parameter tree (arrays or ShapeDtypeStructs).

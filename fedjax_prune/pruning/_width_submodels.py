@@ -36,6 +36,34 @@ its deepest exit to the earlier ones (inferred details, all options).
 
 Parameter naming: the ResNet names of `models` (stem, stage{s}_block{b}, head,
 exit{s}). Other models: pass `input_keys` / `output_keys` regexes.
+
+Text models (pass `spec=` an LSTMSpec or TransformerSpec; `text_width_masks`): the
+hidden widths are the structured groups of `structured.text_groups`, and a width-r
+submodel keeps ceil(r W) units of every group:
+  * transformer: ceil(r n) whole attention heads per block (a head's query/key/value
+    columns and its rows of the out projection, coupled) and ceil(r F) FFN units
+    (dense_0 column + dense_1 row). The residual width d_model, head_dim, the token
+    and position embeddings, every LayerNorm and the output head stay FULL. Why
+    d_model is not scaled (HeteroFL's own WikiText-2 transformer, `src/fed.py`
+    `split_model`, scales the embedding size and every head's dim with the heads'
+    number fixed): that model is sliced into a genuinely smaller network, while here
+    the submodel is masks over the full-size one, and a LayerNorm over a masked
+    residual stream normalises over the zeroed channels too, so the masked model
+    would equal no smaller transformer; a masked head_dim would keep the full
+    1/sqrt(head_dim) scale. Whole heads and FFN units keep the contract every width
+    method has here: the masked model's outputs equal `structured.text_shrink`'s
+    smaller TransformerSpec (tests/pruning/test_text_methods.py), so accounting of
+    the masks is the smaller model's. Consequence: the sliced parameters scale
+    like r (not r^2, d_model fixed), so the default width of a capacity level is
+    r = capacity for a transformer (`text_widths`).
+  * LSTM: ceil(r H) units of every layer (their 4 gate columns, recurrent row and
+    next-layer input row); r = sqrt(capacity) by default, as the CNNs (the
+    recurrent and deeper input kernels scale like r^2).
+  FedRolex rolls the window over each group's units (heads, FFN units, LSTM units)
+  with the round. Scaler: the rule above for the CNN classifier, generalised: every
+  kernel whose input is a sliced width and whose output a full one is scaled by 1/r
+  -- the transformer's attention out and FFN dense_1 kernels (the branches the
+  residual stream adds), the LSTM's head kernel.
 """
 from __future__ import annotations
 
@@ -48,10 +76,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_prune import models, structured
 from fedjax_prune.masks import _ops as masks_lib
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalSchedule,
                                     make_local_train, softmax_cross_entropy)
 from fedjax_prune.masks._filters import path_str
+from fedjax_prune.models._text import check_params as _text_check_params
 from fedjax_prune.pruning import _hetero
 from fedjax_prune.pruning._hetero import HeteroMethod, HeteroState
 from fedjax_prune.types import Masks, Params, PyTree
@@ -127,6 +157,137 @@ def width_masks(params: Params, ratio, offset=0, *, input_keys: str = INPUT_KEYS
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+# ----------------------------------------------------------------------------- text models
+
+
+def _text_axes(spec) -> dict[tuple[str, ...], list[tuple[int, str, np.ndarray]]]:
+  """Leaf path -> [(axis counted from the end, group name, owning unit of every index on
+  that axis)] for the leaves `structured.text_shrink` slices (its `_plan`, by unit)."""
+  axes: dict[tuple[str, ...], list[tuple[int, str, np.ndarray]]] = {}
+  if isinstance(spec, models.LSTMSpec):
+    prev = None  # (group, width) feeding the current layer
+    for l, h in enumerate(spec.hidden):
+      g = f"lstm_{l}"
+      cols = (-1, g, np.arange(4 * h) % h)  # gate-major columns gate * H + unit
+      rows = [] if prev is None else [(-2, prev[0], np.arange(prev[1]))]
+      axes[(g, "kernel")] = [cols] + rows
+      axes[(g, "recurrent_kernel")] = [cols, (-2, g, np.arange(h))]
+      axes[(g, "bias")] = [cols]
+      prev = (g, h)
+    axes[("head", "kernel")] = [(-2, prev[0], np.arange(prev[1]))]
+    return axes
+  for l, (heads, head_dim, ffn) in enumerate(spec.blocks):
+    b, attn, units = f"block_{l}", f"block_{l}/attn", np.arange(ffn)
+    head_of = np.arange(heads * head_dim) // head_dim  # columns head * head_dim + e
+    for name in ("query", "key", "value"):
+      axes[(b, "attn", name, "kernel")] = [(-1, attn, head_of)]
+      axes[(b, "attn", name, "bias")] = [(-1, attn, head_of)]
+    axes[(b, "attn", "out", "kernel")] = [(-2, attn, head_of)]
+    axes[(b, "ffn", "dense_0", "kernel")] = [(-1, f"{b}/ffn", units)]
+    axes[(b, "ffn", "dense_0", "bias")] = [(-1, f"{b}/ffn", units)]
+    axes[(b, "ffn", "dense_1", "kernel")] = [(-2, f"{b}/ffn", units)]
+  return axes
+
+
+def _check_text_spec(spec) -> None:
+  if not isinstance(spec, models.TEXT_SPECS):
+    raise ValueError(f"spec must be an LSTMSpec or TransformerSpec, got {type(spec).__name__}")
+
+
+def text_group_masks(spec, keep: dict) -> Masks:
+  """Masks (params structure) keeping the units `keep` names, traceable in `keep`.
+
+  Args:
+    spec: an LSTMSpec or TransformerSpec.
+    keep: {group name (`structured.text_groups`): [width] bool}, every group named
+      (may be traced).
+
+  Returns:
+    Bool masks broadcastable to the params: a sliced kernel [in, out] gets [in, out],
+    [1, out] or [in, 1], a sliced bias [out]; every other leaf `()` True. On the host
+    they broadcast to `structured.text_keep_masks(spec, keep)`, so the masked model's
+    outputs equal `text_shrink`'s.
+  """
+  _check_text_spec(spec)
+  names = {g.name: g.width for g in structured.text_groups(spec)}
+  if set(keep) != set(names):
+    raise ValueError(f"keep must name every group of the spec {sorted(names)}, got {sorted(keep)}")
+  for name, width in names.items():
+    if jnp.shape(keep[name]) != (width,):
+      raise ValueError(f"keep[{name!r}] has shape {jnp.shape(keep[name])}, expected ({width},)")
+  axes = _text_axes(spec)
+
+  def leaf(path, p):
+    cuts = axes.get(tuple(path_str(path).split("/")))
+    if not cuts:
+      return jnp.ones((), bool)
+    ndim = len(p.shape)
+    out_shape = [1] * ndim
+    m = jnp.ones((), bool)
+    for axis, group, unit_of in cuts:
+      shape = [1] * ndim
+      shape[axis] = out_shape[axis] = p.shape[axis]
+      m = m & jnp.asarray(keep[group], bool)[unit_of].reshape(shape)
+    return jnp.broadcast_to(m, tuple(out_shape))
+
+  return jax.tree_util.tree_map_with_path(leaf, models.param_shapes(spec)[0])
+
+
+def text_width_masks(spec, ratio, offset=0) -> Masks:
+  """Ownership masks of the width-`ratio` submodel of a text model (module docstring).
+
+  Every group of `structured.text_groups(spec)` (LSTM units, attention heads, FFN
+  units) of width W keeps `channel_keep(W, ratio, offset)`: ceil(ratio W) units, at
+  least 1 unless W = 0; offset 0 the prefix (HeteroFL), the round index a rolling
+  window (FedRolex).
+
+  Args:
+    spec: an LSTMSpec or TransformerSpec.
+    ratio: [] width ratio in (0, 1] (may be traced).
+    offset: [] window offset (may be traced).
+
+  Returns:
+    `text_group_masks` of those units.
+
+  Example:
+    >>> import numpy as np
+    >>> from fedjax_prune import models
+    >>> from fedjax_prune.pruning import heterofl
+    >>> spec = models.shakespeare_transformer(num_layers=1, d_model=16, num_heads=4)
+    >>> m = heterofl.text_width_masks(spec, 0.5)        # 2 of 4 heads, 32 of 64 FFN units
+    >>> np.flatnonzero(m['block_0']['attn']['out']['kernel'][:, 0]).tolist()  # head_dim 4
+    [0, 1, 2, 3, 4, 5, 6, 7]
+    >>> int(m['block_0']['ffn']['dense_0']['bias'].sum()), bool(m['embed']['embedding'])
+    (32, True)
+  """
+  _check_text_spec(spec)
+  return text_group_masks(spec, {g.name: channel_keep(g.width, ratio, offset)
+                                 for g in structured.text_groups(spec)})
+
+
+def _text_scaled_leaves(spec) -> set[tuple[str, ...]]:
+  """Kernels whose input is a sliced width and whose output is full (the scaler's)."""
+  return {path for path, cuts in _text_axes(spec).items()
+          if path[-1] == "kernel" and {axis for axis, _, _ in cuts} == {-2}}
+
+
+def _scale_text(params: Params, factor, scaled: set) -> Params:
+  def leaf(path, p):
+    if tuple(path_str(path).split("/")) in scaled:
+      return p * jnp.asarray(factor, p.dtype)
+    return p
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def text_widths(spec, capacities: Sequence[float]) -> tuple[float, ...]:
+  """The default width ratio of each capacity level for a text model (module docstring):
+  r = capacity for a transformer (d_model stays full, so the sliced parameters scale
+  like r), r = sqrt(capacity) for an LSTM (as `sqrt_widths`)."""
+  _check_text_spec(spec)
+  caps = _hetero.check_capacities(capacities)
+  return caps if isinstance(spec, models.TransformerSpec) else sqrt_widths(caps)
+
+
 def leaf_stages(params: Params) -> PyTree:
   """Static int tree: the stage of every leaf (stem 0, stage{s}_* s, exit{s} s, head = last)."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -164,12 +325,18 @@ def sqrt_widths(capacities: Sequence[float]) -> tuple[float, ...]:
   return tuple(math.sqrt(c) for c in capacities)
 
 
-def _submodel_apply(apply_fn, masks, ratio, scaler: bool, output_keys: str):
-  """A client's forward pass of its width-`ratio` submodel (what `submodel` evaluates)."""
+def _submodel_apply(apply_fn, masks, ratio, scaler: bool, output_keys: str,
+                    scale_fn: Callable | None = None):
+  """A client's forward pass of its width-`ratio` submodel (what `submodel` evaluates).
+
+  `scale_fn(params, factor)` is the scaler (default: the classifier kernels `output_keys`)."""
+  if scale_fn is None:
+    scale_fn = lambda p, factor: _scale_outputs(p, factor, output_keys)
+
   def apply(params, batch_stats, x, *, train, example_mask=None):
     p = masks_lib.apply(params, masks)
     if scaler:
-      p = _scale_outputs(p, 1.0 / ratio, output_keys)
+      p = scale_fn(p, 1.0 / ratio)
     return apply_fn(p, batch_stats, x, train=train, example_mask=example_mask)
   return apply
 
@@ -182,17 +349,30 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
                  loss_fn_for_depth: Callable | None = None, exit_index_for_depth: Callable | None = None,
                  loss_fn: Callable = softmax_cross_entropy, train_transform: Callable | None = None,
                  input_keys: str = INPUT_KEYS, output_keys: str = OUTPUT_KEYS,
-                 flatten_keys: str = NO_KEYS) -> HeteroMethod:
+                 flatten_keys: str = NO_KEYS, spec=None) -> HeteroMethod:
   """The shared HeteroFL / FedRolex / ScaleFL algorithm (see the public factories).
 
   `eval_window` (rolling only; `fedrolex`'s docstring): the window offset a level is
   evaluated on, 'extraction' = round_idx (the window the server would extract now),
   'last_round' = round_idx - 1 (the window the last round trained), 'prefix' = 0.
+  `spec`: None (widths from the param names and the `*_keys` regexes) or a text spec
+  (LSTMSpec / TransformerSpec: widths are its structured groups, module docstring).
   """
   caps = _hetero.check_capacities(capacities)
   if eval_window not in EVAL_WINDOWS:
     raise ValueError(f"eval_window must be one of {EVAL_WINDOWS}, got {eval_window!r}")
-  widths = sqrt_widths(caps) if widths is None else tuple(float(w) for w in widths)
+  text = spec is not None
+  if text:
+    _check_text_spec(spec)
+    if (input_keys, output_keys, flatten_keys) != (INPUT_KEYS, OUTPUT_KEYS, NO_KEYS):
+      raise ValueError("input_keys / output_keys / flatten_keys select CNN layers by name; with "
+                       "a text spec the widths are its groups (text_width_masks): pass none")
+    if depths is not None:
+      raise ValueError("depths (ScaleFL) need a ResNet with early exits, not a text spec")
+    text_scaled = _text_scaled_leaves(spec)
+  if widths is None:
+    widths = text_widths(spec, caps) if text else sqrt_widths(caps)
+  widths = tuple(float(w) for w in widths)
   if len(widths) != len(caps) or not all(0 < w <= 1 for w in widths):
     raise ValueError(f"widths must give one ratio in (0, 1] per capacity level {caps}, got {widths}")
   if depths is not None and len(depths) != len(caps):
@@ -203,22 +383,39 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
   widths_L = jnp.asarray(widths, jnp.float32)
   depths_L = None if depths is None else jnp.asarray(depths, jnp.int32)
 
+  def masks_for(params, ratio, offset):
+    if text:
+      return text_width_masks(spec, ratio, offset)
+    return width_masks(params, ratio, offset, input_keys=input_keys, output_keys=output_keys,
+                       flatten_keys=flatten_keys)
+
+  def scale(params, factor):
+    if text:
+      return _scale_text(params, factor, text_scaled)
+    return _scale_outputs(params, factor, output_keys)
+
   def ownership(params, level, offset):
-    masks = width_masks(params, widths_L[level], offset, input_keys=input_keys,
-                        output_keys=output_keys, flatten_keys=flatten_keys)
+    masks = masks_for(params, widths_L[level], offset)
     if depths_L is not None:
       masks = jax.tree.map(jnp.logical_and, masks, depth_masks(params, depths_L[level]))
     return masks
 
   def init(params: Params, key: jax.Array, batch_stats=None) -> HeteroState:
     del key
+    if text:
+      _text_check_params(spec, params)
+    elif any(path_str(p).endswith("/embedding") for p, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0]):
+      # The key regexes would slice a [V, d] embedding table as a kernel's channels.
+      raise ValueError("these params have an embedding table (a text model): pass spec= its "
+                       "LSTMSpec / TransformerSpec, so the widths are its units and heads")
     return _hetero.init_state(params, batch_stats, lambda p: ())
 
   def client_update(state: HeteroState, data, info: ClientInfo, key: jax.Array) -> ClientOutput:
     level = _hetero.level_index(caps, info.capacity)
     offset = state.round_idx if rolling else 0
     masks = ownership(state.params, level, offset)
-    sub_apply = _submodel_apply(apply_fn, masks, widths_L[level], scaler, output_keys)
+    sub_apply = _submodel_apply(apply_fn, masks, widths_L[level], scaler, output_keys, scale)
     client_loss = loss_fn if depths_L is None else loss_fn_for_depth(depths_L[level])
     local_train = make_local_train(sub_apply, client_optimizer, schedule, loss_fn=client_loss,
                                    train_transform=train_transform)
@@ -237,19 +434,22 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
     return jnp.zeros((), jnp.int32)
 
   def submodel(state: HeteroState, capacity):
-    """Level capacities use their configured (width, depth); others r = sqrt(capacity)."""
+    """Level capacities use their configured (width, depth); others scale the nearest
+    level's width (r ~ sqrt(capacity); a transformer's r ~ capacity, `text_widths`)."""
     cap = jnp.asarray(capacity, jnp.float32)
     level = _hetero.level_index(caps, cap)
     # Off-level sizes (the 1 ... 1/256 sweep) scale the nearest level's width: r ~ sqrt(size).
-    ratio = jnp.minimum(widths_L[level] * jnp.sqrt(cap / jnp.asarray(caps, jnp.float32)[level]), 1.0)
+    size_ratio = cap / jnp.asarray(caps, jnp.float32)[level]
+    if not isinstance(spec, models.TransformerSpec):
+      size_ratio = jnp.sqrt(size_ratio)
+    ratio = jnp.minimum(widths_L[level] * size_ratio, 1.0)
     offset = _eval_offset(state.round_idx) if rolling else 0
-    masks = width_masks(state.params, ratio, offset, input_keys=input_keys, output_keys=output_keys,
-                        flatten_keys=flatten_keys)
+    masks = masks_for(state.params, ratio, offset)
     if depths_L is not None:
       masks = jax.tree.map(jnp.logical_and, masks, depth_masks(state.params, depths_L[level]))
     params = masks_lib.apply(state.params, masks)
     if scaler:  # as in training (`_submodel_apply`): the same forward pass
-      params = _scale_outputs(params, 1.0 / ratio, output_keys)
+      params = scale(params, 1.0 / ratio)
     if depths_L is None:
       return params, jnp.zeros((), jnp.int32)
     return params, exit_index_for_depth(depths_L[level])

@@ -4,9 +4,11 @@ Read top to bottom as the algorithm; `fedtiny_method` runs it end to end. What t
 leaves open follows "the port", the authors' group's later re-implementation
 (github.com/FedPruning/FedPruning, module `fedtiny`, last at commit e301307):
 
-1. Sparse setup (`sparse_setup`): unstructured masks on conv/dense kernels,
-   biases and BN dense and counted in the budget, uniform or ERK layer
-   densities, magnitude masks of the initial weights.
+1. Sparse setup (`sparse_setup`): unstructured masks on conv/dense kernels
+   (text models: LSTM input and recurrent kernels, attention/FFN kernels, the head;
+   `_sparse.prunable_filter`), biases, BN, LayerNorm and embeddings dense and counted
+   in the budget, uniform or ERK layer densities (`_sparse.layer_densities` on how ERK
+   reads an LSTM kernel), magnitude masks of the initial weights.
 2. Adaptive BN selection (`make_candidates`, `adaptive_bn_selection`): C
    coarse-pruned candidates (different init seeds, or random layer-wise
    density allocations of the same weights); each sampled client computes the
@@ -17,6 +19,9 @@ leaves open follows "the port", the authors' group's later re-implementation
    every candidate with the pooled statistics; the lowest mean client loss wins.
    `bn_aggregation='affine'` reproduces the port's gap (BN statistics never
    aggregated: candidates are compared with their initial running statistics).
+   A model without BatchNorm (the text models: LSTM, transformer) has no
+   statistics to pool: only the evaluation pass runs, and the candidate of lowest
+   mean client loss as initialised wins.
 3. Progressive prune-and-grow (`progressive_prune_and_grow`, a `base.MaskRule`;
    `fedtiny` = `base.masked_fedavg` with it): every `adjust_every` rounds up to
    `adjust_end` (exclusive: f(T_end) = 0 would change nothing), with the cosine-annealed

@@ -18,7 +18,13 @@ Two gradients (the official code's `Bern` autograd function):
 
 Layer-wise variant (`fiarse_layerwise` in the released code): one threshold per
 stage group (stem, stage1..4, head for the ResNets here), each keeping
-floor(gamma * n_group) of its own parameters.
+floor(gamma * n_group) of its own parameters. On the text models every top-level key
+is its own group (embed, pos_embed, each block_l, head), as `fiarse_nlp`'s
+`MaskedRoberta_fine`: separate thresholds for the embeddings and per encoder layer.
+
+Text models (LSTM, transformer) run unchanged: the ranking is over parameter
+entries, whatever the architecture; LayerNorm scale/bias stay dense
+(`default_maskable`).
 
 References:
   Wu et al., FIARSE: Model-Heterogeneous Federated Learning via Importance-Aware
@@ -40,7 +46,7 @@ from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, Loca
                                     make_local_train, softmax_cross_entropy)
 from fedjax_prune.masks._filters import path_str
 from fedjax_prune.pruning import _hetero
-from fedjax_prune.pruning._hetero import HeteroMethod, HeteroState, default_maskable
+from fedjax_prune.pruning._hetero import HeteroMethod, HeteroState
 from fedjax_prune.types import Masks, Params, PyTree
 
 GRADS = ("masked", "tcb")
@@ -49,6 +55,22 @@ FIVE_LEVELS = (1.0, 0.64, 0.36, 0.16, 0.04)      # the official README's 5 sizes
 SWEEP_LEVELS = tuple(1.0 / 2 ** i for i in range(0, 9))  # 1 ... 1/256 (the official extra sweep)
 
 _STAGE_KEY = re.compile(r"^(stage\d+)_block\d+$")
+_LAYER_NORM_KEY = re.compile(r"^ln(_\d+|_f)$")  # the text models' LayerNorms (ln_1, ln_2, ln_f)
+
+
+def default_maskable(params: Params) -> PyTree:
+  """FIARSE's maskable set: every parameter except normalisation scale/bias (static bools).
+
+  BatchNorm as `_hetero.default_maskable` (the CIFAR code: BN affine always dense) and,
+  for the text models, LayerNorm (`fiarse_nlp/model/agnews/masked_roberta.py` keeps
+  RoBERTa's LayerNorms plain `nn.LayerNorm`, unmasked, while its embeddings and
+  linear layers are masked). Embeddings and the output head are ranked: the head is
+  the CIFAR code's masked classifier, and for a language model it is the output
+  embedding (tied to the masked input embedding in RoBERTa's LM head).
+  """
+  is_norm = lambda path: any(_LAYER_NORM_KEY.match(k) for k in path_str(path).split("/")[:-1])
+  return jax.tree_util.tree_map_with_path(lambda path, m: bool(m) and not is_norm(path),
+                                          _hetero.default_maskable(params))
 
 
 # ----------------------------------------------------------------------------- masking
@@ -210,7 +232,8 @@ def fiarse(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     grad: 'masked' (released code) or 'tcb' (TCB-GD surrogate).
     layerwise: one threshold per stage group instead of one global threshold.
     server_learning_rate: eta_g (paper: 1.0).
-    maskable_fn: params -> static bool tree of ranked leaves (default: all but BN).
+    maskable_fn: params -> static bool tree of ranked leaves (default: all but BatchNorm and
+      LayerNorm scale/bias, `default_maskable`).
     loss_fn: per-example loss.
     train_transform: per-batch augmentation `(x, key) -> x`.
 

@@ -5,7 +5,8 @@ one full-size global model (`width_masks` with offset 0: a static prefix); the s
 averages each coordinate over the clients that hold it; BatchNorm is static (batch
 statistics at train and test time); the scaler multiplies the classifier input by
 1/r in training. The submodel machinery is shared with FedRolex and ScaleFL
-(`_width_submodels.width_method`).
+(`_width_submodels.width_method`). Text models (`spec=` a TransformerSpec or LSTMSpec):
+the widths are attention heads, FFN units and LSTM units (`text_width_masks`).
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from fedjax_prune.federated import LocalSchedule, softmax_cross_entropy
 from fedjax_prune.pruning import _hetero
 from fedjax_prune.pruning._hetero import HeteroMethod
 from fedjax_prune.pruning._width_submodels import (INPUT_KEYS, NO_KEYS, OUTPUT_KEYS, channel_keep, keep_count,
-                                                   sqrt_widths, width_masks, width_method)
+                                                   sqrt_widths, text_width_masks, text_widths,
+                                                   width_masks, width_method)
 
-__all__ = ["heterofl_method", "channel_keep", "heterofl", "keep_count", "sqrt_widths", "width_masks"]
+__all__ = ["heterofl_method", "channel_keep", "heterofl", "keep_count", "sqrt_widths",
+           "text_width_masks", "text_widths", "width_masks"]
 
 
 def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
@@ -28,7 +31,8 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
              widths: Sequence[float] | None = None, scaler: bool = True,
              server_learning_rate: float = 1.0, loss_fn: Callable = softmax_cross_entropy,
              train_transform: Callable | None = None, input_keys: str = INPUT_KEYS,
-             output_keys: str = OUTPUT_KEYS, flatten_keys: str = NO_KEYS) -> HeteroMethod:
+             output_keys: str = OUTPUT_KEYS, flatten_keys: str = NO_KEYS,
+             spec=None) -> HeteroMethod:
   """HeteroFL: static width-prefix submodels, partial averaging, static BN, scaler.
 
   Args:
@@ -46,6 +50,12 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     output_keys: regex of top-level param keys producing the unsliced classes (ResNet: head).
     flatten_keys: regex of top-level param keys whose input is a flattened conv feature map
       (LEAF CNN: dense_0); its inputs are kept by channel (`width_masks`).
+    spec: None, or a text model's LSTMSpec / TransformerSpec: the width-r submodel keeps
+      ceil(r W) of the units of every structured group (attention heads with their
+      q/k/v/o slices, FFN units, LSTM units; d_model, embeddings, LayerNorms and the
+      head full), `text_width_masks`; widths default to `text_widths` (r = capacity for
+      a transformer); the `*_keys` arguments do not apply. `_width_submodels` module
+      docstring says why d_model stays full.
 
   Returns:
     HeteroMethod with HeteroState.
@@ -57,7 +67,7 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
   return width_method(apply_fn, client_optimizer, schedule, capacities=capacities, widths=widths,
                       rolling=False, scaler=scaler, server_learning_rate=server_learning_rate,
                       loss_fn=loss_fn, train_transform=train_transform, input_keys=input_keys,
-                      output_keys=output_keys, flatten_keys=flatten_keys)
+                      output_keys=output_keys, flatten_keys=flatten_keys, spec=spec)
 
 
 def heterofl_method(hetero: HeteroMethod, **kwargs) -> federated.Method:
