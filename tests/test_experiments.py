@@ -268,3 +268,93 @@ def test_real_shakespeare_loads_with_the_caps():
   assert int(data.train.x.max()) < 81 and int(data.train.y.max()) < 81
   spec = build.build_spec(c, data.input_shape, data.num_classes)
   assert spec == models_lib.leaf_shakespeare_lstm()  # LEAF's 2 x 256 LSTM on its vocabulary
+
+
+def _text_method_run(tmp_path, arg):
+  """2 rounds of fedavg_shakespeare.py:`arg` (tiny), evaluated after each; (config, records,
+  summary)."""
+  from experiments.configs import fedavg_shakespeare
+  c = fedavg_shakespeare.get_config(arg)
+  c.rounds, c.eval_every = 2, 1
+  summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(l) for l in f]
+  assert [r["round"] for r in records] == [1, 2]
+  return c, records, summary
+
+
+@pytest.mark.parametrize("method", [
+    "heterofl", pytest.param("fedrolex", marks=pytest.mark.slow),
+    pytest.param("fiarse", marks=pytest.mark.slow)])
+def test_text_config_hetero_methods(tmp_path, method):
+  """The width methods / FIARSE on the tiny transformer: each level's global accuracy counts
+  over the pooled test set, `global` is their mean, and the levels' submodels shrink."""
+  import numpy as np
+  from tests._checks import assert_counted_accuracy
+  c, _, summary = _text_method_run(tmp_path, f"tiny,{method}")
+  assert c.model.name == "shakespeare_transformer" and c.method == method
+  labels = ("1", "1/4", "1/16")
+  for label in labels:
+    assert_counted_accuracy(summary[f"global_{label}"], c)
+  np.testing.assert_allclose(summary["global"], np.mean([summary[f"global_{l}"] for l in labels]))
+  params = summary["level_params"]
+  assert params[0] == summary["params"] and params[0] > params[1] > params[2] > 0, params
+
+
+@pytest.mark.slow  # ~11 s on 2 busy cores; heterofl above is the default-suite text driver run
+def test_text_config_fedtiny(tmp_path):
+  """FedTiny on the tiny LSTM at density 0.2: the global density is 0.2 of all parameters
+  (the embedding table counted, kept dense) and the accuracy counts over the test set."""
+  from tests._checks import assert_counted_accuracy
+  c, records, summary = _text_method_run(tmp_path, "tiny,fedtiny")
+  assert c.model.name == "shakespeare_lstm" and c.sparse.density == 0.2
+  for r in records:
+    assert r["density"] == pytest.approx(0.2, abs=2e-3)
+  assert_counted_accuracy(summary["test_accuracy"], c)
+
+
+def test_text_config_refuses_scalefl_and_synflow(tmp_path):
+  from experiments.configs import fedavg_shakespeare
+  c = fedavg_shakespeare.get_config("tiny,heterofl")
+  c.method = "scalefl"
+  with pytest.raises(build.ConfigError, match="model.name='shakespeare_transformer' is invalid "
+                     "for scalefl"):
+    train.train_and_evaluate(c, str(tmp_path / "a"))
+  c = fedavg_shakespeare.get_config("tiny,fedtiny")
+  c.method, c.sparse.method = "sparse", "synflow"
+  with pytest.raises(build.ConfigError, match="sparse.method='synflow' is invalid with "
+                     "model.name='shakespeare_lstm'"):
+    train.train_and_evaluate(c, str(tmp_path / "b"))
+  with pytest.raises(ValueError, match="more than one method"):
+    fedavg_shakespeare.get_config("tiny,fedtiny,heterofl")
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_one_shot_magnitude_masks_keep_text_embeddings_dense():
+  """Global magnitude pruning on the LSTM prunes its kernels only: the embedding table (a
+  lookup) stays dense, and the kernels keep the density fraction of their entries."""
+  import jax
+  import numpy as np
+  from fedjax_prune import models
+  from fedjax_prune.pruning import _sparse, one_shot
+  spec = models.leaf_shakespeare_lstm(hidden=(6,), embed_dim=3, vocab_size=7, seq_len=4)
+  params, _ = models.init_params(spec, jax.random.key(0))
+  masks = one_shot.global_magnitude_masks(params, 0.5)
+  assert np.asarray(masks["embed"]["embedding"]).all()
+  kernels = ["head/kernel", "lstm_0/kernel", "lstm_0/recurrent_kernel"]
+  assert one_shot.prunable_layers(params) == tuple(kernels)
+  flat = dict(zip(_sparse.leaf_paths(params), jax.tree.leaves(masks)))
+  total = sum(np.size(flat[k]) for k in kernels)
+  assert total == 258 and sum(int(np.sum(flat[k])) for k in kernels) == 129
+  # The largest magnitudes: every kept kernel entry >= every pruned one.
+  kept = np.concatenate([np.abs(np.asarray(flat_p))[np.asarray(flat[k])].ravel()
+                         for k, flat_p in ((k, _leaf(params, k)) for k in kernels)])
+  pruned = np.concatenate([np.abs(np.asarray(flat_p))[~np.asarray(flat[k])].ravel()
+                           for k, flat_p in ((k, _leaf(params, k)) for k in kernels)])
+  assert kept.min() >= pruned.max()
+
+
+def _leaf(tree, path):
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree

@@ -1,12 +1,17 @@
 """FedAvg with LEAF's char-LSTM (or a small transformer) on real Shakespeare (LEAF split).
 
-Commands (arg: comma-separated, 'lstm' (default) or 'transformer', optionally 'tiny' and
-'asp'):
+Commands (arg: comma-separated, 'lstm' or 'transformer', optionally 'tiny' and at most one
+method part: 'asp', 'fiarse', 'heterofl', 'fedrolex' (model default: transformer) or
+'fedtiny' (model default: lstm); without a method part, FedAvg on the LSTM):
   python -m experiments.main --config experiments/configs/fedavg_shakespeare.py \
       --workdir workdir/shakespeare_lstm
   python -m experiments.main --config experiments/configs/fedavg_shakespeare.py:transformer \
       --workdir workdir/shakespeare_transformer
   python -m experiments.main --config experiments/configs/fedavg_shakespeare.py:tiny --workdir /tmp/t
+  python -m experiments.main --config experiments/configs/fedavg_shakespeare.py:heterofl \
+      --workdir workdir/shakespeare_heterofl
+  python -m experiments.main --config experiments/configs/fedavg_shakespeare.py:fedtiny,tiny \
+      --workdir /tmp/t_fedtiny
 
 Data: TFF's Shakespeare files in ../shared/data/shakespeare (LEAF's data, one client per
 speaking role, TFF's own train/test split of each role's lines): 643 of the 715 roles
@@ -58,27 +63,52 @@ transformer), 3 clients/round, 4 rounds: seconds on a CPU (tests, notebooks).
 mean +- k std rule per LSTM layer's units / block's heads / block's FFN units, k = 2.2
 (the paper's FEMNIST CNN value: the paper has no text setting), search in rounds
 1-50, re-initialised rebuilds (tiny: k = 1, search in round 1).
+'fiarse', 'heterofl', 'fedrolex': the model-heterogeneous methods
+(experiments/methods/hetero.py) on the transformer, capacities {1, 1/4, 1/16} assigned to
+clients i mod 3 (width r keeps ceil(r n) heads and ceil(r F) FFN units per block, the
+embeddings and d_model full; FIARSE: one global magnitude threshold), scaler on, no
+augmentation or re-partition (the speakers are the clients), server learning rate 1;
+evaluated on the global test set per level (`global_<s>`; the config's `eval_batch_size`).
+The same client optimizer and schedule as the dense run (choose the learning rate once on
+the dense run, REPRODUCE.md §2).
+'fedtiny': FedTiny (experiments/methods/fedtiny.py) on the LSTM at density 0.2 (uniform
+layer densities: its kernels pruned, the embedding table and biases dense), 3 ABNS
+candidates, progressive prune-and-grow over 2 blocks input to output, the paper's schedule
+(ΔT 10, T_end 300 per 500 rounds) scaled to `rounds` (tiny: a 1 x 32 LSTM, 2 candidates,
+all layers adjusted in rounds 1-2 of 4; at 1 x 16 the dense embedding table and biases
+alone are 22 % of the parameters, over the 0.2 budget).
 """
 import ml_collections
 
-from experiments.configs import asp_femnist_cnn, fedavg_synthetic
+from experiments.configs import asp_femnist_cnn, fedavg_synthetic, fedtiny_cifar10, fiarse_cifar10
 
 MODELS = {"lstm": "shakespeare_lstm", "transformer": "shakespeare_transformer"}
+HETERO = ("fiarse", "heterofl", "fedrolex")
+# Method parts and the model each uses unless the arg names one.
+METHODS = {"asp": "lstm", **dict.fromkeys(HETERO, "transformer"), "fedtiny": "lstm"}
+CAPACITIES = (1.0, 1 / 4, 1 / 16)
+DENSITY = 0.2
 
 
-def _parse(arg: str | None) -> tuple[str, bool, bool]:
-  """(model key, tiny, asp) from the config arg."""
+def _parse(arg: str | None) -> tuple[str, bool, str]:
+  """(model key, tiny, method part or '' for FedAvg) from the config arg."""
   parts = [p for p in (arg or "").split(",") if p]
-  unknown = [p for p in parts if p not in (*MODELS, "tiny", "asp")]
+  unknown = [p for p in parts if p not in (*MODELS, "tiny", *METHODS)]
   if unknown:
-    raise ValueError(f"config arg parts must be 'lstm', 'transformer', 'tiny' or 'asp', got "
-                     f"{unknown} in {arg!r}")
-  model = "transformer" if "transformer" in parts else "lstm"
-  return model, "tiny" in parts, "asp" in parts
+    raise ValueError(f"config arg parts must be 'lstm', 'transformer', 'tiny' or one of "
+                     f"{tuple(METHODS)}, got {unknown} in {arg!r}")
+  methods = [p for p in parts if p in METHODS]
+  models = [p for p in parts if p in MODELS]
+  if len(methods) > 1 or len(set(models)) > 1:
+    raise ValueError(f"config arg names more than one method or model: {arg!r}")
+  method = methods[0] if methods else ""
+  model = models[0] if models else METHODS.get(method, "lstm")
+  return model, "tiny" in parts, method
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  model, tiny, asp = _parse(arg)
+  model, tiny, method = _parse(arg)
+  asp = method == "asp"
   c = fedavg_synthetic.get_config()
   c.data = ml_collections.ConfigDict(dict(
       name="shakespeare", data_dir="../shared/data/shakespeare", max_windows_per_client=256,
@@ -117,6 +147,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.method = "asp"
     c.asp = asp_femnist_cnn.asp_fields(k=1.0 if tiny else 2.2, max_pruned_round=1 if tiny else 50)
     c.asp.kernel_init = "default"  # the text models' own (LEAF / GPT-2) initialisation
+  if method in HETERO:
+    c.method = method
+    c.hetero = fiarse_cifar10.base_config(method).hetero
+    c.hetero.update(dict(capacities=CAPACITIES, augment=False, repartition="", sweep=(),
+                         sweep_every=0))
+  if method == "fedtiny":
+    c.method = "fedtiny"
+    c.sparse = fedtiny_cifar10.base_config().sparse
+    c.sparse.update(dict(density=DENSITY, distribution="uniform", num_candidates=3,
+                         num_blocks=2, progressive="blockwise"))
+    if tiny:  # all layers adjusted every round before round 3; LSTM 32 wide, since at 16
+      # the embedding table and biases (dense) alone are 0.22 of the parameters
+      c.model.hidden = (32,)
+      c.sparse.update(dict(num_candidates=2, progressive="all_layers", num_blocks=1,
+                           adjust_every=1, adjust_end=3))
   return c
 
 

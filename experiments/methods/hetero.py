@@ -1,6 +1,9 @@
 """Driver for the model-heterogeneous methods: FIARSE, HeteroFL, FedRolex, ScaleFL.
 
-`config.method` picks the method; `config.hetero` holds their fields:
+`config.method` picks the method; `config.hetero` holds their fields. Text models
+(`shakespeare_lstm`, `shakespeare_transformer`): FIARSE (global ranking), HeteroFL and
+FedRolex (width r = ceil(r W) LSTM units / heads / FFN units per group, `heterofl(spec=)`);
+not ScaleFL, and without augment, repartition or layer-wise thresholds.
 
   capacities        capacity levels (fractions of the parameters), e.g. (1, 1/4, 1/16, 1/64)
   assignment        'interleaved' (client i -> level i mod L) or 'blocks' (equal contiguous
@@ -53,8 +56,9 @@ from fedjax_prune.pruning import heterofl as heterofl_lib
 from fedjax_prune.pruning import scalefl as scalefl_lib
 
 METHODS = ("fiarse", "heterofl", "fedrolex", "scalefl")
-# Models whose width submodels the drivers can express (ScaleFL's exits need ResNet stages).
-WIDTH_MODELS = ("resnet18", "leaf_femnist_cnn")
+# Models whose width submodels the drivers can express (ScaleFL's exits need ResNet stages;
+# the text models' widths are their LSTM units / heads / FFN units, `heterofl(spec=)`).
+WIDTH_MODELS = ("resnet18", "leaf_femnist_cnn") + build_lib.TEXT_MODELS
 ASSIGNMENTS = ("interleaved", "blocks")
 
 
@@ -101,7 +105,9 @@ def validate(config) -> None:
                               f"hetero.num_clients={n}: allowed [1, {n}]")
   build_lib._float_in(config, "hetero.scalefl_alpha", 0.0, 1.0)
   build_lib._float_in(config, "hetero.scalefl_temperature", 0.0, lo_open=True)
-  if method in ("heterofl", "fedrolex"):
+  if config.model.name in build_lib.TEXT_MODELS:
+    _validate_text(config, method)
+  elif method in ("heterofl", "fedrolex"):
     build_lib._require(config.model.name in WIDTH_MODELS, "model.name", config.model.name,
                        f"one of {WIDTH_MODELS} for {method} (width submodels)")
   elif method != "fiarse" or config.hetero.layerwise:
@@ -120,6 +126,35 @@ def validate(config) -> None:
                             "such as 'sequential+tapgrad' (CPU) or 'vmap+lax' (GPU)")
 
 
+def extendable(config) -> str | None:
+  """Why a run cannot be extended to more rounds (`train.check_extension`), or None: the
+  submodels and FedRolex's window follow the round index, not config.rounds; only the
+  extra-size sweep (config.hetero.sweep) is evaluated at the last round, and an evaluation
+  round's record would keep it."""
+  if len(config.hetero.sweep):
+    return (f"config.hetero.sweep={tuple(config.hetero.sweep)} is evaluated at the last round, "
+            "so the last round's record differs from the longer run's (set sweep=() to extend)")
+  return None
+
+
+def _validate_text(config, method) -> None:
+  """The width methods and FIARSE (global ranking) on a text model; not ScaleFL, no image options."""
+  name = config.model.name
+  if method == "scalefl":
+    raise build_lib.ConfigError(f"config.model.name={name!r} is invalid for scalefl: its exits need "
+                                "ResNet stages; allowed 'resnet18' (text models: fiarse, heterofl, "
+                                "fedrolex)")
+  if method == "fiarse" and config.hetero.layerwise:
+    raise build_lib.ConfigError(f"config.hetero.layerwise=True is invalid with model.name={name!r}: "
+                                "layer-wise thresholds need ResNet stages; allowed False")
+  if config.hetero.augment:
+    raise build_lib.ConfigError(f"config.hetero.augment=True is invalid with model.name={name!r}: "
+                                "the crop/flip augmentation is for images; allowed False")
+  if config.hetero.repartition:
+    raise build_lib.ConfigError(f"config.hetero.repartition={config.hetero.repartition!r} is invalid "
+                                f"with model.name={name!r}: text clients are speakers; allowed ''")
+
+
 def _augment(x, key):
   """RandomCrop(pad 4) + horizontal flip on raw images (black padding, as torchvision on PIL)."""
   crop_key, flip_key = jax.random.split(key)
@@ -134,8 +169,9 @@ def width_keys(config, params) -> dict:
   return dict(input_keys=r"^conv_0$", output_keys=f"^{dense[-1]}$", flatten_keys=r"^dense_0$")
 
 
-def _method(config, apply_fn, params, schedule, train_transform, eval_window=None):
-  """The method's `HeteroMethod` (`eval_window`: FedRolex's, default the config's)."""
+def _method(config, apply_fn, params, schedule, train_transform, eval_window=None, spec=None):
+  """The method's `HeteroMethod` (`eval_window`: FedRolex's, default the config's; `spec`: the
+  model's, passed to HeteroFL/FedRolex for a text model, whose widths are its groups)."""
   h, c = config.hetero, config.client
   opt = (optax.sgd(c.learning_rate, momentum=c.momentum or None) if c.optimizer == "sgd"
          else optax.adam(c.learning_rate))
@@ -144,13 +180,14 @@ def _method(config, apply_fn, params, schedule, train_transform, eval_window=Non
             train_transform=train_transform)
   if config.method == "fiarse":
     return fiarse_lib.fiarse(apply_fn, opt, schedule, grad=h.fiarse_grad, layerwise=h.layerwise, **kw)
+  text = dict(spec=spec) if config.model.name in build_lib.TEXT_MODELS else {}
   if config.method == "heterofl":
     return heterofl_lib.heterofl(apply_fn, opt, schedule, scaler=h.scaler,
-                                 **width_keys(config, params), **kw)
+                                 **width_keys(config, params), **text, **kw)
   if config.method == "fedrolex":
     return fedrolex_lib.fedrolex(apply_fn, opt, schedule, scaler=h.scaler,
                                  eval_window=eval_window or h.fedrolex_eval_window,
-                                 **width_keys(config, params), **kw)
+                                 **width_keys(config, params), **text, **kw)
   widths, depths = tuple(h.scalefl_widths), tuple(h.scalefl_depths)
   if not widths:
     widths, depths = scalefl_lib.scalefl_levels(params, caps)
@@ -220,7 +257,7 @@ def build(config, env: runtime.Env) -> runtime.Run:
   timings = {}
   if strategy_name == "auto":
     algorithm_for = lambda apply_fn, schedule: _method(config, apply_fn, params, schedule,
-                                                       train_transform).algorithm
+                                                       train_transform, spec=spec).algorithm
     strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats, algorithm_for, cohort(0))
   else:
     strategy = performance.Strategy.from_name(strategy_name)
@@ -229,7 +266,7 @@ def build(config, env: runtime.Env) -> runtime.Run:
   c = config.client
   schedule = strategy.schedule(federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
                                                        num_steps=c.num_steps or None))
-  hetero = _method(config, apply_fn, params, schedule, train_transform)
+  hetero = _method(config, apply_fn, params, schedule, train_transform, spec=spec)
   common = dict(spec=spec, params=params, batch_stats=batch_stats, key=init_key,
                 eval_apply=wrap(make_raw("lax")),
                 test=hetero_lib.LevelTest(data.test_x, data.test_y, data.test_clients,
@@ -240,7 +277,8 @@ def build(config, env: runtime.Env) -> runtime.Run:
     method = fiarse_lib.fiarse_method(hetero, layerwise=bool(h.layerwise), **common)
   elif config.method == "fedrolex" and len(h.fedrolex_eval_also):
     # Same training; only the evaluated windows differ.
-    alternatives = {w: _method(config, apply_fn, params, schedule, train_transform, eval_window=w)
+    alternatives = {w: _method(config, apply_fn, params, schedule, train_transform, eval_window=w,
+                             spec=spec)
                     for w in h.fedrolex_eval_also}
     method = fedrolex_lib.fedrolex_method(hetero, alternatives=alternatives, **common)
   else:

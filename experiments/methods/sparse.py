@@ -28,6 +28,8 @@ from fedjax_prune.pruning import _sparse, base, feddst, fedtiny, init_pruning, l
 
 METHODS = ("feddst", "prunefl", "lotteryfl", "snip", "synflow", "dense")
 VGG11_WIDTHS = (64, 128, 256, 256, 512, 512, 512, 512)
+# Text models: their kernels are prunable, the embedding tables dense (`_sparse.prunable_filter`).
+MODELS = ("vgg11", "resnet18", "mlp") + build_lib.TEXT_MODELS
 
 
 def validate_common(config) -> None:
@@ -40,9 +42,9 @@ def validate_common(config) -> None:
   build_lib._int_in(config, "sparse.adjust_end", 0)
   build_lib._float_in(config, "sparse.adjust_alpha", 0.0, 1.0)
   build_lib._int_in(config, "sparse.growth_batch_size", 0)
-  if config.model.name not in ("vgg11", "resnet18", "mlp"):
+  if config.model.name not in MODELS:
     raise build_lib.ConfigError(f"config.model.name={config.model.name!r} is invalid for sparse methods: "
-                            "allowed one of ('vgg11', 'resnet18', 'mlp')")
+                            f"allowed one of {MODELS}")
 
 
 def validate(config) -> None:
@@ -70,7 +72,24 @@ def validate(config) -> None:
           f"config.rounds={config.rounds}: LotteryFL would not reach the target density")
     build_lib._float_in(config, "sparse.lottery_accuracy_threshold", 0.0, 1.0)
   if method == "synflow":
+    if config.model.name in build_lib.TEXT_MODELS:  # its all-ones input is not a token sequence
+      raise build_lib.ConfigError(f"config.sparse.method='synflow' is invalid with model.name="
+                                  f"{config.model.name!r}: SynFlow's data-free input needs an image "
+                                  "model; allowed another sparse.method")
     build_lib._int_in(config, "sparse.synflow_iterations", 1)
+
+
+def extendable(config) -> str | None:
+  """Why a run cannot be extended to more rounds (`train.check_extension`), or None: the
+  masks' schedules are fixed rounds, except the adjustment schedule of FedTiny, FedDST and
+  PruneFL with adjust_every = adjust_end = 0 (scaled to config.rounds); the summary's
+  per-round averages divide the whole run's totals by config.rounds at its end."""
+  s = config.sparse
+  scheduled = config.get("method") == "fedtiny" or s.get("method") in ("feddst", "prunefl")
+  if scheduled and s.adjust_every == 0 and s.adjust_end == 0:
+    return ("config.sparse.adjust_every = adjust_end = 0 scale the adjustment schedule to "
+            "config.rounds, so the rounds already run adjusted masks on another schedule")
+  return None
 
 
 def adjust_schedule(config, *, num_blocks: int = 1, min_adjustments: int = 1) -> tuple[int, int]:

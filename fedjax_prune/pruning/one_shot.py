@@ -31,8 +31,14 @@ from fedjax_prune.types import BatchStats, Params, PRNGKey
 
 
 def global_magnitude_masks(params: Params, density: float):
-  """Masks keeping the `density` fraction of all kernel entries by |w| (biases stay dense)."""
-  return masks_lib.global_topk(masks_lib.magnitude(params), density, masks_lib.by_ndim(params))
+  """Masks keeping the `density` fraction of all kernel entries by |w| (biases stay dense).
+
+  The kernels are `_sparse.prunable_filter`'s leaves: ndim >= 2 (conv / dense kernels,
+  the same leaves as `masks.by_ndim` on the CNNs), except a text model's token and
+  position embedding tables, which stay dense (a lookup saves no FLOPs when pruned).
+  """
+  return masks_lib.global_topk(masks_lib.magnitude(params), density,
+                               _sparse.prunable_filter(params))
 
 
 def prune(state: federated.ServerState, density: float) -> federated.ServerState:
@@ -70,8 +76,9 @@ def size_record(spec, masks, pruned: bool, num_clients: int, layers: tuple = ())
 
 def prunable_layers(params: Params, prunable: Any = None) -> tuple:
   """'dense_0/kernel' paths of the leaves a static `prunable` filter selects (default:
-  the kernels, ndim >= 2, that global magnitude pruning prunes)."""
-  flags = _sparse.leaf_flags(params, masks_lib.by_ndim(params) if prunable is None else prunable)
+  the kernels, ndim >= 2 but embedding tables, that global magnitude pruning prunes)."""
+  flags = _sparse.leaf_flags(params, _sparse.prunable_filter(params) if prunable is None
+                             else prunable)
   return tuple(path for path, flag in zip(_sparse.leaf_paths(params), flags) if flag)
 
 
