@@ -7,7 +7,7 @@ Command:
 `arg` = "aggregator[,attack[,fraction]]" (aggregators: `build.ROBUST_AGGREGATORS`, attacks:
 `build.ATTACKS`, fraction of the 300 writers that attack, default 0.2). Setting of
 `fedavg_femnist` (LEAF CNN, 10 clients per round, 1 epoch, B 32, SGD 0.05) for 300 rounds:
-at 100 dense FedAvg is still rising (REPRODUCE.md's anchor: 0.73 @ 100, 0.80 @ 200)..
+at 100 dense FedAvg is still rising (REPRODUCE.md's anchor: 0.73 @ 100, 0.80 @ 200).
 Krum assumes f = 3 of the 10 clients per round; the backdoor relabels triggered images to
 class 0 and reports `backdoor_asr` at every evaluation. Not yet run: no measured numbers.
 """
