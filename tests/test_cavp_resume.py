@@ -8,6 +8,9 @@ appended, as a kill leaves it) and resumed with `resume=True`: metrics.jsonl
 (wall times aside), the summary (accuracy, params, FLOPs, rebuilds) and the
 final checkpoint's arrays must equal the uninterrupted run's bit for bit. The
 slow test kills a real `python -m experiments.main` run with SIGKILL instead.
+A second reference switches on the issue-26 options: Adam on θ with its state
+kept across rounds (checkpointed, sliced by the rebuild), BN recalibration at the
+rebuild, a fine-tune of the finalised network, and augmentation.
 """
 import json
 import os
@@ -34,7 +37,7 @@ REBUILD_AFTER = 2  # cavp.rebuild_every: the architecture shrinks after round 2
 TIMING_KEYS = ("wall_time", "wall_time_s", "setup_time_s", "eval_time_s")
 
 
-def tiny_config(mode: str = "centralised"):
+def tiny_config(mode: str = "centralised", *, issue26_options: bool = False):
   """The 'cpu' CAVP config cut down to seconds; a checkpoint after every round."""
   c = cavp_cifar10.get_config(f"cpu,{mode},both")
   c.data = type(c.data)(dict(
@@ -52,6 +55,14 @@ def tiny_config(mode: str = "centralised"):
   c.cavp.theta_init = 0.5
   c.cavp.prune_threshold = 0.45  # gates fall below it within two steps: the rebuild removes them
   c.cavp.theta_learning_rate = 0.2
+  if issue26_options:
+    c.cavp.theta_optimizer = "adam"
+    c.cavp.theta_learning_rate = 0.1
+    c.cavp.persist_theta_optimizer = True
+    c.cavp.recalibrate_after_rebuild = True
+    c.cavp.recalibration_steps = 3
+    c.cavp.finetune_steps = 2
+    c.cavp.augment = True
   return c
 
 
@@ -109,6 +120,36 @@ def reference(tmp_path_factory):
   assert checkpoint.Checkpointer(os.path.join(workdir, train.CHECKPOINT_DIR)).steps() == [
       1, 2, 3, 4]
   return workdir
+
+
+@pytest.fixture(scope="module")
+def reference_issue26(tmp_path_factory):
+  """The uninterrupted run with the issue-26 options on."""
+  workdir = str(tmp_path_factory.mktemp("cavp_reference_issue26") / "run")
+  summary = train.train_and_evaluate(tiny_config(issue26_options=True), workdir)
+  assert summary["rebuilds"] and summary["rebuilds"][0]["round"] == REBUILD_AFTER, summary
+  assert summary["finetune_steps"] == 2 and "eval_before_finetune" in summary
+  _, arrays, _ = checkpoint.read_arrays(os.path.join(workdir, train.CHECKPOINT_DIR))
+  counts = [v for k, v in arrays.items() if k.startswith(".theta_opt") and k.endswith(".count")]
+  assert [int(c) for c in counts] == [ROUNDS], counts  # Adam's steps of all rounds
+  return workdir
+
+
+# Another reference run and its resumes (~50 s on a loaded 2-core CPU), hence slow; the
+# default suite checks the template of the rebuilt persistent state in
+# tests/pruning/test_cavp.py (test_template_of_a_rebuilt_persistent_adam_state).
+@pytest.mark.slow
+@pytest.mark.parametrize("kept", [
+    1,  # the resumed run rebuilds (slices Adam's state)
+    2,  # after the rebuild: the template gives Adam's state its sliced shapes
+])
+def test_resume_with_persistent_adam_recalibration_and_finetune_is_bit_identical(
+    tmp_path, reference_issue26, kept):
+  workdir = str(tmp_path / "resumed")
+  shutil.copytree(reference_issue26, workdir)
+  _cut_back_to(workdir, kept)
+  train.train_and_evaluate(tiny_config(issue26_options=True), workdir, resume=True)
+  assert_same_run(workdir, reference_issue26)
 
 
 @pytest.mark.parametrize("kept", [

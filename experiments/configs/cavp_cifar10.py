@@ -77,7 +77,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       theta_init=0.9,
       unit_estimator="straight_through", layer_estimator="straight_through", per_example=False,
       prune_threshold=0.05, one_epsilon=0.02, final_threshold=0.5, rho=0.0,
-      rebuild_every=5 if cpu else 10))
+      rebuild_every=5 if cpu else 10,
+      # Issue 26 options, off here (experiments/methods/cavp.py; the converged configs
+      # cavp_cifar10_centralised.py / cavp_femnist_converged.py switch them on):
+      persist_theta_optimizer=False,   # keep the θ optimizer's state (Adam) across rounds
+      recalibrate_after_rebuild=False,  # BN statistics re-estimated at every rebuild
+      recalibration_steps=100,          # forward passes per BN recalibration
+      finetune_steps=0, finetune_learning_rate=0.01,  # fine-tune of the finalised network
+      augment=False))                   # random crop + flip of the training batches
   if mode == "centralised":
     c.rounds = 10 if cpu else 160  # full: one epoch over the pooled data per round
     c.clients_per_round = 1

@@ -10,14 +10,30 @@ Every `cavp.rebuild_every` rounds the pruned structures are removed
 physically (smaller spec, one re-jit). At the end the deterministic network
 (θ >= `final_threshold` kept) is built and evaluated ungated.
 
+Options (issue 26; each off in `cavp_cifar10.py`, so its results stay as recorded):
+  * `theta_optimizer` 'sgd' (projected SGD, METHODS.md §3.3) or 'adam';
+    `persist_theta_optimizer` keeps the θ optimizer's state across rounds (in the
+    server state, checkpointed); `theta_learning_rate=0` freezes θ: with
+    `theta_init=1` every gate stays on, i.e. the dense model trained through this
+    driver (same init, data order and records: the dense baseline of a sweep).
+  * BatchNorm statistics of the finalised network re-estimated on 1024 pooled training
+    inputs (always), and with `recalibrate_after_rebuild` also at every rebuild point;
+    `recalibration_steps` forward passes each.
+  * `finetune_steps` (> 0) SGD steps at `finetune_learning_rate` (batch
+    `client.batch_size`, momentum `client.momentum`) on the pooled training data for
+    the finalised network (extra steps: the summary's `finetune_steps`).
+  * `augment`: random crop (pad 4) + horizontal flip of the training batches (rounds
+    and fine-tune), for image data.
+
 Metrics per round: the FedAvg ones plus alive/total units and layers, mean θ,
 fraction of θ in {0, 1}, the current model's params and FLOPs; evaluation
 uses the deterministic gates (θ >= final_threshold, alive).
 
 Checkpoints (every `checkpoint_every` rounds and at the last round) hold the
 whole `CavpState` of the current architecture (weights, BatchNorm statistics,
-θ, alive flags, λ, the REINFORCE baseline and the round index; the client
-optimizers restart every round, so there is none to keep). `meta` holds the
+θ, alive flags, λ, the REINFORCE baseline, the round index and, with
+`persist_theta_optimizer`, the θ optimizer's state; the weights' optimizer
+restarts every round, so there is none to keep). `meta` holds the
 current spec as JSON (`structured.spec_to_json`) so a resumed run rebuilds the
 right shapes before restoring, the original spec (a checkpoint of another
 model is refused) and the rebuild history of the summary.
@@ -46,7 +62,13 @@ def validate(config) -> None:
   build_lib._float_in(config, "cavp.alpha", 0.0)
   build_lib._float_in(config, "cavp.beta", 0.0, 1.0)
   build_lib._choice(config, "cavp.theta_optimizer", THETA_OPTIMIZERS)
-  build_lib._float_in(config, "cavp.theta_learning_rate", 0.0, lo_open=True)
+  build_lib._float_in(config, "cavp.theta_learning_rate", 0.0)  # 0: θ frozen (dense baseline)
+  for field in ("persist_theta_optimizer", "recalibrate_after_rebuild", "augment"):
+    value = build_lib._get(config, f"cavp.{field}")
+    build_lib._require(isinstance(value, bool), f"cavp.{field}", value, "True or False")
+  build_lib._int_in(config, "cavp.recalibration_steps", 1)
+  build_lib._int_in(config, "cavp.finetune_steps", 0)
+  build_lib._float_in(config, "cavp.finetune_learning_rate", 0.0, lo_open=True)
   build_lib._float_in(config, "cavp.theta_init", 0.0, 1.0, lo_open=True)
   build_lib._choice(config, "cavp.unit_estimator", cavp_lib.ESTIMATORS[:2])
   build_lib._choice(config, "cavp.layer_estimator", cavp_lib.ESTIMATORS)
@@ -77,7 +99,8 @@ def _options(config) -> cavp_lib.Options:
       structures=c.structures, theta_init=c.theta_init, unit_estimator=c.unit_estimator,
       layer_estimator=c.layer_estimator, per_example=c.per_example,
       prune_threshold=c.prune_threshold, one_epsilon=c.one_epsilon,
-      final_threshold=c.final_threshold, rho=c.rho)
+      final_threshold=c.final_threshold, rho=c.rho,
+      persist_theta_optimizer=c.persist_theta_optimizer)
 
 
 def _pooled_client(train: data_lib.ClientData) -> data_lib.ClientData:
@@ -96,6 +119,11 @@ def _recalibration_sample(train, size: int):
   return x[::step][:size]
 
 
+def _augment(x, key):
+  """Random crop (zero padding 4) + horizontal flip of raw image batches."""
+  return data_lib.compose(lambda x, k: data_lib.random_crop(x, k, 4), data_lib.random_flip)(x, key)
+
+
 def build(config, env: runtime.Env) -> runtime.Run:
   """The `pruning.cavp.cavp_method` of `config` (centralised: one pooled client)."""
   data, c = env.data, config.cavp
@@ -112,13 +140,21 @@ def build(config, env: runtime.Env) -> runtime.Run:
       batch_size=cl.batch_size, num_epochs=cl.num_epochs, num_steps=cl.num_steps or None))
   env.log(f"cavp ({c.mode}, {c.structures}): {accounting.param_count(spec):,} params, "
           f"{accounting.flops(spec):,} FLOPs")
+  fine_tune = cavp_lib.FineTune(num_steps=c.finetune_steps,
+                                learning_rate=c.finetune_learning_rate,
+                                momentum=cl.momentum if cl.optimizer == "sgd" else 0.0,
+                                batch_size=cl.batch_size)
   method = cavp_lib.cavp_method(
       spec=spec, params=params, batch_stats=batch_stats, key=jax.random.key(config.seeds.init),
       model=runtime.model_fns(env, strategy), weight_optimizer=weight_opt,
       theta_optimizer=theta_opt, schedule=schedule, options=options,
       weights=cavp_lib.CostWeights(gamma=c.gamma, alpha=c.alpha, beta=c.beta),
       rebuild_every=c.rebuild_every, num_rounds=config.rounds,
-      recalibration_x=_recalibration_sample(data.train, 1024), log=env.log)
+      recalibration_x=_recalibration_sample(data.train, 1024),
+      recalibrate_after_rebuild=c.recalibrate_after_rebuild,
+      recalibration_steps=c.recalibration_steps, fine_tune=fine_tune,
+      finetune_data=data_lib.pool(data.train) if c.finetune_steps else None,
+      train_transform=_augment if c.augment else None, log=env.log)
   summary = method.summary
   method = method._replace(summary=lambda state, last_eval: {
       "mode": c.mode, **summary(state, last_eval)})

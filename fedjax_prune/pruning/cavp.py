@@ -42,17 +42,26 @@ Ours (inferred; each an option, METHODS.md §3.3/§3.7 ambiguities A3.1-A3.6):
     θ ≤ `prune_threshold` (A3.6: the paper's ODE-derived conditions are
     unknown), never the last unit of a layer; the final network keeps
     structures with θ ≥ `final_threshold`.
-  * weights and θ have separate optax optimizers (the caller picks both).
+  * weights and θ have separate optax optimizers (the caller picks both). The
+    client optimizer states restart every round by default; with
+    `persist_theta_optimizer` the θ optimizer's state (e.g. Adam's moments) is
+    part of the server state instead: clients start from it, the server
+    averages their final states like θ, and a rebuild slices it like θ (without
+    it every round's first Adam step on θ is lr · sign(g)).
   * the federated mode (`cavp` with many clients) is OUR EXTENSION: clients
     sample gates locally and return (W, θ); the server averages both
     (example-weighted), projects, prunes; the driver rebuilds the smaller
     model between rounds. The paper's centralised setting is the same code
-    with one client holding all data. Client optimizer states (weights and θ)
-    restart every round.
+    with one client holding all data. The weights' optimizer state restarts
+    every round (θ's too unless `persist_theta_optimizer`).
   * gates are not rescaled (unlike inverted dropout): BatchNorm running
     statistics are collected under the stochastic gates, so evaluating with
     the deterministic gates is exact only once θ is binary (A3.1: the paper's
-    BN handling is unknown).
+    BN handling is unknown). `cavp_method` can re-estimate them on training
+    inputs for the deterministic network (`recalibrate_batch_stats`) after
+    every rebuild and after `finalize`, and fine-tune the finalised network
+    for a few steps (`FineTune`, `finetune`; extra training steps a
+    comparison must count).
 
 Gate trees (same structure as `apply_fn`'s `gates`, see `models.make_apply`):
   ConvNetSpec: {'conv_{i}': [co]};  ResNetSpec: {'stage{s}_block{b}': {'unit':
@@ -106,6 +115,8 @@ class Options:
     final_threshold: the final deterministic network keeps θ >= this.
     baseline_decay: decay of the running loss baseline (REINFORCE).
     rho: coefficient of the θ-weighted weight prior ρ/2 Σ_g θ_g ||W_g||² (0 = off).
+    persist_theta_optimizer: keep the θ optimizer's state across rounds in the
+      server state (`CavpState.theta_opt`) instead of restarting it every round.
   """
   structures: str = 'both'
   theta_init: float = 0.9
@@ -117,6 +128,7 @@ class Options:
   final_threshold: float = 0.5
   baseline_decay: float = 0.9
   rho: float = 0.0
+  persist_theta_optimizer: bool = False
 
   def __post_init__(self):
     if self.structures not in STRUCTURES:
@@ -139,6 +151,9 @@ class Options:
       raise ValueError(f'Options.baseline_decay must be in [0, 1), got {self.baseline_decay!r}')
     if self.rho < 0:
       raise ValueError(f'Options.rho must be >= 0, got {self.rho!r}')
+    if not isinstance(self.persist_theta_optimizer, bool):
+      raise ValueError('Options.persist_theta_optimizer must be True or False, got '
+                       f'{self.persist_theta_optimizer!r}')
 
 
 class CostWeights(NamedTuple):
@@ -245,6 +260,9 @@ def structure_costs(spec, structures: str = 'both', *, bn_flops_per_element: int
   is defined for a width-1 layer too. A layer's cost is that of its residual
   branch plus the residual add (`accounting.layer_costs` rows), i.e.
   `cost(spec) - cost(spec without the block)`. Conventions as `accounting.flops`.
+  For a ResNetSpec a block's inner width enters only that block's rows, so one
+  `layer_costs` of the spec with every inner width + 1 gives every block's unit
+  cost at once (the same numbers as one wider spec per block, at two accountings).
 
   Returns:
     (dflops, dparams): gate trees of float numpy arrays, one entry per gate
@@ -268,10 +286,24 @@ def structure_costs(spec, structures: str = 'both', *, bn_flops_per_element: int
     return (np.full(shape, count_flops(wider) - base_flops, np.float64),
             np.full(shape, accounting.param_count(wider) - base_params, np.float64))
 
+  if isinstance(spec, models.ResNetSpec) and any('unit' in e for e in template.values()):
+    wider_rows = accounting.layer_costs(
+        dataclasses.replace(spec, inner_widths=tuple(tuple(w + 1 for w in ws)
+                                                     for ws in spec.inner_widths)),
+        bn_flops_per_element=bn_flops_per_element, include_softmax=include_softmax)
+    block_sum = lambda rows, name, field: sum(getattr(r, field) for r in rows
+                                              if r.name.startswith(f'{name}/'))
+    unit_cost = lambda name, shape: tuple(
+        np.full(shape, block_sum(wider_rows, name, f) - block_sum(base_rows, name, f), np.float64)
+        for f in ('flops', 'params'))
+  else:
+    unit_cost = lambda name, shape: costs(name, 'unit', shape)
+
   dflops, dparams = {}, {}
   for name, entry in template.items():
     if isinstance(entry, dict):
-      pairs = {kind: costs(name, kind, shape) for kind, shape in entry.items()}
+      pairs = {kind: costs(name, kind, shape) if kind == 'layer' else unit_cost(name, shape)
+               for kind, shape in entry.items()}
       dflops[name] = {k: v[0] for k, v in pairs.items()}
       dparams[name] = {k: v[1] for k, v in pairs.items()}
     else:
@@ -431,6 +463,7 @@ class LocalResult(NamedTuple):
   batch_stats: BatchStats
   theta: Gates
   baseline: jax.Array  # [] running mean of the training loss
+  theta_opt: Any = ()  # the θ optimizer's state after the last step
 
 
 class CavpState(NamedTuple):
@@ -443,6 +476,8 @@ class CavpState(NamedTuple):
     lam: penalty weights λ_g (gate tree), recomputed at every rebuild.
     baseline: [] running mean loss (REINFORCE baseline); NaN until the first step.
     round_idx: [] int32 completed rounds.
+    theta_opt: the θ optimizer's state (θ-shaped moments, step count) with
+      `Options.persist_theta_optimizer`, else () (clients restart it every round).
   """
   params: Params
   batch_stats: BatchStats
@@ -451,6 +486,7 @@ class CavpState(NamedTuple):
   lam: Gates
   baseline: jax.Array
   round_idx: jax.Array
+  theta_opt: Any = ()
 
 
 class CavpSums(NamedTuple):
@@ -462,6 +498,7 @@ class CavpSums(NamedTuple):
   weight: jax.Array
   num_clients: jax.Array
   metrics: LocalMetrics
+  theta_opt: Any = ()  # weighted θ optimizer state (float32 leaves), or ()
 
 
 def _broadcast(t, shape):
@@ -482,8 +519,9 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
   (padded steps never run) and metrics are `federated.make_local_train`'s.
 
   Returns:
-    `local_train(params, batch_stats, theta, alive, lam, baseline, data, key)
-    -> (LocalResult, LocalMetrics)`.
+    `local_train(params, batch_stats, theta, alive, lam, baseline, data, key, *,
+    theta_opt_state=None) -> (LocalResult, LocalMetrics)`; the θ optimizer starts
+    from `theta_opt_state` (None: `theta_optimizer.init(theta)`).
   """
   estimator = lambda is_layer: options.layer_estimator if is_layer else options.unit_estimator
 
@@ -540,8 +578,9 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
     return jax.tree_util.tree_map_with_path(lambda p, t: diffs.get(p, jnp.zeros_like(t)), theta)
 
   def client_init(inputs: CavpState):
+    t_opt = theta_optimizer.init(inputs.theta) if inputs.theta_opt is None else inputs.theta_opt
     return (inputs.params, inputs.batch_stats, inputs.theta, inputs.baseline,
-            weight_optimizer.init(inputs.params), theta_optimizer.init(inputs.theta))
+            weight_optimizer.init(inputs.params), t_opt)
 
   def client_step(inputs: CavpState, state, batch: StepInput):
     params, stats, theta, baseline, w_opt, t_opt = state
@@ -563,16 +602,18 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
 
   def client_final(inputs: CavpState, state, num_steps) -> LocalResult:
     del inputs, num_steps
-    params, stats, theta, baseline, _, _ = state
-    return LocalResult(params, stats, theta, baseline)
+    params, stats, theta, baseline, _, t_opt = state
+    return LocalResult(params, stats, theta, baseline, t_opt)
 
   # One gate sample per step, keyed by the step (`StepInput.key`).
   variant = LocalVariant(client_init, client_step, client_final, step_keys=True)
 
   def local_train(params, batch_stats, theta, alive, lam, baseline, data: ClientData,
-                  key: PRNGKey) -> tuple[LocalResult, LocalMetrics]:
+                  key: PRNGKey, *, theta_opt_state: Any = None
+                  ) -> tuple[LocalResult, LocalMetrics]:
     # The server state's fields are the loop's fixed inputs (round_idx unused: no leaf).
-    inputs = CavpState(params, batch_stats, theta, alive, lam, baseline, round_idx=None)
+    inputs = CavpState(params, batch_stats, theta, alive, lam, baseline, round_idx=None,
+                       theta_opt=theta_opt_state)
     return run_local(variant, inputs, data, key, schedule, train_transform)
 
   return local_train
@@ -638,7 +679,10 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
   Returns:
     FedAlgorithm with `init(params, key, batch_stats=None, *, theta=None, lam=None,
     alive=None) -> CavpState` (θ, λ given explicitly override the defaults; without
-    `spec`/`weights` they are required).
+    `spec`/`weights` they are required). With `options.persist_theta_optimizer` the
+    state's `theta_opt` is `theta_optimizer.init(theta)`; every client starts from it
+    and the server keeps the example-weighted mean of the clients' final θ optimizer
+    states (integer leaves such as Adam's step count rounded back to integers).
 
   Example:
     >>> import jax, optax
@@ -656,6 +700,7 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
   """
   local_train = make_local_train(apply_fn, weight_optimizer, theta_optimizer, schedule, options,
                                  loss_fn=loss_fn, train_transform=train_transform)
+  persist = options.persist_theta_optimizer
 
   def init(params: Params, key: PRNGKey, batch_stats: Optional[BatchStats] = None, *,
            theta: Optional[Gates] = None, lam: Optional[Gates] = None,
@@ -671,18 +716,23 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
       lam = penalty_weights(spec, weights, structures=options.structures, reference=reference)
     alive = jax.tree.map(lambda t: jnp.ones(jnp.shape(t), bool), theta) if alive is None else alive
     theta = project(theta, alive, options)
+    theta_opt = theta_optimizer.init(theta) if persist else ()
     return CavpState(params, {} if batch_stats is None else batch_stats, theta, alive, lam,
-                     jnp.full((), jnp.nan, jnp.float32), jnp.zeros((), jnp.int32))
+                     jnp.full((), jnp.nan, jnp.float32), jnp.zeros((), jnp.int32), theta_opt)
 
   def client_update(state: CavpState, data: ClientData, info: ClientInfo,
                     key: PRNGKey) -> ClientOutput:
     local, metrics = local_train(state.params, state.batch_stats, state.theta, state.alive,
-                                 state.lam, state.baseline, data, key)
+                                 state.lam, state.baseline, data, key,
+                                 theta_opt_state=state.theta_opt if persist else None)
     weight = jnp.ones((), jnp.float32) if uniform_weights else info.num_examples.astype(jnp.float32)
     scale = lambda t: tree_lib.scale(t, weight)
     baseline = jnp.where(jnp.isnan(local.baseline), 0.0, local.baseline) * weight
+    # Integer leaves (a step count) are averaged as floats and rounded back on the server.
+    theta_opt = (jax.tree.map(lambda a: a.astype(jnp.float32) * weight, local.theta_opt)
+                 if persist else ())
     return ClientOutput(CavpSums(scale(local.params), scale(local.batch_stats), scale(local.theta),
-                                 baseline, weight, jnp.ones((), jnp.float32), metrics))
+                                 baseline, weight, jnp.ones((), jnp.float32), metrics, theta_opt))
 
   def server_update(state: CavpState, outputs: ClientOutput, key: PRNGKey):
     del key
@@ -695,6 +745,9 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
     theta = project(mean(sums.theta, state.theta), state.alive, options)
     theta, alive = prune(theta, state.alive, options)
     baseline = jnp.where(has_weight, sums.baseline * inv, state.baseline)
+    theta_opt = jax.tree.map(
+        lambda a, old: jnp.where(has_weight, _cast_like(a * inv, old), old),
+        sums.theta_opt, state.theta_opt)
     metrics = {
         **round_train_metrics(sums.metrics, sums.num_clients),
         'penalty': penalty(theta, alive, state.lam, params, options),
@@ -702,9 +755,16 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
         **gate_stats(theta, alive, options),
     }
     return CavpState(params, batch_stats, theta, alive, state.lam, baseline,
-                     state.round_idx + 1), metrics
+                     state.round_idx + 1, theta_opt), metrics
 
   return FedAlgorithm(init, client_update, server_update)
+
+
+def _cast_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """`x` in `like`'s dtype; rounded to the nearest integer for integer dtypes."""
+  if jnp.issubdtype(like.dtype, jnp.integer):
+    return jnp.round(x).astype(like.dtype)
+  return x.astype(like.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -715,6 +775,46 @@ class Rebuilt(NamedTuple):
   """What a rebuild removed."""
   units_removed: int
   blocks_removed: tuple[str, ...]
+
+
+def _removal_plan(alive: Gates) -> tuple[dict, int, list]:
+  """(keep, units_removed, drop) of host gate tree `alive`: the unit keep-masks of the
+  leaves that lose units, how many units go, and the blocks whose layer gate is off."""
+  keep, units_removed, drop = {}, 0, []
+  for name, entry in alive.items():
+    if isinstance(entry, dict):
+      if 'layer' in entry and not entry['layer']:
+        drop.append(name)
+        continue  # its units go with the block
+      unit_alive = entry.get('unit')
+    else:
+      unit_alive = entry
+    if unit_alive is not None and not unit_alive.all():
+      keep[name] = unit_alive
+      units_removed += int((~unit_alive).sum())
+  return keep, units_removed, drop
+
+
+def _gate_tree_surgery(spec, keep: dict, drop: list) -> Callable[[Gates], Gates]:
+  """`fn(gate_tree) -> gate_tree` sliced to the units in `keep` and without the blocks in
+  `drop`, the survivors renamed as `structured.drop_blocks` renames them (`spec`: before)."""
+  renames, names = {}, []
+  if drop:
+    names = [row[0] for row in spec.blocks()]
+    renames = _drop_blocks.drop_blocks_spec(spec, drop)[1]
+
+  def fn(tree):
+    out = {}
+    for name, entry in tree.items():
+      if name not in keep:
+        out[name] = entry
+      elif isinstance(entry, dict):
+        out[name] = {**entry, 'unit': np.asarray(entry['unit'])[keep[name]]}
+      else:
+        out[name] = np.asarray(entry)[keep[name]]
+    return _drop_blocks.rename_blocks(out, renames, names) if drop else out
+
+  return fn
 
 
 def remove_pruned(spec, params: Params, batch_stats: BatchStats, theta: Gates, alive: Gates
@@ -733,18 +833,9 @@ def remove_pruned(spec, params: Params, batch_stats: BatchStats, theta: Gates, a
   alive = jax.tree.map(lambda a: np.asarray(a, bool), jax.device_get(alive))
   params = jax.device_get(params)
   batch_stats = jax.device_get(batch_stats)
-  keep, units_removed, drop = {}, 0, []
-  for name, entry in alive.items():
-    if isinstance(entry, dict):
-      if 'layer' in entry and not entry['layer']:
-        drop.append(name)
-        continue  # its units go with the block
-      unit_alive = entry.get('unit')
-    else:
-      unit_alive = entry
-    if unit_alive is not None and not unit_alive.all():
-      keep[name] = unit_alive
-      units_removed += int((~unit_alive).sum())
+  keep, units_removed, drop = _removal_plan(alive)
+  surgery = _gate_tree_surgery(spec, keep, drop)
+  theta, alive = surgery(theta), surgery(alive)
   if keep:
     # Channel surgery of the library: a ConvNet filter group is named by its
     # conv, a ResNet block's inner width by its conv1.
@@ -752,27 +843,33 @@ def remove_pruned(spec, params: Params, batch_stats: BatchStats, theta: Gates, a
     shrunk = structured.shrink(spec, params, {producer(n): k for n, k in keep.items()},
                                batch_stats=batch_stats)
     spec, params, batch_stats = shrunk.spec, shrunk.params, shrunk.batch_stats
-
-    def slice_units(tree):
-      out = {}
-      for name, entry in tree.items():
-        if name not in keep:
-          out[name] = entry
-        elif isinstance(entry, dict):
-          out[name] = {**entry, 'unit': entry['unit'][keep[name]]}
-        else:
-          out[name] = entry[keep[name]]
-      return out
-
-    theta, alive = slice_units(theta), slice_units(alive)
   if drop:
     names = [row[0] for row in spec.blocks()]
     spec, renames = _drop_blocks.drop_blocks_spec(spec, drop)
     rename = lambda tree: _drop_blocks.rename_blocks(tree, renames, names)
-    params, batch_stats, theta, alive = map(rename, (params, batch_stats, theta, alive))
+    params, batch_stats = rename(params), rename(batch_stats)
   to_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)
   return (spec, to_jnp(params), to_jnp(batch_stats), to_jnp(theta), to_jnp(alive),
           Rebuilt(units_removed, tuple(drop)))
+
+
+def slice_gate_trees(trees: Any, theta: Gates, alive: Gates, spec) -> Any:
+  """`trees` (e.g. an optax state over θ) as `remove_pruned` leaves θ: every subtree with
+  θ's tree structure (θ-shaped leaves: moments) is sliced/renamed like θ, every other
+  leaf (a step count) is kept.
+
+  Args:
+    trees: a pytree.
+    theta, alive: the gate trees `remove_pruned` is given.
+    spec: the spec `remove_pruned` is given (before removal).
+  """
+  treedef = jax.tree.structure(theta)
+  alive = jax.tree.map(lambda a: np.asarray(a, bool), jax.device_get(alive))
+  keep, _, drop = _removal_plan(alive)
+  surgery = _gate_tree_surgery(spec, keep, drop)
+  is_gate_tree = lambda node: isinstance(node, dict) and jax.tree.structure(node) == treedef
+  return jax.tree.map(lambda node: jax.tree.map(jnp.asarray, surgery(jax.device_get(node)))
+                      if is_gate_tree(node) else node, trees, is_leaf=is_gate_tree)
 
 
 def rebuild(spec, state: CavpState, weights: CostWeights, options: Options = Options(), *,
@@ -789,7 +886,8 @@ def rebuild(spec, state: CavpState, weights: CostWeights, options: Options = Opt
 
   Returns:
     (new_spec, new_state, Rebuilt). Rebuild the apply function and the round
-    for new_spec (shapes changed: one re-jit).
+    for new_spec (shapes changed: one re-jit). A persistent θ optimizer state
+    (`state.theta_opt`) is sliced like θ (`slice_gate_trees`).
   """
   new_spec, params, stats, theta, alive, report = remove_pruned(
       spec, state.params, state.batch_stats, state.theta, state.alive)
@@ -798,8 +896,9 @@ def rebuild(spec, state: CavpState, weights: CostWeights, options: Options = Opt
   lam = penalty_weights(new_spec, weights, structures=options.structures, reference=reference,
                         bn_flops_per_element=bn_flops_per_element, include_softmax=include_softmax,
                         allow_empty=True)
+  theta_opt = slice_gate_trees(state.theta_opt, state.theta, state.alive, spec)
   return new_spec, state._replace(params=params, batch_stats=stats, theta=theta, alive=alive,
-                                  lam=lam), report
+                                  lam=lam, theta_opt=theta_opt), report
 
 
 def finalize(spec, state: CavpState, options: Options = Options()
@@ -857,6 +956,72 @@ def recalibrate_batch_stats(apply_fn: Callable, params: Params, batch_stats: Bat
   return run(batch_stats)
 
 
+class FineTune(NamedTuple):
+  """A short fine-tune of the finalised (fixed-gate, physically pruned) network.
+
+  Attributes:
+    num_steps: SGD steps (0 = off).
+    learning_rate: SGD learning rate, > 0.
+    momentum: SGD momentum in [0, 1) (0 = plain SGD).
+    batch_size: examples per step.
+  """
+  num_steps: int = 0
+  learning_rate: float = 0.01
+  momentum: float = 0.9
+  batch_size: int = 128
+
+
+def _check_finetune(config: FineTune) -> None:
+  if int(config.num_steps) != config.num_steps or config.num_steps < 0:
+    raise ValueError(f'FineTune.num_steps must be an integer >= 0, got {config.num_steps!r}')
+  if not config.learning_rate > 0:
+    raise ValueError(f'FineTune.learning_rate must be > 0, got {config.learning_rate!r}')
+  if not 0.0 <= config.momentum < 1.0:
+    raise ValueError(f'FineTune.momentum must be in [0, 1), got {config.momentum!r}')
+  if int(config.batch_size) != config.batch_size or config.batch_size < 1:
+    raise ValueError(f'FineTune.batch_size must be an integer >= 1, got {config.batch_size!r}')
+
+
+def finetune(apply_fn: Callable, params: Params, batch_stats: BatchStats, x: jax.Array,
+             y: jax.Array, key: PRNGKey, config: FineTune, *,
+             loss_fn: Callable = softmax_cross_entropy,
+             train_transform: Optional[Callable] = None) -> tuple[Params, BatchStats]:
+  """`config.num_steps` SGD steps on (x, y) [N, ...], [N]: the library's local training
+  (`federated.make_local_train`: batches from reshuffled epochs, BatchNorm statistics
+  updated in train mode) of one client holding the data.
+
+  Used on the finalised network (`finalize`: every kept gate fixed at 1, the rest
+  removed), whose weights were trained under stochastic gates.
+
+  Args:
+    apply_fn: the (ungated) model's apply.
+    params, batch_stats: the model.
+    x, y: training inputs [N, ...] and integer labels [N].
+    key: PRNG key (batch order, augmentation).
+    config: steps, learning rate, momentum, batch size (`FineTune`).
+    loss_fn: per-example loss `(logits [B, K], y [B]) -> [B]`.
+    train_transform: per-batch augmentation `(x, key) -> x`.
+
+  Returns:
+    (params, batch_stats); the inputs themselves when `config.num_steps` is 0.
+  """
+  _check_finetune(config)
+  if config.num_steps == 0:
+    return params, batch_stats
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+    raise ValueError(f'finetune needs as many labels as inputs (> 0), got x {x.shape} and '
+                     f'y {y.shape}')
+  optimizer = optax.sgd(config.learning_rate, momentum=config.momentum or None)
+  schedule = LocalSchedule(batch_size=min(int(config.batch_size), x.shape[0]),
+                           num_steps=int(config.num_steps))
+  local_train = federated.make_local_train(apply_fn, optimizer, schedule, loss_fn=loss_fn,
+                                           train_transform=train_transform)
+  data = ClientData(x, y, jnp.asarray(x.shape[0], jnp.int32))
+  state, _ = jax.jit(local_train)(params, batch_stats, data, key)
+  return state.params, state.batch_stats
+
+
 def gated_apply(apply_fn: Callable) -> Callable:
   """`apply_fn` taking `(params, gates)` as its params, so that one compiled evaluation
   serves every gate value."""
@@ -873,6 +1038,10 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
                 theta_optimizer: optax.GradientTransformation, schedule: federated.LocalSchedule,
                 options: Options, weights: CostWeights, rebuild_every: int, num_rounds: int,
                 recalibration_x: Optional[jax.Array] = None,
+                recalibrate_after_rebuild: bool = False, recalibration_steps: int = 100,
+                fine_tune: FineTune = FineTune(),
+                finetune_data: Optional[tuple[jax.Array, jax.Array]] = None,
+                train_transform: Optional[Callable] = None,
                 log: Callable[[str], None] = federated.no_log) -> federated.Method:
   """Complexity-aware training end to end: the joint (W, theta) rounds, a physical rebuild
   without the pruned units/blocks every `rebuild_every` rounds, and the deterministic
@@ -891,7 +1060,21 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
       statistics are re-estimated on them before it is evaluated
       (`recalibrate_batch_stats`; the summary keeps `eval_before_bn_recalibration`). In the
       federated mode this pooled sample stands for statistics the clients would compute.
+    recalibrate_after_rebuild: also re-estimate the server's statistics on
+      `recalibration_x` at every rebuild point (every `rebuild_every` rounds, whether or
+      not it removed something), for the deterministic network the evaluation runs
+      (θ >= final_threshold on); the next round trains from them.
+    recalibration_steps: forward passes of each recalibration (`recalibrate_batch_stats`).
+    fine_tune: an optional fine-tune of the finalised network (`FineTune`, `finetune`)
+      on `finetune_data` = (x [N, ...], y [N]) before its final recalibration and
+      evaluation (the summary keeps `eval_before_finetune` and `finetune_steps`); its
+      key is `fold_in(key, num_rounds)`. Extra training steps: a comparison must count them.
+    train_transform: per-batch augmentation `(x, key) -> x` of the rounds and the fine-tune.
     log: receives one line per rebuild that removes something.
+
+  Raises:
+    ValueError: recalibrate_after_rebuild without recalibration_x, a fine-tune without
+      finetune_data, or a bad `fine_tune`/`recalibration_steps`.
 
   Returns:
     The `Method`. Records: the current model's `params` and `flops`; evaluation uses the
@@ -899,12 +1082,21 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
     network's size and evaluation (`gated_eval_before_finalize` keeps the gated one),
     gate statistics, widths and the rebuild history.
   """
+  _check_finetune(fine_tune)
+  if recalibrate_after_rebuild and recalibration_x is None:
+    raise ValueError("recalibrate_after_rebuild=True needs recalibration_x (training inputs)")
+  if fine_tune.num_steps and finetune_data is None:
+    raise ValueError(f"fine_tune.num_steps={fine_tune.num_steps} needs finetune_data=(x, y)")
+  if int(recalibration_steps) != recalibration_steps or recalibration_steps < 1:
+    raise ValueError(f"recalibration_steps must be an integer >= 1, got {recalibration_steps!r}")
   reference = (accounting.flops(spec), accounting.param_count(spec))
   original_spec = spec
+  recalibrate = lambda apply_fn, params, stats, **kw: recalibrate_batch_stats(
+      apply_fn, params, stats, recalibration_x, num_steps=recalibration_steps, **kw)
 
   def algorithm(spec):
     return cavp(model.apply_for(spec), weight_optimizer, theta_optimizer, schedule, options,
-                spec=spec, weights=weights, reference=reference)
+                train_transform=train_transform, spec=spec, weights=weights, reference=reference)
 
   def init():
     server = algorithm(spec).init(params, key, batch_stats)
@@ -916,6 +1108,10 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
       return state
     new_spec, server, report = rebuild(state.spec, state.server, weights, options,
                                        reference=reference)
+    if recalibrate_after_rebuild:  # the statistics of the network the evaluation runs
+      gates = deterministic_gates(server.theta, server.alive, options.final_threshold)
+      server = server._replace(batch_stats=recalibrate(
+          model.apply_for(new_spec), server.params, server.batch_stats, gates=gates))
     state = state._replace(server=server)
     if new_spec == state.spec:
       return state
@@ -926,9 +1122,13 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
                                           "blocks_removed": list(report.blocks_removed)}]
     return state._replace(spec=new_spec, host={**state.host, "rebuilds": rebuilds})
 
+  sizes = {}  # spec -> (params, FLOPs): the spec changes only at rebuilds
+
   def record(before, after, round_idx, metrics):
     del before, round_idx, metrics
-    return {"params": accounting.param_count(after.spec), "flops": accounting.flops(after.spec)}
+    if after.spec not in sizes:
+      sizes[after.spec] = (accounting.param_count(after.spec), accounting.flops(after.spec))
+    return dict(zip(("params", "flops"), sizes[after.spec]))
 
   def evaluator(spec):
     evaluate = model.evaluate_with(gated_apply(model.apply_for(spec)))
@@ -956,13 +1156,20 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
     final_gates = jax.device_get(gate_stats(state.server.theta, state.server.alive, options))
     final_spec, final_params, final_stats, _ = finalize(state.spec, state.server, options)
     final_apply = model.apply_for(final_spec)
+    evaluate = model.evaluate_with(final_apply)
     recalibrated = {}
     if recalibration_x is not None:  # BN statistics of the deterministic network
-      recalibrated = {"eval_before_bn_recalibration":
-                      model.evaluate_with(final_apply)(final_params, final_stats)}
-      final_stats = recalibrate_batch_stats(final_apply, final_params, final_stats,
-                                            recalibration_x)
-    final_eval = model.evaluate_with(final_apply)(final_params, final_stats)
+      recalibrated = {"eval_before_bn_recalibration": evaluate(final_params, final_stats)}
+      final_stats = recalibrate(final_apply, final_params, final_stats)
+    if fine_tune.num_steps:
+      recalibrated.update(eval_before_finetune=evaluate(final_params, final_stats),
+                          finetune_steps=int(fine_tune.num_steps))
+      final_params, final_stats = finetune(
+          final_apply, final_params, final_stats, *finetune_data,
+          jax.random.fold_in(key, num_rounds), fine_tune, train_transform=train_transform)
+      if recalibration_x is not None:  # the fine-tune moved the weights
+        final_stats = recalibrate(final_apply, final_params, final_stats)
+    final_eval = evaluate(final_params, final_stats)
     count, final_flops = accounting.param_count(final_spec), accounting.flops(final_spec)
     return {
         "structures": options.structures,

@@ -1,7 +1,9 @@
 """CAVP's θ updates on outcome (issue 26): with frozen weights on a task built so that one
 unit carries the label and the other nothing, projected SGD on θ raises the useful unit's
 keep-probability with λ = 0 (and with a small λ), sends the useless one to 0 under a moderate
-λ, and the gates end in {0, 1}. A sign error in the loss part of an estimator fails these."""
+λ, and the gates end in {0, 1}. A sign error in the loss part of an estimator fails these.
+Also: Adam on θ with its state kept across rounds is one Adam run (not a restart per round),
+and θ frozen at 1 (the sweeps' dense baseline) stays exactly 1."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +85,90 @@ def test_bn_recalibration_gives_the_statistics_of_the_network_it_runs():
   np.testing.assert_allclose(new["bn_0"]["var"], flat.var(0), rtol=1e-2)
   assert not np.allclose(np.asarray(stats["bn_0"]["mean"]), flat.mean(0))  # it did change them
   assert cavp.recalibrate_batch_stats(apply_fn, params, {}, x) == {}
+
+
+def _recording(inner, capacity):
+  """`inner` whose state also records each step's θ-gradient and the θ it was taken at
+  (buffers [capacity, *gate shape]), so that a test can replay the steps."""
+
+  def init(theta):
+    zeros = lambda t: jnp.zeros((capacity,) + t.shape, t.dtype)
+    return (inner.init(theta), jax.tree.map(zeros, theta), jax.tree.map(zeros, theta),
+            jnp.zeros((), jnp.int32))
+
+  def update(grads, state, params):
+    inner_state, grads_buf, theta_buf, i = state
+    grads_buf = jax.tree.map(lambda b, g: b.at[i].set(g), grads_buf, grads)
+    theta_buf = jax.tree.map(lambda b, t: b.at[i].set(t), theta_buf, params)
+    updates, inner_state = inner.update(grads, inner_state, params)
+    return updates, (inner_state, grads_buf, theta_buf, i + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
+def test_persistent_adam_on_theta_continues_across_rounds():
+  """Issue 26: with `persist_theta_optimizer` the θ optimizer's state lives in the server
+  state, so two rounds of S steps are S * 2 steps of ONE optax.adam run (replayed here from
+  the recorded gradients), and round 2's first step is not Adam's restart step lr * sign(g);
+  without it, round 2 restarts: its first step is exactly that sign step."""
+  spec, apply_fn, params, stats, data = _task()
+  lr, steps, rounds = 0.05, 3, 2
+  schedule = federated.LocalSchedule(batch_size=32, num_steps=steps)
+  adam = optax.adam(lr)
+  options = cavp.Options(structures="units", theta_init=0.5, prune_threshold=0.0,
+                         persist_theta_optimizer=True)
+  lam = {"conv_0": jnp.full(2, 0.02, jnp.float32)}
+  alg = cavp.cavp(apply_fn, optax.sgd(0.0), _recording(adam, steps * rounds), schedule, options,
+                  uniform_weights=True, spec=spec)
+  state = alg.init(params, jax.random.key(0), stats, lam=lam)
+  clients = data_lib.ClientData(data.x[None], data.y[None], data.num_examples[None])
+  round_fn = jax.jit(federated.make_round(alg))
+  for r in range(rounds):
+    state, _ = round_fn(state, clients, federated.make_cohort([0]), jax.random.key(10 + r))
+  inner_state, grads_buf, theta_buf, count = state.theta_opt
+  assert int(count) == steps * rounds  # one optimizer over both rounds
+  g, seen = np.asarray(grads_buf["conv_0"]), np.asarray(theta_buf["conv_0"])
+
+  # Reference: one optax.adam over the recorded gradients, projected after every step.
+  alive = {"conv_0": jnp.ones(2, bool)}
+  theta = {"conv_0": jnp.full(2, 0.5, jnp.float32)}
+  ref_state = adam.init(theta)
+  for k in range(steps * rounds):
+    np.testing.assert_allclose(seen[k], theta["conv_0"], rtol=1e-6, atol=1e-7)
+    updates, ref_state = adam.update({"conv_0": jnp.asarray(g[k])}, ref_state, theta)
+    theta = cavp.project(optax.apply_updates(theta, updates), alive, options)
+  np.testing.assert_allclose(state.theta["conv_0"], theta["conv_0"], rtol=1e-6, atol=1e-7)
+  for got, want in zip(jax.tree.leaves(inner_state), jax.tree.leaves(ref_state)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+  # Unit 0 (the useful one) sees a varying gradient: round 2's first step is Adam's
+  # m/sqrt(v) step, far from the restarted optimizer's sign step.
+  sign_step = np.clip(seen[steps] - lr * np.sign(g[steps]), 0.0, 1.0)
+  assert np.ptp(g[:steps + 1, 0]) > 0.1 * np.abs(g[:steps + 1, 0]).max(), g  # it varies
+  assert abs(seen[steps + 1][0] - sign_step[0]) > 0.1 * lr, (seen, g)
+
+  # Without persistence: round 2 (from round 1's θ) restarts Adam, and its first step is
+  # lr * sign(g) up to Adam's eps.
+  local = cavp.make_local_train(apply_fn, optax.sgd(0.0), _recording(adam, steps), schedule,
+                                options)
+  out, _ = jax.jit(local)(params, stats, {"conv_0": jnp.asarray(seen[steps])}, alive, lam,
+                          jnp.float32(jnp.nan), data, jax.random.key(3))
+  _, g2, t2, _ = out.theta_opt
+  g2, t2 = np.asarray(g2["conv_0"]), np.asarray(t2["conv_0"])
+  np.testing.assert_allclose(t2[1], np.clip(t2[0] - lr * np.sign(g2[0]), 0.0, 1.0), atol=1e-6)
+
+
+def test_theta_frozen_at_one_stays_one():
+  """The sweeps' dense baseline (theta_init=1, θ learning rate 0): every gate stays exactly 1,
+  so every sampled gate is 1 and the finalised network is the whole model."""
+  spec, apply_fn, params, stats, data = _task()
+  options = cavp.Options(structures="units", theta_init=1.0)
+  local = cavp.make_local_train(apply_fn, optax.sgd(0.1), optax.sgd(0.0),
+                                federated.LocalSchedule(batch_size=32, num_steps=5), options)
+  theta = cavp.init_theta(spec, options)
+  alive = jax.tree.map(lambda t: jnp.ones(t.shape, bool), theta)
+  lam = jax.tree.map(lambda t: jnp.full(t.shape, 5.0, jnp.float32), theta)  # no effect at lr 0
+  out, _ = jax.jit(local)(params, stats, theta, alive, lam, jnp.float32(jnp.nan), data,
+                          jax.random.key(0))
+  np.testing.assert_array_equal(out.theta["conv_0"], [1.0, 1.0])
+  assert not np.array_equal(out.params["conv_0"]["kernel"], params["conv_0"]["kernel"])
