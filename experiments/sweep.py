@@ -8,9 +8,11 @@ one run: the base config (with the command-line overrides) plus these overrides.
 Each run goes to `<workdir>/<name>`, the name made from its overrides
 (e.g. `client.learning_rate=0.05`). Re-running the command skips finished runs
 (`summary.json` present), resumes interrupted ones from their latest checkpoint
-and starts the rest. Every run is validated before the first one starts. At the
-end a summary table is printed and written to `sweep_summary.json` and
-`sweep_summary.md` in `<workdir>`.
+and starts the rest. Raising `c.rounds` (or `--config.rounds`) and re-running the sweep
+extends every run, finished or not, to the new rounds where its method allows it
+(`train.check_extension`; bit-identical to a run that had them from the start). Every
+run is validated before the first one starts. At the end a summary table is printed
+and written to `sweep_summary.json` and `sweep_summary.md` in `<workdir>`.
 """
 from __future__ import annotations
 
@@ -114,17 +116,24 @@ def expand(config, sweep_fn: Callable | None) -> list[Run]:
 
 
 def run_status(run: Run, workdir: str) -> str:
-  """'done' (summary.json of this config), 'resume' (checkpoints of this config) or 'new';
+  """'done' (summary.json of this config), 'resume' (checkpoints of this config, or a run
+  of this config with fewer rounds that its driver lets `train` extend) or 'new';
   "this config" ignores the fields that do not change results (`train.config_differences`)."""
   config_path = os.path.join(workdir, "config.json")
   same = False
   if os.path.exists(config_path):
     with open(config_path) as f:
       try:
-        # As train does: result-neutral fields (progress, eval cadence, ...) may differ.
-        same = not train.config_differences(json.load(f), run.config)
+        saved = json.load(f)
       except json.JSONDecodeError:
-        same = False
+        saved = None
+    if isinstance(saved, dict):
+      # As train does: result-neutral fields (progress, eval cadence, ...) may differ.
+      same = not train.config_differences(saved, run.config)
+      old_rounds = None if same else train.rounds_only_difference(saved, run.config)
+      if (old_rounds is not None and old_rounds < run.config.rounds
+          and run.config.get("checkpoint_every", 0) and train.extension_refusal(run.config) is None):
+        return "resume"  # train extends it (or names why this workdir cannot be extended)
   if not same:
     return "new"  # train refuses a workdir holding another config; that error is reported
   if os.path.exists(os.path.join(workdir, "summary.json")):

@@ -22,6 +22,13 @@ without a checkpoint (a run killed before its first save, or never started) star
 from round 0, so a restart loop may always pass resume=True. Fields that do not
 change results (`workdir.RESULT_NEUTRAL_FIELDS`: progress, tensorboard, eval and
 checkpoint cadence) may differ on resume; any other difference is refused, named.
+
+A resume with a larger `config.rounds` (and no other such difference) extends the run,
+finished or not, to the new rounds, bit-identical to a run that had them from the start,
+where the method's driver says nothing in its rounds depends on `config.rounds`
+(`extension_refusal`) and a finished run's latest checkpoint is after its final round. The
+kept records of rounds 1..old lose the evaluation that ran only because round old was the
+last (`workdir.without_evaluation`); summary.json is removed, config.json rewritten.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import jax.numpy as jnp
 
 from experiments import build, methods, runtime
 from experiments import workdir as workdir_lib
+from fedjax_prune import _files
 from fedjax_prune import checkpoint as checkpoint_lib
 from fedjax_prune import federated, performance, structured
 
@@ -105,7 +113,8 @@ def check_workdir(config, workdir: str, overwrite: bool, resume: bool = False, *
   of the same config restarts a finished run (summary.json present) but refuses an
   unfinished one that has checkpoints unless overwrite (pass resume=True to continue
   it); a workdir holding a different config is refused unless overwrite, naming the
-  fields (those in `workdir.RESULT_NEUTRAL_FIELDS` may differ).
+  fields (those in `workdir.RESULT_NEUTRAL_FIELDS` may differ), except that resume=True
+  extends a run to a larger `config.rounds` where `check_extension` allows it.
 
   Args:
     holding_lock: the caller holds the workdir's lock (`workdir.lock`): skip that check.
@@ -114,6 +123,12 @@ def check_workdir(config, workdir: str, overwrite: bool, resume: bool = False, *
     Whether the run continues from a checkpoint (resume=True and the workdir holds
     one); resume=True without one starts from round 0.
   """
+  return _check_workdir(config, workdir, overwrite, resume, holding_lock=holding_lock)[0]
+
+
+def _check_workdir(config, workdir: str, overwrite: bool, resume: bool, *,
+                   holding_lock: bool) -> tuple[bool, int | None]:
+  """`check_workdir`, plus the rounds of the run this one extends (None if it extends none)."""
   if resume and overwrite:
     raise ValueError("resume=True and overwrite=True exclude each other: resume continues the run "
                      "in the workdir, overwrite deletes it")
@@ -126,6 +141,7 @@ def check_workdir(config, workdir: str, overwrite: bool, resume: bool = False, *
     workdir_lib.check_not_locked(workdir)
   checkpoints = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
   has_checkpoints = bool(checkpoints.steps())
+  extends = None
   if not overwrite:
     saved = _saved_config(workdir, checkpoints)
     if saved is None:
@@ -133,17 +149,89 @@ def check_workdir(config, workdir: str, overwrite: bool, resume: bool = False, *
                             "choose another workdir or pass --overwrite to replace the run")
     if saved is not False:
       differences = config_differences(saved, config)
-      if differences:
+      old_rounds = rounds_only_difference(saved, config)
+      if differences and resume and old_rounds is not None:
+        check_extension(config, workdir, old_rounds, checkpoints)
+        extends = old_rounds
+      elif differences:
         more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+        hint = ""
+        if old_rounds is not None and old_rounds < config.rounds:
+          reason = extension_refusal(config)
+          hint = (f"it cannot be extended to config.rounds={config.rounds} ({reason}); " if reason
+                  else f"pass --resume to extend it to config.rounds={config.rounds}, or ")
         raise FileExistsError(
             f"workdir {workdir!r} holds a run with a different config "
-            f"({'; '.join(differences[:3])}{more}); choose another workdir, rerun with the "
+            f"({'; '.join(differences[:3])}{more}); {hint}choose another workdir, rerun with the "
             "workdir's values, or pass --overwrite to replace that run")
   finished = os.path.exists(os.path.join(workdir, "summary.json"))
   if not resume and has_checkpoints and not overwrite and not finished:
     raise FileExistsError(f"workdir {workdir!r} holds checkpoints of an unfinished run with this "
                           "config; pass --resume to continue it or --overwrite to start over")
-  return resume and has_checkpoints
+  return resume and has_checkpoints, extends
+
+
+def extension_refusal(config) -> str | None:
+  """Why a run of `config` cannot be extended from fewer rounds (None when it can): its
+  driver's `extendable(config)` (`experiments/methods/`); a driver without one cannot."""
+  method = config.get("method", "fedavg")
+  driver = methods.DRIVERS.get(method)
+  if driver is None:
+    return f"config.method={method!r} has no driver"
+  extendable = getattr(driver, "extendable", None)
+  if extendable is None:
+    return (f"the {method!r} driver ({driver.__name__.replace('.', '/')}.py) does not say that its "
+            "rounds are independent of config.rounds (it defines no extendable(config))")
+  return extendable(config)
+
+
+def rounds_only_difference(saved: dict, config) -> int | None:
+  """The rounds of the `saved` config.json when `config` differs from it only in
+  `config.rounds` (result-neutral fields aside), else None."""
+  now = json.loads(config.to_json_best_effort())
+  return workdir_lib.rounds_only_difference(saved, now, {"method": "fedavg", **_RUN_FIELDS})
+
+
+def check_extension(config, workdir: str, old_rounds: int,
+                    checkpoints: checkpoint_lib.Checkpointer) -> None:
+  """Raises WorkdirError (naming the field and the reason) unless the run of `old_rounds`
+  rounds in `workdir` can be extended to `config.rounds`; reads only.
+
+  It can when config.rounds is larger, the driver allows it (`extension_refusal`) and,
+  for a finished run, the latest checkpoint is after its final round (an unfinished one
+  resumes from its latest checkpoint, or starts over without one). Rounds 1..old of the
+  longer run are then the same as the shorter run's.
+  """
+  where = (f"cannot extend the run in workdir {workdir!r} from config.rounds={old_rounds} to "
+           f"{config.rounds}")
+  fix = (f"rerun with config.rounds={old_rounds}, choose another workdir, or pass --overwrite to "
+         "start over")
+  if config.rounds < old_rounds:
+    raise workdir_lib.WorkdirError(
+        f"cannot resume the run in workdir {workdir!r} with config.rounds={config.rounds}: it "
+        f"is a run of config.rounds={old_rounds}, and a resume may only extend a run (a larger "
+        f"config.rounds), never shorten it; {fix}")
+  reason = extension_refusal(config)
+  if reason:
+    raise workdir_lib.WorkdirError(f"{where}: {reason}; {fix}")
+  steps = checkpoints.steps()
+  latest = max(steps) if steps else None
+  if latest is not None and latest > old_rounds:
+    raise workdir_lib.WorkdirError(f"{where}: its latest checkpoint is after round {latest}, past "
+                                   f"the run's {old_rounds} rounds; {fix}")
+  if os.path.exists(os.path.join(workdir, "summary.json")) and latest != old_rounds:
+    have = (f"its latest checkpoint is after round {latest}" if latest is not None
+            else "it keeps no checkpoint")
+    raise workdir_lib.WorkdirError(
+        f"{where}: the run finished, but {have}, not after its final round {old_rounds} (the "
+        f"state to continue from); {fix}")
+  if latest == old_rounds:
+    path = os.path.join(workdir, "metrics.jsonl")
+    kept, bad_line = workdir_lib.metrics_up_to(path, old_rounds)
+    if bad_line is None and (not kept or json.loads(kept[-1])["round"] != old_rounds):
+      raise workdir_lib.WorkdirError(
+          f"{where}: {path!r} holds no record of round {old_rounds}, the checkpoint's last "
+          f"round (it would be missing from the extended run's records); {fix}")
 
 
 def config_differences(saved: dict, config) -> list[str]:
@@ -151,6 +239,28 @@ def config_differences(saved: dict, config) -> list[str]:
   result-neutral run fields aside, absent fields as their defaults), one line each."""
   now = json.loads(config.to_json_best_effort())
   return workdir_lib.config_differences(saved, now, {"method": "fedavg", **_RUN_FIELDS})
+
+
+def _start_extension(config, workdir: str, old_rounds: int, from_checkpoint: bool) -> None:
+  """Turns the run of `old_rounds` rounds into the first rounds of a `config.rounds` run,
+  before config.json says so: removes its summary (a kill from here on leaves an unfinished
+  run) and, when it continues from the checkpoint after round `old_rounds`, drops that
+  round's evaluation from its record unless `config` evaluates that round too (the
+  evaluation is a function of the checkpointed state: the same values)."""
+  summary = os.path.join(workdir, "summary.json")
+  if os.path.exists(summary):
+    os.remove(summary)
+  checkpoints = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
+  if not from_checkpoint or max(checkpoints.steps()) != old_rounds:
+    return  # an unfinished run resumed from an earlier round: its records are those of any resume
+  if runtime.is_eval_round(config, old_rounds - 1):
+    return
+  path = os.path.join(workdir, "metrics.jsonl")
+  kept, bad_line = workdir_lib.metrics_up_to(path, old_rounds, drop_last_evaluation=True)
+  if bad_line is not None:  # train_and_evaluate refuses this before locking the workdir
+    raise workdir_lib.WorkdirError(f"line {bad_line} of {path!r} is not a metrics record; the "
+                                   f"records of rounds 1-{old_rounds} must be kept")
+  _files.write_atomic(path, lambda f: f.writelines(kept))
 
 
 def prepare_workdir(config, workdir: str, overwrite: bool, resume: bool = False) -> None:
@@ -162,12 +272,14 @@ def prepare_workdir(config, workdir: str, overwrite: bool, resume: bool = False)
   checkpoint); any other run clears the workdir's old metrics and summary (and the
   checkpoints of a finished, overwritten or checkpoint-less resumed run).
   """
-  from_checkpoint = check_workdir(config, workdir, overwrite, resume, holding_lock=True)
+  from_checkpoint, extends = _check_workdir(config, workdir, overwrite, resume, holding_lock=True)
   config_json = json.loads(config.to_json_best_effort())
   path = os.path.join(workdir, "config.json")
   finished = os.path.exists(os.path.join(workdir, "summary.json"))
   try:
     os.makedirs(workdir, exist_ok=True)
+    if extends is not None:
+      _start_extension(config, workdir, extends, from_checkpoint)
     runtime.write_json_atomic(path, config_json)
   except OSError as e:
     raise OSError(e.errno, f"cannot write to workdir {workdir!r}: {e.strerror or e}") from e
@@ -407,6 +519,8 @@ def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None =
       train_root=jax.random.key(config.seeds.training), init_key=jax.random.key(config.seeds.init),
       rounds=range(start_round, config.rounds), compile_round=compile_round)
   for round_idx, state, record in rounds:
+    # Evaluation's fields go last: extending a run drops them from its last record
+    # (`workdir.without_evaluation` relies on this order).
     record.update(round=round_idx + 1, wall_time=time.perf_counter() - clock_start)
     if epsilons is not None:
       record["dp_epsilon"] = epsilons[round_idx]

@@ -1,5 +1,9 @@
 """A run's workdir: its lock, what a resume may change, which metrics records survive a resume.
 
+A resume may also extend a run to a larger `config.rounds` (`train.check_workdir`): the
+records of its rounds are kept, the last one without the evaluation that ran only
+because it was the last round (`without_evaluation`).
+
 Everything here reads, except `lock`, which `train.train_and_evaluate` takes only
 after every check that can refuse the run has passed.
 """
@@ -208,11 +212,41 @@ def config_differences(saved: dict, now: dict, defaults: dict[str, Any]) -> list
 # -- metrics records on resume -------------------------------------------------------------
 
 
-def metrics_up_to(path: str, num_rounds: int) -> tuple[list[str], int | None]:
+def rounds_only_difference(saved: dict, now: dict, defaults: dict[str, Any]) -> int | None:
+  """The saved config's `rounds` when it is the one result-changing field in which `now`
+  differs from `saved` (see `config_differences`), else None."""
+  rounds = saved.get("rounds")
+  if (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds == now.get("rounds")
+      or config_differences({**saved, "rounds": now.get("rounds")}, now, defaults)):
+    return None
+  return rounds
+
+
+# `train.run_method` writes a record's fields in this order: the round's own (training
+# metrics, the method's record), then `round`, `wall_time` and (config.privacy)
+# `dp_epsilon`, then, on evaluation rounds, the evaluation's. So everything after the last
+# of these is evaluation.
+_BEFORE_EVALUATION = ("wall_time", "dp_epsilon")
+
+
+def without_evaluation(record: dict) -> dict:
+  """`record` (a metrics record, fields in the order written) without its evaluation's
+  fields. Raises ValueError for a record without `wall_time`."""
+  keys = list(record)
+  if "wall_time" not in record:
+    raise ValueError(f"metrics record of round {record.get('round')!r} has no 'wall_time'")
+  end = max(keys.index(k) for k in _BEFORE_EVALUATION if k in record) + 1
+  return {k: record[k] for k in keys[:end]}
+
+
+def metrics_up_to(path: str, num_rounds: int, *, drop_last_evaluation: bool = False
+                  ) -> tuple[list[str], int | None]:
   """The lines of a metrics.jsonl to keep when a run resumes after round `num_rounds`.
 
   Keeps every record of rounds 1..num_rounds; drops what follows (records the resumed
-  run writes again, and a last line cut short by a kill).
+  run writes again, and a last line cut short by a kill). With `drop_last_evaluation`,
+  the record of round `num_rounds` loses its evaluation's fields (`without_evaluation`):
+  a run extended past its last round, which it evaluated only for being the last.
 
   Returns:
     (kept lines, each ending in a newline; the 1-based number of the first line that is
@@ -234,6 +268,8 @@ def metrics_up_to(path: str, num_rounds: int) -> tuple[list[str], int | None]:
       return kept, number
     if round_idx > num_rounds:
       break
+    if drop_last_evaluation and round_idx == num_rounds:
+      line = json.dumps(without_evaluation(record))
     kept.append(line if line.endswith("\n") else line + "\n")
     last_round = round_idx
   return kept, None

@@ -1,4 +1,5 @@
-"""Method experiment code: `config.method` -> module with `validate(config)` and `build(config, env) -> runtime.Run`.
+"""Method experiment code: `config.method` -> module with `validate(config)` and `build(config, env) -> runtime.Run`
+(and, where its runs can be extended to more rounds, `extendable(config) -> None | reason`: `train.check_extension`).
 
 A plain dict (no global registration): add a line here when a method lands.
 """

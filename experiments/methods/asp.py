@@ -105,6 +105,14 @@ def validate(config) -> None:
         "config.asp.tails='lower' (or None) to keep the weights, or reinit_on_prune=True")
 
 
+def extendable(config) -> str | None:
+  """None: ASP's search (patience, `max_pruned_round`, `rounds_between_prunes`) and the L1
+  filter's `prune_round` are fixed rounds, FedAvg has no schedule: nothing depends on
+  config.rounds, so a run can be extended to more rounds (`train.check_extension`)."""
+  del config
+  return None
+
+
 def _check_kernel_init(config) -> None:
   kernel_init = _field(config, "asp.kernel_init", "default")
   if kernel_init not in KERNEL_INITS:

@@ -30,6 +30,14 @@ def validate(config) -> None:
                             f"[0, {config.rounds - 1}] (rounds before pruning)")
 
 
+def extendable(config) -> str | None:
+  """None: nothing in a round depends on config.rounds (the one-shot prune comes after the
+  fixed `prune_round`, the optimizers have no schedule, DP's epsilon after round r is r's),
+  so a run can be extended to more rounds (`train.check_extension`)."""
+  del config
+  return None
+
+
 # The records' size helpers, shared with the sparse baselines' experiment code.
 size_record, prunable_layers = one_shot.size_record, one_shot.prunable_layers
 

@@ -36,6 +36,12 @@ def validate(config) -> None:
   adjust_schedule(config)
 
 
+def extendable(config) -> str | None:
+  """None unless the adjustment schedule is scaled to config.rounds (adjust_every =
+  adjust_end = 0): with an explicit ΔT and T_end nothing depends on config.rounds."""
+  return sparse_driver.extendable(config)
+
+
 def adjust_schedule(config) -> tuple[int, int]:
   """FedTiny's (ΔT, T_end): `sparse.adjust_schedule`, a scaled one adjusting each block
   (config.sparse.num_blocks; 1 with 'all_layers') at least 3 times."""
