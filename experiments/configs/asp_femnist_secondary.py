@@ -6,7 +6,7 @@ Command (resumable; re-run it to continue, finished runs are skipped):
   python -m experiments.sweep --config experiments/configs/asp_femnist_secondary.py \
       --workdir workdir/asp_femnist_secondary
 
-Every cell uses the reduced setting of `asp_femnist_converged.py` (400 rounds, 5 local epochs,
+Every cell uses the reduced setting of `asp_femnist_converged.py` (600 rounds, 5 local epochs,
 batch 32, Adam 1e-3, glorot_uniform kernels, seed 0 for init, sampling and training, so the
 same starting weights and data order as that sweep's seed-0 runs):
   k sweep    FEMNIST CNN, faithful ASP (both tails, re-init), k in 1.5, 1.8, 2.0, 2.5 at 20
