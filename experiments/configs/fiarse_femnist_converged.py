@@ -24,15 +24,11 @@ unweighted average), fiarse_masked, fiarse_tcb, heterofl, fedrolex. ScaleFL is n
 depth levels need a model with stages and early exits (the ResNets), which the LEAF CNN is not.
 Run the dense rows first and check convergence (REPRODUCE.md) before reading the others.
 """
-from experiments.configs import fedavg_femnist, fiarse_cifar10
+from experiments.configs import fedavg_femnist, fiarse_cifar10, fiarse_cifar10_converged
 
-VARIANTS = {
-    "dense": {"method": "heterofl", "hetero.capacities": (1.0,)},
-    "fiarse_masked": {"method": "fiarse", "hetero.fiarse_grad": "masked"},
-    "fiarse_tcb": {"method": "fiarse", "hetero.fiarse_grad": "tcb"},
-    "heterofl": {"method": "heterofl"},
-    "fedrolex": {"method": "fedrolex"},
-}
+# The CIFAR sweep's variants but ScaleFL (its depth levels need a ResNet's stages and exits).
+VARIANTS = {name: fields for name, fields in fiarse_cifar10_converged.VARIANTS.items()
+            if name != "scalefl"}
 
 
 def get_config(arg: str | None = None):

@@ -16,6 +16,7 @@ from experiments import build, train
 from experiments.configs import compress_tiny, dp_tiny, fedavg_tiny, robust_tiny
 from fedjax_prune import checkpoint, federated, testing
 from fedjax_prune.pruning import base
+from tests.federated.test_attacks import _family_configs  # one method of each family
 from tests.federated.test_robust import random_stack
 
 SCHEDULE = federated.LocalSchedule(batch_size=4, num_epochs=1)
@@ -393,18 +394,6 @@ def test_stateless_dp_and_compression_validate_for_every_family():
     dp_tiny.add_privacy(config)
     compress_tiny.add_compression(config, error_feedback=False)
     build.validate(config)
-
-
-def _family_configs():
-  from tests import test_method_contract as contract
-  return {
-      "structured/asp": lambda: contract.asp_config("asp"),
-      "sparse/fedtiny": lambda: contract.sparse_config("fedtiny"),
-      "sparse/feddst": lambda: contract.sparse_config("sparse", "feddst"),
-      "submodel/heterofl": lambda: contract.hetero_config("heterofl"),
-      "submodel/fiarse": lambda: contract.hetero_config("fiarse"),
-      "gated/cavp": lambda: contract.cavp_config("federated"),
-  }
 
 
 @pytest.mark.slow
