@@ -68,6 +68,37 @@ def _path_keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
+def keep_entry_indices(name: str, leaf: Any, width: int, group: str, *,
+                       allow_empty: bool = False, caller: str = 'shrink') -> np.ndarray:
+  """One `keep` entry as sorted kept indices: a bool [width] vector or an int index vector
+  (an empty vector only when `allow_empty`: the whole group removed).
+
+  Raises:
+    ValueError naming the entry: traced (surgery runs on the host), a bool vector of another
+    length, indices outside [0, width) or repeated, or another dtype/shape.
+  """
+  try:
+    arr = np.asarray(leaf)
+  except jax.errors.TracerArrayConversionError:
+    raise ValueError(f'keep[{name!r}] is traced; {caller} runs on the host, outside jit') from None
+  if arr.dtype == bool:
+    if arr.shape != (width,):
+      raise ValueError(f'keep[{name!r}] is a bool vector of shape {arr.shape}, expected '
+                       f'({width},) (the width of group {group!r})')
+    return np.flatnonzero(arr)
+  if np.issubdtype(arr.dtype, np.integer) and arr.ndim == 1:
+    idx = np.sort(arr.astype(np.int64))
+    if idx.size and (idx[0] < 0 or idx[-1] >= width):
+      raise ValueError(f'keep[{name!r}] has indices outside [0, {width})')
+    if np.unique(idx).size != idx.size:
+      raise ValueError(f'keep[{name!r}] repeats an index')
+    return idx
+  if allow_empty and arr.size == 0 and arr.ndim == 1:
+    return np.zeros((0,), np.int64)  # an empty list: remove the whole group
+  raise ValueError(f'keep[{name!r}] must be a bool [width] or int index vector, got '
+                   f'dtype {arr.dtype} shape {arr.shape}')
+
+
 def keep_indices(spec, keep: Keep) -> dict[str, np.ndarray]:
   """Validated kept channel indices (sorted int arrays) for every group of `spec`.
 
@@ -88,24 +119,7 @@ def keep_indices(spec, keep: Keep) -> dict[str, np.ndarray]:
     if grp is None:
       raise ValueError(f'keep[{name!r}] names no prunable layer of {type(spec).__name__}; '
                        f'prunable: {sorted(by_producer)}')
-    try:
-      arr = np.asarray(leaf)
-    except jax.errors.TracerArrayConversionError:
-      raise ValueError(f'keep[{name!r}] is traced; shrink runs on the host, outside jit') from None
-    if arr.dtype == bool:
-      if arr.shape != (grp.width,):
-        raise ValueError(f'keep[{name!r}] is a bool vector of shape {arr.shape}, expected '
-                         f'({grp.width},) (the width of group {grp.name!r})')
-      idx = np.flatnonzero(arr)
-    elif np.issubdtype(arr.dtype, np.integer) and arr.ndim == 1:
-      idx = np.sort(arr.astype(np.int64))
-      if idx.size and (idx[0] < 0 or idx[-1] >= grp.width):
-        raise ValueError(f'keep[{name!r}] has indices outside [0, {grp.width})')
-      if np.unique(idx).size != idx.size:
-        raise ValueError(f'keep[{name!r}] repeats an index')
-    else:
-      raise ValueError(f'keep[{name!r}] must be a bool [width] or int index vector, got '
-                       f'dtype {arr.dtype} shape {arr.shape}')
+    idx = keep_entry_indices(name, leaf, grp.width, grp.name)
     if idx.size == 0:
       raise ValueError(f'keep[{name!r}] keeps no channel of group {grp.name!r}; keep at least one')
     if grp.name in chosen and not np.array_equal(chosen[grp.name][1], idx):

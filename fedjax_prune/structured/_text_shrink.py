@@ -83,27 +83,8 @@ def text_keep_indices(spec: models.TextSpec, keep: Any) -> dict[str, np.ndarray]
     if grp is None:
       raise ValueError(f'keep[{name!r}] names no prunable group of {type(spec).__name__}; '
                        f'groups: {sorted(by_name)}')
-    try:
-      arr = np.asarray(leaf)
-    except jax.errors.TracerArrayConversionError:
-      raise ValueError(f'keep[{name!r}] is traced; text_shrink runs on the host, outside jit'
-                       ) from None
-    if arr.dtype == bool:
-      if arr.shape != (grp.width,):
-        raise ValueError(f'keep[{name!r}] is a bool vector of shape {arr.shape}, expected '
-                         f'({grp.width},) (the width of group {name!r})')
-      idx = np.flatnonzero(arr)
-    elif np.issubdtype(arr.dtype, np.integer) and arr.ndim == 1:
-      idx = np.sort(arr.astype(np.int64))
-      if idx.size and (idx[0] < 0 or idx[-1] >= grp.width):
-        raise ValueError(f'keep[{name!r}] has indices outside [0, {grp.width})')
-      if np.unique(idx).size != idx.size:
-        raise ValueError(f'keep[{name!r}] repeats an index')
-    elif arr.size == 0 and arr.ndim == 1:
-      idx = np.zeros((0,), np.int64)  # an empty list: remove the whole group
-    else:
-      raise ValueError(f'keep[{name!r}] must be a bool [width] or int index vector, got '
-                       f'dtype {arr.dtype} shape {arr.shape}')
+    idx = _shrink.keep_entry_indices(name, leaf, grp.width, name, allow_empty=True,
+                                     caller='text_shrink')
     if idx.size == 0 and grp.kind == 'lstm_unit':
       raise ValueError(f'keep[{name!r}] keeps no unit of LSTM layer {name!r}; keep at least one')
     chosen[name] = idx
