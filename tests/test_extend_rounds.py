@@ -187,7 +187,7 @@ def test_sweep_status_of_a_run_with_fewer_rounds(tmp_path):
 # -- refusals: named, nothing written ------------------------------------------------------------
 
 
-def _refused(workdir, config, error, match, **kw):
+def _assert_refused(workdir, config, error, match, **kw):
   before = snapshot(workdir)
   with pytest.raises(error, match=match):
     train.train_and_evaluate(config, workdir, **kw)
@@ -195,7 +195,7 @@ def _refused(workdir, config, error, match, **kw):
 
 
 def test_a_smaller_rounds_is_refused(runs):
-  _refused(runs("fedavg", fedavg, OLD), fedavg(3), workdir_lib.WorkdirError,
+  _assert_refused(runs("fedavg", fedavg, OLD), fedavg(3), workdir_lib.WorkdirError,
            r"with config.rounds=3: it is a run of config.rounds=4, and a resume may only extend "
            r"a run .*never shorten it", resume=True)
 
@@ -203,13 +203,13 @@ def test_a_smaller_rounds_is_refused(runs):
 def test_another_changed_field_is_refused(runs):
   config = fedavg(NEW)
   config.client.learning_rate = 0.2
-  _refused(runs("fedavg", fedavg, OLD), config, FileExistsError,
+  _assert_refused(runs("fedavg", fedavg, OLD), config, FileExistsError,
            r"different config \(config.client.learning_rate: 0.1 in the workdir, 0.2 now; "
            r"config.rounds: 4 in the workdir, 6 now\)", resume=True)
 
 
 def test_without_resume_a_larger_rounds_is_refused_as_before(runs):
-  _refused(runs("fedavg", fedavg, OLD), fedavg(NEW), FileExistsError,
+  _assert_refused(runs("fedavg", fedavg, OLD), fedavg(NEW), FileExistsError,
            r"different config \(config.rounds: 4 in the workdir, 6 now\); pass --resume to "
            r"extend it to config.rounds=6, or choose another workdir")
 
@@ -221,7 +221,7 @@ def test_a_schedule_scaled_to_the_rounds_is_not_extendable(tmp_path):
   workdir.mkdir()
   (workdir / "config.json").write_text(fedtiny(7, 0, 0).to_json_best_effort())
   (workdir / "summary.json").write_text("{}")
-  _refused(str(workdir), fedtiny(8, 0, 0), workdir_lib.WorkdirError,
+  _assert_refused(str(workdir), fedtiny(8, 0, 0), workdir_lib.WorkdirError,
            r"cannot extend the run in workdir .* from config.rounds=7 to 8: "
            r"config.sparse.adjust_every = adjust_end = 0 scale the adjustment schedule to "
            r"config.rounds", resume=True)
@@ -231,7 +231,7 @@ def test_a_driver_without_extendable_is_not_extendable(monkeypatch, runs):
   module = type(methods)("experiments.methods.nothing_said")
   module.validate = methods.DRIVERS["fedavg"].validate
   monkeypatch.setitem(methods.DRIVERS, "fedavg", module)
-  _refused(runs("fedavg", fedavg, OLD), fedavg(NEW), workdir_lib.WorkdirError,
+  _assert_refused(runs("fedavg", fedavg, OLD), fedavg(NEW), workdir_lib.WorkdirError,
            r"from config.rounds=4 to 6: the 'fedavg' driver \(experiments/methods/nothing_said.py\) "
            r"does not say that its rounds are independent of config.rounds", resume=True)
 
@@ -239,7 +239,7 @@ def test_a_driver_without_extendable_is_not_extendable(monkeypatch, runs):
 def test_a_finished_run_without_its_final_checkpoint_is_refused(runs, tmp_path):
   workdir = copy(runs("fedavg", fedavg, OLD), tmp_path)
   shutil.rmtree(os.path.join(workdir, train.CHECKPOINT_DIR, f"step_{OLD:08d}"))
-  _refused(workdir, fedavg(NEW), workdir_lib.WorkdirError,
+  _assert_refused(workdir, fedavg(NEW), workdir_lib.WorkdirError,
            r"from config.rounds=4 to 6: the run finished, but its latest checkpoint is after "
            r"round 3, not after its final round 4", resume=True)
 

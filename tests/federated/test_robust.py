@@ -127,7 +127,7 @@ def krum_np(updates, held, weights, active, f, m):
   return mean, selected
 
 
-def _close(got, want, rtol=1e-5, atol=1e-5):
+def _assert_close(got, want, rtol=1e-5, atol=1e-5):
   for k in want:
     np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=rtol, atol=atol, err_msg=k)
 
@@ -138,7 +138,7 @@ def test_median_matches_numpy(masked):
   fallback = {k: np.full(s, 7.0, np.float32) for k, s in SHAPES.items()}
   got, _ = aggregate(federated.coordinate_median(), updates, weights, present, active, fallback)
   held = holders_np(updates, present, weights, active)
-  _close(got, coordinatewise(median_np, updates, held, weights, fallback))
+  _assert_close(got, coordinatewise(median_np, updates, held, weights, fallback))
   if masked:  # a coordinate nobody holds keeps the fallback, one held by one client its value
     assert float(got["a"][0, 0]) == 7.0
     assert float(got["a"][0, 1]) == pytest.approx(updates["a"][1, 0, 1])
@@ -151,7 +151,7 @@ def test_trimmed_mean_matches_numpy(beta, masked):
   zeros = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
   got, _ = aggregate(federated.trimmed_mean(beta), updates, weights, present, active)
   held = holders_np(updates, present, weights, active)
-  _close(got, coordinatewise(trimmed_np(beta), updates, held, weights, zeros))
+  _assert_close(got, coordinatewise(trimmed_np(beta), updates, held, weights, zeros))
 
 
 @pytest.mark.parametrize("f,m", [(1, 1), (1, 3), (0, 2)])
@@ -164,7 +164,7 @@ def test_krum_matches_numpy(f, m, masked):
   want, selected = krum_np(updates, held, weights, active, f, m)
   if not masked:  # (with masks few clients may share client 0's 'b')
     assert not selected[0]
-  _close(got, want, rtol=1e-4, atol=1e-5)
+  _assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_krum_masked_distance_is_per_common_coordinate():
@@ -202,7 +202,7 @@ def test_norm_bound_matches_numpy(masked):
   else:  # the mean's denominator is the cohort's weight
     w = weights * part
     want = {k: np.tensordot(w, clipped[k], 1) / np.sum(w) for k in updates}
-  _close(got, want)
+  _assert_close(got, want)
   assert 0 < num_clipped < part.sum()
   assert float(metrics["robust_clipped"]) == pytest.approx(num_clipped / part.sum())
 
@@ -212,7 +212,7 @@ def test_mean_is_the_weighted_and_counted_mean():
   held = holders_np(updates, present, weights, active)
   zeros = {k: np.zeros(s) for k, s in SHAPES.items()}
   got, _ = aggregate(federated.mean(), updates, weights, present, active)
-  _close(got, coordinatewise(lambda v, w: np.sum(w * v) / np.sum(w), updates, held, weights, zeros))
+  _assert_close(got, coordinatewise(lambda v, w: np.sum(w * v) / np.sum(w), updates, held, weights, zeros))
 
 
 def test_robust_statistics_resist_an_attacker_that_pulls_the_mean_away():
