@@ -393,7 +393,8 @@ def test_stateless_dp_and_compression_validate_for_every_family():
                  contract.cavp_config("federated"), fedavg_tiny.get_config()):
     dp_tiny.add_privacy(config)
     compress_tiny.add_compression(config, error_feedback=False)
-    build.validate(config)
+    build.validate(config)  # accepted (stateful options are refused outside FedAvg: above)
+    assert build.aggregation_active(config), config.method
 
 
 @pytest.mark.slow
