@@ -3,6 +3,7 @@
   python -m experiments.main --config experiments/configs/fedavg_synthetic.py \
       --workdir /tmp/run --config.rounds=5
   python -m experiments.main --config ... --workdir /tmp/run --resume   # after a kill (or always)
+  python -m experiments.main --config ... --workdir /tmp/run --resume --config.rounds=600  # extend
 
 Every anticipated failure (a flag or config value, a data file, the workdir, a
 checkpoint, the disk, a diverged run) prints one line naming the problem and the fix
@@ -42,7 +43,8 @@ def define_flags(flag_values: flags.FlagValues, sys_argv: list[str] | None = Non
   flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds another run.",
                     flag_values=flag_values)
   flags.DEFINE_bool("resume", False, "Continue the run in workdir from its latest checkpoint "
-                    "(from round 0 when it has none).", flag_values=flag_values)
+                    "(from round 0 when it has none); with a larger --config.rounds, extend a "
+                    "finished run where its method allows it.", flag_values=flag_values)
   flags.DEFINE_bool("traceback", False, "Show the Python traceback of a refused run.",
                     flag_values=flag_values)
 
