@@ -7,12 +7,22 @@ Command:
 in rounds 1-3, k = 0.8), 4 clients/round, 1 local epoch, Adam lr 1e-3.
 Expected: under a minute on a 2-core CPU; the architecture shrinks at least
 once (summary `num_accepted` >= 1, `params` < `dense_params`).
+
+Arg 'votes' (`--config experiments/configs/asp_tiny.py:votes`): the clients decide
+(asp.decision='client_votes', strict majority, exact tallies; issue 28): each client votes
+on its trained filters in the round, the server keeps the filters most voters keep. The
+records carry the tallies (`votes/conv_0`, `votes/conv_1`, `voters`); same expectation.
 """
 from experiments.configs import asp_femnist_cnn, fedavg_synthetic
 
 
+ARGS = ("", "votes")
+
+
 def get_config(arg: str | None = None):
-  del arg
+  arg = arg or ""
+  if arg not in ARGS:
+    raise ValueError(f"asp_tiny takes an arg in {ARGS}, got {arg!r}")
   c = fedavg_synthetic.get_config()
   c.data.num_clients = 12
   c.data.examples_per_client = (8, 16)
@@ -28,4 +38,8 @@ def get_config(arg: str | None = None):
   c.eval_batch_size = 64
   c.strategy = "vmap+lax"
   c.progress = False
+  if arg == "votes":
+    c.asp.decision = "client_votes"
+    c.asp.vote_threshold = 0.5
+    c.asp.vote_noise_multiplier = 0.0
   return c

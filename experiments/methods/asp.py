@@ -19,6 +19,14 @@ and `accepted` (1 when the architecture changed before this round), and the
 dead-channel diagnostic on 64 training examples (`active_channels`: the fraction of
 conv channels that fire; `active_channels_min`: the least active layer's; conv models only).
 
+Client votes (config.asp.decision='client_votes'; default 'server', the paper): the clients
+score their own trained filters and vote by the same rule inside the round; before the
+next round the server keeps a filter when more than config.asp.vote_threshold of the
+voters keep it (tallies noised with config.asp.vote_noise_multiplier z: std z * sqrt(filters
+voted on)), then rebuilds as with its own scores (`pruning.auto_structured`, "Client
+votes"). Records then also carry the round's tallies (`votes/<group>`, `voters`) and
+`bytes_up` includes the vote bits. Conv models, plain mean aggregation only.
+
 Text models (config.model.name 'shakespeare_lstm' / 'shakespeare_transformer'): the same
 rule per LSTM layer over its units and per transformer block over its heads and its FFN
 units (L1 of incoming kernels, `structured.group_l1`), rebuilt by `structured.shrink`
@@ -95,6 +103,7 @@ def validate(config) -> None:
   _check_int(config, "asp.max_patience", 3, 1)
   _check_int(config, "asp.max_pruned_round", 50, 0)
   _check_int(config, "asp.rounds_between_prunes", 1, 1)
+  _check_decision(config)
   reinit = _field(config, "asp.reinit_on_prune", True)
   if not isinstance(reinit, bool):
     _bad("asp.reinit_on_prune", reinit, "True or False")
@@ -103,6 +112,32 @@ def validate(config) -> None:
         "config.asp.tails='both' with config.asp.reinit_on_prune=False is refused: keeping the "
         "weights while removing the largest-L1 filters (the upper tail) kills the network; set "
         "config.asp.tails='lower' (or None) to keep the weights, or reinit_on_prune=True")
+
+
+DECISIONS = ("server", "client_votes")
+
+
+def _check_decision(config) -> None:
+  """config.asp.decision and, for 'client_votes', its fields and what it runs with."""
+  decision = _field(config, "asp.decision", "server")
+  if decision not in DECISIONS:
+    _bad("asp.decision", decision, f"one of {DECISIONS}")
+  if decision != "client_votes":
+    return
+  threshold = _field(config, "asp.vote_threshold", 0.5)
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+      0 <= threshold < 1):
+    _bad("asp.vote_threshold", threshold, "a number in [0, 1) (fraction of the voters)")
+  z = _field(config, "asp.vote_noise_multiplier", 0.0)
+  if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0:
+    _bad("asp.vote_noise_multiplier", z, "a number >= 0 (0 = exact tallies)")
+  if config.model.name in build_lib.TEXT_MODELS:
+    _bad("asp.decision", decision, f"'server' for text models ({config.model.name}: clients "
+         "vote on conv filters only)")
+  if build_lib.robust_active(config) or build_lib.aggregation_active(config):
+    _bad("asp.decision", decision,
+         "'server' with config.robust / config.attack / config.privacy / config.compression "
+         "(a client votes on its model read back out of its plain FedAvg update)")
 
 
 def extendable(config) -> str | None:
@@ -173,10 +208,15 @@ def probe_batch(train, size: int = 64):
 def make_policy(config):
   """ASP as the driver uses it (a library AutoStructured)."""
   a = lambda name, default: _field(config, f"asp.{name}", default)
+  votes = None
+  if a("decision", "server") == "client_votes":
+    votes = auto_structured.ClientVotes(threshold=float(a("vote_threshold", 0.5)),
+                                        noise_multiplier=float(a("vote_noise_multiplier", 0.0)))
   return auto_structured.auto_structured(
       k=float(a("k", 2.2)), tails=a("tails", None), max_patience=a("max_patience", 3),
       max_pruned_round=a("max_pruned_round", 50), reinit_on_prune=a("reinit_on_prune", True),
-      rounds_between_prunes=a("rounds_between_prunes", 1), init_fn=init_fn(config))
+      rounds_between_prunes=a("rounds_between_prunes", 1), init_fn=init_fn(config),
+      client_votes=votes)
 
 
 def build(config, env: runtime.Env) -> runtime.Run:

@@ -33,6 +33,21 @@ FFN unit stays per group (the rule's floor), so no block is removed whole. The
 embedding, position embedding, LayerNorms and head are never pruned (as the CNNs'
 dense layers).
 
+Client votes (option, inferred: the paper leaves a decentralised decision open; issue 28):
+with `client_votes=ClientVotes(threshold, noise_multiplier)` the search decision comes
+from the clients instead of the server. In every round each client applies the same rule
+(`client_votes.boundary_vote`, float32) to the L1 norms of its own locally trained model
+(`client_votes.filter_group_l1`), inside the compiled round, and its keep votes (one bit
+per filter) travel with its update; the server tallies them, optionally with Gaussian
+noise (noise multiplier z: std z * sqrt(filters voted on), the Gaussian mechanism on one
+client's votes). Before the next round the server keeps a filter when more than
+`threshold` of the voters voted to keep it (at least the most voted filter per group);
+a stream group coupled to the stem keeps as many channels as the stem, its most voted
+ones (each client votes for the top-n of its own scores, n its own stem vote). The
+candidate is then accepted or rejected and rebuilt exactly as on the server's scores.
+With identical clients and no noise this is the server's decision (up to float
+rounding). Conv models only (text groups are scored on the host).
+
 Deviations, documented: clients get a fresh Adam state (the Keras code reuses one
 compiled client model for the whole round, so Adam moments leak between clients);
 the filter kept when the rule would keep none is the one whose score is nearest
@@ -49,9 +64,11 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_prune import accounting, federated, models, structured
+from fedjax_prune.pruning import client_votes as votes_lib
 from fedjax_prune.types import BatchStats, Params, PRNGKey
 
 TAILS = ('both', 'lower')
@@ -91,11 +108,38 @@ class Decision(NamedTuple):
   candidate_params: Optional[int]
 
 
+class ClientVotes(NamedTuple):
+  """ASP's decision by the clients' votes (module docstring, "Client votes").
+
+  Attributes:
+    threshold: a filter is kept when more than `threshold` of the voters keep it, in
+      [0, 1); 0.5 is a strict majority.
+    noise_multiplier: z >= 0; the tallies get N(0, (z sqrt(sum F))^2) noise each, sum F
+      the filters voted on (0: exact counts).
+  """
+  threshold: float = 0.5
+  noise_multiplier: float = 0.0
+
+
+class Tally(NamedTuple):
+  """The clients' tallied votes of one round (`client_votes.with_client_votes`'s metrics).
+
+  Attributes:
+    counts: {group: [F]} keep counts (noised ones may be fractional or negative).
+    num_voters: how many clients voted.
+  """
+  counts: dict
+  num_voters: float
+
+
 class AutoStructured(NamedTuple):
-  """ASP as host-side functions (see `auto_structured`)."""
+  """ASP as host-side functions (see `auto_structured`), and the clients' vote."""
   init: Callable[[], AutoStructuredState]
   propose: Callable[[Any, Params], dict]
   step: Callable[..., tuple[AutoStructuredState, Decision]]
+  client_votes: Optional[ClientVotes] = None
+  vote: Optional[Callable[[Any], Callable[[Params], dict]]] = None
+  keep_from_votes: Optional[Callable[[Any, Tally], dict]] = None
 
 
 def prunable_groups(spec, *, couple_streams_to_stem: bool = True) -> tuple[list[str], dict[str, str]]:
@@ -158,8 +202,8 @@ def top_keep(scores: np.ndarray, n: int) -> np.ndarray:
 def auto_structured(*, k: float = 2.2, tails: Optional[str] = None, max_patience: int = 3,
                     max_pruned_round: int = 50, reinit_on_prune: bool = True,
                     rounds_between_prunes: int = 1, couple_streams_to_stem: bool = True,
-                    init_fn: Callable[[Any, PRNGKey], tuple[Params, BatchStats]] = models.init_params
-                    ) -> AutoStructured:
+                    init_fn: Callable[[Any, PRNGKey], tuple[Params, BatchStats]] = models.init_params,
+                    client_votes: Optional[ClientVotes] = None) -> AutoStructured:
   """Automatic structured pruning (module docstring), faithful defaults.
 
   Args:
@@ -179,14 +223,22 @@ def auto_structured(*, k: float = 2.2, tails: Optional[str] = None, max_patience
       option: whether the paper trains several rounds between prunes is not known).
     couple_streams_to_stem: ResNet stream groups keep the stem's count (`prunable_groups`).
     init_fn: `(spec, key) -> (params, batch_stats)` for re-initialisation.
+    client_votes: None (the paper): the server scores the aggregated model; a
+      `ClientVotes`: the clients vote in the round and the server decides from their
+      tallies (module docstring; `asp` wires it into the round).
 
   Returns:
-    AutoStructured(init, propose, step):
+    AutoStructured(init, propose, step, client_votes, vote, keep_from_votes):
       * `init() -> AutoStructuredState`;
       * `propose(spec, params) -> keep` ({group name: bool [width]}) by the rule;
-      * `step(state, spec, params, batch_stats, round_idx, key) -> (state, Decision)`,
-        called before training round `round_idx` on the aggregated model; `key`
-        is used only to re-initialise an accepted architecture.
+      * `step(state, spec, params, batch_stats, round_idx, key, votes=None) ->
+        (state, Decision)`, called before training round `round_idx` on the aggregated
+        model; `key` is used only to re-initialise an accepted architecture; with
+        `client_votes`, `votes` is the previous round's `Tally` and the candidate is
+        `keep_from_votes(spec, votes)` instead of `propose(spec, params)`;
+      * `vote(spec) -> vote_fn(params) -> {group: [F] bool}`, one client's votes by the
+        rule on its model (jittable; conv models);
+      * `keep_from_votes(spec, tally) -> keep` ({group name: bool [width]}).
 
   Example:
     >>> import jax
@@ -214,6 +266,15 @@ def auto_structured(*, k: float = 2.2, tails: Optional[str] = None, max_patience
                           ('rounds_between_prunes', rounds_between_prunes, 1)):
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
       raise ValueError(f'{name} must be an int >= {lo}, got {value!r}')
+  if client_votes is not None:
+    if not isinstance(client_votes, ClientVotes):
+      raise ValueError(f'client_votes must be a ClientVotes or None, got {client_votes!r}')
+    threshold, z = client_votes
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+        0 <= threshold < 1):
+      raise ValueError(f'client_votes.threshold must be a number in [0, 1), got {threshold!r}')
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0:
+      raise ValueError(f'client_votes.noise_multiplier must be a number >= 0, got {z!r}')
 
   def init() -> AutoStructuredState:
     return AutoStructuredState(True, 0, 0, 0)
@@ -226,8 +287,46 @@ def auto_structured(*, k: float = 2.2, tails: Optional[str] = None, max_patience
       keep[follower] = top_keep(scores[follower], int(keep[leader].sum()))
     return keep
 
+  def vote(spec) -> Callable[[Params], dict]:
+    if isinstance(spec, models.TEXT_SPECS):
+      raise ValueError('ASP client votes score conv filters; text models are decided on the '
+                       'server (client_votes=None)')
+    scored, follows = prunable_groups(spec, couple_streams_to_stem=couple_streams_to_stem)
+
+    def vote_fn(params: Params) -> dict:
+      scores = votes_lib.filter_group_l1(spec, params)
+      votes = {name: votes_lib.boundary_vote(scores[name], k, tails) for name in scored}
+      for follower, leader in follows.items():  # `top_keep` of the leader's count, in jnp
+        rank = jnp.argsort(jnp.argsort(-scores[follower], stable=True), stable=True)
+        votes[follower] = rank < jnp.sum(votes[leader])
+      return votes
+
+    return vote_fn
+
+  def keep_from_votes(spec, votes: Tally) -> dict:
+    scored, follows = prunable_groups(spec, couple_streams_to_stem=couple_streams_to_stem)
+    widths = {grp.name: grp.width for grp in structured.groups(spec)}
+    counts = {name: np.asarray(votes.counts.get(name, ()), np.float64)
+              for name in scored + list(follows)}
+    for name in counts:
+      if counts[name].shape != (widths[name],):
+        raise ValueError(f'the tally of group {name!r} has shape {counts[name].shape}, the '
+                         f'architecture has {widths[name]} channels there: votes of another '
+                         'architecture?')
+    threshold = 0.5 if client_votes is None else client_votes.threshold
+    kept = votes_lib.keep_from_votes({name: counts[name] for name in scored}, votes.num_voters,
+                                     threshold=threshold)
+    keep = {}
+    for name in scored:
+      keep[name] = np.zeros(widths[name], bool)
+      keep[name][kept[name]] = True
+    for follower, leader in follows.items():
+      keep[follower] = top_keep(counts[follower], int(keep[leader].sum()))
+    return keep
+
   def step(state: AutoStructuredState, spec, params: Params, batch_stats: BatchStats,
-           round_idx: int, key: PRNGKey) -> tuple[AutoStructuredState, Decision]:
+           round_idx: int, key: PRNGKey, votes: Optional[Tally] = None
+           ) -> tuple[AutoStructuredState, Decision]:
     unchanged = Decision(False, spec, params, batch_stats, None, None)
     if not state.still_prune:
       return state, unchanged
@@ -235,7 +334,13 @@ def auto_structured(*, k: float = 2.2, tails: Optional[str] = None, max_patience
       return state._replace(still_prune=False), unchanged
     if round_idx <= 0 or round_idx - state.last_decision_round < rounds_between_prunes:
       return state, unchanged  # never before the first aggregation
-    keep = propose(spec, params)
+    if client_votes is None:
+      keep = propose(spec, params)
+    elif votes is None:
+      raise ValueError(f'ASP with client votes decides before round {round_idx} from the '
+                       'previous round\'s tallies, and none were given (votes=None)')
+    else:
+      keep = keep_from_votes(spec, votes)
     candidate = structured.shrink(spec, params, keep, batch_stats=batch_stats)
     count = accounting.param_count(candidate.spec)
     if count < accounting.param_count(spec):
@@ -249,11 +354,12 @@ def auto_structured(*, k: float = 2.2, tails: Optional[str] = None, max_patience
     new_state = AutoStructuredState(patience < max_patience, patience, state.num_accepted, round_idx)
     return new_state, Decision(False, spec, params, batch_stats, keep, count)
 
-  return AutoStructured(init, propose, step)
+  return AutoStructured(init, propose, step, client_votes, vote, keep_from_votes)
 
 
 # A between-rounds decision: (search state, spec, params, batch_stats, round_idx, key)
-# -> (search state, phase label of the round, Decision).
+# -> (search state, phase label of the round, Decision); with client votes also the
+# keyword `votes` (the previous round's `Tally`, or None).
 DecideFn = Callable[[AutoStructuredState, Any, Params, BatchStats, int, PRNGKey],
                     tuple[AutoStructuredState, str, Decision]]
 
@@ -271,7 +377,9 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
                       fedavg_for: Callable[[Any], federated.FedAlgorithm],
                       model: federated.ModelFns, clients_per_round: int,
                       probe_x: Optional[Any] = None,
-                      log: Callable[[str], None] = federated.no_log) -> federated.Method:
+                      log: Callable[[str], None] = federated.no_log,
+                      client_vote: Optional[Callable[[Any], Callable[[Params], dict]]] = None,
+                      vote_noise_multiplier: float = 0.0) -> federated.Method:
   """FedAvg whose architecture a host-side rule shrinks between rounds (ASP, L1 filter).
 
   Before every round, `decide` looks at the aggregated model; an accepted decision's
@@ -291,34 +399,65 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
       `active_channels`, `active_channels_min`). A search that kills channels (they get
       no gradient, their L1 norms freeze) shows there first.
     log: receives one line per rebuild.
+    client_vote: optional `client_vote(spec) -> vote_fn(params) -> {group: [F] bool}`: every
+      round's clients vote on their trained models inside the compiled round
+      (`client_votes.with_client_votes` over `federated.fedavg_view()`: the FedAvg family
+      with its default mean), the tallies are kept in `host['votes']` while the search runs
+      (checkpointed) and `decide` gets the last round's as `votes=Tally(...)`. The votes'
+      bits are part of `bytes_up` (ceil(filters voted on / 8) per client), in every round
+      (the compiled round votes after the search too; its tallies are then unused).
+    vote_noise_multiplier: z, the tallies' noise std is z * sqrt(filters voted on).
 
   Returns:
     The `Method`. Records: `params`, `flops`, `bytes_up`/`bytes_down` of the round,
     `phase` (the rule's label), `accepted` (1 when the architecture changed before
     this round), `cum_bytes` and `dense_cum_bytes` (the same for dense FedAvg), and with
-    `probe_x` the channel activity.
+    `probe_x` the channel activity; with `client_vote` the round's tallies `votes/<group>`
+    ([F] lists) and `voters`.
   """
   dense_sizes = round_sizes(spec, clients_per_round)
   activity_of = {}  # one compiled diagnostic per architecture
   dense_per_round = dense_sizes["bytes_up"] + dense_sizes["bytes_down"]
 
+  def vote_widths(spec) -> dict:
+    p, _ = jax.eval_shape(lambda: models.init_params(spec, jax.random.key(0)))
+    return {name: v.shape[0] for name, v in jax.eval_shape(client_vote(spec), p).items()}
+
   def algorithm(spec):
-    return fedavg_for(model.apply_for(spec))
+    alg = fedavg_for(model.apply_for(spec))
+    if client_vote is None:
+      return alg
+    stddev = vote_noise_multiplier * float(np.sqrt(sum(vote_widths(spec).values())))
+    return votes_lib.with_client_votes(alg, client_vote(spec), federated.fedavg_view(),
+                                       noise_stddev=stddev)
+
+  def sizes_of(spec) -> dict:
+    sizes = round_sizes(spec, clients_per_round)
+    if client_vote is not None:  # one bit per filter voted on, per client
+      sizes["bytes_up"] += -(-sum(vote_widths(spec).values()) // 8) * clients_per_round
+    return sizes
 
   def with_cache(state, **fields):
-    return state._replace(cache={"sizes": round_sizes(state.spec, clients_per_round),
+    return state._replace(cache={"sizes": sizes_of(state.spec),
                                  "phase": "", "accepted": False, "search_rounds": 0,
                                  "rebuilds": 0, "keep": None, **fields})
 
   def init():
     server = algorithm(spec).init(params, key, batch_stats=batch_stats)
-    return with_cache(federated.MethodState(server, spec, {"search": initial_search._asdict(),
-                                                           "cum_bytes": 0, "dense_cum_bytes": 0}))
+    host = {"search": initial_search._asdict(), "cum_bytes": 0, "dense_cum_bytes": 0}
+    if client_vote is not None:
+      host["votes"] = None  # no round has voted yet
+    return with_cache(federated.MethodState(server, spec, host))
 
   def before_round(state, round_idx, round_key):
     search = AutoStructuredState(**state.host["search"])
+    extra = {}
+    if client_vote is not None:  # the previous round's tallies, on this architecture
+      held = state.host.get("votes")
+      extra["votes"] = None if held is None else Tally(held["counts"], held["voters"])
     search, phase, decision = decide(search, state.spec, jax.device_get(state.server.params),
-                                     jax.device_get(state.server.batch_stats), round_idx, round_key)
+                                     jax.device_get(state.server.batch_stats), round_idx, round_key,
+                                     **extra)
     cache = state.cache
     state = state._replace(host={**state.host, "search": search._asdict()})
     if decision.accepted:  # new shapes: the experiment loop compiles the round once for them
@@ -338,7 +477,11 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
     sizes = state.cache["sizes"]
     cum = state.host["cum_bytes"] + sizes["bytes_up"] + sizes["bytes_down"]
     dense_cum = state.host["dense_cum_bytes"] + dense_per_round
-    return state._replace(host={**state.host, "cum_bytes": cum, "dense_cum_bytes": dense_cum})
+    host = {**state.host, "cum_bytes": cum, "dense_cum_bytes": dense_cum}
+    if client_vote is not None:  # decide the next round from them, while the search runs
+      host["votes"] = ({"counts": votes_lib.tallies_from_metrics(metrics),
+                        "voters": metrics["voters"]} if host["search"]["still_prune"] else None)
+    return state._replace(host=host)
 
   def channel_record(state) -> dict:
     if probe_x is None:
@@ -395,14 +538,22 @@ def asp(policy: AutoStructured, **kwargs) -> federated.Method:
   aggregated model's filters and may accept a smaller architecture (rebuilt,
   re-initialised by default); phase 2 ('train' rounds): FedAvg on the found one.
 
+  With `policy.client_votes` the decision is the clients' (module docstring): every
+  round's clients vote in the compiled round (`rebuilding_fedavg(client_vote=policy.vote)`)
+  and the search step decides from the last round's tallies.
+
   Args:
     policy: `auto_structured(...)`, the search rule and its options.
     **kwargs: `rebuilding_fedavg`'s keyword arguments (spec, params, batch_stats, key,
       fedavg_for, model, clients_per_round, log).
   """
 
-  def decide(search, spec, params, batch_stats, round_idx, key):
-    search, decision = policy.step(search, spec, params, batch_stats, round_idx, key)
+  def decide(search, spec, params, batch_stats, round_idx, key, votes=None):
+    search, decision = policy.step(search, spec, params, batch_stats, round_idx, key, votes=votes)
     return search, ("search" if search.still_prune else "train"), decision  # may end phase 1
 
+  if policy.client_votes is not None:
+    policy.vote(kwargs["spec"])  # refuses a text model now, not at the first round
+    kwargs = {**kwargs, "client_vote": policy.vote,
+              "vote_noise_multiplier": float(policy.client_votes.noise_multiplier)}
   return rebuilding_fedavg(decide, policy.init(), **kwargs)

@@ -2,9 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from fedjax_prune import federated, models, structured
+from fedjax_prune import federated, models, structured, testing
 from fedjax_prune.pruning import auto_structured, client_votes
 
 
@@ -77,3 +78,32 @@ def test_bad_arguments():
     client_votes.boundary_vote(jnp.ones(3), -1.0)
   with pytest.raises(ValueError, match="threshold"):
     client_votes.keep_from_votes({"a": np.ones(2)}, 3, threshold=1.0)
+
+
+def test_with_client_votes_leaves_the_round_alone_and_tallies_each_clients_vote():
+  """The wrapped round's state and metrics are FedAvg's bit for bit; its tallies are each
+  client's vote on its own trained model, summed over the real clients (padding excluded)."""
+  apply_fn, params, data = testing.tiny_problem(jax.random.key(0))
+  alg = federated.fedavg(apply_fn, optax.sgd(0.5), federated.LocalSchedule(batch_size=4))
+  vote_fn = lambda p: {name: client_votes.boundary_vote(client_votes.filter_l1(p[name]["kernel"]), 0.5)
+                       for name in p}
+  voting = client_votes.with_client_votes(alg, vote_fn, federated.fedavg_view())
+  cohort, key = federated.make_cohort([0, 1, 2], multiple=4), jax.random.key(3)
+  round_fn = federated.make_round(alg)
+  state, metrics = federated.make_round(voting)(voting.init(params, key), data, cohort, key)
+  want_state, want_metrics = round_fn(alg.init(params, key), data, cohort, key)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want_state)):
+    np.testing.assert_array_equal(a, b)
+  for name, value in want_metrics.items():
+    np.testing.assert_array_equal(metrics[name], value)
+  assert float(metrics["voters"]) == 3.0
+  want = {"dense_0": np.zeros(8), "dense_1": np.zeros(3)}
+  for i in range(3):  # FedAvg of one client is its trained model
+    alone, _ = round_fn(alg.init(params, key), data, federated.make_cohort([i], multiple=4), key)
+    for name, v in vote_fn(alone.params).items():
+      want[name] += np.asarray(v)
+  got = client_votes.tallies_from_metrics(metrics)
+  assert set(got) == set(want)
+  for name in want:
+    np.testing.assert_array_equal(np.asarray(got[name]), want[name])
+  assert any(0 < c < 3 for c in want["dense_0"])  # the clients disagree somewhere
