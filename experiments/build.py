@@ -484,8 +484,9 @@ def attackers(config, num_clients: int):
 def robust_algorithm(config, data: Data, alg: federated.FedAlgorithm) -> federated.FedAlgorithm:
   """`alg` (the method's round algorithm) with config.robust's aggregator, config.attack's
   attackers, config.privacy's DP and config.compression's compression; `alg` itself when
-  none is set. The FedAvg family with privacy / compression has its aggregator in its
-  path already (`build_algorithm`): only the data side of an attack is added here."""
+  none is set. The FedAvg family and the sparse (masked) family with privacy / compression
+  have their aggregator in their path already (`in_path_aggregator`, given by
+  `build_algorithm` and the sparse drivers): only the data side of an attack is added here."""
   private = aggregation_active(config)
   if not robust_active(config) and not private:
     return alg
@@ -496,11 +497,10 @@ def robust_algorithm(config, data: Data, alg: federated.FedAlgorithm) -> federat
     if attacked:
       alg = federated.poison_data(alg, build_attack(config, data.num_classes),
                                   attackers(config, data.train.num_clients))
-    if method in _FEDAVG_METHODS:
+    if method in _FEDAVG_METHODS + _MASKED_METHODS:
       return alg
-    views = {**{m: _hetero.counted_view for m in _HETERO_METHODS},
-             **{m: base.aggregation_view for m in _MASKED_METHODS}}
-    view = views.get(method, lambda: federated.weighted_view("params"))()
+    view = (_hetero.counted_view() if method in _HETERO_METHODS
+            else federated.weighted_view("params"))
     return federated.with_aggregator(alg, full_aggregator(config, data), view)
   if method in _FEDAVG_METHODS:
     view = federated.fedavg_view()
@@ -582,11 +582,14 @@ def validate_private(config) -> None:
     known = _FEDAVG_METHODS + _HETERO_METHODS + _MASKED_METHODS + ("cavp",)
     _require(method in known, "method", method,
              f"one of {known} with config.privacy / config.compression")
-    if stateful and method not in _FEDAVG_METHODS:
+    # The FedAvg and sparse families carry the aggregator in their algorithm's path, its
+    # state in their server state (`in_path_aggregator`); the submodel and gated ones not yet.
+    supported = _FEDAVG_METHODS + _MASKED_METHODS
+    if stateful and method not in supported:
       raise ConfigError(
           f"config.{stateful[0]}=True is not supported yet with method {method!r}: its server "
           "state has no slot for the aggregator's state (the adaptive clip norm, the "
-          f"error-feedback memory); supported with {_FEDAVG_METHODS}. Set "
+          f"error-feedback memory); supported with {supported}. Set "
           f"config.{stateful[0]}=False (fixed clipping / no error feedback)")
 
 
@@ -631,10 +634,12 @@ def full_aggregator(config, data: Data) -> federated.Aggregator:
 
 
 def in_path_aggregator(config, data: Data | None) -> federated.Aggregator | None:
-  """The aggregator `build_algorithm` puts in the FedAvg family's path: `full_aggregator`
-  with config.privacy / config.compression, else None (the default mean; config.robust
-  alone runs through `robust_algorithm`)."""
-  if not aggregation_active(config) or config.get("method", "fedavg") not in _FEDAVG_METHODS:
+  """The aggregator `build_algorithm` puts in the FedAvg family's path, and the sparse
+  drivers (experiments/methods/sparse.py, fedtiny.py) in the masked family's:
+  `full_aggregator` with config.privacy / config.compression, else None (the default mean;
+  config.robust alone runs through `robust_algorithm`)."""
+  if not aggregation_active(config) or (config.get("method", "fedavg")
+                                        not in _FEDAVG_METHODS + _MASKED_METHODS):
     return None
   if data is None:
     raise ValueError("build_algorithm needs data= (the clients and classes) with "

@@ -9,7 +9,9 @@ growth_batch_size (0 = client batch), num_candidates (C), candidate_mode
 the port's gap), progressive ('blockwise' | 'all_layers': the port's mode),
 num_blocks, block_order ('input_to_output' | 'output_to_input').
 
-Records, summary and client costs: `fedtiny_method`'s docstring.
+Records, summary and client costs: `fedtiny_method`'s docstring. config.privacy /
+config.compression: the aggregator is in the algorithm's path (`build.in_path_aggregator`),
+its state in the server state and its checkpoints.
 """
 from __future__ import annotations
 
@@ -71,13 +73,15 @@ def build(config, env: runtime.Env) -> runtime.Run:
   options = dict(progressive=progressive, adjust_every=adjust_every, adjust_end=adjust_end,
                  adjust_alpha=s.adjust_alpha, growth_batch_size=s.growth_batch_size or None)
   opt = sparse_driver.client_optimizer(config)
-  algorithm_for = lambda apply_fn, schedule: fedtiny_lib.fedtiny(apply_fn, opt, schedule,
-                                                                 prunable=prunable, **options)
+  agg = build_lib.in_path_aggregator(config, data)  # config.privacy / config.compression, or None
+  algorithm_for = lambda apply_fn, schedule: fedtiny_lib.fedtiny(
+      apply_fn, opt, schedule, prunable=prunable, aggregator=agg, **options)
   strategy, timings, run = sparse_driver.sparse_run(config, env, spec, params, batch_stats, opt,
                                                     algorithm_for)
   method = fedtiny_lib.fedtiny_method(
       run, density=s.density, distribution=s.distribution, num_candidates=s.num_candidates,
       candidate_mode=s.candidate_mode, bn_aggregation=s.bn_aggregation,
       abns_cohort=runtime.cohort_for(env, 0), abns_batch_size=config.eval_batch_size,
-      execution=strategy.execution, mesh=runtime.mesh_for(env, strategy), **options)
+      execution=strategy.execution, mesh=runtime.mesh_for(env, strategy), aggregator=agg,
+      **options)
   return runtime.Run(method, strategy, timings, data.train, lambda r: runtime.cohort_for(env, r))

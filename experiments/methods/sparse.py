@@ -14,7 +14,9 @@ library's method factory.
 
 Each is a `pruning.base.MaskRule` run by `pruning.base.masked_fedavg`; the records and
 summary (global density, per-client cost of the round, kept sizes) are
-`pruning.base.masked_method`'s. FedTiny has its own module (`experiments/methods/fedtiny.py`)
+`pruning.base.masked_method`'s. With config.privacy / config.compression the aggregator
+(`build.in_path_aggregator`) is in the algorithm's path, its state (the adaptive clip
+norm, error-feedback memory) in the server state and its checkpoints. FedTiny has its own module (`experiments/methods/fedtiny.py`)
 and shares `validate_common`, `spec_for` and `sparse_run` with this one.
 """
 from __future__ import annotations
@@ -178,6 +180,7 @@ def build(config, env: runtime.Env) -> runtime.Run:
   adjust_every, adjust_end = adjust_schedule(config) if scheduled else (None, None)
   post = (federated.LocalSchedule(batch_size=config.client.batch_size, num_steps=s.post_adjust_steps)
           if method == "feddst" and s.post_adjust_steps else None)
+  agg = build_lib.in_path_aggregator(config, data)  # config.privacy / config.compression, or None
   options = {
       "feddst": dict(adjust_every=adjust_every, adjust_end=adjust_end,
                      adjust_alpha=s.adjust_alpha, growth_batch_size=growth),
@@ -189,30 +192,31 @@ def build(config, env: runtime.Env) -> runtime.Run:
 
   def algorithm_for(apply_fn, schedule):  # what 'auto' times (the post-adjust schedule aside)
     if method == "feddst":
-      return feddst.feddst(apply_fn, opt, schedule, prunable=prunable, **options)
+      return feddst.feddst(apply_fn, opt, schedule, prunable=prunable, aggregator=agg, **options)
     if method == "prunefl":
-      return prunefl.prunefl(apply_fn, opt, schedule, prunable=prunable, **options)
+      return prunefl.prunefl(apply_fn, opt, schedule, prunable=prunable, aggregator=agg, **options)
     if method == "lotteryfl":
-      return lotteryfl.lotteryfl(apply_fn, opt, schedule, prunable=prunable, **options,
-                                 densities=_sparse.layer_densities(params, density, s.distribution,
-                                                                   prunable))
+      return lotteryfl.lotteryfl(apply_fn, opt, schedule, prunable=prunable, aggregator=agg,
+                                 **options, densities=_sparse.layer_densities(
+                                     params, density, s.distribution, prunable))
     return base.masked_fedavg(apply_fn, opt, schedule, base.no_prune(),
-                              server_optimizer=optax.sgd(1.0))
+                              server_optimizer=optax.sgd(1.0), aggregator=agg)
 
   strategy, timings, run = sparse_run(config, env, spec, params, batch_stats, opt, algorithm_for)
   if method == "feddst":
     m = feddst.feddst_method(run, density=density, distribution=s.distribution, post_adjust=post,
-                             **options)
+                             aggregator=agg, **options)
   elif method == "prunefl":
     m = prunefl.prunefl_method(run, density=density, init_iterations=s.prunefl_init_iterations,
-                               **options)
+                               aggregator=agg, **options)
   elif method == "lotteryfl":
-    m = lotteryfl.lotteryfl_method(run, density=density, distribution=s.distribution, **options)
+    m = lotteryfl.lotteryfl_method(run, density=density, distribution=s.distribution,
+                                   aggregator=agg, **options)
   elif method == "snip":
-    m = init_pruning.snip_method(run, density=density)
+    m = init_pruning.snip_method(run, density=density, aggregator=agg)
   elif method == "synflow":
     m = init_pruning.synflow_method(run, density=density, input_shape=tuple(data.input_shape),
-                                    num_iterations=s.synflow_iterations)
+                                    num_iterations=s.synflow_iterations, aggregator=agg)
   else:
-    m = base.dense_method(run)
+    m = base.dense_method(run, aggregator=agg)
   return runtime.Run(m, strategy, timings, data.train, lambda r: runtime.cohort_for(env, r))

@@ -481,15 +481,17 @@ def masked_method(run: SparseRun, algorithm: FedAlgorithm,
                           resume=with_masks)
 
 
-def dense_method(run: SparseRun) -> federated.Method:
+def dense_method(run: SparseRun, *, aggregator: federated.Aggregator | None = None
+                 ) -> federated.Method:
   """Dense FedAvg (density 1) with the sparse methods' records: the comparison's reference.
 
   `masked_fedavg` with `no_prune()` and FedAvg's server step (`optax.sgd(1.0)` on the
-  mean pseudo-gradient); its clients' cost is the dense model's.
+  mean pseudo-gradient, aggregated by `aggregator`: None is the mean; its state is part
+  of the server state); its clients' cost is the dense model's.
   """
   apply_fn = run.model.apply_for(run.spec)
   alg = masked_fedavg(apply_fn, run.optimizer, run.schedule, no_prune(),
-                      server_optimizer=optax.sgd(1.0))
+                      server_optimizer=optax.sgd(1.0), aggregator=aggregator)
 
   def init_fn():
     state = alg.init(run.params, run.key, batch_stats=run.batch_stats)

@@ -14,6 +14,10 @@ largest |w| of that aggregate ("mask voting" by magnitude, as FedDST's `dst.py`)
 every layer keeps its density. Outside adjustment rounds it is masked FedAvg.
 f(t) = alpha/2 (1 + cos(pi t / T_end)) as in FedTiny (FedDST's code default alpha 0.01).
 
+With an aggregator (robust, DP, compressed: `feddst(..., aggregator=)`) a client holds its
+own masks: clipping, compression and error feedback act on the coordinates of its mask
+(`held_updates`), and DP's noise goes on every coordinate (where a client holds is private).
+
 References:
   Bibikar, Vikalo, Wang, Chen. "Federated Dynamic Sparse Training: Computing Less,
   Communicating Less, Yet Learning Better", AAAI 2022 (code bibikar/feddst).
@@ -104,11 +108,31 @@ def client_prune_and_regrow(apply_fn: Callable, client_optimizer, post_adjust: L
   return base.MaskRule(init, update, client, client_keys=2)
 
 
+def held_updates(aggregator: federated.Aggregator) -> federated.Aggregator:
+  """`aggregator` given each client's update on the coordinates it holds only (0 elsewhere).
+
+  A FedDST client holds its own masks, so `base.aggregation_view` reads its update
+  w_server - w_client as w_server on the coordinates it pruned itself (its weight is 0
+  there). Every aggregator ignores coordinates outside `present`, except the memory of
+  error feedback (`federated.compressed`: e' = u + e - C(u + e), with C(.) = 0 there),
+  which would add w_server to the client's residual each round it does not hold them and
+  send the sum once it holds them again; with the zeros its memory keeps its values there.
+  On held coordinates nothing changes.
+  """
+
+  def contribute(state, update, weight, present, client, key):
+    if present is not None:
+      update = jax.tree.map(lambda u, p: jnp.where(p, u, jnp.zeros((), u.dtype)), update, present)
+    return aggregator.contribute(state, update, weight, present, client, key)
+
+  return aggregator._replace(contribute=contribute)
+
+
 def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, prunable: Any,
            adjust_every: int = 10, adjust_end: int = 300, adjust_alpha: float = 0.2,
            post_adjust: LocalSchedule | None = None, growth_batch_size: int | None = None,
-           loss_fn: Callable = softmax_cross_entropy,
-           train_transform: Callable | None = None) -> FedAlgorithm:
+           loss_fn: Callable = softmax_cross_entropy, train_transform: Callable | None = None,
+           aggregator: federated.Aggregator | None = None) -> FedAlgorithm:
   """FedDST: `base.masked_fedavg` with `client_prune_and_regrow`.
 
   Args:
@@ -121,6 +145,11 @@ def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pru
       None (default): none, so every sparse method trains the same local steps per round
       (an earlier default reused `schedule`: ~20 % more SGD than FedTiny over a table).
     growth_batch_size: batch of the regrowth gradient (default schedule.batch_size).
+    aggregator: None: each coordinate's example-weighted mean over its holders. A
+      `federated.Aggregator` (robust, DP, compressed) aggregates each client's update over
+      the coordinates of its own masks (`held_updates`); its state (the adaptive clip norm,
+      error-feedback memory) is `MaskedFedAvgState.aggregator`. Give a DP aggregator
+      `noise_on_present=False`: the clients' masks depend on their data.
 
   Returns:
     FedAlgorithm over `base.MaskedFedAvgState`; `init(params, key, batch_stats=None, masks=None)`.
@@ -146,15 +175,18 @@ def feddst(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pru
       growth_batch_size=growth_batch_size or schedule.batch_size, loss_fn=loss_fn,
       train_transform=train_transform)
   return base.masked_fedavg(apply_fn, client_optimizer, schedule, rule, loss_fn=loss_fn,
-                            train_transform=train_transform)
+                            train_transform=train_transform,
+                            aggregator=None if aggregator is None else held_updates(aggregator))
 
 
 def feddst_method(run: base.SparseRun, *, density: float, distribution: str = "uniform",
                   adjust_every: int = 10, adjust_end: int = 300, adjust_alpha: float = 0.2,
                   post_adjust: LocalSchedule | None = None,
-                  growth_batch_size: int | None = None) -> federated.Method:
+                  growth_batch_size: int | None = None,
+                  aggregator: federated.Aggregator | None = None) -> federated.Method:
   """FedDST end to end: magnitude masks of the initial weights at `density` (layer
-  allocation `distribution`), then `feddst` rounds.
+  allocation `distribution`), then `feddst` rounds (with `aggregator`, see `feddst`; its
+  state is part of the server state: checkpointed).
 
   Returns:
     The `Method` (`base.masked_method`'s records and summary); adjustment rounds add one
@@ -164,7 +196,7 @@ def feddst_method(run: base.SparseRun, *, density: float, distribution: str = "u
   apply_fn = run.model.apply_for(run.spec)
   alg = feddst(apply_fn, run.optimizer, run.schedule, prunable=prunable,
                adjust_every=adjust_every, adjust_end=adjust_end, adjust_alpha=adjust_alpha,
-               post_adjust=post_adjust, growth_batch_size=growth_batch_size)
+               post_adjust=post_adjust, growth_batch_size=growth_batch_size, aggregator=aggregator)
 
   def init_fn():
     params, masks = sparse_setup(run.params, density, distribution=distribution, prunable=prunable)

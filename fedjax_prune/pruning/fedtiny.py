@@ -646,8 +646,8 @@ def progressive_prune_and_grow(apply_fn: Callable, *, prunable: Any, adjust_ever
 def fedtiny(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, prunable: Any,
             adjust_every: int = 10, adjust_end: int = 300, adjust_alpha: float = 0.2,
             progressive: Progressive = AllLayers(), growth_batch_size: int | None = None,
-            loss_fn: Callable = softmax_cross_entropy,
-            train_transform: Callable | None = None) -> FedAlgorithm:
+            loss_fn: Callable = softmax_cross_entropy, train_transform: Callable | None = None,
+            aggregator: federated.Aggregator | None = None) -> FedAlgorithm:
   """FedTiny's federated training: `masked_fedavg` with `progressive_prune_and_grow`.
 
   Args:
@@ -665,6 +665,10 @@ def fedtiny(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
     growth_batch_size: batch of the growth gradient (default: schedule.batch_size).
     loss_fn: per-example loss.
     train_transform: per-batch augmentation.
+    aggregator: None: the example-weighted mean. A `federated.Aggregator` (robust, DP,
+      compressed) aggregates the updates over the server's masks, its state (the
+      adaptive clip norm, error-feedback memory) in `MaskedFedAvgState.aggregator`
+      (`base.masked_fedavg`'s `aggregator`).
 
   Returns:
     FedAlgorithm over `base.MaskedFedAvgState`; `init(params, key, batch_stats=None,
@@ -690,7 +694,7 @@ def fedtiny(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
       adjust_alpha=adjust_alpha, progressive=progressive,
       growth_batch_size=growth_batch_size or schedule.batch_size, loss_fn=loss_fn)
   return base.masked_fedavg(apply_fn, client_optimizer, schedule, rule, loss_fn=loss_fn,
-                            train_transform=train_transform)
+                            train_transform=train_transform, aggregator=aggregator)
 
 
 # ----------------------------------------------------------------------------
@@ -703,7 +707,8 @@ def fedtiny_method(run: base.SparseRun, *, density: float, distribution: str = "
                    abns_batch_size: int, execution: federated.Execution = federated.Sequential(),
                    mesh=None, progressive: Progressive = AllLayers(), adjust_every: int = 10,
                    adjust_end: int = 300, adjust_alpha: float = 0.2,
-                   growth_batch_size: int | None = None) -> federated.Method:
+                   growth_batch_size: int | None = None,
+                   aggregator: federated.Aggregator | None = None) -> federated.Method:
   """FedTiny end to end: adaptive BN selection on one cohort, then `fedtiny` rounds.
 
   Args:
@@ -714,7 +719,8 @@ def fedtiny_method(run: base.SparseRun, *, density: float, distribution: str = "
     abns_cohort: the cohort that runs the selection (round 0's).
     abns_batch_size: the selection's forward batch size.
     execution, mesh: how the selection runs its clients (`federated.run_clients`).
-    progressive, adjust_every, adjust_end, adjust_alpha, growth_batch_size: `fedtiny`'s.
+    progressive, adjust_every, adjust_end, adjust_alpha, growth_batch_size, aggregator:
+      `fedtiny`'s (the aggregator's state is part of the server state: checkpointed).
 
   Returns:
     The `Method` (`base.masked_method`'s records and summary, plus the summary's
@@ -728,7 +734,8 @@ def fedtiny_method(run: base.SparseRun, *, density: float, distribution: str = "
   apply_fn = run.model.apply_for(run.spec)
   alg = fedtiny(apply_fn, run.optimizer, run.schedule, prunable=prunable,
                 adjust_every=adjust_every, adjust_end=adjust_end, adjust_alpha=adjust_alpha,
-                progressive=progressive, growth_batch_size=growth_batch_size)
+                progressive=progressive, growth_batch_size=growth_batch_size,
+                aggregator=aggregator)
   ids = np.asarray(abns_cohort.client_ids)[np.asarray(abns_cohort.active)]
   abns_examples = float(np.mean(np.asarray(run.train.num_examples)[ids]))
   sweeps = 2 if bn_aggregation == "statistics" else 1

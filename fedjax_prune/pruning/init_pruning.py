@@ -120,11 +120,12 @@ def synflow(apply_fn: Callable, input_shape: tuple[int, ...], *, density: float,
 
 
 def _init_method(run: base.SparseRun, name: str, density: float,
-                 rule_for: Callable[[Callable, Any], base.MaskRule]) -> federated.Method:
+                 rule_for: Callable[[Callable, Any], base.MaskRule],
+                 aggregator: federated.Aggregator | None) -> federated.Method:
   prunable = _sparse.prunable_filter(run.params)
   apply_fn = run.model.apply_for(run.spec)
   alg = base.masked_fedavg(apply_fn, run.optimizer, run.schedule, rule_for(apply_fn, prunable),
-                           server_optimizer=optax.sgd(1.0))
+                           server_optimizer=optax.sgd(1.0), aggregator=aggregator)
 
   def init_fn():
     state = alg.init(run.params, run.key, batch_stats=run.batch_stats)
@@ -133,22 +134,26 @@ def _init_method(run: base.SparseRun, name: str, density: float,
   return base.masked_method(run, alg, init_fn, apply_fn=apply_fn, prunable=prunable)
 
 
-def snip_method(run: base.SparseRun, *, density: float) -> federated.Method:
+def snip_method(run: base.SparseRun, *, density: float,
+                aggregator: federated.Aggregator | None = None) -> federated.Method:
   """SNIP end to end: the mask of one mini-batch of client 0 (its first `batch_size`
-  examples: SNIP needs data at pruning time), then masked FedAvg. Returns the `Method`
-  (`base.masked_method`'s records and summary)."""
+  examples: SNIP needs data at pruning time), then masked FedAvg (its updates aggregated
+  by `aggregator`, None: the mean; `base.masked_fedavg`'s, its state checkpointed with
+  the server state). Returns the `Method` (`base.masked_method`'s records and summary)."""
   n0 = int(np.asarray(run.train.num_examples)[0])
   size = max(1, min(n0, run.schedule.batch_size, run.train.x.shape[1]))
   x, y = run.train.x[0, :size], run.train.y[0, :size]
   return _init_method(run, "snip", density, lambda apply_fn, prunable: snip(
-      apply_fn, x, y, density=density, prunable=prunable))
+      apply_fn, x, y, density=density, prunable=prunable), aggregator)
 
 
 def synflow_method(run: base.SparseRun, *, density: float, input_shape: tuple[int, ...],
-                   num_iterations: int = 100) -> federated.Method:
+                   num_iterations: int = 100,
+                   aggregator: federated.Aggregator | None = None) -> federated.Method:
   """SynFlow end to end: the data-free mask (`num_iterations` steps, an all-ones input of
-  `input_shape`), then masked FedAvg. Returns the `Method` (`base.masked_method`'s records
-  and summary)."""
+  `input_shape`), then masked FedAvg (`aggregator`: as `snip_method`'s). Returns the
+  `Method` (`base.masked_method`'s records and summary)."""
   input_shape = tuple(input_shape)
   return _init_method(run, "synflow", density, lambda apply_fn, prunable: synflow(
-      apply_fn, input_shape, density=density, prunable=prunable, num_iterations=num_iterations))
+      apply_fn, input_shape, density=density, prunable=prunable, num_iterations=num_iterations),
+      aggregator)

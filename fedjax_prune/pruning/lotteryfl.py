@@ -121,7 +121,8 @@ def magnitude_rewind(*, prunable: Any, densities: PyTree, prune_every: int = 10,
 def lotteryfl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, prunable: Any,
               densities: PyTree, prune_every: int = 10, num_prune_steps: int = 5,
               accuracy_threshold: float = 0.0, loss_fn: Callable = softmax_cross_entropy,
-              train_transform: Callable | None = None) -> FedAlgorithm:
+              train_transform: Callable | None = None,
+              aggregator: federated.Aggregator | None = None) -> FedAlgorithm:
   """LotteryFL (global-ticket variant): `base.masked_fedavg` with `magnitude_rewind`.
 
   Args:
@@ -132,6 +133,10 @@ def lotteryfl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, 
     prune_every: rounds between pruning steps.
     num_prune_steps: geometric steps from density 1 to the targets.
     accuracy_threshold: mean local training accuracy needed to prune (0 = always).
+    aggregator: None: the example-weighted mean. A `federated.Aggregator` (robust, DP,
+      compressed) aggregates the updates over the server's masks, its state (the adaptive
+      clip norm, error-feedback memory) in `MaskedFedAvgState.aggregator`
+      (`base.masked_fedavg`'s `aggregator`).
 
   Returns:
     FedAlgorithm over `base.MaskedFedAvgState` with a `LotteryState`; `init(params, key,
@@ -155,21 +160,22 @@ def lotteryfl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, 
   rule = magnitude_rewind(prunable=prunable, densities=densities, prune_every=prune_every,
                           num_prune_steps=num_prune_steps, accuracy_threshold=accuracy_threshold)
   return base.masked_fedavg(apply_fn, client_optimizer, schedule, rule, loss_fn=loss_fn,
-                            train_transform=train_transform)
+                            train_transform=train_transform, aggregator=aggregator)
 
 
 def lotteryfl_method(run: base.SparseRun, *, density: float, distribution: str = "uniform",
                      prune_every: int = 10, num_prune_steps: int = 5,
-                     accuracy_threshold: float = 0.0) -> federated.Method:
+                     accuracy_threshold: float = 0.0,
+                     aggregator: federated.Aggregator | None = None) -> federated.Method:
   """LotteryFL end to end: `lotteryfl` from the dense model towards the layer densities of
-  `density` (allocation `distribution`). Returns the `Method` (`base.masked_method`'s
-  records and summary)."""
+  `density` (allocation `distribution`; `aggregator`: see `lotteryfl`, its state is part of
+  the server state). Returns the `Method` (`base.masked_method`'s records and summary)."""
   prunable = _sparse.prunable_filter(run.params)
   apply_fn = run.model.apply_for(run.spec)
   alg = lotteryfl(apply_fn, run.optimizer, run.schedule, prunable=prunable,
                   densities=_sparse.layer_densities(run.params, density, distribution, prunable),
                   prune_every=prune_every, num_prune_steps=num_prune_steps,
-                  accuracy_threshold=accuracy_threshold)
+                  accuracy_threshold=accuracy_threshold, aggregator=aggregator)
 
   def init_fn():
     state = alg.init(run.params, run.key, batch_stats=run.batch_stats)

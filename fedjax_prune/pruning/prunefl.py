@@ -169,7 +169,8 @@ def adaptive_importance(apply_fn: Callable, *, prunable: Any, batch_size: int,
 def prunefl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, prunable: Any,
             adjust_every: int = 50, adjust_end: int = 300, importance_batches: int = 1,
             min_per_output: int = 1, loss_fn: Callable = softmax_cross_entropy,
-            train_transform: Callable | None = None) -> FedAlgorithm:
+            train_transform: Callable | None = None,
+            aggregator: federated.Aggregator | None = None) -> FedAlgorithm:
   """PruneFL's federated phase: `base.masked_fedavg` with `adaptive_importance`.
 
   Args:
@@ -181,6 +182,10 @@ def prunefl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
     min_per_output: entries of highest importance every output unit of every
       prunable layer keeps in the adaptive step (our default 1; 0 = the paper's
       plain global top-k). The total kept count never changes.
+    aggregator: None: the example-weighted mean. A `federated.Aggregator` (robust, DP,
+      compressed) aggregates the updates over the server's masks, its state (the adaptive
+      clip norm, error-feedback memory) in `MaskedFedAvgState.aggregator`
+      (`base.masked_fedavg`'s `aggregator`).
 
   Returns:
     FedAlgorithm over `base.MaskedFedAvgState`; `init(params, key, batch_stats=None, masks=None)`.
@@ -205,14 +210,16 @@ def prunefl(apply_fn: Callable, client_optimizer, schedule: LocalSchedule, *, pr
                              importance_batches=importance_batches, min_per_output=min_per_output,
                              loss_fn=loss_fn)
   return base.masked_fedavg(apply_fn, client_optimizer, schedule, rule, loss_fn=loss_fn,
-                            train_transform=train_transform)
+                            train_transform=train_transform, aggregator=aggregator)
 
 
 def prunefl_method(run: base.SparseRun, *, density: float, init_iterations: int = 5,
                    adjust_every: int = 50, adjust_end: int = 300, importance_batches: int = 1,
-                   min_per_output: int = 1) -> federated.Method:
+                   min_per_output: int = 1,
+                   aggregator: federated.Aggregator | None = None) -> federated.Method:
   """PruneFL end to end: `initial_masks` on the client with the most examples (the
-  "powerful" one, `init_iterations` train/prune cycles), then `prunefl` rounds.
+  "powerful" one, `init_iterations` train/prune cycles), then `prunefl` rounds (with
+  `aggregator`, see `prunefl`; its state is part of the server state: checkpointed).
 
   Returns:
     The `Method` (`base.masked_method`'s records and summary, plus the summary's
@@ -224,7 +231,8 @@ def prunefl_method(run: base.SparseRun, *, density: float, init_iterations: int 
   apply_fn = run.model.apply_for(run.spec)
   alg = prunefl(apply_fn, run.optimizer, run.schedule, prunable=prunable,
                 adjust_every=adjust_every, adjust_end=adjust_end,
-                importance_batches=importance_batches, min_per_output=min_per_output)
+                importance_batches=importance_batches, min_per_output=min_per_output,
+                aggregator=aggregator)
 
   def init_fn():
     num_examples = np.asarray(run.train.num_examples)

@@ -348,9 +348,9 @@ def test_resume_of_a_dp_and_compression_run_is_bit_identical(tmp_path, dp_run):
     assert arrays[k].tobytes() == ref_arrays[k].tobytes(), f"{k} differs after resume"
 
 
-def _sparse_config():
+def _hetero_config():
   from tests import test_method_contract as contract
-  return contract.sparse_config("fedtiny")
+  return contract.hetero_config("fiarse")
 
 
 @pytest.mark.parametrize("make,field,value,match", [
@@ -365,12 +365,14 @@ def _sparse_config():
     ("compress", "compression.topk_fraction", 0.0, "compression.topk_fraction"),
     ("compress", "compression.error_feedback", 1, "compression.error_feedback"),
     ("dp_median", "robust.aggregator", "median", "robust.aggregator"),
-    ("sparse_ef", "compression.error_feedback", True, "compression.error_feedback.*not supported"),
-    ("sparse_adaptive", "privacy.adaptive", True, "privacy.adaptive.*not supported"),
+    # Stateful options: the submodel family refuses them (the sparse family takes them:
+    # tests/federated/test_stateful_sparse.py).
+    ("hetero_ef", "compression.error_feedback", True, "compression.error_feedback.*not supported"),
+    ("hetero_adaptive", "privacy.adaptive", True, "privacy.adaptive.*not supported"),
 ])
 def test_bad_configs_name_the_field(make, field, value, match):
-  if make.startswith("sparse"):
-    config = _sparse_config()
+  if make.startswith("hetero"):
+    config = _hetero_config()
     dp_tiny.add_privacy(config, adaptive=False)
     compress_tiny.add_compression(config, error_feedback=False)
     config.privacy.count_stddev = 1.0
@@ -393,7 +395,7 @@ def test_stateless_dp_and_compression_validate_for_every_family():
                  contract.cavp_config("federated"), fedavg_tiny.get_config()):
     dp_tiny.add_privacy(config)
     compress_tiny.add_compression(config, error_feedback=False)
-    build.validate(config)  # accepted (stateful options are refused outside FedAvg: above)
+    build.validate(config)  # accepted (stateful options: FedAvg and sparse families only, above)
     assert build.aggregation_active(config), config.method
 
 
@@ -401,7 +403,8 @@ def test_stateless_dp_and_compression_validate_for_every_family():
 @pytest.mark.parametrize("family", sorted(_family_configs()))
 def test_every_family_runs_with_dp_and_compression(family, tmp_path):
   config = _family_configs()[family]()
-  stateful = family == "structured/asp"  # the FedAvg family: adaptive clipping, error feedback
+  # The FedAvg and sparse families: adaptive clipping, error feedback.
+  stateful = family == "structured/asp" or family.startswith("sparse/")
   dp_tiny.add_privacy(config, noise_multiplier=1.0, clip_norm=1.0, adaptive=stateful)
   config.privacy.count_stddev = 1.0
   compress_tiny.add_compression(config, bits=8, topk_fraction=0.5, error_feedback=stateful)
