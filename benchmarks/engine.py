@@ -5,10 +5,21 @@ Prints a table and writes JSON. All ratios come from one run on one machine.
   python benchmarks/engine.py                       # LEAF FEMNIST CNN + MLP + logistic, cohorts 1,8,32,128
   python benchmarks/engine.py --smoke               # tiny shapes, seconds (CI)
   python benchmarks/engine.py --models leaf_femnist_cnn,resnet18 --cohorts 8,32,128,512,1024   # GPU
-  python benchmarks/engine.py --models shakespeare_lstm,shakespeare_transformer --batch 10   # text
+  python benchmarks/engine.py --models shakespeare_lstm,shakespeare_transformer --tag _text   # text, ~20 min
 
 Workload: FedAvg, plain SGD (lr 0.01), batch B, S local steps per client on
 random data (every step real), one round = all cohort clients + aggregation.
+Image models: S 4, B 32 (cohorts 1, 8, 32, 128 on CPU, 8 ... 1024 on accelerators).
+Text models (issue 27), LEAF's Shakespeare setting: B 10 windows of 80 token ids
+(uniform in the 81-token vocabulary: the loader's shapes; throughput does not depend
+on the values), S 26 (one local epoch over the 256 windows per client that
+experiments/configs/fedavg_shakespeare.py keeps; 26 full batches here), cohorts 1 and
+10 on CPU (LEAF's 10 clients per round), 10, 64, 256 on accelerators; no unrolled
+candidate. `--steps`, `--batch`, `--cohorts` set them for every model. Text rows also
+give tokens/s (B x 80 per step), and the JSON's `models` the training FLOPs per token
+(accounting.training_flops / (B x 80), the head at the last position as the models are
+trained): GFLOP/s = tokens/s x FLOPs per token, and its % of the matmul ceiling, read
+as for the CNN.
 The per-client loop baseline is what the papers' code does: for each client,
 copy the server model and call a jitted SGD step S times from Python (data
 already on device and pre-sliced, so the loop pays only dispatch), then
@@ -237,6 +248,34 @@ def engine_round(spec, params, data, steps, batch, strategy, *, batch_stats=None
   return run
 
 
+# Per-model workload defaults: (local steps S, batch B, CPU cohorts, accelerator cohorts).
+IMAGE_WORKLOAD = (4, 32, (1, 8, 32, 128), (8, 32, 128, 512, 1024))
+# LEAF Shakespeare (experiments/configs/fedavg_shakespeare.py): batch 10, 1 local epoch over a
+# client's 256 capped windows = 26 steps (here all full); 10 clients per round. On a loaded
+# 2-core CPU a 10-client round of the LSTM took ~20 s (that config's docstring), so larger
+# cohorts are left to accelerators.
+TEXT_WORKLOAD = (26, 10, (1, 10), (10, 64, 256))
+
+
+def default_workload(spec, backend: str) -> tuple[int, int, tuple[int, ...]]:
+  """(local steps, batch, cohorts) a model is measured at unless the flags say otherwise."""
+  steps, batch, cpu, accel = TEXT_WORKLOAD if isinstance(spec, models.TEXT_SPECS) else IMAGE_WORKLOAD
+  return steps, batch, cpu if backend == "cpu" else accel
+
+
+def workload_info(spec, steps: int, batch: int) -> dict:
+  """What one local step of `spec` costs: params, training FLOPs per step (3 x forward,
+  accounting.training_flops); text models also tokens per step (B x seq_len) and training
+  FLOPs per token (per step / tokens: the head at the last position only, as trained)."""
+  info = dict(params=accounting.param_count(spec), steps=steps, batch=batch,
+              train_flops_per_step=accounting.training_flops(spec, batch))
+  if isinstance(spec, models.TEXT_SPECS):
+    tokens = batch * spec.seq_len
+    info.update(seq_len=spec.seq_len, vocab_size=spec.vocab_size, tokens_per_step=tokens,
+                train_flops_per_token=info["train_flops_per_step"] / tokens)
+  return info
+
+
 def _strategies(arg: str, cohort: int, has_conv: bool, unroll: int = 1) -> list[performance.Strategy]:
   if arg == "auto":
     return performance.candidate_strategies(cohort_size=cohort, has_conv=has_conv, unroll=unroll)
@@ -307,8 +346,13 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
   `compute_dtype`: the models' (engine and loops alike) GEMM dtype, e.g. bfloat16;
   the flax.linen reference stays float32 and is then skipped."""
   _, params, batch_stats = models.build(spec, jax.random.key(0))
-  step_flops = accounting.training_flops(spec, batch)
+  info = workload_info(spec, steps, batch)
+  step_flops = info["train_flops_per_step"]
+  is_text = isinstance(spec, models.TEXT_SPECS)
   has_conv = not isinstance(spec, (models.MLPSpec,) + models.TEXT_SPECS)
+  log(f"# {name}: {info['params']:,} params, {steps} local steps x batch {batch}"
+      + (f" windows of {spec.seq_len} tokens, {info['train_flops_per_token'] / 1e6:.3f} MFLOP "
+         "per token trained" if is_text else f", {step_flops / 1e9:.3f} GFLOP per step"))
   if loop_impls is None:
     loop_impls = ("lax", "im2col", "tapgrad") if has_conv else ("lax",)
   loop_impls = [i for i in loop_impls if has_conv or i == "lax"]
@@ -328,9 +372,11 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
                                                               batch, impl, batch_stats, compute_dtype)
       if with_flax_ref:
         makers["loop_flax_linen_ref"] = functools.partial(flax_linen_loop_round, data, steps, batch)
-    # 'auto' also tries the steps written out (every client here has `steps` of them).
-    unroll = federated.waste_free_unroll(np.asarray(data.num_examples),
-                                         federated.LocalSchedule(batch_size=batch))
+    # 'auto' also tries the steps written out (every client here has `steps` of them); not
+    # for text models: a local step (the LSTM: an 80-step scan, 0.1-0.2 s on a loaded 2-core
+    # CPU) dwarfs the loop's per-step overhead, and 4 written-out steps only add compile time.
+    unroll = 1 if is_text else federated.waste_free_unroll(np.asarray(data.num_examples),
+                                                           federated.LocalSchedule(batch_size=batch))
     for strategy in _strategies(strategies, cohort, has_conv, unroll):
       for mesh in meshes:
         label = strategy.name + (f"@{mesh.size}dev" if mesh is not None else "")
@@ -351,8 +397,9 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
     for k, (first, t, status) in entries.items():
       row = dict(model=name, cohort=cohort, strategy=k, status=status, round_s=t,
                  first_s=first, compile_s=(first - t) if (first is not None and t) else None,
-                 rounds_per_s=(1 / t) if t else None,
+                 steps=steps, batch=batch, rounds_per_s=(1 / t) if t else None,
                  client_steps_per_s=(client_steps / t) if t else None,
+                 tokens_per_s=(client_steps * info["tokens_per_step"] / t) if (t and is_text) else None,
                  gflops=(step_flops * client_steps / t / 1e9) if t else None,
                  speedup_vs_best_loop=(loop_best / t) if (t and loop_best) else None,
                  speedup_vs_best_shuffled_loop=(shuffled_best / t) if (t and shuffled_best) else None,
@@ -361,7 +408,8 @@ def bench_model(name, spec, cohorts, steps, batch, repeats, num_classes, log, *,
       row["pct_of_ceiling"] = (100 * row["gflops"] / ceiling) if (row["gflops"] and ceiling) else None
       rows.append(row)
       if t:
-        log(f"{name:18s} {cohort:5d} {k:40s} {t * 1e3:10.2f} {client_steps / t:12.1f} "
+        tokens = f"{row['tokens_per_s'] / 1e3:9.1f}" if row["tokens_per_s"] else f"{'-':>9s}"
+        log(f"{name:18s} {cohort:5d} {k:40s} {t * 1e3:10.2f} {client_steps / t:12.1f} {tokens} "
             f"{row['gflops']:9.1f} {row['pct_of_ceiling'] or 0:6.1f}% "
             f"{row['speedup_vs_best_loop'] or float('nan'):8.2f} "
             f"{row['speedup_vs_best_shuffled_loop'] or float('nan'):8.2f} {row['compile_s'] or 0:7.1f}s"
@@ -404,15 +452,17 @@ def _per_model(arg: str) -> dict[str, str]:
 
 
 COLUMNS = f"{'model':18s} {'C':>5s} {'strategy':40s} {'ms/round':>10s} {'cl-steps/s':>12s} " \
-          f"{'GFLOP/s':>9s} {'%ceil':>7s} {'vs loop':>8s} {'vs shuf':>8s} {'compile':>8s}"
+          f"{'ktok/s':>9s} {'GFLOP/s':>9s} {'%ceil':>7s} {'vs loop':>8s} {'vs shuf':>8s} {'compile':>8s}"
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", default="leaf_femnist_cnn,mlp,logistic")
-  parser.add_argument("--cohorts", default="")
-  parser.add_argument("--steps", type=int, default=4, help="local steps per client")
-  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--cohorts", default="", help="cohort sizes for every model (default: per model, "
+                      "the module docstring)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="local steps per client, every model (default: 4; text models 26)")
+  parser.add_argument("--batch", type=int, default=None, help="every model (default: 32; text models 10)")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--strategies", default="auto",
                       help="'auto' (performance.candidate_strategies) or names like vmap+lax,chunked32+lax")
@@ -444,17 +494,23 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.cpu_devices < 0:
     parser.error(f"--cpu-devices must be >= 0, got {args.cpu_devices}")
+  for flag in ("steps", "batch"):
+    if getattr(args, flag) is not None and getattr(args, flag) < 1:
+      parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+  names = args.models.split(",")
   performance.split_cpu_into_devices(args.cpu_devices or None)  # before JAX starts; no-op on GPU
   backend = jax.default_backend()
   cpu_meshes = [None]
   if backend == "cpu" and jax.device_count() > 1 and args.cpu_devices != 1:
     cpu_meshes.append(federated.client_mesh())
-  cohorts = [int(c) for c in args.cohorts.split(",")] if args.cohorts else (
-      [8, 32, 128, 512, 1024] if backend != "cpu" else [1, 8, 32, 128])
+  cohorts = [int(c) for c in args.cohorts.split(",")] if args.cohorts else None  # None: per model
   if args.smoke:
     cohorts, args.steps, args.batch, args.repeats = [2], 2, 8, 1
   loop_impls = args.loop_impls.split(",") if args.loop_impls else (None if backend == "cpu" else ["lax"])
   specs = model_specs(args.smoke)
+  unknown = [n for n in names if n not in specs]
+  if unknown:
+    parser.error(f"--models: unknown {unknown}; known: {sorted(specs)}")
   with _common.precision_scope(args.precision):
     size = _common.default_ceiling_size(args.smoke)
     compute_dtype = None if args.compute_dtype == "float32" else jnp.dtype(args.compute_dtype)
@@ -467,8 +523,9 @@ def main(argv=None):
           f"{ceiling_f32:.1f} GFLOP/s (f32 highest)")
     print(COLUMNS)
     out = _common.out_path(f"engine{args.tag}", args.smoke, args.out, args.out_dir)
+    # steps/batch: the flags' values (None: each model's default; every row and `models` has its own)
     result = dict(
-        benchmark="engine", **_common.device_info(), steps=args.steps, batch=args.batch,
+        benchmark="engine", **_common.device_info(), steps=args.steps, batch=args.batch, models={},
         matmul_ceiling_gflops=ceiling, matmul_ceiling_f32_gflops=ceiling_f32, precision=args.precision,
         compute_dtype=args.compute_dtype,
         donate=args.donate, remat=args.remat, cpu_devices=jax.device_count() if backend == "cpu" else None,
@@ -482,12 +539,15 @@ def main(argv=None):
 
     model_cohorts = _per_model(args.model_cohorts)
     model_strategies = _per_model(args.model_strategies)
-    for name in args.models.split(","):
+    for name in names:
       deadline = time.time() + args.time_budget if args.time_budget else None
-      these = cohorts
+      steps, batch, these = default_workload(specs[name], backend)
+      steps, batch = args.steps or steps, args.batch or batch
+      these = cohorts or list(these)
       if name in model_cohorts and not args.smoke:
         these = [int(c) for c in model_cohorts[name].split(",")]
-      done += bench_model(name, specs[name], these, args.steps, args.batch, args.repeats,
+      result["models"][name] = workload_info(specs[name], steps, batch)
+      done += bench_model(name, specs[name], these, steps, batch, args.repeats,
                           specs[name].num_classes, print,
                           strategies=model_strategies.get(name, args.strategies),
                           loop_impls=loop_impls, max_loop_cohort=args.max_loop_cohort or None,

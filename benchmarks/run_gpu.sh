@@ -25,6 +25,9 @@
 #   ONLY=engine_resnet bash benchmarks/run_gpu.sh        # ResNet-18 at 8, 32, 64 clients (limit 280 s)
 #   ONLY=engine_resnet_bf16 bash benchmarks/run_gpu.sh   # the same with bf16 GEMMs (mixed precision;
 #                                                        # % of a bf16 matmul ceiling)
+# and the text models (issue 27; LEAF Shakespeare: batch 10 windows of 80, 26 local steps), one
+# step each (limit 280 s, one JSON each), so that both fit one ~10-minute slice, or one a slice:
+#   ONLY=engine_text_lstm,engine_text_transformer bash benchmarks/run_gpu.sh
 set -u
 cd "$(dirname "$0")/.."
 
@@ -68,7 +71,7 @@ command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.tota
 
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
-OPTIONAL=",engine_resnet,engine_resnet_bf16,"  # steps that run only when ONLY names them
+OPTIONAL=",engine_resnet,engine_resnet_bf16,engine_text_lstm,engine_text_transformer,"  # run only when ONLY names them
 step() {  # step NAME LIMIT_S ARGS...: one benchmark under its own time limit
   local name=$1 limit=$2; shift 2
   if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
@@ -85,7 +88,8 @@ step() {  # step NAME LIMIT_S ARGS...: one benchmark under its own time limit
 
 O=(--out-dir "$RESULTS")
 if [ -n "$SMOKE" ]; then
-  step engine 120 benchmarks/engine.py --smoke --models leaf_femnist_cnn,resnet18 --out "$RESULTS/engine_gpu_smoke.json"
+  step engine 150 benchmarks/engine.py --smoke --models leaf_femnist_cnn,resnet18,shakespeare_lstm,shakespeare_transformer \
+    --out "$RESULTS/engine_gpu_smoke.json"
   step pfl_reference 60 benchmarks/pfl_reference.py --smoke "${O[@]}"
   step pruning_payoff 60 benchmarks/pruning_payoff.py --smoke "${O[@]}"
   step memory 60 benchmarks/memory.py --smoke --remat --verify "${O[@]}"
@@ -109,6 +113,15 @@ else
   step engine_resnet_bf16 280 benchmarks/engine.py --models resnet18 --cohorts 8,32,64 \
     --strategies vmap+im2col,vmap+lax,chunked16+im2col --loop-impls lax,im2col --no-shuffled-loop \
     --donate --repeats 2 --time-budget 260 --compute-dtype bfloat16 --tag _resnet18_bf16 "${O[@]}"
+  # Text models at cohorts 10, 64, 256 (engine.py's accelerator default for them): vmap, and chunks
+  # of 64 at 256 clients; the per-client loop up to 64 clients (at 256 it is ~4x the 64-client
+  # loop: nothing new for the time). The sequential strategy (a loop in the graph) is left out
+  # for the same reason. JSON written after every cohort: a cut step keeps what it measured.
+  for m in lstm transformer; do
+    step engine_text_$m 280 benchmarks/engine.py --models shakespeare_$m --strategies vmap+lax,chunked64+lax \
+      --loop-impls lax --max-loop-cohort 64 --no-shuffled-loop --donate --repeats 2 --time-budget 250 \
+      --tag _text_$m "${O[@]}"
+  done
   step pfl_reference 120 benchmarks/pfl_reference.py --strategy vmap+im2col+lowrank "${O[@]}"
   step pruning_payoff 40 benchmarks/pruning_payoff.py --model leaf_femnist_cnn --cohort 64 "${O[@]}"
   # Memory with and without factored dense kernels (remat saved nothing for this model on an H100).

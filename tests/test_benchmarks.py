@@ -58,6 +58,64 @@ def test_engine_benchmark_smoke(tmp_path):
     assert b["round_s"] == min(r["round_s"] for r in engine_rows)
 
 
+def test_engine_text_workload_is_the_leaf_shakespeare_setting():
+  # The text defaults are the dense Shakespeare config's client work: batch 10, one local epoch
+  # over a client's capped windows (26 batches of 10 for 256), its clients per round.
+  import math
+
+  from experiments.configs import fedavg_shakespeare
+  config = fedavg_shakespeare.get_config()
+  specs = engine.model_specs(False)
+  for name in ("shakespeare_lstm", "shakespeare_transformer"):
+    steps, batch, cohorts = engine.default_workload(specs[name], "cpu")
+    assert batch == config.client.batch_size and config.client.num_epochs == 1
+    assert steps == math.ceil(config.data.max_windows_per_client / batch)
+    assert config.clients_per_round in cohorts
+    assert config.clients_per_round in engine.default_workload(specs[name], "gpu")[2]
+  assert engine.default_workload(specs["leaf_femnist_cnn"], "cpu") == (4, 32, (1, 8, 32, 128))
+
+
+def test_engine_text_flops_per_token_by_hand():
+  # Training FLOPs per token = 3 x 2 x MACs per token: every token passes every recurrent
+  # (or attention/FFN) weight once; the head runs at the last position only (1/T per token).
+  specs = engine.model_specs(False)
+  lstm = engine.workload_info(specs["shakespeare_lstm"], 26, 10)
+  macs = 4 * 256 * (8 + 256) + 4 * 256 * (256 + 256) + 256 * 81 / 80
+  assert lstm["train_flops_per_token"] == pytest.approx(6 * macs)
+  assert (lstm["tokens_per_step"], lstm["params"]) == (800, 818_137)
+  tr = engine.workload_info(specs["shakespeare_transformer"], 26, 10)
+  d, t = 128, 80  # 4 blocks: q, k, v, o (4 d^2), FFN (2 x d x 4d), scores and weights x v (2 T d)
+  macs = 4 * (4 * d * d + 2 * d * 4 * d + 2 * t * d) + d * 81 / t
+  assert tr["train_flops_per_token"] == pytest.approx(6 * macs)
+  assert "train_flops_per_token" not in engine.workload_info(specs["mlp"], 4, 32)
+
+
+@pytest.mark.parametrize("model", ["shakespeare_lstm",  # ~3 s of compiling on 2 idle cores
+                                   pytest.param("shakespeare_transformer", marks=pytest.mark.slow)])
+def test_engine_text_models_quick(tmp_path, model):
+  # A text model through the whole benchmark at tiny size: the round vs the per-client loop,
+  # tokens/s and the FLOP rate per token consistent with the accounting.
+  out = str(tmp_path / "engine_text.json")
+  engine.main(["--smoke", "--models", model, "--strategies", "vmap+lax", "--no-shuffled-loop",
+               "--cpu-devices", "1", "--out", out])
+  saved = _load(out)
+  specs = engine.model_specs(True)
+  assert {(r["model"], r["strategy"]) for r in saved["rows"]} == {(model, "loop+lax"), (model, "vmap+lax")}
+  for row in saved["rows"]:
+    spec, info = specs[row["model"]], saved["models"][row["model"]]
+    assert row["status"] == "ok" and (row["steps"], row["batch"]) == (2, 8) == (info["steps"], info["batch"])
+    tokens = row["cohort"] * row["steps"] * row["batch"] * spec.seq_len
+    assert row["tokens_per_s"] == pytest.approx(tokens / row["round_s"])
+    assert info["train_flops_per_token"] * tokens == pytest.approx(
+        accounting.training_flops(spec, 8) * row["cohort"] * row["steps"])
+    assert row["gflops"] == pytest.approx(info["train_flops_per_token"] * row["tokens_per_s"] / 1e9)
+    assert row["pct_of_ceiling"] == pytest.approx(100 * row["gflops"] / saved["matmul_ceiling_gflops"])
+    loop = next(r for r in saved["rows"] if r["model"] == row["model"] and r["strategy"] == "loop+lax")
+    assert row["speedup_vs_best_loop"] == pytest.approx(loop["round_s"] / row["round_s"])
+  with pytest.raises(SystemExit):  # a misspelt model is refused by name, before any timing
+    engine.main(["--smoke", "--models", "shakespeare_lstn", "--out", out])
+
+
 @pytest.mark.parametrize("model", ["leaf_femnist_cnn", "mlp"])
 def test_shuffled_loop_baseline_computes_the_engine_round(model):
   # The "same work" loop must be the engine's round written as a loop, or its ratio means nothing.
