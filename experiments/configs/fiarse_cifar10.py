@@ -49,7 +49,8 @@ def base_config(method: str = "fiarse") -> ml_collections.ConfigDict:
       fedrolex_eval_also=(), augment=True,
       sweep=SWEEP, sweep_every=100,
       scalefl_alpha=0.5, scalefl_temperature=3.0, scalefl_widths=(), scalefl_depths=(),
-      repartition="balanced_dirichlet", alpha=0.3, num_clients=100))
+      repartition="balanced_dirichlet", alpha=0.3, num_clients=100,
+      submodel_execution="masked"))  # or "grouped" (experiments/methods/hetero.py)
   c.rounds = 800
   c.clients_per_round = 10
   c.eval_every = 20

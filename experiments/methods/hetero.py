@@ -24,6 +24,13 @@ not ScaleFL, and without augment, repartition or layer-wise thresholds.
   sweep             extra global-test sizes (FIARSE's code: 1 ... 1/256), evaluated every sweep_every rounds
   scalefl_alpha, scalefl_temperature, scalefl_widths, scalefl_depths  (inferred ScaleFL options;
                     empty widths/depths = `scalefl.scalefl_levels`)
+  submodel_execution  HeteroFL/FedRolex/ScaleFL: 'masked' (default: every client runs the
+                    full-size model under its level's masks) or 'grouped' (each capacity
+                    level trains its really-smaller sliced model, one program per level,
+                    `heterofl.GroupedExecution`; same new global params up to float summation
+                    order). 'grouped' needs a named sequential strategy (under vmap every
+                    client would pay for every level), static or no BatchNorm, a CNN/ResNet
+                    model; a config without the field runs 'masked'
 
 Evaluation (FIARSE's `server.py`), every `eval_every` rounds and at the end, with
 `eval_batch_size` (20 = FIARSE's; static BN uses the batch's statistics):
@@ -60,6 +67,12 @@ METHODS = ("fiarse", "heterofl", "fedrolex", "scalefl")
 # the text models' widths are their LSTM units / heads / FFN units, `heterofl(spec=)`).
 WIDTH_MODELS = ("resnet18", "leaf_femnist_cnn") + build_lib.TEXT_MODELS
 ASSIGNMENTS = ("interleaved", "blocks")
+SUBMODEL_EXECUTIONS = ("masked", "grouped")
+
+
+def submodel_execution(config) -> str:
+  """config.hetero.submodel_execution, 'masked' where the config predates the field."""
+  return config.hetero.get("submodel_execution", "masked")
 
 
 def _capacity_tuple(config, path) -> tuple[float, ...]:
@@ -121,9 +134,40 @@ def validate(config) -> None:
                    and all(isinstance(d, int) and 1 <= d <= 4 for d in depths),
                    "hetero.scalefl_widths/scalefl_depths", (widths, depths),
                    f"both empty, or {n} widths in (0, 1] and {n} depths in [1, 4]")
+  _validate_grouped(config, method)
   if method == "scalefl" and config.strategy == "auto":
     raise build_lib.ConfigError("config.strategy='auto' is invalid for scalefl: allowed a named strategy "
                             "such as 'sequential+tapgrad' (CPU) or 'vmap+lax' (GPU)")
+
+
+def _validate_grouped(config, method) -> None:
+  """hetero.submodel_execution: 'grouped' only where a level's sliced model runs alone."""
+  execution = submodel_execution(config)
+  build_lib._require(execution in SUBMODEL_EXECUTIONS, "hetero.submodel_execution", execution,
+                     f"one of {SUBMODEL_EXECUTIONS}")
+  if execution != "grouped":
+    return
+  if method == "fiarse":
+    raise build_lib.ConfigError("config.hetero.submodel_execution='grouped' is invalid for fiarse: "
+                                "its submodels are unstructured magnitude masks, no smaller model; "
+                                "allowed 'masked'")
+  if config.model.name in build_lib.TEXT_MODELS:
+    raise build_lib.ConfigError(f"config.hetero.submodel_execution='grouped' is invalid with "
+                                f"model.name={config.model.name!r}: text models run masked; "
+                                "allowed 'masked'")
+  build_lib._require(config.model.get("norm", "none") in ("batch_static", "none"), "model.norm",
+                     config.model.get("norm"), "'batch_static' or 'none' with "
+                     "hetero.submodel_execution='grouped' (running statistics of a sliced "
+                     "model have no full-size counterpart)")
+  try:
+    strategy = performance.Strategy.from_name(config.strategy)
+  except ValueError:
+    strategy = None
+  if strategy is None or not isinstance(strategy.execution, federated.Sequential) or strategy.lowrank:
+    raise build_lib.ConfigError(
+        f"config.strategy={config.strategy!r} is invalid with hetero.submodel_execution='grouped': "
+        "allowed a named sequential strategy such as 'sequential+tapgrad' (each client runs its "
+        "level's program alone; under vmap every client would pay for every level)")
 
 
 def extendable(config) -> str | None:
@@ -169,9 +213,12 @@ def width_keys(config, params) -> dict:
   return dict(input_keys=r"^conv_0$", output_keys=f"^{dense[-1]}$", flatten_keys=r"^dense_0$")
 
 
-def _method(config, apply_fn, params, schedule, train_transform, eval_window=None, spec=None):
+def _method(config, apply_fn, params, schedule, train_transform, eval_window=None, spec=None,
+            apply_for=None):
   """The method's `HeteroMethod` (`eval_window`: FedRolex's, default the config's; `spec`: the
-  model's, passed to HeteroFL/FedRolex for a text model, whose widths are its groups)."""
+  model's, passed to HeteroFL/FedRolex for a text model, whose widths are its groups;
+  `apply_for(level_spec[, exit_stages]) -> apply_fn` of a level's sliced model, for
+  hetero.submodel_execution='grouped')."""
   h, c = config.hetero, config.client
   opt = (optax.sgd(c.learning_rate, momentum=c.momentum or None) if c.optimizer == "sgd"
          else optax.adam(c.learning_rate))
@@ -181,6 +228,8 @@ def _method(config, apply_fn, params, schedule, train_transform, eval_window=Non
   if config.method == "fiarse":
     return fiarse_lib.fiarse(apply_fn, opt, schedule, grad=h.fiarse_grad, layerwise=h.layerwise, **kw)
   text = dict(spec=spec) if config.model.name in build_lib.TEXT_MODELS else {}
+  if submodel_execution(config) == "grouped":
+    kw["grouped"] = heterofl_lib.GroupedExecution(spec, apply_for)
   if config.method == "heterofl":
     return heterofl_lib.heterofl(apply_fn, opt, schedule, scaler=h.scaler,
                                  **width_keys(config, params), **text, **kw)
@@ -234,10 +283,14 @@ def build(config, env: runtime.Env) -> runtime.Run:
     params, batch_stats = models.init_early_exit_params(spec, exit_stages, init_key)
     make_raw = lambda conv_impl: models.make_early_exit_apply(spec, exit_stages, conv_impl=conv_impl,
                                                               compute_dtype=compute_dtype)
+    level_raw = lambda conv_impl: lambda s, exits: models.make_early_exit_apply(
+        s, exits, conv_impl=conv_impl, compute_dtype=compute_dtype)
   else:
     params, batch_stats = models.init_params(spec, init_key)
     make_raw = lambda conv_impl: models.make_apply(spec, conv_impl=conv_impl,
                                                    compute_dtype=compute_dtype)
+    level_raw = lambda conv_impl: lambda s: models.make_apply(s, conv_impl=conv_impl,
+                                                              compute_dtype=compute_dtype)
 
   def wrap(raw):
     def apply_fn(p, bs, x, *, train, example_mask=None):
@@ -261,12 +314,16 @@ def build(config, env: runtime.Env) -> runtime.Run:
     strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats, algorithm_for, cohort(0))
   else:
     strategy = performance.Strategy.from_name(strategy_name)
-  env.log(f"{config.method}: client execution {strategy.name}, capacities {caps}")
+  env.log(f"{config.method}: client execution {strategy.name}, capacities {caps}, submodels "
+          f"{submodel_execution(config)}")
   apply_fn = wrap(make_raw(strategy.conv_impl))
   c = config.client
   schedule = strategy.schedule(federated.LocalSchedule(batch_size=c.batch_size, num_epochs=c.num_epochs,
                                                        num_steps=c.num_steps or None))
-  hetero = _method(config, apply_fn, params, schedule, train_transform, spec=spec)
+  raw_for = level_raw(strategy.conv_impl)
+  apply_for = lambda *level: wrap(raw_for(*level))  # a grouped level's sliced model
+  hetero = _method(config, apply_fn, params, schedule, train_transform, spec=spec,
+                   apply_for=apply_for)
   common = dict(spec=spec, params=params, batch_stats=batch_stats, key=init_key,
                 eval_apply=wrap(make_raw("lax")),
                 test=hetero_lib.LevelTest(data.test_x, data.test_y, data.test_clients,
@@ -278,7 +335,7 @@ def build(config, env: runtime.Env) -> runtime.Run:
   elif config.method == "fedrolex" and len(h.fedrolex_eval_also):
     # Same training; only the evaluated windows differ.
     alternatives = {w: _method(config, apply_fn, params, schedule, train_transform, eval_window=w,
-                             spec=spec)
+                             spec=spec, apply_for=apply_for)
                     for w in h.fedrolex_eval_also}
     method = fedrolex_lib.fedrolex_method(hetero, alternatives=alternatives, **common)
   else:

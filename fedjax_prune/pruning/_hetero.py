@@ -5,7 +5,9 @@ capacity (`ClientInfo.capacity`, the fraction of parameters it can train). All
 four methods run the full-size parameter pytree for every client and express the
 submodel as a function of the parameters (FIARSE: magnitude threshold; the width
 methods: channel masks), so clients of different capacities share one compiled,
-vmapped/scanned round. The server averages each coordinate over the clients that
+vmapped/scanned round. The width methods can instead train each level's sliced
+model (`heterofl.GroupedExecution`, one program per level) and scatter the update
+back to full shape. The server averages each coordinate over the clients that
 held (or touched) it: `federated.counted_contribution` / `finish_counted_mean`.
 
 Capacity levels are a static tuple of Python floats, e.g. (1, 1/4, 1/16, 1/64);
@@ -110,7 +112,12 @@ def default_maskable(params: Params) -> PyTree:
 def client_output(server: HeteroState, local_params: Params, local_stats: BatchStats,
                   present: PyTree, metrics: LocalMetrics) -> ClientOutput:
   """Packs a client's update w_server - w_client over the coordinates in `present`."""
-  delta = tree_lib.sub(server.params, local_params)
+  return delta_output(tree_lib.sub(server.params, local_params), local_stats, present, metrics)
+
+
+def delta_output(delta: Params, local_stats: BatchStats, present: PyTree,
+                 metrics: LocalMetrics) -> ClientOutput:
+  """Packs a client's update `delta` (w_server - w_client) over the coordinates in `present`."""
   return ClientOutput(HeteroSums(federated.counted_contribution(delta, present), local_stats,
                                  jnp.ones((), jnp.float32), metrics))
 

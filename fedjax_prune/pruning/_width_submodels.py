@@ -12,7 +12,9 @@ the classifier outputs are never sliced. The submodel is expressed as channel
 input channel i and output channel o are; BN scale and bias are masked too, so a
 dropped channel outputs exactly 0 under static BN). Its outputs equal the
 sliced model's, and every client, whatever its width, runs the same compiled
-program: the "masks over the full-size model" strategy.
+program: the "masks over the full-size model" strategy, the default. The option
+`grouped=GroupedExecution(spec, apply_for)` trains each level's genuinely smaller
+model instead (one program per level; section "grouped execution" below).
 
 Layers whose widths are equal get the same index set, so the residual-stream
 channels added together in a ResNet stay aligned.
@@ -67,9 +69,10 @@ submodel keeps ceil(r W) units of every group:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +80,7 @@ import numpy as np
 import optax
 
 from fedjax_prune import models, structured
+from fedjax_prune import tree as tree_lib
 from fedjax_prune.masks import _ops as masks_lib
 from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, LocalSchedule,
                                     make_local_train, softmax_cross_entropy)
@@ -84,6 +88,7 @@ from fedjax_prune.masks._filters import path_str
 from fedjax_prune.models._text import check_params as _text_check_params
 from fedjax_prune.pruning import _hetero
 from fedjax_prune.pruning._hetero import HeteroMethod, HeteroState
+from fedjax_prune.structured._graph import resize as _resize_spec
 from fedjax_prune.types import Masks, Params, PyTree
 
 EVAL_WINDOWS = ("extraction", "last_round", "prefix")  # FedRolex: which window a level is evaluated on
@@ -341,6 +346,181 @@ def _submodel_apply(apply_fn, masks, ratio, scaler: bool, output_keys: str,
   return apply
 
 
+# ----------------------------------------------------------------------------- grouped execution
+#
+# Per-capacity-group execution (`GroupedExecution`): a client of level l trains the level's
+# genuinely smaller model (its width-r channels gathered out of the full-size params, and for
+# ScaleFL only its first d stages), and its update is scattered back to full shape, so the
+# server's partial averaging is the masked strategy's. The gathered channel order is the
+# window's, (offset + j) mod C for j < k, on every axis of width C (HeteroFL: offset 0, the
+# prefix); the same order on every layer is a consistent permutation of the kept channels,
+# so the sliced model computes what the masked full-size model computes.
+
+
+class GroupedExecution(NamedTuple):
+  """Per-capacity-group execution of a width method (`heterofl(grouped=...)`).
+
+  Each capacity level trains its really-smaller submodel: one traced program per level
+  inside the round (a `lax.switch` on the client's level), instead of every client running
+  the full-size model under its level's masks (the default, `grouped=None`). The new
+  global params equal the masked strategy's up to float summation order.
+
+  It pays off where clients run one after another (`federated.Sequential()`, the CPU
+  default): each client runs only its level's program. Under `federated.Vmap()` /
+  `Chunked(n)` JAX turns the switch into a select over every level's program, so each
+  client pays for all levels (about 1.33x the masked cost for capacities {1, 1/4, 1/16,
+  1/64}): keep the default there.
+
+  Attributes:
+    spec: the full-size model's spec (MLPSpec, ConvNetSpec or ResNetSpec; ScaleFL: the
+      backbone ResNetSpec its early-exit model was built from).
+    apply_for: `apply_for(level_spec) -> apply_fn` of a level's sliced model (e.g.
+      `lambda s: models.make_apply(s)`); ScaleFL: `apply_for(level_spec, exit_stages) ->
+      apply_fn` of the early-exit model of the level's width-sliced, depth-truncated spec
+      (`models.make_early_exit_apply`).
+  """
+  spec: Any
+  apply_for: Callable
+
+
+def static_keep_count(size: int, ratio: float) -> int:
+  """`keep_count` as a Python int for a static ratio (same float32 arithmetic)."""
+  k = np.ceil(np.float32(ratio) * np.float32(size) - np.float32(1e-4))
+  return int(np.clip(k, 1, size))
+
+
+def _flat(tree) -> dict[tuple[str, ...], Any]:
+  return {tuple(path_str(p).split("/")): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+  out: dict = {}
+  for keys, x in flat.items():
+    node = out
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = x
+  return out
+
+
+def _width_cuts(params: Params, input_keys: str, output_keys: str, flatten_keys: str
+                ) -> dict[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
+  """Leaf path -> ((axis from the end, channels C, positions P), ...): the axes `width_masks`
+  slices (input index p * C + c for a flattened [H, W, C] input), the same rule."""
+  inp, out, flat = re.compile(input_keys), re.compile(output_keys), re.compile(flatten_keys)
+  conv_outs = [np.shape(p)[-1] for p in jax.tree.leaves(params) if len(np.shape(p)) == 4]
+  cuts = {}
+  for keys, p in _flat(params).items():
+    top, shape, c = keys[0], np.shape(p), []
+    if len(shape) >= 2:
+      ci, co = shape[-2], shape[-1]
+      if flat.search(top):
+        if not conv_outs or ci % conv_outs[-1]:
+          raise ValueError(f"flatten_keys matched {top!r}, whose input size {ci} is not a multiple "
+                           f"of the last conv's output channels {conv_outs[-1:] or 'none'}")
+        c.append((-2, conv_outs[-1], ci // conv_outs[-1]))
+      elif not inp.search(top):
+        c.append((-2, ci, 1))
+      if not out.search(top):
+        c.append((-1, co, 1))
+    elif len(shape) == 1 and not out.search(top):
+      c.append((-1, shape[0], 1))
+    cuts[keys] = tuple(c)
+  return cuts
+
+
+def _window_indices(size: int, positions: int, ratio: float, offset) -> jax.Array:
+  """The kept input/output indices of one axis, in window order (module section comment)."""
+  k = static_keep_count(size, ratio)
+  if isinstance(offset, int):  # static (HeteroFL, ScaleFL): constant indices
+    win = (offset + np.arange(k)) % size
+    return jnp.asarray((np.arange(positions)[:, None] * size + win[None, :]).reshape(-1), jnp.int32)
+  win = jnp.mod(jnp.asarray(offset, jnp.int32) + jnp.arange(k, dtype=jnp.int32), size)
+  return (jnp.arange(positions, dtype=jnp.int32)[:, None] * size + win[None, :]).reshape(-1)
+
+
+class _LevelPlan(NamedTuple):
+  """How a level's sliced params come out of (and go back into) the full-size params.
+
+  Attributes:
+    sources: sliced-model leaf path -> full-size leaf path (ScaleFL's exit{d} -> head).
+    cuts: full-size leaf path -> its sliced axes (`_width_cuts`).
+    ratio: the level's width ratio.
+  """
+  sources: dict
+  cuts: dict
+  ratio: float
+
+  def gather(self, params: Params, offset) -> Params:
+    """The level's sliced params [..., k_in, k_out] out of the full-size `params`."""
+    flat = _flat(params)
+    out = {}
+    for dst, src in self.sources.items():
+      x = flat[src]
+      for axis, size, positions in self.cuts[src]:
+        idx = _window_indices(size, positions, self.ratio, offset)
+        x = jnp.take(x, idx, axis=axis, mode="clip", unique_indices=True, indices_are_sorted=False)
+      out[dst] = x
+    return _nest(out)
+
+  def scatter(self, sliced: Params, like: Params, offset) -> Params:
+    """A full-size tree shaped like `like`: `sliced` at its coordinates, 0 elsewhere."""
+    flat_like, flat_sliced = _flat(like), _flat(sliced)
+    out = {keys: jnp.zeros_like(x) for keys, x in flat_like.items()}
+    for dst, src in self.sources.items():
+      x, cuts = flat_sliced[dst], self.cuts[src]
+      idx = {axis: _window_indices(size, positions, self.ratio, offset)
+             for axis, size, positions in cuts}
+      if -2 in idx and -1 in idx:
+        where = (Ellipsis, idx[-2][:, None], idx[-1][None, :])
+      elif -2 in idx:
+        where = (Ellipsis, idx[-2], slice(None))
+      elif -1 in idx:
+        where = (Ellipsis, idx[-1])
+      else:
+        out[src] = x
+        continue
+      out[src] = out[src].at[where].set(x, mode="promise_in_bounds", unique_indices=True)
+    return _nest(out)
+
+
+def _level_plan(params: Params, ratio: float, depth: int | None, input_keys: str,
+                output_keys: str, flatten_keys: str) -> _LevelPlan:
+  """The static plan of the width-`ratio` (depth-`depth`) level over `params`' shapes."""
+  cuts = _width_cuts(params, input_keys, output_keys, flatten_keys)
+  stages = _flat(leaf_stages(params)) if depth is not None else None
+  last = max(stages.values()) if stages else None
+  sources = {}
+  for keys in cuts:
+    if depth is None or depth == last:
+      sources[keys] = keys
+    elif stages[keys] <= depth and keys[0] != "head":
+      m = _EXIT.match(keys[0])
+      if m and int(m.group(1)) == depth:  # the truncated model's head is this level's exit
+        sources[("head",) + keys[1:]] = keys
+      else:
+        sources[keys] = keys
+  return _LevelPlan(sources, cuts, float(ratio))
+
+
+def _level_spec(spec, ratio: float, depth: int | None):
+  """The spec of a level's sliced model: every channel group of width C keeps
+  `keep_count(C, ratio)`; with `depth`, only the first `depth` stages (ResNetSpec)."""
+  if depth is not None and depth < len(spec.stage_widths):
+    spec = dataclasses.replace(spec, stage_widths=spec.stage_widths[:depth],
+                               stage_strides=spec.stage_strides[:depth],
+                               inner_widths=spec.inner_widths[:depth])
+  return _resize_spec(spec, {g.name: static_keep_count(g.width, ratio)
+                             for g in structured.groups(spec)})
+
+
+def grouped_level_specs(grouped: GroupedExecution, widths: Sequence[float],
+                        depths: Sequence[int] | None = None) -> tuple:
+  """The sliced spec each level's program trains (`GroupedExecution`), in level order."""
+  return tuple(_level_spec(grouped.spec, float(w), None if depths is None else int(d))
+               for w, d in zip(widths, depths if depths is not None else [None] * len(widths)))
+
+
 def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
                  schedule: LocalSchedule, *, capacities: Sequence[float],
                  widths: Sequence[float] | None = None, depths: Sequence[int] | None = None,
@@ -349,7 +529,9 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
                  loss_fn_for_depth: Callable | None = None, exit_index_for_depth: Callable | None = None,
                  loss_fn: Callable = softmax_cross_entropy, train_transform: Callable | None = None,
                  input_keys: str = INPUT_KEYS, output_keys: str = OUTPUT_KEYS,
-                 flatten_keys: str = NO_KEYS, spec=None) -> HeteroMethod:
+                 flatten_keys: str = NO_KEYS, spec=None,
+                 grouped: GroupedExecution | None = None,
+                 exit_stages: Sequence[int] | None = None) -> HeteroMethod:
   """The shared HeteroFL / FedRolex / ScaleFL algorithm (see the public factories).
 
   `eval_window` (rolling only; `fedrolex`'s docstring): the window offset a level is
@@ -357,6 +539,9 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
   'last_round' = round_idx - 1 (the window the last round trained), 'prefix' = 0.
   `spec`: None (widths from the param names and the `*_keys` regexes) or a text spec
   (LSTMSpec / TransformerSpec: widths are its structured groups, module docstring).
+  `grouped`: None (every client runs the full-size model under its level's masks) or a
+  `GroupedExecution` (each level trains its sliced model; CNN/MLP specs, static BN).
+  `exit_stages` (ScaleFL with `grouped`): the stages the early-exit model exits after.
   """
   caps = _hetero.check_capacities(capacities)
   if eval_window not in EVAL_WINDOWS:
@@ -380,6 +565,14 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
   if not server_learning_rate > 0:
     raise ValueError(f"server_learning_rate must be > 0, got {server_learning_rate}")
   client_optimizer = _hetero.check_optimizer(client_optimizer)
+  if grouped is not None:
+    if not isinstance(grouped, GroupedExecution):
+      raise TypeError(f"grouped must be a GroupedExecution or None, got {grouped!r}")
+    if text:
+      raise ValueError("grouped execution slices the channel groups of an MLP/ConvNet/ResNet "
+                       "spec; text models run masked (pass grouped=None)")
+    if depths is not None and exit_stages is None:
+      raise ValueError("grouped execution of depth levels (ScaleFL) needs exit_stages")
   widths_L = jnp.asarray(widths, jnp.float32)
   depths_L = None if depths is None else jnp.asarray(depths, jnp.int32)
 
@@ -400,8 +593,62 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
       masks = jax.tree.map(jnp.logical_and, masks, depth_masks(params, depths_L[level]))
     return masks
 
+  if grouped is not None:
+    level_depths = [None] * len(caps) if depths is None else [int(d) for d in depths]
+    level_specs = grouped_level_specs(grouped, widths, depths)
+    num_outputs = None if depths is None else len(exit_stages) + 1
+
+    def level_apply(level):
+      if depths is None:
+        return grouped.apply_for(level_specs[level])
+      return grouped.apply_for(level_specs[level],
+                               tuple(s for s in exit_stages if s < level_depths[level]))
+
+    level_applies = tuple(level_apply(l) for l in range(len(caps)))
+
+    def level_plan(params, level):
+      return _level_plan(params, widths[level], level_depths[level], input_keys, output_keys,
+                         flatten_keys)
+
+    def sliced_apply(level):
+      # The masked strategy's forward pass (`_submodel_apply`) on the sliced params: the
+      # scaler's 1/r, and ScaleFL's exits beyond the level's depth as zero logits (the
+      # distillation loss gives them weight 0).
+      apply_fn_l = level_applies[level]
+      factor = np.float32(1.0) / np.float32(widths[level])
+
+      def apply(params, batch_stats, x, *, train, example_mask=None):
+        p = scale(params, factor) if scaler else params
+        logits, stats = apply_fn_l(p, batch_stats, x, train=train, example_mask=example_mask)
+        if num_outputs is not None and logits.shape[1] < num_outputs:
+          logits = jnp.pad(logits, ((0, 0), (0, num_outputs - logits.shape[1]), (0, 0)))
+        return logits, stats
+      return apply
+
+    level_trains = tuple(
+        make_local_train(sliced_apply(l), client_optimizer, schedule,
+                         loss_fn=loss_fn if depths is None else loss_fn_for_depth(level_depths[l]),
+                         train_transform=train_transform)
+        for l in range(len(caps)))
+
+    def check_grouped(params, batch_stats):
+      if batch_stats:
+        raise ValueError("grouped execution needs static BatchNorm (norm='batch_static') or no "
+                         "BatchNorm: running statistics of a sliced model have no full-size "
+                         "counterpart to average")
+      x = jax.ShapeDtypeStruct((1,) + tuple(grouped.spec.input_shape), jnp.float32)
+      for level in range(len(caps)):
+        sliced = jax.eval_shape(lambda p: level_plan(p, level).gather(p, 0), params)
+        try:
+          jax.eval_shape(lambda p, x: level_applies[level](p, {}, x, train=True), sliced, x)
+        except ValueError as err:
+          raise ValueError(f"grouped execution: level {caps[level]}'s sliced params do not fit "
+                           f"its spec {level_specs[level]}: {err}") from None
+
   def init(params: Params, key: jax.Array, batch_stats=None) -> HeteroState:
     del key
+    if grouped is not None:
+      check_grouped(params, batch_stats)
     if text:
       _text_check_params(spec, params)
     elif any(path_str(p).endswith("/embedding") for p, _ in
@@ -410,6 +657,28 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
       raise ValueError("these params have an embedding table (a text model): pass spec= its "
                        "LSTMSpec / TransformerSpec, so the widths are its units and heads")
     return _hetero.init_state(params, batch_stats, lambda p: ())
+
+  def grouped_client_update(state: HeteroState, data, info: ClientInfo, key: jax.Array
+                            ) -> ClientOutput:
+    level = _hetero.level_index(caps, info.capacity)
+    offset = state.round_idx if rolling else 0
+    present = ownership(state.params, level, offset)
+
+    def branch(l):
+      # `offset` is closed over: HeteroFL's 0 stays a Python int (constant indices).
+      def run(params, data, key):
+        plan = level_plan(params, l)
+        sliced = plan.gather(params, offset)
+        local, metrics = level_trains[l](sliced, state.batch_stats, data, key)
+        return plan.scatter(tree_lib.sub(sliced, local.params), params, offset), metrics
+      return run
+
+    operands = (state.params, data, key)
+    if len(caps) == 1:
+      delta, metrics = branch(0)(*operands)
+    else:  # one program per level; the client runs its own (`GroupedExecution`)
+      delta, metrics = jax.lax.switch(level, [branch(l) for l in range(len(caps))], *operands)
+    return _hetero.delta_output(delta, state.batch_stats, present, metrics)
 
   def client_update(state: HeteroState, data, info: ClientInfo, key: jax.Array) -> ClientOutput:
     level = _hetero.level_index(caps, info.capacity)
@@ -454,4 +723,5 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
       return params, jnp.zeros((), jnp.int32)
     return params, exit_index_for_depth(depths_L[level])
 
-  return HeteroMethod(FedAlgorithm(init, client_update, server_update), submodel)
+  return HeteroMethod(FedAlgorithm(init, client_update if grouped is None else grouped_client_update,
+                                   server_update), submodel)

@@ -40,11 +40,11 @@ from fedjax_prune.federated import LocalSchedule, softmax_cross_entropy
 from fedjax_prune.pruning import _hetero
 from fedjax_prune.pruning._hetero import HeteroMethod
 from fedjax_prune.pruning._width_submodels import (EVAL_WINDOWS, INPUT_KEYS, NO_KEYS, OUTPUT_KEYS,
-                                                   channel_keep, text_width_masks, width_masks,
-                                                   width_method)
+                                                   GroupedExecution, channel_keep, text_width_masks,
+                                                   width_masks, width_method)
 
-__all__ = ["EVAL_WINDOWS", "fedrolex_method", "channel_keep", "fedrolex", "text_width_masks",
-           "width_masks"]
+__all__ = ["EVAL_WINDOWS", "GroupedExecution", "fedrolex_method", "channel_keep", "fedrolex",
+           "text_width_masks", "width_masks"]
 
 
 def fedrolex(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
@@ -53,11 +53,14 @@ def fedrolex(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
              eval_window: str = "extraction", server_learning_rate: float = 1.0,
              loss_fn: Callable = softmax_cross_entropy, train_transform: Callable | None = None,
              input_keys: str = INPUT_KEYS, output_keys: str = OUTPUT_KEYS,
-             flatten_keys: str = NO_KEYS, spec=None) -> HeteroMethod:
+             flatten_keys: str = NO_KEYS, spec=None,
+             grouped: GroupedExecution | None = None) -> HeteroMethod:
   """FedRolex: HeteroFL with a rolling channel window (offset = round index mod C).
 
-  Arguments as `heterofl` (`flatten_keys` and `spec` included: on a text model the window
-  rolls over each block's heads and FFN units, or each LSTM layer's units), plus:
+  Arguments as `heterofl` (`flatten_keys`, `spec` and `grouped` included: on a text model the
+  window rolls over each block's heads and FFN units, or each LSTM layer's units; with
+  `grouped` each level gathers its window's channels, in window order, into its sliced
+  model, so a level's program does not depend on the round), plus:
     eval_window: which channel window a width-r level is evaluated on (module docstring):
       'extraction' (default) the window the official server's `split_model` extracts at
       evaluation time, offset = completed rounds; 'last_round' the window the last round
@@ -72,7 +75,8 @@ def fedrolex(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
                       rolling=True, eval_window=eval_window, scaler=scaler,
                       server_learning_rate=server_learning_rate, loss_fn=loss_fn,
                       train_transform=train_transform, input_keys=input_keys,
-                      output_keys=output_keys, flatten_keys=flatten_keys, spec=spec)
+                      output_keys=output_keys, flatten_keys=flatten_keys, spec=spec,
+                      grouped=grouped)
 
 
 def fedrolex_method(hetero: HeteroMethod, *, alternatives: Mapping[str, HeteroMethod] | None = None,

@@ -26,6 +26,13 @@ Text models (LSTM, transformer) run unchanged: the ranking is over parameter
 entries, whatever the architecture; LayerNorm scale/bias stay dense
 (`default_maskable`).
 
+No per-capacity-group execution (the width methods' `GroupedExecution`): a FIARSE
+submodel is an unstructured magnitude mask, scattered over every layer's full shape
+and re-evaluated at every step, so no level has a smaller dense model to run; one
+program per level would run the same full-size dense convolutions and matmuls as the
+masked round (XLA's dense kernels cost the same whatever the zeros), adding L compiles
+and a branch per client for no saving. A speed-up would need sparse kernels.
+
 References:
   Wu et al., FIARSE: Model-Heterogeneous Federated Learning via Importance-Aware
   Submodel Extraction, NeurIPS 2024 (arXiv 2407.19389); code

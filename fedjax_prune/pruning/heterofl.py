@@ -18,12 +18,13 @@ from fedjax_prune import federated
 from fedjax_prune.federated import LocalSchedule, softmax_cross_entropy
 from fedjax_prune.pruning import _hetero
 from fedjax_prune.pruning._hetero import HeteroMethod
-from fedjax_prune.pruning._width_submodels import (INPUT_KEYS, NO_KEYS, OUTPUT_KEYS, channel_keep, keep_count,
+from fedjax_prune.pruning._width_submodels import (INPUT_KEYS, NO_KEYS, OUTPUT_KEYS, GroupedExecution,
+                                                   channel_keep, grouped_level_specs, keep_count,
                                                    sqrt_widths, text_width_masks, text_widths,
                                                    width_masks, width_method)
 
-__all__ = ["heterofl_method", "channel_keep", "heterofl", "keep_count", "sqrt_widths",
-           "text_width_masks", "text_widths", "width_masks"]
+__all__ = ["GroupedExecution", "heterofl_method", "channel_keep", "grouped_level_specs", "heterofl",
+           "keep_count", "sqrt_widths", "text_width_masks", "text_widths", "width_masks"]
 
 
 def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
@@ -32,7 +33,7 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
              server_learning_rate: float = 1.0, loss_fn: Callable = softmax_cross_entropy,
              train_transform: Callable | None = None, input_keys: str = INPUT_KEYS,
              output_keys: str = OUTPUT_KEYS, flatten_keys: str = NO_KEYS,
-             spec=None) -> HeteroMethod:
+             spec=None, grouped: GroupedExecution | None = None) -> HeteroMethod:
   """HeteroFL: static width-prefix submodels, partial averaging, static BN, scaler.
 
   Args:
@@ -56,6 +57,13 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
       head full), `text_width_masks`; widths default to `text_widths` (r = capacity for
       a transformer); the `*_keys` arguments do not apply. `_width_submodels` module
       docstring says why d_model stays full.
+    grouped: how clients run their submodels: None (default) = every client runs the
+      full-size model under its level's channel masks (one program for every level);
+      `GroupedExecution(spec, apply_for)` = each capacity level trains its really-smaller
+      width-sliced model (one program per level, the client's chosen by its level), with
+      its update scattered back to full shape: the same new global params up to float
+      summation order, faster where clients run one at a time (`federated.Sequential()`,
+      the CPU default); see `GroupedExecution`. Not for text models.
 
   Returns:
     HeteroMethod with HeteroState.
@@ -67,7 +75,8 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
   return width_method(apply_fn, client_optimizer, schedule, capacities=capacities, widths=widths,
                       rolling=False, scaler=scaler, server_learning_rate=server_learning_rate,
                       loss_fn=loss_fn, train_transform=train_transform, input_keys=input_keys,
-                      output_keys=output_keys, flatten_keys=flatten_keys, spec=spec)
+                      output_keys=output_keys, flatten_keys=flatten_keys, spec=spec,
+                      grouped=grouped)
 
 
 def heterofl_method(hetero: HeteroMethod, **kwargs) -> federated.Method:

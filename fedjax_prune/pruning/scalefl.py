@@ -22,10 +22,11 @@ from fedjax_prune.federated import LocalSchedule
 from fedjax_prune.masks._filters import path_str
 from fedjax_prune.pruning import _hetero
 from fedjax_prune.pruning._hetero import HeteroMethod
-from fedjax_prune.pruning._width_submodels import _EXIT, depth_masks, leaf_stages, width_method
+from fedjax_prune.pruning._width_submodels import (_EXIT, GroupedExecution, depth_masks, leaf_stages,
+                                                   width_method)
 from fedjax_prune.types import Params
 
-__all__ = ["scalefl_method", "depth_masks", "leaf_stages", "scalefl", "scalefl_levels", "self_distillation_loss",
+__all__ = ["GroupedExecution", "scalefl_method", "depth_masks", "leaf_stages", "scalefl", "scalefl_levels", "self_distillation_loss",
            "stage_param_fractions"]
 
 
@@ -111,7 +112,8 @@ def scalefl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
             depths: Sequence[int], num_exits: int, scaler: bool = True,
             distill_alpha: float = 0.5, temperature: float = 3.0,
             server_learning_rate: float = 1.0,
-            train_transform: Callable | None = None) -> HeteroMethod:
+            train_transform: Callable | None = None,
+            grouped: GroupedExecution | None = None) -> HeteroMethod:
   """ScaleFL: width + depth submodels with early exits and self-distillation.
 
   Args:
@@ -127,6 +129,12 @@ def scalefl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
     distill_alpha, temperature: self-distillation (`self_distillation_loss`).
     server_learning_rate: applied to the averaged update.
     train_transform: per-batch augmentation.
+    grouped: None (default: every client runs the full-size early-exit model under its
+      level's width and depth masks) or `GroupedExecution(spec, apply_for)` with the
+      backbone ResNetSpec and `apply_for(level_spec, exit_stages)` (e.g.
+      `models.make_early_exit_apply`): each level trains its really-smaller model, the
+      first d stages at width r with exit d as its head, one program per level (the
+      same new global params up to float summation order; `heterofl`'s `grouped`).
 
   Returns:
     HeteroMethod; `submodel` returns the level's exit index (depth - 1).
@@ -145,7 +153,7 @@ def scalefl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
       loss_fn_for_depth=lambda d: self_distillation_loss(d, num_exits, alpha=distill_alpha,
                                                          temperature=temperature),
       exit_index_for_depth=lambda d: jnp.asarray(d, jnp.int32) - 1,
-      train_transform=train_transform)
+      train_transform=train_transform, grouped=grouped, exit_stages=tuple(range(1, num_exits)))
 
 
 def scalefl_method(hetero: HeteroMethod, **kwargs) -> federated.Method:
