@@ -1,7 +1,7 @@
 """FedAvg with LEAF's char-LSTM (or a small transformer) on real Shakespeare (LEAF split).
 
 Commands (arg: comma-separated, 'lstm' or 'transformer', optionally 'tiny' and at most one
-method part: 'asp', 'fiarse', 'heterofl', 'fedrolex' (model default: transformer) or
+method part: 'asp', 'fiarse', 'heterofl', 'fedrolex', 'cavp' (model default: transformer) or
 'fedtiny' (model default: lstm); without a method part, FedAvg on the LSTM):
   python -m experiments.main --config experiments/configs/fedavg_shakespeare.py \
       --workdir workdir/shakespeare_lstm
@@ -12,6 +12,8 @@ method part: 'asp', 'fiarse', 'heterofl', 'fedrolex' (model default: transformer
       --workdir workdir/shakespeare_heterofl
   python -m experiments.main --config experiments/configs/fedavg_shakespeare.py:fedtiny,tiny \
       --workdir /tmp/t_fedtiny
+  python -m experiments.main --config experiments/configs/fedavg_shakespeare.py:cavp,tiny \
+      --workdir /tmp/t_cavp
 
 Data: TFF's Shakespeare files in ../shared/data/shakespeare (LEAF's data, one client per
 speaking role, TFF's own train/test split of each role's lines): 643 of the 715 roles
@@ -77,15 +79,28 @@ candidates, progressive prune-and-grow over 2 blocks input to output, the paper'
 (ΔT 10, T_end 300 per 500 rounds) scaled to `rounds` (tiny: a 1 x 32 LSTM, 2 candidates,
 all layers adjusted in rounds 1-2 of 4; at 1 x 16 the dense embedding table and biases
 alone are 22 % of the parameters, over the 0.2 budget).
+'cavp': complexity-aware training (CAT, experiments/methods/cavp.py, arXiv 2411.09127; the
+paper has no text model, so the gates here are our extension) in its federated mode: the
+clients' Bernoulli gates on the transformer's attention heads, FFN units and whole blocks
+(structures 'both'; with 'lstm': the LSTM's hidden units, 'units' only, since an LSTM layer
+has no residual path), the same client optimizer and schedule as the dense run, θ by
+projected SGD, a rebuild without the pruned structures every 20 rounds (tiny: every 2).
+The cost weights (gamma 1, alpha 1, beta 0.5) and θ's learning rate (0.1) are
+cavp_cifar10.py's, not tuned on text (choose them once on the dense run, REPRODUCE.md §2;
+'tiny' is a smoke run: measured, its single block's layer gate reaches 0 within its 4 rounds).
+Dense baseline through the same driver: --config.cavp.theta_learning_rate=0
+--config.cavp.theta_init=1.0.
 """
 import ml_collections
 
-from experiments.configs import asp_femnist_cnn, fedavg_synthetic, fedtiny_cifar10, fiarse_cifar10
+from experiments.configs import (asp_femnist_cnn, cavp_cifar10, fedavg_synthetic, fedtiny_cifar10,
+                                 fiarse_cifar10)
 
 MODELS = {"lstm": "shakespeare_lstm", "transformer": "shakespeare_transformer"}
 HETERO = ("fiarse", "heterofl", "fedrolex")
 # Method parts and the model each uses unless the arg names one.
-METHODS = {"asp": "lstm", **dict.fromkeys(HETERO, "transformer"), "fedtiny": "lstm"}
+METHODS = {"asp": "lstm", **dict.fromkeys(HETERO, "transformer"), "fedtiny": "lstm",
+           "cavp": "transformer"}
 CAPACITIES = (1.0, 1 / 4, 1 / 16)
 DENSITY = 0.2
 
@@ -162,6 +177,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.model.hidden = (32,)
       c.sparse.update(dict(num_candidates=2, progressive="all_layers", num_blocks=1,
                            adjust_every=1, adjust_end=3))
+  if method == "cavp":
+    c.method = "cavp"
+    c.cavp = cavp_cifar10.get_config("cpu,federated,both").cavp  # the three user parameters, ...
+    c.cavp.update(dict(structures="both" if model == "transformer" else "units",
+                       rebuild_every=2 if tiny else 20))
+    if not tiny:
+      c.strategy = "sequential+lax"  # a named strategy: cavp rebuilds the model ('auto' is refused)
   return c
 
 

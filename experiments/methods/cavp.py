@@ -25,6 +25,11 @@ Options (issue 26; each off in `cavp_cifar10.py`, so its results stay as recorde
   * `augment`: random crop (pad 4) + horizontal flip of the training batches (rounds
     and fine-tune), for image data.
 
+Text models (`shakespeare_lstm`: unit gates on its hidden units, structures 'units';
+`shakespeare_transformer`: heads, FFN units and whole blocks): no BatchNorm, so no
+recalibration (`recalibrate_after_rebuild` and `augment` are refused);
+`experiments/configs/fedavg_shakespeare.py:cavp` runs them.
+
 Metrics per round: the FedAvg ones plus alive/total units and layers, mean θ,
 fraction of θ in {0, 1}, the current model's params and FLOPs; evaluation
 uses the deterministic gates (θ >= final_threshold, alive).
@@ -81,12 +86,21 @@ def validate(config) -> None:
   build_lib._require(isinstance(per_example, bool), "cavp.per_example", per_example, "True or False")
   name = build_lib._get(config, "model.name")
   if name not in ("resnet20", "resnet56", "resnet18", "vgg11", "asp_femnist_cnn",
-                  "asp_celeba_cnn", "leaf_femnist_cnn"):
-    raise build_lib.ConfigError(f"config.model.name={name!r} is invalid for cavp: allowed a CNN or "
-                            "ResNet (gates need conv filters / residual blocks)")
-  if build_lib._get(config, "cavp.structures") != "units" and not name.startswith("resnet"):
+                  "asp_celeba_cnn", "leaf_femnist_cnn", *build_lib.TEXT_MODELS):
+    raise build_lib.ConfigError(f"config.model.name={name!r} is invalid for cavp: allowed a CNN, "
+                            "ResNet or text model (gates need conv filters / residual blocks / "
+                            f"LSTM units, heads and FFN units: {build_lib.TEXT_MODELS})")
+  if build_lib._get(config, "cavp.structures") != "units" and not (
+      name.startswith("resnet") or name == "shakespeare_transformer"):
     raise build_lib.ConfigError(f"config.cavp.structures={config.cavp.structures!r} is invalid for "
-                            f"model {name!r}: allowed 'units' (layer gates need a ResNet)")
+                            f"model {name!r}: allowed 'units' (layer gates need a ResNet or the "
+                            "transformer: an LSTM layer has no residual path)")
+  if name in build_lib.TEXT_MODELS:  # no BatchNorm to recalibrate, no images to crop
+    for field in ("recalibrate_after_rebuild", "augment"):
+      if config.cavp[field]:
+        raise build_lib.ConfigError(f"config.cavp.{field}=True is invalid for the text model "
+                                    f"{name!r}: allowed False (it has no BatchNorm statistics / "
+                                    "image inputs)")
   strategy = build_lib._get(config, "strategy")
   build_lib._require(strategy != "auto", "strategy", strategy,
                  "a named strategy such as 'sequential+lax' (cavp rebuilds the model, so the "
@@ -150,7 +164,9 @@ def build(config, env: runtime.Env) -> runtime.Run:
       theta_optimizer=theta_opt, schedule=schedule, options=options,
       weights=cavp_lib.CostWeights(gamma=c.gamma, alpha=c.alpha, beta=c.beta),
       rebuild_every=c.rebuild_every, num_rounds=config.rounds,
-      recalibration_x=_recalibration_sample(data.train, 1024),
+      # Text models have no BatchNorm statistics: nothing to recalibrate.
+      recalibration_x=(None if isinstance(spec, models.TEXT_SPECS)
+                       else _recalibration_sample(data.train, 1024)),
       recalibrate_after_rebuild=c.recalibrate_after_rebuild,
       recalibration_steps=c.recalibration_steps, fine_tune=fine_tune,
       finetune_data=data_lib.pool(data.train) if c.finetune_steps else None,

@@ -31,6 +31,16 @@ Ours (inferred; each an option, METHODS.md §3.3/§3.7 ambiguities A3.1-A3.6):
     computation of the stream); layer gates ξ_B on the residual branch of
     the blocks with an identity shortcut only (the others carry the stride /
     width change and cannot be deleted; `structured.drop_blocks`).
+  * text models (our extension: the paper has no sequence model), through the
+    models' structure gates (`models.make_apply`) and the text surgery
+    (`structured.text_shrink`): unit gates on every LSTM layer's hidden units
+    (h_t, fed to the recurrence and the next layer), on every transformer
+    block's attention heads and FFN units (after the GELU); layer gates on
+    whole transformer blocks (pre-norm residual blocks: a block gated to 0 is
+    the identity, as the deleted block). An LSTM layer has no layer gate: it
+    has no residual path, so removing it is not the identity of anything
+    (`structures='layers'` is refused for an LSTMSpec). The residual stream
+    (d_model), embeddings and head are not gated.
   * θ-gradient estimators (A3.2, `Options.unit_estimator`/`layer_estimator`):
     'straight_through' (default; ∂loss/∂ξ at the sample, one pass),
     'reinforce' (score function with a running-mean loss baseline), and
@@ -66,7 +76,11 @@ Ours (inferred; each an option, METHODS.md §3.3/§3.7 ambiguities A3.1-A3.6):
 Gate trees (same structure as `apply_fn`'s `gates`, see `models.make_apply`):
   ConvNetSpec: {'conv_{i}': [co]};  ResNetSpec: {'stage{s}_block{b}': {'unit':
   [m], 'layer': []}} ('unit' absent for `structures='layers'`, 'layer' absent
-  for 'units' and for blocks with a projection shortcut).
+  for 'units' and for blocks with a projection shortcut);  LSTMSpec:
+  {'lstm_{l}': [H]};  TransformerSpec: {'block_{l}': {'heads': [n], 'ffn': [F],
+  'layer': []}} ('heads' / 'ffn' absent for 'layers' and where the block has
+  none, 'layer' absent for 'units'). A unit leaf ('unit', 'heads', 'ffn', a
+  ConvNet or LSTM layer) always keeps one unit (`prune`).
 """
 from __future__ import annotations
 
@@ -90,7 +104,7 @@ from fedjax_prune.federated import (ClientInfo, ClientOutput, FedAlgorithm, Loca
 from fedjax_prune.federated._local import (LocalVariant, StepInput, masked_batch_loss,
                                            optimizer_step, run_local)
 from fedjax_prune import structured
-from fedjax_prune.structured import _drop_blocks
+from fedjax_prune.structured import _drop_blocks, _text_shrink
 from fedjax_prune.types import BatchStats, Params, PRNGKey
 
 STRUCTURES = ('both', 'units', 'layers')
@@ -187,7 +201,7 @@ def gate_template(spec, structures: str = 'both', *, allow_empty: bool = False) 
   """Shapes of the gates of `spec`: a gate tree of shape tuples.
 
   Args:
-    spec: a ConvNetSpec or ResNetSpec.
+    spec: a ConvNetSpec, ResNetSpec, LSTMSpec or TransformerSpec.
     structures: 'both', 'units' or 'layers'.
     allow_empty: return {} instead of raising when nothing is gateable (after a
       rebuild removed every gated block).
@@ -198,6 +212,27 @@ def gate_template(spec, structures: str = 'both', *, allow_empty: bool = False) 
   if structures not in STRUCTURES:
     raise ValueError(f'structures must be one of {STRUCTURES}, got {structures!r}')
   units, layers = structures in ('both', 'units'), structures in ('both', 'layers')
+  if isinstance(spec, models.LSTMSpec):
+    if not units:
+      raise ValueError(f"structures={structures!r}: an LSTMSpec has unit (hidden unit) gates "
+                       "only; an LSTM layer has no residual path, so layer gates need a "
+                       "ResNetSpec or a TransformerSpec")
+    return {f'lstm_{l}': (h,) for l, h in enumerate(spec.hidden)}
+  if isinstance(spec, models.TransformerSpec):
+    template = {}
+    for l, (heads, _, ffn) in enumerate(spec.blocks):
+      entry = {}
+      if units and heads:  # a branch already without heads / FFN units has nothing to gate
+        entry['heads'] = (heads,)
+      if units and ffn:
+        entry['ffn'] = (ffn,)
+      if layers:
+        entry['layer'] = ()
+      if entry:
+        template[f'block_{l}'] = entry
+    if not template and not allow_empty:
+      raise ValueError(f'structures={structures!r}: the TransformerSpec has no block to gate')
+    return template
   if isinstance(spec, models.ConvNetSpec):
     if not units or not spec.convs:
       raise ValueError(f"structures={structures!r}: a ConvNetSpec has unit (filter) gates only; "
@@ -218,7 +253,8 @@ def gate_template(spec, structures: str = 'both', *, allow_empty: bool = False) 
       raise ValueError(f'structures={structures!r}: the ResNetSpec has no identity-shortcut '
                        'block to gate')
     return template
-  raise ValueError(f'cavp gates ConvNetSpec and ResNetSpec models, got {type(spec).__name__}')
+  raise ValueError('cavp gates ConvNetSpec, ResNetSpec, LSTMSpec and TransformerSpec models, '
+                   f'got {type(spec).__name__}')
 
 
 def _is_layer(path) -> bool:
@@ -264,11 +300,20 @@ def structure_costs(spec, structures: str = 'both', *, bn_flops_per_element: int
   `layer_costs` of the spec with every inner width + 1 gives every block's unit
   cost at once (the same numbers as one wider spec per block, at two accountings).
 
+  Text models (`_text_structure_costs`): a head's or FFN unit's cost is
+  `cost(spec) - cost(spec with one fewer in that block)` (linear in both), an
+  LSTM unit's `cost(spec) - cost(spec with one fewer in that layer)` (the
+  recurrent kernel makes a layer's cost quadratic in its width: this is what
+  removing one of its H units saves), a block's `cost(spec) - cost(spec
+  without it)`.
+
   Returns:
     (dflops, dparams): gate trees of float numpy arrays, one entry per gate
     element (unit leaves [m], layer leaves []).
   """
   template = gate_template(spec, structures, allow_empty=allow_empty)
+  if isinstance(spec, models.TEXT_SPECS):
+    return _text_structure_costs(spec, template, include_softmax=include_softmax)
   count_flops = lambda s: accounting.flops(s, bn_flops_per_element=bn_flops_per_element,
                                            include_softmax=include_softmax)
   base_flops, base_params = count_flops(spec), accounting.param_count(spec)
@@ -308,6 +353,48 @@ def structure_costs(spec, structures: str = 'both', *, bn_flops_per_element: int
       dparams[name] = {k: v[1] for k, v in pairs.items()}
     else:
       dflops[name], dparams[name] = costs(name, 'unit', entry)
+  return dflops, dparams
+
+
+def _text_structure_costs(spec, template: dict, *, include_softmax: bool) -> tuple[dict, dict]:
+  """`structure_costs` of an LSTMSpec / TransformerSpec (its docstring): what removing one
+  gated structure alone saves, from `accounting.flops` / `param_count` of the smaller spec.
+
+  The one unit of a width-1 LSTM layer (which `prune` never removes: a layer keeps a unit)
+  costs its whole layer and the consumer's input rows: the accounting of the model with
+  those weights masked.
+  """
+  def cost(s, masks=None):
+    return np.array([accounting.flops(s, masks, include_softmax=include_softmax),
+                     accounting.param_count(s, masks)], np.float64)
+
+  base = cost(spec)
+  dflops, dparams = {}, {}
+  if isinstance(spec, models.LSTMSpec):
+    for l, h in enumerate(spec.hidden):
+      name = f'lstm_{l}'
+      if h > 1:
+        hidden = tuple(w - (i == l) for i, w in enumerate(spec.hidden))
+        saved = base - cost(dataclasses.replace(spec, hidden=hidden))
+      else:
+        off = np.zeros((), bool)
+        consumer = f'lstm_{l + 1}' if l + 1 < len(spec.hidden) else 'head'
+        saved = base - cost(spec, {name: dict.fromkeys(('kernel', 'recurrent_kernel', 'bias'), off),
+                                   consumer: {'kernel': off}})
+      dflops[name], dparams[name] = (np.full(template[name], v) for v in saved)
+    return dflops, dparams
+  for name, entry in template.items():
+    l = int(name.split('_')[1])
+    heads, head_dim, ffn = spec.blocks[l]
+    smaller = {'layer': None, 'heads': (heads - 1, head_dim, ffn),
+               'ffn': (heads, head_dim, ffn - 1)}
+    dflops[name], dparams[name] = {}, {}
+    for kind, shape in entry.items():
+      blocks = [b for i, b in enumerate(spec.blocks) if i != l or smaller[kind] is not None]
+      if smaller[kind] is not None:
+        blocks[l] = smaller[kind]
+      saved = base - cost(dataclasses.replace(spec, blocks=tuple(blocks)))
+      dflops[name][kind], dparams[name][kind] = (np.full(shape, v) for v in saved)
   return dflops, dparams
 
 
@@ -410,7 +497,9 @@ def deterministic_gates(theta: Gates, alive: Gates, threshold: float = 0.5) -> G
 
 def _structure_sq_norms(params: Params, theta: Gates) -> Gates:
   """||W_g||² of each gated structure's own weights (a filter's kernel column,
-  bias and BN entries; a block's whole residual branch)."""
+  bias and BN entries; a block's whole residual branch; an LSTM unit's four gate
+  columns of its kernels and bias; a head's query/key/value columns and biases; an FFN
+  unit's dense_0 column and bias)."""
 
   def out_slice(node):
     total = 0.0
@@ -426,10 +515,17 @@ def _structure_sq_norms(params: Params, theta: Gates) -> Gates:
       out = {}
       if 'unit' in entry:
         out['unit'] = out_slice(block['conv1']) + (out_slice(block['bn1']) if 'bn1' in block else 0.0)
+      if 'heads' in entry:  # columns head * head_dim + e
+        cols = sum(out_slice(block['attn'][k]) for k in ('query', 'key', 'value'))
+        out['heads'] = cols.reshape(entry['heads'].shape[0], -1).sum(axis=1)
+      if 'ffn' in entry:
+        out['ffn'] = out_slice(block['ffn']['dense_0'])
       if 'layer' in entry:
         out['layer'] = sum(tree_lib.squared_norm(block[k]) for k in block
                            if not k.startswith('shortcut'))
       norms[name] = out
+    elif name.startswith('lstm_'):  # columns gate * H + unit
+      norms[name] = out_slice(params[name]).reshape(4, entry.shape[0]).sum(axis=0)
     else:
       i = name.split('_')[1]
       norm = out_slice(params[name])
@@ -779,29 +875,38 @@ class Rebuilt(NamedTuple):
 
 def _removal_plan(alive: Gates) -> tuple[dict, int, list]:
   """(keep, units_removed, drop) of host gate tree `alive`: the unit keep-masks of the
-  leaves that lose units, how many units go, and the blocks whose layer gate is off."""
+  leaves that lose units ({name: mask} for a leaf entry, {name: {kind: mask}} for a
+  block's 'unit' / 'heads' / 'ffn'), how many units go, and the blocks whose layer gate
+  is off."""
   keep, units_removed, drop = {}, 0, []
   for name, entry in alive.items():
     if isinstance(entry, dict):
       if 'layer' in entry and not entry['layer']:
         drop.append(name)
         continue  # its units go with the block
-      unit_alive = entry.get('unit')
-    else:
-      unit_alive = entry
-    if unit_alive is not None and not unit_alive.all():
-      keep[name] = unit_alive
-      units_removed += int((~unit_alive).sum())
+      cut = {kind: a for kind, a in entry.items() if kind != 'layer' and not a.all()}
+      if cut:
+        keep[name] = cut
+        units_removed += sum(int((~a).sum()) for a in cut.values())
+    elif not entry.all():
+      keep[name] = entry
+      units_removed += int((~entry).sum())
   return keep, units_removed, drop
+
+
+def _block_renames(spec, drop: list) -> tuple[dict, list]:
+  """(renames, block names) of deleting the blocks `drop` of `spec` (ResNet or transformer):
+  the survivors renumbered as the surgery renumbers them."""
+  if isinstance(spec, models.TransformerSpec):
+    return (_text_shrink._renames(spec, set(drop)),
+            [f'block_{l}' for l in range(len(spec.blocks))])
+  return _drop_blocks.drop_blocks_spec(spec, drop)[1], [row[0] for row in spec.blocks()]
 
 
 def _gate_tree_surgery(spec, keep: dict, drop: list) -> Callable[[Gates], Gates]:
   """`fn(gate_tree) -> gate_tree` sliced to the units in `keep` and without the blocks in
-  `drop`, the survivors renamed as `structured.drop_blocks` renames them (`spec`: before)."""
-  renames, names = {}, []
-  if drop:
-    names = [row[0] for row in spec.blocks()]
-    renames = _drop_blocks.drop_blocks_spec(spec, drop)[1]
+  `drop`, the survivors renamed as the surgery renames them (`spec`: before)."""
+  renames, names = _block_renames(spec, drop) if drop else ({}, [])
 
   def fn(tree):
     out = {}
@@ -809,12 +914,26 @@ def _gate_tree_surgery(spec, keep: dict, drop: list) -> Callable[[Gates], Gates]
       if name not in keep:
         out[name] = entry
       elif isinstance(entry, dict):
-        out[name] = {**entry, 'unit': np.asarray(entry['unit'])[keep[name]]}
+        out[name] = {kind: np.asarray(v)[keep[name][kind]] if kind in keep[name] else v
+                     for kind, v in entry.items()}
       else:
         out[name] = np.asarray(entry)[keep[name]]
     return _drop_blocks.rename_blocks(out, renames, names) if drop else out
 
   return fn
+
+
+def _text_groups(keep: dict) -> dict:
+  """`keep` of `_removal_plan` as `structured.text_shrink`'s groups: 'lstm_{l}',
+  'block_{l}/attn' (heads), 'block_{l}/ffn'."""
+  groups = {}
+  for name, cut in keep.items():
+    if isinstance(cut, dict):
+      groups.update({f"{name}/{'attn' if kind == 'heads' else kind}": mask
+                     for kind, mask in cut.items()})
+    else:
+      groups[name] = cut
+  return groups
 
 
 def remove_pruned(spec, params: Params, batch_stats: BatchStats, theta: Gates, alive: Gates
@@ -823,7 +942,8 @@ def remove_pruned(spec, params: Params, batch_stats: BatchStats, theta: Gates, a
 
   The returned model computes exactly what the gated model computes with the
   pruned gates at 0 (and the other gates unchanged): removed units contributed
-  0 to their consumer, removed identity blocks are the identity.
+  0 to their consumer, removed identity blocks (ResNet, transformer) are the
+  identity. Text models go through `structured.text_shrink`.
 
   Returns:
     (spec, params, batch_stats, theta, alive, Rebuilt) with the gate trees
@@ -836,11 +956,19 @@ def remove_pruned(spec, params: Params, batch_stats: BatchStats, theta: Gates, a
   keep, units_removed, drop = _removal_plan(alive)
   surgery = _gate_tree_surgery(spec, keep, drop)
   theta, alive = surgery(theta), surgery(alive)
+  if isinstance(spec, models.TEXT_SPECS):
+    if keep or drop:  # units, heads, FFN units and whole blocks in one surgery
+      shrunk = structured.text_shrink(spec, params, _text_groups(keep), drop_blocks=drop)
+      spec, params = shrunk.spec, shrunk.params
+    to_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)
+    return (spec, to_jnp(params), batch_stats, to_jnp(theta), to_jnp(alive),
+            Rebuilt(units_removed, tuple(drop)))
   if keep:
     # Channel surgery of the library: a ConvNet filter group is named by its
     # conv, a ResNet block's inner width by its conv1.
     producer = lambda name: name if isinstance(spec, models.ConvNetSpec) else f'{name}/conv1'
-    shrunk = structured.shrink(spec, params, {producer(n): k for n, k in keep.items()},
+    unit = lambda k: k['unit'] if isinstance(k, dict) else k
+    shrunk = structured.shrink(spec, params, {producer(n): unit(k) for n, k in keep.items()},
                                batch_stats=batch_stats)
     spec, params, batch_stats = shrunk.spec, shrunk.params, shrunk.batch_stats
   if drop:
@@ -1033,6 +1161,16 @@ def gated_apply(apply_fn: Callable) -> Callable:
   return fn
 
 
+def _text_widths(prefix: str, spec) -> dict:
+  """A text model's prunable widths for the summary ({} for the CNNs): LSTM hidden
+  widths, or every transformer block's (num_heads, head_dim, ffn_width)."""
+  if isinstance(spec, models.LSTMSpec):
+    return {f"{prefix}_hidden": list(spec.hidden)}
+  if isinstance(spec, models.TransformerSpec):
+    return {f"{prefix}_blocks": [list(b) for b in spec.blocks]}
+  return {}
+
+
 def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
                 model: federated.ModelFns, weight_optimizer: optax.GradientTransformation,
                 theta_optimizer: optax.GradientTransformation, schedule: federated.LocalSchedule,
@@ -1048,7 +1186,8 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
   network (theta >= `options.final_threshold`) built and evaluated at the end.
 
   Args:
-    spec, params, batch_stats: the dense starting model.
+    spec, params, batch_stats: the dense starting model (a ConvNetSpec, ResNetSpec,
+      LSTMSpec or TransformerSpec; text models have no batch_stats: pass {}).
     key: the init key.
     model: apply function and evaluation per architecture (the apply function must take
       `gates=`, as `models.make_apply`'s does).
@@ -1181,6 +1320,7 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
         **{f"gates_{k}": float(v) for k, v in final_gates.items()},
         "final_inner_widths": [list(w) for w in getattr(final_spec, "inner_widths", ())],
         "original_inner_widths": [list(w) for w in getattr(original_spec, "inner_widths", ())],
+        **_text_widths("final", final_spec), **_text_widths("original", original_spec),
         "final_spec": repr(final_spec), "rebuilds": state.host["rebuilds"],
         "bn_recalibrated": recalibration_x is not None, **recalibrated, **final_eval}
 
