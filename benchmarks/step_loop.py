@@ -34,7 +34,7 @@ import optax  # noqa: E402
 
 import _common  # noqa: E402
 from engine import make_data  # noqa: E402
-from fedjax_prune import federated, models, performance  # noqa: E402
+from fedjax_prune import models, performance  # noqa: E402
 
 
 def step_programs(spec, conv_impl: str, batches_x, batches_y, params, learning_rate: float = 0.01):

@@ -1,6 +1,5 @@
 """The engine with real model code: conv lowerings and BatchNorm through a round."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

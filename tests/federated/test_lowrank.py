@@ -1,5 +1,4 @@
 """Factored dense client kernels (`performance.LowRankDense`): same rounds as dense SGD."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_prune import accounting, federated, models, structured
+from fedjax_prune import accounting, federated, models
 from fedjax_prune import data as data_lib
 from fedjax_prune.pruning import cavp
 from tests.pruning import test_text_methods as text_methods
@@ -39,17 +39,8 @@ TRANSFORMER = models.TransformerSpec(vocab_size=7, seq_len=6, d_model=8,
 NO_HEADS = models.TransformerSpec(vocab_size=7, seq_len=6, d_model=8, blocks=((0, 3, 4), (3, 2, 0)))
 
 
-def _random_params(spec, seed):
-  """Every leaf random (biases, LayerNorms too), so that no term hides."""
-  params, _ = models.init_params(spec, jax.random.key(seed))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape).astype(np.float32) * 0.5),
-                      params)
-
-
-def _ids(spec, batch, seed):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(rng.integers(0, spec.vocab_size, (batch, spec.seq_len)), jnp.int32)
+_random_params = text_methods._random_params  # every leaf random, so that no term hides
+_ids = text_methods._ids
 
 
 def _all_alive(theta):
