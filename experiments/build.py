@@ -484,9 +484,9 @@ def attackers(config, num_clients: int):
 def robust_algorithm(config, data: Data, alg: federated.FedAlgorithm) -> federated.FedAlgorithm:
   """`alg` (the method's round algorithm) with config.robust's aggregator, config.attack's
   attackers, config.privacy's DP and config.compression's compression; `alg` itself when
-  none is set. The FedAvg family and the sparse (masked) family with privacy / compression
-  have their aggregator in their path already (`in_path_aggregator`, given by
-  `build_algorithm` and the sparse drivers): only the data side of an attack is added here."""
+  none is set. With privacy / compression every method has its aggregator in its path
+  already (`in_path_aggregator`, given by `build_algorithm` and the method drivers, its
+  state in the server state): only the data side of an attack is added here."""
   private = aggregation_active(config)
   if not robust_active(config) and not private:
     return alg
@@ -497,11 +497,7 @@ def robust_algorithm(config, data: Data, alg: federated.FedAlgorithm) -> federat
     if attacked:
       alg = federated.poison_data(alg, build_attack(config, data.num_classes),
                                   attackers(config, data.train.num_clients))
-    if method in _FEDAVG_METHODS + _MASKED_METHODS:
-      return alg
-    view = (_hetero.counted_view() if method in _HETERO_METHODS
-            else federated.weighted_view("params"))
-    return federated.with_aggregator(alg, full_aggregator(config, data), view)
+    return alg
   if method in _FEDAVG_METHODS:
     view = federated.fedavg_view()
   elif method in _HETERO_METHODS:
@@ -524,6 +520,14 @@ def robust_algorithm(config, data: Data, alg: federated.FedAlgorithm) -> federat
 # target_quantile, clip_learning_rate, count_stddev (None: clients_per_round / 20)).
 # config.compression: bits (None: no quantisation), topk_fraction (None: every held
 # coordinate), error_feedback. Both optional; the records get `dp_epsilon` / `bytes_up`.
+# config.privacy.denominator (absent: 'fixed'): 'fixed' divides the noised sum by m;
+# 'expected_counts' (the width submodel methods) divides each coordinate by its expected
+# holder count m x (share of the clients whose capacity level holds it), public data only.
+
+DENOMINATORS = ("fixed", "expected_counts")
+_WIDTH_METHODS = ("heterofl", "fedrolex", "scalefl")  # capacities and submodels are public
+# Every method family runs them, each with the aggregator (and its state) in its path.
+_PRIVATE_METHODS = _FEDAVG_METHODS + _HETERO_METHODS + _MASKED_METHODS + ("cavp",)
 
 
 def aggregation_active(config) -> bool:
@@ -540,7 +544,6 @@ def validate_private(config) -> None:
   """Checks config.privacy and config.compression (when present) and the method they run
   with; ConfigError names the field."""
   method = config.get("method", "fedavg")
-  stateful = []  # aggregator state the method's server state must hold
   if config.get("privacy") is not None:
     _float_in(config, "privacy.noise_multiplier", 0.0)
     _float_in(config, "privacy.clip_norm", 0.0, lo_open=True)
@@ -559,7 +562,16 @@ def validate_private(config) -> None:
         raise ConfigError(f"config.privacy.count_stddev={config.privacy.count_stddev!r} is "
                           f"invalid for privacy.noise_multiplier="
                           f"{config.privacy.noise_multiplier}: {e}") from None
-      stateful.append("privacy.adaptive")
+    denominator = dp_denominator(config)
+    _require(denominator in DENOMINATORS, "privacy.denominator", denominator,
+             f"one of {DENOMINATORS}")
+    if denominator == "expected_counts" and method not in _WIDTH_METHODS:
+      why = ("its submodels are the coordinates each client's update touched, which depend "
+             "on the client's data: no per-coordinate count is public" if method == "fiarse"
+             else "per-coordinate counts need submodels whose levels are public")
+      raise ConfigError(f"config.privacy.denominator='expected_counts' is invalid with method "
+                        f"{method!r}: {why}; allowed 'fixed' (the expected_counts denominator "
+                        f"is for {_WIDTH_METHODS})")
     r = config.get("robust")
     if r is not None and r.get("aggregator", "mean") != "mean":
       raise ConfigError(f"config.robust.aggregator={r.aggregator!r} cannot be combined with "
@@ -576,21 +588,17 @@ def validate_private(config) -> None:
              "compression.topk_fraction", fraction, "a number in (0, 1] or None (send all)")
     ef = _get(config, "compression.error_feedback")
     _require(isinstance(ef, bool), "compression.error_feedback", ef, "True or False")
-    if ef:
-      stateful.append("compression.error_feedback")
   if aggregation_active(config):
-    known = _FEDAVG_METHODS + _HETERO_METHODS + _MASKED_METHODS + ("cavp",)
-    _require(method in known, "method", method,
-             f"one of {known} with config.privacy / config.compression")
-    # The FedAvg and sparse families carry the aggregator in their algorithm's path, its
-    # state in their server state (`in_path_aggregator`); the submodel and gated ones not yet.
-    supported = _FEDAVG_METHODS + _MASKED_METHODS
-    if stateful and method not in supported:
-      raise ConfigError(
-          f"config.{stateful[0]}=True is not supported yet with method {method!r}: its server "
-          "state has no slot for the aggregator's state (the adaptive clip norm, the "
-          f"error-feedback memory); supported with {supported}. Set "
-          f"config.{stateful[0]}=False (fixed clipping / no error feedback)")
+    _require(method in _PRIVATE_METHODS, "method", method,
+             f"one of {_PRIVATE_METHODS} with config.privacy / config.compression")
+    # Each carries the aggregator in its algorithm's path and its state (the adaptive
+    # clip norm, the error-feedback memory) in its server state (`in_path_aggregator`).
+
+
+def dp_denominator(config) -> str:
+  """config.privacy.denominator: 'fixed' without privacy or where the block predates it."""
+  p = config.get("privacy")
+  return "fixed" if p is None else p.get("denominator", "fixed")
 
 
 def build_dp(config, noise_on_present: bool = True) -> federated.Aggregator:
@@ -618,7 +626,8 @@ def full_aggregator(config, data: Data) -> federated.Aggregator:
   method = config.get("method", "fedavg")
   if config.get("privacy") is not None:
     # FedDST's clients prune and regrow on their own data: where they hold is private,
-    # so the noise goes on every coordinate.
+    # so the noise goes on every coordinate. (FIARSE's touched coordinates depend on data
+    # too: left open, docs/results/robust.md.)
     own_masks = method == "sparse" and config.sparse.get("method") == "feddst"
     agg = build_dp(config, noise_on_present=not own_masks)
   else:
@@ -634,12 +643,12 @@ def full_aggregator(config, data: Data) -> federated.Aggregator:
 
 
 def in_path_aggregator(config, data: Data | None) -> federated.Aggregator | None:
-  """The aggregator `build_algorithm` puts in the FedAvg family's path, and the sparse
-  drivers (experiments/methods/sparse.py, fedtiny.py) in the masked family's:
-  `full_aggregator` with config.privacy / config.compression, else None (the default mean;
-  config.robust alone runs through `robust_algorithm`)."""
-  if not aggregation_active(config) or (config.get("method", "fedavg")
-                                        not in _FEDAVG_METHODS + _MASKED_METHODS):
+  """The aggregator `build_algorithm` puts in the FedAvg family's path, and the method
+  drivers in theirs (experiments/methods/sparse.py, fedtiny.py: the masked family;
+  hetero.py: the submodel family; cavp.py): `full_aggregator` with config.privacy /
+  config.compression, else None (the default mean; config.robust alone runs through
+  `robust_algorithm`)."""
+  if not aggregation_active(config) or config.get("method", "fedavg") not in _PRIVATE_METHODS:
     return None
   if data is None:
     raise ValueError("build_algorithm needs data= (the clients and classes) with "

@@ -20,7 +20,7 @@ def compression_block(bits=8, topk_fraction=None, error_feedback=True) -> ml_col
   return ml_collections.ConfigDict(dict(
       bits=bits,                      # 1..32 bits per sent value (stochastic), None: unquantised
       topk_fraction=topk_fraction,    # (0, 1] of each tensor's held coordinates, None: all
-      error_feedback=error_feedback))  # keep each client's residual (FedAvg family, ASP, sparse family)
+      error_feedback=error_feedback))  # keep each client's residual (every method)
 
 
 def add_compression(c, **kwargs):

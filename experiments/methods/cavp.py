@@ -34,6 +34,11 @@ Metrics per round: the FedAvg ones plus alive/total units and layers, mean θ,
 fraction of θ in {0, 1}, the current model's params and FLOPs; evaluation
 uses the deterministic gates (θ >= final_threshold, alive).
 
+config.privacy / config.compression (issue 28): the aggregator (`build.in_path_aggregator`)
+aggregates the weight updates in the algorithm's path; its state (the adaptive clip norm,
+each client's error-feedback residual) is `CavpState.aggregator`, checkpointed, and a
+rebuild slices the residuals like the weights (`cavp.slice_params_trees`).
+
 Checkpoints (every `checkpoint_every` rounds and at the last round) hold the
 whole `CavpState` of the current architecture (weights, BatchNorm statistics,
 θ, alive flags, λ, the REINFORCE baseline, the round index and, with
@@ -170,7 +175,8 @@ def build(config, env: runtime.Env) -> runtime.Run:
       recalibrate_after_rebuild=c.recalibrate_after_rebuild,
       recalibration_steps=c.recalibration_steps, fine_tune=fine_tune,
       finetune_data=data_lib.pool(data.train) if c.finetune_steps else None,
-      train_transform=_augment if c.augment else None, log=env.log)
+      train_transform=_augment if c.augment else None, log=env.log,
+      aggregator=build_lib.in_path_aggregator(config, data))  # privacy / compression, or None
   summary = method.summary
   method = method._replace(summary=lambda state, last_eval: {
       "mode": c.mode, **summary(state, last_eval)})

@@ -39,6 +39,13 @@ Evaluation (FIARSE's `server.py`), every `eval_every` rounds and at the end, wit
   global_<s>  size-s submodel on the global test set; `global` = mean over the levels
   sweep_<s>   size-s submodel on the global test set for the sweep sizes
 
+config.privacy / config.compression (issue 28): the aggregator (`build.in_path_aggregator`)
+is in the algorithm's path, its state (the adaptive clip norm, the error-feedback memory) in
+`HeteroState.aggregator` and the checkpoints; each client's update is clipped, compressed
+and remembered on the coordinates it holds. `privacy.denominator='expected_counts'`
+(HeteroFL, FedRolex, ScaleFL) divides each coordinate by m x the share of the clients whose
+capacity level holds it (`_hetero.holder_share` of the public assignment), not by m.
+
 The summary's `params` is the full model's; `level_params` / `level_flops` (aligned with
 `capacities`) are each level's submodel under the final global model, counted by
 fedjax_prune.accounting on its masks (FLOPs at batch 1; ScaleFL's exit classifiers are
@@ -214,19 +221,21 @@ def width_keys(config, params) -> dict:
 
 
 def _method(config, apply_fn, params, schedule, train_transform, eval_window=None, spec=None,
-            apply_for=None):
+            apply_for=None, aggregator=None, level_clients=None):
   """The method's `HeteroMethod` (`eval_window`: FedRolex's, default the config's; `spec`: the
   model's, passed to HeteroFL/FedRolex for a text model, whose widths are its groups;
   `apply_for(level_spec[, exit_stages]) -> apply_fn` of a level's sliced model, for
-  hetero.submodel_execution='grouped')."""
+  hetero.submodel_execution='grouped'; `aggregator`: config.privacy / config.compression's,
+  in the path; `level_clients`: clients per level, for the expected-count denominator)."""
   h, c = config.hetero, config.client
   opt = (optax.sgd(c.learning_rate, momentum=c.momentum or None) if c.optimizer == "sgd"
          else optax.adam(c.learning_rate))
   caps = tuple(float(x) for x in h.capacities)
   kw = dict(capacities=caps, server_learning_rate=h.server_learning_rate,
-            train_transform=train_transform)
+            train_transform=train_transform, aggregator=aggregator)
   if config.method == "fiarse":
     return fiarse_lib.fiarse(apply_fn, opt, schedule, grad=h.fiarse_grad, layerwise=h.layerwise, **kw)
+  kw["level_clients"] = level_clients
   text = dict(spec=spec) if config.model.name in build_lib.TEXT_MODELS else {}
   if submodel_execution(config) == "grouped":
     kw["grouped"] = heterofl_lib.GroupedExecution(spec, apply_for)
@@ -307,10 +316,16 @@ def build(config, env: runtime.Env) -> runtime.Run:
     return federated.make_cohort(ids, capacity=client_caps[np.asarray(ids)],
                                  multiple=env.cohort_multiple)
 
+  # config.privacy / config.compression: the aggregator in the path (None: the counted mean).
+  agg = build_lib.in_path_aggregator(config, data)
+  level_clients = (hetero_lib.level_counts(client_caps, caps)
+                   if build_lib.dp_denominator(config) == "expected_counts" else None)
+  in_path = dict(aggregator=agg, level_clients=level_clients)
   timings = {}
   if strategy_name == "auto":
     algorithm_for = lambda apply_fn, schedule: _method(config, apply_fn, params, schedule,
-                                                       train_transform, spec=spec).algorithm
+                                                       train_transform, spec=spec,
+                                                       **in_path).algorithm
     strategy, timings = runtime.choose_strategy(env, spec, params, batch_stats, algorithm_for, cohort(0))
   else:
     strategy = performance.Strategy.from_name(strategy_name)
@@ -323,7 +338,7 @@ def build(config, env: runtime.Env) -> runtime.Run:
   raw_for = level_raw(strategy.conv_impl)
   apply_for = lambda *level: wrap(raw_for(*level))  # a grouped level's sliced model
   hetero = _method(config, apply_fn, params, schedule, train_transform, spec=spec,
-                   apply_for=apply_for)
+                   apply_for=apply_for, **in_path)
   common = dict(spec=spec, params=params, batch_stats=batch_stats, key=init_key,
                 eval_apply=wrap(make_raw("lax")),
                 test=hetero_lib.LevelTest(data.test_x, data.test_y, data.test_clients,

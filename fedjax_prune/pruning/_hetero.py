@@ -42,11 +42,15 @@ class HeteroState(NamedTuple):
     batch_stats: global BatchNorm running statistics ({} with static BN, the default).
     round_idx: [] int32 number of completed rounds.
     aux: method state: FIARSE's thresholds [L, G] for the current params; () otherwise.
+    aggregator: the state of the method's `aggregator` (`in_path`: the adaptive DP clip
+      norm, the error-feedback memory [num_clients, ...]); () without one, and for
+      stateless ones.
   """
   params: Params
   batch_stats: BatchStats
   round_idx: jax.Array
   aux: Any = ()
+  aggregator: Any = ()
 
 
 class HeteroSums(NamedTuple):
@@ -150,13 +154,24 @@ def server_step(state: HeteroState, outputs: ClientOutput, server_learning_rate:
 # --- robust aggregation (issue 28): the submodel methods' sums as an aggregator sees them ---
 
 
-def counted_view() -> federated.SumsView:
+def counted_view(expected_share: Callable[[HeteroState], PyTree] | None = None
+                 ) -> federated.SumsView:
   """The `federated.SumsView` of `client_output` / `server_step`: a client's update is its
   delta where it holds a coordinate (`present` = its count), every real client weighs 1,
   and the aggregate goes back as a count of 1 on every coordinate some client held (so
   `server_step`'s partial averaging returns it, and its coverage metric is unchanged).
   Run a submodel method robustly with `federated.with_aggregator(alg, aggregator,
-  counted_view())`."""
+  counted_view())`.
+
+  Args:
+    expected_share: None, or `expected_share(state) -> tree` broadcastable to the params:
+      the public share of the clients whose submodel holds each coordinate (`holder_share`
+      of the server's level masks and the public capacity assignment; never the cohort's).
+      The aggregate, a fixed-denominator mean (sum / m: `federated.dp_mean`), is divided
+      by it, so each coordinate's denominator is its expected holder count m x share
+      (`federated._privacy` docstring: public per-coordinate counts). Where the share is
+      0 (nobody can hold it) the aggregate is unused.
+  """
 
   def read(state: HeteroState, sums: HeteroSums):
     del state
@@ -166,13 +181,69 @@ def counted_view() -> federated.SumsView:
             sums._replace(update=CountedSum((), count)))
 
   def write(state: HeteroState, rest: HeteroSums, mean_delta: Params) -> HeteroSums:
-    del state
     held = jax.tree.map(lambda c: c > 0, rest.update.count)
+    if expected_share is not None:
+      mean_delta = jax.tree.map(
+          lambda d, s: d / jnp.where(s > 0, s, 1.0).astype(d.dtype), mean_delta,
+          expected_share(state))
     total = jax.tree.map(lambda d, h: jnp.where(h, d, jnp.zeros((), d.dtype)), mean_delta, held)
     return rest._replace(update=CountedSum(total, jax.tree.map(
         lambda h: h.astype(jnp.float32), held)))
 
   return federated.SumsView(read, write)
+
+
+def in_path(alg: FedAlgorithm, aggregator: federated.Aggregator | None,
+            expected_share: Callable[[HeteroState], PyTree] | None = None) -> FedAlgorithm:
+  """`alg` with `aggregator` in its path (`federated.with_aggregator` over `counted_view`),
+  its state in `HeteroState.aggregator` (so checkpoints keep it); `alg` itself for None.
+  Each client's update goes to the aggregator on the coordinates it holds: DP clips
+  them, compression sends them, error feedback keeps its memory elsewhere."""
+  if aggregator is None:
+    if expected_share is not None:
+      raise ValueError("an expected-count denominator (level_clients) needs an aggregator "
+                       "with a fixed denominator (federated.dp_mean)")
+    return alg
+  return federated.with_aggregator(alg, aggregator, counted_view(expected_share))
+
+
+def level_counts(client_caps: np.ndarray, capacities: Sequence[float]) -> tuple[int, ...]:
+  """How many clients are at each capacity level (the level nearest to each client's
+  capacity, as `level_index`), from the public assignment (`client_capacities`)."""
+  caps = np.asarray(check_capacities(capacities), np.float32)
+  level = np.argmin(np.abs(np.asarray(client_caps, np.float32)[:, None] - caps[None, :]), axis=1)
+  return tuple(int(n) for n in np.bincount(level, minlength=caps.size))
+
+
+def holder_share(params: Params, level_masks: Sequence[PyTree], level_clients: Sequence[int]
+                 ) -> Params:
+  """Per coordinate, the share of the clients whose level's submodel holds it.
+
+  share_j = sum_l n_l 1[level l holds j] / sum_l n_l (integer sums, one division: a
+  coordinate every level holds gets exactly 1). Under uniform sampling of m clients its
+  expected number of holders is m x share_j: the public per-coordinate denominator of a
+  DP mean over submodels (`counted_view(expected_share=)`).
+
+  Args:
+    params: the full-size params (for the leaves' shapes).
+    level_masks: L bool mask trees broadcastable to `params` (the levels' submodels).
+    level_clients: [L] the number of clients at each level (`level_counts`).
+
+  Returns:
+    float32 tree shaped like `params`.
+  """
+  counts = [float(int(n)) for n in level_clients]
+  if len(counts) != len(level_masks) or any(n < 0 for n in counts) or not sum(counts) > 0:
+    raise ValueError(f"level_clients must give one count >= 0 per level ({len(level_masks)}), "
+                     f"not all 0, got {tuple(level_clients)}")
+  total = jnp.float32(sum(counts))
+
+  def leaf(p, *masks):
+    held = sum(jnp.float32(n) * jnp.broadcast_to(m, jnp.shape(p)).astype(jnp.float32)
+               for n, m in zip(counts, masks))
+    return held / total
+
+  return jax.tree.map(leaf, params, *level_masks)
 
 # --- end robust aggregation ---
 

@@ -531,7 +531,8 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
                  input_keys: str = INPUT_KEYS, output_keys: str = OUTPUT_KEYS,
                  flatten_keys: str = NO_KEYS, spec=None,
                  grouped: GroupedExecution | None = None,
-                 exit_stages: Sequence[int] | None = None) -> HeteroMethod:
+                 exit_stages: Sequence[int] | None = None,
+                 aggregator=None, level_clients: Sequence[int] | None = None) -> HeteroMethod:
   """The shared HeteroFL / FedRolex / ScaleFL algorithm (see the public factories).
 
   `eval_window` (rolling only; `fedrolex`'s docstring): the window offset a level is
@@ -542,6 +543,7 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
   `grouped`: None (every client runs the full-size model under its level's masks) or a
   `GroupedExecution` (each level trains its sliced model; CNN/MLP specs, static BN).
   `exit_stages` (ScaleFL with `grouped`): the stages the early-exit model exits after.
+  `aggregator`, `level_clients`: `heterofl`'s (the aggregator in the path, `_hetero.in_path`).
   """
   caps = _hetero.check_capacities(capacities)
   if eval_window not in EVAL_WINDOWS:
@@ -573,6 +575,9 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
                        "spec; text models run masked (pass grouped=None)")
     if depths is not None and exit_stages is None:
       raise ValueError("grouped execution of depth levels (ScaleFL) needs exit_stages")
+  if level_clients is not None and len(level_clients) != len(caps):
+    raise ValueError(f"level_clients must give one count per capacity level {caps}, got "
+                     f"{tuple(level_clients)}")
   widths_L = jnp.asarray(widths, jnp.float32)
   depths_L = None if depths is None else jnp.asarray(depths, jnp.int32)
 
@@ -723,5 +728,15 @@ def width_method(apply_fn: Callable, client_optimizer: optax.GradientTransformat
       return params, jnp.zeros((), jnp.int32)
     return params, exit_index_for_depth(depths_L[level])
 
-  return HeteroMethod(FedAlgorithm(init, client_update if grouped is None else grouped_client_update,
-                                   server_update), submodel)
+  def expected_share(state: HeteroState):
+    """The public share of the clients whose level holds each coordinate this round
+    (FedRolex: the rolled windows of `state.round_idx`)."""
+    offset = state.round_idx if rolling else 0
+    return _hetero.holder_share(state.params, [ownership(state.params, l, offset)
+                                               for l in range(len(caps))], level_clients)
+
+  alg = FedAlgorithm(init, client_update if grouped is None else grouped_client_update,
+                     server_update)
+  return HeteroMethod(_hetero.in_path(alg, aggregator,
+                                      None if level_clients is None else expected_share),
+                      submodel)

@@ -574,6 +574,9 @@ class CavpState(NamedTuple):
     round_idx: [] int32 completed rounds.
     theta_opt: the θ optimizer's state (θ-shaped moments, step count) with
       `Options.persist_theta_optimizer`, else () (clients restart it every round).
+    aggregator: the state of `cavp`'s `aggregator` (the adaptive DP clip norm, the
+      error-feedback memory [num_clients, ...params]); () without one and for stateless
+      ones. A rebuild slices its params-shaped trees like the params (`slice_params_trees`).
   """
   params: Params
   batch_stats: BatchStats
@@ -583,6 +586,7 @@ class CavpState(NamedTuple):
   baseline: jax.Array
   round_idx: jax.Array
   theta_opt: Any = ()
+  aggregator: Any = ()
 
 
 class CavpSums(NamedTuple):
@@ -747,7 +751,8 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
          options: Options = Options(), *, loss_fn: Callable = softmax_cross_entropy,
          train_transform: Optional[Callable] = None,
          uniform_weights: bool = False, spec=None, weights: Optional[CostWeights] = None,
-         reference: Optional[tuple[int, int]] = None) -> FedAlgorithm:
+         reference: Optional[tuple[int, int]] = None,
+         aggregator: Optional[federated.Aggregator] = None) -> FedAlgorithm:
   """Complexity-aware variational unit/layer pruning as a `FedAlgorithm`.
 
   Centralised (the paper): a dataset with ONE client holding all the data and
@@ -771,6 +776,12 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
       (`penalty_weights(spec, weights, structures=options.structures,
       reference=reference)`), so that `init(params, key, batch_stats)` needs nothing
       else, as every algorithm's init does.
+    aggregator: None: the example-weighted mean of the weights. A `federated.Aggregator`
+      (robust, DP, compressed) aggregates each client's weight update w - w_k (every
+      coordinate held; `federated.weighted_view('params')`) in place of that mean; θ,
+      the statistics and the baseline keep their example-weighted means. Its state (the
+      adaptive clip norm, the error-feedback memory) is `CavpState.aggregator`: part of
+      the checkpoints, sliced at a rebuild (`rebuild`).
 
   Returns:
     FedAlgorithm with `init(params, key, batch_stats=None, *, theta=None, lam=None,
@@ -853,7 +864,10 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
     return CavpState(params, batch_stats, theta, alive, state.lam, baseline,
                      state.round_idx + 1, theta_opt), metrics
 
-  return FedAlgorithm(init, client_update, server_update)
+  alg = FedAlgorithm(init, client_update, server_update)
+  if aggregator is None:
+    return alg
+  return federated.with_aggregator(alg, aggregator, federated.weighted_view("params"))
 
 
 def _cast_like(x: jax.Array, like: jax.Array) -> jax.Array:
@@ -1000,6 +1014,36 @@ def slice_gate_trees(trees: Any, theta: Gates, alive: Gates, spec) -> Any:
                       if is_gate_tree(node) else node, trees, is_leaf=is_gate_tree)
 
 
+def slice_params_trees(trees: Any, spec, alive: Gates) -> Any:
+  """`trees` (e.g. `CavpState.aggregator`: error-feedback residuals stacked
+  [num_clients, ...]) as `remove_pruned` leaves the params: every subtree with the params'
+  tree structure (leading axes allowed) is sliced and its blocks renamed / removed like
+  the params; every other leaf (a clip norm) is kept.
+
+  Args:
+    trees: a pytree.
+    spec: the spec `remove_pruned` is given (before removal).
+    alive: the gate tree `remove_pruned` is given.
+  """
+  alive = jax.tree.map(lambda a: np.asarray(a, bool), jax.device_get(alive))
+  keep, _, drop = _removal_plan(alive)
+  if not keep and not drop:
+    return trees
+  if isinstance(spec, models.TEXT_SPECS):  # units, heads, FFN units and blocks at once
+    return structured.text_slice_like(trees, spec, _text_groups(keep), drop_blocks=drop)
+  if keep:  # as `remove_pruned`'s channel surgery
+    producer = lambda name: name if isinstance(spec, models.ConvNetSpec) else f'{name}/conv1'
+    unit = lambda k: k['unit'] if isinstance(k, dict) else k
+    trees = structured.slice_like(trees, spec, {producer(n): unit(k) for n, k in keep.items()})
+  if drop:
+    renames, names = _block_renames(spec, drop)
+    structure = jax.tree.structure(models.param_shapes(spec)[0])  # slicing keeps the keys
+    is_params = lambda node: isinstance(node, dict) and jax.tree.structure(node) == structure
+    trees = jax.tree.map(lambda node: _drop_blocks.rename_blocks(node, renames, names)
+                         if is_params(node) else node, trees, is_leaf=is_params)
+  return trees
+
+
 def rebuild(spec, state: CavpState, weights: CostWeights, options: Options = Options(), *,
             reference: tuple[int, int], bn_flops_per_element: int = 0,
             include_softmax: bool = True) -> tuple[Any, CavpState, Rebuilt]:
@@ -1015,7 +1059,9 @@ def rebuild(spec, state: CavpState, weights: CostWeights, options: Options = Opt
   Returns:
     (new_spec, new_state, Rebuilt). Rebuild the apply function and the round
     for new_spec (shapes changed: one re-jit). A persistent θ optimizer state
-    (`state.theta_opt`) is sliced like θ (`slice_gate_trees`).
+    (`state.theta_opt`) is sliced like θ (`slice_gate_trees`), the aggregator's state
+    (`state.aggregator`: each client's error-feedback residual) like the params
+    (`slice_params_trees`): a residual row keeps its values on the surviving weights.
   """
   new_spec, params, stats, theta, alive, report = remove_pruned(
       spec, state.params, state.batch_stats, state.theta, state.alive)
@@ -1025,8 +1071,9 @@ def rebuild(spec, state: CavpState, weights: CostWeights, options: Options = Opt
                         bn_flops_per_element=bn_flops_per_element, include_softmax=include_softmax,
                         allow_empty=True)
   theta_opt = slice_gate_trees(state.theta_opt, state.theta, state.alive, spec)
+  aggregator = slice_params_trees(state.aggregator, spec, state.alive)
   return new_spec, state._replace(params=params, batch_stats=stats, theta=theta, alive=alive,
-                                  lam=lam, theta_opt=theta_opt), report
+                                  lam=lam, theta_opt=theta_opt, aggregator=aggregator), report
 
 
 def finalize(spec, state: CavpState, options: Options = Options()
@@ -1180,7 +1227,8 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
                 fine_tune: FineTune = FineTune(),
                 finetune_data: Optional[tuple[jax.Array, jax.Array]] = None,
                 train_transform: Optional[Callable] = None,
-                log: Callable[[str], None] = federated.no_log) -> federated.Method:
+                log: Callable[[str], None] = federated.no_log,
+                aggregator: Optional[federated.Aggregator] = None) -> federated.Method:
   """Complexity-aware training end to end: the joint (W, theta) rounds, a physical rebuild
   without the pruned units/blocks every `rebuild_every` rounds, and the deterministic
   network (theta >= `options.final_threshold`) built and evaluated at the end.
@@ -1210,6 +1258,8 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
       key is `fold_in(key, num_rounds)`. Extra training steps: a comparison must count them.
     train_transform: per-batch augmentation `(x, key) -> x` of the rounds and the fine-tune.
     log: receives one line per rebuild that removes something.
+    aggregator: `cavp`'s (robust, DP, compressed aggregation of the weights; its state is
+      part of the server state: checkpointed, sliced at every rebuild).
 
   Raises:
     ValueError: recalibrate_after_rebuild without recalibration_x, a fine-tune without
@@ -1235,7 +1285,8 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
 
   def algorithm(spec):
     return cavp(model.apply_for(spec), weight_optimizer, theta_optimizer, schedule, options,
-                train_transform=train_transform, spec=spec, weights=weights, reference=reference)
+                train_transform=train_transform, spec=spec, weights=weights, reference=reference,
+                aggregator=aggregator)
 
   def init():
     server = algorithm(spec).init(params, key, batch_stats)

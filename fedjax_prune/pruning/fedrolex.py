@@ -54,10 +54,14 @@ def fedrolex(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
              loss_fn: Callable = softmax_cross_entropy, train_transform: Callable | None = None,
              input_keys: str = INPUT_KEYS, output_keys: str = OUTPUT_KEYS,
              flatten_keys: str = NO_KEYS, spec=None,
-             grouped: GroupedExecution | None = None) -> HeteroMethod:
+             grouped: GroupedExecution | None = None,
+             aggregator: federated.Aggregator | None = None,
+             level_clients: Sequence[int] | None = None) -> HeteroMethod:
   """FedRolex: HeteroFL with a rolling channel window (offset = round index mod C).
 
-  Arguments as `heterofl` (`flatten_keys`, `spec` and `grouped` included: on a text model the
+  Arguments as `heterofl` (`flatten_keys`, `spec`, `grouped`, `aggregator` and
+  `level_clients` included; the expected-count denominator follows this round's windows;
+  on a text model the
   window rolls over each block's heads and FFN units, or each LSTM layer's units; with
   `grouped` each level gathers its window's channels, in window order, into its sliced
   model, so a level's program does not depend on the round), plus:
@@ -76,7 +80,7 @@ def fedrolex(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
                       server_learning_rate=server_learning_rate, loss_fn=loss_fn,
                       train_transform=train_transform, input_keys=input_keys,
                       output_keys=output_keys, flatten_keys=flatten_keys, spec=spec,
-                      grouped=grouped)
+                      grouped=grouped, aggregator=aggregator, level_clients=level_clients)
 
 
 def fedrolex_method(hetero: HeteroMethod, *, alternatives: Mapping[str, HeteroMethod] | None = None,

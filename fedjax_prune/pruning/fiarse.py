@@ -226,7 +226,8 @@ def fiarse(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
            grad: str = "masked", layerwise: bool = False, server_learning_rate: float = 1.0,
            maskable_fn: Callable[[Params], PyTree] = default_maskable,
            loss_fn: Callable = softmax_cross_entropy,
-           train_transform: Callable | None = None) -> HeteroMethod:
+           train_transform: Callable | None = None,
+           aggregator: federated.Aggregator | None = None) -> HeteroMethod:
   """FIARSE as a `HeteroMethod` (engine algorithm + evaluation submodel).
 
   Args:
@@ -243,6 +244,12 @@ def fiarse(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
       LayerNorm scale/bias, `default_maskable`).
     loss_fn: per-example loss.
     train_transform: per-batch augmentation `(x, key) -> x`.
+    aggregator: None: each coordinate's mean over the clients whose update touched it. A
+      `federated.Aggregator` (robust, DP, compressed) gets each client's update on the
+      coordinates it touched (`_hetero.counted_view`); its state (the adaptive clip norm,
+      the error-feedback memory) is `HeteroState.aggregator`, checkpointed with the server
+      state. The touched coordinates depend on the client's data, so no per-coordinate
+      count is public: a DP mean keeps the fixed denominator m.
 
   Returns:
     HeteroMethod; `algorithm.init(params, key, batch_stats=None) -> HeteroState`
@@ -305,7 +312,8 @@ def fiarse(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
   def thresholds_for(params, capacity):
     return _traced_thresholds(params, capacity, maskable_fn(params), layerwise)
 
-  return HeteroMethod(FedAlgorithm(init, client_update, server_update), submodel)
+  return HeteroMethod(_hetero.in_path(FedAlgorithm(init, client_update, server_update), aggregator),
+                      submodel)
 
 
 def _traced_thresholds(params: Params, capacity, maskable: PyTree, layerwise: bool) -> jax.Array:

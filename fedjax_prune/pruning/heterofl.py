@@ -33,7 +33,9 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
              server_learning_rate: float = 1.0, loss_fn: Callable = softmax_cross_entropy,
              train_transform: Callable | None = None, input_keys: str = INPUT_KEYS,
              output_keys: str = OUTPUT_KEYS, flatten_keys: str = NO_KEYS,
-             spec=None, grouped: GroupedExecution | None = None) -> HeteroMethod:
+             spec=None, grouped: GroupedExecution | None = None,
+             aggregator: federated.Aggregator | None = None,
+             level_clients: Sequence[int] | None = None) -> HeteroMethod:
   """HeteroFL: static width-prefix submodels, partial averaging, static BN, scaler.
 
   Args:
@@ -64,6 +66,17 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
       its update scattered back to full shape: the same new global params up to float
       summation order, faster where clients run one at a time (`federated.Sequential()`,
       the CPU default); see `GroupedExecution`. Not for text models.
+    aggregator: None: each coordinate's mean over the clients holding it. A
+      `federated.Aggregator` (robust, DP, compressed) gets each client's update on the
+      coordinates its submodel holds (`_hetero.counted_view`: DP clips them, compression
+      sends them, error feedback keeps its memory elsewhere); its state (the adaptive clip
+      norm, the error-feedback memory) is `HeteroState.aggregator`, checkpointed with the
+      server state.
+    level_clients: None, or the number of clients at each capacity level (public: the
+      server assigns capacities; `_hetero.level_counts`), with a fixed-denominator DP
+      `aggregator` (`federated.dp_mean`): each coordinate's denominator becomes its
+      expected holder count m x (share of the clients whose level holds it)
+      (`_hetero.holder_share`; FedRolex: this round's windows) instead of m.
 
   Returns:
     HeteroMethod with HeteroState.
@@ -76,7 +89,7 @@ def heterofl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
                       rolling=False, scaler=scaler, server_learning_rate=server_learning_rate,
                       loss_fn=loss_fn, train_transform=train_transform, input_keys=input_keys,
                       output_keys=output_keys, flatten_keys=flatten_keys, spec=spec,
-                      grouped=grouped)
+                      grouped=grouped, aggregator=aggregator, level_clients=level_clients)
 
 
 def heterofl_method(hetero: HeteroMethod, **kwargs) -> federated.Method:

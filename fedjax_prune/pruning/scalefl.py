@@ -113,7 +113,9 @@ def scalefl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
             distill_alpha: float = 0.5, temperature: float = 3.0,
             server_learning_rate: float = 1.0,
             train_transform: Callable | None = None,
-            grouped: GroupedExecution | None = None) -> HeteroMethod:
+            grouped: GroupedExecution | None = None,
+            aggregator: federated.Aggregator | None = None,
+            level_clients: Sequence[int] | None = None) -> HeteroMethod:
   """ScaleFL: width + depth submodels with early exits and self-distillation.
 
   Args:
@@ -135,6 +137,8 @@ def scalefl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
       `models.make_early_exit_apply`): each level trains its really-smaller model, the
       first d stages at width r with exit d as its head, one program per level (the
       same new global params up to float summation order; `heterofl`'s `grouped`).
+    aggregator, level_clients: `heterofl`'s (a level holds its width and depth: its
+      stages and exits).
 
   Returns:
     HeteroMethod; `submodel` returns the level's exit index (depth - 1).
@@ -153,7 +157,8 @@ def scalefl(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
       loss_fn_for_depth=lambda d: self_distillation_loss(d, num_exits, alpha=distill_alpha,
                                                          temperature=temperature),
       exit_index_for_depth=lambda d: jnp.asarray(d, jnp.int32) - 1,
-      train_transform=train_transform, grouped=grouped, exit_stages=tuple(range(1, num_exits)))
+      train_transform=train_transform, grouped=grouped, exit_stages=tuple(range(1, num_exits)),
+      aggregator=aggregator, level_clients=level_clients)
 
 
 def scalefl_method(hetero: HeteroMethod, **kwargs) -> federated.Method:

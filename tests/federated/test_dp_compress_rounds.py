@@ -365,10 +365,11 @@ def _hetero_config():
     ("compress", "compression.topk_fraction", 0.0, "compression.topk_fraction"),
     ("compress", "compression.error_feedback", 1, "compression.error_feedback"),
     ("dp_median", "robust.aggregator", "median", "robust.aggregator"),
-    # Stateful options: the submodel family refuses them (the sparse family takes them:
-    # tests/federated/test_stateful_sparse.py).
-    ("hetero_ef", "compression.error_feedback", True, "compression.error_feedback.*not supported"),
-    ("hetero_adaptive", "privacy.adaptive", True, "privacy.adaptive.*not supported"),
+    # The expected-count denominator needs public submodels: not FIARSE's (the stateful
+    # options run with every family: test_stateful_dp_and_compression_validate_for_every_family).
+    ("hetero_denominator", "privacy.denominator", "expected_counts",
+     "privacy.denominator='expected_counts' is invalid with method 'fiarse'"),
+    ("dp", "privacy.denominator", "per_client", "privacy.denominator"),
 ])
 def test_bad_configs_name_the_field(make, field, value, match):
   if make.startswith("hetero"):
@@ -395,16 +396,32 @@ def test_stateless_dp_and_compression_validate_for_every_family():
                  contract.cavp_config("federated"), fedavg_tiny.get_config()):
     dp_tiny.add_privacy(config)
     compress_tiny.add_compression(config, error_feedback=False)
-    build.validate(config)  # accepted (stateful options: FedAvg and sparse families only, above)
+    build.validate(config)  # accepted
     assert build.aggregation_active(config), config.method
+
+
+def test_stateful_dp_and_compression_validate_for_every_family():
+  """Adaptive clipping and error feedback, together or alone, once refused outside the
+  FedAvg and sparse families, validate with FIARSE, HeteroFL and CAVP (their runs:
+  test_every_family_runs_with_dp_and_compression; tests/federated/test_stateful_submodel.py)."""
+  from tests import test_method_contract as contract
+  for make in (lambda: contract.hetero_config("fiarse"), lambda: contract.hetero_config("heterofl"),
+               lambda: contract.cavp_config("federated")):
+    for adaptive, error_feedback in ((True, True), (True, False), (False, True)):
+      config = make()
+      dp_tiny.add_privacy(config, adaptive=adaptive)
+      config.privacy.count_stddev = 1.0
+      compress_tiny.add_compression(config, error_feedback=error_feedback)
+      build.validate(config)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(_family_configs()))
 def test_every_family_runs_with_dp_and_compression(family, tmp_path):
   config = _family_configs()[family]()
-  # The FedAvg and sparse families: adaptive clipping, error feedback.
-  stateful = family == "structured/asp" or family.startswith("sparse/")
+  # Every family takes the stateful options (adaptive clipping, error feedback): the
+  # aggregator's state lives in its server state (CAVP's residuals sliced at its rebuilds).
+  stateful = True
   dp_tiny.add_privacy(config, noise_multiplier=1.0, clip_norm=1.0, adaptive=stateful)
   config.privacy.count_stddev = 1.0
   compress_tiny.add_compression(config, bits=8, topk_fraction=0.5, error_feedback=stateful)

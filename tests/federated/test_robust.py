@@ -1,6 +1,7 @@
 """Robust aggregation (issue 28): each aggregator against a numpy reference on random stacks
 with masks and padding clients; robust rounds that must equal FedAvg; resistance to an
 attacker; every execution strategy and the sharded round agree; config validation."""
+import collections
 import math
 
 import jax
@@ -341,11 +342,12 @@ def test_library_arguments_are_checked():
   with pytest.raises(ValueError, match="wrapped algorithm's init"):
     federated.make_round(alg)(fed.init(params, jax.random.key(1)), data,
                               federated.make_cohort([0, 1]), jax.random.key(2))
-  # ... and a server state without an `aggregator` slot takes stateless aggregators only.
-  hetero = fiarse.fiarse(apply_fn, optax.sgd(0.1), SCHEDULE, capacities=(1.0, 0.25)).algorithm
+  # ... and a server state without an `aggregator` slot takes stateless aggregators only
+  # (every library state has one now: a server state of FedAvg's params alone).
+  no_slot = fed._replace(init=lambda params, key: collections.namedtuple("NoSlot", "params")(params))
   with pytest.raises(ValueError, match="stateless"):
-    federated.with_aggregator(hetero, stateful, _hetero.counted_view()).init(params,
-                                                                            jax.random.key(1))
+    federated.with_aggregator(no_slot, stateful, federated.fedavg_view()).init(params,
+                                                                              jax.random.key(1))
 
 
 # ----------------------------------------------------------------------------- configs
