@@ -601,6 +601,18 @@ def dp_denominator(config) -> str:
   return "fixed" if p is None else p.get("denominator", "fixed")
 
 
+def dp_release_all(config) -> bool:
+  """Whether config.privacy's DP mean releases every coordinate: where a client holds
+  depends on its data, so noise (and, for FIARSE, the server step: `fiarse(...,
+  release_all=True)`) goes on every coordinate of the public server model. FedDST's
+  clients prune and regrow on their own data; FIARSE's submodels are the coordinates each
+  client's update touched."""
+  if config.get("privacy") is None:
+    return False
+  method = config.get("method", "fedavg")
+  return method == "fiarse" or (method == "sparse" and config.sparse.get("method") == "feddst")
+
+
 def build_dp(config, noise_on_present: bool = True) -> federated.Aggregator:
   """`federated.dp_mean` of config.privacy (m = clients_per_round)."""
   p = config.privacy
@@ -623,13 +635,10 @@ def full_aggregator(config, data: Data) -> federated.Aggregator:
   """config.robust's aggregator, or config.privacy's DP mean, behind config.compression,
   behind config.attack's update attack: an attacker transforms its update, compresses it,
   then (DP) clips it."""
-  method = config.get("method", "fedavg")
   if config.get("privacy") is not None:
-    # FedDST's clients prune and regrow on their own data: where they hold is private,
-    # so the noise goes on every coordinate. (FIARSE's touched coordinates depend on data
-    # too: left open, docs/results/robust.md.)
-    own_masks = method == "sparse" and config.sparse.get("method") == "feddst"
-    agg = build_dp(config, noise_on_present=not own_masks)
+    # Where FedDST's and FIARSE's clients hold depends on their data: noise on every
+    # coordinate (FIARSE's server step applies it everywhere: `dp_release_all`).
+    agg = build_dp(config, noise_on_present=not dp_release_all(config))
   else:
     agg = build_aggregator(config)
   if config.get("compression") is not None:

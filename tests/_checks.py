@@ -1,4 +1,6 @@
-"""Checks shared by the driver tests."""
+"""Checks and numpy references shared by the tests."""
+import numpy as np
+
 from experiments import build
 
 
@@ -8,3 +10,25 @@ def assert_counted_accuracy(accuracy: float, config) -> None:
   num_test = len(build.build_data(config).test_y)
   correct = accuracy * num_test
   assert num_test > 0 and abs(correct - round(correct)) < 1e-4, (accuracy, num_test)
+
+
+def topk_half(x: np.ndarray, held: np.ndarray) -> np.ndarray:
+  """`federated.Compression(topk_fraction=0.5)` of one leaf, in numpy.
+
+  Keeps x on the round-half-up(m / 2) held coordinates of largest |x| (m = held.sum(); at
+  least 1 when m > 0; ties to the lower flat index) and gives 0 elsewhere.
+
+  Args:
+    x: one client's leaf, any shape.
+    held: bool, x's shape: the coordinates the client holds (sends from).
+
+  Returns:
+    float array of x's shape.
+  """
+  flat, h = np.abs(x).reshape(-1), held.reshape(-1)
+  m = int(h.sum())
+  k = min(max(int(np.floor(0.5 * m + 0.5)), 1), m) if m else 0
+  order = np.lexsort((np.arange(flat.size), -np.where(h, flat, -np.inf)))
+  keep = np.zeros(flat.size, bool)
+  keep[order[:k]] = True
+  return np.where(keep.reshape(x.shape), x, 0.0)

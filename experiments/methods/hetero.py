@@ -42,7 +42,9 @@ Evaluation (FIARSE's `server.py`), every `eval_every` rounds and at the end, wit
 config.privacy / config.compression (issue 28): the aggregator (`build.in_path_aggregator`)
 is in the algorithm's path, its state (the adaptive clip norm, the error-feedback memory) in
 `HeteroState.aggregator` and the checkpoints; each client's update is clipped, compressed
-and remembered on the coordinates it holds. `privacy.denominator='expected_counts'`
+and remembered on the coordinates it holds. FIARSE under privacy releases every coordinate
+(`build.dp_release_all`: noise everywhere, the server step applies the noised mean everywhere;
+its touched coordinates depend on the clients' data). `privacy.denominator='expected_counts'`
 (HeteroFL, FedRolex, ScaleFL) divides each coordinate by m x the share of the clients whose
 capacity level holds it (`_hetero.holder_share` of the public assignment), not by m.
 
@@ -233,8 +235,9 @@ def _method(config, apply_fn, params, schedule, train_transform, eval_window=Non
   caps = tuple(float(x) for x in h.capacities)
   kw = dict(capacities=caps, server_learning_rate=h.server_learning_rate,
             train_transform=train_transform, aggregator=aggregator)
-  if config.method == "fiarse":
-    return fiarse_lib.fiarse(apply_fn, opt, schedule, grad=h.fiarse_grad, layerwise=h.layerwise, **kw)
+  if config.method == "fiarse":  # under privacy its data-dependent submodels release everything
+    return fiarse_lib.fiarse(apply_fn, opt, schedule, grad=h.fiarse_grad, layerwise=h.layerwise,
+                             release_all=build_lib.dp_release_all(config), **kw)
   kw["level_clients"] = level_clients
   text = dict(spec=spec) if config.model.name in build_lib.TEXT_MODELS else {}
   if submodel_execution(config) == "grouped":

@@ -154,8 +154,8 @@ def server_step(state: HeteroState, outputs: ClientOutput, server_learning_rate:
 # --- robust aggregation (issue 28): the submodel methods' sums as an aggregator sees them ---
 
 
-def counted_view(expected_share: Callable[[HeteroState], PyTree] | None = None
-                 ) -> federated.SumsView:
+def counted_view(expected_share: Callable[[HeteroState], PyTree] | None = None, *,
+                 release_all: bool = False) -> federated.SumsView:
   """The `federated.SumsView` of `client_output` / `server_step`: a client's update is its
   delta where it holds a coordinate (`present` = its count), every real client weighs 1,
   and the aggregate goes back as a count of 1 on every coordinate some client held (so
@@ -171,6 +171,14 @@ def counted_view(expected_share: Callable[[HeteroState], PyTree] | None = None
       by it, so each coordinate's denominator is its expected holder count m x share
       (`federated._privacy` docstring: public per-coordinate counts). Where the share is
       0 (nobody can hold it) the aggregate is unused.
+    release_all: the aggregate goes back as a count of 1 on EVERY coordinate, so
+      `server_step` applies it everywhere (its coverage metric reads 1). For submodels
+      that depend on client data (FIARSE's touched coordinates) under a DP mean with noise
+      on every coordinate (`federated.dp_mean(..., noise_on_present=False)`): the released
+      set must be public (`federated._privacy` docstring), and dropping the aggregate where
+      no client held would reveal the cohort's touch pattern. Untouched coordinates then
+      move by the noise / m; with aggregators that return 0 where nobody contributed (the
+      `fallback`) they stay as they were.
   """
 
   def read(state: HeteroState, sums: HeteroSums):
@@ -181,11 +189,14 @@ def counted_view(expected_share: Callable[[HeteroState], PyTree] | None = None
             sums._replace(update=CountedSum((), count)))
 
   def write(state: HeteroState, rest: HeteroSums, mean_delta: Params) -> HeteroSums:
-    held = jax.tree.map(lambda c: c > 0, rest.update.count)
     if expected_share is not None:
       mean_delta = jax.tree.map(
           lambda d, s: d / jnp.where(s > 0, s, 1.0).astype(d.dtype), mean_delta,
           expected_share(state))
+    if release_all:
+      return rest._replace(update=CountedSum(mean_delta, jax.tree.map(
+          lambda c: jnp.ones(c.shape, jnp.float32), rest.update.count)))
+    held = jax.tree.map(lambda c: c > 0, rest.update.count)
     total = jax.tree.map(lambda d, h: jnp.where(h, d, jnp.zeros((), d.dtype)), mean_delta, held)
     return rest._replace(update=CountedSum(total, jax.tree.map(
         lambda h: h.astype(jnp.float32), held)))
@@ -194,17 +205,23 @@ def counted_view(expected_share: Callable[[HeteroState], PyTree] | None = None
 
 
 def in_path(alg: FedAlgorithm, aggregator: federated.Aggregator | None,
-            expected_share: Callable[[HeteroState], PyTree] | None = None) -> FedAlgorithm:
+            expected_share: Callable[[HeteroState], PyTree] | None = None, *,
+            release_all: bool = False) -> FedAlgorithm:
   """`alg` with `aggregator` in its path (`federated.with_aggregator` over `counted_view`),
   its state in `HeteroState.aggregator` (so checkpoints keep it); `alg` itself for None.
   Each client's update goes to the aggregator on the coordinates it holds: DP clips
-  them, compression sends them, error feedback keeps its memory elsewhere."""
+  them, compression sends them, error feedback keeps its memory elsewhere. With
+  `release_all` the server applies the aggregate on every coordinate (`counted_view`)."""
   if aggregator is None:
     if expected_share is not None:
       raise ValueError("an expected-count denominator (level_clients) needs an aggregator "
                        "with a fixed denominator (federated.dp_mean)")
+    if release_all:
+      raise ValueError("release_all=True needs an aggregator (a DP mean with noise on every "
+                       "coordinate: federated.dp_mean(..., noise_on_present=False))")
     return alg
-  return federated.with_aggregator(alg, aggregator, counted_view(expected_share))
+  return federated.with_aggregator(alg, aggregator,
+                                   counted_view(expected_share, release_all=release_all))
 
 
 def level_counts(client_caps: np.ndarray, capacities: Sequence[float]) -> tuple[int, ...]:

@@ -227,7 +227,8 @@ def fiarse(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
            maskable_fn: Callable[[Params], PyTree] = default_maskable,
            loss_fn: Callable = softmax_cross_entropy,
            train_transform: Callable | None = None,
-           aggregator: federated.Aggregator | None = None) -> HeteroMethod:
+           aggregator: federated.Aggregator | None = None,
+           release_all: bool = False) -> HeteroMethod:
   """FIARSE as a `HeteroMethod` (engine algorithm + evaluation submodel).
 
   Args:
@@ -249,7 +250,14 @@ def fiarse(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
       coordinates it touched (`_hetero.counted_view`); its state (the adaptive clip norm,
       the error-feedback memory) is `HeteroState.aggregator`, checkpointed with the server
       state. The touched coordinates depend on the client's data, so no per-coordinate
-      count is public: a DP mean keeps the fixed denominator m.
+      count is public: a DP mean keeps the fixed denominator m, and must release every
+      coordinate (`release_all`).
+    release_all: the server applies the aggregate on every coordinate, not only where
+      some client's update touched (needs `aggregator`). Set it with a DP mean that puts
+      its noise on every coordinate (`federated.dp_mean(..., noise_on_present=False)`):
+      the released set is then the whole (public) server model, and untouched coordinates
+      move by the noise / m, so the released model does not reveal which coordinates the
+      sampled clients touched. The metric `coverage` reads 1.
 
   Returns:
     HeteroMethod; `algorithm.init(params, key, batch_stats=None) -> HeteroState`
@@ -312,8 +320,8 @@ def fiarse(apply_fn: Callable, client_optimizer: optax.GradientTransformation,
   def thresholds_for(params, capacity):
     return _traced_thresholds(params, capacity, maskable_fn(params), layerwise)
 
-  return HeteroMethod(_hetero.in_path(FedAlgorithm(init, client_update, server_update), aggregator),
-                      submodel)
+  return HeteroMethod(_hetero.in_path(FedAlgorithm(init, client_update, server_update), aggregator,
+                                      release_all=release_all), submodel)
 
 
 def _traced_thresholds(params: Params, capacity, maskable: PyTree, layerwise: bool) -> jax.Array:

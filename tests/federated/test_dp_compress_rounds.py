@@ -16,6 +16,7 @@ from experiments import build, train
 from experiments.configs import compress_tiny, dp_tiny, fedavg_tiny, robust_tiny
 from fedjax_prune import checkpoint, federated, testing
 from fedjax_prune.pruning import base
+from tests._checks import topk_half
 from tests.federated.test_attacks import _family_configs  # one method of each family
 from tests.federated.test_robust import random_stack
 
@@ -210,15 +211,6 @@ def test_error_feedback_memory_after_two_rounds_equals_the_hand_computed_residua
   ids1 = np.array([0, 1, 2, 3, 0, 5])       # slot 4 pads with a real client's id (0)
   ids2 = np.array([5, 7, 2, 6, 5, 0])       # round 2: clients 1 and 3 sit out
   want = {k: np.zeros((8,) + v.shape[1:], np.float32) for k, v in updates.items()}
-
-  def topk_half(x, held):
-    flat, h = np.abs(x).reshape(-1), held.reshape(-1)
-    m = int(h.sum())
-    k = min(max(int(np.floor(0.5 * m + 0.5)), 1), m) if m else 0
-    order = np.lexsort((np.arange(flat.size), -np.where(h, flat, -np.inf)))
-    keep = np.zeros(flat.size, bool)
-    keep[order[:k]] = True
-    return np.where(keep.reshape(x.shape), x, 0.0)
 
   for ids, key in ((ids1, jax.random.key(1)), (ids2, jax.random.key(2))):
     _, state, metrics = _run(agg, state, updates, weights, present, active, ids, key)

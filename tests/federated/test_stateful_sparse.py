@@ -17,6 +17,7 @@ from experiments import build, train
 from experiments.configs import compress_tiny, dp_tiny
 from fedjax_prune import checkpoint, federated, masks, testing
 from fedjax_prune.pruning import _sparse, base, feddst, fedtiny, lotteryfl, prunefl
+from tests._checks import topk_half
 
 SCHEDULE = federated.LocalSchedule(batch_size=4, num_epochs=1)
 IDS = [0, 1, 2]
@@ -89,18 +90,6 @@ def _held(present, update):
                                                    u.shape), present, update)
 
 
-def _topk_half(x, held):
-  """x on the round-half-up(m / 2) held coordinates of largest |x| (ties to the lower flat
-  index, at least 1), 0 elsewhere: `Compression(topk_fraction=0.5)` in numpy."""
-  flat, h = np.abs(x).reshape(-1), held.reshape(-1)
-  m = int(h.sum())
-  k = min(max(int(np.floor(0.5 * m + 0.5)), 1), m) if m else 0
-  order = np.lexsort((np.arange(flat.size), -np.where(h, flat, -np.inf)))
-  keep = np.zeros(flat.size, bool)
-  keep[order[:k]] = True
-  return np.where(keep.reshape(x.shape), x, 0.0)
-
-
 # ----------------------------------------------------------------------------- error feedback
 
 
@@ -125,7 +114,7 @@ def test_error_feedback_memory_is_the_unsent_part_on_held_coordinates(name):
         u, h, old, new = (t[path][leaf] for t in (update, held, e, got))
         for i in range(3):
           c = u[i] + old[i]
-          np.testing.assert_allclose(new[i][h[i]], (c - _topk_half(c, h[i]))[h[i]], atol=1e-6)
+          np.testing.assert_allclose(new[i][h[i]], (c - topk_half(c, h[i]))[h[i]], atol=1e-6)
           assert np.array_equal(new[i][~h[i]], old[i][~h[i]])  # kept as it was
         server = np.broadcast_to(np.asarray(before.masks[path][leaf]), u.shape[1:])
         assert np.all(new[:, ~server][~h[:, ~server]] == 0.0)  # pruned and never held: 0

@@ -3,6 +3,7 @@
 `HeteroState.aggregator` / `CavpState.aggregator`, against direct computations;
 equivalence with the plain rounds; CAVP's rebuild slicing each client's residual like the
 weights; DP's expected-count denominator for the width methods (`privacy.denominator`);
+FIARSE under DP releasing every coordinate (its submodels depend on client data);
 config validation and resumed runs."""
 import json
 import os
@@ -19,6 +20,7 @@ from experiments.configs import compress_tiny, dp_tiny
 from fedjax_prune import accounting, checkpoint, federated, models, testing
 from fedjax_prune import data as data_lib
 from fedjax_prune.pruning import _hetero, cavp, fedrolex, heterofl
+from tests._checks import topk_half
 
 SCHEDULE = federated.LocalSchedule(batch_size=4, num_epochs=1)
 IDS = [0, 1, 2]
@@ -48,35 +50,26 @@ def _rounds(alg, params, data, rounds, capacity=(1.0, 0.25, 0.25)):
 
 
 def _client_updates(plain, data, capacity=(1.0, 0.25, 0.25)):
-  """`fn(state, round_idx)`: each cohort client's (update, held) as the aggregator sees them
-  in round `round_idx` from `state`: `plain`'s client step (the engine's client keys) read
-  through `_hetero.counted_view`; leaves stacked [3, ...] (held: full-shape bools)."""
+  """`fn(state, round_idx, capacity=capacity)`: each cohort client's (update, held) as the
+  aggregator sees them in round `round_idx` from `state`: `plain`'s client step (the
+  engine's client keys) read through `_hetero.counted_view`; leaves stacked [3, ...] (held:
+  full-shape bools). One compile serves every cohort capacity."""
   view = _hetero.counted_view()
 
   def probe(state, d, info, key):
     update, _, present, _ = view.read(state, plain.client_update(state, d, info, key).sums)
     return federated.ClientOutput((), (update, present))
 
-  cohort = federated.make_cohort(IDS, capacity=capacity)
-  run = jax.jit(lambda s, root: federated.run_clients(probe, s, data, cohort, root).per_client)
+  run = jax.jit(lambda s, cohort, root: federated.run_clients(probe, s, data, cohort,
+                                                              root).per_client)
+  default = capacity
 
-  def fn(state, round_idx):
+  def fn(state, round_idx, capacity=default):
     client_root, _ = federated.split_round_key(federated.round_key(ROOT, round_idx))
-    return jax.tree.map(np.asarray, run(state, client_root))
+    cohort = federated.make_cohort(IDS, capacity=capacity)
+    return jax.tree.map(np.asarray, run(state, cohort, client_root))
 
   return fn
-
-
-def _topk_half(x, held):
-  """x on the round-half-up(m / 2) held coordinates of largest |x| (ties to the lower flat
-  index, at least 1), 0 elsewhere: `Compression(topk_fraction=0.5)` in numpy."""
-  flat, h = np.abs(x).reshape(-1), held.reshape(-1)
-  m = int(h.sum())
-  k = min(max(int(np.floor(0.5 * m + 0.5)), 1), m) if m else 0
-  order = np.lexsort((np.arange(flat.size), -np.where(h, flat, -np.inf)))
-  keep = np.zeros(flat.size, bool)
-  keep[order[:k]] = True
-  return np.where(keep.reshape(x.shape), x, 0.0)
 
 
 def _norms(update, held):
@@ -107,7 +100,7 @@ def test_error_feedback_memory_is_the_unsent_part_on_held_coordinates(name):
     for u, h, old, new, ever in zip(*map(jax.tree.leaves, (update, held, e, got, ever_held))):
       for i in range(3):
         c = u[i] + old[i]
-        np.testing.assert_allclose(new[i][h[i]], (c - _topk_half(c, h[i]))[h[i]], atol=1e-6)
+        np.testing.assert_allclose(new[i][h[i]], (c - topk_half(c, h[i]))[h[i]], atol=1e-6)
         assert np.array_equal(new[i][~h[i]], old[i][~h[i]])  # kept as it was
         assert np.all(new[i][~ever[i]] == 0.0)  # never held: nothing to remember
     small = update["dense_0"]["kernel"][1]
@@ -149,6 +142,127 @@ def test_adaptive_clip_norm_moves_by_the_quantile_rule_through_a_heterofl_round(
   assert float(metrics[1]["dp_clip_norm"]) == float(states[1].aggregator.clip_norm)
   assert float(states[2].aggregator.clip_norm) == pytest.approx(
       float(states[1].aggregator.clip_norm) * np.exp(-eta * (b - gamma)), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- FIARSE under DP
+
+
+FIARSE_LEVELS = (1.0, 0.5, 0.25)
+SMALL = (0.25, 0.25, 0.25)   # two cohorts whose clients touch different coordinates,
+LARGER = (0.5, 0.25, 0.25)   # neither all of them
+
+
+def _fiarse(apply_fn, params, noise_multiplier=None, clip_norm=1.0):
+  """FIARSE on `testing.tiny_mlp` as the experiment driver builds it (`hetero._method`;
+  levels `FIARSE_LEVELS`), with config.privacy (fixed clipping, m = 3; through
+  `build.full_aggregator`) unless `noise_multiplier` is None."""
+  from experiments.methods import hetero as driver
+  config = _contract().hetero_config("fiarse")
+  config.hetero.capacities = FIARSE_LEVELS
+  config.clients_per_round = 3
+  agg = None
+  if noise_multiplier is not None:
+    dp_tiny.add_privacy(config, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                        adaptive=False)
+    agg = build.full_aggregator(config, None)
+  return driver._method(config, apply_fn, params, SCHEDULE, None, aggregator=agg).algorithm
+
+
+def _touched(held):
+  """[coordinates] bool: touched by some cohort client (leaves flattened in tree order)."""
+  return _stack_leaves(held).any(0)
+
+
+def _stack_leaves(held):
+  """[3, coordinates] the clients' held sets, leaves flattened in tree order."""
+  return np.concatenate([h.reshape(3, -1) for h in jax.tree.leaves(held)], axis=1)
+
+
+def test_fiarse_under_dp_moves_every_coordinate_by_the_noised_fixed_denominator_mean():
+  """FIARSE's submodels are the coordinates each client's update touched, which depend on its
+  data: under DP the released set is the whole (public) server model. Every coordinate
+  moves by (sum_k clip(u_k) + noise) / m, an untouched one by exactly noise / m (drawn as
+  the round draws it), so two cohorts with different touch patterns change the same set:
+  every coordinate."""
+  apply_fn, params = testing.tiny_mlp(jax.random.key(0))
+  data = testing.tiny_client_data()
+  z, clip = 0.5, 0.1
+  private = _fiarse(apply_fn, params, z, clip)
+  client_updates = _client_updates(_fiarse(apply_fn, params), data)
+  round_fn = federated.make_round(private)
+  state = private.init(params, jax.random.key(1))
+  _, server_key = federated.split_round_key(federated.round_key(ROOT, 0))
+  aggregator_key = jax.random.fold_in(server_key, federated._robust.AGGREGATOR_STREAM)
+  noise = federated.add_gaussian_noise(jax.tree.map(jnp.zeros_like, params),
+                                       jax.random.split(aggregator_key)[0], z * clip)
+  touched = []
+  for capacity in (SMALL, LARGER):
+    new, metrics = round_fn(state, data, federated.make_cohort(IDS, capacity=capacity),
+                            federated.round_key(ROOT, 0))
+    update, held = client_updates(state, 0, capacity)
+    factor = np.minimum(1.0, clip / _norms(update, held))
+    assert np.any(factor < 1.0)  # clipping acts
+    for w, u, h, n, got in zip(*map(jax.tree.leaves, (params, update, held, noise, new.params))):
+      w, n, got = np.asarray(w), np.asarray(n), np.asarray(got)
+      off = ~h.any(0)
+      want = w - (np.tensordot(factor, np.where(h, u, 0.0), axes=1) + n) / 3
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(got[off], (w - n / 3)[off], rtol=1e-5, atol=1e-6)
+      assert np.all(got != w)  # the changed set: every coordinate
+    assert float(metrics["coverage"]) == pytest.approx(1.0)  # x / n as x * (1 / n) in float32
+    touched.append(_touched(held))
+  # The two cohorts' touch patterns differ and leave coordinates untouched.
+  assert not touched[0].all() and not touched[1].all()
+  assert not np.array_equal(touched[0], touched[1])
+
+
+def test_fiarse_under_dp_without_noise_is_the_clipped_fixed_denominator_mean_where_touched():
+  """z = 0: w' = w - sum_k clip(u_k) / m on the touched coordinates (m = 3 wherever few
+  clients touched), untouched coordinates unchanged bit for bit."""
+  apply_fn, params = testing.tiny_mlp(jax.random.key(0))
+  data = testing.tiny_client_data()
+  plain = _fiarse(apply_fn, params)
+  update, held = _client_updates(plain, data)(plain.init(params, jax.random.key(1)), 0, LARGER)
+  norms = _norms(update, held)
+  lo, mid, _ = np.sort(norms)
+  clip = float(0.5 * (lo + mid))  # one client unclipped, two clipped
+  private = _fiarse(apply_fn, params, 0.0, clip)
+  new, _ = federated.make_round(private)(private.init(params, jax.random.key(1)), data,
+                                         federated.make_cohort(IDS, capacity=LARGER),
+                                         federated.round_key(ROOT, 0))
+  factor = np.minimum(1.0, clip / norms)
+  assert np.sum(factor < 1.0) == 2
+  for w, u, h, got in zip(*map(jax.tree.leaves, (params, update, held, new.params))):
+    w, got, on = np.asarray(w), np.asarray(got), h.any(0)
+    want = w - np.tensordot(factor, np.where(h, u, 0.0), axes=1) / 3
+    np.testing.assert_allclose(got[on], want[on], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(got[~on], w[~on])
+  # Coordinates no client touched, and some only one touched (still divided by m = 3).
+  assert not _touched(held).all() and np.any(np.sum(_stack_leaves(held), 0) == 1)
+
+
+def test_only_data_dependent_holders_release_every_coordinate():
+  """Noise (and FIARSE's server step) go everywhere for FIARSE and FedDST under privacy;
+  the width methods keep their public masks (the noise on the coordinates some client's
+  level holds); no privacy block: nothing changes."""
+  contract = _contract()
+  cases = {"fiarse": (contract.hetero_config("fiarse"), True),
+           "feddst": (contract.sparse_config("sparse", "feddst"), True),
+           "fedtiny": (contract.sparse_config("fedtiny"), False),
+           **{m: (contract.hetero_config(m), False) for m in ("heterofl", "fedrolex", "scalefl")}}
+  update = {"w": jnp.ones((2, 3))}
+  present = {"w": jnp.array([[True, False, True], [False, False, True]])}
+  info = federated.ClientInfo(jnp.int32(0), jnp.int32(5), jnp.bool_(True), jnp.float32(1.0))
+  for name, (config, everywhere) in cases.items():
+    assert not build.dp_release_all(config), name
+    dp_tiny.add_privacy(config, noise_multiplier=1.0, clip_norm=1.0, adaptive=False)
+    assert build.dp_release_all(config) == everywhere, name
+    sums = build.full_aggregator(config, None).contribute((), update, jnp.float32(1.0), present,
+                                                         info, jax.random.key(0)).sums
+    if everywhere:
+      assert sums.released == ()
+    else:
+      np.testing.assert_array_equal(np.asarray(sums.released["w"]), np.asarray(present["w"]))
 
 
 # ----------------------------------------------------------------------------- expected counts
