@@ -1,7 +1,10 @@
 """Checks and numpy references shared by the tests."""
+import types
+
 import numpy as np
 
 from experiments import build
+from fedjax_prune import federated
 
 
 def assert_counted_accuracy(accuracy: float, config) -> None:
@@ -32,3 +35,26 @@ def topk_half(x: np.ndarray, held: np.ndarray) -> np.ndarray:
   keep = np.zeros(flat.size, bool)
   keep[order[:k]] = True
   return np.where(keep.reshape(x.shape), x, 0.0)
+
+
+def assert_builds_stateful_aggregator(config, *, adaptive: bool, error_feedback: bool,
+                                      num_clients: int = 5) -> None:
+  """`config` validates, and the aggregator its method carries in its path holds the state
+  the options ask for: under adaptive clipping a `ClipState` at config.privacy.clip_norm,
+  with error feedback one zero residual row per client ([num_clients, 3] on a [3] leaf)."""
+  build.validate(config)
+  data = types.SimpleNamespace(train=types.SimpleNamespace(num_clients=num_clients),
+                               num_classes=10)
+  aggregator = build.in_path_aggregator(config, data)
+  assert aggregator is not None, config.method
+  state = aggregator.init({"w": np.zeros(3, np.float32)})
+  assert isinstance(state, federated.CompressedState), type(state)
+  if adaptive:
+    assert isinstance(state.inner, federated.ClipState), state.inner
+    np.testing.assert_allclose(state.inner.clip_norm, config.privacy.clip_norm)
+  else:
+    assert not isinstance(state.inner, federated.ClipState), state.inner
+  if error_feedback:
+    np.testing.assert_array_equal(state.residual["w"], np.zeros((num_clients, 3), np.float32))
+  else:
+    assert state.residual == (), state.residual

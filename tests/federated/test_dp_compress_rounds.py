@@ -16,6 +16,7 @@ from experiments import build, train
 from experiments.configs import compress_tiny, dp_tiny, fedavg_tiny, robust_tiny
 from fedjax_prune import checkpoint, federated, testing
 from fedjax_prune.pruning import base
+from tests import _checks
 from tests._checks import topk_half
 from tests.federated.test_attacks import _family_configs  # one method of each family
 from tests.federated.test_robust import random_stack
@@ -404,7 +405,8 @@ def test_stateful_dp_and_compression_validate_for_every_family():
       dp_tiny.add_privacy(config, adaptive=adaptive)
       config.privacy.count_stddev = 1.0
       compress_tiny.add_compression(config, error_feedback=error_feedback)
-      build.validate(config)
+      _checks.assert_builds_stateful_aggregator(config, adaptive=adaptive,
+                                                error_feedback=error_feedback)
 
 
 @pytest.mark.slow

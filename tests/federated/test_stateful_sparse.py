@@ -13,10 +13,11 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import build, train
+from experiments import train
 from experiments.configs import compress_tiny, dp_tiny
 from fedjax_prune import checkpoint, federated, masks, testing
 from fedjax_prune.pruning import _sparse, base, feddst, fedtiny, lotteryfl, prunefl
+from tests import _checks
 from tests._checks import topk_half
 
 SCHEDULE = federated.LocalSchedule(batch_size=4, num_epochs=1)
@@ -211,7 +212,7 @@ def _stateful(config):
     ("sparse", "snip"), ("sparse", "synflow"), ("sparse", "dense")])
 def test_sparse_methods_accept_adaptive_clipping_and_error_feedback(method, sparse_method):
   config = _stateful(_contract().sparse_config(method, sparse_method))
-  build.validate(config)
+  _checks.assert_builds_stateful_aggregator(config, adaptive=True, error_feedback=True)
 
 
 @pytest.mark.parametrize("make,field", [
@@ -226,7 +227,8 @@ def test_submodel_and_gated_methods_take_each_stateful_option_alone(make, field)
   other = "compression.error_feedback" if field == "privacy.adaptive" else "privacy.adaptive"
   block, name = other.split(".")
   config[block][name] = False  # only `field` is stateful
-  build.validate(config)
+  _checks.assert_builds_stateful_aggregator(config, adaptive=field == "privacy.adaptive",
+                                            error_feedback=field == "compression.error_feedback")
 
 
 def _records(workdir):

@@ -20,6 +20,7 @@ from experiments.configs import compress_tiny, dp_tiny
 from fedjax_prune import accounting, checkpoint, federated, models, testing
 from fedjax_prune import data as data_lib
 from fedjax_prune.pruning import _hetero, cavp, fedrolex, heterofl
+from tests import _checks
 from tests._checks import topk_half
 
 SCHEDULE = federated.LocalSchedule(batch_size=4, num_epochs=1)
@@ -496,7 +497,9 @@ def test_submodel_and_gated_methods_accept_adaptive_clipping_and_error_feedback(
 
 @pytest.mark.parametrize("method", ["heterofl", "fedrolex", "scalefl"])
 def test_width_methods_accept_the_expected_count_denominator(method):
-  build.validate(_stateful(_contract().hetero_config(method), "expected_counts"))
+  config = _stateful(_contract().hetero_config(method), "expected_counts")
+  _checks.assert_builds_stateful_aggregator(config, adaptive=True, error_feedback=True)
+  assert build.dp_denominator(config) == "expected_counts"
 
 
 @pytest.mark.parametrize("make,value,match", [
