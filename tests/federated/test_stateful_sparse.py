@@ -3,22 +3,18 @@ adaptive DP clip norm carried by `MaskedFedAvgState.aggregator` through FedTiny,
 PruneFL, LotteryFL and masked FedAvg rounds, against direct computations; equivalence
 with the plain rounds; config validation (the submodel and gated families take the options
 too: tests/federated/test_stateful_submodel.py) and a resumed run."""
-import json
-import os
-import shutil
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from experiments import train
 from experiments.configs import compress_tiny, dp_tiny
-from fedjax_prune import checkpoint, federated, masks, testing
+from fedjax_prune import federated, masks, testing
 from fedjax_prune.pruning import _sparse, base, feddst, fedtiny, lotteryfl, prunefl
 from tests import _checks
 from tests._checks import topk_half
+from tests.federated.test_stateful_submodel import _resume_is_bit_exact
 
 SCHEDULE = federated.LocalSchedule(batch_size=4, num_epochs=1)
 IDS = [0, 1, 2]
@@ -231,32 +227,9 @@ def test_submodel_and_gated_methods_take_each_stateful_option_alone(make, field)
                                             error_feedback=field == "compression.error_feedback")
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [{k: v for k, v in json.loads(line).items() if k != "wall_time"} for line in f]
-
-
 @pytest.mark.slow
 def test_resume_of_a_feddst_run_with_error_feedback_and_adaptive_clipping_is_bit_exact(tmp_path):
   config = _stateful(_contract().sparse_config("sparse", "feddst"))
   config.rounds, config.checkpoint_every, config.checkpoint_keep, config.eval_every = 4, 1, 4, 2
-  full = str(tmp_path / "full")
-  train.train_and_evaluate(config, full)
-  records = _records(full)
+  records, _ = _resume_is_bit_exact(config, tmp_path, (3, 4))
   assert len({r["dp_clip_norm"] for r in records}) > 1  # the clip norm moved
-  workdir = str(tmp_path / "resumed")
-  shutil.copytree(full, workdir)
-  ckpt_dir = os.path.join(workdir, train.CHECKPOINT_DIR)
-  for step in (3, 4):
-    shutil.rmtree(os.path.join(ckpt_dir, f"step_{step:08d}"))
-  os.remove(os.path.join(workdir, "summary.json"))
-  train.train_and_evaluate(config, workdir, resume=True)
-  assert _records(workdir) == records
-  _, arrays, _ = checkpoint.read_arrays(ckpt_dir)
-  _, ref_arrays, _ = checkpoint.read_arrays(os.path.join(full, train.CHECKPOINT_DIR))
-  assert arrays.keys() == ref_arrays.keys()
-  residual = [k for k in arrays if "aggregator" in k and "residual" in k]
-  assert residual and any(np.any(arrays[k] != 0) for k in residual)  # EF memory checkpointed
-  assert any("clip_norm" in k for k in arrays)
-  for k in arrays:
-    assert arrays[k].tobytes() == ref_arrays[k].tobytes(), f"{k} differs after resume"

@@ -61,42 +61,27 @@ def test_grouped_round_equals_masked_round(key, factory, round_idx, execution):
   assert moved.max() > 1e-2
 
 
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, those of its sub-jaxprs (cond branches, scans, pjits) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          yield from _eqns(sub.jaxpr)
+        elif hasattr(sub, "eqns"):
+          yield from _eqns(sub)
+
+
 def _switch_branches(jaxpr):
   """The branch jaxprs of every `cond` (lax.switch) in a closed jaxpr, nested ones included."""
-  found = []
-
-  def visit(j):
-    for eqn in j.eqns:
-      if eqn.primitive.name == "cond":
-        found.append([b.jaxpr for b in eqn.params["branches"]])
-      for v in eqn.params.values():
-        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-          if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-            visit(sub.jaxpr)
-          elif hasattr(sub, "eqns"):
-            visit(sub)
-
-  visit(jaxpr.jaxpr)
-  return found
+  return [[b.jaxpr for b in eqn.params["branches"]] for eqn in _eqns(jaxpr.jaxpr)
+          if eqn.primitive.name == "cond"]
 
 
 def _dot_dims(jaxpr) -> set:
-  dims = set()
-
-  def visit(j):
-    for eqn in j.eqns:
-      if eqn.primitive.name == "dot_general":
-        for v in eqn.invars:
-          dims.update(v.aval.shape)
-      for v in eqn.params.values():
-        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-          if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-            visit(sub.jaxpr)
-          elif hasattr(sub, "eqns"):
-            visit(sub)
-
-  visit(jaxpr)
-  return dims
+  return {d for eqn in _eqns(jaxpr) if eqn.primitive.name == "dot_general"
+          for v in eqn.invars for d in v.aval.shape}
 
 
 def test_each_level_program_trains_the_smaller_model(key):
