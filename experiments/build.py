@@ -675,6 +675,29 @@ def dp_epsilons(config, num_clients: int) -> list[float] | None:
       float(config.privacy.noise_multiplier), q, int(config.rounds), float(config.privacy.delta))]
 
 
+def vote_epsilons(config, num_clients: int) -> list[float] | None:
+  """[rounds] epsilon of ASP's noised vote tallies after each round at config.asp.vote_delta
+  (config.asp.decision='client_votes' with vote_noise_multiplier z > 0), else None.
+
+  A client's votes move each count by at most 1, so the tallies of one round are a Gaussian
+  mechanism of noise multiplier z (`pruning.client_votes`). Every round releases its
+  tallies (the records carry them after the search too), so round r composes r of them;
+  the same accountant and sampling convention as `dp_epsilons` (RDP, Poisson sampling at
+  q = clients_per_round / num_clients)."""
+  if config.get("method") != "asp" or config.get("asp") is None:
+    return None
+  asp = config.asp
+  if asp.get("decision", "server") != "client_votes" or not asp.get("vote_noise_multiplier", 0.0):
+    return None
+  q = min(1.0, config.clients_per_round / num_clients)
+  return [float(e) for e in federated.epsilon_per_round(
+      float(asp.vote_noise_multiplier), q, int(config.rounds),
+      float(asp.get("vote_delta", VOTE_DELTA)))]
+
+
+VOTE_DELTA = 1e-3  # config.asp.vote_delta's default: < 1 / num_clients for FEMNIST's 300
+
+
 def with_measured_bytes(config, method: federated.Method) -> federated.Method:
   """With config.compression: `method` whose records carry the round's measured `bytes_up`
   (the compressed aggregator's metric) and the method's own count of the uncompressed

@@ -514,6 +514,7 @@ def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None =
   eval_time = float(meta.get("eval_time_s", 0.0))
   last_eval: dict = {}
   epsilons = build.dp_epsilons(config, env.data.train.num_clients)  # config.privacy: accountant
+  vote_epsilons = build.vote_epsilons(config, env.data.train.num_clients)  # ASP's noised votes
   rounds = federated.run_rounds(
       method, state, train=run.train, cohort_fn=run.cohort,
       train_root=jax.random.key(config.seeds.training), init_key=jax.random.key(config.seeds.init),
@@ -524,6 +525,8 @@ def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None =
     record.update(round=round_idx + 1, wall_time=time.perf_counter() - clock_start)
     if epsilons is not None:
       record["dp_epsilon"] = epsilons[round_idx]
+    if vote_epsilons is not None:
+      record["vote_epsilon"] = vote_epsilons[round_idx]
     if runtime.is_eval_round(config, round_idx):
       last_eval = evaluate(state, round_idx)
       record.update(last_eval)

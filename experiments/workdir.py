@@ -223,10 +223,10 @@ def rounds_only_difference(saved: dict, now: dict, defaults: dict[str, Any]) -> 
 
 
 # `train.run_method` writes a record's fields in this order: the round's own (training
-# metrics, the method's record), then `round`, `wall_time` and (config.privacy)
-# `dp_epsilon`, then, on evaluation rounds, the evaluation's. So everything after the last
-# of these is evaluation.
-_BEFORE_EVALUATION = ("wall_time", "dp_epsilon")
+# metrics, the method's record), then `round`, `wall_time`, (config.privacy) `dp_epsilon`
+# and (ASP's noised client votes) `vote_epsilon`, then, on evaluation rounds, the
+# evaluation's. So everything after the last of these is evaluation.
+_BEFORE_EVALUATION = ("wall_time", "dp_epsilon", "vote_epsilon")
 
 
 def without_evaluation(record: dict) -> dict:

@@ -45,12 +45,14 @@ def get_config(arg: str | None = None):
 
 
 def sweep(add):
-  for k in K_SWEEP:
+  # Run order = what a 2-core session most needs first: the scratch cells separate capacity
+  # from search cost (the open question of the headline verdict), then the k sweep's ends.
+  for widths in FOUND_WIDTHS:  # dense FedAvg of the found architecture from round 0
+    add(**{"asp.widths": widths, "asp.max_pruned_round": 0, **SEED0})
+  for k in sorted(K_SWEEP, key=lambda k: abs(k - 2.0), reverse=True):  # 1.5, 2.5, 1.8, 2.0
     add(**{"asp.k": k, **SEED0})
   for k in INHERIT_K:
     add(**{"asp.k": k, "asp.reinit_on_prune": False, "asp.tails": "lower", **SEED0})
-  for widths in FOUND_WIDTHS:  # dense FedAvg of the found architecture from round 0
-    add(**{"asp.widths": widths, "asp.max_pruned_round": 0, **SEED0})
   for fields in DEEP_MODELS.values():
     deep = {**fields, "clients_per_round": 10, "asp.k": 2.5, **SEED0}
     add(**{**deep, "asp.max_pruned_round": 0})  # dense: the search ends before it starts

@@ -42,4 +42,5 @@ def get_config(arg: str | None = None):
     c.asp.decision = "client_votes"
     c.asp.vote_threshold = 0.5
     c.asp.vote_noise_multiplier = 0.0
+    c.asp.vote_delta = 1e-3  # the delta of the records' `vote_epsilon` when z > 0
   return c

@@ -25,7 +25,9 @@ next round the server keeps a filter when more than config.asp.vote_threshold of
 voters keep it (tallies noised with config.asp.vote_noise_multiplier z: std z * sqrt(filters
 voted on)), then rebuilds as with its own scores (`pruning.auto_structured`, "Client
 votes"). Records then also carry the round's tallies (`votes/<group>`, `voters`) and
-`bytes_up` includes the vote bits. Conv models, plain mean aggregation only.
+`bytes_up` includes the vote bits; with z > 0 also `vote_epsilon`, the tallies' epsilon so
+far at config.asp.vote_delta (default 1e-3; `build.vote_epsilons`: every round releases
+its tallies). Conv models, plain mean aggregation only.
 
 Text models (config.model.name 'shakespeare_lstm' / 'shakespeare_transformer'): the same
 rule per LSTM layer over its units and per transformer block over its heads and its FFN
@@ -131,6 +133,9 @@ def _check_decision(config) -> None:
   z = _field(config, "asp.vote_noise_multiplier", 0.0)
   if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0:
     _bad("asp.vote_noise_multiplier", z, "a number >= 0 (0 = exact tallies)")
+  delta = _field(config, "asp.vote_delta", build_lib.VOTE_DELTA)
+  if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+    _bad("asp.vote_delta", delta, "a number in (0, 1) (the delta of the votes' epsilon)")
   if config.model.name in build_lib.TEXT_MODELS:
     _bad("asp.decision", decision, f"'server' for text models ({config.model.name}: clients "
          "vote on conv filters only)")

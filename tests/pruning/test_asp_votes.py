@@ -173,6 +173,8 @@ def _votes_config(**fields):
     ({"asp.vote_threshold": True}, "asp.vote_threshold"),
     ({"asp.vote_noise_multiplier": -1.0}, "asp.vote_noise_multiplier"),
     ({"asp.vote_noise_multiplier": float("nan")}, "asp.vote_noise_multiplier"),
+    ({"asp.vote_delta": 0.0}, "asp.vote_delta"),
+    ({"asp.vote_delta": 1.0}, "asp.vote_delta"),
     ({"model.name": "shakespeare_lstm", "asp.kernel_init": "default"}, "asp.decision"),
     ({"robust": ml_collections.ConfigDict({"aggregator": "median"})}, "asp.decision"),
     ({"privacy": ml_collections.ConfigDict({"noise_multiplier": 1.0})}, "asp.decision"),
@@ -181,6 +183,25 @@ def test_bad_vote_configs_name_the_field(fields, named):
   asp_driver.validate(_votes_config())  # the votes config itself is valid
   with pytest.raises(build_lib.ConfigError, match=f"config.{named}="):
     asp_driver.validate(_votes_config(**fields))
+
+
+def test_records_carry_the_votes_epsilon_from_the_accountant(tmp_path):
+  """With noised tallies every record carries the votes' epsilon so far: the accountant's
+  curve for noise multiplier z at q = clients_per_round / num_clients, one release per
+  round (the tallies of every round are in the records); exact tallies carry none."""
+  import json
+  from experiments import train
+  config = _votes_config(**{"asp.vote_noise_multiplier": 2.0, "asp.vote_delta": 1e-4,
+                            "rounds": 3})
+  train.train_and_evaluate(config, str(tmp_path / "noised"))
+  with open(tmp_path / "noised" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  q = config.clients_per_round / config.data.num_clients
+  want = federated.epsilon_per_round(2.0, q, 3, 1e-4)
+  assert [r["vote_epsilon"] for r in records] == [float(e) for e in want]
+  assert 0 < want[0] < want[1] < want[2] < np.inf
+  assert "dp_epsilon" not in records[0]
+  assert build_lib.vote_epsilons(_votes_config(), config.data.num_clients) is None  # z = 0
 
 
 def test_bad_library_arguments():
