@@ -27,7 +27,7 @@ voted on)), then rebuilds as with its own scores (`pruning.auto_structured`, "Cl
 votes"). Records then also carry the round's tallies (`votes/<group>`, `voters`) and
 `bytes_up` includes the vote bits; with z > 0 also `vote_epsilon`, the tallies' epsilon so
 far at config.asp.vote_delta (default 1e-3; `build.vote_epsilons`: every round releases
-its tallies). Conv models, plain mean aggregation only.
+its tallies). Conv and text models (units, heads), plain mean aggregation only.
 
 Text models (config.model.name 'shakespeare_lstm' / 'shakespeare_transformer'): the same
 rule per LSTM layer over its units and per transformer block over its heads and its FFN
@@ -136,9 +136,6 @@ def _check_decision(config) -> None:
   delta = _field(config, "asp.vote_delta", build_lib.VOTE_DELTA)
   if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
     _bad("asp.vote_delta", delta, "a number in (0, 1) (the delta of the votes' epsilon)")
-  if config.model.name in build_lib.TEXT_MODELS:
-    _bad("asp.decision", decision, f"'server' for text models ({config.model.name}: clients "
-         "vote on conv filters only)")
   if build_lib.robust_active(config) or build_lib.aggregation_active(config):
     _bad("asp.decision", decision,
          "'server' with config.robust / config.attack / config.privacy / config.compression "

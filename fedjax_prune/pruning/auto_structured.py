@@ -46,7 +46,8 @@ a stream group coupled to the stem keeps as many channels as the stem, its most 
 ones (each client votes for the top-n of its own scores, n its own stem vote). The
 candidate is then accepted or rejected and rebuilt exactly as on the server's scores.
 With identical clients and no noise this is the server's decision (up to float
-rounding). Conv models only (text groups are scored on the host).
+rounding). Text models vote the same way on their units and heads (the L1 norms of
+`structured.text_group_l1`, in jnp).
 
 Deviations, documented: clients get a fresh Adam state (the Keras code reuses one
 compiled client model for the whole round, so Adam moments leak between clients);
@@ -288,9 +289,6 @@ def auto_structured(*, k: float = 2.2, tails: Optional[str] = None, max_patience
     return keep
 
   def vote(spec) -> Callable[[Params], dict]:
-    if isinstance(spec, models.TEXT_SPECS):
-      raise ValueError('ASP client votes score conv filters; text models are decided on the '
-                       'server (client_votes=None)')
     scored, follows = prunable_groups(spec, couple_streams_to_stem=couple_streams_to_stem)
 
     def vote_fn(params: Params) -> dict:

@@ -70,10 +70,10 @@ def filter_taylor(kernel: jax.Array, grad: jax.Array) -> jax.Array:
 def filter_group_l1(spec, params: Params) -> dict[str, jax.Array]:
   """{group: float32 [F]} `structured.group_l1` in jnp (jittable: a client scores its own
   model in the round): per channel group of a conv/dense model, the L1 norm of each output
-  channel's filters summed over the group's producers (a ResNet stream's convs)."""
+  channel's filters summed over the group's producers (a ResNet stream's convs); per LSTM
+  unit, attention head and FFN unit of a text model (`structured.text_group_l1`)."""
   if isinstance(spec, models.TEXT_SPECS):
-    raise ValueError('filter_group_l1 scores conv/dense channel groups; text models\' units and '
-                     'heads are scored on the host only (structured.group_l1)')
+    return structured.text_group_l1(spec, params, xp=jnp)
   scores = {}
   for grp in structured.groups(spec):
     total = jnp.zeros((grp.width,), jnp.float32)

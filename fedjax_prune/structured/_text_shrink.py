@@ -273,18 +273,24 @@ def text_keep_masks(spec: models.TextSpec, keep: Any, *, drop_blocks: Iterable[s
   return jax.tree.unflatten(jax.tree.structure(params_abs), leaves)
 
 
-def text_group_l1(spec: models.TextSpec, params: Params) -> dict[str, np.ndarray]:
+def text_group_l1(spec: models.TextSpec, params: Params, *, xp: Any = np
+                  ) -> dict[str, np.ndarray]:
   """Per-unit L1 norm of each group's incoming weights (kernels only, as `group_l1`).
 
   LSTM unit j: |kernel| + |recurrent_kernel| summed over its 4 gate columns; head n:
   |query|, |key| and |value| kernels summed over its head_dim columns; FFN unit j:
   |dense_0 kernel| over its column.
 
+  Args:
+    xp: `np` (host, float64: the server's scores) or `jnp` (jittable, float32: a client
+      scores its own model inside the round, `pruning.client_votes.filter_group_l1`).
+
   Returns:
-    {group name: float64 [width]}.
+    {group name: [width]} float64 (np) or float32 (jnp).
   """
   _check_spec(spec)
-  column_l1 = lambda kernel: np.abs(np.asarray(kernel, np.float64)).sum(axis=0)
+  dtype = np.float64 if xp is np else jnp.float32
+  column_l1 = lambda kernel: xp.abs(xp.asarray(kernel, dtype)).sum(axis=0)
   out = {}
   if isinstance(spec, models.LSTMSpec):
     for l, h in enumerate(spec.hidden):
@@ -295,6 +301,6 @@ def text_group_l1(spec: models.TextSpec, params: Params) -> dict[str, np.ndarray
   for l, (heads, head_dim, _) in enumerate(spec.blocks):
     attn = params[f'block_{l}']['attn']
     total = sum(column_l1(attn[n]['kernel']) for n in ('query', 'key', 'value'))
-    out[f'block_{l}/attn'] = np.asarray(total).reshape(heads, head_dim).sum(axis=1)
+    out[f'block_{l}/attn'] = xp.asarray(total).reshape(heads, head_dim).sum(axis=1)
     out[f'block_{l}/ffn'] = column_l1(params[f'block_{l}']['ffn']['dense_0']['kernel'])
   return out

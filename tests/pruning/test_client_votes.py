@@ -71,6 +71,23 @@ def test_keep_sets_go_to_shrink():
                                 np.asarray(params["conv_0"]["kernel"])[..., [0, 2, 3]])
 
 
+@pytest.mark.parametrize("spec", [
+    models.asp_femnist_cnn(widths=(3, 5), num_classes=4, input_shape=(16, 16, 1)),
+    models.LSTMSpec(vocab_size=7, seq_len=5, embed_dim=3, hidden=(6, 5)),
+    models.TransformerSpec(vocab_size=7, seq_len=5, d_model=8, blocks=((2, 4, 6),))],
+    ids=["cnn", "lstm", "transformer"])
+def test_jittable_group_scores_are_the_hosts(spec):
+  """The clients' in-round scores (jnp, float32) are the server's `structured.group_l1`
+  (numpy, float64) group by group, for conv filters and for text units and heads."""
+  params, _ = models.init_params(spec, jax.random.key(0))
+  got = jax.jit(lambda p: client_votes.filter_group_l1(spec, p))(params)
+  want = structured.group_l1(spec, params)
+  assert set(got) == set(want) and len(want) >= 2
+  for group in want:
+    assert got[group].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got[group]), want[group], rtol=1e-5, err_msg=group)
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="tails"):
     client_votes.boundary_vote(jnp.ones(3), 1.0, "upper")
