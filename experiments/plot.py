@@ -2,6 +2,8 @@
 
   python -m experiments.plot --out plots/ workdir/run_a workdir/run_b
   python -m experiments.plot --out plots/ /tmp/sweep          # a sweep/seed root: its runs
+  python -m experiments.plot --out plots/ 'dense@workdir/a/asp.max_pruned_round=0,seeds.init=0' \
+      workdir/k_sweep                                         # LABEL@PATH names a run
 
 A workdir is a directory with `metrics.jsonl` (and usually `summary.json`); a
 directory without one stands for its subdirectories that have one (a sweep or
@@ -12,6 +14,10 @@ seed-sweep root). Writes PNGs (matplotlib, Agg backend):
                           run, with the Pareto front (higher accuracy, smaller model)
   layers_<run>.png        per-layer density (`density/<layer>`) or width (`width/<layer>`)
                           over rounds, for runs that log them
+
+Runs are labelled by LABEL@PATH when given so, else by their directory name without the
+`key=value` fields every unlabelled run shares (a sweep's seeds, say); a labelled sweep
+root labels its runs 'LABEL: <name>'.
 """
 from __future__ import annotations
 
@@ -67,6 +73,47 @@ def load_run(workdir: str) -> dict:
           "summary": summary}
 
 
+def split_label(arg: str) -> tuple[str | None, str]:
+  """'LABEL@PATH' -> (LABEL, PATH); a plain path -> (None, path)."""
+  if "@" in arg:
+    label, path = arg.split("@", 1)
+    if label and path:
+      return label, path
+  return None, arg
+
+
+def short_names(names: list[str]) -> list[str]:
+  """Run names without the comma-separated fields all of them share ('(base)' if nothing
+  is left): 'asp.k=1.5,seeds.init=0' and 'asp.k=2.5,seeds.init=0' -> 'asp.k=1.5', 'asp.k=2.5'."""
+  parts = [name.split(",") for name in names]
+  common = set.intersection(*map(set, parts)) if len(parts) > 1 else set()
+  return [",".join(p for p in ps if p not in common) or "(base)" for ps in parts]
+
+
+def load_labelled(args: list[str]) -> list[dict]:
+  """The runs under `args` (paths or LABEL@PATH), each with its display 'label'."""
+  runs, labels = [], []
+  for arg in args:
+    label, path = split_label(arg)
+    found = find_runs([path])
+    for workdir in found:
+      runs.append(load_run(workdir))
+      if label is None:
+        labels.append(None)
+      else:
+        labels.append(label if len(found) == 1 else f"{label}: {runs[-1]['name']}")
+  unlabelled = [i for i, label in enumerate(labels) if label is None]
+  for i, name in zip(unlabelled, short_names([runs[i]["name"] for i in unlabelled])):
+    labels[i] = name
+  for run, label in zip(runs, labels):
+    run["label"] = label
+  return runs
+
+
+def _label(run: dict) -> str:
+  return run.get("label", run["name"])
+
+
 def _series(records: list[dict], key: str) -> tuple[list, list]:
   xs = [r["round"] for r in records if key in r]
   return xs, [r[key] for r in records if key in r]
@@ -97,10 +144,10 @@ def plot_accuracy_vs_round(runs: list[dict], path: str) -> None:
   for i, run in enumerate(runs):
     color = f"C{i % 10}"
     xs, ys = _series(run["records"], "test_accuracy")
-    ax.plot(xs, ys, "-o", color=color, markersize=3, label=f"{run['name']} (test)")
+    ax.plot(xs, ys, "-o", color=color, markersize=3, label=f"{_label(run)} (test)")
     xs, ys = _series(run["records"], "local_accuracy_mean")
     if xs:
-      ax.plot(xs, ys, "--", color=color, alpha=0.7, label=f"{run['name']} (local mean)")
+      ax.plot(xs, ys, "--", color=color, alpha=0.7, label=f"{_label(run)} (local mean)")
   ax.set_xlabel("round")
   ax.set_ylabel("accuracy")
   ax.set_title("accuracy vs round")
@@ -122,7 +169,7 @@ def plot_accuracy_vs_size(runs: list[dict], path: str) -> None:
         continue
       points.append((size, acc))
       ax.scatter([size], [acc], color=f"C{i % 10}", zorder=3)
-      ax.annotate(run["name"], (size, acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
+      ax.annotate(_label(run), (size, acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
     front = pareto_front(points)
     if len(front) > 1:
       ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", alpha=0.5,
@@ -152,7 +199,7 @@ def plot_layers(run: dict, path: str) -> bool:
       ax.plot(xs, ys, "-o", markersize=2, label=key[len(prefix):])
     ax.set_xlabel("round")
     ax.set_ylabel(prefix.rstrip("/"))
-    ax.set_title(f"{run['name']}: per-layer {prefix.rstrip('/')}")
+    ax.set_title(f"{_label(run)}: per-layer {prefix.rstrip('/')}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
@@ -162,8 +209,9 @@ def plot_layers(run: dict, path: str) -> bool:
 
 
 def plot_workdirs(paths: list[str], out_dir: str) -> list[str]:
-  """Writes the PNGs for the runs under `paths` into `out_dir`; returns the files written."""
-  runs = [load_run(p) for p in find_runs(paths)]
+  """Writes the PNGs for the runs under `paths` (paths or LABEL@PATH) into `out_dir`;
+  returns the files written."""
+  runs = load_labelled(paths)
   os.makedirs(out_dir, exist_ok=True)
   written = []
   path = os.path.join(out_dir, "accuracy_vs_round.png")
@@ -181,7 +229,8 @@ def plot_workdirs(paths: list[str], out_dir: str) -> list[str]:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("workdirs", nargs="+", help="workdirs, or sweep roots holding workdirs")
+  parser.add_argument("workdirs", nargs="+",
+                      help="workdirs, or sweep roots holding workdirs; LABEL@PATH labels them")
   parser.add_argument("--out", required=True, help="directory for the PNGs")
   args = parser.parse_args(argv)
   for path in plot_workdirs(args.workdirs, args.out):

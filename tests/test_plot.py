@@ -61,3 +61,18 @@ def test_load_run_skips_a_line_cut_by_a_kill(tmp_path):
   assert plot.final_value(run, "test_accuracy") == 0.5  # summary wins over records
   assert plot.final_value(run, "train_loss") == 0.5
   assert plot.final_value(run, "missing") is None
+
+
+def test_runs_are_labelled_by_label_at_path_or_by_the_fields_that_differ(tmp_path):
+  dense = _workdir(tmp_path / "other", "asp.max_pruned_round=0,seeds.init=0", params=100, acc=0.8)
+  _workdir(tmp_path / "k", "asp.k=1.5,seeds.init=0", params=10, acc=0.6)
+  _workdir(tmp_path / "k", "asp.k=2.5,seeds.init=0", params=50, acc=0.7)
+  _workdir(tmp_path / "more", "x=1", params=5, acc=0.1)
+  _workdir(tmp_path / "more", "x=2", params=6, acc=0.2)
+  runs = plot.load_labelled([f"dense@{dense}", str(tmp_path / "k"), f"M@{tmp_path / 'more'}"])
+  assert [r["label"] for r in runs] == ["dense", "asp.k=1.5", "asp.k=2.5", "M: x=1", "M: x=2"]
+  assert plot.short_names(["a=1,s=0", "a=1,s=0"]) == ["(base)", "(base)"]
+  assert plot.short_names(["a=1,s=0"]) == ["a=1,s=0"]  # one run: nothing is "shared"
+  assert plot.split_label("no_label/path") == (None, "no_label/path")
+  written = plot.plot_workdirs([f"dense@{dense}", str(tmp_path / "k")], str(tmp_path / "out"))
+  assert len(written) == 2
