@@ -28,9 +28,11 @@ Cost, measured 2026-12-06 with 3-round runs on the 2-core CPU shared with other 
 average 6-7), cohort sharded over 2 CPU devices: 10-13 s a round (γ = 1), while ASP's dense
 config (`asp_femnist_converged.py`) took 3.3 s a round at the same time: ~70-85 minutes a
 400-round run at that load, several times less unshared (ASP's dense runs: ~1.5 s a round).
-A CAVP local step costs ~1.7x a plain FedAvg step here (0.7 s vs 0.4-0.5 s for 25 steps of
-one client in a bare benchmark; not the gates in the model, whose forward/backward costs the
-same as the ungated one). Runs: 5 (seed 0: dense, 4 γ) + 2 x 2 (seeds 1, 2) = 9.
+A CAVP local step cost ~1.7x a plain FedAvg step here (0.7 s vs 0.4-0.5 s for 25 steps of
+one client in a bare benchmark): XLA:CPU fused the gate draw's hash into every op reading
+the gates; since 2026-12-06 the draw is jax.random's and the step ~1.05x FedAvg's
+(docs/results/cavp_step_cost.md). The round costs above predate that fix and are 3-4x
+ASP's, more than the step explained: re-measure before planning the sweep. Runs: 5 (seed 0: dense, 4 γ) + 2 x 2 (seeds 1, 2) = 9.
 """
 from experiments.configs import asp_femnist_cnn, cavp_cifar10
 

@@ -446,10 +446,11 @@ def sample_gates(theta: Gates, alive: Gates, key: PRNGKey, *,
   leaves, treedef = jax.tree.flatten(theta)
   leaf_keys = keys.split(key, max(len(leaves), 1))
   lead = () if batch_size is None else (batch_size,)
-  # = jax.random.bernoulli(k, p) (uniform < p), with the key module's fused uniform
-  samples = [keys.uniform(k, lead + t.shape) < jnp.broadcast_to(t, lead + t.shape)
-             if t.dtype == jnp.float32 else
-             jax.random.bernoulli(k, jnp.broadcast_to(t, lead + t.shape))
+  # jax.random's draw, not `keys.uniform` (the same numbers): XLA:CPU fuses the latter's
+  # inline hash into every op that reads the broadcast gates and recomputes it per
+  # activation element, ~340 M integer ops per FEMNIST CNN step, 1.65x the step
+  # (docs/results/cavp_step_cost.md); jax.random's hash is a loop XLA materialises once.
+  samples = [jax.random.bernoulli(k, jnp.broadcast_to(t, lead + t.shape))
              for k, t in zip(leaf_keys, leaves)]
   samples = jax.tree.unflatten(treedef, samples)
   return jax.tree.map(lambda s, a: (s & jnp.broadcast_to(a, s.shape)).astype(jnp.float32),

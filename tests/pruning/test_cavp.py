@@ -63,8 +63,9 @@ def test_gate_sampling_is_unbiased(key):
 
 
 def test_gate_samples_are_jax_random_bernoulli_draws(key):
-  # sample_gates draws with the engine's fused key functions; the draws are exactly
-  # jax.random's: split(key, leaves), then bernoulli(leaf key, theta) per leaf
+  # sample_gates splits with the engine's key functions and draws with jax.random (its hash
+  # is a loop XLA does not fuse into the gates' consumers: docs/results/cavp_step_cost.md);
+  # the draws are exactly jax.random's: split(key, leaves), then bernoulli(leaf, theta)
   theta = {"a": jnp.array([0.0, 0.1, 0.5, 0.9, 1.0]), "b": {"layer": jnp.array(0.3)}}
   alive = {"a": jnp.ones(5, bool), "b": {"layer": jnp.array(True)}}
   for batch_size in (None, 7):
