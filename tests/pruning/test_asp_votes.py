@@ -188,6 +188,21 @@ def test_bad_vote_configs_name_the_field(fields, named):
     asp_driver.validate(_votes_config(**fields))
 
 
+def test_votes_epsilon_is_the_accountants_curve_for_noised_tallies_only():
+  """`build.vote_epsilons`: the RDP curve of one Gaussian release per round at
+  q = clients_per_round / num_clients and asp.vote_delta; None for exact tallies, for the
+  server's decision and for other methods."""
+  config = _votes_config(**{"asp.vote_noise_multiplier": 1.5, "asp.vote_delta": 1e-5,
+                            "rounds": 4})
+  got = build_lib.vote_epsilons(config, 40)
+  want = federated.epsilon_per_round(1.5, config.clients_per_round / 40, 4, 1e-5)
+  assert got == [float(e) for e in want] and 0 < got[0] < got[-1] < np.inf
+  assert build_lib.vote_epsilons(_votes_config(), 40) is None  # z = 0: exact tallies
+  assert build_lib.vote_epsilons(_votes_config(**{"asp.decision": "server"}), 40) is None
+  assert build_lib.vote_epsilons(_votes_config(**{"method": "fedavg"}), 40) is None
+
+
+@pytest.mark.slow  # ~6 s: a 3-round asp_tiny run
 def test_records_carry_the_votes_epsilon_from_the_accountant(tmp_path):
   """With noised tallies every record carries the votes' epsilon so far: the accountant's
   curve for noise multiplier z at q = clients_per_round / num_clients, one release per
