@@ -675,6 +675,9 @@ def dp_epsilons(config, num_clients: int) -> list[float] | None:
       float(config.privacy.noise_multiplier), q, int(config.rounds), float(config.privacy.delta))]
 
 
+VOTE_DELTA = 1e-3  # config.asp.vote_delta's default: < 1 / num_clients for FEMNIST's 300
+
+
 def vote_epsilons(config, num_clients: int) -> list[float] | None:
   """[rounds] epsilon of ASP's noised vote tallies after each round at config.asp.vote_delta
   (config.asp.decision='client_votes' with vote_noise_multiplier z > 0), else None.
@@ -693,9 +696,6 @@ def vote_epsilons(config, num_clients: int) -> list[float] | None:
   return [float(e) for e in federated.epsilon_per_round(
       float(asp.vote_noise_multiplier), q, int(config.rounds),
       float(asp.get("vote_delta", VOTE_DELTA)))]
-
-
-VOTE_DELTA = 1e-3  # config.asp.vote_delta's default: < 1 / num_clients for FEMNIST's 300
 
 
 def with_measured_bytes(config, method: federated.Method) -> federated.Method:
