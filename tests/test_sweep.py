@@ -41,8 +41,10 @@ def test_config_files_sweeps_expand():
     assert len(sweep.expand(config, fn)) >= 2
 
 
-def test_config_files_sweeps_expand_and_validate():
-  """Every run of the ASP converged sweep (issue 23) expands and passes its driver's checks."""
+def test_config_files_sweeps_expand_and_validate(shared_data_dir):
+  """Every run of the ASP converged sweep (issue 23) expands and passes its driver's checks
+  (which include its real-FEMNIST data_dir: skipped without ../shared/data)."""
+  del shared_data_dir
   path = os.path.join("experiments", "configs", "asp_femnist_converged.py")
   from experiments.configs import asp_femnist_converged
   runs = sweep.expand(asp_femnist_converged.get_config(), sweep.load_sweep_fn(path))
