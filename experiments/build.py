@@ -347,13 +347,16 @@ def build_schedule(config) -> federated.LocalSchedule:
 
 
 def build_algorithm(config, apply_fn, schedule=None, lowrank=None, *,
-                    data: Data | None = None) -> federated.FedAlgorithm:
+                    data: Data | None = None, plain_mean: bool = False
+                    ) -> federated.FedAlgorithm:
   """The FedAvg-family algorithm of `config`; `lowrank` (from `build_lowrank`, used by
   '+lowrank' strategies) trains large dense kernels as factors, same results. With
   config.privacy / config.compression the aggregator is in the algorithm's path (its
-  state in `ServerState.aggregator`; `in_path_aggregator`, which needs `data`)."""
+  state in `ServerState.aggregator`; `in_path_aggregator`, which needs `data`), unless
+  `plain_mean`: the default mean, for a caller that wraps `full_aggregator` around its
+  own algorithm (ASP's client votes)."""
   c, a = config.client, config.algorithm
-  agg = in_path_aggregator(config, data)
+  agg = None if plain_mean else in_path_aggregator(config, data)
   if c.optimizer == "sgd":
     client_opt = optax.sgd(c.learning_rate, momentum=c.momentum or None)
   else:
@@ -670,9 +673,15 @@ def dp_epsilons(config, num_clients: int) -> list[float] | None:
   probability clients_per_round / num_clients), or None without config.privacy."""
   if config.get("privacy") is None:
     return None
+  return _epsilons(config, num_clients, config.privacy.noise_multiplier, config.privacy.delta)
+
+
+def _epsilons(config, num_clients: int, noise_multiplier, delta) -> list[float]:
+  """[config.rounds] RDP epsilon at `delta` after each round of a Gaussian mechanism of
+  `noise_multiplier`, Poisson sampling at q = clients_per_round / num_clients."""
   q = min(1.0, config.clients_per_round / num_clients)
   return [float(e) for e in federated.epsilon_per_round(
-      float(config.privacy.noise_multiplier), q, int(config.rounds), float(config.privacy.delta))]
+      float(noise_multiplier), q, int(config.rounds), float(delta))]
 
 
 VOTE_DELTA = 1e-3  # config.asp.vote_delta's default: < 1 / num_clients for FEMNIST's 300
@@ -692,16 +701,15 @@ def vote_epsilons(config, num_clients: int) -> list[float] | None:
   asp = config.asp
   if asp.get("decision", "server") != "client_votes" or not asp.get("vote_noise_multiplier", 0.0):
     return None
-  q = min(1.0, config.clients_per_round / num_clients)
-  return [float(e) for e in federated.epsilon_per_round(
-      float(asp.vote_noise_multiplier), q, int(config.rounds),
-      float(asp.get("vote_delta", VOTE_DELTA)))]
+  return _epsilons(config, num_clients, asp.vote_noise_multiplier,
+                   asp.get("vote_delta", VOTE_DELTA))
 
 
 def with_measured_bytes(config, method: federated.Method) -> federated.Method:
   """With config.compression: `method` whose records carry the round's measured `bytes_up`
-  (the compressed aggregator's metric) and the method's own count of the uncompressed
-  upload as `bytes_up_uncompressed`; `method` itself otherwise."""
+  (the compressed aggregator's metric, plus the record's `vote_bytes_up`: ASP's client
+  votes travel beside the compressed update) and the method's own count of the
+  uncompressed upload as `bytes_up_uncompressed`; `method` itself otherwise."""
   if config.get("compression") is None:
     return method
   record_fn = method.record
@@ -711,7 +719,7 @@ def with_measured_bytes(config, method: federated.Method) -> federated.Method:
     if "bytes_up" in metrics:
       if "bytes_up" in out:
         out["bytes_up_uncompressed"] = out["bytes_up"]
-      out["bytes_up"] = metrics["bytes_up"]
+      out["bytes_up"] = metrics["bytes_up"] + out.get("vote_bytes_up", 0)
     return out
 
   return method._replace(record=record)

@@ -27,7 +27,11 @@ voted on)), then rebuilds as with its own scores (`pruning.auto_structured`, "Cl
 votes"). Records then also carry the round's tallies (`votes/<group>`, `voters`) and
 `bytes_up` includes the vote bits; with z > 0 also `vote_epsilon`, the tallies' epsilon so
 far at config.asp.vote_delta (default 1e-3; `build.vote_epsilons`: every round releases
-its tallies). Conv and text models (units, heads), plain mean aggregation only.
+its tallies). Conv and text models (units, heads); with config.robust / config.attack /
+config.privacy / config.compression a client votes on the model it trained, before its
+update is attacked, clipped, noised or compressed (`rebuilding_fedavg(update_aggregator=)`;
+the votes' bits are added to the measured `bytes_up`); a data-side attacker (label flip,
+backdoor) votes on its poisoned model.
 
 Text models (config.model.name 'shakespeare_lstm' / 'shakespeare_transformer'): the same
 rule per LSTM layer over its units and per transformer block over its heads and its FFN
@@ -136,10 +140,6 @@ def _check_decision(config) -> None:
   delta = _field(config, "asp.vote_delta", build_lib.VOTE_DELTA)
   if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
     _bad("asp.vote_delta", delta, "a number in (0, 1) (the delta of the votes' epsilon)")
-  if build_lib.robust_active(config) or build_lib.aggregation_active(config):
-    _bad("asp.decision", decision,
-         "'server' with config.robust / config.attack / config.privacy / config.compression "
-         "(a client votes on its model read back out of its plain FedAvg update)")
 
 
 def extendable(config) -> str | None:
@@ -236,11 +236,18 @@ def build(config, env: runtime.Env) -> runtime.Run:
   env.log(f"client execution: {strategy.name}")
   # The dead-channel diagnostic reads conv activations; text models have none.
   probe_x = None if isinstance(spec, models.TEXT_SPECS) else probe_batch(data.train)
+  # Voting clients vote on the model they trained, before DP / compression rewrite its
+  # update: the plain mean inside, the config's aggregator around the votes.
+  voting = _field(config, "asp.decision", "server") == "client_votes"
+  wrap_votes = voting and build_lib.aggregation_active(config)
   common = dict(spec=spec, params=params, batch_stats=batch_stats, key=init_key,
-                fedavg_for=lambda apply_fn: build_lib.build_algorithm(config, apply_fn, data=data),
+                fedavg_for=lambda apply_fn: build_lib.build_algorithm(
+                    config, apply_fn, data=data, plain_mean=wrap_votes),
                 model=runtime.model_fns(env, strategy), clients_per_round=config.clients_per_round,
                 probe_x=probe_x, log=env.log)
   if config.get("method", "asp") == "asp":
+    if wrap_votes:
+      common["update_aggregator"] = build_lib.full_aggregator(config, data)
     method = auto_structured.asp(make_policy(config), **common)
   else:
     method = l1_filter.l1_filter(float(_field(config, "l1_filter.ratio", 0.5)),

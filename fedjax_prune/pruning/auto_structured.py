@@ -377,7 +377,9 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
                       probe_x: Optional[Any] = None,
                       log: Callable[[str], None] = federated.no_log,
                       client_vote: Optional[Callable[[Any], Callable[[Params], dict]]] = None,
-                      vote_noise_multiplier: float = 0.0) -> federated.Method:
+                      vote_noise_multiplier: float = 0.0,
+                      update_aggregator: Optional[federated.Aggregator] = None
+                      ) -> federated.Method:
   """FedAvg whose architecture a host-side rule shrinks between rounds (ASP, L1 filter).
 
   Before every round, `decide` looks at the aggregated model; an accepted decision's
@@ -405,6 +407,14 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
       bits are part of `bytes_up` (ceil(filters voted on / 8) per client), in every round
       (the compiled round votes after the search too; its tallies are then unused).
     vote_noise_multiplier: z, the tallies' noise std is z * sqrt(filters voted on).
+    update_aggregator: with `client_vote` only: the aggregator of the clients' updates
+      (DP, compression, robust statistics; `federated.with_aggregator` over
+      `federated.fedavg_view()` around the voting algorithm), its state in
+      `ServerState.aggregator`. `fedavg_for` then gives the plain-mean algorithm: a
+      client votes on the model it trained, before its update is clipped, noised or
+      compressed (an aggregator in `fedavg_for`'s path would hand the voter its
+      rewritten update). With compression the votes' bits are `vote_bytes_up` in the
+      records, for the measured upload to add.
 
   Returns:
     The `Method`. Records: `params`, `flops`, `bytes_up`/`bytes_down` of the round,
@@ -413,6 +423,9 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
     `probe_x` the channel activity; with `client_vote` the round's tallies `votes/<group>`
     ([F] lists) and `voters`.
   """
+  if update_aggregator is not None and client_vote is None:
+    raise ValueError("update_aggregator is for voting clients (client_vote=...); without "
+                     "votes give the aggregator to fedavg_for's algorithm")
   dense_sizes = round_sizes(spec, clients_per_round)
   activity_of = {}  # one compiled diagnostic per architecture
   dense_per_round = dense_sizes["bytes_up"] + dense_sizes["bytes_down"]
@@ -426,13 +439,17 @@ def rebuilding_fedavg(decide: DecideFn, initial_search: AutoStructuredState, *, 
     if client_vote is None:
       return alg
     stddev = vote_noise_multiplier * float(np.sqrt(sum(vote_widths(spec).values())))
-    return votes_lib.with_client_votes(alg, client_vote(spec), federated.fedavg_view(),
-                                       noise_stddev=stddev)
+    voting = votes_lib.with_client_votes(alg, client_vote(spec), federated.fedavg_view(),
+                                         noise_stddev=stddev)
+    if update_aggregator is None:
+      return voting
+    return federated.with_aggregator(voting, update_aggregator, federated.fedavg_view())
 
   def sizes_of(spec) -> dict:
     sizes = round_sizes(spec, clients_per_round)
     if client_vote is not None:  # one bit per filter voted on, per client
-      sizes["bytes_up"] += -(-sum(vote_widths(spec).values()) // 8) * clients_per_round
+      sizes["vote_bytes_up"] = -(-sum(vote_widths(spec).values()) // 8) * clients_per_round
+      sizes["bytes_up"] += sizes["vote_bytes_up"]
     return sizes
 
   def with_cache(state, **fields):

@@ -194,7 +194,9 @@ def with_client_votes(alg: FedAlgorithm, vote_fn: Callable[[Params], dict], view
 
   Args:
     alg: the algorithm (a view must read its client's update; not an aggregator that
-      rewrites it, such as DP clipping or compression).
+      rewrites it, such as DP clipping or compression: wrap those around the voting
+      algorithm, `federated.with_aggregator(with_client_votes(alg, ...), aggregator,
+      view)`).
     vote_fn: `vote_fn(params) -> {group: [F] bool}`, jittable (`boundary_vote` of
       `filter_group_l1` scores for ASP).
     view: where `alg` keeps a client's update in its sums.

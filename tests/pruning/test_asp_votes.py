@@ -1,8 +1,8 @@
 """ASP with client votes (issue 28, item 5): the clients vote in the compiled round, the
 server decides the next architecture from the tallies, then rebuilds as ASP does."""
+import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -150,6 +150,56 @@ def test_round_tallies_the_clients_votes_with_the_stated_noise():
     np.testing.assert_allclose(np.asarray(c) - noise[g], exact[g], atol=1e-5, err_msg=g)
 
 
+@pytest.mark.slow  # ~8 s quiet: three rounds compiled
+def test_votes_under_an_aggregator_are_on_the_trained_models():
+  """ASP's voting round with an update aggregator (DP clipping, 4-bit top-half compression,
+  error feedback: `update_aggregator`) over 2 rounds: the model, and the aggregator's
+  state (the clients' residuals), are those of FedAvg with the aggregator in its path
+  (up to float rounding: the same client keys), and round 1's tallies are the plain
+  voting round's (the clients vote on the models they trained, not on their clipped and
+  compressed updates)."""
+  train, test_x, test_y = _clients(3)
+  agg = federated.compressed(federated.dp_mean(0.0, 0.05, expected_clients=3),
+                             federated.Compression(bits=4, topk_fraction=0.5),
+                             error_feedback=True, num_clients=3)
+  policy = asp_lib.auto_structured(k=0.5, client_votes=asp_lib.ClientVotes())
+  params, stats = models.init_params(SPEC, jax.random.key(0))
+  schedule = federated.LocalSchedule(batch_size=8)
+  method = lambda **kw: asp_lib.asp(
+      policy, spec=SPEC, params=params, batch_stats=stats, key=jax.random.key(1),
+      model=_model_fns(test_x, test_y), clients_per_round=3, **kw)
+  plain_for = lambda a: federated.fedavg(a, optax.sgd(0.5), schedule)
+  voting_wrapped = method(fedavg_for=plain_for, update_aggregator=agg).algorithm(SPEC)
+  voting_plain = method(fedavg_for=plain_for).algorithm(SPEC)
+  apply_fn = _model_fns(test_x, test_y).apply_for(SPEC)
+  in_path = federated.fedavg(apply_fn, optax.sgd(0.5), schedule, aggregator=agg)
+  cohort = federated.make_cohort([0, 1, 2], multiple=4)  # a padding slot too
+  states, tallies = {}, {}
+  for name, alg in (("wrapped", voting_wrapped), ("plain", voting_plain), ("in_path", in_path)):
+    round_fn = federated.make_round(alg, execution=federated.Sequential())
+    state = alg.init(params, jax.random.key(1), batch_stats=stats)
+    for r in range(2):
+      state, metrics = round_fn(state, train, cohort, jax.random.key(10 + r))
+      if r == 0:
+        tallies[name] = client_votes.tallies_from_metrics(metrics)
+    states[name] = state
+  chex.assert_trees_all_close(states["wrapped"].params, states["in_path"].params, atol=1e-6)
+  chex.assert_trees_all_close(states["wrapped"].aggregator, states["in_path"].aggregator,
+                              atol=1e-6)
+  assert jax.tree.leaves(states["wrapped"].aggregator)  # the residuals are in the state
+  # the aggregator changed the model: compression and clipping were applied
+  assert not np.allclose(np.asarray(states["wrapped"].params["conv_1"]["kernel"]),
+                         np.asarray(states["plain"].params["conv_1"]["kernel"]), atol=1e-4)
+  assert tallies["wrapped"].keys() == tallies["plain"].keys() == {"conv_0", "conv_1"}
+  for g in tallies["plain"]:
+    np.testing.assert_array_equal(np.asarray(tallies["wrapped"][g]),
+                                  np.asarray(tallies["plain"][g]), err_msg=g)
+  with pytest.raises(ValueError, match="update_aggregator is for voting clients"):
+    asp_lib.asp(asp_lib.auto_structured(k=0.5), spec=SPEC, params=params, batch_stats=stats,
+                key=jax.random.key(1), fedavg_for=plain_for, model=_model_fns(test_x, test_y),
+                clients_per_round=3, update_aggregator=agg)
+
+
 def test_zero_noise_tallies_are_exact_counts():
   votes = {"a": jnp.array([[1, 0, 1], [1, 1, 0]], bool)}
   part = jnp.ones(2, bool)
@@ -179,8 +229,6 @@ def _votes_config(**fields):
     ({"asp.vote_noise_multiplier": float("nan")}, "asp.vote_noise_multiplier"),
     ({"asp.vote_delta": 0.0}, "asp.vote_delta"),
     ({"asp.vote_delta": 1.0}, "asp.vote_delta"),
-    ({"robust": ml_collections.ConfigDict({"aggregator": "median"})}, "asp.decision"),
-    ({"privacy": ml_collections.ConfigDict({"noise_multiplier": 1.0})}, "asp.decision"),
 ])
 def test_bad_vote_configs_name_the_field(fields, named):
   asp_driver.validate(_votes_config())  # the votes config itself is valid
@@ -266,3 +314,33 @@ def test_text_clients_vote_the_next_lstm_width(tmp_path):
   assert kept < 16, counts  # the votes prune: not a vacuous check
   assert second["accepted"] == 1 and second["params"] < first["params"]
   assert len(second["votes/lstm_0"]) == kept  # round 2 runs (and votes on) the kept units
+
+
+@pytest.mark.slow  # ~15 s: asp_tiny for 2 rounds, two architectures
+def test_votes_run_under_dp_compression_and_attackers(tmp_path):
+  """The driver composes client votes with config.privacy, config.compression and a
+  data-side attack (asp.decision='client_votes' is no longer refused): every record
+  carries the voters' tallies and DP's epsilon, the votes decide the rebuild before
+  round 2, and `bytes_up` is the measured compressed upload plus the votes' bits
+  (one bit per filter voted on, per client)."""
+  import json
+  from experiments import train
+  from experiments.configs import compress_tiny, dp_tiny, robust_tiny
+  c = _votes_config(**{"rounds": 2, "asp.max_pruned_round": 1, "eval_every": 2})
+  dp_tiny.add_privacy(c, noise_multiplier=0.5, clip_norm=1.0)
+  compress_tiny.add_compression(c, bits=4, topk_fraction=0.5, error_feedback=True)
+  robust_tiny.add_robust(c, "mean", "label_flip", 0.25)
+  asp_driver.validate(c)
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["accepted"] for r in records] == [0, 1]
+  for r in records:
+    filters = sum(len(v) for k, v in r.items() if k.startswith("votes/"))
+    assert r["voters"] == c.clients_per_round and filters > 0
+    assert r["vote_bytes_up"] == -(-filters // 8) * c.clients_per_round
+    # 4-bit values of half the coordinates: well under the float32 upload
+    assert r["vote_bytes_up"] < r["bytes_up"] < 0.2 * r["bytes_up_uncompressed"]
+    assert 0 < r["dp_epsilon"] < np.inf
+  assert records[1]["params"] < records[0]["params"]
+  assert records[1]["bytes_up_uncompressed"] < records[0]["bytes_up_uncompressed"]
