@@ -15,6 +15,12 @@ seed-sweep root). Writes PNGs (matplotlib, Agg backend):
   layers_<run>.png        per-layer density (`density/<layer>`) or width (`width/<layer>`)
                           over rounds, for runs that log them
 
+With --x, one PNG of final values against a config field or record key instead, one line
+per value of the --series fields, seeds pooled (mean ± std):
+
+  python -m experiments.plot --out docs/results/figures --x attack.fraction \
+      --series robust.aggregator --where attack.kind=sign_flip workdir/robust_femnist
+
 Runs are labelled by LABEL@PATH when given so, else by their directory name without the
 `key=value` fields every unlabelled run shares (a sweep's seeds, say); a labelled sweep
 root labels its runs 'LABEL: <name>'.
@@ -56,7 +62,7 @@ def find_runs(paths: list[str]) -> list[str]:
 
 
 def load_run(workdir: str) -> dict:
-  """{'name', 'records': [dict per round], 'summary': dict} of one workdir."""
+  """{'name', 'path', 'records': [dict per round], 'summary': dict} of one workdir."""
   records = []
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
@@ -69,8 +75,28 @@ def load_run(workdir: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       summary = json.load(f)
-  return {"name": os.path.basename(os.path.normpath(workdir)), "records": records,
-          "summary": summary}
+  return {"name": os.path.basename(os.path.normpath(workdir)), "path": workdir,
+          "records": records, "summary": summary}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """A nested dict as {'dotted.key': leaf value}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def config_values(workdir: str) -> dict:
+  """The run's config.json as {'dotted.key': value}."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir!r} has no config.json (not an experiments workdir)")
+  with open(path) as f:
+    return flatten(json.load(f))
 
 
 def split_label(arg: str) -> tuple[str | None, str]:
@@ -208,6 +234,92 @@ def plot_layers(run: dict, path: str) -> bool:
   return True
 
 
+SUM_PREFIX = "sum:"
+
+
+def run_value(run: dict, key: str):
+  """A run's value of `key`: a config field ('attack.fraction', from config.json), else
+  'sum:<record key>' (the key summed over the records, e.g. the total `bytes_up`), else
+  the key's final value (`final_value`: 'test_accuracy', 'dp_epsilon'); None if absent."""
+  if key.startswith(SUM_PREFIX):
+    values = [r[key[len(SUM_PREFIX):]] for r in run["records"] if key[len(SUM_PREFIX):] in r]
+    return sum(values) if values else None
+  if "config" not in run:
+    run["config"] = config_values(run["path"])
+  if key in run["config"]:
+    return run["config"][key]
+  return final_value(run, key)
+
+
+def _matches(run: dict, where: list[str]) -> bool:
+  """Whether the run's config has every 'field=value' of `where` (values compared as text)."""
+  for condition in where:
+    field, sep, want = condition.partition("=")
+    if not sep:
+      raise ValueError(f"--where takes FIELD=VALUE, got {condition!r}")
+    if str(run_value(run, field)) != want:
+      return False
+  return True
+
+
+def field_sweep(runs: list[dict], x: str, series: list[str], y: str,
+                where: list[str] = ()) -> dict[str, list[tuple[float, float, float, int]]]:
+  """{series label: [(x, mean y, sample std of y (0 for one run), runs)] sorted by x}:
+  the runs matching `where`, grouped by their `series` fields and x (seeds pooled); runs
+  without x or y are left out."""
+  groups: dict[str, dict[float, list[float]]] = {}
+  for run in runs:
+    if not _matches(run, list(where)):
+      continue
+    xv, yv = run_value(run, x), run_value(run, y)
+    if xv is None or yv is None:
+      continue
+    label = ", ".join(f"{f}={run_value(run, f)}" for f in series) or y
+    groups.setdefault(label, {}).setdefault(float(xv), []).append(float(yv))
+  out = {}
+  for label, by_x in groups.items():
+    rows = []
+    for xv in sorted(by_x):
+      ys = by_x[xv]
+      mean = sum(ys) / len(ys)
+      std = math.sqrt(sum((v - mean) ** 2 for v in ys) / (len(ys) - 1)) if len(ys) > 1 else 0.0
+      rows.append((xv, mean, std, len(ys)))
+    out[label] = rows
+  return out
+
+
+def plot_field_sweep(runs: list[dict], x: str, series: list[str], ys: list[str], path: str,
+                     where: list[str] = ()) -> bool:
+  """One panel per y: the y of each series (mean ± std over seeds) against x; False
+  (nothing written) when no run has x and any y."""
+  tables = [(y, field_sweep(runs, x, series, y, where)) for y in ys]
+  if not any(table for _, table in tables):
+    return False
+  fig, axes = plt.subplots(1, len(ys), figsize=(6.5 * len(ys), 4.5), squeeze=False)
+  for ax, (y, table) in zip(axes[0], tables):
+    for i, (label, rows) in enumerate(sorted(table.items())):
+      ax.errorbar([r[0] for r in rows], [r[1] for r in rows], yerr=[r[2] for r in rows],
+                  fmt="-o", color=f"C{i % 10}", markersize=4, capsize=3, label=label)
+    xs = [r[0] for rows in table.values() for r in rows]
+    if xs and min(xs) > 0 and max(xs) > 100 * min(xs):
+      ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"final {y}")
+    ax.grid(alpha=0.3)
+    if table:
+      ax.legend(fontsize=7)
+  title = f"vs {x}" + (f" ({', '.join(where)})" if where else "")
+  fig.suptitle(title + "; mean ± std over seeds")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def _file_part(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9._=-]", "_", text)
+
+
 def plot_workdirs(paths: list[str], out_dir: str) -> list[str]:
   """Writes the PNGs for the runs under `paths` (paths or LABEL@PATH) into `out_dir`;
   returns the files written."""
@@ -221,7 +333,7 @@ def plot_workdirs(paths: list[str], out_dir: str) -> list[str]:
   plot_accuracy_vs_size(runs, path)
   written.append(path)
   for run in runs:
-    path = os.path.join(out_dir, "layers_" + re.sub(r"[^A-Za-z0-9._=-]", "_", run["name"]) + ".png")
+    path = os.path.join(out_dir, "layers_" + _file_part(run["name"]) + ".png")
     if plot_layers(run, path):
       written.append(path)
   return written
@@ -232,9 +344,31 @@ def main(argv=None) -> None:
   parser.add_argument("workdirs", nargs="+",
                       help="workdirs, or sweep roots holding workdirs; LABEL@PATH labels them")
   parser.add_argument("--out", required=True, help="directory for the PNGs")
+  parser.add_argument("--x", default=None,
+                      help="instead: final values against this config field / record key "
+                           "(e.g. attack.fraction, dp_epsilon, sum:bytes_up)")
+  parser.add_argument("--y", default="test_accuracy",
+                      help="with --x: comma-separated record keys, one panel each")
+  parser.add_argument("--series", default="",
+                      help="with --x: comma-separated config fields, one line per value")
+  parser.add_argument("--where", action="append", default=[],
+                      help="with --x: only runs whose FIELD=VALUE (repeatable)")
+  parser.add_argument("--name", default=None, help="with --x: the PNG's file name")
   args = parser.parse_args(argv)
-  for path in plot_workdirs(args.workdirs, args.out):
-    print(path)
+  if args.x is None:
+    for path in plot_workdirs(args.workdirs, args.out):
+      print(path)
+    return
+  ys = [k for k in args.y.split(",") if k]
+  series = [k for k in args.series.split(",") if k]
+  os.makedirs(args.out, exist_ok=True)
+  name = args.name or _file_part(f"{'_'.join(ys)}_vs_{args.x}") + ".png"
+  path = os.path.join(args.out, name)
+  runs = load_labelled(args.workdirs)
+  if not plot_field_sweep(runs, args.x, series, ys, path, args.where):
+    raise SystemExit(f"no run has both --x {args.x!r} and --y {args.y!r}"
+                     + (f" under --where {args.where}" if args.where else ""))
+  print(path)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 
 from experiments import plot
@@ -27,23 +26,9 @@ TAIL_FRACTION = 0.2  # REPRODUCE.md: converged when the last 20 % of rounds gain
 TAIL_WINDOW = 3  # evaluations averaged at each end of the tail (tail_gain)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = json.dumps(value, sort_keys=True)  # hashable, comparable
-  return flat
-
-
 def load_config(workdir: str) -> dict:
-  """The run's config.json, flattened to {'dotted.key': JSON text}."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir!r} has no config.json (not an experiments workdir)")
-  with open(path) as f:
-    return _flatten(json.load(f))
+  """The run's config.json, flattened to {'dotted.key': JSON text} (hashable, comparable)."""
+  return {k: json.dumps(v, sort_keys=True) for k, v in plot.config_values(workdir).items()}
 
 
 def group_runs(workdirs: list[str]) -> list[tuple[str, list[str]]]:

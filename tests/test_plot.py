@@ -4,6 +4,7 @@ import os
 
 import matplotlib.image
 import numpy as np
+import pytest
 
 from experiments import plot
 
@@ -76,3 +77,52 @@ def test_runs_are_labelled_by_label_at_path_or_by_the_fields_that_differ(tmp_pat
   assert plot.split_label("no_label/path") == (None, "no_label/path")
   written = plot.plot_workdirs([f"dense@{dense}", str(tmp_path / "k")], str(tmp_path / "out"))
   assert len(written) == 2
+
+
+def _config_run(root, name, config, accs, bytes_up):
+  """A workdir with config.json and test accuracies `accs` at rounds 1.. (bytes each round)."""
+  path = root / name
+  path.mkdir(parents=True)
+  (path / "config.json").write_text(json.dumps(config))
+  (path / "metrics.jsonl").write_text("".join(
+      json.dumps({"round": r + 1, "test_accuracy": a, "bytes_up": bytes_up}) + "\n"
+      for r, a in enumerate(accs)))
+  return str(path)
+
+
+def test_field_sweep_pools_seeds_per_series_and_x(tmp_path):
+  """Final values against a config field, one series per aggregator, seeds pooled (mean,
+  sample std), `--where` filtering on a config field, 'sum:' totalling a record key."""
+  root = tmp_path / "sweep"
+  final = {("mean", 0.0): (0.8, 0.82), ("mean", 0.2): (0.1, 0.3), ("median", 0.2): (0.7, 0.7)}
+  for (agg, frac), accs in final.items():
+    for seed, acc in enumerate(accs):
+      config = {"robust": {"aggregator": agg}, "attack": {"fraction": frac, "kind": "sign_flip"},
+                "seeds": {"init": seed}}
+      _config_run(root, f"{agg},{frac},{seed}", config, [0.05, acc], bytes_up=10 * (seed + 1))
+  _config_run(root, "backdoor", {"robust": {"aggregator": "mean"},
+                                 "attack": {"fraction": 0.2, "kind": "backdoor"},
+                                 "seeds": {"init": 0}}, [0.5, 0.6], bytes_up=1)
+  runs = plot.load_labelled([str(root)])
+  got = plot.field_sweep(runs, "attack.fraction", ["robust.aggregator"], "test_accuracy",
+                         where=["attack.kind=sign_flip"])
+  assert set(got) == {"robust.aggregator=mean", "robust.aggregator=median"}
+  (x0, m0, s0, n0), (x1, m1, s1, n1) = got["robust.aggregator=mean"]
+  assert (x0, n0, x1, n1) == (0.0, 2, 0.2, 2)
+  np.testing.assert_allclose([m0, s0, m1, s1], [0.81, np.std([0.8, 0.82], ddof=1), 0.2,
+                                                np.std([0.1, 0.3], ddof=1)])
+  assert got["robust.aggregator=median"] == [(0.2, 0.7, 0.0, 2)]
+  # without the filter the backdoor run joins the mean at 0.2
+  assert plot.field_sweep(runs, "attack.fraction", ["robust.aggregator"],
+                          "test_accuracy")["robust.aggregator=mean"][1][3] == 3
+  totals = plot.field_sweep(runs, "sum:bytes_up", [], "test_accuracy",
+                            where=["robust.aggregator=median"])
+  assert totals == {"test_accuracy": [(20.0, 0.7, 0.0, 1), (40.0, 0.7, 0.0, 1)]}
+  out = tmp_path / "out"
+  plot.main(["--out", str(out), "--x", "attack.fraction", "--series", "robust.aggregator",
+             "--where", "attack.kind=sign_flip", str(root)])
+  image = matplotlib.image.imread(out / "test_accuracy_vs_attack.fraction.png")
+  assert image.ndim == 3 and np.std(image) > 0.01
+  with pytest.raises(SystemExit, match="no run has both --x 'attack.fraction'"):
+    plot.main(["--out", str(out), "--x", "attack.fraction", "--where", "attack.kind=none",
+               str(root)])
