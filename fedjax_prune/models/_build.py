@@ -9,6 +9,7 @@ cross trace levels, and apply_fn composes with jit, vmap, grad, scan and map.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -232,12 +233,24 @@ def param_shapes(spec) -> tuple[Params, BatchStats]:
   """Abstract `(params, batch_stats)`: nested dicts of `jax.ShapeDtypeStruct`.
 
   Costs no FLOPs and no memory (use it for full-size models in tests and for
-  accounting).
+  accounting). Memoised per spec (specs are frozen; tracing ResNet-18 for its shapes
+  takes ~0.1 s and `accounting` asks many times); every call returns fresh dicts.
   """
+  try:
+    shapes = _cached_param_shapes(spec)
+  except TypeError:  # an unhashable spec (e.g. a list inside): trace it each time
+    shapes = _param_shapes(spec)
+  return jax.tree.map(lambda leaf: leaf, shapes)  # new containers: callers may edit them
+
+
+def _param_shapes(spec) -> tuple[Params, BatchStats]:
   if isinstance(spec, _text.TEXT_SPECS):  # text models: models/_text.py
     return _text.param_shapes(spec)
   _, params_state, stats_state = _abstract_split(spec, 'lax')
   return nnx.to_pure_dict(params_state), nnx.to_pure_dict(stats_state)
+
+
+_cached_param_shapes = functools.lru_cache(maxsize=256)(_param_shapes)
 
 
 def _default_leaf(keys: tuple[str, ...]) -> str:
