@@ -668,41 +668,56 @@ def in_path_aggregator(config, data: Data | None) -> federated.Aggregator | None
   return full_aggregator(config, data)
 
 
-def dp_epsilons(config, num_clients: int) -> list[float] | None:
-  """[rounds] epsilon after each round at config.privacy.delta (RDP accountant, sampling
-  probability clients_per_round / num_clients), or None without config.privacy."""
+def dp_epsilons(config, num_clients: int, *, fixed_cohort: bool = False) -> list[float] | None:
+  """[rounds] epsilon after each round at config.privacy.delta, or None without
+  config.privacy. The records' `dp_epsilon`: the DP-FedAvg convention (RDP accountant,
+  Poisson sampling at q = clients_per_round / num_clients, add/remove-one adjacency);
+  with `fixed_cohort` their `dp_epsilon_fixed_cohort`: what the experiments' fixed-size
+  cohorts guarantee under replace-one adjacency (`federated.fixed_cohort_epsilon_per_round`,
+  sensitivity 2C)."""
   if config.get("privacy") is None:
     return None
-  return _epsilons(config, num_clients, config.privacy.noise_multiplier, config.privacy.delta)
+  return _epsilons(config, num_clients, config.privacy.noise_multiplier, config.privacy.delta,
+                   fixed_cohort=fixed_cohort, sensitivity_ratio=2.0)
 
 
-def _epsilons(config, num_clients: int, noise_multiplier, delta) -> list[float]:
+def _epsilons(config, num_clients: int, noise_multiplier, delta, *, fixed_cohort: bool,
+              sensitivity_ratio: float) -> list[float]:
   """[config.rounds] RDP epsilon at `delta` after each round of a Gaussian mechanism of
-  `noise_multiplier`, Poisson sampling at q = clients_per_round / num_clients."""
-  q = min(1.0, config.clients_per_round / num_clients)
-  return [float(e) for e in federated.epsilon_per_round(
-      float(noise_multiplier), q, int(config.rounds), float(delta))]
+  `noise_multiplier`: Poisson sampling at q = clients_per_round / num_clients, or with
+  `fixed_cohort` cohorts of exactly clients_per_round under replace-one adjacency."""
+  if fixed_cohort:
+    eps = federated.fixed_cohort_epsilon_per_round(
+        float(noise_multiplier), int(num_clients), min(int(config.clients_per_round),
+                                                       int(num_clients)),
+        int(config.rounds), float(delta), sensitivity_ratio=sensitivity_ratio)
+  else:
+    q = min(1.0, config.clients_per_round / num_clients)
+    eps = federated.epsilon_per_round(float(noise_multiplier), q, int(config.rounds), float(delta))
+  return [float(e) for e in eps]
 
 
 VOTE_DELTA = 1e-3  # config.asp.vote_delta's default: < 1 / num_clients for FEMNIST's 300
 
 
-def vote_epsilons(config, num_clients: int) -> list[float] | None:
+def vote_epsilons(config, num_clients: int, *, fixed_cohort: bool = False) -> list[float] | None:
   """[rounds] epsilon of ASP's noised vote tallies after each round at config.asp.vote_delta
   (config.asp.decision='client_votes' with vote_noise_multiplier z > 0), else None.
 
   A client's votes move each count by at most 1, so the tallies of one round are a Gaussian
   mechanism of noise multiplier z (`pruning.client_votes`). Every round releases its
   tallies (the records carry them after the search too), so round r composes r of them;
-  the same accountant and sampling convention as `dp_epsilons` (RDP, Poisson sampling at
-  q = clients_per_round / num_clients)."""
+  the same accountant and sampling conventions as `dp_epsilons` (`fixed_cohort`: the
+  records' `vote_epsilon_fixed_cohort`, sensitivity ratio 1: replacing a voter moves each
+  count by at most 1, as adding one does)."""
   if config.get("method") != "asp" or config.get("asp") is None:
     return None
   asp = config.asp
   if asp.get("decision", "server") != "client_votes" or not asp.get("vote_noise_multiplier", 0.0):
     return None
   return _epsilons(config, num_clients, asp.vote_noise_multiplier,
-                   asp.get("vote_delta", VOTE_DELTA))
+                   asp.get("vote_delta", VOTE_DELTA), fixed_cohort=fixed_cohort,
+                   sensitivity_ratio=1.0)
 
 
 def with_measured_bytes(config, method: federated.Method) -> federated.Method:

@@ -513,8 +513,15 @@ def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None =
   clock_start = runtime.run_clock_start(meta)
   eval_time = float(meta.get("eval_time_s", 0.0))
   last_eval: dict = {}
-  epsilons = build.dp_epsilons(config, env.data.train.num_clients)  # config.privacy: accountant
-  vote_epsilons = build.vote_epsilons(config, env.data.train.num_clients)  # ASP's noised votes
+  # Privacy accounting (config.privacy; ASP's noised votes), each under the DP-FedAvg
+  # convention (Poisson) and for the fixed-size cohorts this loop draws (replace-one).
+  n = env.data.train.num_clients
+  epsilons = {key: values for key, values in (
+      ("dp_epsilon", build.dp_epsilons(config, n)),
+      ("dp_epsilon_fixed_cohort", build.dp_epsilons(config, n, fixed_cohort=True)),
+      ("vote_epsilon", build.vote_epsilons(config, n)),
+      ("vote_epsilon_fixed_cohort", build.vote_epsilons(config, n, fixed_cohort=True)))
+      if values is not None}
   rounds = federated.run_rounds(
       method, state, train=run.train, cohort_fn=run.cohort,
       train_root=jax.random.key(config.seeds.training), init_key=jax.random.key(config.seeds.init),
@@ -523,10 +530,7 @@ def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None =
     # Evaluation's fields go last: extending a run drops them from its last record
     # (`workdir.without_evaluation` relies on this order).
     record.update(round=round_idx + 1, wall_time=time.perf_counter() - clock_start)
-    if epsilons is not None:
-      record["dp_epsilon"] = epsilons[round_idx]
-    if vote_epsilons is not None:
-      record["vote_epsilon"] = vote_epsilons[round_idx]
+    record.update({key: values[round_idx] for key, values in epsilons.items()})
     if runtime.is_eval_round(config, round_idx):
       last_eval = evaluate(state, round_idx)
       record.update(last_eval)

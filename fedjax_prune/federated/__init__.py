@@ -23,7 +23,8 @@ from fedjax_prune.federated._attacks import (Attack, Trigger, attack_success_rat
 from fedjax_prune.federated._privacy import (ClipState, DPConfig, DPMeanSums, DPSums,
                                              add_gaussian_noise, check_dp, clip_update,
                                              dp_config, dp_contribution, dp_mean, epsilon,
-                                             epsilon_per_round, finish_dp_mean, init_clip_state,
+                                             epsilon_per_round, finish_dp_mean,
+                                             fixed_cohort_epsilon_per_round, init_clip_state,
                                              update_clip_norm, update_noise_multiplier)
 from fedjax_prune.federated._compress import (CompressedState, Compression, bytes_up,
                                               check_compression, compress,
@@ -83,6 +84,7 @@ __all__ = [
     "dp_mean",
     "epsilon",
     "epsilon_per_round",
+    "fixed_cohort_epsilon_per_round",
     "finish_dp_mean",
     "init_clip_state",
     "update_clip_norm",

@@ -312,6 +312,11 @@ def test_records_carry_the_accountants_epsilon_and_the_bytes_sent(dp_run):
                                      config.privacy.delta)
   assert [r["dp_epsilon"] for r in records] == [float(e) for e in want]
   assert want[0] < want[-1] < np.inf
+  # and for the fixed-size cohorts the loop draws: replace-one, sensitivity 2C
+  fixed = federated.fixed_cohort_epsilon_per_round(
+      config.privacy.noise_multiplier, num_clients, config.clients_per_round, ROUNDS,
+      config.privacy.delta, sensitivity_ratio=2.0)
+  assert [r["dp_epsilon_fixed_cohort"] for r in records] == [float(e) for e in fixed]
   # Dense model, every sampled client has examples: clients_per_round x one client's count.
   spec_params = checkpoint.read_arrays(os.path.join(dp_run, train.CHECKPOINT_DIR))[1]
   params = {k: v for k, v in spec_params.items() if k.startswith(".params")}

@@ -162,6 +162,34 @@ def test_epsilon_per_round_is_the_running_epsilon():
     assert per_round[r - 1] == pytest.approx(dp.epsilon(1.0, 0.01, r, 1e-5), rel=1e-9)
 
 
+def test_fixed_cohort_epsilon_is_the_libraries_sampled_without_replacement_accountant():
+  """Cohorts of exactly m of n clients, replace-one adjacency: dp_accounting's own
+  SampledWithoutReplacement accountant with the Gaussian's multiplier divided by the
+  sensitivity ratio (replacing a client moves the clipped sum by 2C); the running curve
+  ends at the composed epsilon. Looser than the Poisson convention for the same z and q."""
+  n, m, rounds, delta = 300, 10, 40, 1e-3
+  got = dp.fixed_cohort_epsilon_per_round(1.0, n, m, rounds, delta)
+  acc = dp_accounting.rdp.RdpAccountant(
+      neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+  acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
+      n, m, dp_accounting.GaussianDpEvent(0.5)), rounds))
+  assert got.shape == (rounds,) and np.all(np.diff(got) > 0)
+  assert got[-1] == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+  # a 0/1 vote vector: sensitivity ratio 1 is the Gaussian of multiplier z itself
+  np.testing.assert_allclose(dp.fixed_cohort_epsilon_per_round(0.5, n, m, rounds, delta,
+                                                               sensitivity_ratio=1.0), got)
+  assert got[-1] > dp.epsilon_per_round(1.0, m / n, rounds, delta)[-1]
+  assert np.all(np.isinf(dp.fixed_cohort_epsilon_per_round(0.0, n, m, 3, delta)))
+  for bad, field in ((dict(clients_per_round=0), "clients_per_round"),
+                     (dict(clients_per_round=301), "clients_per_round"),
+                     (dict(sensitivity_ratio=0.0), "sensitivity_ratio"),
+                     (dict(delta=1.0), "delta")):
+    kwargs = {**dict(noise_multiplier=1.0, num_clients=n, clients_per_round=m, rounds=3,
+                     delta=delta), **bad}
+    with pytest.raises(ValueError, match=field):
+      dp.fixed_cohort_epsilon_per_round(**kwargs)
+
+
 @pytest.mark.parametrize("z, q, rounds, published", [
     # Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, Sec. 3.1: q = 0.01,
     # sigma = 4, T = 10000, delta = 1e-5 gives eps ~ 1.26 with the moments accountant.

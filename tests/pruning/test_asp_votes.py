@@ -245,6 +245,9 @@ def test_votes_epsilon_is_the_accountants_curve_for_noised_tallies_only():
   got = build_lib.vote_epsilons(config, 40)
   want = federated.epsilon_per_round(1.5, config.clients_per_round / 40, 4, 1e-5)
   assert got == [float(e) for e in want] and 0 < got[0] < got[-1] < np.inf
+  fixed = build_lib.vote_epsilons(config, 40, fixed_cohort=True)  # replace-one, ratio 1
+  assert fixed == [float(e) for e in federated.fixed_cohort_epsilon_per_round(
+      1.5, 40, config.clients_per_round, 4, 1e-5, sensitivity_ratio=1.0)]
   assert build_lib.vote_epsilons(_votes_config(), 40) is None  # z = 0: exact tallies
   assert build_lib.vote_epsilons(_votes_config(**{"asp.decision": "server"}), 40) is None
   assert build_lib.vote_epsilons(_votes_config(**{"method": "fedavg"}), 40) is None
