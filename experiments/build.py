@@ -117,6 +117,7 @@ def validate(config) -> None:
   _int_in(config, "eval_every", 1)
   _int_in(config, "eval_batch_size", 1)
   validate_robust(config)
+  validate_cohort_sampling(config)
   strategy = _get(config, "strategy")
   if strategy != "auto":
     try:
@@ -379,6 +380,58 @@ def build_algorithm(config, apply_fn, schedule=None, lowrank=None, *,
     return federated.fedyogi(apply_fn, client_opt, schedule, server_learning_rate=a.server_learning_rate,
                              lowrank=lowrank, aggregator=agg)
   return federated.fedprox(apply_fn, client_opt, schedule, mu=a.prox_mu, aggregator=agg)
+
+
+# ----------------------------------------------------------------------------- cohort sampling
+# config.cohort_sampling (absent: 'uniform'): 'uniform' draws exactly clients_per_round
+# clients without replacement; 'poisson' draws each client independently with probability
+# q = clients_per_round / num_clients (DP-FedAvg's sampling, what `dp_epsilon`'s accountant
+# assumes) into config.max_cohort fixed slots (absent or None: `poisson_slots`).
+
+COHORT_SAMPLINGS = ("uniform", "poisson")
+# Methods whose rounds take a cohort of any size, empty included (FedAvg's server step
+# leaves the model as it was when nobody trained; ASP and L1 filter decide on the host).
+_POISSON_METHODS = ("fedavg", "asp", "l1_filter")
+POISSON_TAIL = 1e-4  # the default slots leave P(more clients drawn than slots) below this
+
+
+def cohort_sampling(config) -> str:
+  return config.get("cohort_sampling", "uniform")
+
+
+def validate_cohort_sampling(config) -> None:
+  """config.cohort_sampling and config.max_cohort; ConfigError names the field."""
+  sampling = cohort_sampling(config)
+  _require(sampling in COHORT_SAMPLINGS, "cohort_sampling", sampling,
+           f"one of {COHORT_SAMPLINGS}")
+  if sampling != "poisson":
+    return
+  method = config.get("method", "fedavg")
+  if method not in _POISSON_METHODS:
+    raise ConfigError(f"config.cohort_sampling='poisson' is not supported with method "
+                      f"{method!r} (its round assumes a cohort of clients_per_round clients); "
+                      f"allowed with {_POISSON_METHODS}, or cohort_sampling='uniform'")
+  if config.get("max_cohort") is not None:
+    _int_in(config, "max_cohort", int(config.clients_per_round))
+
+
+def poisson_slots(config, num_clients: int) -> int:
+  """The round's client slots under Poisson sampling: config.max_cohort, else the smallest
+  k with P(Binomial(num_clients, q) > k) < POISSON_TAIL (q = clients_per_round /
+  num_clients), so a drop (`data.sample_poisson`) is rare; padding slots cost compute."""
+  if config.get("max_cohort") is not None:
+    return int(config.max_cohort)
+  n, q = int(num_clients), min(1.0, config.clients_per_round / num_clients)
+  if q >= 1.0:
+    return n
+  log_pmf = lambda k: (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                       + k * math.log(q) + (n - k) * math.log1p(-q))
+  below = 0.0  # P(K <= k)
+  for k in range(n + 1):
+    below += math.exp(log_pmf(k))
+    if 1.0 - below < POISSON_TAIL:
+      return max(k, 1)
+  return n
 
 
 # ----------------------------------------------------------------------------- robust FL (issue 28)

@@ -163,11 +163,26 @@ class Run(NamedTuple):
 
 
 def cohort_for(env: Env, round_idx: int, *, clients_per_round: int | None = None) -> federated.Cohort:
-  """The cohort of round `round_idx`: uniform without replacement, seeded by (sampling seed, round)."""
+  """The cohort of round `round_idx`, seeded by (sampling seed, round): uniform without
+  replacement, or (config.cohort_sampling='poisson', no `clients_per_round` given) each
+  client with probability q in `build.poisson_slots` fixed slots (`poisson_draw`)."""
   num_clients = env.data.train.num_clients
+  if clients_per_round is None and build.cohort_sampling(env.config) == "poisson":
+    ids, _ = poisson_draw(env, round_idx)
+    return federated.make_cohort(ids, multiple=env.cohort_multiple,
+                                 size=build.poisson_slots(env.config, num_clients))
   k = clients_per_round or env.config.clients_per_round
   ids = data_lib.sample_uniform(num_clients, k, env.config.seeds.sampling, round_idx)
   return federated.make_cohort(ids, multiple=env.cohort_multiple)
+
+
+def poisson_draw(env: Env, round_idx: int) -> tuple[np.ndarray, int]:
+  """(ids, dropped) of round `round_idx` under Poisson sampling (`data.sample_poisson`
+  at q = clients_per_round / num_clients into `build.poisson_slots` slots)."""
+  n = env.data.train.num_clients
+  return data_lib.sample_poisson(n, min(1.0, env.config.clients_per_round / n),
+                                 build.poisson_slots(env.config, n), env.config.seeds.sampling,
+                                 round_idx)
 
 
 def make_evaluator(env: Env, apply_fn: Callable) -> Callable[[Any, Any], dict]:

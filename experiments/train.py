@@ -514,13 +514,17 @@ def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None =
   eval_time = float(meta.get("eval_time_s", 0.0))
   last_eval: dict = {}
   # Privacy accounting (config.privacy; ASP's noised votes), each under the DP-FedAvg
-  # convention (Poisson) and for the fixed-size cohorts this loop draws (replace-one).
+  # convention (Poisson sampling) and, for the fixed-size cohorts of uniform sampling,
+  # what those guarantee (replace-one); Poisson cohorts are what the first assumes.
   n = env.data.train.num_clients
+  poisson = build.cohort_sampling(config) == "poisson"
   epsilons = {key: values for key, values in (
       ("dp_epsilon", build.dp_epsilons(config, n)),
-      ("dp_epsilon_fixed_cohort", build.dp_epsilons(config, n, fixed_cohort=True)),
+      ("dp_epsilon_fixed_cohort", None if poisson else build.dp_epsilons(config, n,
+                                                                          fixed_cohort=True)),
       ("vote_epsilon", build.vote_epsilons(config, n)),
-      ("vote_epsilon_fixed_cohort", build.vote_epsilons(config, n, fixed_cohort=True)))
+      ("vote_epsilon_fixed_cohort", None if poisson else build.vote_epsilons(config, n,
+                                                                              fixed_cohort=True)))
       if values is not None}
   rounds = federated.run_rounds(
       method, state, train=run.train, cohort_fn=run.cohort,
@@ -531,6 +535,8 @@ def run_method(config, env: runtime.Env, run: runtime.Run, start: Start | None =
     # (`workdir.without_evaluation` relies on this order).
     record.update(round=round_idx + 1, wall_time=time.perf_counter() - clock_start)
     record.update({key: values[round_idx] for key, values in epsilons.items()})
+    if poisson:  # clients drawn beyond the round's slots (build.poisson_slots): rare
+      record["cohort_dropped"] = runtime.poisson_draw(env, round_idx)[1]
     if runtime.is_eval_round(config, round_idx):
       last_eval = evaluate(state, round_idx)
       record.update(last_eval)

@@ -225,10 +225,10 @@ def rounds_only_difference(saved: dict, now: dict, defaults: dict[str, Any]) -> 
 # `train.run_method` writes a record's fields in this order: the round's own (training
 # metrics, the method's record), then `round`, `wall_time`, (config.privacy) `dp_epsilon`
 # and `dp_epsilon_fixed_cohort`, (ASP's noised client votes) `vote_epsilon` and
-# `vote_epsilon_fixed_cohort`, then, on evaluation rounds, the evaluation's. So everything
-# after the last of these is evaluation.
+# `vote_epsilon_fixed_cohort`, (Poisson cohorts) `cohort_dropped`, then, on evaluation
+# rounds, the evaluation's. So everything after the last of these is evaluation.
 _BEFORE_EVALUATION = ("wall_time", "dp_epsilon", "dp_epsilon_fixed_cohort", "vote_epsilon",
-                      "vote_epsilon_fixed_cohort")
+                      "vote_epsilon_fixed_cohort", "cohort_dropped")
 
 
 def without_evaluation(record: dict) -> dict:

@@ -13,12 +13,13 @@ from fedjax_prune.data._describe import ClientStats, client_stats, describe, lab
 from fedjax_prune.data._partition import (balanced_dirichlet, balanced_dirichlet_train_test, dirichlet,
                                           dirichlet_class_priors, iid, natural, partition_arrays,
                                           partition_class_counts, shards, size_skew)
-from fedjax_prune.data._sampling import fixed_schedule, pad_cohort, proportional, uniform
+from fedjax_prune.data._sampling import fixed_schedule, pad_cohort, poisson, proportional, uniform
 from fedjax_prune.data._synthetic import synthetic_fedprox, synthetic_images
 from fedjax_prune.data._augment import (CIFAR10_MEAN, CIFAR10_STD, Augmentation, center_crop_resize,
                                         cifar_augmentation, compose, cutout, femnist_asp_augmentation,
                                         identity_augmentation, ignore_key, normalize, random_crop, random_flip)
 # Unambiguous aliases for the client samplers.
+from fedjax_prune.data._sampling import poisson as sample_poisson
 from fedjax_prune.data._sampling import proportional as sample_proportional, uniform as sample_uniform
 
 __all__ = [
@@ -74,8 +75,10 @@ __all__ = [
     # client sampling
     "fixed_schedule",
     "pad_cohort",
+    "poisson",
     "proportional",
     "uniform",
+    "sample_poisson",
     "sample_proportional",
     "sample_uniform",
     # synthetic data

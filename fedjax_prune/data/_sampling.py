@@ -7,6 +7,7 @@ cohorts as an uninterrupted run) and different rounds draw independently. The
 returned ids are sorted; cohort order never matters because per-client keys are
 `fold_in(round_key, client_id)`.
 
+`poisson` draws each client independently (a cohort of random size, capped).
 `pad_cohort` pads a cohort to a multiple of the device count with a valid dummy
 id and a False entry in the active mask (weight 0), as the sharded round needs.
 """
@@ -53,6 +54,47 @@ def uniform(num_clients: int, cohort_size: int, seed: int, round_idx: int) -> np
   _check_cohort(cohort_size, num_clients, "the number of clients")
   rng = _round_rng(seed, round_idx)
   return np.sort(rng.choice(int(num_clients), int(cohort_size), replace=False)).astype(np.int32)
+
+
+def poisson(num_clients: int, sampling_probability: float, max_cohort: int, seed: int,
+            round_idx: int) -> tuple[np.ndarray, int]:
+  """Poisson sampling: every client joins independently with probability q.
+
+  The sampling DP-FedAvg's accountant assumes (`federated.epsilon`'s Poisson event).
+  A compiled round has a fixed number of client slots, so at most `max_cohort` clients
+  train: when more are drawn, a uniform subset of `max_cohort` of them (the rest are
+  dropped and counted; the accountant's guarantee is then not exact, so choose
+  `max_cohort` where P(Binomial(n, q) > max_cohort) is negligible). The cohort may be
+  empty (a round of padding only).
+
+  Args:
+    num_clients: population size n >= 1.
+    sampling_probability: q in (0, 1].
+    max_cohort: the round's client slots, >= 1.
+    seed: non-negative integer seed of the sampling stream.
+    round_idx: non-negative round index.
+
+  Returns:
+    ([k] int32 distinct ids, sorted, 0 <= k <= max_cohort; the number dropped).
+
+  Example:
+    >>> ids, dropped = poisson(300, 10 / 300, 20, seed=0, round_idx=3)
+    >>> bool((ids == poisson(300, 10 / 300, 20, seed=0, round_idx=3)[0]).all()), dropped
+    (True, 0)
+  """
+  if int(num_clients) != num_clients or num_clients < 1:
+    raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
+  q = sampling_probability
+  if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0 < q <= 1:
+    raise ValueError(f"sampling_probability must be a number in (0, 1], got {q!r}")
+  if isinstance(max_cohort, bool) or int(max_cohort) != max_cohort or max_cohort < 1:
+    raise ValueError(f"max_cohort must be a positive integer, got {max_cohort!r}")
+  rng = _round_rng(seed, round_idx)
+  drawn = np.flatnonzero(rng.random(int(num_clients)) < q)
+  dropped = max(drawn.size - int(max_cohort), 0)
+  if dropped:
+    drawn = rng.choice(drawn, int(max_cohort), replace=False)
+  return np.sort(drawn).astype(np.int32), dropped
 
 
 def proportional(num_examples, cohort_size: int, seed: int, round_idx: int) -> np.ndarray:

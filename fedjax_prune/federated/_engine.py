@@ -58,7 +58,8 @@ class Cohort(NamedTuple):
   capacity: Any
 
 
-def make_cohort(client_ids, *, capacity=None, multiple: int = 1) -> Cohort:
+def make_cohort(client_ids, *, capacity=None, multiple: int = 1, size: int | None = None
+                ) -> Cohort:
   """Builds a host-side Cohort, padded with inactive clients to a multiple.
 
   Args:
@@ -67,12 +68,22 @@ def make_cohort(client_ids, *, capacity=None, multiple: int = 1) -> Cohort:
       with the same key).
     capacity: optional [C] capacities (default all 1.0).
     multiple: pad C up to a multiple of this (e.g. the device count).
+    size: pad to exactly this many slots first (then to `multiple`): a fixed shape for
+      cohorts of varying size (Poisson sampling); with it the cohort may be empty
+      (padding only: the round changes nothing but what the server adds itself).
 
   Raises:
-    ValueError: empty cohort, non-integer or repeated ids, capacity of another shape.
+    ValueError: empty cohort without `size`, more ids than `size`, non-integer or
+      repeated ids, capacity of another shape.
   """
   raw = np.asarray(client_ids).reshape(-1)
-  if raw.size == 0:
+  if size is not None:
+    if isinstance(size, bool) or int(size) != size or size < 1 or raw.size > size:
+      raise ValueError(f"size must be an integer >= max(1, number of ids {raw.size}), "
+                       f"got {size!r}")
+    if raw.size == 0:
+      raw = np.zeros(0, np.int32)
+  elif raw.size == 0:
     raise ValueError("empty cohort: a round needs at least one client")
   if raw.dtype == bool or not np.issubdtype(raw.dtype, np.integer):
     raise ValueError(f"cohort client ids must be integers, got dtype {raw.dtype} "
@@ -86,8 +97,12 @@ def make_cohort(client_ids, *, capacity=None, multiple: int = 1) -> Cohort:
   cap = np.ones(ids.shape, np.float32) if capacity is None else np.asarray(capacity, np.float32)
   if cap.shape != ids.shape:
     raise ValueError(f"capacity has shape {cap.shape}, expected {ids.shape} (one per client)")
+  real = ids.size
+  if size is not None and size > real:  # the fixed slots: padding repeats a valid id
+    ids = np.concatenate([ids, np.full(int(size) - real, ids[0] if real else 0, np.int32)])
   padded_ids, active = pad_cohort(ids, multiple)
-  cap = np.concatenate([cap, np.ones(padded_ids.size - ids.size, np.float32)])
+  active = active & (np.arange(padded_ids.size) < real)
+  cap = np.concatenate([cap, np.ones(padded_ids.size - real, np.float32)])
   return Cohort(padded_ids, active, cap)
 
 
