@@ -265,11 +265,12 @@ def _matches(run: dict, where: list[str]) -> bool:
 def field_sweep(runs: list[dict], x: str, series: list[str], y: str,
                 where: list[str] = ()) -> dict[str, list[tuple[float, float, float, int]]]:
   """{series label: [(x, mean y, sample std of y (0 for one run), runs)] sorted by x}:
-  the runs matching `where`, grouped by their `series` fields and x (seeds pooled); runs
-  without x or y are left out."""
+  the finished runs (with a summary.json, as `experiments.report` counts them) matching
+  `where`, grouped by their `series` fields and x (seeds pooled); runs without x or y
+  are left out."""
   groups: dict[str, dict[float, list[float]]] = {}
   for run in runs:
-    if not _matches(run, list(where)):
+    if not run["summary"] or not _matches(run, list(where)):
       continue
     xv, yv = run_value(run, x), run_value(run, y)
     if xv is None or yv is None:

@@ -79,20 +79,24 @@ def test_runs_are_labelled_by_label_at_path_or_by_the_fields_that_differ(tmp_pat
   assert len(written) == 2
 
 
-def _config_run(root, name, config, accs, bytes_up):
-  """A workdir with config.json and test accuracies `accs` at rounds 1.. (bytes each round)."""
+def _config_run(root, name, config, accs, bytes_up, finished=True):
+  """A workdir with config.json and test accuracies `accs` at rounds 1.. (bytes each round);
+  a finished run has its summary.json."""
   path = root / name
   path.mkdir(parents=True)
   (path / "config.json").write_text(json.dumps(config))
   (path / "metrics.jsonl").write_text("".join(
       json.dumps({"round": r + 1, "test_accuracy": a, "bytes_up": bytes_up}) + "\n"
       for r, a in enumerate(accs)))
+  if finished:
+    (path / "summary.json").write_text(json.dumps({"test_accuracy": accs[-1]}))
   return str(path)
 
 
 def test_field_sweep_pools_seeds_per_series_and_x(tmp_path):
   """Final values against a config field, one series per aggregator, seeds pooled (mean,
-  sample std), `--where` filtering on a config field, 'sum:' totalling a record key."""
+  sample std), `--where` filtering on a config field, 'sum:' totalling a record key;
+  unfinished runs (no summary.json) left out."""
   root = tmp_path / "sweep"
   final = {("mean", 0.0): (0.8, 0.82), ("mean", 0.2): (0.1, 0.3), ("median", 0.2): (0.7, 0.7)}
   for (agg, frac), accs in final.items():
@@ -103,6 +107,9 @@ def test_field_sweep_pools_seeds_per_series_and_x(tmp_path):
   _config_run(root, "backdoor", {"robust": {"aggregator": "mean"},
                                  "attack": {"fraction": 0.2, "kind": "backdoor"},
                                  "seeds": {"init": 0}}, [0.5, 0.6], bytes_up=1)
+  _config_run(root, "running", {"robust": {"aggregator": "krum"},  # unfinished: left out
+                                "attack": {"fraction": 0.2, "kind": "sign_flip"},
+                                "seeds": {"init": 0}}, [0.1], bytes_up=1, finished=False)
   runs = plot.load_labelled([str(root)])
   got = plot.field_sweep(runs, "attack.fraction", ["robust.aggregator"], "test_accuracy",
                          where=["attack.kind=sign_flip"])
