@@ -61,6 +61,7 @@ References:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -206,10 +207,63 @@ def holders(stacked: Stacked) -> PyTree:
   return jax.tree.map(one, stacked.update, present)
 
 
+# Up to this many clients the client axis is sorted by a compare-exchange network of
+# elementwise min / max (`sort_clients`); above it by XLA's sort (the network grows as
+# C log^2 C compare-exchanges).
+NETWORK_MAX_CLIENTS = 32
+
+
+@functools.lru_cache(maxsize=None)
+def merge_network(n: int) -> tuple[tuple[int, int], ...]:
+  """Batcher's odd-even merge sort for n inputs: compare-exchange pairs (i, j), i < j,
+  applied in order (Knuth, TAOCP vol. 3, 5.3.4; any n, not only powers of two)."""
+  pairs, p = [], 1
+  while p < n:
+    k = p
+    while k >= 1:
+      for j in range(k % p, n - k, 2 * k):
+        for i in range(min(k, n - j - k)):
+          if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+            pairs.append((i + j, i + j + k))
+      k //= 2
+    p *= 2
+  return tuple(pairs)
+
+
+def sort_clients(x_C: jax.Array, *, with_order: bool = False):
+  """`x_C` sorted along its leading (client) axis, NaN as +inf; with `with_order` also
+  the stable argsort (equal values keep their client order), as `(sorted, order)`.
+
+  For C <= NETWORK_MAX_CLIENTS a sorting network of elementwise min / max over the C rows:
+  one fused elementwise pass instead of XLA's comparator sort, whose CPU lowering was
+  ~7x slower on the 10 x 6.6 M-coordinate LEAF CNN updates of a FEMNIST round (the
+  median's cost). Exact: the same values in the same order as `jnp.sort` /
+  `jnp.argsort(stable=True)` (tested).
+  """
+  x_C = jnp.where(jnp.isnan(x_C), jnp.inf, x_C)
+  c = x_C.shape[0]
+  if c > NETWORK_MAX_CLIENTS:
+    if not with_order:
+      return jnp.sort(x_C, axis=0)
+    order = jnp.argsort(x_C, axis=0, stable=True)
+    return jnp.take_along_axis(x_C, order, axis=0), order
+  rows = [x_C[i] for i in range(c)]
+  idx = [jnp.full(x_C.shape[1:], i, jnp.int32) for i in range(c)] if with_order else None
+  for a, b in merge_network(c):
+    if with_order:  # swap when (x_a, a's client) > (x_b, b's client): a stable order
+      swap = (rows[a] > rows[b]) | ((rows[a] == rows[b]) & (idx[a] > idx[b]))
+      rows[a], rows[b] = jnp.where(swap, rows[b], rows[a]), jnp.where(swap, rows[a], rows[b])
+      idx[a], idx[b] = jnp.where(swap, idx[b], idx[a]), jnp.where(swap, idx[a], idx[b])
+    else:
+      rows[a], rows[b] = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
+  out = jnp.stack(rows) if c else x_C
+  return (out, jnp.stack(idx) if c else jnp.zeros(x_C.shape, jnp.int32)) if with_order else out
+
+
 def median_leaf(values_C: jax.Array, held_C: jax.Array, fallback: jax.Array) -> jax.Array:
   """Per coordinate: the median of the values of its holders (`fallback` where none)."""
   x = jnp.where(held_C, values_C, jnp.inf)
-  s = jnp.sort(x, axis=0)  # holders first, in order; the others (+inf) last
+  s = sort_clients(x)  # holders first, in order; the others (+inf) last
   h = jnp.sum(held_C, axis=0)
   lo = jnp.maximum((h - 1) // 2, 0)
   hi = jnp.maximum(h // 2, 0)
@@ -229,9 +283,8 @@ def trimmed_mean_leaf(values_C: jax.Array, held_C: jax.Array, weights_C: jax.Arr
   """Per coordinate: sort the h holders' values, drop floor(beta h) from each end, and
   take the weighted mean of the rest (`fallback` where no weight is left)."""
   x = jnp.where(held_C, values_C, jnp.inf)
-  order = jnp.argsort(x, axis=0, stable=True)
-  xs = jnp.take_along_axis(x, order, axis=0)
-  ws = jnp.take_along_axis(jnp.broadcast_to(_expand(weights_C, x), x.shape), order, axis=0)
+  xs, order = sort_clients(x, with_order=True)
+  ws = jnp.asarray(weights_C)[order]  # each sorted entry's client weight
   h = jnp.sum(held_C, axis=0)
   k = trim_count(beta, h)
   rank = _expand(jnp.arange(x.shape[0]), x)
