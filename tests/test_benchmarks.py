@@ -405,3 +405,15 @@ def test_paper_scale_slices_pack_and_continue_elsewhere(tmp_path):
   rows = json.loads((tmp_path / "b" / "sweep_summary.json").read_text())
   assert [r["status"] for r in rows] == ["skipped (done)"] * 2
   assert [r["rounds"] for r in rows] == [3, 3]
+
+
+@pytest.mark.slow  # ~10 s: nine small programs compiled
+def test_robust_aggregators_smoke(tmp_path):
+  import robust_aggregators
+  out = str(tmp_path / "robust.json")
+  result = robust_aggregators.main(["--smoke", "--repeats", "1", "--out", out])
+  with open(out) as f:
+    assert json.load(f)["rows"] == json.loads(json.dumps(result["rows"]))
+  rows = {r["row"]: r for r in result["rows"]}
+  assert rows["mean"]["x_mean"] == 1.0 and result["coordinates"] == 16 * 32 + 32 + 32 * 4 + 4
+  assert set(rows) >= {"median", "trimmed_mean", "norm_bound", "krum", "sort: network"}
