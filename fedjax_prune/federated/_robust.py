@@ -230,34 +230,48 @@ def merge_network(n: int) -> tuple[tuple[int, int], ...]:
   return tuple(pairs)
 
 
-def sort_clients(x_C: jax.Array, *, with_order: bool = False):
-  """`x_C` sorted along its leading (client) axis, NaN as +inf; with `with_order` also
-  the stable argsort (equal values keep their client order), as `(sorted, order)`.
+def sort_clients(x_C: jax.Array) -> jax.Array:
+  """`x_C` sorted along its leading (client) axis, NaN as +inf.
 
   For C <= NETWORK_MAX_CLIENTS a sorting network of elementwise min / max over the C rows:
   one fused elementwise pass instead of XLA's comparator sort, whose CPU lowering was
   ~7x slower on the 10 x 6.6 M-coordinate LEAF CNN updates of a FEMNIST round (the
-  median's cost). Exact: the same values in the same order as `jnp.sort` /
-  `jnp.argsort(stable=True)` (tested).
+  median's cost; benchmarks/robust_aggregators.py). Exact: the values of `jnp.sort`.
   """
   x_C = jnp.where(jnp.isnan(x_C), jnp.inf, x_C)
   c = x_C.shape[0]
   if c > NETWORK_MAX_CLIENTS:
-    if not with_order:
-      return jnp.sort(x_C, axis=0)
-    order = jnp.argsort(x_C, axis=0, stable=True)
-    return jnp.take_along_axis(x_C, order, axis=0), order
+    return jnp.sort(x_C, axis=0)
   rows = [x_C[i] for i in range(c)]
-  idx = [jnp.full(x_C.shape[1:], i, jnp.int32) for i in range(c)] if with_order else None
   for a, b in merge_network(c):
-    if with_order:  # swap when (x_a, a's client) > (x_b, b's client): a stable order
-      swap = (rows[a] > rows[b]) | ((rows[a] == rows[b]) & (idx[a] > idx[b]))
-      rows[a], rows[b] = jnp.where(swap, rows[b], rows[a]), jnp.where(swap, rows[a], rows[b])
-      idx[a], idx[b] = jnp.where(swap, idx[b], idx[a]), jnp.where(swap, idx[a], idx[b])
-    else:
-      rows[a], rows[b] = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
-  out = jnp.stack(rows) if c else x_C
-  return (out, jnp.stack(idx) if c else jnp.zeros(x_C.shape, jnp.int32)) if with_order else out
+    rows[a], rows[b] = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
+  return jnp.stack(rows)
+
+
+def stable_ranks(x_C: jax.Array) -> jax.Array:
+  """[C, ...] int32: each entry's position in the stable ascending sort of its column
+  along the client axis (ties keep client order; NaN as +inf), i.e. the inverse of
+  `jnp.argsort(x_C, axis=0, stable=True)`.
+
+  For C <= NETWORK_MAX_CLIENTS counted without sorting, rank_i = #{j: x_j < x_i} +
+  #{j < i: x_j = x_i}: C^2 elementwise comparisons in one fused pass, where a sort that
+  carries the order (network or XLA's) moves every value and index C log^2 C times.
+  """
+  x_C = jnp.where(jnp.isnan(x_C), jnp.inf, x_C)
+  c = x_C.shape[0]
+  if c > NETWORK_MAX_CLIENTS:
+    order = jnp.argsort(x_C, axis=0, stable=True)
+    return jnp.argsort(order, axis=0).astype(jnp.int32)  # the inverse permutation
+  rows = [x_C[i] for i in range(c)]
+  ranks = []
+  for i in range(c):
+    r = jnp.zeros(x_C.shape[1:], jnp.int32)
+    for j in range(c):
+      if j != i:
+        before = (rows[j] < rows[i]) | ((rows[j] == rows[i]) if j < i else False)
+        r = r + before.astype(jnp.int32)
+    ranks.append(r)
+  return jnp.stack(ranks)
 
 
 def median_leaf(values_C: jax.Array, held_C: jax.Array, fallback: jax.Array) -> jax.Array:
@@ -283,13 +297,12 @@ def trimmed_mean_leaf(values_C: jax.Array, held_C: jax.Array, weights_C: jax.Arr
   """Per coordinate: sort the h holders' values, drop floor(beta h) from each end, and
   take the weighted mean of the rest (`fallback` where no weight is left)."""
   x = jnp.where(held_C, values_C, jnp.inf)
-  xs, order = sort_clients(x, with_order=True)
-  ws = jnp.asarray(weights_C)[order]  # each sorted entry's client weight
+  rank = stable_ranks(x)  # each client's place among the holders (the others rank last)
+  ws = jnp.broadcast_to(_expand(jnp.asarray(weights_C), x), x.shape)
   h = jnp.sum(held_C, axis=0)
   k = trim_count(beta, h)
-  rank = _expand(jnp.arange(x.shape[0]), x)
   keep = (rank >= k[None]) & (rank < (h - k)[None])
-  num = jnp.sum(jnp.where(keep, ws.astype(x.dtype) * xs, 0.0), axis=0)
+  num = jnp.sum(jnp.where(keep, ws.astype(x.dtype) * x, 0.0), axis=0)
   den = jnp.sum(jnp.where(keep, ws, 0.0), axis=0)
   ok = den > 0
   return jnp.where(ok, num / jnp.where(ok, den, 1.0).astype(x.dtype), fallback)

@@ -388,9 +388,10 @@ def test_merge_network_sorts_every_binary_sequence():
 
 
 @pytest.mark.parametrize("clients", [1, 2, 3, 7, 10, 16, 33])
-def test_sort_clients_equals_xla_sort_and_stable_argsort(clients):
-  """The network (C <= 32) and the fallback (33) give jnp.sort's values and the stable
-  argsort's order exactly, with ties, infinities and NaN (sorted as +inf)."""
+def test_client_axis_sort_and_ranks_equal_xla_sort_and_stable_argsort(clients):
+  """The network (C <= 32) and the fallback (33) give jnp.sort's values, and the counted
+  ranks the inverse of the stable argsort, exactly, with ties, infinities and NaN (sorted
+  as +inf)."""
   rng = np.random.default_rng(clients)
   x = rng.integers(-3, 4, size=(clients, 5, 7)).astype(np.float32)  # many ties
   x[rng.random(x.shape) < 0.1] = np.inf
@@ -399,6 +400,7 @@ def test_sort_clients_equals_xla_sort_and_stable_argsort(clients):
   want_x = np.where(np.isnan(x), np.inf, x)
   got = _robust.sort_clients(jnp.asarray(x))
   np.testing.assert_array_equal(np.asarray(got), np.sort(want_x, axis=0))
-  values, order = _robust.sort_clients(jnp.asarray(x), with_order=True)
-  np.testing.assert_array_equal(np.asarray(order), np.argsort(want_x, axis=0, kind="stable"))
-  np.testing.assert_array_equal(np.asarray(values), np.sort(want_x, axis=0))
+  order = np.argsort(want_x, axis=0, kind="stable")
+  ranks = np.asarray(_robust.stable_ranks(jnp.asarray(x)))
+  np.testing.assert_array_equal(np.take_along_axis(ranks, order, axis=0),
+                                np.broadcast_to(np.arange(clients)[:, None, None], x.shape))
