@@ -58,3 +58,16 @@ def assert_builds_stateful_aggregator(config, *, adaptive: bool, error_feedback:
     np.testing.assert_array_equal(state.residual["w"], np.zeros((num_clients, 3), np.float32))
   else:
     assert state.residual == (), state.residual
+
+
+def overridden(c, **fields):
+  """`c` (a ConfigDict) with each dotted `path=value` of `fields` set (types not checked:
+  bad values are what the config tests pass)."""
+  for path, value in fields.items():
+    *parents, name = path.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    with node.ignore_type():
+      node[name] = value
+  return c

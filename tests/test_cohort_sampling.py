@@ -13,6 +13,7 @@ import scipy.stats
 from experiments import build as build_lib
 from experiments.configs import dp_tiny, fedavg_tiny
 from fedjax_prune import data, federated, testing
+from tests._checks import overridden
 
 
 def test_poisson_draws_each_client_with_probability_q():
@@ -82,15 +83,7 @@ def test_default_slots_leave_a_rare_drop():
 
 
 def _poisson_config(**fields):
-  c = fedavg_tiny.get_config()
-  c.cohort_sampling = "poisson"
-  for path, value in fields.items():
-    node = c
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return overridden(fedavg_tiny.get_config(), **{"cohort_sampling": "poisson", **fields})
 
 
 @pytest.mark.parametrize("fields, named", [

@@ -21,6 +21,7 @@ from absl import flags
 from experiments import build, main, train, workdir as workdir_lib
 from experiments.configs import fedavg_tiny
 from fedjax_prune import checkpoint, data
+from tests._checks import overridden
 from tests.data.test_sources import _femnist_user, _make_femnist_dir, _write_h5, _write_pfllib
 
 ROUNDS = 12  # fedavg_tiny: checkpoints after rounds 3, 6, 9, 12; keeps the last 3
@@ -63,19 +64,6 @@ def one_error_line(capsys) -> str:
   assert "Traceback" not in err and len(err.splitlines()) == 1, err
   assert err.startswith("error: ") and err.endswith("(--traceback shows where it was raised)")
   return err
-
-
-def overridden(c, **fields):
-  """`c` with each dotted `path=value` of `fields` set (types not checked: bad values are
-  what these tests pass)."""
-  for path, value in fields.items():
-    *parents, name = path.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    with node.ignore_type():
-      node[name] = value
-  return c
 
 
 def tiny(**fields):
@@ -169,14 +157,7 @@ def _asp_tiny(**fields):
 
 def _fedtiny(**fields):
   from tests.pruning.test_sparse_baselines import tiny_config
-  c = tiny_config("fedtiny")
-  for path, value in fields.items():
-    *parents, name = path.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[name] = value
-  return c
+  return overridden(tiny_config("fedtiny"), **fields)
 
 
 def test_refusal_in_a_workdir_with_a_run_keeps_every_byte(interrupted):

@@ -13,6 +13,7 @@ from experiments.methods import asp as asp_driver
 from fedjax_prune import data, federated, models
 from fedjax_prune.pruning import auto_structured as asp_lib
 from fedjax_prune.pruning import client_votes
+from tests._checks import overridden
 from tests.pruning.test_asp_outcomes import DENSE, _model_fns, _run
 
 SHAPE, CLASSES = (16, 16, 1), 4
@@ -210,14 +211,7 @@ def test_zero_noise_tallies_are_exact_counts():
 
 
 def _votes_config(**fields):
-  c = asp_tiny.get_config("votes")
-  for path, value in fields.items():
-    node = c
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return overridden(asp_tiny.get_config("votes"), **fields)
 
 
 @pytest.mark.parametrize("fields, named", [
