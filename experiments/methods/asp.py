@@ -238,7 +238,8 @@ def build(config, env: runtime.Env) -> runtime.Run:
   probe_x = None if isinstance(spec, models.TEXT_SPECS) else probe_batch(data.train)
   # Voting clients vote on the model they trained, before DP / compression rewrite its
   # update: the plain mean inside, the config's aggregator around the votes.
-  voting = _field(config, "asp.decision", "server") == "client_votes"
+  voting = (config.get("method", "asp") == "asp"
+            and _field(config, "asp.decision", "server") == "client_votes")
   wrap_votes = voting and build_lib.aggregation_active(config)
   common = dict(spec=spec, params=params, batch_stats=batch_stats, key=init_key,
                 fedavg_for=lambda apply_fn: build_lib.build_algorithm(

@@ -341,3 +341,20 @@ def test_votes_run_under_dp_compression_and_attackers(tmp_path):
     assert 0 < r["dp_epsilon"] < np.inf
   assert records[1]["params"] < records[0]["params"]
   assert records[1]["bytes_up_uncompressed"] < records[0]["bytes_up_uncompressed"]
+
+
+@pytest.mark.slow  # ~8 s: 2 asp_tiny rounds
+def test_the_l1_filter_keeps_its_private_aggregator_beside_a_votes_block(tmp_path):
+  """config.asp.decision='client_votes' only concerns ASP: the L1-filter baseline run from
+  the same config keeps DP in its algorithm's path (its records carry DP's clip metrics)
+  and has no votes."""
+  import json
+  from experiments import train
+  from experiments.configs import dp_tiny
+  c = _votes_config(**{"method": "l1_filter", "rounds": 2, "eval_every": 2,
+                       "l1_filter.prune_round": 1})
+  dp_tiny.add_privacy(c, noise_multiplier=0.5, clip_norm=1.0)
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert all("dp_clip_norm" in r and "voters" not in r for r in records), records[0].keys()
