@@ -5,6 +5,7 @@ that names the field and its allowed range.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Callable, NamedTuple
@@ -421,7 +422,12 @@ def poisson_slots(config, num_clients: int) -> int:
   num_clients), so a drop (`data.sample_poisson`) is rare; padding slots cost compute."""
   if config.get("max_cohort") is not None:
     return int(config.max_cohort)
-  n, q = int(num_clients), min(1.0, config.clients_per_round / num_clients)
+  return _binomial_slots(int(num_clients), min(1.0, config.clients_per_round / num_clients))
+
+
+@functools.lru_cache(maxsize=64)
+def _binomial_slots(n: int, q: float) -> int:
+  """The smallest k >= 1 with P(Binomial(n, q) > k) < POISSON_TAIL (asked every round: cached)."""
   if q >= 1.0:
     return n
   log_pmf = lambda k: (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)

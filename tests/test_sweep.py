@@ -41,15 +41,20 @@ def test_config_files_sweeps_expand():
     assert len(sweep.expand(config, fn)) >= 2
 
 
-def test_config_files_sweeps_expand_and_validate(shared_data_dir):
-  """Every run of the ASP converged sweep (issue 23) expands and passes its driver's checks
-  (which include its real-FEMNIST data_dir: skipped without ../shared/data)."""
+@pytest.mark.parametrize("module,rounds,clients", [
+    ("asp_femnist_converged", 600, 20), ("asp_femnist_fullscale", 500, 50)])
+def test_config_files_sweeps_expand_and_validate(shared_data_dir, module, rounds, clients):
+  """Every run of the ASP converged and full-scale sweeps (issue 23) expands: 3 seeds of
+  dense / re-init / inherit, seed 0 first, each seed's dense run first (skipped without
+  ../shared/data)."""
   del shared_data_dir
-  path = os.path.join("experiments", "configs", "asp_femnist_converged.py")
-  from experiments.configs import asp_femnist_converged
-  runs = sweep.expand(asp_femnist_converged.get_config(), sweep.load_sweep_fn(path))
+  path = os.path.join("experiments", "configs", f"{module}.py")
+  config = __import__(f"experiments.configs.{module}", fromlist=["x"]).get_config()
+  runs = sweep.expand(config, sweep.load_sweep_fn(path))
   assert len(runs) == 9 and len({r.name for r in runs}) == 9
-  assert sum(r.config.asp.max_pruned_round == 0 for r in runs) == 3  # the dense runs
+  assert [r.config.asp.max_pruned_round == 0 for r in runs] == [True, False, False] * 3
+  assert [r.config.seeds.init for r in runs] == [0] * 3 + [1] * 3 + [2] * 3
+  assert {(r.config.rounds, r.config.clients_per_round) for r in runs} == {(rounds, clients)}
 
 
 def test_run_status_ignores_result_neutral_fields(tmp_path):
