@@ -14,16 +14,19 @@ every coordinate; random normal updates). Rows, timed in turns in one process
   sort: network / xla      the client-axis sort alone (`_robust.sort_clients`, a Batcher
                            merge network of elementwise min / max, vs `jnp.sort`; the median's);
   ranks: counted / xla argsort   each entry's stable rank (`_robust.stable_ranks`, C^2
-                           comparisons, vs the inverse of a stable argsort; the trimmed mean's).
+                           comparisons, vs the inverse of a stable argsort; the trimmed mean's);
+  client sum: row adds / jnp.sum   the sum over the client axis (`_robust.sum_clients`, a
+                           chain of row adds, vs `jnp.sum(x, axis=0)`; every statistic's
+                           holder counts and weighted sums).
 
 Columns: ms (median), x mean (the row over the mean's time). Prints a table and writes
 benchmarks/results/robust_aggregators_<backend>[_smoke].json.
 
-On XLA:CPU the `mean` and `norm_bound` rows at full size are dominated by the vmapped
-contributions' weighted sum over the client axis, `jnp.sum(w * x, axis=0)`, which XLA:CPU
-fuses into a slow major-axis reduction (36 s for [10, 3136, 2048], vs 9 ms as an einsum):
-what this harness computes, not what a round pays (the sequential strategy adds the
-clients up in its scan). See docs/results/robust.md, "Cost".
+XLA:CPU lowers a reduction over the major (client) axis with that axis innermost, striding
+a whole row per element: `jnp.sum(x, axis=0)` over [10, 3136, 2048] took seconds where the
+row adds take a fraction of one (the `client sum` rows). The statistics sum with
+`_robust.sum_clients`, and so does this harness for the mean's in-graph sums (a round's
+sequential strategy adds the clients up in its scan). See docs/results/robust.md, "Cost".
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def aggregator_fns(update_C, clients: int) -> dict:
     def aggregate(update_C, agg=agg):
       contribute = jax.vmap(lambda u, w, i: agg.contribute((), u, w, None, i, jax.random.key(0)))
       out = contribute(update_C, weight, info)
-      summed = federated.Contribution(jax.tree.map(lambda x: jnp.sum(x, axis=0), out.sums),
+      summed = federated.Contribution(jax.tree.map(_robust.sum_clients, out.sums),
                                       out.per_client)
       return agg.finish((), summed, zeros, jax.random.key(1))[0]
 
@@ -81,7 +84,9 @@ def aggregator_fns(update_C, clients: int) -> dict:
            "sort: xla": jax.jit(lambda x: jnp.sort(x, axis=0)),
            "ranks: counted": jax.jit(_robust.stable_ranks),
            "ranks: xla argsort": jax.jit(lambda x: jnp.argsort(
-               jnp.argsort(x, axis=0, stable=True), axis=0).astype(jnp.int32))}
+               jnp.argsort(x, axis=0, stable=True), axis=0).astype(jnp.int32)),
+           "client sum: row adds": jax.jit(_robust.sum_clients),
+           "client sum: jnp.sum": jax.jit(lambda x: jnp.sum(x, axis=0))}
   for name, fn in sorts.items():
     fns[name] = lambda fn=fn: fn(flat)
   return fns
@@ -103,6 +108,9 @@ def main(argv=None) -> dict:
   np.testing.assert_array_equal(np.asarray(outs["sort: network"]), np.asarray(outs["sort: xla"]))
   np.testing.assert_array_equal(np.asarray(outs["ranks: counted"]),
                                 np.asarray(outs["ranks: xla argsort"]))
+  # the same sum up to rounding (XLA may reduce in another order; the row adds are numpy's)
+  np.testing.assert_allclose(np.asarray(outs["client sum: row adds"]),
+                             np.asarray(outs["client sum: jnp.sum"]), rtol=1e-5, atol=1e-6)
   times = _common.interleaved_medians(list(fns.values()), args.repeats)
   params = sum(int(np.prod(u.shape[1:])) for u in jax.tree.leaves(update_C))
   rows = [dict(row=name, ms=1e3 * t, x_mean=t / times[0]) for name, t in zip(fns, times)]

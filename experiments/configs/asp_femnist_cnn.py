@@ -11,11 +11,12 @@ glorot_uniform kernels (Keras' default, as the official code).
 Data: the LEAF FEMNIST samples in ../shared/data/femnist (300 writers, natural
 by-writer split; the paper used TFF's 3,400 writers with a centre-crop).
 
-Expected runtime: about 6 h on a 2-core CPU (~45 s/round for the dense model,
-less after pruning); minutes on one GPU. Expected result (official notebook,
+Expected runtime on a 2-core CPU (sharded over 2 CPU devices, sequential+tapgrad): a dense
+round ~5 s, ~45 min for 500 rounds, less after pruning; minutes on one GPU. The measured
+full-scale dense vs ASP sweep is `asp_femnist_fullscale.py`. Expected result (official notebook,
 one run): params 56,126 -> ~21,488 (-62 %), FLOPs -62 %, test accuracy
-~71.6 % vs 74.8 % unpruned. The measured reduced-round run is in
-docs/results/asp.md. Dense baseline: the same config with --config.method=fedavg.
+~71.6 % vs 74.8 % unpruned. Measured results: docs/results/asp.md. Dense baseline: the same
+config with --config.asp.max_pruned_round=0 (the same driver, starting weights and data order).
 """
 from experiments.configs import fedavg_femnist
 import ml_collections
