@@ -6,7 +6,7 @@
 #   bash benchmarks/paper_scale.sh experiments/configs/X.py         # any other sweep config
 #
 # NAME     config (its `sweep(add)` lists the runs)          setting (docs/results/<file>)
-# asp      experiments/configs/asp_femnist_fullscale.py       FEMNIST CNN, 500 rounds x 50 clients, dense vs ASP (asp.md)
+# asp      experiments/configs/asp_femnist_fullscale.py       FEMNIST CNN, 600 rounds x 50 clients, dense vs ASP (asp.md)
 # fiarse   experiments/configs/fiarse_cifar10.py              CIFAR-10 ResNet-18, 800 rounds, 100 clients (fiarse.md)
 # fedtiny  experiments/configs/fedtiny_cifar10.py             CIFAR-10 ResNet-18, 500 rounds, 10 of 100 (fedtiny.md)
 # cavp     experiments/configs/cavp_cifar10.py                CIFAR-10 ResNet-56 gates (cavp.md)

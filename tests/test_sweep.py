@@ -42,7 +42,7 @@ def test_config_files_sweeps_expand():
 
 
 @pytest.mark.parametrize("module,rounds,clients", [
-    ("asp_femnist_converged", 600, 20), ("asp_femnist_fullscale", 500, 50)])
+    ("asp_femnist_converged", 600, 20), ("asp_femnist_fullscale", 600, 50)])
 def test_config_files_sweeps_expand_and_validate(shared_data_dir, module, rounds, clients):
   """Every run of the ASP converged and full-scale sweeps (issue 23) expands: 3 seeds of
   dense / re-init / inherit, seed 0 first, each seed's dense run first (skipped without
