@@ -45,6 +45,29 @@ def squared_norm(tree: PyTree) -> jax.Array:
   return dot(tree, tree)
 
 
+# Up to this many rows a leading-axis sum is a chain of row adds (`sum_leading`).
+MAX_CHAINED_ROWS = 32
+
+
+def sum_leading(x_C: jax.Array) -> jax.Array:
+  """`x_C` [C, ...] summed over its leading axis: x_0 + x_1 + ... left to right.
+
+  For C <= MAX_CHAINED_ROWS a chain of row adds (one fused streaming pass): XLA:CPU
+  lowers `jnp.sum(x, axis=0)` with the leading axis innermost, striding a whole row per
+  element: 316 ms against 8.8 ms for 10 stacked LEAF-CNN updates (6.6 M coordinates;
+  benchmarks/robust_aggregators.py), and seconds once a multiply is fused in. The order is
+  numpy's over axis 0, so the value is bit-identical to `np.sum(x, axis=0)`. Larger C:
+  `jnp.sum`.
+  """
+  c = x_C.shape[0]
+  if c > MAX_CHAINED_ROWS or c == 0:
+    return jnp.sum(x_C, axis=0)
+  total = x_C[0]
+  for i in range(1, c):
+    total = total + x_C[i]
+  return total
+
+
 def weighted_mean(tree_C: PyTree, weights_C: jax.Array) -> PyTree:
   """Weighted mean over a leading client axis C; zero total weight gives zeros.
 
@@ -57,7 +80,7 @@ def weighted_mean(tree_C: PyTree, weights_C: jax.Array) -> PyTree:
 
   def mean(x):
     w = weights_C.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-    return jnp.sum(w * x, axis=0) / safe.astype(x.dtype)
+    return sum_leading(w * x) / safe.astype(x.dtype)
 
   return jax.tree.map(mean, tree_C)
 

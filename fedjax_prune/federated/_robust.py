@@ -191,29 +191,17 @@ def _expand(v_C: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def sum_clients(x_C: jax.Array) -> jax.Array:
-  """`x_C` [C, ...] summed over its leading (client) axis: x_0 + x_1 + ... left to right.
-
-  For C <= NETWORK_MAX_CLIENTS a chain of row adds (one fused streaming pass): XLA:CPU
-  lowers `jnp.sum(x, axis=0)` with the client axis innermost, striding a whole row per
-  element, ~25x slower on the 10 x 6.4 M-coordinate dense layer of the LEAF CNN
-  (benchmarks/robust_aggregators.py). The order is numpy's over axis 0, so the value is
-  bit-identical to `np.sum(x, axis=0)`. Larger C: `jnp.sum`.
-  """
-  c = x_C.shape[0]
-  if c > NETWORK_MAX_CLIENTS or c == 0:
-    return jnp.sum(x_C, axis=0)
-  total = x_C[0]
-  for i in range(1, c):
-    total = total + x_C[i]
-  return total
+  """`x_C` [C, ...] summed over the client axis as row adds (`tree.sum_leading`: XLA:CPU's
+  major-axis reduce strides a row per element); bit-identical to `np.sum(x, axis=0)`."""
+  return tree_lib.sum_leading(x_C)
 
 
 def pick_clients(x_C: jax.Array, index: jax.Array) -> jax.Array:
   """x_C[index[...], ...] per coordinate (`index` [...] int in [0, C)): a chain of selects
-  for C <= NETWORK_MAX_CLIENTS (a gather along the major axis strides like `sum_clients`'s
+  for C <= tree.MAX_CHAINED_ROWS (a gather along the major axis strides like `sum_clients`'s
   reduce), else `take_along_axis`."""
   c = x_C.shape[0]
-  if c > NETWORK_MAX_CLIENTS:
+  if c > tree_lib.MAX_CHAINED_ROWS:
     return jnp.take_along_axis(x_C, index[None], axis=0)[0]
   out = x_C[0]
   for i in range(1, c):

@@ -13,6 +13,7 @@ import pytest
 from experiments import build
 from experiments.configs import robust_tiny
 from fedjax_prune import federated, testing
+from fedjax_prune import tree as tree_lib
 from fedjax_prune.federated import _robust
 from fedjax_prune.pruning import _hetero, base, fiarse
 
@@ -389,14 +390,15 @@ def test_merge_network_sorts_every_binary_sequence():
 
 @pytest.mark.parametrize("clients", [1, 2, 7, 10, 33])
 def test_client_axis_sum_and_pick_equal_numpy_exactly(clients):
-  """`sum_clients` (a chain of row adds for C <= 32, jnp.sum above) is bit-identical to
-  numpy's row-by-row sum over axis 0 (not merely close: values spread over 12 decades so a
-  different order would round differently), and `pick_clients` to take_along_axis."""
+  """`sum_clients` (`tree.sum_leading`: a chain of row adds for C <= 32, jnp.sum above) is
+  bit-identical to numpy's row-by-row sum over axis 0 (not merely close: values spread over
+  12 decades so a different order would round differently), and `pick_clients` to
+  take_along_axis."""
   rng = np.random.default_rng(clients)
   x = (rng.standard_normal((clients, 6, 9)) * 10.0 ** rng.integers(-6, 6, (clients, 6, 9))
        ).astype(np.float32)
   got = np.asarray(_robust.sum_clients(jnp.asarray(x)))
-  if clients <= _robust.NETWORK_MAX_CLIENTS:
+  if clients <= tree_lib.MAX_CHAINED_ROWS:
     want = x[0].copy()
     for row in x[1:]:
       want = want + row
