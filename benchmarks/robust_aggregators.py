@@ -15,7 +15,7 @@ every coordinate; random normal updates). Rows, timed in turns in one process
                            merge network of elementwise min / max, vs `jnp.sort`; the median's);
   ranks: counted / xla argsort   each entry's stable rank (`_robust.stable_ranks`, C^2
                            comparisons, vs the inverse of a stable argsort; the trimmed mean's);
-  client sum: row adds / jnp.sum   the sum over the client axis (`_robust.sum_clients`, a
+  client sum: row adds / jnp.sum   the sum over the client axis (`tree.sum_leading`, a
                            chain of row adds, vs `jnp.sum(x, axis=0)`; every statistic's
                            holder counts and weighted sums).
 
@@ -25,7 +25,7 @@ benchmarks/results/robust_aggregators_<backend>[_smoke].json.
 XLA:CPU lowers a reduction over the major (client) axis with that axis innermost, striding
 a whole row per element: `jnp.sum(x, axis=0)` over [10, 3136, 2048] took seconds where the
 row adds take a fraction of one (the `client sum` rows). The statistics sum with
-`_robust.sum_clients`, and so does this harness for the mean's in-graph sums (a round's
+`tree.sum_leading`, and so does this harness for the mean's in-graph sums (a round's
 sequential strategy adds the clients up in its scan). See docs/results/robust.md, "Cost".
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 
 import _common  # noqa: E402
 from fedjax_prune import federated, models  # noqa: E402
+from fedjax_prune import tree as tree_lib  # noqa: E402
 from fedjax_prune.federated import _robust  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def aggregator_fns(update_C, clients: int) -> dict:
     def aggregate(update_C, agg=agg):
       contribute = jax.vmap(lambda u, w, i: agg.contribute((), u, w, None, i, jax.random.key(0)))
       out = contribute(update_C, weight, info)
-      summed = federated.Contribution(jax.tree.map(_robust.sum_clients, out.sums),
+      summed = federated.Contribution(jax.tree.map(tree_lib.sum_leading, out.sums),
                                       out.per_client)
       return agg.finish((), summed, zeros, jax.random.key(1))[0]
 
@@ -85,7 +86,7 @@ def aggregator_fns(update_C, clients: int) -> dict:
            "ranks: counted": jax.jit(_robust.stable_ranks),
            "ranks: xla argsort": jax.jit(lambda x: jnp.argsort(
                jnp.argsort(x, axis=0, stable=True), axis=0).astype(jnp.int32)),
-           "client sum: row adds": jax.jit(_robust.sum_clients),
+           "client sum: row adds": jax.jit(tree_lib.sum_leading),
            "client sum: jnp.sum": jax.jit(lambda x: jnp.sum(x, axis=0))}
   for name, fn in sorts.items():
     fns[name] = lambda fn=fn: fn(flat)

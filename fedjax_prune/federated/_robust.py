@@ -190,16 +190,10 @@ def _expand(v_C: jax.Array, like: jax.Array) -> jax.Array:
   return v_C.reshape(v_C.shape + (1,) * (like.ndim - 1))
 
 
-def sum_clients(x_C: jax.Array) -> jax.Array:
-  """`x_C` [C, ...] summed over the client axis as row adds (`tree.sum_leading`: XLA:CPU's
-  major-axis reduce strides a row per element); bit-identical to `np.sum(x, axis=0)`."""
-  return tree_lib.sum_leading(x_C)
-
-
 def pick_clients(x_C: jax.Array, index: jax.Array) -> jax.Array:
   """x_C[index[...], ...] per coordinate (`index` [...] int in [0, C)): a chain of selects
-  for C <= tree.MAX_CHAINED_ROWS (a gather along the major axis strides like `sum_clients`'s
-  reduce), else `take_along_axis`."""
+  for C <= tree.MAX_CHAINED_ROWS (a gather along the major axis strides like the reduce
+  `tree.sum_leading` avoids), else `take_along_axis`."""
   c = x_C.shape[0]
   if c > tree_lib.MAX_CHAINED_ROWS:
     return jnp.take_along_axis(x_C, index[None], axis=0)[0]
@@ -297,7 +291,7 @@ def median_leaf(values_C: jax.Array, held_C: jax.Array, fallback: jax.Array) -> 
   """Per coordinate: the median of the values of its holders (`fallback` where none)."""
   x = jnp.where(held_C, values_C, jnp.inf)
   s = sort_clients(x)  # holders first, in order; the others (+inf) last
-  h = sum_clients(held_C.astype(jnp.int32))
+  h = tree_lib.sum_leading(held_C.astype(jnp.int32))
   lo = jnp.maximum((h - 1) // 2, 0)
   hi = jnp.maximum(h // 2, 0)
   a = pick_clients(s, lo)
@@ -318,11 +312,11 @@ def trimmed_mean_leaf(values_C: jax.Array, held_C: jax.Array, weights_C: jax.Arr
   x = jnp.where(held_C, values_C, jnp.inf)
   rank = stable_ranks(x)  # each client's place among the holders (the others rank last)
   ws = jnp.broadcast_to(_expand(jnp.asarray(weights_C), x), x.shape)
-  h = sum_clients(held_C.astype(jnp.int32))
+  h = tree_lib.sum_leading(held_C.astype(jnp.int32))
   k = trim_count(beta, h)
   keep = (rank >= k[None]) & (rank < (h - k)[None])
-  num = sum_clients(jnp.where(keep, ws.astype(x.dtype) * x, 0.0))
-  den = sum_clients(jnp.where(keep, ws, 0.0))
+  num = tree_lib.sum_leading(jnp.where(keep, ws.astype(x.dtype) * x, 0.0))
+  den = tree_lib.sum_leading(jnp.where(keep, ws, 0.0))
   ok = den > 0
   return jnp.where(ok, num / jnp.where(ok, den, 1.0).astype(x.dtype), fallback)
 
@@ -333,8 +327,8 @@ def weighted_holder_mean(update_C: PyTree, held_C: PyTree, weights_C: jax.Array,
 
   def one(u, held, old):
     w = _expand(weights_C, u).astype(u.dtype)
-    num = sum_clients(jnp.where(held, w * u, 0.0))
-    den = sum_clients(jnp.where(held, w, 0.0))
+    num = tree_lib.sum_leading(jnp.where(held, w * u, 0.0))
+    den = tree_lib.sum_leading(jnp.where(held, w, 0.0))
     ok = den > 0
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), old)
 

@@ -390,14 +390,14 @@ def test_merge_network_sorts_every_binary_sequence():
 
 @pytest.mark.parametrize("clients", [1, 2, 7, 10, 33])
 def test_client_axis_sum_and_pick_equal_numpy_exactly(clients):
-  """`sum_clients` (`tree.sum_leading`: a chain of row adds for C <= 32, jnp.sum above) is
+  """`tree.sum_leading` (a chain of row adds for C <= 32, jnp.sum above) is
   bit-identical to numpy's row-by-row sum over axis 0 (not merely close: values spread over
   12 decades so a different order would round differently), and `pick_clients` to
   take_along_axis."""
   rng = np.random.default_rng(clients)
   x = (rng.standard_normal((clients, 6, 9)) * 10.0 ** rng.integers(-6, 6, (clients, 6, 9))
        ).astype(np.float32)
-  got = np.asarray(_robust.sum_clients(jnp.asarray(x)))
+  got = np.asarray(tree_lib.sum_leading(jnp.asarray(x)))
   if clients <= tree_lib.MAX_CHAINED_ROWS:
     want = x[0].copy()
     for row in x[1:]:
@@ -407,7 +407,7 @@ def test_client_axis_sum_and_pick_equal_numpy_exactly(clients):
   else:
     np.testing.assert_allclose(got, np.sum(x.astype(np.float64), axis=0), rtol=1e-5, atol=1e-3)
   held = rng.random((clients, 6, 9)) < 0.5
-  np.testing.assert_array_equal(np.asarray(_robust.sum_clients(jnp.asarray(held, jnp.int32))),
+  np.testing.assert_array_equal(np.asarray(tree_lib.sum_leading(jnp.asarray(held, jnp.int32))),
                                 held.sum(0))
   index = rng.integers(0, clients, (6, 9))
   np.testing.assert_array_equal(np.asarray(_robust.pick_clients(jnp.asarray(x), jnp.asarray(index))),
