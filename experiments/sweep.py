@@ -13,6 +13,14 @@ extends every run, finished or not, to the new rounds where its method allows it
 (`train.check_extension`; bit-identical to a run that had them from the start). Every
 run is validated before the first one starts. At the end a summary table is printed
 and written to `sweep_summary.json` and `sweep_summary.md` in `<workdir>`.
+
+  --runs=8:12,20      only these runs (1-based, as the log's [i/N] numbers them; 'A:' = A to
+                      the end): slices of a long sweep for separate sessions or machines
+  --archive=DIR       keeps what a finished run wrote (config.json, metrics.jsonl,
+                      summary.json; no checkpoints) in DIR/<run>, e.g. a folder under
+                      docs/results/runs committed with the results; a run of the same config
+                      found there is restored into the workdir and counts as finished, so a
+                      sweep continues across machines whose workdirs do not survive
 """
 from __future__ import annotations
 
@@ -22,11 +30,14 @@ import importlib.util
 import json
 import os
 import re
+import sys
 import traceback
 from typing import Any, Callable, NamedTuple
 
 from experiments import build, methods, runtime, train
+from fedjax_prune import _files
 
+ARCHIVED_FILES = ("config.json", "metrics.jsonl", "summary.json")  # small; no checkpoints
 SUMMARY_COLUMNS = ("run", "status", "rounds", "test_accuracy", "local_accuracy_mean", "params",
                    "flops", "wall_time_s")
 
@@ -115,6 +126,63 @@ def expand(config, sweep_fn: Callable | None) -> list[Run]:
   return runs
 
 
+def parse_runs(spec: str | None, count: int) -> list[int]:
+  """The 0-based indices that `--runs` selects: '3', '8:12' (inclusive), '8:' or a comma
+  list of these, 1-based as the sweep log numbers runs; ConfigError names a bad spec."""
+  if spec is None or not str(spec).strip():
+    return list(range(count))
+  chosen: list[int] = []
+  for part in str(spec).split(","):
+    match = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d*)\s*)?", part)
+    if match is None:
+      raise build.ConfigError(f"--runs={spec!r} is invalid: expected numbers and ranges "
+                              f"like '3', '8:12' or '8:', got {part!r}")
+    first = int(match.group(1))
+    last = first if match.group(2) is None else int(match.group(2) or count)
+    if not 1 <= first <= last <= count:
+      raise build.ConfigError(f"--runs={spec!r} is invalid: {part.strip()!r} is outside the "
+                              f"sweep's runs 1..{count}")
+    chosen += [i for i in range(first - 1, last) if i not in chosen]
+  return sorted(chosen)
+
+
+def _copy_atomic(source: str, target: str) -> None:
+  with open(source) as f:
+    text = f.read()
+  _files.write_atomic(target, lambda f: f.write(text))
+
+
+def archive_run(workdir: str, archive_dir: str) -> bool:
+  """Copies a finished run's `ARCHIVED_FILES` to `archive_dir` (each file written whole);
+  False (nothing copied) when the run has not finished."""
+  if not os.path.exists(os.path.join(workdir, "summary.json")):
+    return False
+  os.makedirs(archive_dir, exist_ok=True)
+  for name in ARCHIVED_FILES:  # summary.json last: its presence marks a whole archive
+    if os.path.exists(os.path.join(workdir, name)):
+      _copy_atomic(os.path.join(workdir, name), os.path.join(archive_dir, name))
+  return True
+
+
+def restore_run(run: Run, archive_dir: str, workdir: str) -> bool:
+  """Restores an archived finished run of exactly `run.config` into a workdir that holds
+  no run yet; False (nothing written) otherwise, and the run is then run as usual."""
+  if (os.path.exists(os.path.join(workdir, "config.json"))
+      or not all(os.path.exists(os.path.join(archive_dir, n)) for n in ARCHIVED_FILES)):
+    return False
+  try:
+    with open(os.path.join(archive_dir, "config.json")) as f:
+      saved = json.load(f)
+  except json.JSONDecodeError:
+    return False
+  if not isinstance(saved, dict) or train.config_differences(saved, run.config):
+    return False
+  os.makedirs(workdir, exist_ok=True)
+  for name in ARCHIVED_FILES:  # config.json first, summary.json last
+    _copy_atomic(os.path.join(archive_dir, name), os.path.join(workdir, name))
+  return True
+
+
 def run_status(run: Run, workdir: str) -> str:
   """'done' (summary.json of this config), 'resume' (checkpoints of this config, or a run
   of this config with fewer rounds that its driver lets `train` extend) or 'new';
@@ -145,19 +213,26 @@ def run_status(run: Run, workdir: str) -> str:
 
 
 def run_sweep(config, sweep_fn: Callable | None, root: str, *, log=print,
-              train_fn: Callable = train.train_and_evaluate) -> list[dict]:
-  """Runs (or skips, or resumes) every run of the sweep; writes and returns the summary rows."""
+              train_fn: Callable = train.train_and_evaluate, runs_spec: str | None = None,
+              archive: str | None = None) -> list[dict]:
+  """Runs (or skips, or resumes) the runs of the sweep that `runs_spec` selects (all by
+  default; `parse_runs`), restoring from and saving to `archive` when given (`restore_run`,
+  `archive_run`); writes and returns the summary rows of the selected runs."""
   runs = expand(config, sweep_fn)
+  selected = parse_runs(runs_spec, len(runs))
   try:
     os.makedirs(root, exist_ok=True)
   except OSError as e:
     raise OSError(e.errno, f"cannot create the sweep workdir {root!r}: {e.strerror or e}") from e
   rows = []
-  for i, run in enumerate(runs):
+  for i in selected:
+    run = runs[i]
     workdir = os.path.join(root, run.name)
+    restored = archive is not None and restore_run(run, os.path.join(archive, run.name), workdir)
     status = run_status(run, workdir)
     log(f"[{i + 1}/{len(runs)}] {run.name}: "
-        + {"done": "finished, skipped", "resume": "resuming", "new": "starting"}[status])
+        + {"done": "finished, skipped", "resume": "resuming", "new": "starting"}[status]
+        + (" (restored from the archive)" if restored else ""))
     try:
       if status == "done":
         with open(os.path.join(workdir, "summary.json")) as f:
@@ -167,6 +242,8 @@ def run_sweep(config, sweep_fn: Callable | None, root: str, *, log=print,
       row = {"run": run.name, "status": "skipped (done)" if status == "done" else
              ("resumed" if status == "resume" else "ran"), **run.overrides}
       row.update({k: summary.get(k) for k in SUMMARY_COLUMNS[2:]})
+      if archive is not None:
+        archive_run(workdir, os.path.join(archive, run.name))
     except Exception as e:  # one bad run must not stop the sweep; it is reported below
       log(f"run {run.name} failed: {type(e).__name__}: {e}")
       log(traceback.format_exc(limit=3))
@@ -206,7 +283,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
   path = config_flags.get_config_filename(flags.FLAGS["config"])
-  rows = run_sweep(config, load_sweep_fn(path), flags.FLAGS.workdir)
+  from experiments import main as main_lib
+  try:
+    rows = run_sweep(config, load_sweep_fn(path), flags.FLAGS.workdir,
+                     runs_spec=flags.FLAGS.runs, archive=flags.FLAGS.archive)
+  except main_lib.USER_ERRORS as e:  # a bad sweep, --runs or workdir: one line, no traceback
+    print(main_lib.describe(e), file=sys.stderr)
+    sys.exit(main_lib.EXIT_REFUSED)
   failed = [r["run"] for r in rows if str(r["status"]).startswith("failed")]
   if failed:
     raise app.UsageError(f"{len(failed)} of {len(rows)} runs failed: {failed}")
@@ -218,5 +301,9 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Experiment config file with sweep(add).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Root directory; one subdirectory per run.")
+  flags.DEFINE_string("runs", None, "Only these runs, 1-based: '3', '8:12', '8:' or a "
+                      "comma list of these (default: all).")
+  flags.DEFINE_string("archive", None, "Folder that keeps each finished run's config, "
+                      "metrics and summary (no checkpoints) and restores them into the workdir.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -123,6 +123,58 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
   assert rows[1]["test_accuracy"] == accuracy  # resumed = bit-identical on CPU
 
 
+@pytest.mark.parametrize("spec,count,expected", [
+    (None, 4, [0, 1, 2, 3]), ("2", 4, [1]), ("2:3", 4, [1, 2]), ("3:", 4, [2, 3]),
+    ("4, 1:2", 4, [0, 1, 3]), ("1:2,2", 4, [0, 1])])
+def test_runs_spec_selects_one_based_runs(spec, count, expected):
+  assert sweep.parse_runs(spec, count) == expected
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("0", "'0' is outside the sweep's runs 1..4"), ("3:2", "'3:2' is outside"),
+    ("5:", "'5:' is outside"), ("a", "expected numbers and ranges"), ("1;2", "got '1;2'")])
+def test_bad_runs_spec_is_refused_naming_it(spec, message):
+  with pytest.raises(build.ConfigError, match=f"--runs={spec!r} is invalid: .*{message}"):
+    sweep.parse_runs(spec, 4)
+
+
+def test_archive_keeps_finished_runs_and_restores_them_into_a_new_workdir(tmp_path):
+  """A sweep slice archives what its finished run wrote (no checkpoints); in a fresh
+  workdir (another machine) the archived run counts as finished and is not run again,
+  its summary and metrics identical; a run of another config is not restored."""
+  archive, calls = str(tmp_path / "archive"), []
+
+  def spy(config, workdir, resume=False):
+    calls.append(os.path.basename(workdir))
+    return train.train_and_evaluate(config, workdir, resume=resume)
+
+  first = sweep.run_sweep(tiny(), two_lrs, str(tmp_path / "a"), train_fn=spy, log=lambda s: None,
+                          runs_spec="2", archive=archive)
+  name = first[0]["run"]
+  assert calls == [name] and len(first) == 1 and first[0]["status"] == "ran"
+  assert sorted(os.listdir(archive)) == [name]
+  assert sorted(os.listdir(os.path.join(archive, name))) == sorted(sweep.ARCHIVED_FILES)
+
+  calls.clear()
+  rows = sweep.run_sweep(tiny(), two_lrs, str(tmp_path / "b"), train_fn=spy, log=lambda s: None,
+                         archive=archive)
+  assert calls == ["client.learning_rate=0.05"]  # the archived run is restored, not run
+  assert [r["status"] for r in rows] == ["ran", "skipped (done)"]
+  assert rows[1]["test_accuracy"] == first[0]["test_accuracy"]
+  for file in ("metrics.jsonl", "summary.json"):
+    with open(os.path.join(tmp_path, "a", name, file)) as f, \
+         open(os.path.join(tmp_path, "b", name, file)) as g:
+      assert f.read() == g.read()
+  assert sorted(os.listdir(archive)) == sorted(r["run"] for r in rows)  # both archived now
+
+  calls.clear()  # another init seed under the same run names: nothing is restored
+  config = tiny()
+  config.seeds.init += 1
+  sweep.run_sweep(config, two_lrs, str(tmp_path / "c"), train_fn=spy, log=lambda s: None,
+                  archive=archive)
+  assert calls == [r["run"] for r in rows]
+
+
 def test_a_failing_run_is_reported_and_the_rest_still_run(tmp_path):
   root = tmp_path / "root"
   blocked = root / "client.learning_rate=0.05"
