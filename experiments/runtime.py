@@ -310,6 +310,18 @@ def checkpointed_strategy(env: Env) -> tuple[performance.Strategy, dict] | None:
   return performance.Strategy.from_name(meta["strategy"]), dict(meta.get("strategy_timings_s") or {})
 
 
+def server_statistic_tag(config) -> str:
+  """What the round computes on the server beyond the mean, for the strategy cache key: a
+  robust statistic or DP / compression changes which strategy is fastest (a statistic
+  over the stacked clients runs on every device's share of the coordinates when sharded,
+  `federated.spread_over_coordinates`), so runs differing in it are timed apart."""
+  robust = config.get("robust")
+  aggregator = "mean" if robust is None else robust.aggregator
+  return (f"method={config.get('method', 'fedavg')}|server={aggregator}"
+          + ("+dp" if config.get("privacy") is not None else "")
+          + ("+compressed" if config.get("compression") is not None else ""))
+
+
 def choose_strategy(env: Env, spec, params, batch_stats,
                     algorithm_for: Callable[..., federated.FedAlgorithm],
                     cohort: federated.Cohort, *,
@@ -370,7 +382,7 @@ def choose_strategy(env: Env, spec, params, batch_stats,
   cache_path = config.strategy_cache or build.default_strategy_cache()
   key = (f"{spec!r}|C={len(cohort.client_ids)}|B={config.client.batch_size}"
          f"|E={env.data.train.max_examples}|unroll={unroll}|{jax.default_backend()}"
-         f"|mesh={env.mesh.size if env.mesh is not None else 0}"
+         f"|mesh={env.mesh.size if env.mesh is not None else 0}|{server_statistic_tag(config)}"
          f"|lowrank={','.join(lowrank.layers) + f'@{lowrank.rows}' if lowrank is not None else ''}")
   env.log(f"choosing the client execution among {len(candidates)} strategies (timings cached in {cache_path})")
   return performance.select_strategy(run_round_for, candidates, cache_path=cache_path,

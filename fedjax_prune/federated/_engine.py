@@ -364,6 +364,36 @@ def run_clients(client_update: ClientUpdateFn, server_state, dataset: ClientData
   return ClientOutput(out.sums, jax.tree.map(lambda x: x[:num_clients], out.per_client))
 
 
+def spread_over_coordinates(per_client: PyTree, mesh: Mesh) -> PyTree:
+  """Reshards [C, ...] per-client leaves from the client axis to a coordinate axis.
+
+  The clients' outputs come back split over the mesh by client. A server statistic
+  taken across clients per coordinate (the robust aggregators' median, trimmed mean,
+  Krum distances) on that layout makes XLA gather every client onto every device and
+  compute the whole statistic on each: on a 2-device CPU the FEMNIST trimmed-mean round
+  took 5.1 s against 3.3 s unsharded (docs/results/robust.md, "Cost"). Split instead
+  along each leaf's largest non-client dimension that the device count divides, every
+  device computes the statistic on its share of the coordinates (an all-to-all, then
+  elementwise work; the values are those of the unsharded statistic). Leaves with no
+  such dimension (per-client scalars, odd shapes) keep their layout; a statistic that
+  ignores `per_client` (FedAvg's mean) compiles the constraint away.
+  """
+  devices = mesh.shape[CLIENT_AXIS]
+
+  def spread(x):
+    if not hasattr(x, "ndim") or x.ndim < 2:
+      return x
+    dims = [d for d in range(1, x.ndim) if x.shape[d] % devices == 0]
+    if not dims:
+      return x
+    axis = max(dims, key=lambda d: x.shape[d])
+    spec = [None] * x.ndim
+    spec[axis] = CLIENT_AXIS
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+  return jax.tree.map(spread, per_client)
+
+
 def _mesh_platform(mesh: Mesh | None) -> str | None:
   """The platform of the mesh's devices; None (JAX's default backend) without a mesh."""
   return mesh.devices.flat[0].platform if mesh is not None else None
@@ -416,6 +446,8 @@ def make_round(alg: FedAlgorithm, *, execution: Execution | None = None, mesh: M
     client_root, server_key = split_round_key(round_key)
     outputs = run_clients(alg.client_update, server_state, dataset, cohort, client_root,
                           execution=execution, mesh=mesh)
+    if mesh is not None:
+      outputs = outputs._replace(per_client=spread_over_coordinates(outputs.per_client, mesh))
     return alg.server_update(server_state, outputs, server_key)
 
   donate_argnums = (0,) if donate else ()

@@ -708,3 +708,23 @@ def test_example_counts_above_the_padded_axis_are_an_error():
     round_fn(state, negative, federated.make_cohort([0, 1]), jax.random.key(0))
   # Checked once per dataset: the valid one runs, and repeated rounds do not re-read it.
   round_fn(state, data, federated.make_cohort([0, 1]), jax.random.key(0))
+
+
+def test_per_client_stacks_are_spread_over_coordinates_on_a_mesh():
+  """Robust statistics work per coordinate: the [C, ...] stacks leave the client split for
+  the largest dimension the device count divides (each device then holds every client of
+  its share); values are unchanged, leaves with no such dimension keep their layout."""
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")
+  from jax.sharding import PartitionSpec as P
+  from fedjax_prune.federated import _engine
+  mesh = federated.client_mesh(jax.devices()[:4])
+  stacks = {"kernel": jnp.arange(4 * 6 * 8, dtype=jnp.float32).reshape(4, 6, 8),
+            "bias": jnp.arange(4 * 3, dtype=jnp.float32).reshape(4, 3),
+            "weight": jnp.arange(4, dtype=jnp.float32)}
+  spread = jax.jit(lambda t: _engine.spread_over_coordinates(t, mesh))(stacks)
+  assert spread["kernel"].sharding.spec == P(None, None, "clients")  # 8 (not 6) splits over 4
+  assert spread["kernel"].sharding.shard_shape(spread["kernel"].shape) == (4, 6, 2)
+  assert spread["bias"].sharding.is_fully_replicated  # 3 does not split over 4 devices
+  for name in stacks:
+    np.testing.assert_array_equal(np.asarray(spread[name]), np.asarray(stacks[name]))
