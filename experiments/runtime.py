@@ -314,7 +314,7 @@ def server_statistic_tag(config) -> str:
   """What the round computes on the server beyond the mean, for the strategy cache key: a
   robust statistic or DP / compression changes which strategy is fastest (a statistic
   over the stacked clients runs on every device's share of the coordinates when sharded,
-  `federated.spread_over_coordinates`), so runs differing in it are timed apart."""
+  `federated._engine.spread_over_coordinates`), so runs differing in it are timed apart."""
   robust = config.get("robust")
   aggregator = "mean" if robust is None else robust.aggregator
   return (f"method={config.get('method', 'fedavg')}|server={aggregator}"
