@@ -163,10 +163,16 @@ def _set(path, value):
 class Case:
   """A driver variant: its tiny config, and an invalid method-specific value."""
 
-  def __init__(self, name, make, bad_path, bad_value, *, checkpoints=True):
+  def __init__(self, name, make, bad_path, bad_value, *, checkpoints=True,
+               rounding_sensitive=False):
     self.name, self.make = name, make
     self.bad_path, self.bad_value = bad_path, bad_value
     self.checkpoints = checkpoints  # False: the driver writes no checkpoint (a known gap)
+    # True: the tiny run amplifies last-bit rounding into different later rounds (measured
+    # on one CPU: the same round with 'lax' vs 'im2col' convolutions, equal math, gave
+    # round-2 losses 2.0435 / 2.0349 and final accuracies 0.146 / 0.271 for heterofl),
+    # so on another CPU only round 1 can be compared (test_matches_golden).
+    self.rounding_sensitive = rounding_sensitive
 
   def config(self):
     return self.make()
@@ -185,8 +191,10 @@ CASES = [
     Case("l1_filter", lambda: asp_config("l1_filter"), "l1_filter.ratio", 1.5),
     Case("fiarse/masked", lambda: hetero_config("fiarse"), "hetero.fiarse_grad", "ste"),
     Case("fiarse/tcb", lambda: hetero_config("fiarse", "tcb"), "hetero.assignment", "random"),
-    Case("heterofl", lambda: hetero_config("heterofl"), "hetero.capacities", (1.0, 1.5)),
-    Case("fedrolex", lambda: hetero_config("fedrolex"), "hetero.sweep_every", -1),
+    Case("heterofl", lambda: hetero_config("heterofl"), "hetero.capacities", (1.0, 1.5),
+         rounding_sensitive=True),
+    Case("fedrolex", lambda: hetero_config("fedrolex"), "hetero.sweep_every", -1,
+         rounding_sensitive=True),
     Case("scalefl", lambda: hetero_config("scalefl"), "hetero.scalefl_temperature", 0.0),
     Case("fedtiny/blockwise", lambda: sparse_config("fedtiny"), "sparse.bn_aggregation", "gamma"),
     Case("fedtiny/all_layers", lambda: sparse_config("fedtiny", progressive="all_layers"),
@@ -495,6 +503,10 @@ def test_matches_golden(name, reference_runs):
   if got["cpu"] == want["cpu"] and got["jax"] == want["jax"]:
     for k in ("params_sha256", "records_sha256", "summary_sha256"):
       assert got[k] == want[k], f"{name}: {k} differs from the golden"
+  elif case.rounding_sensitive:  # another CPU: its rounding already changes round 2
+    assert got["param_sums"].keys() == want["param_sums"].keys()
+    assert len(got["train_loss"]) == len(want["train_loss"])
+    np.testing.assert_allclose(got["train_loss"][0], want["train_loss"][0], rtol=1e-5)
   else:  # another CPU or jax may round differently: the values within float tolerance
     assert got["param_sums"].keys() == want["param_sums"].keys()
     np.testing.assert_allclose(list(got["param_sums"].values()),
