@@ -8,8 +8,10 @@ how many runs finished (and how many are still running, with the round they reac
 final test accuracy as mean ± sample std over the finished runs, the convergence tail (the
 gain over the last 20 % of rounds, REPRODUCE.md §1, each end the mean of 3 evaluations; the
 largest over the group's runs), params and FLOPs (mean), the cumulative
-communication ratio against dense when the method records it, and the mean test accuracy at
-the chosen rounds (the curve). A group is named by the config fields that set it apart from
+communication ratio against dense when the method records it, optionally the mean of each
+run's evaluations from a round on (`--plateau_from`: where one evaluation of a
+client-sampled run moves by about a point, the plateau's mean compares methods, not noise),
+and the mean test accuracy at the chosen rounds (the curve). A group is named by the config fields that set it apart from
 the other groups (read from each run's `config.json`, so hashed run names do not matter).
 """
 from __future__ import annotations
@@ -74,14 +76,22 @@ def tail_gain(curve: dict[int, float], rounds: int, window: int = TAIL_WINDOW) -
   return (sum(curve[r] for r in last) - sum(curve[r] for r in before)) / window
 
 
+def plateau_mean(curve: dict[int, float], from_round: int) -> float | None:
+  """The mean test accuracy over the evaluations at rounds >= `from_round` (None: none)."""
+  values = [acc for r, acc in curve.items() if r >= from_round]
+  return statistics.fmean(values) if values else None
+
+
 def _mean_std(values: list[float]) -> tuple[float, float] | None:
   if not values:
     return None
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
-def summarise_group(workdirs: list[str], rounds_at: list[int]) -> dict:
-  """One group's row: finished/running counts, accuracy mean ± std, tail, size, curve."""
+def summarise_group(workdirs: list[str], rounds_at: list[int],
+                    plateau_from: int | None = None) -> dict:
+  """One group's row: finished/running counts, accuracy mean ± std, tail, size, curve and,
+  with `plateau_from`, the mean ± std over finished runs of `plateau_mean`."""
   runs = [plot.load_run(w) for w in workdirs]
   done = [r for r in runs if r["summary"]]
   running = [r for r in runs if not r["summary"]]
@@ -102,6 +112,8 @@ def summarise_group(workdirs: list[str], rounds_at: list[int]) -> dict:
                           if plot.final_value(r, "flops") is not None]),
       "communication_ratio": _mean_std(ratios),
       "curve": {t: _mean_std([c[t] for c in curves if t in c]) for t in rounds_at},
+      "plateau": None if plateau_from is None else _mean_std(
+          [m for c in curves if (m := plateau_mean(c, plateau_from)) is not None]),
   }
 
 
@@ -116,10 +128,12 @@ def _fmt_num(ms, digits: int = 0) -> str:
   return "–" if ms is None else f"{ms[0]:,.{digits}f}"
 
 
-def markdown(rows: list[tuple[str, dict]], rounds_at: list[int]) -> str:
+def markdown(rows: list[tuple[str, dict]], rounds_at: list[int],
+             plateau_from: int | None = None) -> str:
   """The groups as a markdown table (accuracy as mean ± sample std over finished runs)."""
   head = ["group", "finished", "test accuracy", "last-20 % gain", "params", "FLOPs",
-          "comm. ratio"] + [f"@{t}" for t in rounds_at]
+          "comm. ratio"] + ([f"mean of evals ≥{plateau_from}"] if plateau_from is not None
+                            else []) + [f"@{t}" for t in rounds_at]
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
   for label, row in rows:
     finished = str(row["finished"]) + "".join(f" (+{name[:24]}… at {r})" if len(name) > 24
@@ -128,30 +142,36 @@ def markdown(rows: list[tuple[str, dict]], rounds_at: list[int]) -> str:
     tail = "–" if row["tail_gain_max"] is None else f"{100 * row['tail_gain_max']:+.1f} pt"
     cells = [label, finished, _fmt_acc(row["test_accuracy"]), tail, _fmt_num(row["params"]),
              _fmt_num(row["flops"]), _fmt_num(row["communication_ratio"], 2)]
+    if plateau_from is not None:
+      cells.append(_fmt_acc(row["plateau"]))
     cells += [_fmt_acc(row["curve"][t]) for t in rounds_at]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def report(paths: list[str], rounds_at: list[int]) -> str:
+def report(paths: list[str], rounds_at: list[int], plateau_from: int | None = None) -> str:
   workdirs = plot.find_runs(paths)
-  rows = [(label, summarise_group(members, rounds_at))
+  rows = [(label, summarise_group(members, rounds_at, plateau_from))
           for label, members in group_runs(workdirs)]
-  return markdown(rows, rounds_at)
+  return markdown(rows, rounds_at, plateau_from)
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("paths", nargs="+", help="workdirs, or sweep roots holding them")
   parser.add_argument("--rounds", default="", help="comma-separated rounds for the curve columns")
+  parser.add_argument("--plateau_from", type=int, default=None,
+                      help="add a column: the mean of each run's evaluations from this round on")
   parser.add_argument("--out", default=None, help="also write the table to this file")
   args = parser.parse_args(argv)
+  if args.plateau_from is not None and args.plateau_from < 1:
+    parser.error(f"--plateau_from must be a round >= 1, got {args.plateau_from}")
   try:
     rounds_at = [int(t) for t in args.rounds.split(",") if t.strip()]
   except ValueError:
     parser.error(f"--rounds must be comma-separated integers, got {args.rounds!r}")
   try:
-    table = report(args.paths, rounds_at)
+    table = report(args.paths, rounds_at, args.plateau_from)
   except (FileNotFoundError, ValueError) as e:
     parser.exit(2, f"error: {e}\n")
   print(table)

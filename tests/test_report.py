@@ -57,6 +57,22 @@ def test_groups_ignore_seeds_and_give_mean_std_tail_and_curve(tmp_path):
   assert report.tail_gain({10: 0.1, 20: 0.2, 30: 0.3, 40: 0.4, 50: 0.5}, 50) is None
 
 
+def test_plateau_column_averages_each_runs_evaluations_from_a_round(tmp_path):
+  root = str(tmp_path)
+  _run(root, "a0", k=2.2, seed=0, accs=[0.1, 0.2, 0.5, 0.7])  # rounds 5 ... 20
+  _run(root, "a1", k=2.2, seed=1, accs=[0.1, 0.2, 0.3, 0.5])
+  _run(root, "a2", k=2.2, seed=2, accs=[0.9, 0.9, 0.9], finished=False)  # not counted
+  assert report.plateau_mean({5: 0.1, 10: 0.2, 15: 0.5, 20: 0.7}, 15) == pytest.approx(0.6)
+  assert report.plateau_mean({5: 0.1}, 10) is None
+  row = report.summarise_group(report.group_runs(report.plot.find_runs([root]))[0][1], [], 15)
+  mean, std = row["plateau"]  # a0: (0.5 + 0.7) / 2 = 0.6, a1: (0.3 + 0.5) / 2 = 0.4
+  assert mean == pytest.approx(0.5) and std == pytest.approx(math.sqrt(0.02))
+  table = report.report([root], [20], plateau_from=15)
+  assert "| comm. ratio | mean of evals ≥15 | @20 |" in table
+  assert "| 0.500 ± 0.141 | 0.600 ± 0.141 |" in table
+  assert "mean of evals" not in report.report([root], [20])
+
+
 def test_main_refuses_a_directory_without_runs(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     report.main([str(tmp_path)])
