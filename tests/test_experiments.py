@@ -132,10 +132,25 @@ def test_auto_strategy_times_sharded_and_unsharded_candidates_on_cpu(tmp_path, c
   assert summary["strategy"] in timed
   with open(c.strategy_cache) as f:
     ((key, entry),) = json.load(f).items()
-  # The key names the mesh and the factored layers '+lowrank' candidates would use (the
-  # tiny MLP has no dense kernel worth factoring, so none are timed).
-  assert entry["best"] == summary["strategy"] and key.endswith("|mesh=4|lowrank=")
+  # The key names the mesh, the server statistic (a robust one is timed apart) and the
+  # factored layers '+lowrank' candidates would use (the tiny MLP has no dense kernel worth
+  # factoring, so none are timed).
+  assert entry["best"] == summary["strategy"]
+  assert key.endswith("|mesh=4|method=fedavg|server=mean|lowrank="), key
   assert not any("lowrank" in name for name in timed)
+
+
+def test_strategy_cache_key_names_the_server_statistic():
+  """Runs whose server step differs (a robust statistic, DP, compression) are timed apart:
+  the cached choice of a mean round must not be reused for a trimmed-mean round."""
+  from experiments import runtime
+  from experiments.configs import dp_tiny, robust_tiny
+  assert runtime.server_statistic_tag(tiny_config()) == "method=fedavg|server=mean"
+  tags = {runtime.server_statistic_tag(robust_tiny.get_config(f"fedavg,{aggregator}"))
+          for aggregator in ("median", "trimmed_mean", "krum")}
+  assert tags == {"method=fedavg|server=median", "method=fedavg|server=trimmed_mean",
+                  "method=fedavg|server=krum"}
+  assert runtime.server_statistic_tag(dp_tiny.get_config()).endswith("+dp")
 
 
 def test_auto_candidates_shard_only_what_can_win_on_a_one_core_device():
