@@ -136,6 +136,7 @@ class Data(NamedTuple):
   test_clients: data_lib.ClientData   # per-client local test sets (device)
   test_x: Any                         # central test set (union of the local ones)
   test_y: Any
+  test_client_ids: Any                # [M] int32: which client's test set each central row is from
   num_classes: int
   input_shape: tuple
   normalize: Callable                 # raw stored x -> float model input, inside jit
@@ -169,9 +170,22 @@ def build_data(config) -> Data:
     train, test = fd.train, fd.test
     num_classes, input_shape = fd.num_classes, tuple(fd.input_shape)
     normalize, desc = fd.normalize_fn, fd.description
+  test_x, test_y, ids = central_test(test)
+  return Data(data_lib.to_device(train), data_lib.to_device(test), test_x, test_y, ids,
+              num_classes, input_shape, normalize, desc)
+
+
+def central_test(test: data_lib.ClientData) -> tuple[Any, Any, Any]:
+  """The clients' local test sets pooled into the central one, on device.
+
+  Returns:
+    (x [M, ...], y [M], client_ids [M] int32), M = the clients' examples in all; row i is
+    from client `client_ids[i]` (`pool` keeps client order).
+  """
   test_x, test_y = data_lib.pool(test)
-  return Data(data_lib.to_device(train), data_lib.to_device(test), jnp.asarray(test_x),
-              jnp.asarray(test_y), num_classes, input_shape, normalize, desc)
+  counts = np.asarray(test.num_examples)
+  ids = np.repeat(np.arange(counts.shape[0], dtype=np.int32), counts)
+  return jnp.asarray(test_x), jnp.asarray(test_y), jnp.asarray(ids)
 
 
 def build_spec(config, input_shape, num_classes):

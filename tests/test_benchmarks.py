@@ -417,3 +417,14 @@ def test_robust_aggregators_smoke(tmp_path):
   rows = {r["row"]: r for r in result["rows"]}
   assert rows["mean"]["x_mean"] == 1.0 and result["coordinates"] == 16 * 32 + 32 + 32 * 4 + 4
   assert set(rows) >= {"median", "trimmed_mean", "norm_bound", "krum", "sort: network"}
+
+
+def test_evaluation_smoke(tmp_path):
+  import evaluation
+  out = str(tmp_path / "evaluation.json")
+  result = evaluation.main(["--smoke", "--repeats", "1", "--out", out])
+  with open(out) as f:
+    assert json.load(f)["rows"] == json.loads(json.dumps(result["rows"]))
+  rows = {r["row"]: r for r in result["rows"]}
+  assert rows["pooled (now)"]["x_pooled"] == 1.0 and result["central_rows"] == 30
+  assert set(rows) == {"per-client (before)", "pooled (now)", "central only"}

@@ -373,3 +373,54 @@ def _leaf(tree, path):
   for key in path.split("/"):
     tree = tree[key]
   return tree
+
+
+def _centred_apply(params, stats, x, train=False, example_mask=None):
+  """A static-BN-like model: the batch's (masked) mean is subtracted, so logits depend on
+  which rows share a batch."""
+  import jax.numpy as jnp
+  w = example_mask.astype(x.dtype)[:, None]
+  mean = jnp.sum(x * w, 0, keepdims=True) / jnp.maximum(jnp.sum(w), 1.0)
+  return (x - mean) @ params, stats
+
+
+@pytest.mark.parametrize("norm", ["none", "batch_static"])
+def test_evaluator_reports_the_central_and_per_client_accuracy(norm):
+  """`runtime.make_evaluator` evaluates the pooled test set once and splits the hits by
+  client: the same numbers as evaluating each client's own (padded) set. With static BN
+  (batch statistics at evaluation) it evaluates each client's own batches."""
+  import jax
+  import ml_collections
+  import numpy as np
+  from experiments import runtime
+  from fedjax_prune import data as data_lib
+  from fedjax_prune import federated
+
+  rng = np.random.default_rng(0)
+  counts = (7, 1, 12, 0, 4)  # unequal, one client without test data
+  xs = [rng.normal(size=(n, 5)).astype(np.float32) + k for k, n in enumerate(counts)]
+  ys = [rng.integers(0, 3, n).astype(np.int32) for n in counts]
+  test = data_lib.from_client_lists(xs, ys, allow_empty=True)
+  test_x, test_y, ids = build.central_test(test)
+  np.testing.assert_array_equal(ids, np.repeat(np.arange(5), counts))
+  np.testing.assert_array_equal(test_x[7:8], xs[1])  # row 7 is client 1's only example
+  data = build.Data(None, data_lib.to_device(test), test_x, test_y, ids, 3, (5,),
+                    lambda x: x, "hand-made")
+  config = ml_collections.ConfigDict({"eval_batch_size": 8, "model": {"norm": norm}})
+  env = runtime.Env(config=config, workdir="", data=data, mesh=None, cohort_multiple=1,
+                    metrics=None, checkpoint=runtime.NoCheckpoints(), log=lambda message: None)
+  if norm == "none":
+    apply_fn = lambda params, stats, x, train=False, example_mask=None: (x @ params, stats)
+  else:
+    apply_fn = _centred_apply
+  params = jax.random.normal(jax.random.key(1), (5, 3))
+  got = runtime.make_evaluator(env, apply_fn)(params, {})
+
+  central = jax.jit(federated.make_evaluate(apply_fn, batch_size=8))(params, {}, test_x, test_y).means()
+  local = federated.make_evaluate_clients(apply_fn, batch_size=8)(params, {}, data.test_clients)
+  n, hits = np.asarray(local.num_examples), np.asarray(local.correct_sum)
+  acc = hits[n > 0] / n[n > 0]
+  assert got["test_accuracy"] == float(central["accuracy"]) and got["test_loss"] == float(central["loss"])
+  assert got["local_accuracy_mean"] == float(acc.mean())
+  assert got["local_accuracy_p10"] == float(np.percentile(acc, 10))
+  assert len(set(acc.tolist())) > 1  # the clients differ: a mix-up of clients would show

@@ -58,7 +58,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -274,9 +273,9 @@ def repartition_balanced(data: build_lib.Data, num_clients: int, alpha: float, s
       train_y, test_y, num_clients, alpha, seed, num_classes=data.num_classes)
   train = data_lib.from_client_lists([train_x[p] for p in train_parts], [train_y[p] for p in train_parts])
   test = data_lib.from_client_lists([test_x[p] for p in test_parts], [test_y[p] for p in test_parts])
-  gx, gy = data_lib.pool(test)
+  gx, gy, ids = build_lib.central_test(test)
   return data._replace(train=data_lib.to_device(train), test_clients=data_lib.to_device(test),
-                       test_x=jnp.asarray(gx), test_y=jnp.asarray(gy),
+                       test_x=gx, test_y=gy, test_client_ids=ids,
                        description=f"{data.description} [re-partitioned: balanced Dirichlet "
                                    f"alpha={alpha}, {num_clients} clients]")
 

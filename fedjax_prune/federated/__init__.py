@@ -10,7 +10,8 @@ from fedjax_prune.federated._engine import (CLIENT_AXIS, Chunked, ClientInfo, Cl
                                             Sequential, ServerUpdateFn, Vmap, client_mesh,
                                             default_execution, make_cohort, make_round,
                                             round_key, run_clients, split_round_key)
-from fedjax_prune.federated._evaluate import EvalSums, make_evaluate, make_evaluate_clients
+from fedjax_prune.federated._evaluate import (EvalSums, make_evaluate, make_evaluate_clients,
+                                             make_evaluate_pooled_clients)
 from fedjax_prune.federated._fedavg import (FedAvgSums, ServerState, dense_masks, fedadam, fedavg,
                                             fedavg_view, fedavgm, fedprox, fedyogi)
 from fedjax_prune.federated._robust import (Aggregator, Contribution, MeanSums, Stacked, SumsView,
@@ -124,6 +125,7 @@ __all__ = [
     "EvalSums",
     "make_evaluate",
     "make_evaluate_clients",
+    "make_evaluate_pooled_clients",
     # FedAvg family
     "FedAvgSums",
     "ServerState",
