@@ -316,11 +316,16 @@ class LevelTest(NamedTuple):
     x, y: the global test set [T, ...], [T].
     clients: every client's local test set (`ClientData`, clients aligned with training).
     batch_size: evaluation batch size (static BN normalises with each batch's statistics).
+    client_ids: optional [T] int: the client of each global test row, when the global set
+      is the clients' sets pooled (`data.pool`) and the model evaluates each example on its
+      own (no static BN): the local sums then come from the global pass (same counts, one
+      pass instead of every client's padded set). None: each client's own batches.
   """
   x: jax.Array
   y: jax.Array
   clients: Any
   batch_size: int
+  client_ids: Any = None
 
 
 def make_level_evaluator(method: HeteroMethod, apply_fn: Callable, test: LevelTest):
@@ -353,9 +358,20 @@ def make_level_evaluator(method: HeteroMethod, apply_fn: Callable, test: LevelTe
         params, state.batch_stats, test_clients)
     return eval_central(state, capacity, test_x, test_y), local
 
-  all_jit, central_jit = jax.jit(eval_all), jax.jit(eval_central)
-  return (lambda state, cap: all_jit(state, cap, test.x, test.y, test.clients),
-          lambda state, cap: central_jit(state, cap, test.x, test.y))
+  def eval_pooled(state, capacity, test_x, test_y, client_ids):
+    params, apply = submodel_apply(state, capacity)
+    return federated.make_evaluate_pooled_clients(apply, batch_size=test.batch_size)(
+        params, state.batch_stats, test_x, test_y, client_ids,
+        num_clients=test.clients.num_examples.shape[0])
+
+  central_jit = jax.jit(eval_central)
+  if test.client_ids is None:
+    all_jit = jax.jit(eval_all)
+    evaluate_all = lambda state, cap: all_jit(state, cap, test.x, test.y, test.clients)
+  else:
+    pooled_jit = jax.jit(eval_pooled)
+    evaluate_all = lambda state, cap: pooled_jit(state, cap, test.x, test.y, test.client_ids)
+  return evaluate_all, lambda state, cap: central_jit(state, cap, test.x, test.y)
 
 
 def evaluate_levels(eval_all, eval_central, state, capacities, client_caps, sweep) -> dict:

@@ -337,3 +337,26 @@ def test_fedrolex_method_evaluates_alternative_windows_on_the_same_state(key):
     assert out[f"same_{k}"] == out[k], k
   assert out["last_round_global_1"] == out["global_1"]
   assert "last_round_global_1/4" in out and "same_test_accuracy" not in out
+
+
+def test_level_evaluation_from_the_pooled_pass_equals_per_client(key):
+  """`LevelTest.client_ids` (no static BN): every level's local sums come from the global
+  pass; each metric equals evaluating the clients' own sets, the global ones bit for bit."""
+  from fedjax_prune import data as data_lib
+  from fedjax_prune.pruning import _hetero
+  apply_fn, params, data = testing.tiny_problem(key)
+  x, y = (jnp.asarray(a) for a in data_lib.pool(data))
+  ids = jnp.asarray(np.repeat(np.arange(3), np.asarray(data.num_examples)), jnp.int32)
+  caps = (1.0, 0.25)
+
+  def evaluate(test):
+    method = fedrolex.fedrolex_method(
+        _tiny_fedrolex(apply_fn, "extraction"), spec=models.mlp(input_shape=(6,), hidden=(8,), num_classes=3),
+        params=params, batch_stats={}, key=key, eval_apply=apply_fn, test=test,
+        client_caps=np.asarray([1.0, 0.25, 0.25], np.float32), capacities=caps, num_rounds=10)
+    return method.evaluator(None)(method.init(), 0)
+
+  per_client = evaluate(_hetero.LevelTest(x, y, data, 4))
+  pooled = evaluate(_hetero.LevelTest(x, y, data, 4, client_ids=ids))
+  assert pooled == per_client
+  assert len({per_client["model_1"], per_client["model_1/4"], per_client["global_1/4"]}) > 1
