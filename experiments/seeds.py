@@ -23,6 +23,7 @@ Writes `<workdir>/seed_<s>/{metrics.jsonl,summary.json}` (readable by
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import time
@@ -105,15 +106,24 @@ def run_seeds(config, seeds, workdir: str | None = None, *, log=print) -> dict:
   state_K = _stack(states)
   del states
   train_roots_K = jnp.stack([jax.random.key(c.seeds.training) for c in configs])
-  central = jax.jit(jax.vmap(federated.make_evaluate(apply_fn, batch_size=config.eval_batch_size),
-                             in_axes=(0, 0, None, None)))
-  per_client = jax.jit(jax.vmap(
-      federated.make_evaluate_clients(apply_fn, batch_size=config.eval_batch_size),
-      in_axes=(0, 0, None)))
+  if config.model.get("norm", "none") == "batch_static":  # batch statistics: clients apart
+    central = jax.jit(jax.vmap(federated.make_evaluate(apply_fn, batch_size=config.eval_batch_size),
+                               in_axes=(0, 0, None, None)))
+    per_client = jax.jit(jax.vmap(
+        federated.make_evaluate_clients(apply_fn, batch_size=config.eval_batch_size),
+        in_axes=(0, 0, None)))
+    central_and_local = lambda params, stats: (
+        central(params, stats, data.test_x, data.test_y),
+        per_client(params, stats, data.test_clients))
+  else:  # one pass over the pooled test set (as `runtime.make_evaluator`)
+    pooled = jax.jit(jax.vmap(functools.partial(
+        federated.make_evaluate_pooled_clients(apply_fn, batch_size=config.eval_batch_size),
+        num_clients=int(data.test_clients.num_examples.shape[0])), in_axes=(0, 0, None, None, None)))
+    central_and_local = lambda params, stats: pooled(params, stats, data.test_x, data.test_y,
+                                                     data.test_client_ids)
 
   def evaluate(state) -> list[dict]:
-    c = central(state.params, state.batch_stats, data.test_x, data.test_y)
-    local = per_client(state.params, state.batch_stats, data.test_clients)
+    c, local = central_and_local(state.params, state.batch_stats)
     c = jax.device_get(c)
     n = np.asarray(local.num_examples)
     correct = np.asarray(local.correct_sum)
