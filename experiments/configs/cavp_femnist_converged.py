@@ -32,7 +32,10 @@ A CAVP local step cost ~1.7x a plain FedAvg step here (0.7 s vs 0.4-0.5 s for 25
 one client in a bare benchmark): XLA:CPU fused the gate draw's hash into every op reading
 the gates; since 2026-12-06 the draw is jax.random's and the step ~1.05x FedAvg's
 (docs/results/cavp_step_cost.md). The round costs above predate that fix and are 3-4x
-ASP's, more than the step explained: re-measure before planning the sweep. Runs: 5 (seed 0: dense, 4 γ) + 2 x 2 (seeds 1, 2) = 9.
+ASP's, more than the step explained. Re-measured 2026-12-07 on a quiet 2-core Intel Xeon (other
+jobs paused; 6-round runs, `--config.rounds=6 --config.eval_every=100`, rounds 2-5): γ = 1
+units 4.4 s a round, the dense cell 5.1 s, i.e. ~30-35 minutes a 400-round run (evaluation
+every 10 rounds adds ~1 s each). Runs: 5 (seed 0: dense, 4 γ) + 2 x 2 (seeds 1, 2) = 9, ~5 h.
 """
 from experiments.configs import asp_femnist_cnn, cavp_cifar10
 
