@@ -37,7 +37,9 @@ a 3-step run of this config ('sequential+tapgrad') took 1.8 s for 3 training ste
 128 once compiled (0.6 s a step; 0.4 s in a bare benchmark of the CAVP local step), i.e.
 ~40 s an epoch of 65 steps at that load, ~40 minutes a 60-epoch run; 'sequential+lax' took
 7.5 s a step (XLA's CPU convolution at 8-32 channels). On an unshared machine expect several
-times less (to be measured by the first run: `wall_time` in metrics.jsonl). Runs: 13 (seed
+times less. Measured 2026-12-07 on a quiet 2-core Intel Xeon (other jobs paused; `--config.rounds=4
+--config.eval_every=100 --config.cavp.gamma=1`): 17.3-17.6 s an epoch after the first (27.6 s
+with compilation), i.e. ~18-20 minutes a 60-epoch run, ~7 h for the 21. Runs: 13 (seed
 0: dense, 3 structures x 4 γ) + 2 x 4 (seeds 1, 2: dense and the 3 structures at
 CHOSEN_GAMMA) = 21.
 """
