@@ -335,6 +335,14 @@ def load_shakespeare(config, directory: str) -> data_lib.FederatedDataset:
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+def evaluates_per_example(config) -> bool:
+  """Whether the model's evaluation treats each example on its own, so that the per-client
+  local accuracies can come from one pass over the pooled test set. Not with static BN,
+  which normalises with each evaluated batch's statistics: a client's local accuracy is
+  then its own examples in their own batches."""
+  return config.model.get("norm", "none") != "batch_static"
+
+
 def compute_dtype(config):
   """`config.model.compute_dtype` as the models' `compute_dtype`: None for float32 (also
   when the field is absent), jnp.bfloat16 for mixed precision (bf16 GEMMs, f32 params)."""

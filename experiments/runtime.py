@@ -193,21 +193,17 @@ def make_evaluator(env: Env, apply_fn: Callable) -> Callable[[Any, Any], dict]:
   """
   batch_size = env.config.eval_batch_size
   data = env.data
-  num_clients = int(data.test_clients.num_examples.shape[0])
-  if env.config.model.get("norm", "none") == "batch_static":
-    # Static BN normalises with each evaluated batch's statistics: a client's local
-    # accuracy is its own examples in their own batches, so evaluate each client apart.
+  if not build.evaluates_per_example(env.config):  # static BN: each client's own batches
     central = jax.jit(federated.make_evaluate(apply_fn, batch_size=batch_size))
     per_client = jax.jit(federated.make_evaluate_clients(apply_fn, batch_size=batch_size))
     central_and_local = lambda params, stats, x, y, ids: (
         central(params, stats, x, y), per_client(params, stats, data.test_clients))
   else:
-    # Every example is evaluated on its own: one pass over the pooled test set gives both
-    # (FEMNIST: 4,759 rows, where each client's padded set ran 300 x 36 = 10,800 and took
-    # 4/5 of an evaluation).
+    # One pass over the pooled test set gives both (FEMNIST: 4,759 rows, where each
+    # client's padded set ran 300 x 36 = 10,800 and took 4/5 of an evaluation).
     central_and_local = jax.jit(functools.partial(
         federated.make_evaluate_pooled_clients(apply_fn, batch_size=batch_size),
-        num_clients=num_clients))
+        num_clients=int(data.test_clients.num_examples.shape[0])))
 
   def evaluate(params, batch_stats) -> dict:
     if env.mesh is not None:

@@ -106,7 +106,7 @@ def run_seeds(config, seeds, workdir: str | None = None, *, log=print) -> dict:
   state_K = _stack(states)
   del states
   train_roots_K = jnp.stack([jax.random.key(c.seeds.training) for c in configs])
-  if config.model.get("norm", "none") == "batch_static":  # batch statistics: clients apart
+  if not build.evaluates_per_example(config):  # static BN: each client's own batches
     central = jax.jit(jax.vmap(federated.make_evaluate(apply_fn, batch_size=config.eval_batch_size),
                                in_axes=(0, 0, None, None)))
     per_client = jax.jit(jax.vmap(

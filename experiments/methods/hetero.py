@@ -345,10 +345,8 @@ def build(config, env: runtime.Env) -> runtime.Run:
                 eval_apply=wrap(make_raw("lax")),
                 test=hetero_lib.LevelTest(
                     data.test_x, data.test_y, data.test_clients, config.eval_batch_size,
-                    # Without static BN each example is evaluated on its own: the local
-                    # sums come from the global pass (`LevelTest.client_ids`).
-                    client_ids=(None if config.model.get("norm", "none") == "batch_static"
-                                else data.test_client_ids)),
+                    client_ids=(data.test_client_ids if build_lib.evaluates_per_example(config)
+                                else None)),
                 client_caps=client_caps, capacities=caps, sweep=tuple(float(x) for x in h.sweep),
                 sweep_every=h.sweep_every, num_rounds=config.rounds)
   if config.method == "fiarse":
