@@ -74,6 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # the cost weights λ_g barely mattered, and its state restarted every round (each
       # round's first step was lr * sign(g)). The rate is a placeholder until the γ sweep.
       theta_optimizer="sgd", theta_learning_rate=0.1,
+      # The weights' learning rate over rounds: 'none' (constant) or 'cosine' (to 0 at the
+      # last round; a round's optimizer restarts, so the decay is applied per round).
+      weight_lr_decay="none",
       theta_init=0.9,
       unit_estimator="straight_through", layer_estimator="straight_through", per_example=False,
       prune_threshold=0.05, one_epsilon=0.02, final_threshold=0.5, rho=0.0,
@@ -83,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       persist_theta_optimizer=False,   # keep the θ optimizer's state (Adam) across rounds
       recalibrate_after_rebuild=False,  # BN statistics re-estimated at every rebuild
       recalibration_steps=100,          # forward passes per BN recalibration
+      recalibration_augment=False,      # recalibrate on augmented inputs (as trained)
       finetune_steps=0, finetune_learning_rate=0.01,  # fine-tune of the finalised network
       augment=False))                   # random crop + flip of the training batches
   if mode == "centralised":

@@ -62,6 +62,9 @@ from fedjax_prune.pruning import cavp as cavp_lib
 
 MODES = ("centralised", "federated")
 THETA_OPTIMIZERS = ("sgd", "adam")
+# The weights' learning rate across rounds: constant, or a cosine decay from the configured
+# rate to 0 over config.rounds (the fine-tune keeps its own rate).
+WEIGHT_LR_DECAYS = ("none", "cosine")
 
 
 def validate(config) -> None:
@@ -73,9 +76,15 @@ def validate(config) -> None:
   build_lib._float_in(config, "cavp.beta", 0.0, 1.0)
   build_lib._choice(config, "cavp.theta_optimizer", THETA_OPTIMIZERS)
   build_lib._float_in(config, "cavp.theta_learning_rate", 0.0)  # 0: θ frozen (dense baseline)
-  for field in ("persist_theta_optimizer", "recalibrate_after_rebuild", "augment"):
+  build_lib._choice(config, "cavp.weight_lr_decay", WEIGHT_LR_DECAYS)
+  for field in ("persist_theta_optimizer", "recalibrate_after_rebuild", "augment",
+                "recalibration_augment"):
     value = build_lib._get(config, f"cavp.{field}")
     build_lib._require(isinstance(value, bool), f"cavp.{field}", value, "True or False")
+  if config.cavp.recalibration_augment and not config.cavp.augment:
+    raise build_lib.ConfigError("config.cavp.recalibration_augment=True is invalid with "
+                                "cavp.augment=False: allowed only with the augmentation it "
+                                "recalibrates on (cavp.augment=True)")
   build_lib._int_in(config, "cavp.recalibration_steps", 1)
   build_lib._int_in(config, "cavp.finetune_steps", 0)
   build_lib._float_in(config, "cavp.finetune_learning_rate", 0.0, lo_open=True)
@@ -101,7 +110,7 @@ def validate(config) -> None:
                             f"model {name!r}: allowed 'units' (layer gates need a ResNet or the "
                             "transformer: an LSTM layer has no residual path)")
   if name in build_lib.TEXT_MODELS:  # no BatchNorm to recalibrate, no images to crop
-    for field in ("recalibrate_after_rebuild", "augment"):
+    for field in ("recalibrate_after_rebuild", "augment", "recalibration_augment"):
       if config.cavp[field]:
         raise build_lib.ConfigError(f"config.cavp.{field}=True is invalid for the text model "
                                     f"{name!r}: allowed False (it has no BatchNorm statistics / "
@@ -143,6 +152,15 @@ def _augment(x, key):
   return data_lib.compose(lambda x, k: data_lib.random_crop(x, k, 4), data_lib.random_flip)(x, key)
 
 
+def weight_lr_scale(config) -> optax.Schedule | None:
+  """The round schedule multiplying the weights' learning rate (`cavp.weight_lr_decay`):
+  None for 'none'; 'cosine' = optax's cosine decay from 1 at round 0 to 0 at
+  config.rounds (round r trains at lr * (1 + cos(pi r / rounds)) / 2)."""
+  if config.cavp.weight_lr_decay == "none":
+    return None
+  return optax.cosine_decay_schedule(1.0, decay_steps=config.rounds)
+
+
 def build(config, env: runtime.Env) -> runtime.Run:
   """The `pruning.cavp.cavp_method` of `config` (centralised: one pooled client)."""
   data, c = env.data, config.cavp
@@ -176,7 +194,9 @@ def build(config, env: runtime.Env) -> runtime.Run:
       recalibration_steps=c.recalibration_steps, fine_tune=fine_tune,
       finetune_data=data_lib.pool(data.train) if c.finetune_steps else None,
       train_transform=_augment if c.augment else None, log=env.log,
-      aggregator=build_lib.in_path_aggregator(config, data))  # privacy / compression, or None
+      aggregator=build_lib.in_path_aggregator(config, data),  # privacy / compression, or None
+      weight_lr_scale=weight_lr_scale(config),
+      recalibration_augment=c.recalibration_augment)
   summary = method.summary
   method = method._replace(summary=lambda state, last_eval: {
       "mode": c.mode, **summary(state, last_eval)})

@@ -621,8 +621,11 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
 
   Returns:
     `local_train(params, batch_stats, theta, alive, lam, baseline, data, key, *,
-    theta_opt_state=None) -> (LocalResult, LocalMetrics)`; the θ optimizer starts
-    from `theta_opt_state` (None: `theta_optimizer.init(theta)`).
+    theta_opt_state=None, weight_lr_scale=None) -> (LocalResult, LocalMetrics)`; the θ
+    optimizer starts from `theta_opt_state` (None: `theta_optimizer.init(theta)`);
+    `weight_lr_scale` ([] float or None = 1) multiplies every weight update (the
+    weight optimizer's learning rate times it, for SGD with or without momentum and
+    for Adam alike); θ's updates are not scaled.
   """
   estimator = lambda is_layer: options.layer_estimator if is_layer else options.unit_estimator
 
@@ -678,12 +681,14 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
       diffs[path] = losses[0] - losses[1]
     return jax.tree_util.tree_map_with_path(lambda p, t: diffs.get(p, jnp.zeros_like(t)), theta)
 
-  def client_init(inputs: CavpState):
+  def client_init(fixed):
+    inputs, _ = fixed
     t_opt = theta_optimizer.init(inputs.theta) if inputs.theta_opt is None else inputs.theta_opt
     return (inputs.params, inputs.batch_stats, inputs.theta, inputs.baseline,
             weight_optimizer.init(inputs.params), t_opt)
 
-  def client_step(inputs: CavpState, state, batch: StepInput):
+  def client_step(fixed, state, batch: StepInput):
+    inputs, weight_lr_scale = fixed
     params, stats, theta, baseline, w_opt, t_opt = state
     x, y, mask, alive = batch.x, batch.y, batch.mask, inputs.alive
     b = sample_gates(theta, alive, batch.key, batch_size=x.shape[0] if options.per_example else None)
@@ -694,15 +699,20 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
       g_t = jax.tree_util.tree_map_with_path(
           lambda p, g, e: e + g if _is_layer(p) else g, g_t, exact)
     g_t = jax.tree.map(lambda g, a: jnp.where(a, g, 0.0), g_t, alive)
-    params, w_opt = optimizer_step(weight_optimizer, g_w, w_opt, params)
+    if weight_lr_scale is None:
+      params, w_opt = optimizer_step(weight_optimizer, g_w, w_opt, params)
+    else:  # a round's learning-rate multiplier (`cavp(weight_lr_scale=...)`)
+      updates, w_opt = weight_optimizer.update(g_w, w_opt, params)
+      updates = jax.tree.map(lambda u: (u * weight_lr_scale).astype(u.dtype), updates)
+      params = optax.apply_updates(params, updates)
     theta, t_opt = optimizer_step(theta_optimizer, g_t, t_opt, theta)
     theta = project(theta, alive, options)
     baseline = jnp.where(jnp.isnan(baseline), loss,
                          options.baseline_decay * baseline + (1 - options.baseline_decay) * loss)
     return (params, new_stats, theta, baseline, w_opt, t_opt), loss_sum, correct
 
-  def client_final(inputs: CavpState, state, num_steps) -> LocalResult:
-    del inputs, num_steps
+  def client_final(fixed, state, num_steps) -> LocalResult:
+    del fixed, num_steps
     params, stats, theta, baseline, _, t_opt = state
     return LocalResult(params, stats, theta, baseline, t_opt)
 
@@ -710,12 +720,13 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
   variant = LocalVariant(client_init, client_step, client_final, step_keys=True)
 
   def local_train(params, batch_stats, theta, alive, lam, baseline, data: ClientData,
-                  key: PRNGKey, *, theta_opt_state: Any = None
+                  key: PRNGKey, *, theta_opt_state: Any = None,
+                  weight_lr_scale: Optional[jax.Array] = None
                   ) -> tuple[LocalResult, LocalMetrics]:
     # The server state's fields are the loop's fixed inputs (round_idx unused: no leaf).
     inputs = CavpState(params, batch_stats, theta, alive, lam, baseline, round_idx=None,
                        theta_opt=theta_opt_state)
-    return run_local(variant, inputs, data, key, schedule, train_transform)
+    return run_local(variant, (inputs, weight_lr_scale), data, key, schedule, train_transform)
 
   return local_train
 
@@ -753,7 +764,8 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
          train_transform: Optional[Callable] = None,
          uniform_weights: bool = False, spec=None, weights: Optional[CostWeights] = None,
          reference: Optional[tuple[int, int]] = None,
-         aggregator: Optional[federated.Aggregator] = None) -> FedAlgorithm:
+         aggregator: Optional[federated.Aggregator] = None,
+         weight_lr_scale: Optional[optax.Schedule] = None) -> FedAlgorithm:
   """Complexity-aware variational unit/layer pruning as a `FedAlgorithm`.
 
   Centralised (the paper): a dataset with ONE client holding all the data and
@@ -783,6 +795,11 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
       the statistics and the baseline keep their example-weighted means. Its state (the
       adaptive clip norm, the error-feedback memory) is `CavpState.aggregator`: part of
       the checkpoints, sliced at a rebuild (`rebuild`).
+    weight_lr_scale: optional schedule over rounds, `round_idx [] int32 -> [] float`,
+      multiplying the weights' updates in every step of round `round_idx` (the state's
+      completed rounds): a learning-rate decay across rounds although each round starts
+      a fresh weight optimizer, e.g. `optax.cosine_decay_schedule(1.0, num_rounds)`.
+      θ's learning rate is not scaled. None: no scaling (bit-identical to a schedule of 1).
 
   Returns:
     FedAlgorithm with `init(params, key, batch_stats=None, *, theta=None, lam=None,
@@ -832,7 +849,10 @@ def cavp(apply_fn: Callable, weight_optimizer: optax.GradientTransformation,
                     key: PRNGKey) -> ClientOutput:
     local, metrics = local_train(state.params, state.batch_stats, state.theta, state.alive,
                                  state.lam, state.baseline, data, key,
-                                 theta_opt_state=state.theta_opt if persist else None)
+                                 theta_opt_state=state.theta_opt if persist else None,
+                                 weight_lr_scale=(None if weight_lr_scale is None else
+                                                  jnp.asarray(weight_lr_scale(state.round_idx),
+                                                              jnp.float32)))
     weight = jnp.ones((), jnp.float32) if uniform_weights else info.num_examples.astype(jnp.float32)
     scale = lambda t: tree_lib.scale(t, weight)
     baseline = jnp.where(jnp.isnan(local.baseline), 0.0, local.baseline) * weight
@@ -1095,7 +1115,8 @@ def finalize(spec, state: CavpState, options: Options = Options()
 
 def recalibrate_batch_stats(apply_fn: Callable, params: Params, batch_stats: BatchStats,
                             x: jax.Array, *, gates: Optional[Gates] = None, batch_size: int = 256,
-                            num_steps: int = 100) -> BatchStats:
+                            num_steps: int = 100, transform: Optional[Callable] = None,
+                            key: Optional[PRNGKey] = None) -> BatchStats:
   """BatchNorm running statistics re-estimated on inputs `x` [N, ...] (params unchanged).
 
   During training the statistics were collected with units on only with probability θ;
@@ -1111,6 +1132,10 @@ def recalibrate_batch_stats(apply_fn: Callable, params: Params, batch_stats: Bat
     gates: optional gate values (e.g. `deterministic_gates`); None = ungated.
     batch_size: examples per pass (<= N).
     num_steps: passes.
+    transform: optional per-pass augmentation `(x_batch, key) -> x_batch` (the training
+      transform: statistics of the inputs the network was trained on); pass i uses
+      `fold_in(key, i)`. None: the inputs as given.
+    key: the transform's key (required with `transform`).
 
   Returns:
     The recalibrated batch statistics ({} when the model has none).
@@ -1122,11 +1147,16 @@ def recalibrate_batch_stats(apply_fn: Callable, params: Params, batch_stats: Bat
   num_batches = x.shape[0] // size
   batches = x[:num_batches * size].reshape((num_batches, size) + x.shape[1:])
   extra = {} if gates is None else {"gates": gates}
+  if transform is not None and key is None:
+    raise ValueError("recalibrate_batch_stats(transform=...) needs key=")
 
   @jax.jit
   def run(stats):
     def step(stats, i):
-      return apply_fn(params, stats, batches[i % num_batches], train=True, **extra)[1], None
+      xb = batches[i % num_batches]
+      if transform is not None:
+        xb = transform(xb, jax.random.fold_in(key, i))
+      return apply_fn(params, stats, xb, train=True, **extra)[1], None
     return jax.lax.scan(step, stats, jnp.arange(num_steps))[0]
 
   return run(batch_stats)
@@ -1229,7 +1259,9 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
                 finetune_data: Optional[tuple[jax.Array, jax.Array]] = None,
                 train_transform: Optional[Callable] = None,
                 log: Callable[[str], None] = federated.no_log,
-                aggregator: Optional[federated.Aggregator] = None) -> federated.Method:
+                aggregator: Optional[federated.Aggregator] = None,
+                weight_lr_scale: Optional[optax.Schedule] = None,
+                recalibration_augment: bool = False) -> federated.Method:
   """Complexity-aware training end to end: the joint (W, theta) rounds, a physical rebuild
   without the pruned units/blocks every `rebuild_every` rounds, and the deterministic
   network (theta >= `options.final_threshold`) built and evaluated at the end.
@@ -1253,6 +1285,9 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
       not it removed something), for the deterministic network the evaluation runs
       (θ >= final_threshold on); the next round trains from them.
     recalibration_steps: forward passes of each recalibration (`recalibrate_batch_stats`).
+    recalibration_augment: recalibrate on `train_transform`ed inputs (the distribution the
+      statistics were trained on) instead of the raw `recalibration_x`; the
+      recalibration after round r draws from `fold_in(fold_in(key, num_rounds + 1), r)`.
     fine_tune: an optional fine-tune of the finalised network (`FineTune`, `finetune`)
       on `finetune_data` = (x [N, ...], y [N]) before its final recalibration and
       evaluation (the summary keeps `eval_before_finetune` and `finetune_steps`); its
@@ -1261,6 +1296,9 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
     log: receives one line per rebuild that removes something.
     aggregator: `cavp`'s (robust, DP, compressed aggregation of the weights; its state is
       part of the server state: checkpointed, sliced at every rebuild).
+    weight_lr_scale: `cavp`'s round schedule of the weights' learning rate (e.g.
+      `optax.cosine_decay_schedule(1.0, num_rounds)`); the round index carries across
+      rebuilds; the fine-tune keeps its own learning rate.
 
   Raises:
     ValueError: recalibrate_after_rebuild without recalibration_x, a fine-tune without
@@ -1281,13 +1319,22 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
     raise ValueError(f"recalibration_steps must be an integer >= 1, got {recalibration_steps!r}")
   reference = (accounting.flops(spec), accounting.param_count(spec))
   original_spec = spec
-  recalibrate = lambda apply_fn, params, stats, **kw: recalibrate_batch_stats(
-      apply_fn, params, stats, recalibration_x, num_steps=recalibration_steps, **kw)
+  if recalibration_augment and train_transform is None:
+    raise ValueError("recalibration_augment=True needs train_transform (the augmentation)")
+
+  def recalibrate(apply_fn, params, stats, *, round_idx, **kw):
+    """The BN recalibration at the end of round `round_idx` (num_rounds: the final one)."""
+    extra = {}
+    if recalibration_augment:
+      extra = dict(transform=train_transform,
+                   key=jax.random.fold_in(jax.random.fold_in(key, num_rounds + 1), round_idx))
+    return recalibrate_batch_stats(apply_fn, params, stats, recalibration_x,
+                                   num_steps=recalibration_steps, **extra, **kw)
 
   def algorithm(spec):
     return cavp(model.apply_for(spec), weight_optimizer, theta_optimizer, schedule, options,
                 train_transform=train_transform, spec=spec, weights=weights, reference=reference,
-                aggregator=aggregator)
+                aggregator=aggregator, weight_lr_scale=weight_lr_scale)
 
   def init():
     server = algorithm(spec).init(params, key, batch_stats)
@@ -1302,7 +1349,8 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
     if recalibrate_after_rebuild:  # the statistics of the network the evaluation runs
       gates = deterministic_gates(server.theta, server.alive, options.final_threshold)
       server = server._replace(batch_stats=recalibrate(
-          model.apply_for(new_spec), server.params, server.batch_stats, gates=gates))
+          model.apply_for(new_spec), server.params, server.batch_stats, gates=gates,
+          round_idx=round_idx + 1))
     state = state._replace(server=server)
     if new_spec == state.spec:
       return state
@@ -1351,7 +1399,7 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
     recalibrated = {}
     if recalibration_x is not None:  # BN statistics of the deterministic network
       recalibrated = {"eval_before_bn_recalibration": evaluate(final_params, final_stats)}
-      final_stats = recalibrate(final_apply, final_params, final_stats)
+      final_stats = recalibrate(final_apply, final_params, final_stats, round_idx=num_rounds)
     if fine_tune.num_steps:
       recalibrated.update(eval_before_finetune=evaluate(final_params, final_stats),
                           finetune_steps=int(fine_tune.num_steps))
@@ -1359,7 +1407,8 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
           final_apply, final_params, final_stats, *finetune_data,
           jax.random.fold_in(key, num_rounds), fine_tune, train_transform=train_transform)
       if recalibration_x is not None:  # the fine-tune moved the weights
-        final_stats = recalibrate(final_apply, final_params, final_stats)
+        final_stats = recalibrate(final_apply, final_params, final_stats,
+                                  round_idx=num_rounds + 1)
     final_eval = evaluate(final_params, final_stats)
     count, final_flops = accounting.param_count(final_spec), accounting.flops(final_spec)
     return {

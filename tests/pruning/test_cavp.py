@@ -211,6 +211,58 @@ def test_server_prunes_and_rebuild_shrinks(key):
   assert new_state.theta["stage2_block1"]["unit"].shape == (2,)
 
 
+def _lr_task(key):
+  spec = models.ConvNetSpec(input_shape=(4, 4, 1), num_classes=3, head="gap", norm="none",
+                            convs=(models.ConvSpec(features=3),))
+  apply_fn, params, stats = models.build(spec, key)
+  x = jax.random.normal(key, (2, 8, 4, 4, 1))
+  y = jax.random.randint(jax.random.fold_in(key, 1), (2, 8), 0, 3)
+  return spec, apply_fn, params, stats, data_lib.ClientData(x, y, jnp.array([8, 8], jnp.int32))
+
+
+def test_weight_lr_scale_is_the_round_learning_rate(key):
+  """`weight_lr_scale(round_idx)` multiplies the weights' learning rate of that round only.
+  With a schedule of 1 in round 1 and 0.25 in round 2: round 1 is bit-identical to no
+  schedule, and round 2 equals a round of SGD at a quarter of the rate from the same state
+  (a schedule read at the wrong round, or not applied, fails one of the two)."""
+  spec, apply_fn, params, stats, data = _lr_task(key)
+  cohort = federated.make_cohort([0, 1])
+
+  def round_fn(lr, schedule):
+    alg = cavp.cavp(apply_fn, optax.sgd(lr), optax.sgd(0.1),
+                    federated.LocalSchedule(batch_size=4, num_steps=2), spec=spec,
+                    weights=cavp.CostWeights(gamma=0.1), weight_lr_scale=schedule)
+    return alg, jax.jit(federated.make_round(alg))
+
+  plain_alg, plain = round_fn(0.2, None)
+  _, scheduled = round_fn(0.2, lambda r: jnp.where(r == 0, 1.0, 0.25))
+  _, quarter_rate = round_fn(0.05, None)
+  keys = jax.random.fold_in(key, 2), jax.random.fold_in(key, 3)
+  state = plain_alg.init(params, key, stats)
+  first, _ = scheduled(state, data, cohort, keys[0])
+  jax.tree.map(np.testing.assert_array_equal, first.params,
+               plain(state, data, cohort, keys[0])[0].params)
+  second, _ = scheduled(first, data, cohort, keys[1])
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6),
+               second.params, quarter_rate(first, data, cohort, keys[1])[0].params)
+  full_rate = plain(first, data, cohort, keys[1])[0]
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(second.params), jax.tree.leaves(full_rate.params))) > 1e-4
+
+
+def test_driver_cosine_weight_lr_decay_is_optax_cosine_over_the_rounds():
+  """`cavp.weight_lr_decay='cosine'`: round r's multiplier is (1 + cos(pi r / rounds)) / 2."""
+  from experiments.methods import cavp as driver
+  c = tiny_driver_config("centralised")
+  assert driver.weight_lr_scale(c) is None  # the default: constant
+  c.cavp.weight_lr_decay = "cosine"
+  c.rounds = 8
+  schedule = driver.weight_lr_scale(c)
+  got = [float(schedule(jnp.int32(r))) for r in range(8)]
+  np.testing.assert_allclose(got, [(1 + np.cos(np.pi * r / 8)) / 2 for r in range(8)],
+                             atol=1e-6)  # float32
+
+
 def test_rebuild_slices_a_persistent_theta_optimizer_state(key):
   """The θ optimizer's θ-shaped moments follow θ through a rebuild (units sliced, a dropped
   block's entries removed and the later blocks renamed); its step count is kept."""
@@ -567,7 +619,8 @@ def test_driver_rejects_bad_config():
   with pytest.raises(build.ConfigError, match="cavp.beta=1.5 is invalid"):
     driver.validate(c)
   for field, value in (("finetune_steps", -1), ("recalibration_steps", 0),
-                       ("theta_learning_rate", -0.1), ("finetune_learning_rate", 0.0)):
+                       ("theta_learning_rate", -0.1), ("finetune_learning_rate", 0.0),
+                       ("weight_lr_decay", "step")):
     c = tiny_driver_config("federated")
     c.cavp[field] = value
     with pytest.raises(build.ConfigError, match=f"cavp.{field}={value!r} is invalid"):
@@ -575,6 +628,11 @@ def test_driver_rejects_bad_config():
   c = tiny_driver_config("federated")
   c.model.name = "vgg11"
   with pytest.raises(build.ConfigError, match="layer gates need a ResNet"):
+    driver.validate(c)
+  c = tiny_driver_config("federated")
+  c.cavp.augment, c.cavp.recalibration_augment = False, True
+  with pytest.raises(build.ConfigError, match="recalibration_augment=True is invalid with "
+                     "cavp.augment=False"):
     driver.validate(c)
 
 

@@ -87,6 +87,33 @@ def test_bn_recalibration_gives_the_statistics_of_the_network_it_runs():
   assert cavp.recalibrate_batch_stats(apply_fn, params, {}, x) == {}
 
 
+def test_bn_recalibration_on_transformed_inputs_gives_their_statistics():
+  """`recalibrate_batch_stats(transform=...)` re-estimates the statistics of the transformed
+  inputs (what the network was trained on): with x -> 3 x - 1 + noise(key) the running mean
+  becomes 3 mean(x) - 1, and the transform sees a different key in each pass."""
+  spec = models.ConvNetSpec(input_shape=(1, 1, 3), num_classes=2, head="gap", norm="batch_running",
+                            convs=(models.ConvSpec(features=3, kernel=(1, 1), norm=True, bias=False),))
+  apply_fn, params, stats = models.build(spec, jax.random.key(0))
+  params["conv_0"]["kernel"] = jnp.eye(3).reshape(1, 1, 3, 3)
+  x = 2.0 + jax.random.normal(jax.random.key(1), (512, 1, 1, 3))
+  transform = lambda xb, k: 3.0 * xb - 1.0 + 0.01 * jax.random.normal(k, xb.shape)
+  new = cavp.recalibrate_batch_stats(apply_fn, params, stats, x, batch_size=512, num_steps=150,
+                                     transform=transform, key=jax.random.key(2))
+  flat = np.asarray(x).reshape(-1, 3)
+  np.testing.assert_allclose(new["bn_0"]["mean"], 3 * flat.mean(0) - 1, rtol=2e-3)
+  np.testing.assert_allclose(new["bn_0"]["var"], 9 * flat.var(0), rtol=1e-2)
+  same_key = lambda xb, k: xb + jax.random.normal(k, xb.shape)
+  one = cavp.recalibrate_batch_stats(apply_fn, params, stats, x, batch_size=512, num_steps=2,
+                                     transform=same_key, key=jax.random.key(3))
+  # Pass 2 with pass 1's key would give the same batch: its EMA would differ from this.
+  fixed = lambda xb, k: same_key(xb, jax.random.fold_in(jax.random.key(3), 0))
+  two = cavp.recalibrate_batch_stats(apply_fn, params, stats, x, batch_size=512, num_steps=2,
+                                     transform=fixed, key=jax.random.key(3))
+  assert not np.allclose(one["bn_0"]["var"], two["bn_0"]["var"])
+  with pytest.raises(ValueError, match="needs key="):
+    cavp.recalibrate_batch_stats(apply_fn, params, stats, x, transform=transform)
+
+
 def _recording(inner, capacity):
   """`inner` whose state also records each step's θ-gradient and the θ it was taken at
   (buffers [capacity, *gate shape]), so that a test can replay the steps."""
