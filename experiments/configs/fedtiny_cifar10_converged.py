@@ -35,12 +35,13 @@ globally.
 Grid (`sweep`): dense seeds 0-2 first (REPRODUCE.md: dense must be shown converged first),
 then seed 0 of every method x density {0.01, 0.05, 0.1}, then seeds 1 and 2, so an
 interrupted sweep leaves a whole 1-seed table first. 57 runs.
-Cost on a 2-core CPU shared with other jobs: a dense round ~3.5-4 s (rounds 2 / 3 of a
-3-round dense run: 3.4 / 3.8 s at load average 4-6, 3.6 / 4.2 s at 6-8; 20-24 s before the
-first round ends: strategy timing and compilation), so ~10 minutes a run with evaluation
-and ABNS; the 57 runs ~9-10 h (REPRODUCE.md budgets ~8 h: the seed-major order gives the
-whole 1-seed table after ~3.5 h). Expected result: not yet measured
-(docs/results/fedtiny.md).
+Clients run sharded over the two cores (one CPU device per core, 5 clients each:
+'sequential+tapgrad+sharded'). Measured 2026-12-07 on a quiet 2-core Intel Xeon (other jobs
+paused; 5-round dense runs, rounds 2-5): 1.45-1.62 s a dense round sharded vs 1.83-2.17 s
+unsharded (1.35x); FedTiny and the five baselines all run sharded (13-round smoke runs,
+25-36 s each). So ~4-6 minutes a 150-round run with evaluation and ABNS, the 57 runs ~5 h.
+(Earlier, on a machine shared with other jobs, unsharded: 3.4-4.2 s a round.) Expected
+result: not yet measured (docs/results/fedtiny.md).
 """
 from experiments.configs import fedtiny_cifar10
 
@@ -57,6 +58,8 @@ def get_config(arg: str | None = None):
   c.sparse.density = 0.05
   c.rounds = 150
   c.clients_per_round = 10
+  c.shard_clients = True  # 1.35x a round on 2 cores (docstring)
+  c.strategy = "sequential+tapgrad+sharded"
   c.client.num_epochs = 1
   c.client.num_steps = 0  # one epoch of each client's data
   c.client.batch_size = 32
