@@ -1301,8 +1301,9 @@ def cavp_method(*, spec, params: Params, batch_stats: BatchStats, key: PRNGKey,
       rebuilds; the fine-tune keeps its own learning rate.
 
   Raises:
-    ValueError: recalibrate_after_rebuild without recalibration_x, a fine-tune without
-      finetune_data, or a bad `fine_tune`/`recalibration_steps`.
+    ValueError: recalibrate_after_rebuild without recalibration_x, recalibration_augment
+      without train_transform, a fine-tune without finetune_data, or a bad
+      `fine_tune`/`recalibration_steps`.
 
   Returns:
     The `Method`. Records: the current model's `params` and `flops`; evaluation uses the
