@@ -11,7 +11,9 @@ largest over the group's runs), params and FLOPs (mean), the cumulative
 communication ratio against dense when the method records it, optionally the mean of each
 run's evaluations from a round on (`--plateau_from`: where one evaluation of a
 client-sampled run moves by about a point, the plateau's mean compares methods, not noise),
-and the mean test accuracy at the chosen rounds (the curve). A group is named by the config fields that set it apart from
+the mean ± std of any numeric `summary.json` fields (`--summary`: the costs a method records,
+e.g. `client_training_flops_per_round`), and the mean test accuracy at the chosen rounds (the
+curve). A group is named by the config fields that set it apart from
 the other groups (read from each run's `config.json`, so hashed run names do not matter).
 """
 from __future__ import annotations
@@ -89,9 +91,17 @@ def _mean_std(values: list[float]) -> tuple[float, float] | None:
 
 
 def summarise_group(workdirs: list[str], rounds_at: list[int],
-                    plateau_from: int | None = None) -> dict:
+                    plateau_from: int | None = None,
+                    summary_fields: tuple[str, ...] = ()) -> dict:
   """One group's row: finished/running counts, accuracy mean ± std, tail, size, curve and,
-  with `plateau_from`, the mean ± std over finished runs of `plateau_mean`."""
+  with `plateau_from`, the mean ± std over finished runs of `plateau_mean`; with
+  `summary_fields`, the mean ± std over finished runs of each field of `summary.json` (None
+  where no run of the group records it: a method without that cost).
+
+  Raises:
+    ValueError: some but not all finished runs of the group record a field (the column would
+      average over other runs than the accuracy), or a field is not a number.
+  """
   runs = [plot.load_run(w) for w in workdirs]
   done = [r for r in runs if r["summary"]]
   running = [r for r in runs if not r["summary"]]
@@ -101,6 +111,19 @@ def summarise_group(workdirs: list[str], rounds_at: list[int],
   ratios = [float(r["summary"]["communication_ratio"]) for r in done
             if r["summary"].get("communication_ratio") is not None]
   curves = [accuracy_curve(r) for r in done]
+  summary_values = {}
+  for field in summary_fields:
+    have = [r for r in done if field in r["summary"]]
+    if have and len(have) < len(done):
+      missing = sorted(r["name"] for r in done if field not in r["summary"])
+      raise ValueError(f"summary.json field {field!r} is missing from runs {missing} but "
+                       f"present in others of their group")
+    for r in have:
+      value = r["summary"][field]
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"run {r['name']!r}: summary.json field {field!r} is {value!r}, "
+                         f"not a number")
+    summary_values[field] = _mean_std([float(r["summary"][field]) for r in have])
   return {
       "finished": len(done),
       "running": [(r["name"], r["records"][-1]["round"] if r["records"] else 0) for r in running],
@@ -114,6 +137,7 @@ def summarise_group(workdirs: list[str], rounds_at: list[int],
       "curve": {t: _mean_std([c[t] for c in curves if t in c]) for t in rounds_at},
       "plateau": None if plateau_from is None else _mean_std(
           [m for c in curves if (m := plateau_mean(c, plateau_from)) is not None]),
+      "summary": summary_values,
   }
 
 
@@ -128,12 +152,20 @@ def _fmt_num(ms, digits: int = 0) -> str:
   return "–" if ms is None else f"{ms[0]:,.{digits}f}"
 
 
+def _fmt_field(ms) -> str:
+  """A summary field's mean ± std in 4 significant digits (costs span 1e3 … 1e12)."""
+  if ms is None:
+    return "–"
+  mean, std = ms
+  return f"{mean:.4g}" if math.isnan(std) else f"{mean:.4g} ± {std:.2g}"
+
+
 def markdown(rows: list[tuple[str, dict]], rounds_at: list[int],
-             plateau_from: int | None = None) -> str:
+             plateau_from: int | None = None, summary_fields: tuple[str, ...] = ()) -> str:
   """The groups as a markdown table (accuracy as mean ± sample std over finished runs)."""
   head = ["group", "finished", "test accuracy", "last-20 % gain", "params", "FLOPs",
           "comm. ratio"] + ([f"mean of evals ≥{plateau_from}"] if plateau_from is not None
-                            else []) + [f"@{t}" for t in rounds_at]
+                            else []) + list(summary_fields) + [f"@{t}" for t in rounds_at]
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
   for label, row in rows:
     finished = str(row["finished"]) + "".join(f" (+{name[:24]}… at {r})" if len(name) > 24
@@ -144,16 +176,18 @@ def markdown(rows: list[tuple[str, dict]], rounds_at: list[int],
              _fmt_num(row["flops"]), _fmt_num(row["communication_ratio"], 2)]
     if plateau_from is not None:
       cells.append(_fmt_acc(row["plateau"]))
+    cells += [_fmt_field(row["summary"].get(f)) for f in summary_fields]
     cells += [_fmt_acc(row["curve"][t]) for t in rounds_at]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def report(paths: list[str], rounds_at: list[int], plateau_from: int | None = None) -> str:
+def report(paths: list[str], rounds_at: list[int], plateau_from: int | None = None,
+           summary_fields: tuple[str, ...] = ()) -> str:
   workdirs = plot.find_runs(paths)
-  rows = [(label, summarise_group(members, rounds_at, plateau_from))
+  rows = [(label, summarise_group(members, rounds_at, plateau_from, summary_fields))
           for label, members in group_runs(workdirs)]
-  return markdown(rows, rounds_at, plateau_from)
+  return markdown(rows, rounds_at, plateau_from, summary_fields)
 
 
 def main(argv=None) -> None:
@@ -162,6 +196,9 @@ def main(argv=None) -> None:
   parser.add_argument("--rounds", default="", help="comma-separated rounds for the curve columns")
   parser.add_argument("--plateau_from", type=int, default=None,
                       help="add a column: the mean of each run's evaluations from this round on")
+  parser.add_argument("--summary", default="",
+                      help="comma-separated summary.json fields to add as columns (mean ± std "
+                           "over finished runs), e.g. client_training_flops_per_round")
   parser.add_argument("--out", default=None, help="also write the table to this file")
   args = parser.parse_args(argv)
   if args.plateau_from is not None and args.plateau_from < 1:
@@ -171,7 +208,8 @@ def main(argv=None) -> None:
   except ValueError:
     parser.error(f"--rounds must be comma-separated integers, got {args.rounds!r}")
   try:
-    table = report(args.paths, rounds_at, args.plateau_from)
+    table = report(args.paths, rounds_at, args.plateau_from,
+                   tuple(f.strip() for f in args.summary.split(",") if f.strip()))
   except (FileNotFoundError, ValueError) as e:
     parser.exit(2, f"error: {e}\n")
   print(table)

@@ -81,3 +81,37 @@ def test_main_refuses_a_directory_without_runs(tmp_path, capsys):
   with pytest.raises(SystemExit):
     report.main([str(tmp_path), "--rounds", "1,x"])
   assert "--rounds must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_summary_columns_average_summary_fields_and_refuse_partial_or_non_numeric(tmp_path):
+  root = str(tmp_path)
+  a0 = _run(root, "a0", k=2.2, seed=0, accs=[0.5, 0.6])
+  a1 = _run(root, "a1", k=2.2, seed=1, accs=[0.5, 0.7])
+  _run(root, "b0", k=1.5, seed=0, accs=[0.5, 0.4])  # records no cost: "–"
+  for path, cost in ((a0, 1e9), (a1, 3e9)):
+    summary_path = os.path.join(path, "summary.json")
+    with open(summary_path) as f:
+      summary = json.load(f)
+    summary["client_training_flops_per_round"] = cost
+    with open(summary_path, "w") as f:
+      json.dump(summary, f)
+  groups = report.group_runs(report.plot.find_runs([root]))
+  mean, std = report.summarise_group(groups[0][1], [], summary_fields=(
+      "client_training_flops_per_round",))["summary"]["client_training_flops_per_round"]
+  assert mean == pytest.approx(2e9) and std == pytest.approx(math.sqrt(2) * 1e9)
+  table = report.report([root], [], summary_fields=("client_training_flops_per_round",))
+  assert "| comm. ratio | client_training_flops_per_round |" in table
+  assert "| 2e+09 ± 1.4e+09 |" in table and "| 0.400 | – | 100 | 1,000 | – | – |" in table
+  with open(os.path.join(a1, "summary.json")) as f:
+    summary = json.load(f)
+  del summary["client_training_flops_per_round"]
+  with open(os.path.join(a1, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  with pytest.raises(ValueError, match=r"missing from runs \['a1'\]"):
+    report.report([root], [], summary_fields=("client_training_flops_per_round",))
+  summary["method"] = "x"
+  for path in (a0, a1):
+    with open(os.path.join(path, "summary.json"), "w") as f:
+      json.dump(summary, f)
+  with pytest.raises(ValueError, match="'method' is 'x', not a number"):
+    report.report([root], [], summary_fields=("method",))
