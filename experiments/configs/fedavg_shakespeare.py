@@ -50,8 +50,10 @@ Execution (measured 2026-12-07, quiet 2-core Intel Xeon, other jobs paused, roun
 4-round runs; identical losses): the LSTM's clients sharded over the two cores, 5 each
 ('sequential+lax+sharded'), 9.5-11.6 s a round vs 15.5-19.7 s unsharded ('sequential+lax'):
 1.7x, since a batch-10 LSTM step is too small to spread over two cores. The transformer
-gains less: 12.2-15.4 s sharded vs 12.4-16.3 s unsharded ('vmap+lax+sharded' 18 s). So
-every full-size run here names 'sequential+lax+sharded' (no calibration at the start).
+gains less: 12.2-15.4 s sharded vs 12.4-16.3 s unsharded, 13.2-13.6 s 'vmap+lax' unsharded
+(18 s sharded); within 5 %, so every full-size run here names 'sequential+lax+sharded' (no
+calibration at the start; the grouped width methods need a sequential strategy).
+Engine benchmark rows: docs/results/text.md.
 Expected: a plateau near 0.45-0.5 test accuracy (not yet run; LEAF's curves and the
 ~57 % above are for more local steps per round) should take several hundred rounds at 26
 local steps per client and round (a round is a small fraction of an epoch over the

@@ -432,9 +432,16 @@ def run_local(variant: LocalVariant, inputs: Any, data: ClientData, key: PRNGKey
 
 
 def optimizer_step(optimizer: optax.GradientTransformation, grads: PyTree, opt_state: Any,
-                   params: PyTree) -> tuple[PyTree, Any]:
-  """(params, opt_state) after one `optimizer` step on `grads`."""
+                   params: PyTree, scale: jax.Array | None = None) -> tuple[PyTree, Any]:
+  """(params, opt_state) after one `optimizer` step on `grads`.
+
+  `scale` ([] float, optional) multiplies the updates: a learning-rate multiplier set from
+  outside the optimizer (e.g. a schedule over rounds while the optimizer restarts every
+  round); its state is advanced as without it.
+  """
   updates, opt_state = optimizer.update(grads, opt_state, params)
+  if scale is not None:
+    updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
   return optax.apply_updates(params, updates), opt_state
 
 

@@ -699,12 +699,8 @@ def make_local_train(apply_fn: Callable, weight_optimizer: optax.GradientTransfo
       g_t = jax.tree_util.tree_map_with_path(
           lambda p, g, e: e + g if _is_layer(p) else g, g_t, exact)
     g_t = jax.tree.map(lambda g, a: jnp.where(a, g, 0.0), g_t, alive)
-    if weight_lr_scale is None:
-      params, w_opt = optimizer_step(weight_optimizer, g_w, w_opt, params)
-    else:  # a round's learning-rate multiplier (`cavp(weight_lr_scale=...)`)
-      updates, w_opt = weight_optimizer.update(g_w, w_opt, params)
-      updates = jax.tree.map(lambda u: (u * weight_lr_scale).astype(u.dtype), updates)
-      params = optax.apply_updates(params, updates)
+    # weight_lr_scale: the round's learning-rate multiplier (`cavp(weight_lr_scale=...)`)
+    params, w_opt = optimizer_step(weight_optimizer, g_w, w_opt, params, weight_lr_scale)
     theta, t_opt = optimizer_step(theta_optimizer, g_t, t_opt, theta)
     theta = project(theta, alive, options)
     baseline = jnp.where(jnp.isnan(baseline), loss,
