@@ -238,3 +238,27 @@ def test_vectorised_seeds_equal_separate_runs(tmp_path, seed_list):
   assert result["std"]["test_accuracy"] == pytest.approx(np.std(accs, ddof=1))
   with open(tmp_path / "vec" / "seeds_summary.json") as f:
     assert json.load(f)["per_seed"] == result["per_seed"]
+
+
+def test_converged_sweeps_script_lists_every_sweep_and_refuses_unknown_names():
+  """experiments/converged_sweeps.sh: every sweep it names loads (config file and arg) and
+  expands to distinct runs; the counts it lists are the sweeps' own; a typo is refused."""
+  import subprocess
+  import sys
+  env = {**os.environ, "PYTHON": sys.executable}
+  script = os.path.join("experiments", "converged_sweeps.sh")
+  listing = subprocess.run(["bash", script, "--list"], capture_output=True, text=True, env=env,
+                           check=True).stdout.splitlines()
+  rows = {line.split()[0]: line.split()[1:] for line in listing[1:]}
+  assert list(rows)[:3] == ["fedtiny_cifar10_converged", "cavp_cifar10_centralised",
+                            "cavp_femnist_converged"]  # the brief's order: issues 24-26 first
+  for name, (config_spec, counts, *skipped) in rows.items():
+    path, _, arg = config_spec.partition(":")
+    module = __import__(f"experiments.configs.{os.path.basename(path)[:-3]}", fromlist=["x"])
+    runs = sweep.expand(module.get_config(arg or None), sweep.load_sweep_fn(path))
+    archived, total = map(int, counts.split("/"))
+    assert total == len(runs) == len({r.name for r in runs}) and 0 <= archived <= total, name
+  assert rows["robust_femnist"][2:] == ["(runs", "8:)"]
+  for bad in (["no_such_sweep"], ["--config.rounds=3"]):
+    result = subprocess.run(["bash", script, *bad], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and bad[0] in result.stderr

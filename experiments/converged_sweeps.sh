@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The converged CPU tables of docs/results/ as resumable sweeps, run one after another
+# (REPRODUCE.md §5: one heavy job at a time on the 2 cores), in the order the open issues
+# take them: the fidelity issues' sweeps (24-26) first, then robust/private/compressed FL
+# (28) and text (27).
+#
+#   bash experiments/converged_sweeps.sh              # every sweep in order; re-run to continue
+#   bash experiments/converged_sweeps.sh NAME ...     # only these, in the order given
+#   bash experiments/converged_sweeps.sh --list       # names, configs, archived / total runs
+#
+# Each sweep runs in workdir/NAME and keeps every finished run in docs/results/runs/NAME
+# (`experiments.sweep --archive`): a fresh checkout restores the archived runs and goes on
+# with the first unfinished one, an interrupted run resumes from its last checkpoint. Commit
+# the archive folders with the tables they feed. Extra `--config.x=y` arguments are not taken:
+# a table's runs must share one config (change the config file and say so in its docs).
+# Exit status: 0 when every named sweep finished, else the failing sweep's status (its log,
+# workdir/NAME.log, says which run and why).
+set -u
+cd "$(dirname "$0")/.."
+
+# NAME -> sweep config ('file.py' or 'file.py:arg'); ORDER is the run order.
+declare -A CONFIGS=(
+  [fedtiny_cifar10_converged]=experiments/configs/fedtiny_cifar10_converged.py
+  [cavp_cifar10_centralised]=experiments/configs/cavp_cifar10_centralised.py
+  [cavp_femnist_converged]=experiments/configs/cavp_femnist_converged.py
+  [fiarse_cifar10_converged]=experiments/configs/fiarse_cifar10_converged.py
+  [fiarse_femnist_converged]=experiments/configs/fiarse_femnist_converged.py
+  [robust_femnist]=experiments/configs/robust_femnist.py
+  [dp_femnist]=experiments/configs/dp_femnist.py
+  [compress_femnist]=experiments/configs/compress_femnist.py
+  [text_lstm_dense]=experiments/configs/fedavg_shakespeare.py
+  [text_tr_dense]=experiments/configs/fedavg_shakespeare.py:transformer
+  [text_tr_asp]=experiments/configs/fedavg_shakespeare.py:transformer,asp
+  [text_tr_fiarse]=experiments/configs/fedavg_shakespeare.py:fiarse
+  [text_tr_cavp]=experiments/configs/fedavg_shakespeare.py:cavp
+  [text_lstm_fedtiny]=experiments/configs/fedavg_shakespeare.py:fedtiny
+)
+ORDER=(fedtiny_cifar10_converged cavp_cifar10_centralised cavp_femnist_converged
+       fiarse_cifar10_converged fiarse_femnist_converged robust_femnist dp_femnist
+       compress_femnist text_lstm_dense text_tr_dense text_tr_asp text_tr_fiarse text_tr_cavp
+       text_lstm_fedtiny)
+# Runs to skip: the robust sweep's runs 1-7 finished before archiving existed, and their
+# numbers are quoted from their logs in docs/results/robust.md (re-making them: ~3 h).
+declare -A RUNS=([robust_femnist]=8:)
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+
+total_runs() {  # the number of runs `sweep(add)` of config file $1 lists
+  "$PYTHON" - "$1" <<'EOF'
+import importlib.util, sys
+path, _, arg = sys.argv[1].partition(":")
+spec = importlib.util.spec_from_file_location("sweep_config", path)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+runs = []
+module.sweep(lambda **overrides: runs.append(overrides))
+print(len(runs))
+EOF
+}
+
+if [ "${1:-}" = "--list" ]; then
+  printf '%-28s %-52s %s\n' NAME CONFIG "ARCHIVED/RUNS"
+  for name in "${ORDER[@]}"; do
+    config="${CONFIGS[$name]}"
+    archived=$(find "docs/results/runs/$name" -mindepth 2 -maxdepth 2 -name summary.json \
+               2>/dev/null | wc -l)
+    printf '%-28s %-52s %s/%s%s\n' "$name" "$config" "$archived" "$(total_runs "$config")" \
+        "${RUNS[$name]:+ (runs ${RUNS[$name]})}"
+  done
+  exit 0
+fi
+for arg in "$@"; do
+  case "$arg" in
+    -*) echo "unknown option '$arg' (config overrides are not taken: see the header)" >&2
+        exit 2;;
+  esac
+  if [ -z "${CONFIGS[$arg]:-}" ]; then
+    echo "unknown sweep '$arg'; known: ${ORDER[*]}" >&2
+    exit 2
+  fi
+done
+
+names=("$@")
+[ "${#names[@]}" -eq 0 ] && names=("${ORDER[@]}")
+mkdir -p workdir
+for name in "${names[@]}"; do
+  echo "== $name (${CONFIGS[$name]}): log workdir/$name.log"
+  runs=()
+  [ -n "${RUNS[$name]:-}" ] && runs=(--runs "${RUNS[$name]}")
+  "$PYTHON" -m experiments.sweep --config "${CONFIGS[$name]}" --workdir "workdir/$name" \
+      --archive "docs/results/runs/$name" "${runs[@]}" >> "workdir/$name.log" 2>&1
+  status=$?
+  if [ "$status" != 0 ]; then
+    echo "sweep $name failed (exit status $status): see workdir/$name.log" >&2
+    exit "$status"
+  fi
+done
