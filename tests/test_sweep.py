@@ -262,3 +262,21 @@ def test_converged_sweeps_script_lists_every_sweep_and_refuses_unknown_names():
   for bad in (["no_such_sweep"], ["--config.rounds=3"]):
     result = subprocess.run(["bash", script, *bad], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and bad[0] in result.stderr
+
+
+@pytest.mark.parametrize("module,seed0_runs", [("cavp_cifar10_centralised", 13),
+                                               ("cavp_femnist_converged", 5)])
+def test_cavp_sweeps_run_seeds_1_2_gated_only_at_a_chosen_gamma(module, seed0_runs, monkeypatch):
+  """Until CHOSEN_GAMMA is set from the seed-0 γ sweep, seeds 1 and 2 run dense only; once
+  set, they add the gated cells at that γ (and only there)."""
+  config_module = __import__(f"experiments.configs.{module}", fromlist=["x"])
+  assert config_module.CHOSEN_GAMMA is None
+
+  def later_seeds():
+    runs = sweep.expand(config_module.get_config(), config_module.sweep)
+    assert sum(r.config.seeds.init == 0 for r in runs) == seed0_runs
+    return [r.config for r in runs if r.config.seeds.init > 0]
+
+  assert [c.cavp.gamma for c in later_seeds()] == [0.0, 0.0]  # the dense cells
+  monkeypatch.setattr(config_module, "CHOSEN_GAMMA", 2.0)
+  assert {c.cavp.gamma for c in later_seeds()} == {0.0, 2.0}

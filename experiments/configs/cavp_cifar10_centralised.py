@@ -38,8 +38,9 @@ Grid (`sweep`), every cell from the same init weights per seed:
           augmentation, recalibration and records)
   units / layers / both   unit-only, layer-only and combined gates at γ in GAMMAS
 Seeds: the headline cells (dense and the three structures at CHOSEN_GAMMA) get seeds 0, 1, 2;
-the other γ one seed (REPRODUCE.md §5). CHOSEN_GAMMA is a placeholder: set it from the
-seed-0 γ sweep before spending the seeds 1 and 2 runs (rerunning the sweep then adds them).
+the other γ one seed (REPRODUCE.md §5). CHOSEN_GAMMA is None until it is set from the
+seed-0 γ sweep: until then seeds 1 and 2 run dense only, so an unattended sweep cannot
+spend their six gated runs on an unchosen γ (setting it and rerunning the sweep adds them).
 Every record carries the gate statistics (`units_binary_frac`, `layers_binary_frac`: the
 fraction of θ in {0, 1}; `units_alive`, `layers_alive`, `*_theta_mean`), params and FLOPs.
 
@@ -58,13 +59,13 @@ times less. Measured 2026-12-07 on a quiet 2-core Intel Xeon (other jobs paused;
 --config.eval_every=100 --config.cavp.gamma=1`): 17.3-17.6 s an epoch after the first (27.6 s
 with compilation), i.e. ~18-20 minutes a 60-epoch run, ~7 h for the 21. Runs: 13 (seed
 0: dense, 3 structures x 4 γ) + 2 x 4 (seeds 1, 2: dense and the 3 structures at
-CHOSEN_GAMMA) = 21.
+CHOSEN_GAMMA) = 21; 15 while CHOSEN_GAMMA is None.
 """
 from experiments.configs import cavp_cifar10
 
 EPOCHS = 60
 GAMMAS = (0.5, 1.0, 2.0, 4.0)
-CHOSEN_GAMMA = 1.0  # headline γ for 3 seeds; set from the seed-0 sweep
+CHOSEN_GAMMA = None  # headline γ for 3 seeds: one of GAMMAS, set from the seed-0 sweep
 DENSE = {"cavp.gamma": 0.0, "cavp.theta_init": 1.0, "cavp.theta_learning_rate": 0.0}
 
 

@@ -14,8 +14,8 @@ Grid (`sweep`), every cell from the same init weights per seed, at matched round
   dense   γ = 0, θ frozen at 1 (`theta_init=1`, `theta_learning_rate=0`): every gate stays
           on, i.e. dense FedAvg through the same driver (same init, data order and records)
   units   unit (filter) gates at γ in GAMMAS
-Seeds 0, 1, 2 for dense and for γ = CHOSEN_GAMMA (set it from the seed-0 γ sweep first),
-one seed for the other γ. The CNN has no residual block, so only unit gates apply here:
+Seeds 0, 1, 2 for dense and for γ = CHOSEN_GAMMA, one seed for the other γ; CHOSEN_GAMMA is
+None until it is set from the seed-0 γ sweep (until then seeds 1 and 2 run dense only). The CNN has no residual block, so only unit gates apply here:
 layer gates (and the unit+layer claim) need a ResNet (`cavp_cifar10_centralised.py`).
 Every record carries `units_binary_frac` (fraction of θ in {0, 1}), `units_alive`,
 `units_theta_mean`, params and FLOPs.
@@ -35,12 +35,12 @@ the gates; since 2026-12-06 the draw is jax.random's and the step ~1.05x FedAvg'
 ASP's, more than the step explained. Re-measured 2026-12-07 on a quiet 2-core Intel Xeon (other
 jobs paused; 6-round runs, `--config.rounds=6 --config.eval_every=100`, rounds 2-5): γ = 1
 units 4.4 s a round, the dense cell 5.1 s, i.e. ~30-35 minutes a 400-round run (evaluation
-every 10 rounds adds ~1 s each). Runs: 5 (seed 0: dense, 4 γ) + 2 x 2 (seeds 1, 2) = 9, ~5 h.
+every 10 rounds adds ~1 s each). Runs: 5 (seed 0: dense, 4 γ) + 2 x 2 (seeds 1, 2) = 9, ~5 h (7 while CHOSEN_GAMMA is None).
 """
 from experiments.configs import asp_femnist_cnn, cavp_cifar10
 
 GAMMAS = (0.5, 1.0, 2.0, 4.0)
-CHOSEN_GAMMA = 1.0  # headline γ for 3 seeds; set from the seed-0 sweep
+CHOSEN_GAMMA = None  # headline γ for 3 seeds: one of GAMMAS, set from the seed-0 sweep
 DENSE = {"cavp.gamma": 0.0, "cavp.theta_init": 1.0, "cavp.theta_learning_rate": 0.0}
 
 
