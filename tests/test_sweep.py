@@ -280,3 +280,16 @@ def test_cavp_sweeps_run_seeds_1_2_gated_only_at_a_chosen_gamma(module, seed0_ru
   assert [c.cavp.gamma for c in later_seeds()] == [0.0, 0.0]  # the dense cells
   monkeypatch.setattr(config_module, "CHOSEN_GAMMA", 2.0)
   assert {c.cavp.gamma for c in later_seeds()} == {0.0, 2.0}
+
+
+def test_fiarse_cifar_sweep_lists_method_rows_only_once_dense_converged(monkeypatch):
+  """The 800-round CIFAR sweep runs its 3 dense rows first and its 15 method rows only after
+  DENSE_CONVERGED is set (dense convergence at 800 rounds is still to be shown)."""
+  from experiments.configs import fiarse_cifar10_converged as module
+  assert module.DENSE_CONVERGED is False
+  runs = sweep.expand(module.get_config(), module.sweep)
+  assert [(r.config.method, r.config.hetero.capacities) for r in runs] == [("heterofl", (1.0,))] * 3
+  monkeypatch.setattr(module, "DENSE_CONVERGED", True)
+  runs = sweep.expand(module.get_config(), module.sweep)
+  assert len(runs) == 18 and [r.config.seeds.init for r in runs[:3]] == [0, 1, 2]
+  assert {r.config.method for r in runs[3:]} == {"fiarse", "heterofl", "fedrolex", "scalefl"}
