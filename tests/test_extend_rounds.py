@@ -228,10 +228,11 @@ def test_a_schedule_scaled_to_the_rounds_is_not_extendable(tmp_path):
 
 
 def test_a_driver_without_extendable_is_not_extendable(monkeypatch, runs):
+  finished = runs("fedavg", fedavg, OLD)  # made by the real driver, before it is replaced
   module = type(methods)("experiments.methods.nothing_said")
   module.validate = methods.DRIVERS["fedavg"].validate
   monkeypatch.setitem(methods.DRIVERS, "fedavg", module)
-  _assert_refused(runs("fedavg", fedavg, OLD), fedavg(NEW), workdir_lib.WorkdirError,
+  _assert_refused(finished, fedavg(NEW), workdir_lib.WorkdirError,
            r"from config.rounds=4 to 6: the 'fedavg' driver \(experiments/methods/nothing_said.py\) "
            r"does not say that its rounds are independent of config.rounds", resume=True)
 

@@ -278,7 +278,7 @@ def test_shakespeare_cavp_config_is_valid_and_refuses_bad_fields():
   driver.validate(c)
   lstm = fedavg_shakespeare.get_config("cavp,lstm")
   assert (lstm.model.name, lstm.cavp.structures, lstm.strategy) == (
-      "shakespeare_lstm", "units", "sequential+lax")
+      "shakespeare_lstm", "units", "sequential+lax+sharded")  # named: cavp refuses 'auto'
   lstm.cavp.structures = "both"
   with pytest.raises(build.ConfigError, match="an LSTM layer has no residual path"):
     driver.validate(lstm)
