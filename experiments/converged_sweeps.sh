@@ -44,29 +44,24 @@ ORDER=(fedtiny_cifar10_converged cavp_cifar10_centralised cavp_femnist_converged
 declare -A RUNS=([robust_femnist]=8:)
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 
-total_runs() {  # the number of runs `sweep(add)` of config file $1 lists
-  "$PYTHON" - "$1" <<'EOF'
-import importlib.util, sys
-path, _, arg = sys.argv[1].partition(":")
-spec = importlib.util.spec_from_file_location("sweep_config", path)
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-runs = []
-module.sweep(lambda **overrides: runs.append(overrides))
-print(len(runs))
-EOF
-}
-
 if [ "${1:-}" = "--list" ]; then
-  printf '%-28s %-52s %s\n' NAME CONFIG "ARCHIVED/RUNS"
-  for name in "${ORDER[@]}"; do
-    config="${CONFIGS[$name]}"
-    archived=$(find "docs/results/runs/$name" -mindepth 2 -maxdepth 2 -name summary.json \
-               2>/dev/null | wc -l)
-    printf '%-28s %-52s %s/%s%s\n' "$name" "$config" "$archived" "$(total_runs "$config")" \
-        "${RUNS[$name]:+ (runs ${RUNS[$name]})}"
-  done
-  exit 0
+  # One Python process for every sweep: `experiments.sweep.load_sweep_fn` reads each config's
+  # `sweep(add)`; the archive's run folders holding a summary count as archived.
+  args=()
+  for name in "${ORDER[@]}"; do args+=("$name" "${CONFIGS[$name]}" "${RUNS[$name]:-}"); done
+  "$PYTHON" - "${args[@]}" <<'EOF'
+import glob, os, sys
+from experiments import sweep
+print(f"{'NAME':<28} {'CONFIG':<52} ARCHIVED/RUNS")
+rows = sys.argv[1:]
+for name, config, runs_spec in zip(rows[::3], rows[1::3], rows[2::3]):
+  runs = []
+  sweep.load_sweep_fn(config)(lambda **overrides: runs.append(overrides))
+  archived = len(glob.glob(os.path.join("docs", "results", "runs", name, "*", "summary.json")))
+  skipped = f" (runs {runs_spec})" if runs_spec else ""
+  print(f"{name:<28} {config:<52} {archived}/{len(runs)}{skipped}")
+EOF
+  exit $?
 fi
 for arg in "$@"; do
   case "$arg" in

@@ -190,8 +190,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if method == "cavp":
     c.method = "cavp"
     c.cavp = cavp_cifar10.get_config("cpu,federated,both").cavp  # the three user parameters, ...
+    # (cavp refuses strategy='auto': the named strategies above are kept)
     c.cavp.update(dict(structures="both" if model == "transformer" else "units",
-                       rebuild_every=2 if tiny else 20))  # (cavp needs the named strategy)
+                       rebuild_every=2 if tiny else 20))
   return c
 
 
