@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import statistics
 
 import pytest
 
@@ -115,3 +116,75 @@ def test_summary_columns_average_summary_fields_and_refuse_partial_or_non_numeri
       json.dump(summary, f)
   with pytest.raises(ValueError, match="'method' is 'x', not a number"):
     report.report([root], [], summary_fields=("method",))
+
+
+def _method_run(root, name, *, method, density, seed, accs):
+  """A fake finished workdir of `method` at `density`, evaluations every 10 of 30 rounds."""
+  path = os.path.join(root, name)
+  os.makedirs(path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"method": method, "sparse": {"density": density},
+               "seeds": {"init": seed, "sampling": seed}, "rounds": 10 * len(accs)}, f)
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    for i, acc in enumerate(accs):
+      f.write(json.dumps({"round": 10 * (i + 1), "test_accuracy": acc}) + "\n")
+  with open(os.path.join(path, "summary.json"), "w") as f:
+    json.dump({"test_accuracy": accs[-1], "rounds": 10 * len(accs)}, f)
+  return path
+
+
+def test_paired_differences_match_runs_by_seed_and_pair_on_fields(tmp_path):
+  root = str(tmp_path)
+  # The reference's seeds spread 10 points; "b" is +2, +1, -1 points from it seed by seed.
+  for seed, final in ((0, 0.40), (1, 0.50), (2, 0.45)):
+    _method_run(root, f"ref_d1_s{seed}", method="ref", density=0.1, seed=seed,
+                accs=[0.3, final - 0.02, final])
+  for seed, final in ((2, 0.44), (0, 0.42), (1, 0.51)):  # listed out of seed order
+    _method_run(root, f"b_d1_s{seed}", method="b", density=0.1, seed=seed,
+                accs=[0.3, final, final])
+  _method_run(root, "b_d1_s3", method="b", density=0.1, seed=3, accs=[0.9, 0.9, 0.9])  # no partner
+  _method_run(root, "ref_d2_s0", method="ref", density=0.2, seed=0, accs=[0.1, 0.2, 0.3])
+  _method_run(root, "b_d2_s0", method="b", density=0.2, seed=0, accs=[0.1, 0.2, 0.25])
+  workdirs = report.plot.find_runs([root])
+  references = report.reference_runs(workdirs, {"method": "ref"}, ("sparse.density",))
+  groups = dict(report.group_runs(workdirs))
+  b1 = report.paired_differences(groups["method=b, sparse.density=0.1"], references,
+                                 ("sparse.density",), plateau_from=20)
+  mean, std = b1["final"]
+  assert b1["pairs"] == 3 and b1["ahead"] == 2  # seed 3 has no reference run: left out
+  assert mean == pytest.approx(0.02 / 3) and std == pytest.approx(
+      statistics.stdev([0.02, 0.01, -0.01]))
+  # Plateau from round 20: b's (final, final) against the reference's (final - 0.02, final):
+  # +0.03, +0.02, 0.00 (a tie is not ahead).
+  assert b1["plateau"][0] == pytest.approx(0.02 / 3 + 0.01) and b1["ahead_plateau"] == 2
+  b2 = report.paired_differences(groups["method=b, sparse.density=0.2"], references,
+                                 ("sparse.density",))
+  assert b2["final"][0] == pytest.approx(-0.05) and b2["pairs"] == 1  # density 0.2's reference
+  ref = report.paired_differences(groups["method=ref, sparse.density=0.1"], references,
+                                  ("sparse.density",))
+  assert ref["is_reference"] and not b1["is_reference"]
+  table = report.report([root], [], paired_with={"method": "ref"}, pair_on=("sparse.density",))
+  assert "| Δ vs reference (paired) |" in table
+  assert "| method=b, sparse.density=0.1 | 4 |" in table and "+0.007 ± 0.015 (2/3) |" in table
+  assert "| -0.050 (0/1) |" in table and "| reference |" in table
+  # Without pairing on density each seed-0 reference is ambiguous; a wrong field is named.
+  with pytest.raises(ValueError, match="both match"):
+    report.report([root], [], paired_with={"method": "ref"})
+  with pytest.raises(ValueError, match="no finished run matches"):
+    report.report([root], [], paired_with={"method": "c"}, pair_on=("sparse.density",))
+  with pytest.raises(ValueError, match=r"\['sparse.dens'\] are in no run"):
+    report.report([root], [], paired_with={"method": "ref"}, pair_on=("sparse.dens",))
+  assert report.parse_match("method=fedtiny, sparse.density=0.1") == {
+      "method": "fedtiny", "sparse.density": 0.1}
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    report.parse_match("method")
+
+
+def test_main_refuses_pair_on_without_paired_with(tmp_path, capsys):
+  _method_run(str(tmp_path), "a", method="a", density=0.1, seed=0, accs=[0.1])
+  with pytest.raises(SystemExit) as exit_info:
+    report.main([str(tmp_path), "--pair_on", "sparse.density"])
+  assert exit_info.value.code == 2 and "--pair_on needs --paired_with" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_info:
+    report.main([str(tmp_path), "--paired_with", "method"])
+  assert exit_info.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
