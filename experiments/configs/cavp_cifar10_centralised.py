@@ -41,6 +41,13 @@ Seeds: the headline cells (dense and the three structures at CHOSEN_GAMMA) get s
 the other γ one seed (REPRODUCE.md §5). CHOSEN_GAMMA is None until it is set from the
 seed-0 γ sweep: until then seeds 1 and 2 run dense only, so an unattended sweep cannot
 spend their six gated runs on an unchosen γ (setting it and rerunning the sweep adds them).
+The rule that sets it, fixed (2026-12-07, session 23) before any gated run of this sweep had
+finished, so that the seed-0 results cannot steer it: CHOSEN_GAMMA is the largest γ in GAMMAS
+at which the mean over the three structures (units, layers, both) of the seed-0 test
+accuracy after the final recalibration is within 3 points of the dense seed-0 run's (the
+regime the paper reports: pruning at a small accuracy cost); if no γ qualifies, the smallest.
+The mean over structures, not 'both' alone, so that the choice does not favour the combined
+gates, whose advantage is the claim under test.
 Every record carries the gate statistics (`units_binary_frac`, `layers_binary_frac`: the
 fraction of θ in {0, 1}; `units_alive`, `layers_alive`, `*_theta_mean`), params and FLOPs.
 

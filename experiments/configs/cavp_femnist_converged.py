@@ -15,7 +15,10 @@ Grid (`sweep`), every cell from the same init weights per seed, at matched round
           on, i.e. dense FedAvg through the same driver (same init, data order and records)
   units   unit (filter) gates at γ in GAMMAS
 Seeds 0, 1, 2 for dense and for γ = CHOSEN_GAMMA, one seed for the other γ; CHOSEN_GAMMA is
-None until it is set from the seed-0 γ sweep (until then seeds 1 and 2 run dense only). The CNN has no residual block, so only unit gates apply here:
+None until it is set from the seed-0 γ sweep (until then seeds 1 and 2 run dense only), by
+a rule fixed (2026-12-07, session 23) before any gated run had finished: the largest γ in
+GAMMAS whose seed-0 test accuracy is within 3 points of the dense seed-0 run's; if none, the
+smallest (the centralised config's rule, with one structure). The CNN has no residual block, so only unit gates apply here:
 layer gates (and the unit+layer claim) need a ResNet (`cavp_cifar10_centralised.py`).
 Every record carries `units_binary_frac` (fraction of θ in {0, 1}), `units_alive`,
 `units_theta_mean`, params and FLOPs.
