@@ -20,6 +20,13 @@ per value of the --series fields, seeds pooled (mean ± std):
 
   python -m experiments.plot --out docs/results/figures --x attack.fraction \
       --series robust.aggregator --where attack.kind=sign_flip workdir/robust_femnist
+  python -m experiments.plot --out docs/results/figures --x sparse.density \
+      --series method,sparse.method --baseline sparse.method=dense \
+      --relabel 'method=fedtiny, sparse.method=feddst->FedTiny' workdir/fedtiny_sweep
+
+`--baseline FIELD=VALUE` draws the matching runs (dense, say, whose config holds some
+density it never uses) as one horizontal level, mean ± std, instead of a series point;
+`--relabel 'LABEL->TEXT'` renames a series in the legend.
 
 Runs are labelled by LABEL@PATH when given so, else by their directory name without the
 `key=value` fields every unlabelled run shares (a sweep's seeds, say); a labelled sweep
@@ -262,15 +269,37 @@ def _matches(run: dict, where: list[str]) -> bool:
   return True
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  """Mean and sample std (0 for one value)."""
+  mean = sum(values) / len(values)
+  std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+         if len(values) > 1 else 0.0)
+  return mean, std
+
+
+def baseline_level(runs: list[dict], y: str, baseline: str,
+                   where: list[str] = ()) -> tuple[float, float, int] | None:
+  """(mean y, sample std, runs) over the finished runs matching `where` and the `baseline`
+  condition ('FIELD=VALUE', e.g. the dense runs of a density sweep: one level, not a point
+  at whatever x their config holds); None when no such run records y."""
+  values = [float(v) for run in runs
+            if run["summary"] and _matches(run, [*where, baseline])
+            and (v := run_value(run, y)) is not None]
+  return (*_mean_std(values), len(values)) if values else None
+
+
 def field_sweep(runs: list[dict], x: str, series: list[str], y: str,
-                where: list[str] = ()) -> dict[str, list[tuple[float, float, float, int]]]:
+                where: list[str] = (), exclude: str | None = None
+                ) -> dict[str, list[tuple[float, float, float, int]]]:
   """{series label: [(x, mean y, sample std of y (0 for one run), runs)] sorted by x}:
   the finished runs (with a summary.json, as `experiments.report` counts them) matching
-  `where`, grouped by their `series` fields and x (seeds pooled); runs without x or y
-  are left out."""
+  `where` and not the `exclude` condition ('FIELD=VALUE'), grouped by their `series` fields
+  and x (seeds pooled); runs without x or y are left out."""
   groups: dict[str, dict[float, list[float]]] = {}
   for run in runs:
     if not run["summary"] or not _matches(run, list(where)):
+      continue
+    if exclude is not None and _matches(run, [exclude]):
       continue
     xv, yv = run_value(run, x), run_value(run, y)
     if xv is None or yv is None:
@@ -279,28 +308,40 @@ def field_sweep(runs: list[dict], x: str, series: list[str], y: str,
     groups.setdefault(label, {}).setdefault(float(xv), []).append(float(yv))
   out = {}
   for label, by_x in groups.items():
-    rows = []
-    for xv in sorted(by_x):
-      ys = by_x[xv]
-      mean = sum(ys) / len(ys)
-      std = math.sqrt(sum((v - mean) ** 2 for v in ys) / (len(ys) - 1)) if len(ys) > 1 else 0.0
-      rows.append((xv, mean, std, len(ys)))
-    out[label] = rows
+    out[label] = [(xv, *_mean_std(by_x[xv]), len(by_x[xv])) for xv in sorted(by_x)]
   return out
 
 
 def plot_field_sweep(runs: list[dict], x: str, series: list[str], ys: list[str], path: str,
-                     where: list[str] = ()) -> bool:
-  """One panel per y: the y of each series (mean ± std over seeds) against x; False
-  (nothing written) when no run has x and any y."""
-  tables = [(y, field_sweep(runs, x, series, y, where)) for y in ys]
+                     where: list[str] = (), baseline: str | None = None,
+                     relabel: dict[str, str] | None = None) -> bool:
+  """One panel per y: the y of each series (mean ± std over seeds) against x; with
+  `baseline` ('FIELD=VALUE'), the matching runs drawn as a horizontal level (dashed mean,
+  shaded ± std) instead of a series; `relabel` maps a series' label (as the legend would
+  print it) to the text to print. False (nothing written) when no run has x and any y.
+
+  Raises:
+    ValueError: a `relabel` key that is no series' label (a typo would go unnoticed).
+  """
+  tables = [(y, field_sweep(runs, x, series, y, where, exclude=baseline)) for y in ys]
   if not any(table for _, table in tables):
     return False
+  labels = {label for _, table in tables for label in table}
+  unknown = sorted(set(relabel or {}) - labels)
+  if unknown:
+    raise ValueError(f"--relabel names {unknown}, which are not series here: {sorted(labels)}")
   fig, axes = plt.subplots(1, len(ys), figsize=(6.5 * len(ys), 4.5), squeeze=False)
   for ax, (y, table) in zip(axes[0], tables):
     for i, (label, rows) in enumerate(sorted(table.items())):
       ax.errorbar([r[0] for r in rows], [r[1] for r in rows], yerr=[r[2] for r in rows],
-                  fmt="-o", color=f"C{i % 10}", markersize=4, capsize=3, label=label)
+                  fmt="-o", color=f"C{i % 10}", markersize=4, capsize=3,
+                  label=(relabel or {}).get(label, label))
+    level = baseline_level(runs, y, baseline, where) if baseline else None
+    if level is not None:
+      mean, std, count = level
+      ax.axhline(mean, color="k", linestyle="--", linewidth=1,
+                 label=f"{baseline} ({count} run{'s' if count > 1 else ''})")
+      ax.axhspan(mean - std, mean + std, color="k", alpha=0.1, linewidth=0)
     xs = [r[0] for rows in table.values() for r in rows]
     if xs and min(xs) > 0 and max(xs) > 100 * min(xs):
       ax.set_xscale("log")
@@ -354,6 +395,12 @@ def main(argv=None) -> None:
                       help="with --x: comma-separated config fields, one line per value")
   parser.add_argument("--where", action="append", default=[],
                       help="with --x: only runs whose FIELD=VALUE (repeatable)")
+  parser.add_argument("--baseline", default=None,
+                      help="with --x: FIELD=VALUE runs drawn as a horizontal level (mean ± "
+                           "std), not a series, e.g. sparse.method=dense")
+  parser.add_argument("--relabel", action="append", default=[],
+                      help="with --x: 'SERIES LABEL->TEXT' prints TEXT in the legend for that "
+                           "series (repeatable)")
   parser.add_argument("--name", default=None, help="with --x: the PNG's file name")
   args = parser.parse_args(argv)
   if args.x is None:
@@ -362,11 +409,23 @@ def main(argv=None) -> None:
     return
   ys = [k for k in args.y.split(",") if k]
   series = [k for k in args.series.split(",") if k]
+  if args.baseline is not None and "=" not in args.baseline:
+    parser.error(f"--baseline takes FIELD=VALUE, got {args.baseline!r}")
+  relabel = {}
+  for item in args.relabel:
+    old, arrow, new = item.partition("->")
+    if not arrow or not old.strip() or not new.strip():
+      parser.error(f"--relabel takes 'SERIES LABEL->TEXT', got {item!r}")
+    relabel[old.strip()] = new.strip()
   os.makedirs(args.out, exist_ok=True)
   name = args.name or _file_part(f"{'_'.join(ys)}_vs_{args.x}") + ".png"
   path = os.path.join(args.out, name)
   runs = load_labelled(args.workdirs)
-  if not plot_field_sweep(runs, args.x, series, ys, path, args.where):
+  try:
+    written = plot_field_sweep(runs, args.x, series, ys, path, args.where, args.baseline, relabel)
+  except ValueError as e:
+    parser.exit(2, f"error: {e}\n")
+  if not written:
     raise SystemExit(f"no run has both --x {args.x!r} and --y {args.y!r}"
                      + (f" under --where {args.where}" if args.where else ""))
   print(path)

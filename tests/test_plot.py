@@ -133,3 +133,37 @@ def test_field_sweep_pools_seeds_per_series_and_x(tmp_path):
   with pytest.raises(SystemExit, match="no run has both --x 'attack.fraction'"):
     plot.main(["--out", str(out), "--x", "attack.fraction", "--where", "attack.kind=none",
                str(root)])
+
+
+def test_baseline_runs_are_one_level_not_a_series_point(tmp_path):
+  """`--baseline sparse.method=dense`: the dense runs (whose config holds the default
+  density 0.05) leave the series and become one level, mean ± sample std over seeds."""
+  root = tmp_path / "sweep"
+  for seed, acc in enumerate((0.50, 0.46)):
+    _config_run(root, f"dense{seed}", {"sparse": {"method": "dense", "density": 0.05},
+                                       "seeds": {"init": seed}}, [0.1, acc], bytes_up=1)
+  for density, acc in ((0.05, 0.40), (0.1, 0.45)):
+    _config_run(root, f"snip{density}", {"sparse": {"method": "snip", "density": density},
+                                         "seeds": {"init": 0}}, [0.1, acc], bytes_up=1)
+  runs = plot.load_labelled([str(root)])
+  got = plot.field_sweep(runs, "sparse.density", ["sparse.method"], "test_accuracy",
+                         exclude="sparse.method=dense")
+  assert got == {"sparse.method=snip": [(0.05, 0.40, 0.0, 1), (0.1, 0.45, 0.0, 1)]}
+  mean, std, count = plot.baseline_level(runs, "test_accuracy", "sparse.method=dense")
+  assert count == 2 and mean == pytest.approx(0.48) and std == pytest.approx(
+      np.std([0.50, 0.46], ddof=1))
+  assert plot.baseline_level(runs, "test_accuracy", "sparse.method=lotteryfl") is None
+  out = tmp_path / "out"
+  plot.main(["--out", str(out), "--x", "sparse.density", "--series", "sparse.method",
+             "--baseline", "sparse.method=dense", "--name", "d.png", str(root)])
+  assert np.std(matplotlib.image.imread(out / "d.png")) > 0.01
+  with pytest.raises(SystemExit):
+    plot.main(["--out", str(out), "--x", "sparse.density", "--baseline", "dense", str(root)])
+  plot.main(["--out", str(out), "--x", "sparse.density", "--series", "sparse.method",
+             "--baseline", "sparse.method=dense", "--relabel", "sparse.method=snip->SNIP",
+             "--name", "r.png", str(root)])
+  for bad in ("sparse.method=snap->SNIP", "no arrow"):
+    with pytest.raises(SystemExit) as exit_info:
+      plot.main(["--out", str(out), "--x", "sparse.density", "--series", "sparse.method",
+                 "--relabel", bad, "--name", "bad.png", str(root)])
+    assert exit_info.value.code == 2 and not (out / "bad.png").exists()
