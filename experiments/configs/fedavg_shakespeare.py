@@ -49,7 +49,8 @@ and per-client) took ~55 s. Train loss 4.11 -> 3.50 -> 3.37 over rounds 1-3.
 Execution (measured 2026-12-07, quiet 2-core Intel Xeon, other jobs paused, rounds 2-4 of
 4-round runs; identical losses): the LSTM's clients sharded over the two cores, 5 each
 ('sequential+lax+sharded'), 9.5-11.6 s a round vs 15.5-19.7 s unsharded ('sequential+lax'):
-1.7x, since a batch-10 LSTM step is too small to spread over two cores. The transformer
+1.7x, since a batch-10 LSTM step is too small to spread over two cores (6.0-7.5 s sharded
+since the LSTM's custom backward pass, session 23: a 1000-round run ~2 h). The transformer
 gains less: 12.2-15.4 s sharded vs 12.4-16.3 s unsharded, 13.2-13.6 s 'vmap+lax' unsharded
 (18 s sharded); within 5 %, so every full-size run here names 'sequential+lax+sharded' (no
 calibration at the start; the grouped width methods need a sequential strategy).
