@@ -52,7 +52,8 @@ Execution (measured 2026-12-07, quiet 2-core Intel Xeon, other jobs paused, roun
 1.7x, since a batch-10 LSTM step is too small to spread over two cores (6.0-7.5 s sharded
 since the LSTM's custom backward pass, session 23: a 1000-round run ~2 h). The transformer
 gains less: 12.2-15.4 s sharded vs 12.4-16.3 s unsharded, 13.2-13.6 s 'vmap+lax' unsharded
-(18 s sharded); within 5 %, so every full-size run here names 'sequential+lax+sharded' (no
+(18 s sharded; 7.8-9.7 s sharded since the residual-stream fix of its backward pass,
+session 23, docs/results/text.md); within 5 %, so every full-size run here names 'sequential+lax+sharded' (no
 calibration at the start; the grouped width methods need a sequential strategy).
 Engine benchmark rows: docs/results/text.md.
 Expected: a plateau near 0.45-0.5 test accuracy (not yet run; LEAF's curves and the

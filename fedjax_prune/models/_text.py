@@ -522,6 +522,33 @@ def _lstm_forward(spec: LSTMSpec, params: Params, ids: jax.Array, dtype, all_pos
   return _dense(params['head'], h if all_positions else h[:, -1])
 
 
+@jax.custom_vjp
+def residual_stream(h: jax.Array) -> jax.Array:
+  """The identity on the transformer's residual stream h [B, T, d]; its backward pass writes
+  the stream's cotangent out once, as a product with the identity matrix (exact).
+
+  Why (measured on XLA:CPU, jax 0.10, the Shakespeare transformer, batch 10 x 80 tokens):
+  without it XLA never materialises the residual stream's cotangent. It fuses the chain of
+  every later block's LayerNorm-backward terms and residual adds into each consumer (the
+  transposed copies feeding the weight-gradient matmuls) and recomputes it there, so the
+  backward pass grows quadratically with depth: 11 / 24 / 74 ms a training step for 1 / 2 /
+  4 blocks, 16 ms of the 74 in those copies. `lax.optimization_barrier` is dropped before
+  fusion on CPU; a dot is a fusion boundary. With it after each residual add: 60 ms (1.27x).
+  """
+  return h
+
+
+def _residual_stream_fwd(h):
+  return h, None
+
+
+def _residual_stream_bwd(_, g):
+  return (g @ jnp.eye(g.shape[-1], dtype=g.dtype),)
+
+
+residual_stream.defvjp(_residual_stream_fwd, _residual_stream_bwd)
+
+
 def _transformer_forward(spec: TransformerSpec, params: Params, ids: jax.Array, dtype,
                          all_positions: bool, gates: dict) -> jax.Array:
   t = ids.shape[1]
@@ -530,10 +557,10 @@ def _transformer_forward(spec: TransformerSpec, params: Params, ids: jax.Array, 
   for l, (heads, head_dim, _) in enumerate(spec.blocks):
     p, g = params[f'block_{l}'], gates.get(f'block_{l}', {})
     attn = causal_attention(p['attn'], layer_norm(p['ln_1'], h), heads, head_dim, g.get('heads'))
-    h = h + _layer_gate(attn, g.get('layer'))
+    h = residual_stream(h + _layer_gate(attn, g.get('layer')))
     ffn = _unit_gate(jax.nn.gelu(_dense(p['ffn']['dense_0'], layer_norm(p['ln_2'], h)),
                                  approximate=False), g.get('ffn'))
-    h = h + _layer_gate(_dense(p['ffn']['dense_1'], ffn), g.get('layer'))
+    h = residual_stream(h + _layer_gate(_dense(p['ffn']['dense_1'], ffn), g.get('layer')))
   if not all_positions:
     h = h[:, -1]  # the final LayerNorm and head only where logits are wanted
   return _dense(params['head'], layer_norm(params['ln_f'], h))

@@ -115,6 +115,32 @@ def test_outputs_match_numpy_reference_at_every_position(name):
 
 
 
+def test_residual_stream_is_the_identity_with_an_identity_backward(monkeypatch):
+  """`residual_stream` only changes where XLA materialises the transformer's cotangents:
+  its value and its VJP are exact identities, and the transformer's gradients equal those
+  of the same forward pass without it (to float rounding: XLA fuses the sums differently)."""
+  from fedjax_prune.models import _text
+  h = jax.random.normal(jax.random.key(0), (2, 3, 4))
+  g = jax.random.normal(jax.random.key(1), (2, 3, 4))
+  value, vjp = jax.vjp(_text.residual_stream, h)
+  np.testing.assert_array_equal(value, h)
+  np.testing.assert_array_equal(vjp(g)[0], g)
+  params = _random_params(TRANSFORMER, 0)
+  ids, labels = _ids(TRANSFORMER, 3, 1), jnp.array([0, 3, 6])
+
+  def grads():
+    apply = models.make_apply(TRANSFORMER)
+    def loss(p):
+      logits, _ = apply(p, {}, ids, train=True)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    return jax.jit(jax.grad(loss))(params)
+
+  with_stream = grads()
+  monkeypatch.setattr(_text, "residual_stream", lambda x: x)
+  for a, b in zip(jax.tree.leaves(with_stream), jax.tree.leaves(grads())):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("gate_kind", ["none", "per_unit", "per_example"])
 def test_lstm_recurrence_custom_vjp_equals_autodiff_of_the_scan(gate_kind):
   """The hand-written backward pass (dU as one matmul after the scan) gives the gradients
