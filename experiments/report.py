@@ -308,15 +308,16 @@ def report(paths: list[str], rounds_at: list[int], plateau_from: int | None = No
       matches no finished run or matches two with the same seeds and `pair_on` values.
   """
   workdirs = plot.find_runs(paths)
+  groups = group_runs(workdirs)
   rows = [(label, summarise_group(members, rounds_at, plateau_from, summary_fields))
-          for label, members in group_runs(workdirs)]
+          for label, members in groups]
   if paired_with:
     known = set().union(*(load_config(w) for w in workdirs))
     unknown = [k for k in pair_on if k not in known]
     if unknown:
       raise ValueError(f"--pair_on fields {unknown} are in no run's config.json")
     references = reference_runs(workdirs, paired_with, pair_on)
-    for (_, members), (_, row) in zip(group_runs(workdirs), rows):
+    for (_, members), (_, row) in zip(groups, rows):
       row["paired"] = paired_differences(members, references, pair_on, plateau_from)
   return markdown(rows, rounds_at, plateau_from, summary_fields, paired=bool(paired_with))
 
