@@ -120,9 +120,11 @@ def paired_differences(workdirs: list[str], references: dict[tuple, str],
   """The group's finished runs minus their reference runs (equal seeds and `pair_on`).
 
   Returns {'final': (mean, std) | None, 'plateau': (mean, std) | None, 'ahead': int,
-  'ahead_plateau': int, 'pairs': int, 'is_reference': bool}: `final` compares the final test
-  accuracy, `plateau` the mean of the evaluations from `plateau_from` on; `ahead` counts
-  the pairs where the run is strictly higher. Runs without a finished partner are left out.
+  'ahead_plateau': int, 'pairs': int, 'pairs_plateau': int, 'is_reference': bool}: `final`
+  compares the final test accuracy, `plateau` the mean of the evaluations from `plateau_from`
+  on; `ahead` / `ahead_plateau` count the pairs where the run is strictly higher, `pairs` /
+  `pairs_plateau` the pairs compared (a pair counts for the plateau only when both runs have
+  an evaluation from `plateau_from` on). Runs without a finished partner are left out.
   """
   finals, plateaus, is_reference = [], [], True
   for w in workdirs:
