@@ -40,8 +40,11 @@ Clients run sharded over the two cores (one CPU device per core, 5 clients each:
 paused; 5-round dense runs, rounds 2-5): 1.45-1.62 s a dense round sharded vs 1.83-2.17 s
 unsharded (1.35x); FedTiny and the five baselines all run sharded (13-round smoke runs,
 25-36 s each). So ~4-6 minutes a 150-round run with evaluation and ABNS, the 57 runs ~5 h.
-(Earlier, on a machine shared with other jobs, unsharded: 3.4-4.2 s a round.) Expected
-result: not yet measured (docs/results/fedtiny.md).
+(Earlier, on a machine shared with other jobs, unsharded: 3.4-4.2 s a round.) Result (all 57 runs,
+2026-12-07, docs/results/fedtiny.md; mean of rounds 130-150 over 3 seeds): dense 0.484; at
+density 0.1 / 0.05 / 0.01 FedTiny 0.455 / 0.442 / 0.255, FedDST 0.441 / 0.425 / 0.220,
+PruneFL 0.402 / 0.334 / 0.153, LotteryFL 0.460 / 0.453 / 0.273, SNIP 0.438 / 0.437 / 0.149,
+SynFlow 0.439 / 0.424 / 0.337. 3.6-36 min a run (6.9 h for the 57, partly shared).
 """
 from experiments.configs import fedtiny_cifar10
 
