@@ -10,7 +10,9 @@
 #
 # Each sweep runs in workdir/NAME and keeps every finished run in docs/results/runs/NAME
 # (`experiments.sweep --archive`): a fresh checkout restores the archived runs and goes on
-# with the first unfinished one, an interrupted run resumes from its last checkpoint. Commit
+# with the first unfinished one, an interrupted run resumes from its last checkpoint. A sweep
+# whose grid grows when its runs finish (the CAVP sweeps add their headline γ's seeds once
+# seed 0 is archived) is run again until its grid stops growing. Commit
 # the archive folders with the tables they feed. Extra `--config.x=y` arguments are not taken:
 # a table's runs must share one config (change the config file and say so in its docs).
 # Exit status: 0 when every named sweep finished, else the failing sweep's status (its log,
@@ -74,6 +76,16 @@ for arg in "$@"; do
   fi
 done
 
+# How many runs a sweep config's grid has now: a grid may read its own finished runs (the
+# CAVP sweeps add their headline γ's seeds once seed 0 is archived).
+count_runs() {
+  "$PYTHON" -c 'import sys
+from experiments import sweep
+runs = []
+sweep.load_sweep_fn(sys.argv[1])(lambda **overrides: runs.append(overrides))
+print(len(runs))' "$1"
+}
+
 names=("$@")
 [ "${#names[@]}" -eq 0 ] && names=("${ORDER[@]}")
 mkdir -p workdir
@@ -81,11 +93,17 @@ for name in "${names[@]}"; do
   echo "== $name (${CONFIGS[$name]}): log workdir/$name.log"
   runs=()
   [ -n "${RUNS[$name]:-}" ] && runs=(--runs "${RUNS[$name]}")
-  "$PYTHON" -m experiments.sweep --config "${CONFIGS[$name]}" --workdir "workdir/$name" \
-      --archive "docs/results/runs/$name" "${runs[@]}" >> "workdir/$name.log" 2>&1
-  status=$?
-  if [ "$status" != 0 ]; then
-    echo "sweep $name failed (exit status $status): see workdir/$name.log" >&2
-    exit "$status"
-  fi
+  while :; do
+    before=$(count_runs "${CONFIGS[$name]}") || exit 1
+    "$PYTHON" -m experiments.sweep --config "${CONFIGS[$name]}" --workdir "workdir/$name" \
+        --archive "docs/results/runs/$name" "${runs[@]}" >> "workdir/$name.log" 2>&1
+    status=$?
+    if [ "$status" != 0 ]; then
+      echo "sweep $name failed (exit status $status): see workdir/$name.log" >&2
+      exit "$status"
+    fi
+    after=$(count_runs "${CONFIGS[$name]}") || exit 1
+    [ "$after" = "$before" ] && break
+    echo "   $name: its grid grew from $before to $after runs (it reads its finished runs): again"
+  done
 done

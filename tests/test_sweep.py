@@ -264,13 +264,71 @@ def test_converged_sweeps_script_lists_every_sweep_and_refuses_unknown_names():
     assert result.returncode == 2 and bad[0] in result.stderr
 
 
+def _archive_cavp_run(archive, name, gamma, structures, accuracy, seed=0, dense=False):
+  """One finished run as `experiments.sweep --archive` keeps it (the fields the rule reads)."""
+  run = archive / name
+  run.mkdir(parents=True)
+  config = {"seeds": {"init": seed, "sampling": seed, "training": seed, "data": 3},
+            "cavp": {"gamma": 0.0 if dense else gamma, "structures": structures,
+                     "theta_learning_rate": 0.0 if dense else 0.1}}
+  (run / "config.json").write_text(json.dumps(config))
+  (run / "summary.json").write_text(json.dumps({"test_accuracy": accuracy}))
+
+
+def _archive_cavp_grid(archive, dense, by_cell, structures=("both", "units", "layers")):
+  _archive_cavp_run(archive, "dense", 0.0, structures[0], dense, dense=True)
+  for (gamma, s), acc in by_cell.items():
+    _archive_cavp_run(archive, f"{s}_{gamma}", gamma, s, acc)
+
+
+def test_chosen_gamma_is_the_largest_gamma_within_3_points_of_dense_in_the_structure_mean(
+    tmp_path):
+  """The pre-registered rule of the CAVP sweeps (`cavp_cifar10.chosen_gamma`): the largest γ
+  whose seed-0 accuracy, averaged over the structures, is within 3 points of dense seed 0;
+  the smallest γ if none is; None while any seed-0 cell is missing."""
+  from experiments.configs import cavp_cifar10
+  gammas, structures = (0.5, 1.0, 2.0, 4.0), ("both", "units", "layers")
+  rule = lambda archive: cavp_cifar10.chosen_gamma(str(archive), gammas, structures)
+  acc = {0.5: (0.75, 0.75, 0.75),   # the best mean
+         1.0: (0.72, 0.72, 0.72),   # 4 points under dense: fails
+         2.0: (0.79, 0.70, 0.70),   # mean 0.73, exactly 3 points under: within
+         4.0: (0.79, 0.66, 0.66)}   # 'both' alone is within, the mean is 5.3 under: fails
+  cells = {(g, s): a for g, accs in acc.items() for s, a in zip(structures, accs)}
+  _archive_cavp_grid(tmp_path / "a", 0.76, cells)
+  # not the γ before the first that fails (0.5), not the largest by 'both' alone (4.0), not
+  # the best mean (0.5), and 3 points counts as within
+  assert rule(tmp_path / "a") == 2.0
+  # a seed-1 run and an unfinished run are ignored; a missing seed-0 cell gives None
+  _archive_cavp_run(tmp_path / "a", "both_4.0_seed1", 4.0, "both", 0.1, seed=1)
+  (tmp_path / "a" / "unfinished").mkdir()
+  assert rule(tmp_path / "a") == 2.0
+  del cells[(4.0, "layers")]
+  _archive_cavp_grid(tmp_path / "b", 0.76, cells)
+  assert rule(tmp_path / "b") is None
+  assert rule(tmp_path / "no_such_folder") is None
+  # no γ within 3 points: the smallest
+  _archive_cavp_grid(tmp_path / "c", 0.90, {(g, s): 0.5 for g in gammas for s in structures})
+  assert rule(tmp_path / "c") == 0.5
+  # 3 points exactly is within; a duplicate cell (mixed configs) is refused
+  _archive_cavp_grid(tmp_path / "d", 0.80, {(g, "units"): 0.77 if g == 2.0 else 0.6
+                                            for g in gammas}, structures=("units",))
+  assert cavp_cifar10.chosen_gamma(str(tmp_path / "d"), gammas, ("units",)) == 2.0
+  _archive_cavp_run(tmp_path / "d", "units_2.0_again", 2.0, "units", 0.5)
+  with pytest.raises(ValueError, match="two finished seed-0 runs"):
+    cavp_cifar10.chosen_gamma(str(tmp_path / "d"), gammas, ("units",))
+
+
 @pytest.mark.parametrize("module,seed0_runs", [("cavp_cifar10_centralised", 13),
                                                ("cavp_femnist_converged", 5)])
-def test_cavp_sweeps_run_seeds_1_2_gated_only_at_a_chosen_gamma(module, seed0_runs, monkeypatch):
-  """Until CHOSEN_GAMMA is set from the seed-0 γ sweep, seeds 1 and 2 run dense only; once
-  set, they add the gated cells at that γ (and only there)."""
+def test_cavp_sweeps_run_seeds_1_2_gated_only_at_a_chosen_gamma(module, seed0_runs, monkeypatch,
+                                                                 tmp_path):
+  """Until every seed-0 run is archived, seeds 1 and 2 run dense only; then they add the
+  gated cells at the rule's γ (and only there); CHOSEN_GAMMA overrides the rule."""
   config_module = __import__(f"experiments.configs.{module}", fromlist=["x"])
   assert config_module.CHOSEN_GAMMA is None
+  assert os.path.samefile(os.path.dirname(config_module.ARCHIVE),
+                          os.path.join("docs", "results", "runs"))
+  monkeypatch.setattr(config_module, "ARCHIVE", str(tmp_path / "archive"))
 
   def later_seeds():
     runs = sweep.expand(config_module.get_config(), config_module.sweep)
@@ -278,8 +336,53 @@ def test_cavp_sweeps_run_seeds_1_2_gated_only_at_a_chosen_gamma(module, seed0_ru
     return [r.config for r in runs if r.config.seeds.init > 0]
 
   assert [c.cavp.gamma for c in later_seeds()] == [0.0, 0.0]  # the dense cells
+  structures = getattr(config_module, "STRUCTURES", ("units",))
+  _archive_cavp_grid(tmp_path / "archive", 0.7,
+                     {(g, s): 0.7 - 0.02 * g for g in config_module.GAMMAS for s in structures},
+                     structures)  # within 3 points up to γ = 1
+  gated = [c for c in later_seeds() if c.cavp.gamma > 0]
+  assert {c.cavp.gamma for c in gated} == {1.0} and len(gated) == 2 * len(structures)
+  assert {c.cavp.structures for c in gated} == set(structures)
   monkeypatch.setattr(config_module, "CHOSEN_GAMMA", 2.0)
   assert {c.cavp.gamma for c in later_seeds()} == {0.0, 2.0}
+
+
+def test_converged_sweeps_script_reruns_a_sweep_whose_grid_grew(tmp_path):
+  """experiments/converged_sweeps.sh runs a sweep again when its grid grew while it ran (the
+  CAVP sweeps' headline γ), stops when it did not, and stops at a failing sweep with its
+  status. Run on a copy of the script with a stand-in Python that counts and logs calls."""
+  import subprocess
+  (tmp_path / "experiments").mkdir()
+  shutil.copy(os.path.join("experiments", "converged_sweeps.sh"), tmp_path / "experiments")
+  fake = tmp_path / "python"
+  fake.write_text("""#!/usr/bin/env bash
+state="$(dirname "$0")/state"
+if [ "$1" = -c ]; then cat "$state/count"; exit 0; fi
+echo "$*" >> "$state/calls"
+if [ ! -f "$state/grown" ]; then touch "$state/grown"; echo 21 > "$state/count"; fi
+exit "$(cat "$state/status")"
+""")
+  fake.chmod(0o755)
+  state = tmp_path / "state"
+  state.mkdir()
+  (state / "count").write_text("15\n")
+  (state / "status").write_text("0\n")
+  env = {**os.environ, "PYTHON": str(fake)}
+  script = str(tmp_path / "experiments" / "converged_sweeps.sh")
+  result = subprocess.run(["bash", script, "cavp_cifar10_centralised"], capture_output=True,
+                          text=True, env=env)
+  assert result.returncode == 0, result.stderr
+  calls = (state / "calls").read_text().splitlines()
+  assert len(calls) == 2 and all("experiments/configs/cavp_cifar10_centralised.py" in c and
+                                 "--archive docs/results/runs/cavp_cifar10_centralised" in c
+                                 for c in calls)
+  assert "grew from 15 to 21 runs" in result.stdout
+  (state / "calls").unlink()
+  (state / "status").write_text("3\n")
+  result = subprocess.run(["bash", script, "cavp_femnist_converged", "dp_femnist"],
+                          capture_output=True, text=True, env=env)
+  assert result.returncode == 3 and "sweep cavp_femnist_converged failed" in result.stderr
+  assert len((state / "calls").read_text().splitlines()) == 1  # dp_femnist never started
 
 
 def test_fiarse_cifar_sweep_lists_method_rows_only_once_dense_converged(monkeypatch):

@@ -32,9 +32,16 @@ Expected runtime / result:
     ~90 % fewer parameters and FLOPs at gamma=1 (0.35 without pruning,
     gamma=0); measured numbers and findings in docs/results/cavp.md.
 """
+import json
+import os
+import statistics
+
 import ml_collections
 
 DATA_DIR = "../shared/data/cifar10/fedlore_pfllib_dir0.3_100clients"
+# The converged sweeps' archives (experiments/converged_sweeps.sh --archive), from the repo root.
+RUNS_ARCHIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
+                            "docs", "results", "runs")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -113,6 +120,53 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_keep = 3    # most recent checkpoints kept
   c.tensorboard = False    # also log TensorBoard scalars (needs tensorboardX)
   return c
+
+
+def chosen_gamma(archive: str, gammas: tuple[float, ...], structures: tuple[str, ...],
+                 within: float = 0.03) -> float | None:
+  """The headline γ of a converged CAVP sweep, by the rule fixed before its gated runs.
+
+  The rule (2026-12-07, session 23; the configs' docstrings): the largest γ in `gammas` whose
+  seed-0 test accuracy, averaged over `structures`, is within `within` (3 points) of the
+  dense seed-0 run's; if no γ qualifies, the smallest. The mean over the structures, not the
+  combined gates alone, so that the choice does not favour the claim under test.
+
+  Reads the finished runs under `archive` (a sweep's `--archive` folder: one folder per run
+  with `config.json` and `summary.json`). A run is seed 0 when its init, sampling and
+  training seeds are 0; it is the dense cell when θ is frozen (`cavp.theta_learning_rate`
+  0) at γ 0. Returns None until the dense run and every (γ, structure) run of seed 0 have
+  finished, so that a sweep never picks γ from a partial grid.
+
+  Raises:
+    ValueError: two finished seed-0 runs are the same cell (the archive mixes configs).
+  """
+  accuracy: dict[tuple, float] = {}
+  names = sorted(os.listdir(archive)) if os.path.isdir(archive) else []
+  for name in names:
+    paths = [os.path.join(archive, name, f) for f in ("config.json", "summary.json")]
+    if not all(os.path.isfile(p) for p in paths):
+      continue
+    with open(paths[0]) as f:
+      config = json.load(f)
+    with open(paths[1]) as f:
+      summary = json.load(f)
+    if any(config["seeds"][k] != 0 for k in ("init", "sampling", "training")):
+      continue
+    cavp = config["cavp"]
+    dense = cavp["gamma"] == 0 and cavp["theta_learning_rate"] == 0
+    cell = ("dense",) if dense else (float(cavp["gamma"]), cavp["structures"])
+    if cell in accuracy:
+      raise ValueError(f"{archive!r}: two finished seed-0 runs of the cell {cell} (run "
+                       f"{name!r} and another): the archive mixes configs")
+    accuracy[cell] = float(summary["test_accuracy"])
+  gated = [(float(g), s) for g in gammas for s in structures]
+  if ("dense",) not in accuracy or any(cell not in accuracy for cell in gated):
+    return None
+  # 1e-9: "within 3 points" includes 3 points, which float means can overshoot by an ulp
+  qualifying = [g for g in gammas
+                if accuracy[("dense",)] - statistics.fmean(
+                    accuracy[(float(g), s)] for s in structures) <= within + 1e-9]
+  return max(qualifying) if qualifying else min(gammas)
 
 
 def sweep(add):

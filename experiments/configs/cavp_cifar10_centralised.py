@@ -37,12 +37,15 @@ Grid (`sweep`), every cell from the same init weights per seed:
           on, i.e. plain ResNet-20 training through the same driver (same init, data order,
           augmentation, recalibration and records)
   units / layers / both   unit-only, layer-only and combined gates at γ in GAMMAS
-Seeds: the headline cells (dense and the three structures at CHOSEN_GAMMA) get seeds 0, 1, 2;
-the other γ one seed (REPRODUCE.md §5). CHOSEN_GAMMA is None until it is set from the
-seed-0 γ sweep: until then seeds 1 and 2 run dense only, so an unattended sweep cannot
-spend their six gated runs on an unchosen γ (setting it and rerunning the sweep adds them).
-The rule that sets it, fixed (2026-12-07, session 23) before any gated run of this sweep had
-finished, so that the seed-0 results cannot steer it: CHOSEN_GAMMA is the largest γ in GAMMAS
+Seeds: the headline cells (dense and the three structures at the headline γ) get seeds 0, 1, 2;
+the other γ one seed (REPRODUCE.md §5). The headline γ (`headline_gamma()`) is None until
+every seed-0 run is archived: until then seeds 1 and 2 run dense only, so an unattended sweep
+cannot spend their six gated runs on an unchosen γ; once they are, `cavp_cifar10.chosen_gamma`
+applies the rule below to the archive (docs/results/runs/cavp_cifar10_centralised) and
+re-running the sweep adds the six runs (`experiments/converged_sweeps.sh` re-runs a sweep
+whose grid grew). CHOSEN_GAMMA = a value overrides the rule (say so in the docs).
+The rule, fixed (2026-12-07, session 23) before any gated run of this sweep had
+finished, so that the seed-0 results cannot steer it: the headline γ is the largest γ in GAMMAS
 at which the mean over the three structures (units, layers, both) of the seed-0 test
 accuracy after the final recalibration is within 3 points of the dense seed-0 run's (the
 regime the paper reports: pruning at a small accuracy cost); if no γ qualifies, the smallest.
@@ -66,13 +69,19 @@ times less. Measured 2026-12-07 on a quiet 2-core Intel Xeon (other jobs paused;
 --config.eval_every=100 --config.cavp.gamma=1`): 17.3-17.6 s an epoch after the first (27.6 s
 with compilation), i.e. ~18-20 minutes a 60-epoch run, ~7 h for the 21. Runs: 13 (seed
 0: dense, 3 structures x 4 γ) + 2 x 4 (seeds 1, 2: dense and the 3 structures at
-CHOSEN_GAMMA) = 21; 15 while CHOSEN_GAMMA is None.
+the headline γ) = 21; 15 until seed 0 is archived.
 """
+import os
+
 from experiments.configs import cavp_cifar10
 
 EPOCHS = 60
 GAMMAS = (0.5, 1.0, 2.0, 4.0)
-CHOSEN_GAMMA = None  # headline γ for 3 seeds: one of GAMMAS, set from the seed-0 sweep
+STRUCTURES = ("both", "units", "layers")
+# The headline γ (3 seeds). None: `cavp_cifar10.chosen_gamma` applies the rule of the docstring
+# to the archived seed-0 runs; set a value only to override the rule (and say so in the docs).
+CHOSEN_GAMMA = None
+ARCHIVE = os.path.join(cavp_cifar10.RUNS_ARCHIVE, "cavp_cifar10_centralised")
 DENSE = {"cavp.gamma": 0.0, "cavp.theta_init": 1.0, "cavp.theta_learning_rate": 0.0}
 
 
@@ -109,10 +118,18 @@ def _seeds(seed):
   return {"seeds.init": seed, "seeds.sampling": seed, "seeds.training": seed}
 
 
+def headline_gamma() -> float | None:
+  """CHOSEN_GAMMA if set, else the rule applied to the archive (None until seed 0 is done)."""
+  if CHOSEN_GAMMA is not None:
+    return CHOSEN_GAMMA
+  return cavp_cifar10.chosen_gamma(ARCHIVE, GAMMAS, STRUCTURES)
+
+
 def sweep(add):
+  chosen = headline_gamma()
   for seed in (0, 1, 2):
     add(**{**_seeds(seed), **DENSE})
-    for structures in ("both", "units", "layers"):
+    for structures in STRUCTURES:
       for gamma in GAMMAS:
-        if seed == 0 or gamma == CHOSEN_GAMMA:
+        if seed == 0 or gamma == chosen:
           add(**{**_seeds(seed), "cavp.structures": structures, "cavp.gamma": gamma})

@@ -14,9 +14,11 @@ Grid (`sweep`), every cell from the same init weights per seed, at matched round
   dense   γ = 0, θ frozen at 1 (`theta_init=1`, `theta_learning_rate=0`): every gate stays
           on, i.e. dense FedAvg through the same driver (same init, data order and records)
   units   unit (filter) gates at γ in GAMMAS
-Seeds 0, 1, 2 for dense and for γ = CHOSEN_GAMMA, one seed for the other γ; CHOSEN_GAMMA is
-None until it is set from the seed-0 γ sweep (until then seeds 1 and 2 run dense only), by
-a rule fixed (2026-12-07, session 23) before any gated run had finished: the largest γ in
+Seeds 0, 1, 2 for dense and for the headline γ (`headline_gamma()`), one seed for the other
+γ; the headline γ is None until every seed-0 run is archived in
+docs/results/runs/cavp_femnist_converged (until then seeds 1 and 2 run dense only), then
+`cavp_cifar10.chosen_gamma` applies a rule fixed (2026-12-07, session 23) before any gated
+run had finished (CHOSEN_GAMMA = a value overrides it): the largest γ in
 GAMMAS whose seed-0 test accuracy is within 3 points of the dense seed-0 run's; if none, the
 smallest (the centralised config's rule, with one structure). The CNN has no residual block, so only unit gates apply here:
 layer gates (and the unit+layer claim) need a ResNet (`cavp_cifar10_centralised.py`).
@@ -38,12 +40,17 @@ the gates; since 2026-12-06 the draw is jax.random's and the step ~1.05x FedAvg'
 ASP's, more than the step explained. Re-measured 2026-12-07 on a quiet 2-core Intel Xeon (other
 jobs paused; 6-round runs, `--config.rounds=6 --config.eval_every=100`, rounds 2-5): γ = 1
 units 4.4 s a round, the dense cell 5.1 s, i.e. ~30-35 minutes a 400-round run (evaluation
-every 10 rounds adds ~1 s each). Runs: 5 (seed 0: dense, 4 γ) + 2 x 2 (seeds 1, 2) = 9, ~5 h (7 while CHOSEN_GAMMA is None).
+every 10 rounds adds ~1 s each). Runs: 5 (seed 0: dense, 4 γ) + 2 x 2 (seeds 1, 2) = 9, ~5 h (7 until seed 0 is archived).
 """
+import os
+
 from experiments.configs import asp_femnist_cnn, cavp_cifar10
 
 GAMMAS = (0.5, 1.0, 2.0, 4.0)
-CHOSEN_GAMMA = None  # headline γ for 3 seeds: one of GAMMAS, set from the seed-0 sweep
+# The headline γ (3 seeds). None: `cavp_cifar10.chosen_gamma` applies the rule of the docstring
+# to the archived seed-0 runs; set a value only to override the rule (and say so in the docs).
+CHOSEN_GAMMA = None
+ARCHIVE = os.path.join(cavp_cifar10.RUNS_ARCHIVE, "cavp_femnist_converged")
 DENSE = {"cavp.gamma": 0.0, "cavp.theta_init": 1.0, "cavp.theta_learning_rate": 0.0}
 
 
@@ -67,10 +74,18 @@ def get_config(arg: str | None = None):
   return c
 
 
+def headline_gamma() -> float | None:
+  """CHOSEN_GAMMA if set, else the rule applied to the archive (None until seed 0 is done)."""
+  if CHOSEN_GAMMA is not None:
+    return CHOSEN_GAMMA
+  return cavp_cifar10.chosen_gamma(ARCHIVE, GAMMAS, ("units",))
+
+
 def sweep(add):
+  chosen = headline_gamma()
   for seed in (0, 1, 2):
     seeds = {"seeds.init": seed, "seeds.training": seed, "seeds.sampling": seed}
     add(**{**seeds, **DENSE})
     for gamma in GAMMAS:
-      if seed == 0 or gamma == CHOSEN_GAMMA:
+      if seed == 0 or gamma == chosen:
         add(**{**seeds, "cavp.gamma": gamma})
