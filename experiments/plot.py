@@ -26,7 +26,19 @@ per value of the --series fields, seeds pooled (mean ± std):
 
 `--baseline FIELD=VALUE` draws the matching runs (dense, say, whose config holds some
 density it never uses) as one horizontal level, mean ± std, instead of a series point;
-`--relabel 'LABEL->TEXT'` renames a series in the legend.
+`--relabel 'LABEL->TEXT'` renames a series in the legend. When x is a result rather than
+a setting (the FLOPs a penalty weight leaves, different for each seed), `--group FIELD`
+makes a point of the runs sharing that field's value, x and y both pooled (error bars
+both ways), and `--front` draws the Pareto front (smaller x, higher y):
+
+  python -m experiments.plot --out docs/results/figures --x flops \
+      --series cavp.structures --group cavp.gamma --front \
+      --baseline cavp.theta_learning_rate=0.0 docs/results/runs/cavp_cifar10_centralised
+
+With --vs_round KEYS, one PNG of record keys against the round, one line per run:
+
+  python -m experiments.plot --out docs/results/figures --vs_round units_binary_frac \
+      docs/results/runs/cavp_cifar10_centralised
 
 Runs are labelled by LABEL@PATH when given so, else by their directory name without the
 `key=value` fields every unlabelled run shares (a sweep's seeds, say); a labelled sweep
@@ -241,6 +253,29 @@ def plot_layers(run: dict, path: str) -> bool:
   return True
 
 
+def plot_keys_vs_round(runs: list[dict], keys: list[str], path: str) -> bool:
+  """One panel per record key, its value against the round, one line per run that logs it
+  (e.g. the fraction of gates with θ ∈ {0, 1} over training). False (nothing written) when
+  no run logs any key."""
+  if not any(key in r for run in runs for r in run["records"] for key in keys):
+    return False
+  fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.2), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for i, run in enumerate(runs):
+      xs, ys = _series(run["records"], key)
+      if xs:
+        ax.plot(xs, ys, "-", color=f"C{i % 10}", label=_label(run))
+    ax.set_xlabel("round")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+      ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
 SUM_PREFIX = "sum:"
 
 
@@ -312,18 +347,60 @@ def field_sweep(runs: list[dict], x: str, series: list[str], y: str,
   return out
 
 
+def grouped_sweep(runs: list[dict], x: str, series: list[str], y: str, group: str,
+                  where: list[str] = (), exclude: str | None = None
+                  ) -> dict[str, list[tuple[float, float, float, float, int, object]]]:
+  """{series label: [(mean x, std x, mean y, std y, runs, group value)] sorted by mean x}:
+  like `field_sweep`, but a point is the runs sharing a value of the config field `group`
+  and both x and y are pooled over them (sample stds; 0 for one run). For an x that is a
+  result, not a setting: accuracy against the kept FLOPs of each penalty weight γ, say,
+  where each seed keeps a different number (`--x flops --group cavp.gamma`)."""
+  groups: dict[str, dict[object, list[tuple[float, float]]]] = {}
+  for run in runs:
+    if not run["summary"] or not _matches(run, list(where)):
+      continue
+    if exclude is not None and _matches(run, [exclude]):
+      continue
+    xv, yv, gv = run_value(run, x), run_value(run, y), run_value(run, group)
+    if xv is None or yv is None or gv is None:
+      continue
+    label = ", ".join(f"{f}={run_value(run, f)}" for f in series) or y
+    groups.setdefault(label, {}).setdefault(gv, []).append((float(xv), float(yv)))
+  out = {}
+  for label, by_group in groups.items():
+    rows = []
+    for gv, pairs in by_group.items():
+      x_mean, x_std = _mean_std([p[0] for p in pairs])
+      y_mean, y_std = _mean_std([p[1] for p in pairs])
+      rows.append((x_mean, x_std, y_mean, y_std, len(pairs), gv))
+    out[label] = sorted(rows, key=lambda r: r[0])
+  return out
+
+
 def plot_field_sweep(runs: list[dict], x: str, series: list[str], ys: list[str], path: str,
                      where: list[str] = (), baseline: str | None = None,
-                     relabel: dict[str, str] | None = None) -> bool:
+                     relabel: dict[str, str] | None = None, group: str | None = None,
+                     front: bool = False) -> bool:
   """One panel per y: the y of each series (mean ± std over seeds) against x; with
   `baseline` ('FIELD=VALUE'), the matching runs drawn as a horizontal level (dashed mean,
   shaded ± std) instead of a series; `relabel` maps a series' label (as the legend would
-  print it) to the text to print. False (nothing written) when no run has x and any y.
+  print it) to the text to print. With `group` (a config field), the points are
+  `grouped_sweep`'s (x pooled too, horizontal error bars, each point annotated with its
+  group value); with `front`, the Pareto front of all series' points (smaller x, higher
+  y; the baseline level counts as a point at the baseline runs' mean x) is drawn and the
+  points on it ringed. False (nothing written) when no run has x and any y.
 
   Raises:
     ValueError: a `relabel` key that is no series' label (a typo would go unnoticed).
   """
-  tables = [(y, field_sweep(runs, x, series, y, where, exclude=baseline)) for y in ys]
+  if group is not None:
+    tables = [(y, grouped_sweep(runs, x, series, y, group, where, exclude=baseline))
+              for y in ys]
+  else:
+    tables = [(y, {label: [(r[0], 0.0, r[1], r[2], r[3], None) for r in rows]
+                   for label, rows in field_sweep(runs, x, series, y, where,
+                                                  exclude=baseline).items()})
+              for y in ys]
   if not any(table for _, table in tables):
     return False
   labels = {label for _, table in tables for label in table}
@@ -333,15 +410,30 @@ def plot_field_sweep(runs: list[dict], x: str, series: list[str], ys: list[str],
   fig, axes = plt.subplots(1, len(ys), figsize=(6.5 * len(ys), 4.5), squeeze=False)
   for ax, (y, table) in zip(axes[0], tables):
     for i, (label, rows) in enumerate(sorted(table.items())):
-      ax.errorbar([r[0] for r in rows], [r[1] for r in rows], yerr=[r[2] for r in rows],
+      ax.errorbar([r[0] for r in rows], [r[2] for r in rows], yerr=[r[3] for r in rows],
+                  xerr=[r[1] for r in rows] if group is not None else None,
                   fmt="-o", color=f"C{i % 10}", markersize=4, capsize=3,
                   label=(relabel or {}).get(label, label))
+      if group is not None:
+        for r in rows:
+          ax.annotate(f"{r[5]}" + (f" (n={r[4]})" if r[4] > 1 else ""), (r[0], r[2]),
+                      fontsize=6, xytext=(3, 3), textcoords="offset points")
+    points = [(r[0], r[2]) for rows in table.values() for r in rows]
     level = baseline_level(runs, y, baseline, where) if baseline else None
     if level is not None:
       mean, std, count = level
       ax.axhline(mean, color="k", linestyle="--", linewidth=1,
                  label=f"{baseline} ({count} run{'s' if count > 1 else ''})")
       ax.axhspan(mean - std, mean + std, color="k", alpha=0.1, linewidth=0)
+      base_x = baseline_level(runs, x, baseline, where)
+      if base_x is not None:
+        points.append((base_x[0], mean))
+    if front and points:
+      line = pareto_front(points)
+      ax.step([p[0] for p in line], [p[1] for p in line], where="post", color="k",
+              alpha=0.4, linewidth=1, label="Pareto front")
+      ax.scatter([p[0] for p in line], [p[1] for p in line], s=80, facecolors="none",
+                 edgecolors="k", zorder=4)
     xs = [r[0] for rows in table.values() for r in rows]
     if xs and min(xs) > 0 and max(xs) > 100 * min(xs):
       ax.set_xscale("log")
@@ -401,8 +493,30 @@ def main(argv=None) -> None:
   parser.add_argument("--relabel", action="append", default=[],
                       help="with --x: 'SERIES LABEL->TEXT' prints TEXT in the legend for that "
                            "series (repeatable)")
-  parser.add_argument("--name", default=None, help="with --x: the PNG's file name")
+  parser.add_argument("--group", default=None,
+                      help="with --x: a config field; one point per series and value of it, "
+                           "x pooled over its runs too (for an x that is a result, e.g. "
+                           "--x flops --group cavp.gamma)")
+  parser.add_argument("--front", action="store_true",
+                      help="with --x: draw the Pareto front (smaller x, higher y) of the points")
+  parser.add_argument("--vs_round", default=None,
+                      help="instead: these comma-separated record keys against the round, one "
+                           "panel per key, one line per run (e.g. units_binary_frac)")
+  parser.add_argument("--name", default=None, help="with --x / --vs_round: the PNG's file name")
   args = parser.parse_args(argv)
+  if args.x is not None and args.vs_round is not None:
+    parser.error("--x and --vs_round are two different plots: give one")
+  if args.vs_round is not None:
+    keys = [k for k in args.vs_round.split(",") if k]
+    if not keys:
+      parser.error("--vs_round takes comma-separated record keys")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, args.name or _file_part("_".join(keys) + "_vs_round") + ".png")
+    runs = load_labelled(args.workdirs)
+    if not plot_keys_vs_round(runs, keys, path):
+      raise SystemExit(f"no run logs any of --vs_round {keys}")
+    print(path)
+    return
   if args.x is None:
     for path in plot_workdirs(args.workdirs, args.out):
       print(path)
@@ -422,7 +536,8 @@ def main(argv=None) -> None:
   path = os.path.join(args.out, name)
   runs = load_labelled(args.workdirs)
   try:
-    written = plot_field_sweep(runs, args.x, series, ys, path, args.where, args.baseline, relabel)
+    written = plot_field_sweep(runs, args.x, series, ys, path, args.where, args.baseline, relabel,
+                               group=args.group, front=args.front)
   except ValueError as e:
     parser.exit(2, f"error: {e}\n")
   if not written:

@@ -167,3 +167,54 @@ def test_baseline_runs_are_one_level_not_a_series_point(tmp_path):
       plot.main(["--out", str(out), "--x", "sparse.density", "--series", "sparse.method",
                  "--relabel", bad, "--name", "bad.png", str(root)])
     assert exit_info.value.code == 2 and not (out / "bad.png").exists()
+
+
+def _gated_run(root, name, gamma, structures, seed, flops, acc, binary_fracs=()):
+  """A finished run of a γ sweep whose result includes its kept FLOPs."""
+  path = root / name
+  path.mkdir(parents=True)
+  (path / "config.json").write_text(json.dumps(
+      {"cavp": {"gamma": gamma, "structures": structures}, "seeds": {"init": seed}}))
+  (path / "metrics.jsonl").write_text("".join(
+      json.dumps({"round": r + 1, "units_binary_frac": f}) + "\n"
+      for r, f in enumerate(binary_fracs)) or json.dumps({"round": 1}) + "\n")
+  (path / "summary.json").write_text(json.dumps({"test_accuracy": acc, "flops": flops}))
+
+
+def test_grouped_sweep_pools_x_and_y_per_group_and_the_front_is_drawn(tmp_path):
+  """`--group`: a point is the runs sharing γ, with x (a result: each seed keeps other
+  FLOPs) and y both pooled; `field_sweep` would split the seeds into separate x values."""
+  root = tmp_path / "sweep"
+  _gated_run(root, "u1s0", 1.0, "units", 0, 100.0, 0.70)
+  _gated_run(root, "u1s1", 1.0, "units", 1, 140.0, 0.60)
+  _gated_run(root, "u2s0", 2.0, "units", 0, 50.0, 0.50)
+  _gated_run(root, "b1s0", 1.0, "both", 0, 30.0, 0.55)
+  runs = plot.load_labelled([str(root)])
+  got = plot.grouped_sweep(runs, "flops", ["cavp.structures"], "test_accuracy", "cavp.gamma")
+  assert set(got) == {"cavp.structures=units", "cavp.structures=both"}
+  (x2, sx2, y2, sy2, n2, g2), (x1, sx1, y1, sy1, n1, g1) = got["cavp.structures=units"]
+  assert (x2, sx2, y2, sy2, n2, g2) == (50.0, 0.0, 0.5, 0.0, 1, 2.0)
+  np.testing.assert_allclose([x1, sx1, y1, sy1], [120.0, np.std([100, 140], ddof=1), 0.65,
+                                                  np.std([0.7, 0.6], ddof=1)])
+  assert (n1, g1) == (2, 1.0)
+  assert len(plot.field_sweep(runs, "flops", ["cavp.structures"], "test_accuracy")[
+      "cavp.structures=units"]) == 3  # ungrouped: one point per seed's x
+  out = tmp_path / "out"
+  plot.main(["--out", str(out), "--x", "flops", "--series", "cavp.structures", "--group",
+             "cavp.gamma", "--front", "--name", "p.png", str(root)])
+  assert np.std(matplotlib.image.imread(out / "p.png")) > 0.01
+
+
+def test_keys_vs_round_plots_logged_keys_and_refuses_unlogged_ones(tmp_path):
+  root = tmp_path / "sweep"
+  _gated_run(root, "a", 1.0, "units", 0, 1.0, 0.5, binary_fracs=(0.0, 0.4, 0.9))
+  _gated_run(root, "b", 2.0, "units", 0, 1.0, 0.5, binary_fracs=(0.1, 1.0))
+  out = tmp_path / "out"
+  plot.main(["--out", str(out), "--vs_round", "units_binary_frac", str(root)])
+  assert np.std(matplotlib.image.imread(out / "units_binary_frac_vs_round.png")) > 0.01
+  with pytest.raises(SystemExit, match="no run logs any of --vs_round"):
+    plot.main(["--out", str(out), "--vs_round", "layers_binary_frac", "--name", "n.png",
+               str(root)])
+  assert not (out / "n.png").exists()
+  with pytest.raises(SystemExit):
+    plot.main(["--out", str(out), "--vs_round", "x", "--x", "flops", str(root)])
