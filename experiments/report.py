@@ -33,10 +33,9 @@ import os
 import statistics
 
 from experiments import plot
+from experiments.curves import TAIL_FRACTION, TAIL_WINDOW, plateau_mean, tail_gain  # noqa: F401
 
 SEED_PREFIX = "seeds."
-TAIL_FRACTION = 0.2  # REPRODUCE.md: converged when the last 20 % of rounds gain < 1 point
-TAIL_WINDOW = 3  # evaluations averaged at each end of the tail (tail_gain)
 
 
 def load_config(workdir: str) -> dict:
@@ -154,28 +153,6 @@ def accuracy_curve(run: dict) -> dict[int, float]:
   """{round: test_accuracy} over the records that evaluated."""
   return {int(r["round"]): float(r["test_accuracy"]) for r in run["records"]
           if r.get("test_accuracy") is not None}
-
-
-def tail_gain(curve: dict[int, float], rounds: int, window: int = TAIL_WINDOW) -> float | None:
-  """Accuracy gained over the last TAIL_FRACTION of `rounds`, each end smoothed: the mean of
-  the last `window` evaluations minus the mean of the `window` evaluations at or before the
-  (1 - TAIL_FRACTION) mark. One evaluation on a client-sampled run moves by about a point
-  from round to round, so comparing two single points would judge the noise, not the trend.
-  None when the run did not reach `rounds` or has too few evaluations before the mark."""
-  if not curve or max(curve) < rounds:
-    return None
-  start = rounds - int(round(TAIL_FRACTION * rounds))
-  before = sorted(r for r in curve if r <= start)[-window:]
-  last = sorted(curve)[-window:]
-  if len(before) < window or set(before) & set(last):
-    return None
-  return (sum(curve[r] for r in last) - sum(curve[r] for r in before)) / window
-
-
-def plateau_mean(curve: dict[int, float], from_round: int) -> float | None:
-  """The mean test accuracy over the evaluations at rounds >= `from_round` (None: none)."""
-  values = [acc for r, acc in curve.items() if r >= from_round]
-  return statistics.fmean(values) if values else None
 
 
 def _mean_std(values: list[float]) -> tuple[float, float] | None:

@@ -25,8 +25,10 @@ and written to `sweep_summary.json` and `sweep_summary.md` in `<workdir>`.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -50,14 +52,21 @@ class Run(NamedTuple):
 
 
 def load_sweep_fn(config_path: str) -> Callable | None:
-  """The `sweep(add)` function of the config module at `config_path` (None if it has none)."""
-  path = config_path.split(":", 1)[0]  # config_flags allows 'file.py:arg'
+  """The `sweep(add)` function of the config module at `config_path` (None if it has none).
+
+  config_flags allows 'file.py:arg' (the arg `get_config` receives); a `sweep(add, arg)`
+  that takes an `arg` parameter gets the same arg (None without one), so that one config
+  file can hold the grids of several sweeps."""
+  path, sep, arg = config_path.partition(":")
   spec = importlib.util.spec_from_file_location("_sweep_config", path)
   if spec is None or spec.loader is None:
     raise FileNotFoundError(f"cannot load the config module {path!r}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return getattr(module, "sweep", None)
+  fn = getattr(module, "sweep", None)
+  if fn is not None and "arg" in inspect.signature(fn).parameters:
+    return functools.partial(fn, arg=arg if sep else None)
+  return fn
 
 
 def _format(value) -> str:
@@ -104,7 +113,9 @@ def expand(config, sweep_fn: Callable | None) -> list[Run]:
   overrides: list[dict] = []
   sweep_fn(lambda **kw: overrides.append(dict(kw)))
   if not overrides:
-    raise build.ConfigError("the config's sweep(add) added no runs: the sweep is empty")
+    raise build.ConfigError("the config's sweep(add) added no runs: the sweep is empty (a sweep "
+                            "whose grid reads finished runs adds none until they exist: see "
+                            "its config's docstring)")
   runs, seen = [], {}
   for ov in overrides:
     name = run_name(ov)

@@ -255,8 +255,12 @@ def test_converged_sweeps_script_lists_every_sweep_and_refuses_unknown_names():
   for name, (config_spec, counts, *skipped) in rows.items():
     path, _, arg = config_spec.partition(":")
     module = __import__(f"experiments.configs.{os.path.basename(path)[:-3]}", fromlist=["x"])
-    runs = sweep.expand(module.get_config(arg or None), sweep.load_sweep_fn(path))
     archived, total = map(int, counts.split("/"))
+    if total == 0:  # a text method sweep waiting for its dense seed 0 (fedavg_shakespeare)
+      with pytest.raises(build.ConfigError, match="sweep is empty"):
+        sweep.expand(module.get_config(arg or None), sweep.load_sweep_fn(config_spec))
+      continue
+    runs = sweep.expand(module.get_config(arg or None), sweep.load_sweep_fn(config_spec))
     assert total == len(runs) == len({r.name for r in runs}) and 0 <= archived <= total, name
   assert rows["robust_femnist"][2:] == ["(runs", "8:)"]
   for bad in (["no_such_sweep"], ["--config.rounds=3"]):
@@ -396,3 +400,66 @@ def test_fiarse_cifar_sweep_lists_method_rows_only_once_dense_converged(monkeypa
   runs = sweep.expand(module.get_config(), module.sweep)
   assert len(runs) == 18 and [r.config.seeds.init for r in runs[:3]] == [0, 1, 2]
   assert {r.config.method for r in runs[3:]} == {"fiarse", "heterofl", "fedrolex", "scalefl"}
+
+
+def _archive_text_run(archive, name, seed, rounds, accuracy_at):
+  """A finished dense text run as the sweep archives it: config, summary and its curve
+  (an evaluation every 20 rounds)."""
+  run = archive / name
+  run.mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps(
+      {"seeds": {"init": seed, "sampling": seed, "training": seed}, "rounds": rounds}))
+  (run / "metrics.jsonl").write_text("".join(
+      json.dumps({"round": r, "test_accuracy": accuracy_at(r)}) + "\n"
+      for r in range(20, rounds + 1, 20)))
+  (run / "summary.json").write_text(json.dumps({"test_accuracy": accuracy_at(rounds)}))
+
+
+def test_load_sweep_fn_passes_the_config_arg_to_a_sweep_that_takes_one(tmp_path):
+  path = tmp_path / "two_sweeps.py"
+  path.write_text("def sweep(add, arg=None):\n  add(**{'tag': arg})\n")
+  for spec, want in ((f"{path}:a,b", "a,b"), (str(path), None)):
+    got = []
+    sweep.load_sweep_fn(spec)(lambda **kw: got.append(kw))
+    assert got == [{"tag": want}]
+
+
+def test_text_sweeps_run_the_other_seeds_and_methods_for_the_dense_plateau_round(
+    tmp_path, monkeypatch):
+  """fedavg_shakespeare's rule: the dense seed 0 alone until it is archived; then dense seeds
+  1, 2 and every method's seeds at `curves.plateau_round` of its curve (560 for a step to the
+  plateau at round 400), per model (the LSTM's archive does not set the transformer's R);
+  a dense seed 0 that did not converge stops them with an error that says so."""
+  from experiments import curves
+  from experiments.configs import fedavg_shakespeare as text
+  archives = {m: tmp_path / d for m, d in text.DENSE_SWEEPS.items()}
+  monkeypatch.setattr(text, "dense_archive", lambda model: str(archives[model]))
+  path = os.path.join("experiments", "configs", "fedavg_shakespeare.py")
+
+  def grid(arg):
+    runs = []
+    text.sweep(lambda **kw: runs.append(kw), arg)
+    return runs
+
+  seed0 = {"seeds.init": 0, "seeds.sampling": 0, "seeds.training": 0}
+  assert grid("transformer") == [seed0] and grid("transformer,asp") == grid("fedtiny") == []
+  step = lambda r: 0.5 if r >= 400 else 0.2  # noqa: E731
+  _archive_text_run(archives["transformer"], "seed0", 0, 1000, step)
+  _archive_text_run(archives["transformer"], "seed1_running", 1, 1000, step)
+  (archives["transformer"] / "seed1_running" / "summary.json").unlink()  # unfinished: ignored
+  assert curves.plateau_round(curves.read_curve(str(archives["transformer"] / "seed0")),
+                              1000) == 560
+  dense = grid("transformer")
+  assert dense[0] == seed0 and [r.get("rounds") for r in dense] == [None, 560, 560]
+  for arg in ("transformer,asp", "fiarse", "cavp"):
+    assert [(r["seeds.init"], r["rounds"]) for r in grid(arg)] == [(0, 560), (1, 560), (2, 560)]
+  assert grid("fedtiny") == [] and grid("") == [seed0]  # the LSTM waits for its own dense run
+  # the queue loads the sweep as "file.py:arg": the loader hands the arg on
+  loaded = sweep.load_sweep_fn(path + ":transformer,asp")
+  assert loaded.keywords == {"arg": "transformer,asp"}
+  _archive_text_run(archives["lstm"], "seed0", 0, 1000, lambda r: r / 2000)  # still climbing
+  with pytest.raises(ValueError, match="dense lstm run .* not converged at round 1000"):
+    grid("fedtiny")
+  _archive_text_run(archives["transformer"], "seed0_again", 0, 1000, step)
+  with pytest.raises(ValueError, match="2 finished dense seed-0 runs"):
+    grid("cavp")

@@ -64,6 +64,21 @@ that CPU, far over REPRODUCE.md's 15-minute CPU run: a GPU job, or a resumable s
 several sessions. REPRODUCE.md §1: convergence is judged on the curve's last 20 %; raise
 `rounds` if it still climbs.
 
+The sweeps (`sweep(add, arg)`, run by `experiments/converged_sweeps.sh` as text_lstm_dense,
+text_tr_dense, text_tr_asp, ...; 3 seeds each). Rule fixed 2026-12-07 (session 25) before
+any text run, so that no result can steer it: each model's dense seed 0 trains the full
+`rounds` (1000) and shows the plateau; every other run of that model (dense seeds 1, 2 and
+every method's seeds 0-2) trains R rounds, R = `curves.plateau_round` of that dense seed-0
+curve: the first evaluated round by which the curve cut there is converged (§1, its last
+20 % gain < 1 point, each end the mean of 3 evaluations) and within 1 point of the full
+run's plateau (the mean of its last 3 evaluations). The dense seed-0 row of a table is
+its evaluation at round R (constant learning rates, no schedule tied to the total: the
+same as a run of R rounds). Why: 18 runs of 1000 rounds are ~45 h on the 2-core CPU, ~5x
+REPRODUCE.md §5's budget; rounds past the plateau measure nothing. Until the dense
+seed-0 run is archived (docs/results/runs/text_*_dense) its sweep holds that one run and
+the method sweeps none; the queue re-runs a sweep whose grid grew. A dense seed 0 not
+converged in `rounds` stops them with an error that gives its gain (raise `rounds`).
+
 'transformer': the causal pre-norm transformer (4 x d 128, 4 heads, FFN 512, context
 80; 824,401 params), same data and FedAvg, plain SGD as for the LSTM, with a
 smaller learning rate (0.1; the LSTM's 0.8 was not tuned for it: choose once on the
@@ -101,8 +116,12 @@ cavp_cifar10.py's, not tuned on text (choose them once on the dense run, REPRODU
 Dense baseline through the same driver: --config.cavp.theta_learning_rate=0
 --config.cavp.theta_init=1.0.
 """
+import json
+import os
+
 import ml_collections
 
+from experiments import curves
 from experiments.configs import (asp_femnist_cnn, cavp_cifar10, fedavg_synthetic, fedtiny_cifar10,
                                  fiarse_cifar10)
 
@@ -112,6 +131,9 @@ HETERO = ("fiarse", "heterofl", "fedrolex")
 METHODS = {"asp": "lstm", **dict.fromkeys(HETERO, "transformer"), "fedtiny": "lstm",
            "cavp": "transformer"}
 CAPACITIES = (1.0, 1 / 4, 1 / 16)
+# The dense sweep of each model (`experiments/converged_sweeps.sh` names; archived under
+# docs/results/runs/): its seed-0 curve sets the rounds of every other run (`method_rounds`).
+DENSE_SWEEPS = {"lstm": "text_lstm_dense", "transformer": "text_tr_dense"}
 DENSITY = 0.2
 
 
@@ -198,6 +220,53 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
-def sweep(add):
+def dense_archive(model: str) -> str:
+  """The archive of the dense sweep of `model` ('lstm' or 'transformer')."""
+  return os.path.join(cavp_cifar10.RUNS_ARCHIVE, DENSE_SWEEPS[model])
+
+
+def method_rounds(model: str, archive: str | None = None) -> int | None:
+  """The rounds every run of `model` but the dense seed 0 trains: `curves.plateau_round` of
+  the dense seed-0 run's curve (the first evaluated round by which it is converged and
+  within 1 point of its plateau; the rule of the docstring). None until that run has
+  finished in `archive` (default: `dense_archive(model)`).
+
+  Raises:
+    ValueError: the dense seed-0 run did not converge in its rounds (raise `rounds`), or two
+      finished seed-0 runs of different settings are archived.
+  """
+  archive = archive or dense_archive(model)
+  found = []
+  for name in sorted(os.listdir(archive)) if os.path.isdir(archive) else []:
+    run = os.path.join(archive, name)
+    if not all(os.path.isfile(os.path.join(run, f))
+               for f in ("config.json", "summary.json", "metrics.jsonl")):
+      continue
+    with open(os.path.join(run, "config.json")) as f:
+      config = json.load(f)
+    if all(config["seeds"][k] == 0 for k in ("init", "sampling", "training")):
+      found.append((run, int(config["rounds"])))
+  if not found:
+    return None
+  if len(found) > 1:
+    raise ValueError(f"{archive!r} holds {len(found)} finished dense seed-0 runs "
+                     f"({[os.path.basename(r) for r, _ in found]}): the archive mixes settings")
+  run, rounds = found[0]
+  try:
+    return curves.plateau_round(curves.read_curve(run), rounds)
+  except ValueError as e:
+    raise ValueError(f"the dense {model} run {run!r}: {e}") from None
+
+
+def sweep(add, arg=None):
+  """Three seeds of the setting `arg` names (the queue's text_* sweeps). The dense seed 0
+  trains the config's `rounds`; every other run trains `method_rounds(model)` and waits
+  for it (adds nothing until it is known). 'tiny': three seeds of the smoke run."""
+  model, tiny, method = _parse(arg)
+  rounds = None if tiny else method_rounds(model)
   for seed in (0, 1, 2):
-    add(**{"seeds.init": seed, "seeds.sampling": seed, "seeds.training": seed})
+    seeds = {"seeds.init": seed, "seeds.sampling": seed, "seeds.training": seed}
+    if tiny or (not method and seed == 0):
+      add(**seeds)
+    elif rounds is not None:
+      add(**seeds, rounds=rounds)
