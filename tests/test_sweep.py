@@ -389,17 +389,45 @@ exit "$(cat "$state/status")"
   assert len((state / "calls").read_text().splitlines()) == 1  # dp_femnist never started
 
 
-def test_fiarse_cifar_sweep_lists_method_rows_only_once_dense_converged(monkeypatch):
-  """The 800-round CIFAR sweep runs its 3 dense rows first and its 15 method rows only after
-  DENSE_CONVERGED is set (dense convergence at 800 rounds is still to be shown)."""
+def _archive_fiarse_dense(archive, seed, accuracy_at, rounds=800, method="heterofl",
+                          capacities=(1.0,)):
+  run = archive / f"{method},{len(capacities)},{seed}"
+  run.mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps(
+      {"method": method, "hetero": {"capacities": list(capacities)}, "rounds": rounds,
+       "seeds": {"init": seed, "sampling": seed, "training": seed}}))
+  (run / "metrics.jsonl").write_text("".join(
+      json.dumps({"round": r, "test_accuracy": accuracy_at(r)}) + "\n"
+      for r in range(20, rounds + 1, 20)))
+  (run / "summary.json").write_text(json.dumps({"test_accuracy": accuracy_at(rounds)}))
+
+
+def test_fiarse_cifar_sweep_lists_method_rows_only_once_dense_converged(tmp_path, monkeypatch):
+  """The 800-round CIFAR sweep runs its 3 dense rows first and its 15 method rows only once
+  all three are archived and converged (REPRODUCE.md §1 on each curve); a dense run still
+  climbing stops it with its gain; method runs in the archive are not dense runs."""
   from experiments.configs import fiarse_cifar10_converged as module
-  assert module.DENSE_CONVERGED is False
-  runs = sweep.expand(module.get_config(), module.sweep)
-  assert [(r.config.method, r.config.hetero.capacities) for r in runs] == [("heterofl", (1.0,))] * 3
-  monkeypatch.setattr(module, "DENSE_CONVERGED", True)
-  runs = sweep.expand(module.get_config(), module.sweep)
+  monkeypatch.setattr(module, "ARCHIVE", str(tmp_path))
+  flat = lambda r: 0.5 if r >= 300 else 0.3  # noqa: E731
+
+  def grid():
+    return sweep.expand(module.get_config(), module.sweep)
+
+  dense_only = [("heterofl", (1.0,))] * 3
+  assert [(r.config.method, r.config.hetero.capacities) for r in grid()] == dense_only
+  _archive_fiarse_dense(tmp_path, 0, flat)
+  _archive_fiarse_dense(tmp_path, 1, flat)
+  _archive_fiarse_dense(tmp_path, 2, flat, method="fiarse", capacities=(1.0, 0.25))
+  assert len(grid()) == 3 and module.dense_converged() is False  # seed 2's dense is missing
+  _archive_fiarse_dense(tmp_path, 2, flat)
+  runs = grid()
   assert len(runs) == 18 and [r.config.seeds.init for r in runs[:3]] == [0, 1, 2]
   assert {r.config.method for r in runs[3:]} == {"fiarse", "heterofl", "fedrolex", "scalefl"}
+  _archive_fiarse_dense(tmp_path / "climbing", 0, flat)
+  _archive_fiarse_dense(tmp_path / "climbing", 1, lambda r: r / 8000)  # +2 points at the end
+  _archive_fiarse_dense(tmp_path / "climbing", 2, flat)
+  with pytest.raises(ValueError, match=r"did not converge .* seed 1 gained 2\.0 points"):
+    module.dense_converged(str(tmp_path / "climbing"))
 
 
 def _archive_text_run(archive, name, seed, rounds, accuracy_at):

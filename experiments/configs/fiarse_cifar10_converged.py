@@ -35,20 +35,27 @@ Variants (per seed 0, 1, 2; init, sampling and training seeds all = the seed):
   heterofl, fedrolex, scalefl
 Run the dense rows first and check convergence (last 20 % of rounds gain < 1 point,
 REPRODUCE.md) before reading the others; if not converged, raise `rounds` for all. The sweep
-lists only the dense rows until DENSE_CONVERGED is set True (after that check, recorded in
-docs/results/fiarse.md), so an unattended queue cannot spend the 15 method runs (~7 h) on a
-budget where dense has not converged.
+lists only the dense rows until `dense_converged()` says the 3 archived dense runs
+(docs/results/runs/fiarse_cifar10_converged) pass that check (`curves.tail_gain` < 0.01 at
+`rounds`, each end the mean of 3 evaluations), so an unattended queue cannot spend the 15
+method runs (~7 h) on a budget where dense has not converged; a dense run that fails it
+stops the sweep with an error that gives its gain (then: a smaller setting, not more rounds;
+docs/results/fiarse.md). The check was a hand-set flag until session 25.
 Cost (quiet 2-core Intel Xeon, 2026-12-07, rounds 2-6 of 6-round runs): sharded FIARSE 1.84-2.04
 s a round (unsharded 2.50-2.57, 1.32x), HeteroFL 1.66-1.69, FedRolex 1.73-1.87, ScaleFL
 1.68-1.71 s; with evaluation every 20 rounds ~27-30 minutes a run (over REPRODUCE.md's 15:
 convergence first), the 18 runs ~8.5 h.
 """
-from experiments.configs import fiarse_cifar10
+import json
+import os
+
+from experiments import curves
+from experiments.configs import cavp_cifar10, fiarse_cifar10
 
 FOUR_LEVELS = fiarse_cifar10.FOUR_LEVELS
 SIZE_SWEEP = fiarse_cifar10.SWEEP  # 1 ... 1/256
-
-DENSE_CONVERGED = False  # set True once the dense rows pass REPRODUCE.md §1 at `rounds`
+ARCHIVE = os.path.join(cavp_cifar10.RUNS_ARCHIVE, "fiarse_cifar10_converged")
+SEEDS = (0, 1, 2)
 VARIANTS = {
     "dense": {"method": "heterofl", "hetero.capacities": (1.0,)},
     "fiarse_masked": {"method": "fiarse", "hetero.fiarse_grad": "masked"},
@@ -84,9 +91,47 @@ def get_config(arg: str | None = None):
   return c
 
 
-def sweep(add):
-  for name, variant in VARIANTS.items():  # dense first: its convergence is checked before the rest
-    if name != "dense" and not DENSE_CONVERGED:
+def dense_converged(archive: str | None = None) -> bool:
+  """Whether every seed's dense run in `archive` (default ARCHIVE) has finished and passes
+  REPRODUCE.md §1 at its rounds; False while any is missing.
+
+  Raises:
+    ValueError: a finished dense run did not converge (the message gives each one's gain), or
+      two finished dense runs share a seed (the archive mixes settings).
+  """
+  archive = archive or ARCHIVE
+  gains: dict[int, float | None] = {}
+  for name in sorted(os.listdir(archive)) if os.path.isdir(archive) else []:
+    run = os.path.join(archive, name)
+    if not all(os.path.isfile(os.path.join(run, f))
+               for f in ("config.json", "summary.json", "metrics.jsonl")):
       continue
-    for seed in (0, 1, 2):
+    with open(os.path.join(run, "config.json")) as f:
+      config = json.load(f)
+    if config["method"] != "heterofl" or list(config["hetero"]["capacities"]) != [1.0]:
+      continue
+    seed = config["seeds"]["init"]
+    if seed in gains:
+      raise ValueError(f"{archive!r} holds two finished dense runs of seed {seed}: the archive "
+                       "mixes settings")
+    gains[seed] = curves.tail_gain(curves.read_curve(run), int(config["rounds"]))
+  if any(seed not in gains for seed in SEEDS):
+    return False
+  failed = {seed: gain for seed, gain in gains.items() if gain is None or gain >= 0.01}
+  if failed:
+    raise ValueError(
+        "dense FedAvg did not converge at its rounds (REPRODUCE.md §1: the last 20 % must gain "
+        "< 1 point): " + ", ".join(f"seed {s} " + ("too few evaluations" if g is None else
+                                                    f"gained {100 * g:.1f} points")
+                                   for s, g in sorted(failed.items()))
+        + "; shrink the setting (docs/results/fiarse.md), do not run the method rows")
+  return True
+
+
+def sweep(add):
+  converged = dense_converged()
+  for name, variant in VARIANTS.items():  # dense first: its convergence is checked before the rest
+    if name != "dense" and not converged:
+      continue
+    for seed in SEEDS:
       add(**{"seeds.init": seed, "seeds.training": seed, "seeds.sampling": seed, **variant})
