@@ -322,7 +322,7 @@ def test_chosen_gamma_is_the_largest_gamma_within_3_points_of_dense_in_the_struc
     cavp_cifar10.chosen_gamma(str(tmp_path / "d"), gammas, ("units",))
 
 
-@pytest.mark.parametrize("module,seed0_runs", [("cavp_cifar10_centralised", 13),
+@pytest.mark.parametrize("module,seed0_runs", [("cavp_cifar10_centralised", 13 + 6),
                                                ("cavp_femnist_converged", 5)])
 def test_cavp_sweeps_run_seeds_1_2_gated_only_at_a_chosen_gamma(module, seed0_runs, monkeypatch,
                                                                  tmp_path):
@@ -349,6 +349,14 @@ def test_cavp_sweeps_run_seeds_1_2_gated_only_at_a_chosen_gamma(module, seed0_ru
   assert {c.cavp.structures for c in gated} == set(structures)
   monkeypatch.setattr(config_module, "CHOSEN_GAMMA", 2.0)
   assert {c.cavp.gamma for c in later_seeds()} == {0.0, 2.0}
+  extra = getattr(config_module, "EXTRA_GAMMAS", ())
+  if extra:  # the post-hoc extension: seed 0, after every headline run, not read by the rule
+    runs = sweep.expand(config_module.get_config(), config_module.sweep)
+    tail = runs[-len(extra) * len(structures):]
+    assert {(c.config.cavp.gamma, c.config.cavp.structures) for c in tail} == {
+        (g, s) for g in extra for s in structures}
+    assert {c.config.seeds.init for c in tail} == {0}
+    assert not set(extra) & set(config_module.GAMMAS)
 
 
 def test_converged_sweeps_script_reruns_a_sweep_whose_grid_grew(tmp_path):
