@@ -31,6 +31,21 @@ def read_curve(workdir: str) -> dict[int, float]:
   return curve
 
 
+def archived_runs(archive: str, needs: tuple[str, ...] = ("config.json", "summary.json",
+                                                           "metrics.jsonl")
+                  ) -> list[tuple[str, dict]]:
+  """The finished runs of a sweep's `--archive` folder: [(run folder, its config.json)] for
+  each subfolder holding every file of `needs` (a run still going has no summary.json),
+  sorted by name; [] when the folder does not exist (nothing archived yet)."""
+  runs = []
+  for name in sorted(os.listdir(archive)) if os.path.isdir(archive) else []:
+    run = os.path.join(archive, name)
+    if all(os.path.isfile(os.path.join(run, f)) for f in needs):
+      with open(os.path.join(run, "config.json")) as f:
+        runs.append((run, json.load(f)))
+  return runs
+
+
 def tail_gain(curve: dict[int, float], rounds: int, window: int = TAIL_WINDOW) -> float | None:
   """Accuracy gained over the last TAIL_FRACTION of `rounds`, each end smoothed: the mean of
   the last `window` evaluations minus the mean of the `window` evaluations at or before the

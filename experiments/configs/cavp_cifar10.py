@@ -38,6 +38,8 @@ import statistics
 
 import ml_collections
 
+from experiments import curves
+
 DATA_DIR = "../shared/data/cifar10/fedlore_pfllib_dir0.3_100clients"
 # The converged sweeps' archives (experiments/converged_sweeps.sh --archive), from the repo root.
 RUNS_ARCHIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
@@ -141,14 +143,9 @@ def chosen_gamma(archive: str, gammas: tuple[float, ...], structures: tuple[str,
     ValueError: two finished seed-0 runs are the same cell (the archive mixes configs).
   """
   accuracy: dict[tuple, float] = {}
-  names = sorted(os.listdir(archive)) if os.path.isdir(archive) else []
-  for name in names:
-    paths = [os.path.join(archive, name, f) for f in ("config.json", "summary.json")]
-    if not all(os.path.isfile(p) for p in paths):
-      continue
-    with open(paths[0]) as f:
-      config = json.load(f)
-    with open(paths[1]) as f:
+  for run, config in curves.archived_runs(archive, needs=("config.json", "summary.json")):
+    name = os.path.basename(run)
+    with open(os.path.join(run, "summary.json")) as f:
       summary = json.load(f)
     if any(config["seeds"][k] != 0 for k in ("init", "sampling", "training")):
       continue

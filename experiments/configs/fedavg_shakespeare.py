@@ -116,7 +116,6 @@ cavp_cifar10.py's, not tuned on text (choose them once on the dense run, REPRODU
 Dense baseline through the same driver: --config.cavp.theta_learning_rate=0
 --config.cavp.theta_init=1.0.
 """
-import json
 import os
 
 import ml_collections
@@ -236,16 +235,8 @@ def method_rounds(model: str, archive: str | None = None) -> int | None:
       finished seed-0 runs of different settings are archived.
   """
   archive = archive or dense_archive(model)
-  found = []
-  for name in sorted(os.listdir(archive)) if os.path.isdir(archive) else []:
-    run = os.path.join(archive, name)
-    if not all(os.path.isfile(os.path.join(run, f))
-               for f in ("config.json", "summary.json", "metrics.jsonl")):
-      continue
-    with open(os.path.join(run, "config.json")) as f:
-      config = json.load(f)
-    if all(config["seeds"][k] == 0 for k in ("init", "sampling", "training")):
-      found.append((run, int(config["rounds"])))
+  found = [(run, int(config["rounds"])) for run, config in curves.archived_runs(archive)
+           if all(config["seeds"][k] == 0 for k in ("init", "sampling", "training"))]
   if not found:
     return None
   if len(found) > 1:

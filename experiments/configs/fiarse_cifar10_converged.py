@@ -46,7 +46,6 @@ s a round (unsharded 2.50-2.57, 1.32x), HeteroFL 1.66-1.69, FedRolex 1.73-1.87, 
 1.68-1.71 s; with evaluation every 20 rounds ~27-30 minutes a run (over REPRODUCE.md's 15:
 convergence first), the 18 runs ~8.5 h.
 """
-import json
 import os
 
 from experiments import curves
@@ -101,13 +100,7 @@ def dense_converged(archive: str | None = None) -> bool:
   """
   archive = archive or ARCHIVE
   gains: dict[int, float | None] = {}
-  for name in sorted(os.listdir(archive)) if os.path.isdir(archive) else []:
-    run = os.path.join(archive, name)
-    if not all(os.path.isfile(os.path.join(run, f))
-               for f in ("config.json", "summary.json", "metrics.jsonl")):
-      continue
-    with open(os.path.join(run, "config.json")) as f:
-      config = json.load(f)
+  for run, config in curves.archived_runs(archive):
     if config["method"] != "heterofl" or list(config["hetero"]["capacities"]) != [1.0]:
       continue
     seed = config["seeds"]["init"]
