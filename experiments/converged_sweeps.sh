@@ -58,12 +58,11 @@ from experiments import sweep
 print(f"{'NAME':<28} {'CONFIG':<52} ARCHIVED/RUNS")
 rows = sys.argv[1:]
 for name, config, runs_spec in zip(rows[::3], rows[1::3], rows[2::3]):
-  runs = []
   archived = len(glob.glob(os.path.join("docs", "results", "runs", name, "*", "summary.json")))
   try:  # a grid that reads finished runs may refuse them (a dense run not converged, say)
-    sweep.load_sweep_fn(config)(lambda **overrides: runs.append(overrides))
-  except ValueError as e:
-    print(f"{name:<28} {config:<52} {archived}/? (grid refused: {e})")
+    runs = sweep.grid(sweep.load_sweep_fn(config))
+  except sweep.build.ConfigError as e:
+    print(f"{name:<28} {config:<52} {archived}/? ({e})")
     continue
   skipped = f" (runs {runs_spec})" if runs_spec else ""
   print(f"{name:<28} {config:<52} {archived}/{len(runs)}{skipped}")
@@ -83,12 +82,14 @@ done
 
 # How many runs a sweep config's grid has now: a grid may read its own finished runs (the
 # CAVP sweeps add their headline γ's seeds once seed 0 is archived).
+# A refused grid prints one line naming the config and stops the queue.
 count_runs() {
   "$PYTHON" -c 'import sys
 from experiments import sweep
-runs = []
-sweep.load_sweep_fn(sys.argv[1])(lambda **overrides: runs.append(overrides))
-print(len(runs))' "$1"
+try:
+  print(len(sweep.grid(sweep.load_sweep_fn(sys.argv[1]))))
+except sweep.build.ConfigError as e:
+  sys.exit(f"sweep config {sys.argv[1]}: {e}")' "$1"
 }
 
 names=("$@")

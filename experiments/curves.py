@@ -13,22 +13,27 @@ TAIL_FRACTION = 0.2  # REPRODUCE.md: converged when the last 20 % of rounds gain
 TAIL_WINDOW = 3  # evaluations averaged at each end of the tail (tail_gain)
 
 
-def read_curve(workdir: str) -> dict[int, float]:
-  """{round: test_accuracy} from a workdir's metrics.jsonl (a line cut by a kill ends it).
+def read_records(workdir: str) -> list[dict]:
+  """The records of a workdir's metrics.jsonl, one per line, in order; a line cut short by
+  a kill ends them (`experiments.train` rewrites the file from its checkpoint on resume).
 
   Raises:
     FileNotFoundError: the workdir has no metrics.jsonl.
   """
-  curve = {}
+  records = []
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       try:
-        record = json.loads(line)
+        records.append(json.loads(line))
       except json.JSONDecodeError:
         break
-      if record.get("test_accuracy") is not None:
-        curve[int(record["round"])] = float(record["test_accuracy"])
-  return curve
+  return records
+
+
+def read_curve(workdir: str) -> dict[int, float]:
+  """{round: test_accuracy} of the evaluated rounds of `read_records(workdir)`."""
+  return {int(r["round"]): float(r["test_accuracy"]) for r in read_records(workdir)
+          if r.get("test_accuracy") is not None}
 
 
 def archived_runs(archive: str, needs: tuple[str, ...] = ("config.json", "summary.json",

@@ -57,6 +57,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on headless machines and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments import curves  # noqa: E402
+
 LAYER_PREFIXES = ("density/", "width/")
 
 
@@ -82,13 +84,7 @@ def find_runs(paths: list[str]) -> list[str]:
 
 def load_run(workdir: str) -> dict:
   """{'name', 'path', 'records': [dict per round], 'summary': dict} of one workdir."""
-  records = []
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        break  # a line cut short by a kill
+  records = curves.read_records(workdir)
   summary = {}
   path = os.path.join(workdir, "summary.json")
   if os.path.exists(path):
@@ -329,30 +325,20 @@ def field_sweep(runs: list[dict], x: str, series: list[str], y: str,
   """{series label: [(x, mean y, sample std of y (0 for one run), runs)] sorted by x}:
   the finished runs (with a summary.json, as `experiments.report` counts them) matching
   `where` and not the `exclude` condition ('FIELD=VALUE'), grouped by their `series` fields
-  and x (seeds pooled); runs without x or y are left out."""
-  groups: dict[str, dict[float, list[float]]] = {}
-  for run in runs:
-    if not run["summary"] or not _matches(run, list(where)):
-      continue
-    if exclude is not None and _matches(run, [exclude]):
-      continue
-    xv, yv = run_value(run, x), run_value(run, y)
-    if xv is None or yv is None:
-      continue
-    label = ", ".join(f"{f}={run_value(run, f)}" for f in series) or y
-    groups.setdefault(label, {}).setdefault(float(xv), []).append(float(yv))
-  out = {}
-  for label, by_x in groups.items():
-    out[label] = [(xv, *_mean_std(by_x[xv]), len(by_x[xv])) for xv in sorted(by_x)]
-  return out
+  and x (seeds pooled); runs without x or y are left out. `grouped_sweep` grouped by x."""
+  return {label: [(r[0], r[2], r[3], r[4]) for r in rows]
+          for label, rows in grouped_sweep(runs, x, series, y, x, where, exclude).items()}
 
 
 def grouped_sweep(runs: list[dict], x: str, series: list[str], y: str, group: str,
                   where: list[str] = (), exclude: str | None = None
                   ) -> dict[str, list[tuple[float, float, float, float, int, object]]]:
   """{series label: [(mean x, std x, mean y, std y, runs, group value)] sorted by mean x}:
-  like `field_sweep`, but a point is the runs sharing a value of the config field `group`
-  and both x and y are pooled over them (sample stds; 0 for one run). For an x that is a
+  the finished runs (with a summary.json, as `experiments.report` counts them) matching
+  `where` and not the `exclude` condition ('FIELD=VALUE'), grouped by their `series` fields;
+  a point is the runs sharing a value of `group` (a config field or record key), x and y
+  both pooled over them (sample stds; 0 for one run); runs without x, y or group are left
+  out. Grouped by x itself, it is `field_sweep`. With another group, for an x that is a
   result, not a setting: accuracy against the kept FLOPs of each penalty weight γ, say,
   where each seed keeps a different number (`--x flops --group cavp.gamma`)."""
   groups: dict[str, dict[object, list[tuple[float, float]]]] = {}
@@ -393,14 +379,8 @@ def plot_field_sweep(runs: list[dict], x: str, series: list[str], ys: list[str],
   Raises:
     ValueError: a `relabel` key that is no series' label (a typo would go unnoticed).
   """
-  if group is not None:
-    tables = [(y, grouped_sweep(runs, x, series, y, group, where, exclude=baseline))
-              for y in ys]
-  else:
-    tables = [(y, {label: [(r[0], 0.0, r[1], r[2], r[3], None) for r in rows]
-                   for label, rows in field_sweep(runs, x, series, y, where,
-                                                  exclude=baseline).items()})
-              for y in ys]
+  tables = [(y, grouped_sweep(runs, x, series, y, group or x, where, exclude=baseline))
+            for y in ys]  # grouped by x itself, x's std is 0: field_sweep's points
   if not any(table for _, table in tables):
     return False
   labels = {label for _, table in tables for label in table}

@@ -106,12 +106,27 @@ def apply_overrides(config, overrides: dict):
   return config
 
 
-def expand(config, sweep_fn: Callable | None) -> list[Run]:
-  """The runs of a sweep, each config validated (ConfigError names the run and the field)."""
+def grid(sweep_fn: Callable | None) -> list[dict]:
+  """The overrides a config's `sweep(add)` adds, in order.
+
+  A grid that reads finished runs may refuse them (a dense run that did not converge): its
+  ValueError becomes a ConfigError saying the sweep refused its grid, which the command line
+  prints as one line; any other exception is a bug in the config and keeps its traceback."""
   if sweep_fn is None:
     raise build.ConfigError("the config defines no sweep(add) function: nothing to sweep")
   overrides: list[dict] = []
-  sweep_fn(lambda **kw: overrides.append(dict(kw)))
+  try:
+    sweep_fn(lambda **kw: overrides.append(dict(kw)))
+  except build.ConfigError:
+    raise
+  except ValueError as e:
+    raise build.ConfigError(f"the config's sweep refused its grid: {e}") from None
+  return overrides
+
+
+def expand(config, sweep_fn: Callable | None) -> list[Run]:
+  """The runs of a sweep, each config validated (ConfigError names the run and the field)."""
+  overrides = grid(sweep_fn)
   if not overrides:
     raise build.ConfigError("the config's sweep(add) added no runs: the sweep is empty (a sweep "
                             "whose grid reads finished runs adds none until they exist: see "

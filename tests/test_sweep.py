@@ -397,6 +397,45 @@ exit "$(cat "$state/status")"
   assert len((state / "calls").read_text().splitlines()) == 1  # dp_femnist never started
 
 
+_REFUSING_CONFIG = """
+from experiments.configs.fedavg_tiny import get_config
+
+def sweep(add):
+  raise ValueError("the dense run did not converge: seed 1 gained 2.0 points")
+"""
+
+
+def test_a_refused_grid_is_one_line_from_the_sweep_and_the_queue(tmp_path):
+  """A grid that refuses its finished runs (ValueError from the config's sweep) is a
+  ConfigError naming the refusal: `python -m experiments.sweep` prints it as one line and
+  creates nothing; converged_sweeps.sh's grid count prints it as one line and stops the
+  queue before the sweep runs. Any other exception in a sweep is a bug and propagates."""
+  import subprocess
+  import sys
+  configs = tmp_path / "experiments" / "configs"
+  configs.mkdir(parents=True)
+  path = configs / "cavp_cifar10_centralised.py"  # the queue's name, the refusing grid
+  path.write_text(_REFUSING_CONFIG)
+  refusal = "the config's sweep refused its grid: the dense run did not converge: seed 1"
+  with pytest.raises(build.ConfigError, match=refusal):
+    sweep.expand(tiny(), sweep.load_sweep_fn(str(path)))
+  with pytest.raises(KeyError):  # not a refusal: a bug keeps its traceback
+    sweep.grid(lambda add: {}["missing"])
+  env = {**os.environ, "PYTHONPATH": os.getcwd(), "PYTHON": sys.executable}
+  result = subprocess.run([sys.executable, "-m", "experiments.sweep", f"--config={path}",
+                           f"--workdir={tmp_path / 'root'}"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+  assert result.returncode != 0 and refusal in result.stderr
+  assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "root").exists()
+  shutil.copy(os.path.join("experiments", "converged_sweeps.sh"), tmp_path / "experiments")
+  result = subprocess.run(["bash", "experiments/converged_sweeps.sh", "cavp_cifar10_centralised"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+  assert result.returncode == 1 and refusal in result.stderr
+  assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "workdir" / "cavp_cifar10_centralised.log").exists()  # never ran
+
+
 def _archive_fiarse_dense(archive, seed, accuracy_at, rounds=800, method="heterofl",
                           capacities=(1.0,)):
   run = archive / f"{method},{len(capacities)},{seed}"
