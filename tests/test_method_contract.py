@@ -23,7 +23,9 @@ switch on a sub-method (`sparse` over `config.sparse.method`, `hetero` over
      before anything is written to the workdir;
   6. golden: the final params and the metrics/summary (timings aside) equal the ones
      recorded in tests/goldens/methods/<case>.json before the Method redesign
-     (bit for bit on the CPU model that recorded them, else within float tolerance).
+     (bit for bit on a CPU of the recording one's identity, `_cpu_model`: model name,
+     vector ISA extensions and core count, since two "AMD EPYC"s round differently;
+     else within float tolerance; re-recorded 2026-12-07 for that reason, same code).
      `FEDJAX_PRUNE_WRITE_GOLDENS=1 python -m pytest tests/test_method_contract.py -k golden`
      re-records them (only for a deliberate change of results, said in the commit).
 """
