@@ -445,8 +445,9 @@ WRITE_GOLDENS_ENV = "FEDJAX_PRUNE_WRITE_GOLDENS"
 
 def _cpu_model() -> str:
   """The CPU as far as XLA:CPU's rounding goes: its model name, the vector ISA extensions
-  XLA compiles for (one "AMD EPYC" with AVX-512 and one without round differently) and the
-  core count (Eigen's thread pool splits contractions by it)."""
+  XLA compiles for and the core count (the thread pool may split contractions by it). The
+  model name alone is not enough: two machines reporting "AMD EPYC" rounded differently
+  (2026-12-07: the second has AVX2 and no AVX-512; the first's flags were not recorded)."""
   model, isa = platform.processor() or platform.machine(), []
   try:
     with open("/proc/cpuinfo") as f:
