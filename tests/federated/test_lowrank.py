@@ -37,11 +37,18 @@ CONVNET = models.ConvNetSpec(input_shape=(8, 8, 1), convs=(models.ConvSpec(featu
 MLP = models.mlp(input_shape=(10,), hidden=(16, 12), num_classes=4)
 
 
-@pytest.mark.parametrize("execution", [federated.Sequential(), federated.Vmap(), federated.Chunked(2)],
-                         ids=["sequential", "vmap", "chunked2"])
-@pytest.mark.parametrize("schedule", [federated.LocalSchedule(batch_size=4, num_epochs=2),
-                                      federated.LocalSchedule(batch_size=3, num_steps=3, unroll=2)],
-                         ids=["epochs", "steps-unroll2"])
+_EPOCHS = federated.LocalSchedule(batch_size=4, num_epochs=2)
+_STEPS_UNROLL2 = federated.LocalSchedule(batch_size=3, num_steps=3, unroll=2)
+_SLOW = pytest.mark.slow  # the default suite covers each execution and each schedule once
+
+
+@pytest.mark.parametrize("execution,schedule", [
+    pytest.param(federated.Sequential(), _EPOCHS, id="epochs-sequential"),
+    pytest.param(federated.Vmap(), _STEPS_UNROLL2, id="steps-unroll2-vmap"),
+    pytest.param(federated.Chunked(2), _EPOCHS, id="epochs-chunked2"),
+    pytest.param(federated.Vmap(), _EPOCHS, id="epochs-vmap", marks=_SLOW),
+    pytest.param(federated.Sequential(), _STEPS_UNROLL2, id="steps-unroll2-sequential", marks=_SLOW),
+    pytest.param(federated.Chunked(2), _STEPS_UNROLL2, id="steps-unroll2-chunked2", marks=_SLOW)])
 def test_factored_dense_kernels_give_the_dense_rounds(execution, schedule):
   apply_fn, params, stats, data = _problem(CONVNET)
   dense_state, dense_metrics = _round(apply_fn, params, stats, data, schedule, execution, None)
@@ -208,7 +215,8 @@ def test_row_weights_known_values():
                              [-0.1] * 6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("execution", [federated.Sequential(), federated.Vmap()], ids=["sequential", "vmap"])
+@pytest.mark.parametrize("execution", [federated.Sequential(), pytest.param(federated.Vmap(), marks=_SLOW)],
+                         ids=["sequential", "vmap"])
 def test_momentum_sgd_factors_give_the_dense_momentum_rounds(execution):
   apply_fn, params, stats, data = _problem(CONVNET)
   schedule = federated.LocalSchedule(batch_size=4, num_epochs=2)  # up to 8 steps, unequal clients

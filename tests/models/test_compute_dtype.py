@@ -54,8 +54,10 @@ def test_bf16_compute_runs_every_gemm_in_bf16_and_keeps_float32_outside(spec, co
   grad_jaxpr32 = jax.make_jaxpr(lambda p: _loss_and_grads(apply32, p, stats, x))(params).jaxpr
   assert _gemm_input_dtypes(grad_jaxpr32) == {"float32"}
 
-  (loss16, (logits16, stats16)), grads16 = _loss_and_grads(apply16, params, stats, x)
-  (loss32, (logits32, stats32)), grads32 = _loss_and_grads(apply32, params, stats, x)
+  # Jitted: op-by-op dispatch compiles every primitive of the ResNet on its own (slow).
+  values = jax.jit(_loss_and_grads, static_argnums=0)
+  (loss16, (logits16, stats16)), grads16 = values(apply16, params, stats, x)
+  (loss32, (logits32, stats32)), grads32 = values(apply32, params, stats, x)
   assert logits16.dtype == jnp.float32
   for tree16, tree32 in ((grads16, grads32), (stats16, stats32)):
     assert jax.tree.structure(tree16) == jax.tree.structure(tree32)
@@ -75,16 +77,18 @@ def test_early_exit_resnet_bf16_runs_every_gemm_in_bf16():
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
   loss = lambda apply: lambda p: jnp.mean(apply(p, stats, x, train=True)[0] ** 2)
   assert _gemm_input_dtypes(jax.make_jaxpr(jax.grad(loss(apply16)))(params).jaxpr) == {"bfloat16"}
-  logits16, logits32 = apply16(params, stats, x, train=True)[0], apply32(params, stats, x, train=True)[0]
+  # Jitted: op-by-op dispatch compiles every primitive of the ResNet-18 on its own (slow).
+  logits = jax.jit(lambda apply, p, xs: apply(p, stats, xs, train=True)[0], static_argnums=0)
+  logits16, logits32 = logits(apply16, params, x), logits(apply32, params, x)
   assert logits16.dtype == jnp.float32 and logits16.shape == logits32.shape == (4, 4, 10)
   # This 4-channel, 18-layer net with BatchNorm on 4 examples is sensitive: rounding only
   # its float32 inputs and weights to bf16 moves its logits ~2 %. bf16 compute must stay
   # within twice that, and differ from float32 at all (the jaxpr check above covers the dtypes).
   rounded = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), t)
-  logits_rounded = apply32(rounded(params), stats, rounded(x), train=True)[0]
+  logits_rounded = logits(apply32, rounded(params), rounded(x))
   rel = lambda a: float(jnp.linalg.norm(a - logits32) / jnp.linalg.norm(logits32))
   assert 0 < rel(logits16) < 2 * rel(logits_rounded)
-  grads = jax.grad(loss(apply16))(params)
+  grads = jax.jit(jax.grad(loss(apply16)))(params)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
 
 
