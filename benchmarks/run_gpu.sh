@@ -51,8 +51,13 @@ fi
 
 CHECK='import jax, flax, optax, numpy, matplotlib; b = jax.default_backend(); print(b, jax.devices()[0].device_kind, jax.__version__); raise SystemExit(0 if b in ("gpu", "cuda", "rocm", "tpu") else 3)'
 PY=""
+SEEN=""  # interpreters already checked (python3 and python are often the same one): one import each
 for cand in ${PYTHON:-} python3 python .venv/bin/python; do
-  if command -v "$cand" >/dev/null 2>&1 && info=$("$cand" -c "$CHECK" 2>/dev/null); then
+  command -v "$cand" >/dev/null 2>&1 || continue
+  env_id=$("$cand" -c 'import os, sys; print(os.path.realpath(sys.executable), sys.prefix)' 2>/dev/null) || continue
+  case "$SEEN" in *"|$env_id|"*) continue ;; esac
+  SEEN="$SEEN|$env_id|"
+  if info=$("$cand" -c "$CHECK" 2>/dev/null); then
     PY="$cand"; break
   fi
 done

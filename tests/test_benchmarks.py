@@ -309,6 +309,7 @@ def test_step_loop_programs_compute_the_same_steps():
   assert not np.allclose(jax.tree.leaves(two_steps)[0], jax.tree.leaves(expected)[0])
 
 
+@pytest.mark.slow  # ~40 s; the sharded rows of the engine smoke cover the sharded round
 def test_scaling_smoke_with_fake_devices(tmp_path):
   out = str(tmp_path / "scaling.json")
   scaling.main(["--smoke", "--out", out])

@@ -65,7 +65,15 @@ def test_notebook_has_a_tagged_install_cell(path):
   assert "pip install" in "".join(code[0]["source"])
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+# Running a notebook costs its tiny runs' compiles (45-90 s each on a 2-core CPU): the default
+# suite runs the quickstart, the text notebook and FedTiny's; the other method notebooks run
+# with -m slow (their library calls and configs have their own tests in the default suite).
+SLOW_NOTEBOOKS = ("asp.ipynb", "cavp.ipynb", "fiarse.ipynb")
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) in SLOW_NOTEBOOKS else p
+    for p in NOTEBOOKS], ids=os.path.basename)
 def test_notebook_runs(path, tmp_path):
   env = dict(os.environ, FEDJAX_PRUNE_NOTEBOOK_CI="1", MPLBACKEND="Agg", TMPDIR=str(tmp_path),
              PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
